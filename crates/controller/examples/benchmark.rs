@@ -1,0 +1,73 @@
+//! Runs every scenario in `scenarios/` on the simulated provider, once under the adaptive
+//! controller and once under the fixed rule, and prints the figures as a Markdown table.
+//!
+//! ```text
+//! cargo run --release --example benchmark --manifest-path crates/controller/Cargo.toml [NAME_FILTER] [--timeline]
+//! ```
+//! `--timeline` adds, per scenario, the adaptive run's valid items/s per 10 s window.
+
+use std::path::Path;
+
+use backfill_controller::Controller;
+use backfill_controller::simulation::{FixedRule, RunReport, Scenario, evaluate, simulate};
+
+fn main() {
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    let timeline = arguments.iter().any(|argument| argument == "--timeline");
+    let filter = arguments.iter().find(|argument| !argument.starts_with("--"));
+    let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut paths: Vec<_> = std::fs::read_dir(&directory)
+        .expect("scenarios directory")
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "toml"))
+        .collect();
+    paths.sort();
+
+    println!(
+        "| scenario | policy | steady items/s | ceiling | ratio | 429 share | converge s | duration ratio | timeouts | 503s | items/request | vs fixed |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for path in paths {
+        let text = std::fs::read_to_string(&path).expect("scenario file");
+        let scenario: Scenario = toml::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+        if filter.is_some_and(|filter| !scenario.name.contains(filter.as_str())) {
+            continue;
+        }
+        let config = scenario.controller_config();
+        let mut controller = Controller::new(config.clone(), std::time::Duration::ZERO).expect("valid limits");
+        let adaptive_log = simulate(&scenario, &mut controller);
+        let adaptive = evaluate(&scenario, &adaptive_log);
+        let mut fixed_rule = FixedRule::new(&config);
+        let fixed = evaluate(&scenario, &simulate(&scenario, &mut fixed_rule));
+        let speedup = adaptive.steady_items_per_second / fixed.steady_items_per_second;
+        print_row(&scenario.name, &adaptive, Some(speedup));
+        print_row(&scenario.name, &fixed, None);
+        if timeline {
+            let mut windows = vec![0u32; (adaptive_log.duration_s / 10.0) as usize + 1];
+            for (at, items) in &adaptive_log.completions {
+                windows[(*at / 10.0) as usize] += items;
+            }
+            let rates: Vec<String> = windows.iter().map(|items| format!("{:.0}", f64::from(*items) / 10.0)).collect();
+            eprintln!("{} items/s per 10 s: {}", scenario.name, rates.join(" "));
+            eprintln!("{} final status: {:?}", scenario.name, controller.status());
+        }
+    }
+}
+
+fn print_row(name: &str, report: &RunReport, speedup: Option<f64>) {
+    let converge = report.converge_s.map_or("never".to_string(), |seconds| format!("{seconds:.1}"));
+    let finished = if report.finished { "" } else { " (unfinished)" };
+    println!(
+        "| {name} | {}{finished} | {:.1} | {:.1} | {:.3} | {:.2}% | {converge} | {:.3} | {} | {} | {} | {} |",
+        report.policy,
+        report.steady_items_per_second,
+        report.ceiling_items_per_second,
+        report.steady_ratio,
+        100.0 * report.rate_limited_share,
+        report.duration_ratio,
+        report.timeouts,
+        report.overloaded,
+        report.final_items_per_request,
+        speedup.map_or(String::new(), |speedup| format!("{speedup:.1}x")),
+    );
+}

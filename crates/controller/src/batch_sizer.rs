@@ -1,0 +1,211 @@
+//! Items per request: a throughput-versus-quality choice.
+//!
+//! Every rate model of a provider gives more items per second with more items per request
+//! (requests/min times items; prompt overhead amortised under tokens/min; a fixed part of the
+//! latency shared), so the size grows step by step while a step still raises the modelled
+//! items/s by at least `MINIMUM_GAIN` — and while quality holds. Quality is the share of items
+//! that came back missing, truncated or rejected, counted per size; when it rises clearly above
+//! the best size seen (the quality knee), the size steps back below the knee, and the knee is
+//! approached again by halving the distance, then re-tested after `KNEE_MEMORY`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::StartMinMax;
+
+/// Items to observe at a size before judging it.
+const ITEMS_TO_JUDGE: f64 = 200.0;
+const REQUESTS_TO_JUDGE: u32 = 6;
+/// A size is past the knee when its failure share exceeds the best size's by this much and
+/// by `KNEE_Z` standard errors.
+const KNEE_EXCESS: f64 = 0.03;
+const KNEE_Z: f64 = 2.5;
+/// Without a reference size, a failure share above this is past the knee.
+const ABSOLUTE_FAILURE_LIMIT: f64 = 0.10;
+/// Growth step as a share of the current size.
+const GROWTH_SHARE: f64 = 0.25;
+/// Grow only if the modelled items/s rises by at least this share.
+pub const MINIMUM_GAIN: f64 = 0.01;
+/// How long a found knee is trusted before sizes at it are tried again.
+const KNEE_MEMORY: Duration = Duration::from_secs(600);
+/// Per-size counts are halved past this many items, so they follow drift.
+const STATS_HORIZON: f64 = 2000.0;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct SizeQuality {
+    items: f64,
+    failed: f64,
+}
+
+impl SizeQuality {
+    fn share(&self) -> f64 {
+        if self.items > 0.0 { self.failed / self.items } else { 0.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchSizer {
+    range: StartMinMax,
+    current: u32,
+    /// The smallest size found past the quality knee.
+    knee: Option<u32>,
+    #[serde(skip)]
+    knee_found_at: Duration,
+    quality: BTreeMap<u32, SizeQuality>,
+    items_since_change: f64,
+    requests_since_change: u32,
+}
+
+impl BatchSizer {
+    pub fn new(range: StartMinMax) -> Self {
+        Self {
+            range,
+            current: range.start,
+            knee: None,
+            knee_found_at: Duration::ZERO,
+            quality: BTreeMap::new(),
+            items_since_change: 0.0,
+            requests_since_change: 0,
+        }
+    }
+
+    pub fn current(&self) -> u32 {
+        self.current
+    }
+
+    pub fn knee(&self) -> Option<u32> {
+        self.knee
+    }
+
+    /// Re-applies the job's range after a restore (the job file may have changed).
+    pub fn set_range(&mut self, range: StartMinMax) {
+        self.range = range;
+        self.current = range.clamp(self.current);
+    }
+
+    /// The next size to try, if growing is allowed at all.
+    pub fn candidate(&self) -> Option<u32> {
+        let step = ((f64::from(self.current) * GROWTH_SHARE) as u32).max(1);
+        let mut next = (self.current + step).min(self.range.max);
+        if let Some(knee) = self.knee {
+            next = next.min(self.current + (knee.saturating_sub(self.current) / 2).max(1));
+            if next >= knee {
+                return None;
+            }
+        }
+        (next > self.current).then_some(next)
+    }
+
+    /// Records one answered request of `items` items of which `failed` came back missing,
+    /// truncated or rejected. `gain(from, to)` is the modelled items/s gain of a size change.
+    pub fn record(&mut self, now: Duration, items: u32, failed: u32, gain: impl Fn(u32, u32) -> f64) {
+        if self.knee.is_some() && now.saturating_sub(self.knee_found_at) >= KNEE_MEMORY {
+            tracing::debug!(knee = self.knee, "quality knee forgotten; sizes near it may be tried again");
+            self.knee = None;
+        }
+        let stats = self.quality.entry(items).or_default();
+        stats.items += f64::from(items);
+        stats.failed += f64::from(failed);
+        if stats.items > STATS_HORIZON {
+            stats.items /= 2.0;
+            stats.failed /= 2.0;
+        }
+        if items != self.current {
+            return;
+        }
+        self.items_since_change += f64::from(items);
+        self.requests_since_change += 1;
+        if self.items_since_change < ITEMS_TO_JUDGE || self.requests_since_change < REQUESTS_TO_JUDGE {
+            return;
+        }
+        if self.past_knee() {
+            let from = self.current;
+            self.knee = Some(from);
+            self.knee_found_at = now;
+            let below = self.quality.range(..from).rev().find(|(_, q)| q.items >= ITEMS_TO_JUDGE);
+            let back = below
+                .map(|(size, _)| *size)
+                .unwrap_or_else(|| from - ((f64::from(from) * GROWTH_SHARE) as u32).max(1));
+            self.change_to(self.range.clamp(back), "quality knee: failures rose with size");
+            return;
+        }
+        if let Some(next) = self.candidate()
+            && gain(self.current, next) >= MINIMUM_GAIN
+        {
+            self.change_to(next, "more items per request raise items/s");
+        }
+    }
+
+    fn past_knee(&self) -> bool {
+        let Some(current) = self.quality.get(&self.current) else {
+            return false;
+        };
+        let share = current.share();
+        let reference = self
+            .quality
+            .iter()
+            .filter(|(size, q)| **size != self.current && q.items >= ITEMS_TO_JUDGE)
+            .map(|(_, q)| q.share())
+            .fold(None, |best: Option<f64>, share| Some(best.map_or(share, |b| b.min(share))));
+        match reference {
+            None => share > ABSOLUTE_FAILURE_LIMIT,
+            Some(reference) => {
+                let excess = share - reference;
+                let variance = reference.max(0.005) * (1.0 - reference) / current.items;
+                excess > KNEE_EXCESS && excess > KNEE_Z * variance.sqrt()
+            }
+        }
+    }
+
+    fn change_to(&mut self, size: u32, why: &str) {
+        if size != self.current {
+            tracing::info!(from = self.current, to = size, knee = self.knee, "{why}");
+        }
+        self.current = size;
+        self.items_since_change = 0.0;
+        self.requests_since_change = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn always(_: u32, _: u32) -> f64 {
+        1.0
+    }
+
+    fn run(sizer: &mut BatchSizer, failure_share: impl Fn(u32) -> f64, requests: usize) {
+        for index in 0..requests {
+            let items = sizer.current();
+            let failed = (f64::from(items) * failure_share(items)).round() as u32;
+            sizer.record(Duration::from_secs(index as u64), items, failed, always);
+        }
+    }
+
+    #[test]
+    fn grows_to_the_maximum_while_quality_holds() {
+        let mut sizer = BatchSizer::new(StartMinMax::new(10, 1, 40));
+        run(&mut sizer, |_| 0.0, 200);
+        assert_eq!(sizer.current(), 40);
+    }
+
+    #[test]
+    fn settles_just_below_the_quality_knee() {
+        let mut sizer = BatchSizer::new(StartMinMax::new(10, 1, 40));
+        run(&mut sizer, |items| if items > 24 { 0.2 } else { 0.0 }, 400);
+        assert_eq!(sizer.knee(), Some(25));
+        assert_eq!(sizer.current(), 24);
+    }
+
+    #[test]
+    fn does_not_grow_without_gain() {
+        let mut sizer = BatchSizer::new(StartMinMax::new(10, 1, 40));
+        for index in 0..100 {
+            sizer.record(Duration::from_secs(index), 10, 0, |_, _| 0.001);
+        }
+        assert_eq!(sizer.current(), 10);
+    }
+}

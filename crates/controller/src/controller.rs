@@ -1,0 +1,298 @@
+//! The controller: one pure object that a dispatcher asks what to send (`poll`), tells what
+//! it sent (`on_sent`) and tells how each request ended (`on_outcome`). It never reads a
+//! clock: every call carries `now`, time since an arbitrary epoch, so a tokio loop and the
+//! discrete-event simulator drive the same code.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use crate::batch_sizer::BatchSizer;
+use crate::concurrency_limit::ConcurrencyLimit;
+use crate::config::{ConfigError, ControllerConfig};
+use crate::latency_window::LatencyWindow;
+use crate::protocol::{Decision, PipelineLoad, RequestShape, Ticket};
+use crate::rate_pacer::{ALL_DIMENSIONS, RateDimension, RatePacer, request_costs};
+use crate::status::{ControllerCounts, ControllerState, ControllerStatus, STATE_VERSION};
+use crate::token_estimates::TokenEstimates;
+
+/// A wait on a bucket within this long counts as "the rate binds" (growth allowed).
+const BINDING_MEMORY: Duration = Duration::from_secs(1);
+/// Latencies needed before the controller proposes its own timeout.
+const LATENCIES_FOR_TIMEOUT: usize = 20;
+const MINIMUM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Send times kept for the trailing admitted-rate estimate.
+const SEND_HISTORY: Duration = Duration::from_secs(10);
+/// Shortest interval between congestion events that says something about the limit.
+const ADMITTED_INTERVAL_MINIMUM: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InFlight {
+    pub sent_at: Duration,
+    pub shape: RequestShape,
+}
+
+/// The adaptive throughput controller of the design: rate pacing, concurrency by Little's
+/// law, items per request by throughput and quality, `max_tokens` and timeouts.
+#[derive(Debug)]
+pub struct Controller {
+    pub(crate) config: ControllerConfig,
+    pub(crate) pacer: RatePacer,
+    pub(crate) concurrency: ConcurrencyLimit,
+    pub(crate) batch: BatchSizer,
+    pub(crate) tokens: TokenEstimates,
+    pub(crate) latency: LatencyWindow,
+    pub(crate) in_flight: HashMap<Ticket, InFlight>,
+    next_ticket: u64,
+    pub(crate) pause_until: Duration,
+    /// Consecutive 429 pauses without a success in between (backoff without `Retry-After`).
+    pub(crate) consecutive_pauses: u32,
+    pub(crate) last_rate_cut_at: Option<Duration>,
+    /// Counts at the last congestion event, for the admitted rate between events.
+    pub(crate) sends_at_last_cut: u64,
+    pub(crate) rejections_at_last_cut: u64,
+    pub(crate) first_send_at: Option<Duration>,
+    /// Recent send times and the send times of recent 429s (trailing admitted rate).
+    pub(crate) recent_sends: VecDeque<Duration>,
+    pub(crate) recent_rejections: VecDeque<Duration>,
+    /// Whether each recent non-429 outcome was a timeout (timeout clusters).
+    pub(crate) recent_timeouts: VecDeque<bool>,
+    rate_blocked_at: Option<Duration>,
+    concurrency_blocked_at: Option<Duration>,
+    pub(crate) counts: ControllerCounts,
+    pub(crate) rng: fastrand::Rng,
+    now: Duration,
+}
+
+impl Controller {
+    /// A controller for a new run, starting at `now`.
+    pub fn new(config: ControllerConfig, now: Duration) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let caps = [
+            config.requests_per_minute.map(|rpm| rpm / 60.0),
+            config.tokens_per_minute.map(|tpm| tpm / 60.0),
+            None,
+            None,
+        ];
+        let initial_rate = f64::from(config.concurrency.start);
+        Ok(Self {
+            pacer: RatePacer::new(caps, initial_rate, now),
+            concurrency: ConcurrencyLimit::new(config.concurrency),
+            batch: BatchSizer::new(config.items_per_request),
+            tokens: TokenEstimates::new(
+                config.initial_output_tokens_per_item,
+                config.context_window_tokens,
+            ),
+            latency: LatencyWindow::default(),
+            in_flight: HashMap::new(),
+            next_ticket: 0,
+            pause_until: Duration::ZERO,
+            consecutive_pauses: 0,
+            last_rate_cut_at: None,
+            sends_at_last_cut: 0,
+            rejections_at_last_cut: 0,
+            first_send_at: None,
+            recent_sends: VecDeque::new(),
+            recent_rejections: VecDeque::new(),
+            recent_timeouts: VecDeque::new(),
+            rate_blocked_at: None,
+            concurrency_blocked_at: None,
+            counts: ControllerCounts::default(),
+            rng: fastrand::Rng::with_seed(config.seed),
+            config,
+            now,
+        })
+    }
+
+    /// A controller that continues from a snapshot of an earlier run, with the job's
+    /// (possibly edited) configuration.
+    pub fn restore(config: ControllerConfig, state: ControllerState, now: Duration) -> Result<Self, ConfigError> {
+        let mut controller = Self::new(config, now)?;
+        let announced = state.announced_per_minute.map(|limit| limit.map(|per_minute| per_minute / 60.0));
+        controller.pacer.restore(announced, state.probed_requests_per_second, now);
+        if let Some(cap) = state.overload_cap {
+            controller.concurrency.set_overload_cap(cap);
+        }
+        if let Some(p90) = state.latency_p90_seconds {
+            controller.latency.seed(Duration::from_secs_f64(p90));
+        }
+        controller.batch = state.batch;
+        controller.batch.set_range(controller.config.items_per_request);
+        controller.tokens = state.tokens;
+        controller.tokens.set_context_window(controller.config.context_window_tokens);
+        controller.counts = state.counts;
+        Ok(controller)
+    }
+
+    /// What to keep for `run --resume`.
+    pub fn snapshot(&self) -> ControllerState {
+        ControllerState {
+            version: STATE_VERSION,
+            announced_per_minute: self.pacer.announced().map(|rate| rate.map(|per_second| per_second * 60.0)),
+            probed_requests_per_second: self.pacer.is_probing().then(|| self.pacer.probed_rate()),
+            overload_cap: (self.concurrency.overload_cap() < f64::from(self.config.concurrency.max))
+                .then(|| self.concurrency.overload_cap()),
+            latency_p90_seconds: self.latency.quantiles().map(|q| q.p90),
+            batch: self.batch.clone(),
+            tokens: self.tokens.clone(),
+            counts: self.counts,
+        }
+    }
+
+    /// What to do now. After `Decision::Send`, build the request and call `on_sent` before
+    /// polling again.
+    pub fn poll(&mut self, now: Duration, load: PipelineLoad) -> Decision {
+        self.advance(now);
+        if load.queued_items == 0 {
+            return Decision::Wait { until: None };
+        }
+        if now < self.pause_until {
+            return Decision::Wait { until: Some(self.pause_until) };
+        }
+        let limit = self.concurrency_limit_for(self.batch.current());
+        if load.in_flight >= limit as usize {
+            self.concurrency_blocked_at = Some(now);
+            return Decision::Wait { until: None };
+        }
+        let items = self.items_to_send(load, limit);
+        let max_tokens = self.tokens.max_tokens(items);
+        let costs = request_costs(self.tokens.prompt_tokens(items), f64::from(max_tokens));
+        let wait = self.pacer.wait_for(costs, now);
+        if wait > Duration::ZERO {
+            self.rate_blocked_at = Some(now);
+            return Decision::Wait { until: Some(now + wait) };
+        }
+        Decision::Send { items, max_tokens, timeout: self.timeout() }
+    }
+
+    /// Records a request built after `Send`; the ticket goes back in `on_outcome`.
+    pub fn on_sent(&mut self, now: Duration, shape: RequestShape) -> Ticket {
+        self.advance(now);
+        let costs = request_costs(f64::from(shape.prompt_tokens), f64::from(shape.max_tokens));
+        self.pacer.take(costs, now);
+        self.tokens.record_prompt(shape.items, shape.prompt_tokens);
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        self.in_flight.insert(ticket, InFlight { sent_at: now, shape });
+        self.first_send_at.get_or_insert(now);
+        self.recent_sends.push_back(now);
+        self.counts.requests_sent += 1;
+        self.counts.items_sent += u64::from(shape.items);
+        self.counts.retried_items += u64::from(shape.retried_items);
+        tracing::trace!(?ticket, items = shape.items, prompt_tokens = shape.prompt_tokens, "sent");
+        ticket
+    }
+
+    /// The timeout to give a request now: `[model] request_timeout_s`, shortened to a few
+    /// times the recent latency once enough latencies are known, so a hung request does not
+    /// hold its items (or the end of the run) for long.
+    pub fn timeout(&self) -> Duration {
+        match self.latency.quantiles() {
+            Some(q) if self.latency.len() >= LATENCIES_FOR_TIMEOUT => {
+                let proposed = Duration::from_secs_f64((3.0 * q.p90).max(1.5 * q.p99));
+                proposed.max(MINIMUM_TIMEOUT).min(self.config.request_timeout)
+            }
+            _ => self.config.request_timeout,
+        }
+    }
+
+    /// A view for the progress bar and the run summary.
+    pub fn status(&self) -> ControllerStatus {
+        let items = self.batch.current();
+        let max_tokens = self.tokens.max_tokens(items);
+        let costs = request_costs(self.tokens.prompt_tokens(items), f64::from(max_tokens));
+        let quantiles = self.latency.quantiles();
+        ControllerStatus {
+            requests_per_second: self.pacer.request_rate(costs),
+            tokens_per_second: self.pacer.rate(RateDimension::Tokens),
+            concurrency_limit: self.concurrency_limit_for(items),
+            items_per_request: items,
+            max_tokens,
+            timeout_seconds: self.timeout().as_secs_f64(),
+            probing: self.pacer.is_probing(),
+            probe_phase: self.pacer.probe_phase(),
+            paused_seconds: self.pause_until.saturating_sub(self.now).as_secs_f64(),
+            latency_p50_seconds: quantiles.map(|q| q.p50),
+            latency_p90_seconds: quantiles.map(|q| q.p90),
+            quality_knee: self.batch.knee(),
+            counts: self.counts,
+        }
+    }
+
+    pub fn counts(&self) -> ControllerCounts {
+        self.counts
+    }
+
+    /// Requests per second the pacer allows for requests of `items` items.
+    pub(crate) fn paced_request_rate(&self, items: u32) -> f64 {
+        let costs = request_costs(self.tokens.prompt_tokens(items), f64::from(self.tokens.max_tokens(items)));
+        self.pacer.request_rate(costs)
+    }
+
+    fn concurrency_limit_for(&self, items: u32) -> u32 {
+        self.concurrency.limit(self.paced_request_rate(items), self.latency.quantiles())
+    }
+
+    /// The batch size, smaller at the end of the queue so the last items spread over the
+    /// requests that can start within one typical latency instead of waiting in one long one.
+    fn items_to_send(&self, load: PipelineLoad, limit: u32) -> u32 {
+        let size = self.batch.current();
+        let free = limit.saturating_sub(load.in_flight as u32).max(1);
+        let starts_per_latency = match self.latency.quantiles() {
+            Some(q) => (self.paced_request_rate(size) * q.p50).max(1.0),
+            None => f64::from(free),
+        };
+        let spread_over = f64::from(free).min(starts_per_latency);
+        let queued = load.queued_items.min(u32::MAX as usize) as f64;
+        if queued >= spread_over * f64::from(size) {
+            return size;
+        }
+        let spread = (queued / spread_over).ceil() as u32;
+        spread.clamp(self.config.items_per_request.min, size)
+    }
+
+    pub(crate) fn advance(&mut self, now: Duration) {
+        self.now = self.now.max(now);
+        let recently = |at: Option<Duration>| at.is_some_and(|at| now.saturating_sub(at) <= BINDING_MEMORY);
+        self.pacer.advance(now, recently(self.rate_blocked_at));
+        let cap_binding = recently(self.concurrency_blocked_at)
+            && self.concurrency.overload_cap() <= f64::from(self.concurrency_limit_for(self.batch.current()));
+        let typical = self
+            .latency
+            .quantiles()
+            .map(|q| Duration::from_secs_f64(q.p50))
+            .unwrap_or(Duration::from_secs(1));
+        self.concurrency.advance(now, cap_binding, typical);
+        while self.recent_sends.front().is_some_and(|at| now.saturating_sub(*at) > SEND_HISTORY) {
+            self.recent_sends.pop_front();
+        }
+        while self.recent_rejections.front().is_some_and(|at| now.saturating_sub(*at) > SEND_HISTORY) {
+            self.recent_rejections.pop_front();
+        }
+    }
+
+    /// Requests per second the provider admitted since the last congestion event (a lower
+    /// bound of its limit, since its bucket was empty at both ends), or over the trailing
+    /// window before the first event.
+    pub(crate) fn admitted_request_rate(&self, now: Duration) -> Option<f64> {
+        let admitted_since = |since: Duration, sent: f64, rejected: f64| {
+            let interval = now.saturating_sub(since);
+            (interval >= ADMITTED_INTERVAL_MINIMUM).then(|| (sent - rejected).max(0.0) / interval.as_secs_f64())
+        };
+        match self.last_rate_cut_at {
+            Some(cut) => admitted_since(
+                cut,
+                (self.counts.requests_sent - self.sends_at_last_cut) as f64,
+                (self.counts.rate_limited - self.rejections_at_last_cut) as f64,
+            ),
+            None => {
+                let since = now.saturating_sub(SEND_HISTORY).max(self.first_send_at?);
+                admitted_since(since, self.recent_sends.len() as f64, self.recent_rejections.len() as f64)
+            }
+        }
+    }
+
+    /// All dimensions' paced rates per second, for logs.
+    pub fn paced_rates(&self) -> [Option<f64>; 4] {
+        ALL_DIMENSIONS.map(|dimension| self.pacer.rate(dimension))
+    }
+}

@@ -1,0 +1,149 @@
+//! How the controller learns from each ended request: latencies, output sizes and quality
+//! from completed answers; one rate cut per congestion event and a `Retry-After` pause from
+//! 429s; a concurrency cut from 503s and from timeouts that cluster (a single hung request is
+//! not congestion).
+
+use std::time::Duration;
+
+use crate::controller::Controller;
+use crate::protocol::{CompletedRequest, Observation, Outcome, Ticket};
+use crate::rate_limit_headers::RateLimitInfo;
+
+/// Outcomes remembered to tell a timeout cluster from a lone hung request.
+const TIMEOUT_MEMORY: usize = 20;
+const TIMEOUTS_FOR_OVERLOAD: usize = 2;
+/// Pause after a 429 without `Retry-After` or reset: doubling from this, up to the maximum.
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(32);
+/// Jitter added to every pause: up to this share of it plus a fixed amount.
+const JITTER_SHARE: f64 = 0.1;
+const JITTER_FIXED: Duration = Duration::from_millis(100);
+
+impl Controller {
+    /// Learns from one ended request. Unknown tickets are ignored.
+    pub fn on_outcome(&mut self, now: Duration, ticket: Ticket, observation: Observation) {
+        self.advance(now);
+        let Some(sent) = self.in_flight.remove(&ticket) else {
+            tracing::warn!(?ticket, "outcome for an unknown ticket ignored");
+            return;
+        };
+        if !observation.rate_limits.is_empty() {
+            self.pacer.observe_headers(now, &observation.rate_limits);
+        }
+        match observation.outcome {
+            Outcome::Completed(completed) => self.on_completed(now, sent.shape.items, observation.latency, completed),
+            Outcome::RateLimited => self.on_rate_limited(now, sent.sent_at, &observation.rate_limits),
+            Outcome::TimedOut => {
+                self.counts.timed_out += 1;
+                self.remember_timeout(true);
+                let cluster = self.recent_timeouts.iter().filter(|timeout| **timeout).count();
+                if cluster >= TIMEOUTS_FOR_OVERLOAD {
+                    self.on_overload(now, sent.sent_at, "timeouts");
+                } else {
+                    tracing::debug!(?ticket, "lone timeout: items go back to the queue, no cut");
+                }
+            }
+            Outcome::ServerError { status } => {
+                self.counts.server_errors += 1;
+                self.remember_timeout(false);
+                if matches!(status, 502 | 503 | 504 | 529) {
+                    self.on_overload(now, sent.sent_at, "server overloaded");
+                }
+                if let Some(wait) = observation.rate_limits.retry_after {
+                    self.pause(now, wait);
+                }
+            }
+            Outcome::OtherError => {
+                self.counts.other_errors += 1;
+                self.remember_timeout(false);
+            }
+        }
+    }
+
+    fn on_completed(&mut self, now: Duration, items_sent: u32, latency: Duration, completed: CompletedRequest) {
+        self.counts.requests_completed += 1;
+        self.counts.items_valid += u64::from(completed.items_valid);
+        self.counts.items_missing += u64::from(completed.items_missing);
+        self.counts.items_rejected += u64::from(completed.items_rejected);
+        self.counts.truncated_requests += u64::from(completed.truncated);
+        self.consecutive_pauses = 0;
+        self.remember_timeout(false);
+        self.latency.record(latency);
+        let returned = completed.items_valid + completed.items_rejected;
+        self.tokens.record_output(returned, completed.completion_tokens, completed.truncated);
+        let failed = items_sent.saturating_sub(completed.items_valid);
+        let pacer = &self.pacer;
+        let tokens = &self.tokens;
+        let items_per_second = |items: u32| {
+            let costs = crate::rate_pacer::request_costs(tokens.prompt_tokens(items), f64::from(tokens.max_tokens(items)));
+            pacer.request_rate(costs) * f64::from(items)
+        };
+        self.batch.record(now, items_sent, failed, |from, to| {
+            let (before, after) = (items_per_second(from), items_per_second(to));
+            if before.is_finite() && after.is_finite() && before > 0.0 {
+                after / before - 1.0
+            } else {
+                f64::from(to) / f64::from(from) - 1.0
+            }
+        });
+    }
+
+    fn on_rate_limited(&mut self, now: Duration, sent_at: Duration, info: &RateLimitInfo) {
+        self.counts.rate_limited += 1;
+        self.recent_rejections.push_back(sent_at);
+        // One cut per congestion event: 429s for requests sent before the last cut are the
+        // same event seen late.
+        let new_event = self.last_rate_cut_at.is_none_or(|cut| sent_at >= cut);
+        if new_event {
+            let admitted = self.admitted_request_rate(now);
+            self.pacer.on_congestion(now, admitted);
+            self.last_rate_cut_at = Some(now);
+            self.sends_at_last_cut = self.counts.requests_sent;
+            self.rejections_at_last_cut = self.counts.rate_limited;
+            self.counts.rate_cuts += 1;
+        }
+        let wait = info.retry_after.or_else(|| exhausted_reset(info)).unwrap_or_else(|| {
+            let doublings = self.consecutive_pauses.min(5);
+            (BACKOFF_START * 2u32.pow(doublings)).min(BACKOFF_MAX)
+        });
+        if new_event {
+            self.consecutive_pauses += 1;
+        }
+        self.pause(now, wait);
+    }
+
+    fn on_overload(&mut self, now: Duration, sent_at: Duration, why: &str) {
+        let in_flight = self.in_flight.len() + 1;
+        if self.concurrency.on_overload(now, sent_at, in_flight) {
+            self.counts.concurrency_cuts += 1;
+            tracing::info!(cause = why, cap = self.concurrency.overload_cap(), "concurrency cut");
+        }
+    }
+
+    /// Sends nothing before `now + wait + jitter`; never shortens a pause already set.
+    fn pause(&mut self, now: Duration, wait: Duration) {
+        let jitter_bound = wait.mul_f64(JITTER_SHARE) + JITTER_FIXED;
+        let jitter = jitter_bound.mul_f64(self.rng.f64());
+        let until = now + wait + jitter;
+        if until > self.pause_until {
+            tracing::debug!(wait_s = (until - now).as_secs_f64(), "pausing after 429");
+            self.pause_until = until;
+        }
+    }
+
+    fn remember_timeout(&mut self, timed_out: bool) {
+        if self.recent_timeouts.len() == TIMEOUT_MEMORY {
+            self.recent_timeouts.pop_front();
+        }
+        self.recent_timeouts.push_back(timed_out);
+    }
+}
+
+/// The reset of a dimension the provider says is exhausted, if any.
+fn exhausted_reset(info: &RateLimitInfo) -> Option<Duration> {
+    [info.requests, info.tokens, info.input_tokens, info.output_tokens]
+        .iter()
+        .filter(|window| window.remaining == Some(0))
+        .filter_map(|window| window.reset)
+        .max()
+}

@@ -1,0 +1,184 @@
+//! The simulated dispatcher: the loop the real tokio dispatcher runs, in simulated time.
+//! It polls the policy, builds requests from the front of the queue, hands them to the
+//! simulated provider, cuts them at their timeout, and puts every item that did not come back
+//! valid straight back at the front of the queue, so retries interleave with new work.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::time::Duration;
+
+use crate::protocol::{CompletedRequest, Decision, Observation, Outcome, PipelineLoad, RequestShape, Ticket};
+use crate::rate_limit_headers::parse_rate_limit_headers;
+use crate::simulation::DispatchPolicy;
+use crate::simulation::provider::{SimAnswer, SimulatedProvider};
+use crate::simulation::scenario::Scenario;
+
+/// A run that has not finished after this long is abandoned.
+const SIMULATED_TIME_LIMIT_S: f64 = 6.0 * 3600.0;
+
+/// What happened in one simulated run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunLog {
+    pub policy: String,
+    pub finished: bool,
+    pub duration_s: f64,
+    /// `(time, valid items)` of every completed request.
+    pub completions: Vec<(f64, u32)>,
+    pub requests: u64,
+    pub rate_limited: u64,
+    pub timed_out: u64,
+    pub overloaded: u64,
+    pub final_items_per_request: u32,
+}
+
+struct Pending {
+    ticket: Ticket,
+    items: Vec<usize>,
+    sent_at: f64,
+    prompt_tokens: u32,
+    answer: SimAnswer,
+    timed_out: bool,
+}
+
+fn nanos(seconds: f64) -> u64 {
+    (seconds * 1e9).round() as u64
+}
+
+/// Runs `scenario` to the end under `policy`.
+pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog {
+    let mut item_rng = fastrand::Rng::with_seed(scenario.seed.wrapping_add(1));
+    let workload = &scenario.workload;
+    let input_tokens: Vec<u32> = (0..scenario.items)
+        .map(|_| {
+            let spread = workload.input_tokens_spread * (2.0 * item_rng.f64() - 1.0);
+            (f64::from(workload.input_tokens_per_item) * (1.0 + spread)).round().max(1.0) as u32
+        })
+        .collect();
+    let mut attempts = vec![0u32; input_tokens.len()];
+    let mut queue: VecDeque<usize> = (0..input_tokens.len()).collect();
+    let mut provider = SimulatedProvider::new(scenario, scenario.seed.wrapping_add(2));
+    let mut endings: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut log = RunLog {
+        policy: policy.name().to_string(),
+        finished: false,
+        duration_s: 0.0,
+        completions: Vec::new(),
+        requests: 0,
+        rate_limited: 0,
+        timed_out: 0,
+        overloaded: 0,
+        final_items_per_request: 0,
+    };
+    let mut done = 0usize;
+    let mut sequence = 0u64;
+    let mut now = 0.0f64;
+    while done < input_tokens.len() && now < SIMULATED_TIME_LIMIT_S {
+        // Deliver every request that ends by now.
+        while let Some(Reverse((end, id))) = endings.peek().copied() {
+            if end > nanos(now) {
+                break;
+            }
+            endings.pop();
+            let request = pending.remove(&id).expect("every ending has a pending request");
+            let end_s = end as f64 / 1e9;
+            let (observation, valid) = observe(&mut provider, &request, end_s, scenario.provider.headers);
+            match observation.outcome {
+                Outcome::RateLimited => log.rate_limited += 1,
+                Outcome::TimedOut => log.timed_out += 1,
+                Outcome::ServerError { .. } => log.overloaded += 1,
+                _ => {}
+            }
+            if valid > 0 {
+                log.completions.push((end_s, valid));
+            }
+            done += valid as usize;
+            for item in request.items.iter().skip(valid as usize).rev() {
+                queue.push_front(*item);
+            }
+            policy.on_outcome(Duration::from_secs_f64(end_s), request.ticket, observation);
+        }
+        if done >= input_tokens.len() {
+            break;
+        }
+        // Send while the policy says so.
+        let wake_at = loop {
+            let load = PipelineLoad { in_flight: pending.len(), queued_items: queue.len() };
+            match policy.poll(Duration::from_secs_f64(now), load) {
+                Decision::Send { items, max_tokens, timeout } => {
+                    let take = (items as usize).min(queue.len());
+                    let batch: Vec<usize> = queue.drain(..take).collect();
+                    let prompt_tokens = workload.prompt_overhead_tokens
+                        + batch.iter().map(|item| input_tokens[*item]).sum::<u32>();
+                    let retried_items = batch.iter().filter(|item| attempts[**item] > 0).count() as u32;
+                    for item in &batch {
+                        attempts[*item] += 1;
+                    }
+                    let shape = RequestShape { items: take as u32, prompt_tokens, max_tokens, retried_items };
+                    let ticket = policy.on_sent(Duration::from_secs_f64(now), shape);
+                    let answer = provider.submit(now, take as u32, prompt_tokens, max_tokens);
+                    let timeout_s = timeout.as_secs_f64();
+                    let latency_s = match answer {
+                        SimAnswer::Completed { latency_s, .. }
+                        | SimAnswer::RateLimited { latency_s, .. }
+                        | SimAnswer::Overloaded { latency_s } => latency_s,
+                        SimAnswer::Hang => f64::INFINITY,
+                    };
+                    let timed_out = latency_s > timeout_s;
+                    let end = now + latency_s.min(timeout_s);
+                    sequence += 1;
+                    endings.push(Reverse((nanos(end), sequence)));
+                    pending.insert(sequence, Pending { ticket, items: batch, sent_at: now, prompt_tokens, answer, timed_out });
+                    log.requests += 1;
+                }
+                Decision::Wait { until } => break until.map(|until| until.as_secs_f64()),
+            }
+        };
+        let next_ending = endings.peek().map(|Reverse((end, _))| *end as f64 / 1e9);
+        let next = match (wake_at, next_ending) {
+            (Some(wake), Some(ending)) => wake.min(ending),
+            (Some(wake), None) => wake,
+            (None, Some(ending)) => ending,
+            (None, None) => panic!("{}: nothing in flight and the policy waits for nothing", log.policy),
+        };
+        // Guard against a wake-up that does not move time forward.
+        now = if next > now { next } else { now + 1e-6 };
+    }
+    log.finished = done >= input_tokens.len();
+    log.duration_s = log.completions.last().map_or(now, |(at, _)| *at);
+    log.final_items_per_request = policy.items_per_request();
+    log
+}
+
+/// The observation the dispatcher hands the policy, and how many items came back valid.
+fn observe(provider: &mut SimulatedProvider, request: &Pending, end_s: f64, headers_sent: bool) -> (Observation, u32) {
+    let latency = Duration::from_secs_f64(end_s - request.sent_at);
+    let mut headers = provider.rate_limit_headers(end_s);
+    let (outcome, valid) = match request.answer {
+        _ if request.timed_out => (Outcome::TimedOut, 0),
+        SimAnswer::Completed { completion_tokens, returned, rejected, truncated, .. } => {
+            let sent = request.items.len() as u32;
+            let valid = returned - rejected;
+            let completed = CompletedRequest {
+                items_valid: valid,
+                items_missing: sent - returned,
+                items_rejected: rejected,
+                truncated,
+                prompt_tokens: request.prompt_tokens,
+                completion_tokens,
+            };
+            (Outcome::Completed(completed), valid)
+        }
+        SimAnswer::RateLimited { retry_after_s, .. } => {
+            headers.push(("retry-after".into(), format!("{}", retry_after_s.ceil().max(1.0))));
+            if headers_sent {
+                headers.push(("retry-after-ms".into(), format!("{:.0}", (retry_after_s * 1000.0).ceil())));
+            }
+            (Outcome::RateLimited, 0)
+        }
+        SimAnswer::Overloaded { .. } => (Outcome::ServerError { status: 503 }, 0),
+        SimAnswer::Hang => (Outcome::TimedOut, 0),
+    };
+    let rate_limits = parse_rate_limit_headers(headers.iter().map(|(name, value)| (name.as_str(), value.as_str())));
+    (Observation::new(latency, outcome, rate_limits), valid)
+}

@@ -1,0 +1,49 @@
+//! Discrete-event simulation of a provider and a dispatcher, so the controller can be driven
+//! in simulated time exactly as the tokio dispatcher drives it in real time. The scenario
+//! tests and the benchmark share it; `FixedRule` is the rule the project started from, run on
+//! the same simulated provider for comparison.
+
+mod dispatcher;
+mod fixed_rule;
+mod provider;
+mod report;
+mod scenario;
+
+use std::time::Duration;
+
+use crate::controller::Controller;
+use crate::protocol::{Decision, Observation, PipelineLoad, RequestShape, Ticket};
+
+pub use dispatcher::{RunLog, simulate};
+pub use fixed_rule::FixedRule;
+pub use provider::{SimAnswer, SimulatedProvider, go_duration};
+pub use report::{RunReport, evaluate};
+pub use scenario::{CapacityStep, Expectations, JobLimits, ProviderSpec, Scenario, WorkloadSpec};
+
+/// The poll / on_sent / on_outcome surface a dispatcher drives.
+pub trait DispatchPolicy {
+    fn name(&self) -> &str;
+    fn poll(&mut self, now: Duration, load: PipelineLoad) -> Decision;
+    fn on_sent(&mut self, now: Duration, shape: RequestShape) -> Ticket;
+    fn on_outcome(&mut self, now: Duration, ticket: Ticket, observation: Observation);
+    /// Items per request the policy would use now.
+    fn items_per_request(&self) -> u32;
+}
+
+impl DispatchPolicy for Controller {
+    fn name(&self) -> &str {
+        "adaptive"
+    }
+    fn poll(&mut self, now: Duration, load: PipelineLoad) -> Decision {
+        Controller::poll(self, now, load)
+    }
+    fn on_sent(&mut self, now: Duration, shape: RequestShape) -> Ticket {
+        Controller::on_sent(self, now, shape)
+    }
+    fn on_outcome(&mut self, now: Duration, ticket: Ticket, observation: Observation) {
+        Controller::on_outcome(self, now, ticket, observation)
+    }
+    fn items_per_request(&self) -> u32 {
+        self.status().items_per_request
+    }
+}

@@ -1,0 +1,199 @@
+//! A simulated LLM provider: token buckets on requests/min and tokens/min (prompt +
+//! `max_tokens` reserved at admission, as OpenAI counts), instant 429s with `Retry-After`,
+//! optional `x-ratelimit-*` headers, server slots with a queue and 503s past its wait limit,
+//! latency = base + per output token (log-normal noise), hung requests, truncation at
+//! `max_tokens`, and items that go missing more often past a batch size.
+
+use crate::simulation::scenario::{ProviderSpec, Scenario};
+
+/// The provider's answer to one request, decided when it is sent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SimAnswer {
+    Completed {
+        latency_s: f64,
+        completion_tokens: u32,
+        /// Items in the answer (not lost to truncation, not left out).
+        returned: u32,
+        /// Of those, rejected by post-processing.
+        rejected: u32,
+        truncated: bool,
+    },
+    RateLimited { latency_s: f64, retry_after_s: f64 },
+    Overloaded { latency_s: f64 },
+    /// Admitted and never answered.
+    Hang,
+}
+
+#[derive(Debug, Clone)]
+struct SimBucket {
+    per_minute: f64,
+    burst_seconds: f64,
+    level: f64,
+    updated_at: f64,
+    factor: f64,
+}
+
+impl SimBucket {
+    fn new(per_minute: f64, burst_seconds: f64) -> Self {
+        let mut bucket = Self { per_minute, burst_seconds, level: 0.0, updated_at: 0.0, factor: 1.0 };
+        bucket.level = bucket.capacity();
+        bucket
+    }
+    fn rate(&self) -> f64 {
+        self.per_minute * self.factor / 60.0
+    }
+    fn capacity(&self) -> f64 {
+        self.rate() * self.burst_seconds
+    }
+    fn refill(&mut self, now: f64, factor: f64) {
+        if now > self.updated_at {
+            self.level = (self.level + (now - self.updated_at) * self.rate()).min(self.capacity());
+            self.updated_at = now;
+        }
+        if factor != self.factor {
+            self.factor = factor;
+            self.level = self.level.min(self.capacity());
+        }
+    }
+    /// Seconds until `cost` is available (zero: now). Costs above capacity need a full bucket.
+    fn shortfall_s(&self, cost: f64) -> f64 {
+        let needed = cost.min(self.capacity());
+        if self.level >= needed { 0.0 } else { (needed - self.level) / self.rate() }
+    }
+}
+
+#[derive(Debug)]
+pub struct SimulatedProvider {
+    scenario: Scenario,
+    requests: Option<SimBucket>,
+    tokens: Option<SimBucket>,
+    slot_free_at: Vec<f64>,
+    rng: fastrand::Rng,
+}
+
+impl SimulatedProvider {
+    pub fn new(scenario: &Scenario, seed: u64) -> Self {
+        let spec: &ProviderSpec = &scenario.provider;
+        Self {
+            requests: spec.requests_per_minute.map(|rpm| SimBucket::new(rpm, spec.burst_seconds)),
+            tokens: spec.tokens_per_minute.map(|tpm| SimBucket::new(tpm, spec.burst_seconds)),
+            slot_free_at: vec![0.0; spec.slots.unwrap_or(0) as usize],
+            rng: fastrand::Rng::with_seed(seed),
+            scenario: scenario.clone(),
+        }
+    }
+
+    /// Decides the fate of a request of `items` items sent at `now`.
+    pub fn submit(&mut self, now: f64, items: u32, prompt_tokens: u32, max_tokens: u32) -> SimAnswer {
+        let factor = self.scenario.capacity_factor(now);
+        let spec = self.scenario.provider.clone();
+        let token_cost = f64::from(prompt_tokens) + f64::from(max_tokens);
+        let mut shortfall: f64 = 0.0;
+        for (bucket, cost) in [(self.requests.as_mut(), 1.0), (self.tokens.as_mut(), token_cost)] {
+            if let Some(bucket) = bucket {
+                bucket.refill(now, factor);
+                shortfall = shortfall.max(bucket.shortfall_s(cost));
+            }
+        }
+        if shortfall > 0.0 {
+            return SimAnswer::RateLimited { latency_s: spec.reject_latency_s, retry_after_s: shortfall };
+        }
+        for (bucket, cost) in [(self.requests.as_mut(), 1.0), (self.tokens.as_mut(), token_cost)] {
+            if let Some(bucket) = bucket {
+                bucket.level -= cost;
+            }
+        }
+        let answer = self.generate_answer(items, max_tokens);
+        let service_s = match answer {
+            SimAnswer::Completed { latency_s, .. } => latency_s,
+            _ => spec.base_latency_s,
+        };
+        let mut queue_wait_s = 0.0;
+        if let Some(slot) = self
+            .slot_free_at
+            .iter_mut()
+            .min_by(|a, b| a.total_cmp(b))
+        {
+            let start = slot.max(now);
+            queue_wait_s = start - now;
+            if queue_wait_s > spec.queue_wait_limit_s {
+                return SimAnswer::Overloaded { latency_s: spec.reject_latency_s };
+            }
+            *slot = start + service_s;
+        }
+        if self.rng.f64() < spec.hang_share {
+            return SimAnswer::Hang;
+        }
+        match answer {
+            SimAnswer::Completed { latency_s, completion_tokens, returned, rejected, truncated } => SimAnswer::Completed {
+                latency_s: latency_s + queue_wait_s,
+                completion_tokens,
+                returned,
+                rejected,
+                truncated,
+            },
+            other => other,
+        }
+    }
+
+    fn generate_answer(&mut self, items: u32, max_tokens: u32) -> SimAnswer {
+        let workload = &self.scenario.workload;
+        let missing_share = self.scenario.missing_share(items);
+        let mut written = 8.0; // braces and separators
+        let mut fitted = 0;
+        let mut truncated = false;
+        for _ in 0..items {
+            let tokens = (workload.output_tokens_per_item + workload.output_tokens_sd * normal(&mut self.rng)).max(5.0);
+            if written + tokens > f64::from(max_tokens) {
+                truncated = true;
+                break;
+            }
+            written += tokens;
+            fitted += 1;
+        }
+        let completion_tokens = if truncated { max_tokens } else { written.round() as u32 };
+        let returned = (0..fitted).filter(|_| self.rng.f64() >= missing_share).count() as u32;
+        let rejected = (0..returned).filter(|_| self.rng.f64() < workload.rejected_share).count() as u32;
+        let spec = &self.scenario.provider;
+        let noise = (spec.latency_sigma * normal(&mut self.rng)).exp();
+        let latency_s = (spec.base_latency_s + spec.seconds_per_output_token * f64::from(completion_tokens)) * noise;
+        SimAnswer::Completed { latency_s, completion_tokens, returned, rejected, truncated }
+    }
+
+    /// The `x-ratelimit-*` headers a response ending at `now` carries (none if the provider
+    /// sends none), as text, so the real parser reads them.
+    pub fn rate_limit_headers(&mut self, now: f64) -> Vec<(String, String)> {
+        if !self.scenario.provider.headers {
+            return Vec::new();
+        }
+        let factor = self.scenario.capacity_factor(now);
+        let mut headers = Vec::new();
+        for (name, bucket) in [("requests", self.requests.as_mut()), ("tokens", self.tokens.as_mut())] {
+            let Some(bucket) = bucket else { continue };
+            bucket.refill(now, factor);
+            let reset_s = (bucket.capacity() - bucket.level).max(0.0) / bucket.rate();
+            headers.push((format!("x-ratelimit-limit-{name}"), format!("{}", (bucket.per_minute * factor).round())));
+            headers.push((format!("x-ratelimit-remaining-{name}"), format!("{}", bucket.level.max(0.0).floor())));
+            headers.push((format!("x-ratelimit-reset-{name}"), go_duration(reset_s)));
+        }
+        headers
+    }
+}
+
+/// Formats seconds like Go and OpenAI do: "20ms", "1.5s", "6m0s".
+pub fn go_duration(seconds: f64) -> String {
+    if seconds < 1.0 {
+        format!("{}ms", (seconds * 1000.0).round())
+    } else if seconds < 60.0 {
+        format!("{:.3}s", seconds)
+    } else {
+        format!("{}m{:.0}s", (seconds / 60.0).floor(), seconds % 60.0)
+    }
+}
+
+/// A standard normal sample (Box-Muller).
+pub fn normal(rng: &mut fastrand::Rng) -> f64 {
+    let u1 = rng.f64().max(f64::MIN_POSITIVE);
+    let u2 = rng.f64();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}

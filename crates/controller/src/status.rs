@@ -1,0 +1,74 @@
+//! What the controller shows (`ControllerStatus`, for the progress bar and the `--json`
+//! summary) and what it keeps across runs (`ControllerState`, for `run --resume`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::batch_sizer::BatchSizer;
+use crate::rate_probe::ProbePhase;
+use crate::token_estimates::TokenEstimates;
+
+/// Running counts since the controller was created (or restored, counts included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerCounts {
+    pub requests_sent: u64,
+    pub requests_completed: u64,
+    /// Answers with HTTP 429.
+    pub rate_limited: u64,
+    pub timed_out: u64,
+    pub server_errors: u64,
+    pub other_errors: u64,
+    /// Items sent again after an earlier attempt.
+    pub retried_items: u64,
+    pub items_sent: u64,
+    pub items_valid: u64,
+    pub items_missing: u64,
+    pub items_rejected: u64,
+    pub truncated_requests: u64,
+    /// Multiplicative rate cuts (one per congestion event, not one per 429).
+    pub rate_cuts: u64,
+    /// Concurrency cuts after 503s or clustered timeouts.
+    pub concurrency_cuts: u64,
+}
+
+/// A point-in-time view for people and the run summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControllerStatus {
+    /// Paced requests per second (all limits applied to the current request shape).
+    pub requests_per_second: f64,
+    /// Paced tokens per second, if tokens are limited.
+    pub tokens_per_second: Option<f64>,
+    pub concurrency_limit: u32,
+    pub items_per_request: u32,
+    pub max_tokens: u32,
+    pub timeout_seconds: f64,
+    /// The request rate is being probed (no header announces it).
+    pub probing: bool,
+    pub probe_phase: ProbePhase,
+    /// Seconds left of a `Retry-After` pause (0 when not paused).
+    pub paused_seconds: f64,
+    pub latency_p50_seconds: Option<f64>,
+    pub latency_p90_seconds: Option<f64>,
+    /// Smallest items-per-request found past the quality knee, if any.
+    pub quality_knee: Option<u32>,
+    pub counts: ControllerCounts,
+}
+
+/// Everything learned that is worth keeping for `run --resume`. Times are not kept: a new
+/// run has a new epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControllerState {
+    /// Format version of this struct.
+    pub version: u32,
+    /// Limits the provider announced, per minute: requests, tokens, input, output tokens.
+    pub announced_per_minute: [Option<f64>; 4],
+    /// The probed request rate per second, when no header announced the request limit.
+    pub probed_requests_per_second: Option<f64>,
+    /// The concurrency overload cap, when 503s or timeouts had set one.
+    pub overload_cap: Option<f64>,
+    pub latency_p90_seconds: Option<f64>,
+    pub batch: BatchSizer,
+    pub tokens: TokenEstimates,
+    pub counts: ControllerCounts,
+}
+
+pub const STATE_VERSION: u32 = 1;

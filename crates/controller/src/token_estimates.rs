@@ -1,0 +1,195 @@
+//! What a request of `b` items costs in tokens: the prompt (a fixed overhead plus a share
+//! per item, fitted from the shapes actually sent) and the output (`max_tokens`, sized from
+//! the observed output tokens per item with a margin that grows after truncations).
+
+use serde::{Deserialize, Serialize};
+
+/// Weight of one new output sample in the running mean and variance.
+const OUTPUT_SMOOTHING: f64 = 0.05;
+/// Samples before the observed output replaces the configured estimate.
+const OUTPUT_SAMPLES_TRUSTED: u32 = 3;
+/// Margin in standard deviations of a request's total output. A truncated answer keeps its
+/// complete items (only the last one or two go back to the queue), while every reserved
+/// token counts against tokens/min, so the margin is kept small: each truncation raises it,
+/// each clean answer lowers it, which settles near 3% truncated answers.
+const BASE_MARGIN_SIGMAS: f64 = 1.0;
+const MAX_MARGIN_SIGMAS: f64 = 8.0;
+const MARGIN_SIGMAS_PER_TRUNCATION: f64 = 0.5;
+const MARGIN_RELAXATION_PER_REQUEST: f64 = 0.015;
+/// Extra share of the expected output and a fixed allowance (JSON keys and braces).
+const MARGIN_SHARE: f64 = 0.03;
+const MARGIN_TOKENS: f64 = 16.0;
+/// Forgetting factor of the prompt-token fit, per request sent.
+const PROMPT_FORGETTING: f64 = 0.99;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenEstimates {
+    output_mean_per_item: f64,
+    output_variance_per_item: f64,
+    output_samples: u32,
+    margin_sigmas: f64,
+    /// Weighted sums for the prompt fit `prompt = overhead + per_item * items`.
+    prompt_weight: f64,
+    prompt_sum_items: f64,
+    prompt_sum_tokens: f64,
+    prompt_sum_items_squared: f64,
+    prompt_sum_items_tokens: f64,
+    context_window_tokens: Option<u32>,
+}
+
+impl TokenEstimates {
+    pub fn new(initial_output_tokens_per_item: u32, context_window_tokens: Option<u32>) -> Self {
+        let mean = f64::from(initial_output_tokens_per_item);
+        Self {
+            output_mean_per_item: mean,
+            output_variance_per_item: (0.5 * mean).powi(2),
+            output_samples: 0,
+            margin_sigmas: 2.0 * BASE_MARGIN_SIGMAS,
+            prompt_weight: 0.0,
+            prompt_sum_items: 0.0,
+            prompt_sum_tokens: 0.0,
+            prompt_sum_items_squared: 0.0,
+            prompt_sum_items_tokens: 0.0,
+            context_window_tokens,
+        }
+    }
+
+    /// Re-applies the model's context window after a restore.
+    pub fn set_context_window(&mut self, context_window_tokens: Option<u32>) {
+        self.context_window_tokens = context_window_tokens;
+    }
+
+    pub fn output_tokens_per_item(&self) -> f64 {
+        self.output_mean_per_item
+    }
+
+    /// Learns from one sent request's prompt size.
+    pub fn record_prompt(&mut self, items: u32, prompt_tokens: u32) {
+        let (x, y) = (f64::from(items), f64::from(prompt_tokens));
+        self.prompt_weight = self.prompt_weight * PROMPT_FORGETTING + 1.0;
+        self.prompt_sum_items = self.prompt_sum_items * PROMPT_FORGETTING + x;
+        self.prompt_sum_tokens = self.prompt_sum_tokens * PROMPT_FORGETTING + y;
+        self.prompt_sum_items_squared = self.prompt_sum_items_squared * PROMPT_FORGETTING + x * x;
+        self.prompt_sum_items_tokens = self.prompt_sum_items_tokens * PROMPT_FORGETTING + x * y;
+    }
+
+    /// Learns from one completed answer: `returned_items` items came back in
+    /// `completion_tokens` tokens; `truncated` when it hit `max_tokens`.
+    pub fn record_output(&mut self, returned_items: u32, completion_tokens: u32, truncated: bool) {
+        if truncated {
+            self.margin_sigmas = (self.margin_sigmas + MARGIN_SIGMAS_PER_TRUNCATION).min(MAX_MARGIN_SIGMAS);
+            tracing::debug!(margin_sigmas = self.margin_sigmas, "truncated answer: output margin raised");
+        } else {
+            self.margin_sigmas =
+                (self.margin_sigmas - MARGIN_RELAXATION_PER_REQUEST).max(BASE_MARGIN_SIGMAS);
+        }
+        if returned_items == 0 {
+            return;
+        }
+        let items = f64::from(returned_items);
+        let per_item = f64::from(completion_tokens) / items;
+        if self.output_samples < OUTPUT_SAMPLES_TRUSTED && !truncated {
+            // Replace the configured guess quickly with what the model really writes.
+            let n = f64::from(self.output_samples);
+            let mean = (self.output_mean_per_item * n + per_item) / (n + 1.0);
+            if self.output_samples == 0 {
+                self.output_variance_per_item = (0.3 * per_item).powi(2);
+            }
+            self.output_mean_per_item = mean;
+            self.output_samples += 1;
+            return;
+        }
+        // A truncated answer says the output ran longer than planned: it may only raise the mean.
+        if truncated && per_item < self.output_mean_per_item {
+            return;
+        }
+        let deviation = per_item - self.output_mean_per_item;
+        self.output_mean_per_item += OUTPUT_SMOOTHING * deviation;
+        // The mean of b items varies with variance/b: scale back to one item.
+        self.output_variance_per_item +=
+            OUTPUT_SMOOTHING * (items * deviation * deviation - self.output_variance_per_item);
+        self.output_samples = self.output_samples.saturating_add(1);
+    }
+
+    /// Expected prompt tokens of a request of `items` items.
+    pub fn prompt_tokens(&self, items: u32) -> f64 {
+        let (overhead, per_item) = self.prompt_fit();
+        overhead + per_item * f64::from(items)
+    }
+
+    /// `(overhead, per_item)` of the prompt fit; zeros before any request was sent.
+    pub fn prompt_fit(&self) -> (f64, f64) {
+        if self.prompt_weight <= 0.0 || self.prompt_sum_items <= 0.0 {
+            return (0.0, 0.0);
+        }
+        let w = self.prompt_weight;
+        let mean_x = self.prompt_sum_items / w;
+        let mean_y = self.prompt_sum_tokens / w;
+        let variance_x = self.prompt_sum_items_squared / w - mean_x * mean_x;
+        if variance_x > 0.25 {
+            let slope = (self.prompt_sum_items_tokens / w - mean_x * mean_y) / variance_x;
+            let intercept = mean_y - slope * mean_x;
+            if slope > 0.0 && intercept >= 0.0 {
+                return (intercept, slope);
+            }
+        }
+        (0.0, mean_y / mean_x)
+    }
+
+    /// `max_tokens` for a request of `items` items.
+    pub fn max_tokens(&self, items: u32) -> u32 {
+        let b = f64::from(items.max(1));
+        let expected = b * self.output_mean_per_item;
+        let spread = self.margin_sigmas * (b * self.output_variance_per_item).sqrt();
+        let wanted = expected * (1.0 + MARGIN_SHARE) + spread + MARGIN_TOKENS;
+        let room = self
+            .context_window_tokens
+            .map(|window| f64::from(window) - self.prompt_tokens(items))
+            .unwrap_or(f64::INFINITY);
+        wanted.min(room).max(MARGIN_TOKENS).ceil() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_fit_separates_overhead_from_per_item_tokens() {
+        let mut estimates = TokenEstimates::new(100, None);
+        for items in [10, 12, 15, 18, 10, 20] {
+            estimates.record_prompt(items, 400 + 150 * items);
+        }
+        let (overhead, per_item) = estimates.prompt_fit();
+        assert!((overhead - 400.0).abs() < 1e-6 && (per_item - 150.0).abs() < 1e-6);
+        assert!((estimates.prompt_tokens(30) - 4900.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn one_size_only_gives_a_proportional_estimate() {
+        let mut estimates = TokenEstimates::new(100, None);
+        estimates.record_prompt(10, 2000);
+        assert_eq!(estimates.prompt_tokens(20), 4000.0);
+    }
+
+    #[test]
+    fn max_tokens_follows_observed_output_and_truncation_raises_it() {
+        let mut estimates = TokenEstimates::new(200, None);
+        let configured = estimates.max_tokens(20);
+        assert!(configured >= 4000);
+        for tokens in [1400, 1380, 1420, 1410, 1390, 1400] {
+            estimates.record_output(20, tokens, false);
+        }
+        let learned = estimates.max_tokens(20);
+        assert!((1550..2200).contains(&learned), "{learned}");
+        estimates.record_output(20, learned, true);
+        assert!(estimates.max_tokens(20) > learned);
+    }
+
+    #[test]
+    fn context_window_bounds_max_tokens() {
+        let mut estimates = TokenEstimates::new(200, Some(8000));
+        estimates.record_prompt(20, 6000);
+        assert_eq!(estimates.max_tokens(20), 2000);
+    }
+}
