@@ -15,17 +15,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::StartMinMax;
 
-/// Items to observe at a size before judging it.
-const ITEMS_TO_JUDGE: f64 = 200.0;
-const REQUESTS_TO_JUDGE: u32 = 6;
-/// A size is past the knee when its failure share exceeds the best size's by this much and
-/// by `KNEE_Z` standard errors.
+/// Items and requests to observe at a size before judging it (growing, or finding the knee;
+/// the knee test below needs more evidence the fewer items it has).
+const ITEMS_TO_JUDGE: f64 = 60.0;
+const REQUESTS_TO_JUDGE: u32 = 3;
+/// A size is past the knee when its failure share exceeds that of the smaller sizes by
+/// `KNEE_EXCESS` and by `KNEE_Z` standard errors.
 const KNEE_EXCESS: f64 = 0.03;
 const KNEE_Z: f64 = 2.5;
-/// Without a reference size, a failure share above this is past the knee.
+/// Failure share assumed for the standard error when the smaller sizes had fewer failures.
+const FAILURE_SHARE_FLOOR: f64 = 0.005;
+/// Without smaller sizes to compare with, a failure share above this is past the knee.
 const ABSOLUTE_FAILURE_LIMIT: f64 = 0.10;
-/// Growth step as a share of the current size.
-const GROWTH_SHARE: f64 = 0.25;
+/// Growth step as a share of the current size, before and after a knee was found.
+const GROWTH_SHARE: f64 = 1.0;
+const GROWTH_SHARE_NEAR_KNEE: f64 = 0.25;
 /// Grow only if the modelled items/s rises by at least this share.
 pub const MINIMUM_GAIN: f64 = 0.01;
 /// How long a found knee is trusted before sizes at it are tried again.
@@ -87,7 +91,8 @@ impl BatchSizer {
 
     /// The next size to try, if growing is allowed at all.
     pub fn candidate(&self) -> Option<u32> {
-        let step = ((f64::from(self.current) * GROWTH_SHARE) as u32).max(1);
+        let share = if self.knee.is_some() { GROWTH_SHARE_NEAR_KNEE } else { GROWTH_SHARE };
+        let step = ((f64::from(self.current) * share) as u32).max(1);
         let mut next = (self.current + step).min(self.range.max);
         if let Some(knee) = self.knee {
             next = next.min(self.current + (knee.saturating_sub(self.current) / 2).max(1));
@@ -120,41 +125,54 @@ impl BatchSizer {
         if self.items_since_change < ITEMS_TO_JUDGE || self.requests_since_change < REQUESTS_TO_JUDGE {
             return;
         }
-        if self.past_knee() {
+        let reference = self.reference_share();
+        if self.past_knee(reference) {
             let from = self.current;
             self.knee = Some(from);
             self.knee_found_at = now;
-            let below = self.quality.range(..from).rev().find(|(_, q)| q.items >= ITEMS_TO_JUDGE);
-            let back = below
-                .map(|(size, _)| *size)
-                .unwrap_or_else(|| from - ((f64::from(from) * GROWTH_SHARE) as u32).max(1));
+            let tolerated = reference.unwrap_or(0.0) + KNEE_EXCESS;
+            let good_below = self
+                .quality
+                .range(..from)
+                .rev()
+                .find(|(_, q)| q.items >= ITEMS_TO_JUDGE && q.share() <= tolerated)
+                .map(|(size, _)| *size);
+            let back = good_below
+                .unwrap_or_else(|| from - ((f64::from(from) * GROWTH_SHARE_NEAR_KNEE) as u32).max(1));
             self.change_to(self.range.clamp(back), "quality knee: failures rose with size");
             return;
         }
-        if let Some(next) = self.candidate()
+        let share = self.quality.get(&self.current).map_or(0.0, SizeQuality::share);
+        let clean = share <= reference.unwrap_or(0.0) + KNEE_EXCESS / 2.0;
+        if clean
+            && let Some(next) = self.candidate()
             && gain(self.current, next) >= MINIMUM_GAIN
         {
             self.change_to(next, "more items per request raise items/s");
         }
     }
 
-    fn past_knee(&self) -> bool {
+    /// The pooled failure share of all sizes smaller than the current one.
+    fn reference_share(&self) -> Option<f64> {
+        let (items, failed) = self
+            .quality
+            .range(..self.current)
+            .fold((0.0, 0.0), |(items, failed), (_, q)| (items + q.items, failed + q.failed));
+        (items >= ITEMS_TO_JUDGE).then(|| failed / items)
+    }
+
+    fn past_knee(&self, reference: Option<f64>) -> bool {
         let Some(current) = self.quality.get(&self.current) else {
             return false;
         };
         let share = current.share();
-        let reference = self
-            .quality
-            .iter()
-            .filter(|(size, q)| **size != self.current && q.items >= ITEMS_TO_JUDGE)
-            .map(|(_, q)| q.share())
-            .fold(None, |best: Option<f64>, share| Some(best.map_or(share, |b| b.min(share))));
         match reference {
             None => share > ABSOLUTE_FAILURE_LIMIT,
             Some(reference) => {
                 let excess = share - reference;
-                let variance = reference.max(0.005) * (1.0 - reference) / current.items;
-                excess > KNEE_EXCESS && excess > KNEE_Z * variance.sqrt()
+                let base = reference.max(FAILURE_SHARE_FLOOR);
+                let standard_error = (base * (1.0 - base) / current.items).sqrt();
+                excess > KNEE_EXCESS && excess > KNEE_Z * standard_error
             }
         }
     }

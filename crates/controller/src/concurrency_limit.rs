@@ -88,7 +88,7 @@ mod tests {
     use super::*;
 
     fn quantiles(p90: f64) -> Option<LatencyQuantiles> {
-        Some(LatencyQuantiles { p50: p90 / 2.0, p90, p99: p90 * 2.0, mean: p90 / 2.0 })
+        Some(LatencyQuantiles { p50: p90 / 2.0, p90, p99: p90 * 2.0, mean: p90 / 2.0, mean_items: 10.0, fixed: 0.0, per_item: p90 / 20.0 })
     }
 
     #[test]

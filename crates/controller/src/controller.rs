@@ -20,6 +20,8 @@ const BINDING_MEMORY: Duration = Duration::from_secs(1);
 /// Latencies needed before the controller proposes its own timeout.
 const LATENCIES_FOR_TIMEOUT: usize = 20;
 const MINIMUM_TIMEOUT: Duration = Duration::from_secs(5);
+/// At the end of the queue, requests older than this many p90 latencies are cut and resent.
+const END_OF_QUEUE_CUT_P90S: f64 = 1.0;
 /// Send times kept for the trailing admitted-rate estimate.
 const SEND_HISTORY: Duration = Duration::from_secs(10);
 /// Shortest interval between congestion events that says something about the limit.
@@ -29,6 +31,8 @@ const ADMITTED_INTERVAL_MINIMUM: Duration = Duration::from_secs(3);
 pub(crate) struct InFlight {
     pub sent_at: Duration,
     pub shape: RequestShape,
+    /// Cut by `requests_to_cut`: its timeout says nothing about overload.
+    pub cut_at_end_of_queue: bool,
 }
 
 /// The adaptive throughput controller of the design: rate pacing, concurrency by Little's
@@ -113,7 +117,7 @@ impl Controller {
             controller.concurrency.set_overload_cap(cap);
         }
         if let Some(p90) = state.latency_p90_seconds {
-            controller.latency.seed(Duration::from_secs_f64(p90));
+            controller.latency.seed(Duration::from_secs_f64(p90), controller.batch.current());
         }
         controller.batch = state.batch;
         controller.batch.set_range(controller.config.items_per_request);
@@ -143,7 +147,7 @@ impl Controller {
     pub fn poll(&mut self, now: Duration, load: PipelineLoad) -> Decision {
         self.advance(now);
         if load.queued_items == 0 {
-            return Decision::Wait { until: None };
+            return Decision::Wait { until: self.next_end_of_queue_cut() };
         }
         if now < self.pause_until {
             return Decision::Wait { until: Some(self.pause_until) };
@@ -161,7 +165,7 @@ impl Controller {
             self.rate_blocked_at = Some(now);
             return Decision::Wait { until: Some(now + wait) };
         }
-        Decision::Send { items, max_tokens, timeout: self.timeout() }
+        Decision::Send { items, max_tokens, timeout: self.timeout_for(items) }
     }
 
     /// Records a request built after `Send`; the ticket goes back in `on_outcome`.
@@ -172,7 +176,7 @@ impl Controller {
         self.tokens.record_prompt(shape.items, shape.prompt_tokens);
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
-        self.in_flight.insert(ticket, InFlight { sent_at: now, shape });
+        self.in_flight.insert(ticket, InFlight { sent_at: now, shape, cut_at_end_of_queue: false });
         self.first_send_at.get_or_insert(now);
         self.recent_sends.push_back(now);
         self.counts.requests_sent += 1;
@@ -182,14 +186,66 @@ impl Controller {
         ticket
     }
 
+    /// Requests the dispatcher should abandon now, reporting each as `Outcome::TimedOut` so
+    /// its items go back to the queue and are sent again at once. Only when no item waits
+    /// (`queued_items == 0`, the end of the run): then a request older than
+    /// `END_OF_QUEUE_CUT_P90S` × the recent p90 latency is more likely to finish late than a
+    /// fresh one, and waiting for it (or for a hung one to time out) is the run's tail. Call
+    /// it after each wake-up; `poll` wakes the dispatcher when the next one falls due.
+    pub fn requests_to_cut(&mut self, now: Duration, load: PipelineLoad) -> Vec<Ticket> {
+        let Some(cut_age) = self.end_of_queue_cut_age() else {
+            return Vec::new();
+        };
+        if load.queued_items > 0 {
+            return Vec::new();
+        }
+        let mut overdue: Vec<Ticket> = self
+            .in_flight
+            .iter()
+            .filter(|(_, request)| now.saturating_sub(request.sent_at) >= self.scaled(cut_age, request.shape.items, 0.25))
+            .map(|(ticket, _)| *ticket)
+            .collect();
+        overdue.sort();
+        for ticket in &overdue {
+            if let Some(request) = self.in_flight.get_mut(ticket) {
+                request.cut_at_end_of_queue = true;
+            }
+        }
+        if !overdue.is_empty() {
+            tracing::debug!(count = overdue.len(), "end of queue: cutting slow requests to resend their items");
+        }
+        overdue
+    }
+
+    fn end_of_queue_cut_age(&self) -> Option<Duration> {
+        let quantiles = self.latency.quantiles().filter(|_| self.latency.len() >= LATENCIES_FOR_TIMEOUT)?;
+        Some(Duration::from_secs_f64(quantiles.p90 * END_OF_QUEUE_CUT_P90S))
+    }
+
+    fn next_end_of_queue_cut(&self) -> Option<Duration> {
+        let cut_age = self.end_of_queue_cut_age()?;
+        self.in_flight
+            .values()
+            .map(|request| request.sent_at + self.scaled(cut_age, request.shape.items, 0.25))
+            .min()
+    }
+
+    /// `latency` (typical of the recent requests) scaled to a request of `items` items by
+    /// the latency fit, at least `floor` times it, capped by the job's timeout.
+    fn scaled(&self, latency: Duration, items: u32, floor: f64) -> Duration {
+        let factor = self.latency.quantiles().map_or(1.0, |q| q.size_factor(items));
+        latency.mul_f64(factor.max(floor)).min(self.config.request_timeout)
+    }
+
     /// The timeout to give a request now: `[model] request_timeout_s`, shortened to a few
     /// times the recent latency once enough latencies are known, so a hung request does not
     /// hold its items (or the end of the run) for long.
-    pub fn timeout(&self) -> Duration {
+    /// It grows with the request's size when that exceeds the recent requests' mean.
+    pub fn timeout_for(&self, items: u32) -> Duration {
         match self.latency.quantiles() {
             Some(q) if self.latency.len() >= LATENCIES_FOR_TIMEOUT => {
                 let proposed = Duration::from_secs_f64((3.0 * q.p90).max(1.5 * q.p99));
-                proposed.max(MINIMUM_TIMEOUT).min(self.config.request_timeout)
+                self.scaled(proposed, items, 1.0).max(MINIMUM_TIMEOUT)
             }
             _ => self.config.request_timeout,
         }
@@ -207,7 +263,7 @@ impl Controller {
             concurrency_limit: self.concurrency_limit_for(items),
             items_per_request: items,
             max_tokens,
-            timeout_seconds: self.timeout().as_secs_f64(),
+            timeout_seconds: self.timeout_for(items).as_secs_f64(),
             probing: self.pacer.is_probing(),
             probe_phase: self.pacer.probe_phase(),
             paused_seconds: self.pause_until.saturating_sub(self.now).as_secs_f64(),

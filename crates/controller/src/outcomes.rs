@@ -9,9 +9,10 @@ use crate::controller::Controller;
 use crate::protocol::{CompletedRequest, Observation, Outcome, Ticket};
 use crate::rate_limit_headers::RateLimitInfo;
 
-/// Outcomes remembered to tell a timeout cluster from a lone hung request.
-const TIMEOUT_MEMORY: usize = 20;
-const TIMEOUTS_FOR_OVERLOAD: usize = 2;
+/// Outcomes remembered to tell overload (many timeouts) from hung requests and heavy-tailed
+/// latencies (a few): a cut needs this many timeouts among the last `TIMEOUT_MEMORY`.
+const TIMEOUT_MEMORY: usize = 50;
+const TIMEOUTS_FOR_OVERLOAD: usize = 8;
 /// Pause after a 429 without `Retry-After` or reset: doubling from this, up to the maximum.
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(32);
@@ -33,6 +34,10 @@ impl Controller {
         match observation.outcome {
             Outcome::Completed(completed) => self.on_completed(now, sent.shape.items, observation.latency, completed),
             Outcome::RateLimited => self.on_rate_limited(now, sent.sent_at, &observation.rate_limits),
+            Outcome::TimedOut if sent.cut_at_end_of_queue => {
+                self.counts.timed_out += 1;
+                tracing::debug!(?ticket, "request cut at the end of the queue; its items are sent again");
+            }
             Outcome::TimedOut => {
                 self.counts.timed_out += 1;
                 self.remember_timeout(true);
@@ -68,7 +73,7 @@ impl Controller {
         self.counts.truncated_requests += u64::from(completed.truncated);
         self.consecutive_pauses = 0;
         self.remember_timeout(false);
-        self.latency.record(latency);
+        self.latency.record(latency, items_sent);
         let returned = completed.items_valid + completed.items_rejected;
         self.tokens.record_output(returned, completed.completion_tokens, completed.truncated);
         let failed = items_sent.saturating_sub(completed.items_valid);

@@ -28,6 +28,8 @@ pub struct RunLog {
     pub rate_limited: u64,
     pub timed_out: u64,
     pub overloaded: u64,
+    /// Requests abandoned at the policy's request (counted in `timed_out` too).
+    pub abandoned: u64,
     pub final_items_per_request: u32,
 }
 
@@ -68,6 +70,7 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
         rate_limited: 0,
         timed_out: 0,
         overloaded: 0,
+        abandoned: 0,
         final_items_per_request: 0,
     };
     let mut done = 0usize;
@@ -80,7 +83,9 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                 break;
             }
             endings.pop();
-            let request = pending.remove(&id).expect("every ending has a pending request");
+            let Some(request) = pending.remove(&id) else {
+                continue; // abandoned earlier
+            };
             let end_s = end as f64 / 1e9;
             let (observation, valid) = observe(&mut provider, &request, end_s, scenario.provider.headers);
             match observation.outcome {
@@ -100,6 +105,22 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
         }
         if done >= input_tokens.len() {
             break;
+        }
+        // Abandon what the policy says to cut; the items go back to the queue.
+        let load = PipelineLoad { in_flight: pending.len(), queued_items: queue.len() };
+        for ticket in policy.requests_to_cut(Duration::from_secs_f64(now), load) {
+            let Some(id) = pending.iter().find(|(_, request)| request.ticket == ticket).map(|(id, _)| *id) else {
+                continue;
+            };
+            let mut request = pending.remove(&id).expect("found above");
+            request.timed_out = true;
+            let (observation, _) = observe(&mut provider, &request, now, scenario.provider.headers);
+            log.timed_out += 1;
+            log.abandoned += 1;
+            for item in request.items.iter().rev() {
+                queue.push_front(*item);
+            }
+            policy.on_outcome(Duration::from_secs_f64(now), request.ticket, observation);
         }
         // Send while the policy says so.
         let wake_at = loop {

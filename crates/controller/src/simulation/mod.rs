@@ -26,6 +26,10 @@ pub trait DispatchPolicy {
     fn poll(&mut self, now: Duration, load: PipelineLoad) -> Decision;
     fn on_sent(&mut self, now: Duration, shape: RequestShape) -> Ticket;
     fn on_outcome(&mut self, now: Duration, ticket: Ticket, observation: Observation);
+    /// Requests to abandon now (reported back as timeouts); none by default.
+    fn requests_to_cut(&mut self, _now: Duration, _load: PipelineLoad) -> Vec<Ticket> {
+        Vec::new()
+    }
     /// Items per request the policy would use now.
     fn items_per_request(&self) -> u32;
 }
@@ -42,6 +46,9 @@ impl DispatchPolicy for Controller {
     }
     fn on_outcome(&mut self, now: Duration, ticket: Ticket, observation: Observation) {
         Controller::on_outcome(self, now, ticket, observation)
+    }
+    fn requests_to_cut(&mut self, now: Duration, load: PipelineLoad) -> Vec<Ticket> {
+        Controller::requests_to_cut(self, now, load)
     }
     fn items_per_request(&self) -> u32 {
         self.status().items_per_request
