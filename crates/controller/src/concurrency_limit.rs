@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use crate::config::StartMinMax;
-use crate::latency_window::LatencyQuantiles;
 
 /// Headroom over rate × p90 latency, so pacing and not concurrency binds.
 const HEADROOM: f64 = 1.3;
@@ -39,12 +38,11 @@ impl ConcurrencyLimit {
         self.overload_cap = cap.clamp(f64::from(self.range.min), f64::from(self.range.max));
     }
 
-    /// The limit for a paced rate of `requests_per_second` (infinite when unpaced).
-    pub fn limit(&self, requests_per_second: f64, latency: Option<LatencyQuantiles>) -> u32 {
-        let little = match latency {
-            Some(quantiles) if requests_per_second.is_finite() => {
-                (requests_per_second * quantiles.p90 * HEADROOM).ceil() + 1.0
-            }
+    /// The limit for a paced rate of `requests_per_second` (infinite when unpaced) and the
+    /// recent p90 latency of such requests, if known.
+    pub fn limit(&self, requests_per_second: f64, p90_seconds: Option<f64>) -> u32 {
+        let little = match p90_seconds {
+            Some(p90) if requests_per_second.is_finite() => (requests_per_second * p90 * HEADROOM).ceil() + 1.0,
             Some(_) => f64::from(self.range.max),
             None => f64::from(self.range.start),
         };
@@ -87,17 +85,13 @@ impl ConcurrencyLimit {
 mod tests {
     use super::*;
 
-    fn quantiles(p90: f64) -> Option<LatencyQuantiles> {
-        Some(LatencyQuantiles { p50: p90 / 2.0, p90, p99: p90 * 2.0, mean: p90 / 2.0, mean_items: 10.0, fixed: 0.0, per_item: p90 / 20.0 })
-    }
-
     #[test]
     fn littles_law_within_the_range() {
         let limit = ConcurrencyLimit::new(StartMinMax::new(4, 1, 64));
         assert_eq!(limit.limit(10.0, None), 4);
-        assert_eq!(limit.limit(10.0, quantiles(2.0)), 27);
-        assert_eq!(limit.limit(100.0, quantiles(2.0)), 64);
-        assert_eq!(limit.limit(0.01, quantiles(2.0)), 2);
+        assert_eq!(limit.limit(10.0, Some(2.0)), 27);
+        assert_eq!(limit.limit(100.0, Some(2.0)), 64);
+        assert_eq!(limit.limit(0.01, Some(2.0)), 2);
     }
 
     #[test]

@@ -20,6 +20,8 @@ const BINDING_MEMORY: Duration = Duration::from_secs(1);
 /// Latencies needed before the controller proposes its own timeout.
 const LATENCIES_FOR_TIMEOUT: usize = 20;
 const MINIMUM_TIMEOUT: Duration = Duration::from_secs(5);
+/// At the end of the queue, requests are not made smaller than the batch size over this.
+const END_OF_QUEUE_SMALLEST_SHARE: u32 = 4;
 /// At the end of the queue, requests older than this many p90 latencies are cut and resent.
 const END_OF_QUEUE_CUT_P90S: f64 = 1.0;
 /// Send times kept for the trailing admitted-rate estimate.
@@ -135,7 +137,7 @@ impl Controller {
             probed_requests_per_second: self.pacer.is_probing().then(|| self.pacer.probed_rate()),
             overload_cap: (self.concurrency.overload_cap() < f64::from(self.config.concurrency.max))
                 .then(|| self.concurrency.overload_cap()),
-            latency_p90_seconds: self.latency.quantiles().map(|q| q.p90),
+            latency_p90_seconds: self.latency.model().map(|model| model.p90(self.batch.current())),
             batch: self.batch.clone(),
             tokens: self.tokens.clone(),
             counts: self.counts,
@@ -193,18 +195,19 @@ impl Controller {
     /// fresh one, and waiting for it (or for a hung one to time out) is the run's tail. Call
     /// it after each wake-up; `poll` wakes the dispatcher when the next one falls due.
     pub fn requests_to_cut(&mut self, now: Duration, load: PipelineLoad) -> Vec<Ticket> {
-        let Some(cut_age) = self.end_of_queue_cut_age() else {
-            return Vec::new();
-        };
         if load.queued_items > 0 {
             return Vec::new();
         }
+        let Some(cut_age) = self.end_of_queue_cut_age() else {
+            return Vec::new();
+        };
         let mut overdue: Vec<Ticket> = self
             .in_flight
             .iter()
-            .filter(|(_, request)| now.saturating_sub(request.sent_at) >= self.scaled(cut_age, request.shape.items, 0.25))
+            .filter(|(_, request)| now.saturating_sub(request.sent_at) >= cut_age(request.shape.items))
             .map(|(ticket, _)| *ticket)
             .collect();
+        drop(cut_age);
         overdue.sort();
         for ticket in &overdue {
             if let Some(request) = self.in_flight.get_mut(ticket) {
@@ -217,24 +220,20 @@ impl Controller {
         overdue
     }
 
-    fn end_of_queue_cut_age(&self) -> Option<Duration> {
-        let quantiles = self.latency.quantiles().filter(|_| self.latency.len() >= LATENCIES_FOR_TIMEOUT)?;
-        Some(Duration::from_secs_f64(quantiles.p90 * END_OF_QUEUE_CUT_P90S))
+    /// How old a request of a given size may get at the end of the queue before it is cut.
+    fn end_of_queue_cut_age(&self) -> Option<impl Fn(u32) -> Duration + use<'_>> {
+        let model = self.latency.model().filter(|_| self.latency.len() >= LATENCIES_FOR_TIMEOUT)?;
+        Some(move |items: u32| {
+            // The fit may extrapolate badly to sizes far below the usual: keep a floor.
+            Duration::from_secs_f64(model.p90(items) * END_OF_QUEUE_CUT_P90S)
+                .max(MINIMUM_TIMEOUT)
+                .min(self.timeout_for(items))
+        })
     }
 
     fn next_end_of_queue_cut(&self) -> Option<Duration> {
         let cut_age = self.end_of_queue_cut_age()?;
-        self.in_flight
-            .values()
-            .map(|request| request.sent_at + self.scaled(cut_age, request.shape.items, 0.25))
-            .min()
-    }
-
-    /// `latency` (typical of the recent requests) scaled to a request of `items` items by
-    /// the latency fit, at least `floor` times it, capped by the job's timeout.
-    fn scaled(&self, latency: Duration, items: u32, floor: f64) -> Duration {
-        let factor = self.latency.quantiles().map_or(1.0, |q| q.size_factor(items));
-        latency.mul_f64(factor.max(floor)).min(self.config.request_timeout)
+        self.in_flight.values().map(|request| request.sent_at + cut_age(request.shape.items)).min()
     }
 
     /// The timeout to give a request now: `[model] request_timeout_s`, shortened to a few
@@ -242,10 +241,10 @@ impl Controller {
     /// hold its items (or the end of the run) for long.
     /// It grows with the request's size when that exceeds the recent requests' mean.
     pub fn timeout_for(&self, items: u32) -> Duration {
-        match self.latency.quantiles() {
-            Some(q) if self.latency.len() >= LATENCIES_FOR_TIMEOUT => {
-                let proposed = Duration::from_secs_f64((3.0 * q.p90).max(1.5 * q.p99));
-                self.scaled(proposed, items, 1.0).max(MINIMUM_TIMEOUT)
+        match self.latency.model() {
+            Some(model) if self.latency.len() >= LATENCIES_FOR_TIMEOUT => {
+                let proposed = Duration::from_secs_f64((3.0 * model.p90(items)).max(1.5 * model.p99(items)));
+                proposed.max(MINIMUM_TIMEOUT).min(self.config.request_timeout)
             }
             _ => self.config.request_timeout,
         }
@@ -256,7 +255,7 @@ impl Controller {
         let items = self.batch.current();
         let max_tokens = self.tokens.max_tokens(items);
         let costs = request_costs(self.tokens.prompt_tokens(items), f64::from(max_tokens));
-        let quantiles = self.latency.quantiles();
+        let model = self.latency.model();
         ControllerStatus {
             requests_per_second: self.pacer.request_rate(costs),
             tokens_per_second: self.pacer.rate(RateDimension::Tokens),
@@ -267,8 +266,8 @@ impl Controller {
             probing: self.pacer.is_probing(),
             probe_phase: self.pacer.probe_phase(),
             paused_seconds: self.pause_until.saturating_sub(self.now).as_secs_f64(),
-            latency_p50_seconds: quantiles.map(|q| q.p50),
-            latency_p90_seconds: quantiles.map(|q| q.p90),
+            latency_p50_seconds: model.map(|model| model.p50(items)),
+            latency_p90_seconds: model.map(|model| model.p90(items)),
             quality_knee: self.batch.knee(),
             counts: self.counts,
         }
@@ -285,7 +284,8 @@ impl Controller {
     }
 
     fn concurrency_limit_for(&self, items: u32) -> u32 {
-        self.concurrency.limit(self.paced_request_rate(items), self.latency.quantiles())
+        let p90 = self.latency.model().map(|model| model.p90(items));
+        self.concurrency.limit(self.paced_request_rate(items), p90)
     }
 
     /// The batch size, smaller at the end of the queue so the last items spread over the
@@ -293,8 +293,8 @@ impl Controller {
     fn items_to_send(&self, load: PipelineLoad, limit: u32) -> u32 {
         let size = self.batch.current();
         let free = limit.saturating_sub(load.in_flight as u32).max(1);
-        let starts_per_latency = match self.latency.quantiles() {
-            Some(q) => (self.paced_request_rate(size) * q.p50).max(1.0),
+        let starts_per_latency = match self.latency.model() {
+            Some(model) => (self.paced_request_rate(size) * model.p50(size)).max(1.0),
             None => f64::from(free),
         };
         let spread_over = f64::from(free).min(starts_per_latency);
@@ -303,7 +303,8 @@ impl Controller {
             return size;
         }
         let spread = (queued / spread_over).ceil() as u32;
-        spread.clamp(self.config.items_per_request.min, size)
+        let floor = (size / END_OF_QUEUE_SMALLEST_SHARE).max(self.config.items_per_request.min);
+        spread.clamp(floor.min(size), size)
     }
 
     pub(crate) fn advance(&mut self, now: Duration) {
@@ -314,8 +315,8 @@ impl Controller {
             && self.concurrency.overload_cap() <= f64::from(self.concurrency_limit_for(self.batch.current()));
         let typical = self
             .latency
-            .quantiles()
-            .map(|q| Duration::from_secs_f64(q.p50))
+            .model()
+            .map(|model| Duration::from_secs_f64(model.p50(self.batch.current())))
             .unwrap_or(Duration::from_secs(1));
         self.concurrency.advance(now, cap_binding, typical);
         while self.recent_sends.front().is_some_and(|at| now.saturating_sub(*at) > SEND_HISTORY) {
