@@ -41,6 +41,8 @@ mod batch_sizer;
 mod concurrency_limit;
 mod config;
 mod controller;
+#[cfg(test)]
+mod controller_tests;
 mod latency_window;
 mod outcomes;
 mod protocol;

@@ -1,0 +1,103 @@
+//! Scenario tests: each file in `scenarios/` drives the controller against the simulated
+//! provider in simulated time and checks the figures against the file's `[expect]` ranges.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use backfill_controller::Controller;
+use backfill_controller::simulation::{FixedRule, Scenario, evaluate, simulate};
+
+fn scenario_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios").join(format!("{name}.toml"))
+}
+
+fn load(name: &str) -> Scenario {
+    let path = scenario_path(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+    toml::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+}
+
+/// Runs the scenario and returns every expectation it missed.
+fn misses(name: &str) -> Vec<String> {
+    let scenario = load(name);
+    let config = scenario.controller_config();
+    let mut controller = Controller::new(config.clone(), Duration::ZERO).expect("valid limits");
+    let report = evaluate(&scenario, &simulate(&scenario, &mut controller));
+    let expect = &scenario.expect;
+    let mut misses = Vec::new();
+    if !report.finished {
+        misses.push("run did not finish".to_string());
+    }
+    if let Some(minimum) = expect.min_steady_ratio
+        && report.steady_ratio < minimum
+    {
+        misses.push(format!("steady ratio {:.3} < {minimum}", report.steady_ratio));
+    }
+    if let Some(maximum) = expect.max_rate_limited_share
+        && report.rate_limited_share > maximum
+    {
+        misses.push(format!("429 share {:.4} > {maximum}", report.rate_limited_share));
+    }
+    if let Some(maximum) = expect.max_duration_ratio
+        && report.duration_ratio > maximum
+    {
+        misses.push(format!("duration ratio {:.3} > {maximum}", report.duration_ratio));
+    }
+    if let Some(maximum) = expect.max_converge_s {
+        match report.converge_s {
+            Some(seconds) if seconds <= maximum => {}
+            other => misses.push(format!("converged after {other:?} s, wanted <= {maximum}")),
+        }
+    }
+    if let Some([low, high]) = expect.final_items_per_request
+        && !(low..=high).contains(&report.final_items_per_request)
+    {
+        misses.push(format!("final items per request {} not in {low}..={high}", report.final_items_per_request));
+    }
+    if let Some(minimum) = expect.min_speedup_over_fixed_rule {
+        let mut fixed_rule = FixedRule::new(&config);
+        let fixed = evaluate(&scenario, &simulate(&scenario, &mut fixed_rule));
+        let speedup = report.steady_items_per_second / fixed.steady_items_per_second;
+        if speedup < minimum {
+            misses.push(format!("speedup over the fixed rule {speedup:.2} < {minimum}"));
+        }
+    }
+    misses
+}
+
+macro_rules! scenario_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let misses = misses(stringify!($name));
+                assert!(misses.is_empty(), "{}: {}", stringify!($name), misses.join("; "));
+            }
+        )*
+
+        #[test]
+        fn every_scenario_file_has_a_test() {
+            let tested = [$(stringify!($name)),*];
+            let directory = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+            for entry in std::fs::read_dir(directory).expect("scenarios directory") {
+                let path = entry.expect("entry").path();
+                let stem = path.file_stem().and_then(|stem| stem.to_str()).unwrap_or_default().to_string();
+                assert!(tested.contains(&stem.as_str()), "scenarios/{stem}.toml has no test");
+            }
+        }
+    };
+}
+
+scenario_tests!(
+    rpm_bound,
+    tpm_bound,
+    latency_bound,
+    concurrency_bound,
+    capacity_step_down,
+    capacity_step_up,
+    no_headers,
+    no_headers_step,
+    heavy_tail,
+    quality_knee,
+    motions_3000rpm,
+);
