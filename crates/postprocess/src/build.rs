@@ -52,7 +52,7 @@ impl Postprocessor {
                         .ok_or_else(|| BuildError::UnknownScript { name: name.clone() })?;
                     scripts.push(script);
                 }
-                Some((names, ScriptFilter::new(scripts, config.max_foreign_script_share)))
+                Some((names, ScriptFilter::new(scripts, config.max_foreign_script_share, config.cut_script_fragments)))
             }
         };
         let strip = StripRule::compile(&config.strip)

@@ -24,6 +24,12 @@ pub struct PostprocessConfig {
     #[serde(default = "default_max_foreign_script_share")]
     pub max_foreign_script_share: f64,
 
+    /// Cut runs of other scripts out of the lines that are kept (a Chinese word inside a Dutch
+    /// sentence). Set false to keep them, e.g. when outputs quote names in their own script.
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub cut_script_fragments: bool,
+
     /// Language code of the expected language (`"nl"`); its lexicon (`<lexicon_dir>/nl.txt` or
     /// `nl.txt.gz`) lists the words that count as that language, loanwords included. Unset: no
     /// language check.
@@ -120,6 +126,7 @@ impl Default for PostprocessConfig {
         PostprocessConfig {
             script: None,
             max_foreign_script_share: default_max_foreign_script_share(),
+            cut_script_fragments: true,
             language: None,
             foreign_languages: None,
             max_foreign_words: default_max_foreign_words(),

@@ -4,7 +4,9 @@
 //! lexicon (plus the job's `allow_words`) does not: a loanword the expected lexicon lists, such
 //! as "online" in Dutch, passes. Words the check cannot judge fairly are skipped: words with
 //! digits, single letters, capitalised words inside a sentence (names), all-capital words
-//! (acronyms), and word parts cut off by a hyphen (`vervoer- en beheerplan`).
+//! (acronyms), and word parts cut off by a hyphen (`vervoer- en beheerplan`). A hyphenated
+//! word is foreign only when it is not in the expected lexicon as a whole, none of its parts
+//! is, and a part is in a foreign lexicon (`e-wallet`, but not `peer-to-peerlevering`).
 
 use crate::lexicon::Lexicon;
 use crate::outcome::ForeignWord;
@@ -59,10 +61,11 @@ impl LanguageCheck {
             }
         }
         if word.contains('-') {
-            for part in word.split('-') {
-                if part.chars().count() < 2 || self.is_expected(part) {
-                    continue;
-                }
+            let parts: Vec<&str> = word.split('-').filter(|part| part.chars().count() >= 2).collect();
+            if parts.iter().any(|part| self.is_expected(part)) {
+                return None;
+            }
+            for part in parts {
                 for (code, lexicon) in &self.foreign {
                     if contains_with_possessive(lexicon, part) {
                         return Some(code);
@@ -161,8 +164,11 @@ mod tests {
     }
 
     #[test]
-    fn hyphenated_words_are_judged_by_their_parts() {
-        assert_eq!(found("een low-income regering en een online-team"), vec!["low-income"]);
+    fn hyphenated_words_are_foreign_only_without_an_expected_part() {
+        assert_eq!(
+            found("een filthy-rich regering, een motie-filthy, low-income en een online-team"),
+            vec!["filthy-rich"]
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ mod account;
 mod build;
 mod config;
 mod error;
-// pub mod evaluation;
+pub mod evaluation;
 mod language_check;
 mod lexicon;
 mod normalize;

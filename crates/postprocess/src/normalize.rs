@@ -70,6 +70,9 @@ pub fn normalize_characters(text: &str, changes: &mut Vec<Change>) -> Option<Str
 
 /// Spacing, punctuation and blank lines. Returns the new text if changed.
 pub fn normalize_layout(text: &str, changes: &mut Vec<Change>) -> Option<String> {
+    if is_tidy(text) {
+        return None;
+    }
     let mut counts = Counts::default();
     let mut lines: Vec<String> = text.split('\n').map(|line| tidy_line(line, &mut counts)).collect();
     let mut kept: Vec<String> = Vec::with_capacity(lines.len());
@@ -93,8 +96,40 @@ pub fn normalize_layout(text: &str, changes: &mut Vec<Change>) -> Option<String>
     Some(kept.join("\n"))
 }
 
+/// A quick byte scan: true when no line has anything [`tidy_line`] would change and there
+/// are no blank lines to collapse or trim. May answer false for tidy text (then the full pass
+/// decides), never true for untidy text.
+fn is_tidy(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    if bytes.first().is_some_and(|&byte| byte == b' ' || byte == b'\n')
+        || bytes.last().is_some_and(|&byte| byte == b' ' || byte == b'\n')
+    {
+        return false;
+    }
+    bytes.windows(2).all(|pair| {
+        !matches!(
+            pair,
+            [b' ', b' ' | b',' | b'.' | b';' | b':' | b'!' | b'?' | b')' | b']' | b'\n']
+                | [b'\n', b' ' | b'\n']
+                | [b'(' | b'[', b' ' | b')' | b']']
+                | [b',', b',' | b'.']
+                | [b';', b';']
+        )
+    })
+}
+
 fn is_closing_mark(character: char) -> bool {
     matches!(character, ',' | '.' | ';' | ':' | '!' | '?' | ')' | ']')
+}
+
+/// True when `output` ends with a space that follows a word or a closing quote or bracket
+/// (so `zichzelf: :` and `rij: ; Seizoen` keep their spaces).
+fn follows_word(output: &str) -> bool {
+    let mut reversed = output.chars().rev();
+    reversed.next();
+    reversed.next().is_some_and(|before| {
+        before.is_alphanumeric() || matches!(before, ')' | ']' | '"' | '\'' | '\u{201D}' | '\u{2019}' | '\u{00BB}')
+    })
 }
 
 /// One line with its spacing and punctuation tidied.
@@ -131,7 +166,7 @@ fn tidy_line(line: &str, counts: &mut Counts) -> String {
         if is_closing_mark(character) {
             let ends_word = next.is_none_or(|after| !after.is_alphanumeric());
             let ellipsis = character == '.' && next == Some('.');
-            if output.ends_with(' ') && ends_word && !ellipsis {
+            if output.ends_with(' ') && ends_word && !ellipsis && follows_word(&output) {
                 output.pop();
                 counts.add(NormalizeAction::SpaceAroundPunctuation);
             }
@@ -184,6 +219,7 @@ mod tests {
         assert_eq!(layout("Motie  over zorg  en ."), "Motie over zorg en.");
         assert_eq!(layout("De motie () , die ( zie ) [ ] werkt ,."), "De motie, die (zie) werkt.");
         assert_eq!(layout("Ja,, nee;; dus"), "Ja, nee; dus");
+        assert_eq!(layout("op een rij: ; Seizoen 1 en zichzelf: : Deze"), "op een rij: ; Seizoen 1 en zichzelf: : Deze");
     }
 
     #[test]
@@ -197,6 +233,15 @@ mod tests {
         let output = normalize_layout("\n\nEen.\n\n\n\nTwee.\n\n", &mut changes).unwrap();
         assert_eq!(output, "Een.\n\nTwee.");
         assert_eq!(changes, vec![Change::Normalize { action: NormalizeAction::BlankLines, count: 6 }]);
+    }
+
+    #[test]
+    fn quick_scan_never_calls_untidy_text_tidy() {
+        for untidy in ["a  b", " a", "a ", "a ,", "( a)", "a,,", "a,.", "a;;", "()", "a\n\nb\n", "\na", "a \nb", "a\n b"] {
+            assert!(!is_tidy(untidy), "{untidy:?}");
+            assert!(normalize_layout(untidy, &mut Vec::new()).is_some(), "{untidy:?}");
+        }
+        assert!(is_tidy("De motie (zie 36 410) vraagt: nu!\nTweede regel."));
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! Only letters vote. Digits, punctuation, symbols and combining marks belong to the Unicode
 //! scripts `Common` or `Inherited` and count for nothing, so "2023 — 45%" is neutral. A line is
 //! dropped when more than `max_foreign_share` of its letters are in other scripts; otherwise
-//! each run of other-script letters (with the neutral characters between them, and non-ASCII
-//! punctuation such as `。` or `，` around them) is removed.
+//! each run of other-script letters (with the neutral characters between them, and the marks
+//! and punctuation of those scripts such as `。` or `،` around them) is removed. A lone Greek
+//! letter (`β-caroteen`) and a lone letter inside a word (a Cyrillic look-alike `А` in
+//! `Аmsterdam`) stay.
 
 use unicode_script::{Script, UnicodeScript};
 
@@ -16,6 +18,7 @@ use crate::outcome::Change;
 pub struct ScriptFilter {
     expected: Vec<Script>,
     max_foreign_share: f64,
+    cut_fragments: bool,
     latin_expected: bool,
 }
 
@@ -28,10 +31,11 @@ enum Vote {
 }
 
 impl ScriptFilter {
-    /// A rule keeping letters of `expected`, dropping lines above `max_foreign_share`.
-    pub fn new(expected: Vec<Script>, max_foreign_share: f64) -> ScriptFilter {
+    /// A rule keeping letters of `expected`, dropping lines above `max_foreign_share`, and
+    /// cutting shorter runs out of kept lines when `cut_fragments`.
+    pub fn new(expected: Vec<Script>, max_foreign_share: f64, cut_fragments: bool) -> ScriptFilter {
         let latin_expected = expected.contains(&Script::Latin);
-        ScriptFilter { expected, max_foreign_share, latin_expected }
+        ScriptFilter { expected, max_foreign_share, cut_fragments, latin_expected }
     }
 
     /// Looks a script up by its Unicode name (`"Latin"`, `"Han"`) or ISO 15924 code (`"Latn"`),
@@ -127,12 +131,31 @@ impl ScriptFilter {
         if share > self.max_foreign_share {
             let dominant = foreign_counts.iter().max_by_key(|(_, count)| *count).map(|(s, _)| *s);
             LineVerdict::Drop(dominant.unwrap_or(Script::Unknown))
-        } else {
+        } else if self.cut_fragments {
             LineVerdict::CutFragments
+        } else {
+            LineVerdict::Clean
         }
     }
 
-    /// `line` without its runs of foreign letters.
+    /// True when the lone foreign letter at `position` is a Greek letter used as a symbol, or
+    /// sits inside a word (`β-glucanen`, a Cyrillic `А` in `Аmsterdam`): it stays.
+    fn is_symbol_or_look_alike(&self, characters: &[(usize, char, Vote)], position: usize, script: Script) -> bool {
+        if script == Script::Greek {
+            return true;
+        }
+        let joined = |neighbour: Option<&(usize, char, Vote)>| {
+            neighbour.is_some_and(|&(_, character, _)| character.is_alphanumeric() || character == '-')
+        };
+        let before = position.checked_sub(1).and_then(|index| characters.get(index));
+        joined(before) || joined(characters.get(position + 1))
+    }
+
+    /// `line` without its runs of foreign letters. A run reaches from a foreign letter to the
+    /// last foreign letter before the next expected one, and takes along the marks and
+    /// punctuation specific to its scripts (`。`, `「`, Arabic harakat and tatweel). A lone
+    /// Greek letter (`β-caroteen`, `Δ`) or a lone letter inside a word (a look-alike `А` in
+    /// `Аmsterdam`) stays.
     fn cut_fragments(&self, line: &str, line_number: usize, changes: &mut Vec<Change>) -> String {
         let characters: Vec<(usize, char, Vote)> =
             line.char_indices().map(|(at, character)| (at, character, self.vote(character))).collect();
@@ -144,24 +167,36 @@ impl ScriptFilter {
                 position += 1;
                 continue;
             };
-            // The run: up to the last foreign letter before the next expected letter.
-            let mut last_foreign = position;
+            let mut scripts = vec![script];
+            let mut letters = 1usize;
+            let mut last = position;
             let mut scan = position + 1;
             while scan < characters.len() && characters[scan].2 != Vote::Expected {
-                if matches!(characters[scan].2, Vote::Foreign(_)) {
-                    last_foreign = scan;
+                match characters[scan].2 {
+                    Vote::Foreign(other) => {
+                        letters += 1;
+                        last = scan;
+                        if !scripts.contains(&other) {
+                            scripts.push(other);
+                        }
+                    }
+                    _ if belongs_to_scripts(characters[scan].1, &scripts, true) => last = scan,
+                    _ => {}
                 }
                 scan += 1;
             }
+            if letters < 2 && self.is_symbol_or_look_alike(&characters, position, script) {
+                position = scan;
+                continue;
+            }
             let mut first = position;
-            while first > 0 && is_attached_punctuation(characters[first - 1].1) {
+            while first > 0
+                && characters[first - 1].0 >= copied_up_to
+                && belongs_to_scripts(characters[first - 1].1, &scripts, false)
+            {
                 first -= 1;
             }
-            let mut last = last_foreign;
-            while last + 1 < characters.len() && is_attached_punctuation(characters[last + 1].1) {
-                last += 1;
-            }
-            let start = characters[first].0.max(copied_up_to);
+            let start = characters[first].0;
             let end = characters.get(last + 1).map_or(line.len(), |next| next.0);
             kept.push_str(&line[copied_up_to..start]);
             changes.push(Change::ScriptRemovedFragment {
@@ -184,9 +219,21 @@ enum LineVerdict {
     CutFragments,
 }
 
-/// Non-ASCII neutral characters that are not spaces (`。`, `，`, `「`), taken along with a run.
-fn is_attached_punctuation(character: char) -> bool {
-    !character.is_ascii() && !character.is_alphanumeric() && !character.is_whitespace()
+/// True for a neutral character used only with some scripts (its Unicode script extension)
+/// when one of them is in `scripts`, such as `。` with Han or `،` with Arabic; combining marks
+/// count too when `marks` is set.
+fn belongs_to_scripts(character: char, scripts: &[Script], marks: bool) -> bool {
+    if character.is_ascii() || character.is_whitespace() {
+        return false;
+    }
+    let extension = character.script_extension();
+    if extension.is_common() {
+        return false;
+    }
+    if extension.is_inherited() {
+        return marks;
+    }
+    scripts.iter().any(|script| extension.contains_script(*script))
 }
 
 fn push_line(buffer: &mut String, line: &str, kept_lines: &mut usize) {
@@ -202,7 +249,7 @@ mod tests {
     use super::*;
 
     fn latin() -> ScriptFilter {
-        ScriptFilter::new(vec![Script::Latin], 0.5)
+        ScriptFilter::new(vec![Script::Latin], 0.5, true)
     }
 
     fn run(text: &str) -> (String, Vec<Change>) {
@@ -235,6 +282,31 @@ mod tests {
     }
 
     #[test]
+    fn fragments_take_their_scripts_marks_and_punctuation_along() {
+        let (text, _) = run("Als de motie wordt ثالثاً ـ aangenomen, «zeker» 好的。Klaar.");
+        assert_eq!(text, "Als de motie wordt  aangenomen, «zeker» Klaar.");
+    }
+
+    #[test]
+    fn fragments_stay_when_cutting_is_off() {
+        let filter = ScriptFilter::new(vec![Script::Latin], 0.5, false);
+        let mut changes = Vec::new();
+        let output = filter.apply("Gideon (גדעון) is een naam.\nגדעון גדעון", &mut changes).unwrap();
+        assert_eq!(output, "Gideon (גדעון) is een naam.");
+        assert_eq!(changes.len(), 1);
+    }
+
+    #[test]
+    fn lone_letters_of_alphabetic_scripts_stay() {
+        let text = "Een supplement met β-glucanen en Δ-waarden, en Аmsterdam.";
+        let (output, changes) = run(text);
+        assert_eq!(output, text);
+        assert!(changes.is_empty());
+        let (output, _) = run("Een supplement met да glucanen en و 好 meer.");
+        assert_eq!(output, "Een supplement met  glucanen en  meer.");
+    }
+
+    #[test]
     fn digits_punctuation_and_accents_are_neutral_or_latin() {
         let text = "Één café in Zürich: 45% — “goed” (2023-2024) © ½ €3,50 naïef.\n\n---";
         let (output, changes) = run(text);
@@ -259,7 +331,7 @@ mod tests {
 
     #[test]
     fn expected_script_other_than_latin() {
-        let filter = ScriptFilter::new(vec![Script::Cyrillic], 0.5);
+        let filter = ScriptFilter::new(vec![Script::Cyrillic], 0.5, true);
         let mut changes = Vec::new();
         let output = filter.apply("Это предложение.\nThis is English.", &mut changes).unwrap();
         assert_eq!(output, "Это предложение.");
