@@ -14,12 +14,17 @@ use backfill_controller::simulation::{FixedRule, RunReport, Scenario, evaluate, 
 fn main() {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     let timeline = arguments.iter().any(|argument| argument == "--timeline");
-    let filter = arguments.iter().find(|argument| !argument.starts_with("--"));
+    let filter = arguments
+        .iter()
+        .find(|argument| !argument.starts_with("--"));
     let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
     let mut paths: Vec<_> = std::fs::read_dir(&directory)
         .expect("scenarios directory")
         .map(|entry| entry.expect("directory entry").path())
-        .filter(|path| path.extension().is_some_and(|extension| extension == "toml"))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "toml")
+        })
         .collect();
     paths.sort();
 
@@ -29,12 +34,14 @@ fn main() {
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for path in paths {
         let text = std::fs::read_to_string(&path).expect("scenario file");
-        let scenario: Scenario = toml::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+        let scenario: Scenario =
+            toml::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
         if filter.is_some_and(|filter| !scenario.name.contains(filter.as_str())) {
             continue;
         }
         let config = scenario.controller_config();
-        let mut controller = Controller::new(config.clone(), std::time::Duration::ZERO).expect("valid limits");
+        let mut controller =
+            Controller::new(config.clone(), std::time::Duration::ZERO).expect("valid limits");
         let adaptive_log = simulate(&scenario, &mut controller);
         let adaptive = evaluate(&scenario, &adaptive_log);
         let mut fixed_rule = FixedRule::new(&config);
@@ -47,7 +54,10 @@ fn main() {
             for (at, items) in &adaptive_log.completions {
                 windows[(*at / 10.0) as usize] += items;
             }
-            let rates: Vec<String> = windows.iter().map(|items| format!("{:.0}", f64::from(*items) / 10.0)).collect();
+            let rates: Vec<String> = windows
+                .iter()
+                .map(|items| format!("{:.0}", f64::from(*items) / 10.0))
+                .collect();
             eprintln!("{} items/s per 10 s: {}", scenario.name, rates.join(" "));
             eprintln!("{} final status: {:?}", scenario.name, controller.status());
         }
@@ -55,7 +65,9 @@ fn main() {
 }
 
 fn print_row(name: &str, report: &RunReport, speedup: Option<f64>) {
-    let converge = report.converge_s.map_or("never".to_string(), |seconds| format!("{seconds:.1}"));
+    let converge = report
+        .converge_s
+        .map_or("never".to_string(), |seconds| format!("{seconds:.1}"));
     let finished = if report.finished { "" } else { " (unfinished)" };
     println!(
         "| {name} | {}{finished} | {:.1} | {:.1} | {:.3} | {:.2}% | {converge} | {:.3} | {} | {} | {} | {} |",

@@ -45,7 +45,11 @@ struct SizeQuality {
 
 impl SizeQuality {
     fn share(&self) -> f64 {
-        if self.items > 0.0 { self.failed / self.items } else { 0.0 }
+        if self.items > 0.0 {
+            self.failed / self.items
+        } else {
+            0.0
+        }
     }
 }
 
@@ -91,7 +95,11 @@ impl BatchSizer {
 
     /// The next size to try, if growing is allowed at all.
     pub fn candidate(&self) -> Option<u32> {
-        let share = if self.knee.is_some() { GROWTH_SHARE_NEAR_KNEE } else { GROWTH_SHARE };
+        let share = if self.knee.is_some() {
+            GROWTH_SHARE_NEAR_KNEE
+        } else {
+            GROWTH_SHARE
+        };
         let step = ((f64::from(self.current) * share) as u32).max(1);
         let mut next = (self.current + step).min(self.range.max);
         if let Some(knee) = self.knee {
@@ -105,9 +113,18 @@ impl BatchSizer {
 
     /// Records one answered request of `items` items of which `failed` came back missing,
     /// truncated or rejected. `gain(from, to)` is the modelled items/s gain of a size change.
-    pub fn record(&mut self, now: Duration, items: u32, failed: u32, gain: impl Fn(u32, u32) -> f64) {
+    pub fn record(
+        &mut self,
+        now: Duration,
+        items: u32,
+        failed: u32,
+        gain: impl Fn(u32, u32) -> f64,
+    ) {
         if self.knee.is_some() && now.saturating_sub(self.knee_found_at) >= KNEE_MEMORY {
-            tracing::debug!(knee = self.knee, "quality knee forgotten; sizes near it may be tried again");
+            tracing::debug!(
+                knee = self.knee,
+                "quality knee forgotten; sizes near it may be tried again"
+            );
             self.knee = None;
         }
         let stats = self.quality.entry(items).or_default();
@@ -122,7 +139,9 @@ impl BatchSizer {
         }
         self.items_since_change += f64::from(items);
         self.requests_since_change += 1;
-        if self.items_since_change < ITEMS_TO_JUDGE || self.requests_since_change < REQUESTS_TO_JUDGE {
+        if self.items_since_change < ITEMS_TO_JUDGE
+            || self.requests_since_change < REQUESTS_TO_JUDGE
+        {
             return;
         }
         let reference = self.reference_share();
@@ -137,12 +156,19 @@ impl BatchSizer {
                 .rev()
                 .find(|(_, q)| q.items >= ITEMS_TO_JUDGE && q.share() <= tolerated)
                 .map(|(size, _)| *size);
-            let back = good_below
-                .unwrap_or_else(|| from - ((f64::from(from) * GROWTH_SHARE_NEAR_KNEE) as u32).max(1));
-            self.change_to(self.range.clamp(back), "quality knee: failures rose with size");
+            let back = good_below.unwrap_or_else(|| {
+                from - ((f64::from(from) * GROWTH_SHARE_NEAR_KNEE) as u32).max(1)
+            });
+            self.change_to(
+                self.range.clamp(back),
+                "quality knee: failures rose with size",
+            );
             return;
         }
-        let share = self.quality.get(&self.current).map_or(0.0, SizeQuality::share);
+        let share = self
+            .quality
+            .get(&self.current)
+            .map_or(0.0, SizeQuality::share);
         let clean = share <= reference.unwrap_or(0.0) + KNEE_EXCESS / 2.0;
         if clean
             && let Some(next) = self.candidate()
@@ -157,7 +183,9 @@ impl BatchSizer {
         let (items, failed) = self
             .quality
             .range(..self.current)
-            .fold((0.0, 0.0), |(items, failed), (_, q)| (items + q.items, failed + q.failed));
+            .fold((0.0, 0.0), |(items, failed), (_, q)| {
+                (items + q.items, failed + q.failed)
+            });
         (items >= ITEMS_TO_JUDGE).then(|| failed / items)
     }
 

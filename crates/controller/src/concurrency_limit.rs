@@ -42,7 +42,9 @@ impl ConcurrencyLimit {
     /// recent p90 latency of such requests, if known.
     pub fn limit(&self, requests_per_second: f64, p90_seconds: Option<f64>) -> u32 {
         let little = match p90_seconds {
-            Some(p90) if requests_per_second.is_finite() => (requests_per_second * p90 * HEADROOM).ceil() + 1.0,
+            Some(p90) if requests_per_second.is_finite() => {
+                (requests_per_second * p90 * HEADROOM).ceil() + 1.0
+            }
             Some(_) => f64::from(self.range.max),
             None => f64::from(self.range.start),
         };
@@ -61,14 +63,20 @@ impl ConcurrencyLimit {
         self.set_overload_cap((base * OVERLOAD_CUT).floor());
         self.last_cut_at = Some(now);
         self.last_increase_at = now;
-        tracing::info!(from = before, to = self.overload_cap, "overload: concurrency cut");
+        tracing::info!(
+            from = before,
+            to = self.overload_cap,
+            "overload: concurrency cut"
+        );
         true
     }
 
     /// Grows the overload cap by one per `typical_latency` while it binds.
     pub fn advance(&mut self, now: Duration, cap_binding: bool, typical_latency: Duration) {
         if !cap_binding {
-            self.last_increase_at = self.last_increase_at.max(now.saturating_sub(typical_latency));
+            self.last_increase_at = self
+                .last_increase_at
+                .max(now.saturating_sub(typical_latency));
             return;
         }
         if now.saturating_sub(self.last_increase_at) >= typical_latency

@@ -139,7 +139,10 @@ mod tests {
         config.tokens_per_minute = Some(0.0);
         assert!(matches!(
             config.validate(),
-            Err(ConfigError::NotPositive { key: "tokens_per_minute", .. })
+            Err(ConfigError::NotPositive {
+                key: "tokens_per_minute",
+                ..
+            })
         ));
     }
 }

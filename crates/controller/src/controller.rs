@@ -12,18 +12,11 @@ use crate::config::{ConfigError, ControllerConfig};
 use crate::latency_window::LatencyWindow;
 use crate::protocol::{Decision, PipelineLoad, RequestShape, Ticket};
 use crate::rate_pacer::{ALL_DIMENSIONS, RateDimension, RatePacer, request_costs};
-use crate::status::{ControllerCounts, ControllerState, ControllerStatus, STATE_VERSION};
+use crate::status::{ControllerCounts, ControllerStatus};
 use crate::token_estimates::TokenEstimates;
 
 /// A wait on a bucket within this long counts as "the rate binds" (growth allowed).
 const BINDING_MEMORY: Duration = Duration::from_secs(1);
-/// Latencies needed before the controller proposes its own timeout.
-const LATENCIES_FOR_TIMEOUT: usize = 20;
-const MINIMUM_TIMEOUT: Duration = Duration::from_secs(5);
-/// At the end of the queue, requests are not made smaller than the batch size over this.
-const END_OF_QUEUE_SMALLEST_SHARE: u32 = 4;
-/// At the end of the queue, requests older than this many p90 latencies are cut and resent.
-const END_OF_QUEUE_CUT_P90S: f64 = 1.0;
 /// Send times kept for the trailing admitted-rate estimate.
 const SEND_HISTORY: Duration = Duration::from_secs(10);
 /// Shortest interval between congestion events that says something about the limit.
@@ -109,50 +102,19 @@ impl Controller {
         })
     }
 
-    /// A controller that continues from a snapshot of an earlier run, with the job's
-    /// (possibly edited) configuration.
-    pub fn restore(config: ControllerConfig, state: ControllerState, now: Duration) -> Result<Self, ConfigError> {
-        let mut controller = Self::new(config, now)?;
-        let announced = state.announced_per_minute.map(|limit| limit.map(|per_minute| per_minute / 60.0));
-        controller.pacer.restore(announced, state.probed_requests_per_second, now);
-        if let Some(cap) = state.overload_cap {
-            controller.concurrency.set_overload_cap(cap);
-        }
-        if let Some(p90) = state.latency_p90_seconds {
-            controller.latency.seed(Duration::from_secs_f64(p90), controller.batch.current());
-        }
-        controller.batch = state.batch;
-        controller.batch.set_range(controller.config.items_per_request);
-        controller.tokens = state.tokens;
-        controller.tokens.set_context_window(controller.config.context_window_tokens);
-        controller.counts = state.counts;
-        Ok(controller)
-    }
-
-    /// What to keep for `run --resume`.
-    pub fn snapshot(&self) -> ControllerState {
-        ControllerState {
-            version: STATE_VERSION,
-            announced_per_minute: self.pacer.announced().map(|rate| rate.map(|per_second| per_second * 60.0)),
-            probed_requests_per_second: self.pacer.is_probing().then(|| self.pacer.probed_rate()),
-            overload_cap: (self.concurrency.overload_cap() < f64::from(self.config.concurrency.max))
-                .then(|| self.concurrency.overload_cap()),
-            latency_p90_seconds: self.latency.model().map(|model| model.p90(self.batch.current())),
-            batch: self.batch.clone(),
-            tokens: self.tokens.clone(),
-            counts: self.counts,
-        }
-    }
-
     /// What to do now. After `Decision::Send`, build the request and call `on_sent` before
     /// polling again.
     pub fn poll(&mut self, now: Duration, load: PipelineLoad) -> Decision {
         self.advance(now);
         if load.queued_items == 0 {
-            return Decision::Wait { until: self.next_end_of_queue_cut() };
+            return Decision::Wait {
+                until: self.next_end_of_queue_cut(),
+            };
         }
         if now < self.pause_until {
-            return Decision::Wait { until: Some(self.pause_until) };
+            return Decision::Wait {
+                until: Some(self.pause_until),
+            };
         }
         let limit = self.concurrency_limit_for(self.batch.current());
         if load.in_flight >= limit as usize {
@@ -165,9 +127,15 @@ impl Controller {
         let wait = self.pacer.wait_for(costs, now);
         if wait > Duration::ZERO {
             self.rate_blocked_at = Some(now);
-            return Decision::Wait { until: Some(now + wait) };
+            return Decision::Wait {
+                until: Some(now + wait),
+            };
         }
-        Decision::Send { items, max_tokens, timeout: self.timeout_for(items) }
+        Decision::Send {
+            items,
+            max_tokens,
+            timeout: self.timeout_for(items),
+        }
     }
 
     /// Records a request built after `Send`; the ticket goes back in `on_outcome`.
@@ -178,76 +146,26 @@ impl Controller {
         self.tokens.record_prompt(shape.items, shape.prompt_tokens);
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
-        self.in_flight.insert(ticket, InFlight { sent_at: now, shape, cut_at_end_of_queue: false });
+        self.in_flight.insert(
+            ticket,
+            InFlight {
+                sent_at: now,
+                shape,
+                cut_at_end_of_queue: false,
+            },
+        );
         self.first_send_at.get_or_insert(now);
         self.recent_sends.push_back(now);
         self.counts.requests_sent += 1;
         self.counts.items_sent += u64::from(shape.items);
         self.counts.retried_items += u64::from(shape.retried_items);
-        tracing::trace!(?ticket, items = shape.items, prompt_tokens = shape.prompt_tokens, "sent");
+        tracing::trace!(
+            ?ticket,
+            items = shape.items,
+            prompt_tokens = shape.prompt_tokens,
+            "sent"
+        );
         ticket
-    }
-
-    /// Requests the dispatcher should abandon now, reporting each as `Outcome::TimedOut` so
-    /// its items go back to the queue and are sent again at once. Only when no item waits
-    /// (`queued_items == 0`, the end of the run): then a request older than
-    /// `END_OF_QUEUE_CUT_P90S` × the recent p90 latency is more likely to finish late than a
-    /// fresh one, and waiting for it (or for a hung one to time out) is the run's tail. Call
-    /// it after each wake-up; `poll` wakes the dispatcher when the next one falls due.
-    pub fn requests_to_cut(&mut self, now: Duration, load: PipelineLoad) -> Vec<Ticket> {
-        if load.queued_items > 0 {
-            return Vec::new();
-        }
-        let Some(cut_age) = self.end_of_queue_cut_age() else {
-            return Vec::new();
-        };
-        let mut overdue: Vec<Ticket> = self
-            .in_flight
-            .iter()
-            .filter(|(_, request)| now.saturating_sub(request.sent_at) >= cut_age(request.shape.items))
-            .map(|(ticket, _)| *ticket)
-            .collect();
-        drop(cut_age);
-        overdue.sort();
-        for ticket in &overdue {
-            if let Some(request) = self.in_flight.get_mut(ticket) {
-                request.cut_at_end_of_queue = true;
-            }
-        }
-        if !overdue.is_empty() {
-            tracing::debug!(count = overdue.len(), "end of queue: cutting slow requests to resend their items");
-        }
-        overdue
-    }
-
-    /// How old a request of a given size may get at the end of the queue before it is cut.
-    fn end_of_queue_cut_age(&self) -> Option<impl Fn(u32) -> Duration + use<'_>> {
-        let model = self.latency.model().filter(|_| self.latency.len() >= LATENCIES_FOR_TIMEOUT)?;
-        Some(move |items: u32| {
-            // The fit may extrapolate badly to sizes far below the usual: keep a floor.
-            Duration::from_secs_f64(model.p90(items) * END_OF_QUEUE_CUT_P90S)
-                .max(MINIMUM_TIMEOUT)
-                .min(self.timeout_for(items))
-        })
-    }
-
-    fn next_end_of_queue_cut(&self) -> Option<Duration> {
-        let cut_age = self.end_of_queue_cut_age()?;
-        self.in_flight.values().map(|request| request.sent_at + cut_age(request.shape.items)).min()
-    }
-
-    /// The timeout to give a request now: `[model] request_timeout_s`, shortened to a few
-    /// times the recent latency once enough latencies are known, so a hung request does not
-    /// hold its items (or the end of the run) for long.
-    /// It grows with the request's size when that exceeds the recent requests' mean.
-    pub fn timeout_for(&self, items: u32) -> Duration {
-        match self.latency.model() {
-            Some(model) if self.latency.len() >= LATENCIES_FOR_TIMEOUT => {
-                let proposed = Duration::from_secs_f64((3.0 * model.p90(items)).max(1.5 * model.p99(items)));
-                proposed.max(MINIMUM_TIMEOUT).min(self.config.request_timeout)
-            }
-            _ => self.config.request_timeout,
-        }
     }
 
     /// A view for the progress bar and the run summary.
@@ -279,50 +197,44 @@ impl Controller {
 
     /// Requests per second the pacer allows for requests of `items` items.
     pub(crate) fn paced_request_rate(&self, items: u32) -> f64 {
-        let costs = request_costs(self.tokens.prompt_tokens(items), f64::from(self.tokens.max_tokens(items)));
+        let costs = request_costs(
+            self.tokens.prompt_tokens(items),
+            f64::from(self.tokens.max_tokens(items)),
+        );
         self.pacer.request_rate(costs)
     }
 
-    fn concurrency_limit_for(&self, items: u32) -> u32 {
+    pub(crate) fn concurrency_limit_for(&self, items: u32) -> u32 {
         let p90 = self.latency.model().map(|model| model.p90(items));
         self.concurrency.limit(self.paced_request_rate(items), p90)
     }
 
-    /// The batch size, smaller at the end of the queue so the last items spread over the
-    /// requests that can start within one typical latency instead of waiting in one long one.
-    fn items_to_send(&self, load: PipelineLoad, limit: u32) -> u32 {
-        let size = self.batch.current();
-        let free = limit.saturating_sub(load.in_flight as u32).max(1);
-        let starts_per_latency = match self.latency.model() {
-            Some(model) => (self.paced_request_rate(size) * model.p50(size)).max(1.0),
-            None => f64::from(free),
-        };
-        let spread_over = f64::from(free).min(starts_per_latency);
-        let queued = load.queued_items.min(u32::MAX as usize) as f64;
-        if queued >= spread_over * f64::from(size) {
-            return size;
-        }
-        let spread = (queued / spread_over).ceil() as u32;
-        let floor = (size / END_OF_QUEUE_SMALLEST_SHARE).max(self.config.items_per_request.min);
-        spread.clamp(floor.min(size), size)
-    }
-
     pub(crate) fn advance(&mut self, now: Duration) {
         self.now = self.now.max(now);
-        let recently = |at: Option<Duration>| at.is_some_and(|at| now.saturating_sub(at) <= BINDING_MEMORY);
+        let recently =
+            |at: Option<Duration>| at.is_some_and(|at| now.saturating_sub(at) <= BINDING_MEMORY);
         self.pacer.advance(now, recently(self.rate_blocked_at));
         let cap_binding = recently(self.concurrency_blocked_at)
-            && self.concurrency.overload_cap() <= f64::from(self.concurrency_limit_for(self.batch.current()));
+            && self.concurrency.overload_cap()
+                <= f64::from(self.concurrency_limit_for(self.batch.current()));
         let typical = self
             .latency
             .model()
             .map(|model| Duration::from_secs_f64(model.p50(self.batch.current())))
             .unwrap_or(Duration::from_secs(1));
         self.concurrency.advance(now, cap_binding, typical);
-        while self.recent_sends.front().is_some_and(|at| now.saturating_sub(*at) > SEND_HISTORY) {
+        while self
+            .recent_sends
+            .front()
+            .is_some_and(|at| now.saturating_sub(*at) > SEND_HISTORY)
+        {
             self.recent_sends.pop_front();
         }
-        while self.recent_rejections.front().is_some_and(|at| now.saturating_sub(*at) > SEND_HISTORY) {
+        while self
+            .recent_rejections
+            .front()
+            .is_some_and(|at| now.saturating_sub(*at) > SEND_HISTORY)
+        {
             self.recent_rejections.pop_front();
         }
     }
@@ -333,7 +245,8 @@ impl Controller {
     pub(crate) fn admitted_request_rate(&self, now: Duration) -> Option<f64> {
         let admitted_since = |since: Duration, sent: f64, rejected: f64| {
             let interval = now.saturating_sub(since);
-            (interval >= ADMITTED_INTERVAL_MINIMUM).then(|| (sent - rejected).max(0.0) / interval.as_secs_f64())
+            (interval >= ADMITTED_INTERVAL_MINIMUM)
+                .then(|| (sent - rejected).max(0.0) / interval.as_secs_f64())
         };
         match self.last_rate_cut_at {
             Some(cut) => admitted_since(
@@ -343,7 +256,11 @@ impl Controller {
             ),
             None => {
                 let since = now.saturating_sub(SEND_HISTORY).max(self.first_send_at?);
-                admitted_since(since, self.recent_sends.len() as f64, self.recent_rejections.len() as f64)
+                admitted_since(
+                    since,
+                    self.recent_sends.len() as f64,
+                    self.recent_rejections.len() as f64,
+                )
             }
         }
     }

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use crate::config::ControllerConfig;
 use crate::controller::Controller;
-use crate::protocol::{CompletedRequest, Decision, Observation, Outcome, PipelineLoad, RequestShape, Ticket};
+use crate::protocol::{
+    CompletedRequest, Decision, Observation, Outcome, PipelineLoad, RequestShape, Ticket,
+};
 use crate::rate_limit_headers::{RateLimitInfo, parse_rate_limit_headers};
 
 fn seconds(s: f64) -> Duration {
@@ -12,7 +14,10 @@ fn seconds(s: f64) -> Duration {
 }
 
 fn load(in_flight: usize) -> PipelineLoad {
-    PipelineLoad { in_flight, queued_items: 10_000 }
+    PipelineLoad {
+        in_flight,
+        queued_items: 10_000,
+    }
 }
 
 fn controller() -> Controller {
@@ -23,8 +28,15 @@ fn controller() -> Controller {
 fn try_send(controller: &mut Controller, now: Duration) -> Option<Ticket> {
     let in_flight = controller.in_flight.len();
     match controller.poll(now, load(in_flight)) {
-        Decision::Send { items, max_tokens, .. } => {
-            let shape = RequestShape { items, prompt_tokens: 1000, max_tokens, retried_items: 0 };
+        Decision::Send {
+            items, max_tokens, ..
+        } => {
+            let shape = RequestShape {
+                items,
+                prompt_tokens: 1000,
+                max_tokens,
+                retried_items: 0,
+            };
             Some(controller.on_sent(now, shape))
         }
         Decision::Wait { .. } => None,
@@ -40,9 +52,19 @@ fn completed(items: u32) -> Outcome {
     })
 }
 
-fn finish(controller: &mut Controller, now: Duration, ticket: Ticket, outcome: Outcome, headers: RateLimitInfo) {
+fn finish(
+    controller: &mut Controller,
+    now: Duration,
+    ticket: Ticket,
+    outcome: Outcome,
+    headers: RateLimitInfo,
+) {
     let sent_at = controller.in_flight[&ticket].sent_at;
-    controller.on_outcome(now, ticket, Observation::new(now - sent_at, outcome, headers));
+    controller.on_outcome(
+        now,
+        ticket,
+        Observation::new(now - sent_at, outcome, headers),
+    );
 }
 
 #[test]
@@ -54,10 +76,20 @@ fn one_rate_cut_per_congestion_event() {
     assert_eq!(tickets.len(), 4, "concurrency.start requests go out first");
     let retry = parse_rate_limit_headers([("retry-after", "2")]);
     for ticket in tickets {
-        finish(&mut controller, seconds(1.05), ticket, Outcome::RateLimited, retry);
+        finish(
+            &mut controller,
+            seconds(1.05),
+            ticket,
+            Outcome::RateLimited,
+            retry,
+        );
     }
     assert_eq!(controller.counts().rate_limited, 4);
-    assert_eq!(controller.counts().rate_cuts, 1, "four 429s of one burst are one event");
+    assert_eq!(
+        controller.counts().rate_cuts,
+        1,
+        "four 429s of one burst are one event"
+    );
     // A request sent after the cut that also meets a 429 is a new event.
     let mut now = seconds(1.05);
     let ticket = loop {
@@ -66,7 +98,13 @@ fn one_rate_cut_per_congestion_event() {
             break ticket;
         }
     };
-    finish(&mut controller, now + seconds(0.05), ticket, Outcome::RateLimited, retry);
+    finish(
+        &mut controller,
+        now + seconds(0.05),
+        ticket,
+        Outcome::RateLimited,
+        retry,
+    );
     assert_eq!(controller.counts().rate_cuts, 2);
 }
 
@@ -75,7 +113,13 @@ fn never_sends_before_retry_after() {
     let mut controller = controller();
     let ticket = try_send(&mut controller, seconds(1.0)).unwrap();
     let retry = parse_rate_limit_headers([("retry-after", "7")]);
-    finish(&mut controller, seconds(1.1), ticket, Outcome::RateLimited, retry);
+    finish(
+        &mut controller,
+        seconds(1.1),
+        ticket,
+        Outcome::RateLimited,
+        retry,
+    );
     let mut now = seconds(1.1);
     while now < seconds(8.1) {
         match controller.poll(now, load(0)) {
@@ -100,7 +144,13 @@ fn paces_below_an_announced_request_limit() {
     let mut controller = controller();
     let announced = parse_rate_limit_headers([("x-ratelimit-limit-requests", "120")]);
     let first = try_send(&mut controller, Duration::ZERO).unwrap();
-    finish(&mut controller, seconds(0.5), first, completed(10), announced);
+    finish(
+        &mut controller,
+        seconds(0.5),
+        first,
+        completed(10),
+        announced,
+    );
     // Answers come back instantly from here on; only pacing holds requests back.
     let mut sent = 0;
     let mut now = seconds(0.5);
@@ -127,7 +177,10 @@ fn follows_an_announced_limit_that_halves() {
     let ticket = try_send(&mut controller, seconds(1.0)).unwrap();
     finish(&mut controller, seconds(2.0), ticket, completed(10), after);
     let slow = controller.status().requests_per_second;
-    assert!((fast - 9.8).abs() < 1e-9 && (slow - 4.9).abs() < 1e-9, "{fast} then {slow}");
+    assert!(
+        (fast - 9.8).abs() < 1e-9 && (slow - 4.9).abs() < 1e-9,
+        "{fast} then {slow}"
+    );
 }
 
 #[test]
@@ -137,7 +190,13 @@ fn a_lone_timeout_does_not_cut_concurrency_but_a_cluster_does() {
     let mut send_and_finish = |controller: &mut Controller, outcome: Outcome| loop {
         now += seconds(0.5);
         if let Some(ticket) = try_send(controller, now) {
-            finish(controller, now + seconds(2.0), ticket, outcome, RateLimitInfo::default());
+            finish(
+                controller,
+                now + seconds(2.0),
+                ticket,
+                outcome,
+                RateLimitInfo::default(),
+            );
             break;
         }
     };
@@ -149,7 +208,11 @@ fn a_lone_timeout_does_not_cut_concurrency_but_a_cluster_does() {
     for _ in 0..10 {
         send_and_finish(&mut controller, Outcome::TimedOut);
     }
-    assert_eq!(controller.counts().concurrency_cuts, 1, "a burst of timeouts is one overload event");
+    assert_eq!(
+        controller.counts().concurrency_cuts,
+        1,
+        "a burst of timeouts is one overload event"
+    );
 }
 
 #[test]
@@ -163,20 +226,51 @@ fn end_of_queue_cuts_only_old_requests_and_only_when_nothing_waits() {
                 break ticket;
             }
         };
-        finish(&mut controller, now + seconds(2.0), ticket, completed(10), RateLimitInfo::default());
+        finish(
+            &mut controller,
+            now + seconds(2.0),
+            ticket,
+            completed(10),
+            RateLimitInfo::default(),
+        );
         now += seconds(2.0);
     }
     let old = try_send(&mut controller, now).unwrap();
     let young = try_send(&mut controller, now + seconds(9.0)).unwrap();
-    let idle = PipelineLoad { in_flight: 2, queued_items: 0 };
-    let busy = PipelineLoad { in_flight: 2, queued_items: 5 };
-    assert!(controller.requests_to_cut(now + seconds(10.0), busy).is_empty());
-    assert_eq!(controller.requests_to_cut(now + seconds(10.0), idle), vec![old]);
+    let idle = PipelineLoad {
+        in_flight: 2,
+        queued_items: 0,
+    };
+    let busy = PipelineLoad {
+        in_flight: 2,
+        queued_items: 5,
+    };
+    assert!(
+        controller
+            .requests_to_cut(now + seconds(10.0), busy)
+            .is_empty()
+    );
+    assert_eq!(
+        controller.requests_to_cut(now + seconds(10.0), idle),
+        vec![old]
+    );
     // Reported back as a timeout, the cut is not mistaken for overload.
-    finish(&mut controller, now + seconds(10.0), old, Outcome::TimedOut, RateLimitInfo::default());
+    finish(
+        &mut controller,
+        now + seconds(10.0),
+        old,
+        Outcome::TimedOut,
+        RateLimitInfo::default(),
+    );
     assert!(controller.in_flight.contains_key(&young));
     assert_eq!(controller.counts().timed_out, 1);
-    match controller.poll(now + seconds(10.0), PipelineLoad { in_flight: 1, queued_items: 0 }) {
+    match controller.poll(
+        now + seconds(10.0),
+        PipelineLoad {
+            in_flight: 1,
+            queued_items: 0,
+        },
+    ) {
         Decision::Wait { until: Some(until) } => assert!(until > now + seconds(10.0)),
         other => panic!("expected a wake-up for the next cut, got {other:?}"),
     }
@@ -198,13 +292,24 @@ fn snapshot_survives_json_and_restores_what_was_learned() {
             }
         };
         let items = controller.in_flight[&ticket].shape.items;
-        finish(&mut controller, now + seconds(1.0), ticket, completed(items), announced);
+        finish(
+            &mut controller,
+            now + seconds(1.0),
+            ticket,
+            completed(items),
+            announced,
+        );
     }
     let before = controller.status();
-    assert!(before.items_per_request > 10, "batch size grew: {}", before.items_per_request);
+    assert!(
+        before.items_per_request > 10,
+        "batch size grew: {}",
+        before.items_per_request
+    );
     let json = serde_json::to_string(&controller.snapshot()).unwrap();
     let state = serde_json::from_str(&json).unwrap();
-    let restored = Controller::restore(ControllerConfig::with_defaults(), state, Duration::ZERO).unwrap();
+    let restored =
+        Controller::restore(ControllerConfig::with_defaults(), state, Duration::ZERO).unwrap();
     let after = restored.status();
     assert_eq!(after.items_per_request, before.items_per_request);
     assert_eq!(after.max_tokens, before.max_tokens);
@@ -221,5 +326,8 @@ fn waits_when_concurrency_is_full() {
         try_send(&mut controller, now);
         now += seconds(0.01);
     }
-    assert_eq!(controller.poll(now, load(4)), Decision::Wait { until: None });
+    assert_eq!(
+        controller.poll(now, load(4)),
+        Decision::Wait { until: None }
+    );
 }

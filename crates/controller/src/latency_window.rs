@@ -50,7 +50,8 @@ impl LatencyWindow {
         if self.samples.len() == WINDOW {
             self.samples.pop_front();
         }
-        self.samples.push_back((latency.as_secs_f64(), items.max(1)));
+        self.samples
+            .push_back((latency.as_secs_f64(), items.max(1)));
         let (fixed, per_item) = self.fit();
         let mut ratios: Vec<f64> = self
             .samples
@@ -87,8 +88,18 @@ impl LatencyWindow {
     /// physical (a negative part), the mean is split by `ASSUMED_FIXED_SHARE`.
     fn fit(&self) -> (f64, f64) {
         let n = self.samples.len() as f64;
-        let mean_items = self.samples.iter().map(|(_, items)| f64::from(*items)).sum::<f64>() / n;
-        let mean_latency = self.samples.iter().map(|(latency, _)| *latency).sum::<f64>() / n;
+        let mean_items = self
+            .samples
+            .iter()
+            .map(|(_, items)| f64::from(*items))
+            .sum::<f64>()
+            / n;
+        let mean_latency = self
+            .samples
+            .iter()
+            .map(|(latency, _)| *latency)
+            .sum::<f64>()
+            / n;
         let (mut covariance, mut variance) = (0.0, 0.0);
         for (latency, items) in &self.samples {
             let dx = f64::from(*items) - mean_items;

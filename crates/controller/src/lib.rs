@@ -43,12 +43,14 @@ mod config;
 mod controller;
 #[cfg(test)]
 mod controller_tests;
+mod end_of_queue;
 mod latency_window;
 mod outcomes;
 mod protocol;
 mod rate_limit_headers;
 mod rate_pacer;
 mod rate_probe;
+mod resume;
 pub mod simulation;
 mod status;
 mod time_formats;
@@ -58,7 +60,9 @@ mod token_estimates;
 pub use batch_sizer::BatchSizer;
 pub use config::{ConfigError, ControllerConfig, StartMinMax};
 pub use controller::Controller;
-pub use protocol::{CompletedRequest, Decision, Observation, Outcome, PipelineLoad, RequestShape, Ticket};
+pub use protocol::{
+    CompletedRequest, Decision, Observation, Outcome, PipelineLoad, RequestShape, Ticket,
+};
 pub use rate_limit_headers::{LimitWindow, RateLimitInfo, parse_rate_limit_headers};
 pub use rate_pacer::RateDimension;
 pub use rate_probe::ProbePhase;

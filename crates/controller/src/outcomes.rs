@@ -32,16 +32,27 @@ impl Controller {
             self.pacer.observe_headers(now, &observation.rate_limits);
         }
         match observation.outcome {
-            Outcome::Completed(completed) => self.on_completed(now, sent.shape.items, observation.latency, completed),
-            Outcome::RateLimited => self.on_rate_limited(now, sent.sent_at, &observation.rate_limits),
+            Outcome::Completed(completed) => {
+                self.on_completed(now, sent.shape.items, observation.latency, completed)
+            }
+            Outcome::RateLimited => {
+                self.on_rate_limited(now, sent.sent_at, &observation.rate_limits)
+            }
             Outcome::TimedOut if sent.cut_at_end_of_queue => {
                 self.counts.timed_out += 1;
-                tracing::debug!(?ticket, "request cut at the end of the queue; its items are sent again");
+                tracing::debug!(
+                    ?ticket,
+                    "request cut at the end of the queue; its items are sent again"
+                );
             }
             Outcome::TimedOut => {
                 self.counts.timed_out += 1;
                 self.remember_timeout(true);
-                let cluster = self.recent_timeouts.iter().filter(|timeout| **timeout).count();
+                let cluster = self
+                    .recent_timeouts
+                    .iter()
+                    .filter(|timeout| **timeout)
+                    .count();
                 if cluster >= TIMEOUTS_FOR_OVERLOAD {
                     self.on_overload(now, sent.sent_at, "timeouts");
                 } else {
@@ -65,7 +76,13 @@ impl Controller {
         }
     }
 
-    fn on_completed(&mut self, now: Duration, items_sent: u32, latency: Duration, completed: CompletedRequest) {
+    fn on_completed(
+        &mut self,
+        now: Duration,
+        items_sent: u32,
+        latency: Duration,
+        completed: CompletedRequest,
+    ) {
         self.counts.requests_completed += 1;
         self.counts.items_valid += u64::from(completed.items_valid);
         self.counts.items_missing += u64::from(completed.items_missing);
@@ -75,12 +92,16 @@ impl Controller {
         self.remember_timeout(false);
         self.latency.record(latency, items_sent);
         let returned = completed.items_valid + completed.items_rejected;
-        self.tokens.record_output(returned, completed.completion_tokens, completed.truncated);
+        self.tokens
+            .record_output(returned, completed.completion_tokens, completed.truncated);
         let failed = items_sent.saturating_sub(completed.items_valid);
         let pacer = &self.pacer;
         let tokens = &self.tokens;
         let items_per_second = |items: u32| {
-            let costs = crate::rate_pacer::request_costs(tokens.prompt_tokens(items), f64::from(tokens.max_tokens(items)));
+            let costs = crate::rate_pacer::request_costs(
+                tokens.prompt_tokens(items),
+                f64::from(tokens.max_tokens(items)),
+            );
             pacer.request_rate(costs) * f64::from(items)
         };
         self.batch.record(now, items_sent, failed, |from, to| {
@@ -107,10 +128,13 @@ impl Controller {
             self.rejections_at_last_cut = self.counts.rate_limited;
             self.counts.rate_cuts += 1;
         }
-        let wait = info.retry_after.or_else(|| exhausted_reset(info)).unwrap_or_else(|| {
-            let doublings = self.consecutive_pauses.min(5);
-            (BACKOFF_START * 2u32.pow(doublings)).min(BACKOFF_MAX)
-        });
+        let wait = info
+            .retry_after
+            .or_else(|| exhausted_reset(info))
+            .unwrap_or_else(|| {
+                let doublings = self.consecutive_pauses.min(5);
+                (BACKOFF_START * 2u32.pow(doublings)).min(BACKOFF_MAX)
+            });
         if new_event {
             self.consecutive_pauses += 1;
         }
@@ -121,7 +145,11 @@ impl Controller {
         let in_flight = self.in_flight.len() + 1;
         if self.concurrency.on_overload(now, sent_at, in_flight) {
             self.counts.concurrency_cuts += 1;
-            tracing::info!(cause = why, cap = self.concurrency.overload_cap(), "concurrency cut");
+            tracing::info!(
+                cause = why,
+                cap = self.concurrency.overload_cap(),
+                "concurrency cut"
+            );
         }
     }
 
@@ -146,9 +174,14 @@ impl Controller {
 
 /// The reset of a dimension the provider says is exhausted, if any.
 fn exhausted_reset(info: &RateLimitInfo) -> Option<Duration> {
-    [info.requests, info.tokens, info.input_tokens, info.output_tokens]
-        .iter()
-        .filter(|window| window.remaining == Some(0))
-        .filter_map(|window| window.reset)
-        .max()
+    [
+        info.requests,
+        info.tokens,
+        info.input_tokens,
+        info.output_tokens,
+    ]
+    .iter()
+    .filter(|window| window.remaining == Some(0))
+    .filter_map(|window| window.reset)
+    .max()
 }

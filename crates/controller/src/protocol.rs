@@ -70,7 +70,9 @@ pub enum Outcome {
     /// Cut by the timeout the dispatcher was given.
     TimedOut,
     /// HTTP 5xx (503 overloaded, 500, 502, 504, 529 ...).
-    ServerError { status: u16 },
+    ServerError {
+        status: u16,
+    },
     /// Anything else (connection reset, unparsable body); counted, not acted on.
     OtherError,
 }

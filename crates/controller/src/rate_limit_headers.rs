@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::time_formats::{
-    parse_go_duration, parse_http_date, parse_rfc3339, seconds_to_duration,
-};
+use crate::time_formats::{parse_go_duration, parse_http_date, parse_rfc3339, seconds_to_duration};
 
 /// One limit's state as the provider reported it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -150,10 +148,13 @@ fn apply(window: &mut LimitWindow, field: Field, value: &str, response_date: Opt
 }
 
 fn parse_count(value: &str) -> Option<u64> {
-    value
-        .parse::<u64>()
-        .ok()
-        .or_else(|| value.parse::<f64>().ok().filter(|v| *v >= 0.0).map(|v| v as u64))
+    value.parse::<u64>().ok().or_else(|| {
+        value
+            .parse::<f64>()
+            .ok()
+            .filter(|v| *v >= 0.0)
+            .map(|v| v as u64)
+    })
 }
 
 /// A reset is a duration ("6m0s", "1.5"), an RFC 3339 time or Unix seconds; absolute times

@@ -160,9 +160,10 @@ impl RatePacer {
         self.sync_buckets(now);
         for dimension in ALL_DIMENSIONS {
             let remaining = window(info, dimension).remaining;
-            if let (Some(remaining), Some(bucket)) =
-                (remaining, self.dimensions[dimension as usize].bucket.as_mut())
-            {
+            if let (Some(remaining), Some(bucket)) = (
+                remaining,
+                self.dimensions[dimension as usize].bucket.as_mut(),
+            ) {
                 bucket.limit_level(remaining as f64, now);
             }
         }
@@ -176,7 +177,10 @@ impl RatePacer {
             self.announced_recovery = ANNOUNCED_CUT;
             self.announced_safety =
                 (self.announced_safety * ANNOUNCED_SAFETY_STEP).max(ANNOUNCED_SAFETY_FLOOR);
-            tracing::info!(safety = self.announced_safety, "429 under announced limits: pace cut");
+            tracing::info!(
+                safety = self.announced_safety,
+                "429 under announced limits: pace cut"
+            );
         }
         for pacer in &mut self.dimensions {
             if let Some(bucket) = pacer.bucket.as_mut() {
@@ -206,11 +210,18 @@ impl RatePacer {
 
     /// Announced limits per second (for the state snapshot).
     pub fn announced(&self) -> [Option<f64>; 4] {
-        self.dimensions.clone().map(|pacer| pacer.announced_per_second)
+        self.dimensions
+            .clone()
+            .map(|pacer| pacer.announced_per_second)
     }
 
     /// Restores announced limits and the probed rate from a snapshot.
-    pub fn restore(&mut self, announced: [Option<f64>; 4], probed_rate: Option<f64>, now: Duration) {
+    pub fn restore(
+        &mut self,
+        announced: [Option<f64>; 4],
+        probed_rate: Option<f64>,
+        now: Duration,
+    ) {
         for (pacer, announced) in self.dimensions.iter_mut().zip(announced) {
             pacer.announced_per_second = announced;
         }
@@ -259,8 +270,14 @@ mod tests {
             ("x-ratelimit-limit-tokens", "60000"),
         ]);
         pacer.observe_headers(Duration::ZERO, &info);
-        assert_eq!(pacer.rate(RateDimension::Requests), Some(10.0 * ANNOUNCED_SAFETY));
-        assert_eq!(pacer.rate(RateDimension::Tokens), Some(1000.0 * ANNOUNCED_SAFETY));
+        assert_eq!(
+            pacer.rate(RateDimension::Requests),
+            Some(10.0 * ANNOUNCED_SAFETY)
+        );
+        assert_eq!(
+            pacer.rate(RateDimension::Tokens),
+            Some(1000.0 * ANNOUNCED_SAFETY)
+        );
         assert_eq!(pacer.rate(RateDimension::InputTokens), None);
         // 1,000 tokens per request: tokens bind at 0.98 requests/s.
         let rate = pacer.request_rate(request_costs(600.0, 400.0));

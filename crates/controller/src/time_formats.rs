@@ -135,7 +135,10 @@ mod tests {
         assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
         assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
         assert_eq!(parse_go_duration("20ms"), Some(Duration::from_millis(20)));
-        assert_eq!(parse_go_duration("1h2m3.5s"), Some(Duration::from_millis(3_723_500)));
+        assert_eq!(
+            parse_go_duration("1h2m3.5s"),
+            Some(Duration::from_millis(3_723_500))
+        );
         assert_eq!(parse_go_duration("0.25"), Some(Duration::from_millis(250)));
         assert_eq!(parse_go_duration("5 parsecs"), None);
         assert_eq!(parse_go_duration("ms"), None);
@@ -144,15 +147,24 @@ mod tests {
 
     #[test]
     fn http_date_matches_known_epoch_seconds() {
-        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777.0));
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777.0)
+        );
         assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 CET"), None);
     }
 
     #[test]
     fn rfc3339_with_zone_and_fraction() {
         assert_eq!(parse_rfc3339("1970-01-02T00:00:00Z"), Some(86_400.0));
-        assert_eq!(parse_rfc3339("2024-05-01T12:00:30.5Z"), Some(1_714_564_830.5));
-        assert_eq!(parse_rfc3339("2024-05-01T14:00:30+02:00"), Some(1_714_564_830.0));
+        assert_eq!(
+            parse_rfc3339("2024-05-01T12:00:30.5Z"),
+            Some(1_714_564_830.5)
+        );
+        assert_eq!(
+            parse_rfc3339("2024-05-01T14:00:30+02:00"),
+            Some(1_714_564_830.0)
+        );
         assert_eq!(parse_rfc3339("yesterday"), None);
     }
 }

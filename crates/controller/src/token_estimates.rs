@@ -77,8 +77,12 @@ impl TokenEstimates {
     /// `completion_tokens` tokens; `truncated` when it hit `max_tokens`.
     pub fn record_output(&mut self, returned_items: u32, completion_tokens: u32, truncated: bool) {
         if truncated {
-            self.margin_sigmas = (self.margin_sigmas + MARGIN_SIGMAS_PER_TRUNCATION).min(MAX_MARGIN_SIGMAS);
-            tracing::debug!(margin_sigmas = self.margin_sigmas, "truncated answer: output margin raised");
+            self.margin_sigmas =
+                (self.margin_sigmas + MARGIN_SIGMAS_PER_TRUNCATION).min(MAX_MARGIN_SIGMAS);
+            tracing::debug!(
+                margin_sigmas = self.margin_sigmas,
+                "truncated answer: output margin raised"
+            );
         } else {
             self.margin_sigmas =
                 (self.margin_sigmas - MARGIN_RELAXATION_PER_REQUEST).max(BASE_MARGIN_SIGMAS);

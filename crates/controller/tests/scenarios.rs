@@ -8,12 +8,15 @@ use backfill_controller::Controller;
 use backfill_controller::simulation::{FixedRule, Scenario, evaluate, simulate};
 
 fn scenario_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios").join(format!("{name}.toml"))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(format!("{name}.toml"))
 }
 
 fn load(name: &str) -> Scenario {
     let path = scenario_path(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     toml::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
 }
 
@@ -31,17 +34,26 @@ fn misses(name: &str) -> Vec<String> {
     if let Some(minimum) = expect.min_steady_ratio
         && report.steady_ratio < minimum
     {
-        misses.push(format!("steady ratio {:.3} < {minimum}", report.steady_ratio));
+        misses.push(format!(
+            "steady ratio {:.3} < {minimum}",
+            report.steady_ratio
+        ));
     }
     if let Some(maximum) = expect.max_rate_limited_share
         && report.rate_limited_share > maximum
     {
-        misses.push(format!("429 share {:.4} > {maximum}", report.rate_limited_share));
+        misses.push(format!(
+            "429 share {:.4} > {maximum}",
+            report.rate_limited_share
+        ));
     }
     if let Some(maximum) = expect.max_duration_ratio
         && report.duration_ratio > maximum
     {
-        misses.push(format!("duration ratio {:.3} > {maximum}", report.duration_ratio));
+        misses.push(format!(
+            "duration ratio {:.3} > {maximum}",
+            report.duration_ratio
+        ));
     }
     if let Some(maximum) = expect.max_converge_s {
         match report.converge_s {
@@ -52,14 +64,19 @@ fn misses(name: &str) -> Vec<String> {
     if let Some([low, high]) = expect.final_items_per_request
         && !(low..=high).contains(&report.final_items_per_request)
     {
-        misses.push(format!("final items per request {} not in {low}..={high}", report.final_items_per_request));
+        misses.push(format!(
+            "final items per request {} not in {low}..={high}",
+            report.final_items_per_request
+        ));
     }
     if let Some(minimum) = expect.min_speedup_over_fixed_rule {
         let mut fixed_rule = FixedRule::new(&config);
         let fixed = evaluate(&scenario, &simulate(&scenario, &mut fixed_rule));
         let speedup = report.steady_items_per_second / fixed.steady_items_per_second;
         if speedup < minimum {
-            misses.push(format!("speedup over the fixed rule {speedup:.2} < {minimum}"));
+            misses.push(format!(
+                "speedup over the fixed rule {speedup:.2} < {minimum}"
+            ));
         }
     }
     misses

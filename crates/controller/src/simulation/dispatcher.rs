@@ -7,7 +7,9 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
-use crate::protocol::{CompletedRequest, Decision, Observation, Outcome, PipelineLoad, RequestShape, Ticket};
+use crate::protocol::{
+    CompletedRequest, Decision, Observation, Outcome, PipelineLoad, RequestShape, Ticket,
+};
 use crate::rate_limit_headers::parse_rate_limit_headers;
 use crate::simulation::DispatchPolicy;
 use crate::simulation::provider::{SimAnswer, SimulatedProvider};
@@ -53,7 +55,9 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
     let input_tokens: Vec<u32> = (0..scenario.items)
         .map(|_| {
             let spread = workload.input_tokens_spread * (2.0 * item_rng.f64() - 1.0);
-            (f64::from(workload.input_tokens_per_item) * (1.0 + spread)).round().max(1.0) as u32
+            (f64::from(workload.input_tokens_per_item) * (1.0 + spread))
+                .round()
+                .max(1.0) as u32
         })
         .collect();
     let mut attempts = vec![0u32; input_tokens.len()];
@@ -87,7 +91,8 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                 continue; // abandoned earlier
             };
             let end_s = end as f64 / 1e9;
-            let (observation, valid) = observe(&mut provider, &request, end_s, scenario.provider.headers);
+            let (observation, valid) =
+                observe(&mut provider, &request, end_s, scenario.provider.headers);
             match observation.outcome {
                 Outcome::RateLimited => log.rate_limited += 1,
                 Outcome::TimedOut => log.timed_out += 1,
@@ -107,9 +112,16 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
             break;
         }
         // Abandon what the policy says to cut; the items go back to the queue.
-        let load = PipelineLoad { in_flight: pending.len(), queued_items: queue.len() };
+        let load = PipelineLoad {
+            in_flight: pending.len(),
+            queued_items: queue.len(),
+        };
         for ticket in policy.requests_to_cut(Duration::from_secs_f64(now), load) {
-            let Some(id) = pending.iter().find(|(_, request)| request.ticket == ticket).map(|(id, _)| *id) else {
+            let Some(id) = pending
+                .iter()
+                .find(|(_, request)| request.ticket == ticket)
+                .map(|(id, _)| *id)
+            else {
                 continue;
             };
             let mut request = pending.remove(&id).expect("found above");
@@ -124,18 +136,31 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
         }
         // Send while the policy says so.
         let wake_at = loop {
-            let load = PipelineLoad { in_flight: pending.len(), queued_items: queue.len() };
+            let load = PipelineLoad {
+                in_flight: pending.len(),
+                queued_items: queue.len(),
+            };
             match policy.poll(Duration::from_secs_f64(now), load) {
-                Decision::Send { items, max_tokens, timeout } => {
+                Decision::Send {
+                    items,
+                    max_tokens,
+                    timeout,
+                } => {
                     let take = (items as usize).min(queue.len());
                     let batch: Vec<usize> = queue.drain(..take).collect();
                     let prompt_tokens = workload.prompt_overhead_tokens
                         + batch.iter().map(|item| input_tokens[*item]).sum::<u32>();
-                    let retried_items = batch.iter().filter(|item| attempts[**item] > 0).count() as u32;
+                    let retried_items =
+                        batch.iter().filter(|item| attempts[**item] > 0).count() as u32;
                     for item in &batch {
                         attempts[*item] += 1;
                     }
-                    let shape = RequestShape { items: take as u32, prompt_tokens, max_tokens, retried_items };
+                    let shape = RequestShape {
+                        items: take as u32,
+                        prompt_tokens,
+                        max_tokens,
+                        retried_items,
+                    };
                     let ticket = policy.on_sent(Duration::from_secs_f64(now), shape);
                     let answer = provider.submit(now, take as u32, prompt_tokens, max_tokens);
                     let timeout_s = timeout.as_secs_f64();
@@ -149,7 +174,17 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                     let end = now + latency_s.min(timeout_s);
                     sequence += 1;
                     endings.push(Reverse((nanos(end), sequence)));
-                    pending.insert(sequence, Pending { ticket, items: batch, sent_at: now, prompt_tokens, answer, timed_out });
+                    pending.insert(
+                        sequence,
+                        Pending {
+                            ticket,
+                            items: batch,
+                            sent_at: now,
+                            prompt_tokens,
+                            answer,
+                            timed_out,
+                        },
+                    );
                     log.requests += 1;
                 }
                 Decision::Wait { until } => break until.map(|until| until.as_secs_f64()),
@@ -160,7 +195,10 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
             (Some(wake), Some(ending)) => wake.min(ending),
             (Some(wake), None) => wake,
             (None, Some(ending)) => ending,
-            (None, None) => panic!("{}: nothing in flight and the policy waits for nothing", log.policy),
+            (None, None) => panic!(
+                "{}: nothing in flight and the policy waits for nothing",
+                log.policy
+            ),
         };
         // Guard against a wake-up that does not move time forward.
         now = if next > now { next } else { now + 1e-6 };
@@ -172,12 +210,23 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
 }
 
 /// The observation the dispatcher hands the policy, and how many items came back valid.
-fn observe(provider: &mut SimulatedProvider, request: &Pending, end_s: f64, headers_sent: bool) -> (Observation, u32) {
+fn observe(
+    provider: &mut SimulatedProvider,
+    request: &Pending,
+    end_s: f64,
+    headers_sent: bool,
+) -> (Observation, u32) {
     let latency = Duration::from_secs_f64(end_s - request.sent_at);
     let mut headers = provider.rate_limit_headers(end_s);
     let (outcome, valid) = match request.answer {
         _ if request.timed_out => (Outcome::TimedOut, 0),
-        SimAnswer::Completed { completion_tokens, returned, rejected, truncated, .. } => {
+        SimAnswer::Completed {
+            completion_tokens,
+            returned,
+            rejected,
+            truncated,
+            ..
+        } => {
             let sent = request.items.len() as u32;
             let valid = returned - rejected;
             let completed = CompletedRequest {
@@ -191,15 +240,25 @@ fn observe(provider: &mut SimulatedProvider, request: &Pending, end_s: f64, head
             (Outcome::Completed(completed), valid)
         }
         SimAnswer::RateLimited { retry_after_s, .. } => {
-            headers.push(("retry-after".into(), format!("{}", retry_after_s.ceil().max(1.0))));
+            headers.push((
+                "retry-after".into(),
+                format!("{}", retry_after_s.ceil().max(1.0)),
+            ));
             if headers_sent {
-                headers.push(("retry-after-ms".into(), format!("{:.0}", (retry_after_s * 1000.0).ceil())));
+                headers.push((
+                    "retry-after-ms".into(),
+                    format!("{:.0}", (retry_after_s * 1000.0).ceil()),
+                ));
             }
             (Outcome::RateLimited, 0)
         }
         SimAnswer::Overloaded { .. } => (Outcome::ServerError { status: 503 }, 0),
         SimAnswer::Hang => (Outcome::TimedOut, 0),
     };
-    let rate_limits = parse_rate_limit_headers(headers.iter().map(|(name, value)| (name.as_str(), value.as_str())));
+    let rate_limits = parse_rate_limit_headers(
+        headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str())),
+    );
     (Observation::new(latency, outcome, rate_limits), valid)
 }

@@ -88,11 +88,16 @@ impl DispatchPolicy for FixedRule {
     }
 
     fn poll(&mut self, now: Duration, load: PipelineLoad) -> Decision {
-        if self.chunk_sent > 0 && self.chunk_open == 0 && (self.chunk_sent == WORKERS || load.queued_items == 0) {
+        if self.chunk_sent > 0
+            && self.chunk_open == 0
+            && (self.chunk_sent == WORKERS || load.queued_items == 0)
+        {
             self.close_chunk(now);
         }
         if self.chunk_sent == 0 && now < self.next_chunk_at {
-            return Decision::Wait { until: Some(self.next_chunk_at) };
+            return Decision::Wait {
+                until: Some(self.next_chunk_at),
+            };
         }
         if self.chunk_sent < WORKERS && load.queued_items > 0 {
             if self.chunk_sent == 0 {

@@ -18,8 +18,13 @@ pub enum SimAnswer {
         rejected: u32,
         truncated: bool,
     },
-    RateLimited { latency_s: f64, retry_after_s: f64 },
-    Overloaded { latency_s: f64 },
+    RateLimited {
+        latency_s: f64,
+        retry_after_s: f64,
+    },
+    Overloaded {
+        latency_s: f64,
+    },
     /// Admitted and never answered.
     Hang,
 }
@@ -35,7 +40,13 @@ struct SimBucket {
 
 impl SimBucket {
     fn new(per_minute: f64, burst_seconds: f64) -> Self {
-        let mut bucket = Self { per_minute, burst_seconds, level: 0.0, updated_at: 0.0, factor: 1.0 };
+        let mut bucket = Self {
+            per_minute,
+            burst_seconds,
+            level: 0.0,
+            updated_at: 0.0,
+            factor: 1.0,
+        };
         bucket.level = bucket.capacity();
         bucket
     }
@@ -58,7 +69,11 @@ impl SimBucket {
     /// Seconds until `cost` is available (zero: now). Costs above capacity need a full bucket.
     fn shortfall_s(&self, cost: f64) -> f64 {
         let needed = cost.min(self.capacity());
-        if self.level >= needed { 0.0 } else { (needed - self.level) / self.rate() }
+        if self.level >= needed {
+            0.0
+        } else {
+            (needed - self.level) / self.rate()
+        }
     }
 }
 
@@ -75,8 +90,12 @@ impl SimulatedProvider {
     pub fn new(scenario: &Scenario, seed: u64) -> Self {
         let spec: &ProviderSpec = &scenario.provider;
         Self {
-            requests: spec.requests_per_minute.map(|rpm| SimBucket::new(rpm, spec.burst_seconds)),
-            tokens: spec.tokens_per_minute.map(|tpm| SimBucket::new(tpm, spec.burst_seconds)),
+            requests: spec
+                .requests_per_minute
+                .map(|rpm| SimBucket::new(rpm, spec.burst_seconds)),
+            tokens: spec
+                .tokens_per_minute
+                .map(|tpm| SimBucket::new(tpm, spec.burst_seconds)),
             slot_free_at: vec![0.0; spec.slots.unwrap_or(0) as usize],
             rng: fastrand::Rng::with_seed(seed),
             scenario: scenario.clone(),
@@ -84,21 +103,36 @@ impl SimulatedProvider {
     }
 
     /// Decides the fate of a request of `items` items sent at `now`.
-    pub fn submit(&mut self, now: f64, items: u32, prompt_tokens: u32, max_tokens: u32) -> SimAnswer {
+    pub fn submit(
+        &mut self,
+        now: f64,
+        items: u32,
+        prompt_tokens: u32,
+        max_tokens: u32,
+    ) -> SimAnswer {
         let factor = self.scenario.capacity_factor(now);
         let spec = self.scenario.provider.clone();
         let token_cost = f64::from(prompt_tokens) + f64::from(max_tokens);
         let mut shortfall: f64 = 0.0;
-        for (bucket, cost) in [(self.requests.as_mut(), 1.0), (self.tokens.as_mut(), token_cost)] {
+        for (bucket, cost) in [
+            (self.requests.as_mut(), 1.0),
+            (self.tokens.as_mut(), token_cost),
+        ] {
             if let Some(bucket) = bucket {
                 bucket.refill(now, factor);
                 shortfall = shortfall.max(bucket.shortfall_s(cost));
             }
         }
         if shortfall > 0.0 {
-            return SimAnswer::RateLimited { latency_s: spec.reject_latency_s, retry_after_s: shortfall };
+            return SimAnswer::RateLimited {
+                latency_s: spec.reject_latency_s,
+                retry_after_s: shortfall,
+            };
         }
-        for (bucket, cost) in [(self.requests.as_mut(), 1.0), (self.tokens.as_mut(), token_cost)] {
+        for (bucket, cost) in [
+            (self.requests.as_mut(), 1.0),
+            (self.tokens.as_mut(), token_cost),
+        ] {
             if let Some(bucket) = bucket {
                 bucket.level -= cost;
             }
@@ -109,15 +143,13 @@ impl SimulatedProvider {
             _ => spec.base_latency_s,
         };
         let mut queue_wait_s = 0.0;
-        if let Some(slot) = self
-            .slot_free_at
-            .iter_mut()
-            .min_by(|a, b| a.total_cmp(b))
-        {
+        if let Some(slot) = self.slot_free_at.iter_mut().min_by(|a, b| a.total_cmp(b)) {
             let start = slot.max(now);
             queue_wait_s = start - now;
             if queue_wait_s > spec.queue_wait_limit_s {
-                return SimAnswer::Overloaded { latency_s: spec.reject_latency_s };
+                return SimAnswer::Overloaded {
+                    latency_s: spec.reject_latency_s,
+                };
             }
             *slot = start + service_s;
         }
@@ -125,7 +157,13 @@ impl SimulatedProvider {
             return SimAnswer::Hang;
         }
         match answer {
-            SimAnswer::Completed { latency_s, completion_tokens, returned, rejected, truncated } => SimAnswer::Completed {
+            SimAnswer::Completed {
+                latency_s,
+                completion_tokens,
+                returned,
+                rejected,
+                truncated,
+            } => SimAnswer::Completed {
                 latency_s: latency_s + queue_wait_s,
                 completion_tokens,
                 returned,
@@ -143,7 +181,9 @@ impl SimulatedProvider {
         let mut fitted = 0;
         let mut truncated = false;
         for _ in 0..items {
-            let tokens = (workload.output_tokens_per_item + workload.output_tokens_sd * normal(&mut self.rng)).max(5.0);
+            let tokens = (workload.output_tokens_per_item
+                + workload.output_tokens_sd * normal(&mut self.rng))
+            .max(5.0);
             if written + tokens > f64::from(max_tokens) {
                 truncated = true;
                 break;
@@ -151,13 +191,29 @@ impl SimulatedProvider {
             written += tokens;
             fitted += 1;
         }
-        let completion_tokens = if truncated { max_tokens } else { written.round() as u32 };
-        let returned = (0..fitted).filter(|_| self.rng.f64() >= missing_share).count() as u32;
-        let rejected = (0..returned).filter(|_| self.rng.f64() < workload.rejected_share).count() as u32;
+        let completion_tokens = if truncated {
+            max_tokens
+        } else {
+            written.round() as u32
+        };
+        let returned = (0..fitted)
+            .filter(|_| self.rng.f64() >= missing_share)
+            .count() as u32;
+        let rejected = (0..returned)
+            .filter(|_| self.rng.f64() < workload.rejected_share)
+            .count() as u32;
         let spec = &self.scenario.provider;
         let noise = (spec.latency_sigma * normal(&mut self.rng)).exp();
-        let latency_s = (spec.base_latency_s + spec.seconds_per_output_token * f64::from(completion_tokens)) * noise;
-        SimAnswer::Completed { latency_s, completion_tokens, returned, rejected, truncated }
+        let latency_s = (spec.base_latency_s
+            + spec.seconds_per_output_token * f64::from(completion_tokens))
+            * noise;
+        SimAnswer::Completed {
+            latency_s,
+            completion_tokens,
+            returned,
+            rejected,
+            truncated,
+        }
     }
 
     /// The `x-ratelimit-*` headers a response ending at `now` carries (none if the provider
@@ -168,12 +224,21 @@ impl SimulatedProvider {
         }
         let factor = self.scenario.capacity_factor(now);
         let mut headers = Vec::new();
-        for (name, bucket) in [("requests", self.requests.as_mut()), ("tokens", self.tokens.as_mut())] {
+        for (name, bucket) in [
+            ("requests", self.requests.as_mut()),
+            ("tokens", self.tokens.as_mut()),
+        ] {
             let Some(bucket) = bucket else { continue };
             bucket.refill(now, factor);
             let reset_s = (bucket.capacity() - bucket.level).max(0.0) / bucket.rate();
-            headers.push((format!("x-ratelimit-limit-{name}"), format!("{}", (bucket.per_minute * factor).round())));
-            headers.push((format!("x-ratelimit-remaining-{name}"), format!("{}", bucket.level.max(0.0).floor())));
+            headers.push((
+                format!("x-ratelimit-limit-{name}"),
+                format!("{}", (bucket.per_minute * factor).round()),
+            ));
+            headers.push((
+                format!("x-ratelimit-remaining-{name}"),
+                format!("{}", bucket.level.max(0.0).floor()),
+            ));
             headers.push((format!("x-ratelimit-reset-{name}"), go_duration(reset_s)));
         }
         headers

@@ -39,7 +39,11 @@ pub struct RunReport {
 
 /// Computes the figures of `log` for `scenario`.
 pub fn evaluate(scenario: &Scenario, log: &RunLog) -> RunReport {
-    let total_items: f64 = log.completions.iter().map(|(_, items)| f64::from(*items)).sum();
+    let total_items: f64 = log
+        .completions
+        .iter()
+        .map(|(_, items)| f64::from(*items))
+        .sum();
     let phase_start = scenario
         .provider
         .capacity_steps

@@ -167,15 +167,21 @@ impl Scenario {
 
     /// Missing share per item at `items` items per request.
     pub fn missing_share(&self, items: u32) -> f64 {
-        let past_knee = self.workload.knee_items.map_or(0, |knee| items.saturating_sub(knee));
-        (self.workload.missing_share + self.workload.missing_share_per_item_past_knee * f64::from(past_knee))
-            .min(1.0)
+        let past_knee = self
+            .workload
+            .knee_items
+            .map_or(0, |knee| items.saturating_sub(knee));
+        (self.workload.missing_share
+            + self.workload.missing_share_per_item_past_knee * f64::from(past_knee))
+        .min(1.0)
     }
 
     /// Mean latency of a request of `items` items, without queueing.
     pub fn mean_latency_s(&self, items: u32) -> f64 {
         let service = self.provider.base_latency_s
-            + self.provider.seconds_per_output_token * f64::from(items) * self.workload.output_tokens_per_item;
+            + self.provider.seconds_per_output_token
+                * f64::from(items)
+                * self.workload.output_tokens_per_item;
         service * (self.provider.latency_sigma.powi(2) / 2.0).exp()
     }
 
@@ -188,7 +194,10 @@ impl Scenario {
         let tolerated = self.missing_share(range.min) + CEILING_QUALITY_TOLERANCE;
         let workload = &self.workload;
         let concurrency = f64::from(
-            self.provider.slots.unwrap_or(u32::MAX).min(self.limits.concurrency.max),
+            self.provider
+                .slots
+                .unwrap_or(u32::MAX)
+                .min(self.limits.concurrency.max),
         );
         let mut best: f64 = 0.0;
         for items in range.min..=range.max {
@@ -200,9 +209,15 @@ impl Scenario {
                 + b * (f64::from(workload.input_tokens_per_item) + workload.output_tokens_per_item);
             let mut requests_per_second = concurrency / self.mean_latency_s(items);
             let limits = [
-                (self.provider.requests_per_minute.map(|rpm| rpm * factor), 1.0),
+                (
+                    self.provider.requests_per_minute.map(|rpm| rpm * factor),
+                    1.0,
+                ),
                 (self.limits.requests_per_minute, 1.0),
-                (self.provider.tokens_per_minute.map(|tpm| tpm * factor), tokens_per_request),
+                (
+                    self.provider.tokens_per_minute.map(|tpm| tpm * factor),
+                    tokens_per_request,
+                ),
                 (self.limits.tokens_per_minute, tokens_per_request),
             ];
             for (per_minute, cost) in limits {
@@ -210,7 +225,8 @@ impl Scenario {
                     requests_per_second = requests_per_second.min(per_minute / 60.0 / cost);
                 }
             }
-            let success = (1.0 - self.missing_share(items)) * (1.0 - workload.rejected_share)
+            let success = (1.0 - self.missing_share(items))
+                * (1.0 - workload.rejected_share)
                 * (1.0 - self.provider.hang_share);
             best = best.max(requests_per_second * b * success);
         }

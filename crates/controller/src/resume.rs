@@ -1,0 +1,65 @@
+//! `run --resume`: what the controller keeps of a run and how it starts from it.
+
+use std::time::Duration;
+
+use crate::config::{ConfigError, ControllerConfig};
+use crate::controller::Controller;
+use crate::status::{ControllerState, STATE_VERSION};
+
+impl Controller {
+    /// A controller that continues from a snapshot of an earlier run, with the job's
+    /// (possibly edited) configuration.
+    pub fn restore(
+        config: ControllerConfig,
+        state: ControllerState,
+        now: Duration,
+    ) -> Result<Self, ConfigError> {
+        let mut controller = Self::new(config, now)?;
+        let announced = state
+            .announced_per_minute
+            .map(|limit| limit.map(|per_minute| per_minute / 60.0));
+        controller
+            .pacer
+            .restore(announced, state.probed_requests_per_second, now);
+        if let Some(cap) = state.overload_cap {
+            controller.concurrency.set_overload_cap(cap);
+        }
+        if let Some(p90) = state.latency_p90_seconds {
+            controller
+                .latency
+                .seed(Duration::from_secs_f64(p90), controller.batch.current());
+        }
+        controller.batch = state.batch;
+        controller
+            .batch
+            .set_range(controller.config.items_per_request);
+        controller.tokens = state.tokens;
+        controller
+            .tokens
+            .set_context_window(controller.config.context_window_tokens);
+        controller.counts = state.counts;
+        Ok(controller)
+    }
+
+    /// What to keep for `run --resume`.
+    pub fn snapshot(&self) -> ControllerState {
+        ControllerState {
+            version: STATE_VERSION,
+            announced_per_minute: self
+                .pacer
+                .announced()
+                .map(|rate| rate.map(|per_second| per_second * 60.0)),
+            probed_requests_per_second: self.pacer.is_probing().then(|| self.pacer.probed_rate()),
+            overload_cap: (self.concurrency.overload_cap()
+                < f64::from(self.config.concurrency.max))
+            .then(|| self.concurrency.overload_cap()),
+            latency_p90_seconds: self
+                .latency
+                .model()
+                .map(|model| model.p90(self.batch.current())),
+            batch: self.batch.clone(),
+            tokens: self.tokens.clone(),
+            counts: self.counts,
+        }
+    }
+}
