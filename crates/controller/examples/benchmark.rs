@@ -29,9 +29,9 @@ fn main() {
     paths.sort();
 
     println!(
-        "| scenario | policy | steady items/s | ceiling | ratio | 429 share | converge s | duration ratio | timeouts | 503s | items/request | vs fixed |"
+        "| scenario | policy | items/s (whole run) | steady items/s | ceiling | steady/ceiling | 429 share | converge s | duration ratio | timeouts | 503s | items/request | steady vs fixed |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for path in paths {
         let text = std::fs::read_to_string(&path).expect("scenario file");
         let scenario: Scenario =
@@ -70,8 +70,9 @@ fn print_row(name: &str, report: &RunReport, speedup: Option<f64>) {
         .map_or("never".to_string(), |seconds| format!("{seconds:.1}"));
     let finished = if report.finished { "" } else { " (unfinished)" };
     println!(
-        "| {name} | {}{finished} | {:.1} | {:.1} | {:.3} | {:.2}% | {converge} | {:.3} | {} | {} | {} | {} |",
+        "| {name} | {}{finished} | {:.1} | {:.1} | {:.1} | {:.3} | {:.2}% | {converge} | {:.3} | {} | {} | {} | {} |",
         report.policy,
+        report.overall_items_per_second,
         report.steady_items_per_second,
         report.ceiling_items_per_second,
         report.steady_ratio,
