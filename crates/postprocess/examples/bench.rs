@@ -33,37 +33,83 @@ fn best_of<F: FnMut() -> usize>(mut run: F) -> (Duration, usize) {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut arguments = std::env::args().skip(1);
-    let data_dir = arguments.next().map(PathBuf::from).unwrap_or_else(|| manifest.join("../../../shared/data"));
-    let lexicon_dir = arguments.next().map(PathBuf::from).unwrap_or_else(backfill_postprocess::default_lexicon_dir);
+    let data_dir = arguments
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../../../shared/data"));
+    let lexicon_dir = arguments
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(backfill_postprocess::default_lexicon_dir);
 
     let corpus = Corpus::load(&data_dir)?;
     let set = benchmark_set(&corpus, OUTPUTS);
-    let scratch = std::env::temp_dir().join(format!("backfill-postprocess-bench-{}", std::process::id()));
+    let scratch =
+        std::env::temp_dir().join(format!("backfill-postprocess-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     std::fs::write(scratch.join("typos.tsv"), &set.typo_dictionary)?;
     let bytes: usize = set.outputs.iter().map(String::len).sum();
-    println!("{} outputs, {:.0} characters on average, one thread", set.outputs.len(), bytes as f64 / set.outputs.len() as f64);
+    println!(
+        "{} outputs, {:.0} characters on average, one thread",
+        set.outputs.len(),
+        bytes as f64 / set.outputs.len() as f64
+    );
 
     let full = PostprocessConfig {
         script: Some(ScriptSetting::One("Latin".into())),
         language: Some("nl".into()),
         typos: Some(PathBuf::from("typos.tsv")),
-        strip: METADATA_PATTERNS.iter().map(|pattern| pattern.to_string()).collect(),
+        strip: METADATA_PATTERNS
+            .iter()
+            .map(|pattern| pattern.to_string())
+            .collect(),
         min_chars: Some(20),
         max_chars: Some(1200),
         ..PostprocessConfig::default()
     };
     let configurations: Vec<(&str, PostprocessConfig)> = vec![
         ("normalize only", PostprocessConfig::default()),
-        ("script", PostprocessConfig { script: full.script.clone(), ..PostprocessConfig::default() }),
-        ("strip (4 patterns)", PostprocessConfig { strip: full.strip.clone(), ..PostprocessConfig::default() }),
-        ("typos", PostprocessConfig { typos: full.typos.clone(), ..PostprocessConfig::default() }),
-        ("language (nl, en)", PostprocessConfig { language: full.language.clone(), ..PostprocessConfig::default() }),
+        (
+            "script",
+            PostprocessConfig {
+                script: full.script.clone(),
+                ..PostprocessConfig::default()
+            },
+        ),
+        (
+            "strip (4 patterns)",
+            PostprocessConfig {
+                strip: full.strip.clone(),
+                ..PostprocessConfig::default()
+            },
+        ),
+        (
+            "typos",
+            PostprocessConfig {
+                typos: full.typos.clone(),
+                ..PostprocessConfig::default()
+            },
+        ),
+        (
+            "language (nl, en)",
+            PostprocessConfig {
+                language: full.language.clone(),
+                ..PostprocessConfig::default()
+            },
+        ),
         ("all rules", full.clone()),
     ];
 
-    let (baseline, _) = best_of(|| set.outputs.iter().map(|output| output.clone().chars().count()).sum());
-    println!("{:<22} {:>10} {:>14} {:>10}", "configuration", "10k time", "outputs/s", "x baseline");
+    let (baseline, _) = best_of(|| {
+        set.outputs
+            .iter()
+            .map(|output| output.clone().chars().count())
+            .sum()
+    });
+    println!(
+        "{:<22} {:>10} {:>14} {:>10}",
+        "configuration", "10k time", "outputs/s", "x baseline"
+    );
     println!(
         "{:<22} {:>8.1}ms {:>14.0} {:>10.1}",
         "baseline (copy+count)",
@@ -73,10 +119,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     for (name, config) in &configurations {
         let built_at = Instant::now();
-        let postprocessor = Postprocessor::from_config_with_lexicon_dir(config, &scratch, Some(&lexicon_dir))?;
+        let postprocessor =
+            Postprocessor::from_config_with_lexicon_dir(config, &scratch, Some(&lexicon_dir))?;
         let build_time = built_at.elapsed();
         let (elapsed, rejected) = best_of(|| {
-            set.outputs.iter().filter(|output| !postprocessor.process(output).is_accepted()).count()
+            set.outputs
+                .iter()
+                .filter(|output| !postprocessor.process(output).is_accepted())
+                .count()
         });
         println!(
             "{:<22} {:>8.1}ms {:>14.0} {:>10.1}   (built in {:.0} ms, {} rejected)",

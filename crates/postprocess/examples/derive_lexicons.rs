@@ -29,7 +29,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest.join("../../../shared/data/wordlists"));
-    let output = arguments.next().map(PathBuf::from).unwrap_or_else(|| manifest.join("../../lexicons"));
+    let output = arguments
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../../lexicons"));
     std::fs::create_dir_all(&output)?;
 
     let scowl = read(&wordlists.join("en_scowl_wamerican_2020.12.07.txt"))?;
@@ -57,7 +60,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut seen = HashSet::new();
     for entry in opentaal.lines().map(str::trim) {
         let usable = !entry.is_empty()
-            && entry.chars().all(|c| (c.is_alphabetic() && !c.is_uppercase()) || c == '-' || c == '\'')
+            && entry
+                .chars()
+                .all(|c| (c.is_alphabetic() && !c.is_uppercase()) || c == '-' || c == '\'')
             && entry.chars().next().is_some_and(char::is_alphabetic);
         if !usable || !seen.insert(entry) {
             continue;
@@ -86,15 +91,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     write_gzipped(&output.join("nl.txt.gz"), &dutch_header, &dutch)?;
 
     removed.sort_by(|left, right| (right.1 - right.2).total_cmp(&(left.1 - left.2)));
-    let sample: Vec<&str> = removed.iter().take(40).map(|(word, _, _)| word.as_str()).collect();
+    let sample: Vec<&str> = removed
+        .iter()
+        .take(40)
+        .map(|(word, _, _)| word.as_str())
+        .collect();
     println!("en.txt: {} words", english.len());
-    println!("nl.txt.gz: {} words ({} English-dominated entries left out)", dutch.len(), removed.len());
+    println!(
+        "nl.txt.gz: {} words ({} English-dominated entries left out)",
+        dutch.len(),
+        removed.len()
+    );
     println!("left out, most English first: {}", sample.join(" "));
     Ok(())
 }
 
 fn read(path: &Path) -> Result<String, Box<dyn std::error::Error>> {
-    std::fs::read_to_string(path).map_err(|error| format!("cannot read {}: {error}", path.display()).into())
+    std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read {}: {error}", path.display()).into())
 }
 
 fn read_zipf(path: &Path) -> Result<HashMap<String, f64>, Box<dyn std::error::Error>> {

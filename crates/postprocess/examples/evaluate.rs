@@ -13,8 +13,14 @@ use std::time::Instant;
 fn main() {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut arguments = std::env::args().skip(1);
-    let data_dir = arguments.next().map(PathBuf::from).unwrap_or_else(|| manifest.join("../../../shared/data"));
-    let lexicon_dir = arguments.next().map(PathBuf::from).unwrap_or_else(backfill_postprocess::default_lexicon_dir);
+    let data_dir = arguments
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../../../shared/data"));
+    let lexicon_dir = arguments
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(backfill_postprocess::default_lexicon_dir);
     let started = Instant::now();
     match backfill_postprocess::evaluation::run(&data_dir, &lexicon_dir) {
         Ok(report) => {

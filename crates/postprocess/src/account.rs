@@ -16,8 +16,17 @@ impl Postprocessor {
     /// The account of an [`Outcome`] produced from `input` by this post-processor.
     pub fn render_account(&self, input: &str, outcome: &Outcome) -> String {
         let mut out = String::new();
-        let lines = if input.is_empty() { 0 } else { input.split('\n').count() };
-        let _ = writeln!(out, "input: {} characters, {} line(s)", input.chars().count(), lines);
+        let lines = if input.is_empty() {
+            0
+        } else {
+            input.split('\n').count()
+        };
+        let _ = writeln!(
+            out,
+            "input: {} characters, {} line(s)",
+            input.chars().count(),
+            lines
+        );
 
         let mut rules: Vec<(&str, String)> = Vec::new();
         if self.normalize {
@@ -33,10 +42,17 @@ impl Postprocessor {
             rules.push(("typos", format!("typos ({} entries)", self.typos.len())));
         }
         if !self.replacements.is_empty() {
-            rules.push(("replacements", format!("replacements ({} entries)", self.replacements.len())));
+            rules.push((
+                "replacements",
+                format!("replacements ({} entries)", self.replacements.len()),
+            ));
         }
         for (key, label) in &rules {
-            let made: Vec<&Change> = outcome.changes.iter().filter(|change| change.rule_key() == *key).collect();
+            let made: Vec<&Change> = outcome
+                .changes
+                .iter()
+                .filter(|change| change.rule_key() == *key)
+                .collect();
             if made.is_empty() {
                 let _ = writeln!(out, "{label}: no change");
                 continue;
@@ -48,8 +64,10 @@ impl Postprocessor {
 
         if let Some(rule) = &self.language {
             let found = &outcome.foreign_words;
-            let words: Vec<String> =
-                found.iter().map(|word| format!("{:?} [{}]", word.word, word.language)).collect();
+            let words: Vec<String> = found
+                .iter()
+                .map(|word| format!("{:?} [{}]", word.word, word.language))
+                .collect();
             let _ = writeln!(
                 out,
                 "language ({}, looking for {}): {} foreign word(s), max_foreign_words {}{}{}",
@@ -69,7 +87,11 @@ impl Postprocessor {
                 max.map_or("-".to_string(), |value| value.to_string())
             ),
         };
-        let _ = writeln!(out, "length: {} characters ({bounds})", outcome.text.chars().count());
+        let _ = writeln!(
+            out,
+            "length: {} characters ({bounds})",
+            outcome.text.chars().count()
+        );
         if outcome.is_accepted() {
             let _ = writeln!(out, "verdict: accepted");
         } else {
@@ -89,14 +111,24 @@ impl Postprocessor {
 
 fn describe(change: &Change) -> String {
     match change {
-        Change::ScriptDroppedLine { line, script, removed } => {
+        Change::ScriptDroppedLine {
+            line,
+            script,
+            removed,
+        } => {
             format!("dropped line {line} written in {script}: {removed:?}")
         }
-        Change::ScriptRemovedFragment { line, script, removed } => {
+        Change::ScriptRemovedFragment {
+            line,
+            script,
+            removed,
+        } => {
             format!("removed {removed:?} ({script}) from line {line}")
         }
         Change::Strip { pattern, removed } => format!("removed {removed:?} (pattern {pattern})"),
-        Change::Typo { from, to } | Change::Replacement { from, to } => format!("{from:?} -> {to:?}"),
+        Change::Typo { from, to } | Change::Replacement { from, to } => {
+            format!("{from:?} -> {to:?}")
+        }
         Change::Normalize { action, count } => {
             let name = serde_json::to_value(action)
                 .ok()

@@ -23,14 +23,20 @@ pub const LEXICON_DIR_ENV: &str = "BACKFILL_LEXICON_DIR";
 
 /// The `lexicons/` directory of the source tree this crate was built from.
 pub fn default_lexicon_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("..").join("lexicons")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("..")
+        .join("lexicons")
 }
 
 impl Postprocessor {
     /// Builds the rules of `config`; relative paths are resolved against `base_dir` (the job
     /// file's directory). Lexicons come from `lexicon_dir`, `BACKFILL_LEXICON_DIR` or
     /// [`default_lexicon_dir`].
-    pub fn from_config(config: &PostprocessConfig, base_dir: &Path) -> Result<Postprocessor, BuildError> {
+    pub fn from_config(
+        config: &PostprocessConfig,
+        base_dir: &Path,
+    ) -> Result<Postprocessor, BuildError> {
         Postprocessor::from_config_with_lexicon_dir(config, base_dir, None)
     }
 
@@ -45,14 +51,25 @@ impl Postprocessor {
         let script = match &config.script {
             None => None,
             Some(setting) => {
-                let names: Vec<String> = setting.names().iter().map(|name| name.to_string()).collect();
+                let names: Vec<String> = setting
+                    .names()
+                    .iter()
+                    .map(|name| name.to_string())
+                    .collect();
                 let mut scripts = Vec::with_capacity(names.len());
                 for name in &names {
                     let script = ScriptFilter::script_named(name)
                         .ok_or_else(|| BuildError::UnknownScript { name: name.clone() })?;
                     scripts.push(script);
                 }
-                Some((names, ScriptFilter::new(scripts, config.max_foreign_script_share, config.cut_script_fragments)))
+                Some((
+                    names,
+                    ScriptFilter::new(
+                        scripts,
+                        config.max_foreign_script_share,
+                        config.cut_script_fragments,
+                    ),
+                ))
             }
         };
         let strip = StripRule::compile(&config.strip)
@@ -61,7 +78,12 @@ impl Postprocessor {
         let replacements = load_word_map("replacements", config.replacements.as_deref(), base_dir)?;
         let language = match &config.language {
             None => None,
-            Some(language) => Some(build_language_rule(language, config, base_dir, lexicon_dir)?),
+            Some(language) => Some(build_language_rule(
+                language,
+                config,
+                base_dir,
+                lexicon_dir,
+            )?),
         };
         Ok(Postprocessor {
             normalize: config.normalize,
@@ -79,12 +101,18 @@ impl Postprocessor {
 fn check_values(config: &PostprocessConfig) -> Result<(), BuildError> {
     let share = config.max_foreign_script_share;
     if !(0.0..=1.0).contains(&share) {
-        return Err(BuildError::ShareOutOfRange { key: "max_foreign_script_share".into(), value: share });
+        return Err(BuildError::ShareOutOfRange {
+            key: "max_foreign_script_share".into(),
+            value: share,
+        });
     }
     if let (Some(min_chars), Some(max_chars)) = (config.min_chars, config.max_chars)
         && min_chars > max_chars
     {
-        return Err(BuildError::LengthBoundsCrossed { min_chars, max_chars });
+        return Err(BuildError::LengthBoundsCrossed {
+            min_chars,
+            max_chars,
+        });
     }
     if config.language.is_none() {
         let needs_language = [
@@ -94,7 +122,9 @@ fn check_values(config: &PostprocessConfig) -> Result<(), BuildError> {
             ("lexicons", !config.lexicons.is_empty()),
         ];
         if let Some((key, _)) = needs_language.iter().find(|(_, set)| *set) {
-            return Err(BuildError::NeedsLanguage { key: key.to_string() });
+            return Err(BuildError::NeedsLanguage {
+                key: key.to_string(),
+            });
         }
     }
     Ok(())
@@ -126,7 +156,9 @@ fn build_language_rule(
 ) -> Result<LanguageRule, BuildError> {
     let foreign_languages = config.effective_foreign_languages();
     if foreign_languages.iter().any(|foreign| foreign == language) {
-        return Err(BuildError::ForeignIsExpected { language: language.to_string() });
+        return Err(BuildError::ForeignIsExpected {
+            language: language.to_string(),
+        });
     }
     let mut expected = load_lexicon("language", language, config, base_dir, lexicon_dir)?;
     if let Some(allow_words) = &config.allow_words {
@@ -163,7 +195,9 @@ fn load_lexicon(
         base_dir.join(file)
     } else {
         let valid_code = !language.is_empty()
-            && language.chars().all(|character| character.is_ascii_alphanumeric() || character == '-' || character == '_');
+            && language.chars().all(|character| {
+                character.is_ascii_alphanumeric() || character == '-' || character == '_'
+            });
         let directory = config
             .lexicon_dir
             .as_ref()
@@ -171,11 +205,20 @@ fn load_lexicon(
             .or_else(|| caller_dir.map(Path::to_path_buf))
             .or_else(|| std::env::var_os(LEXICON_DIR_ENV).map(PathBuf::from))
             .unwrap_or_else(default_lexicon_dir);
-        let candidates = [directory.join(format!("{language}.txt")), directory.join(format!("{language}.txt.gz"))];
-        match candidates.iter().find(|candidate| valid_code && candidate.is_file()) {
+        let candidates = [
+            directory.join(format!("{language}.txt")),
+            directory.join(format!("{language}.txt.gz")),
+        ];
+        match candidates
+            .iter()
+            .find(|candidate| valid_code && candidate.is_file())
+        {
             Some(found) => found.clone(),
             None => {
-                let tried: Vec<String> = candidates.iter().map(|path| path.display().to_string()).collect();
+                let tried: Vec<String> = candidates
+                    .iter()
+                    .map(|path| path.display().to_string())
+                    .collect();
                 return Err(BuildError::LexiconNotFound {
                     key: key.to_string(),
                     language: language.to_string(),

@@ -202,7 +202,10 @@ mod tests {
             lexicons = { nl = "words/nl.txt" }
         "#;
         let config: PostprocessConfig = toml::from_str(text).unwrap();
-        assert_eq!(config.script.as_ref().unwrap().names(), vec!["Latin", "Greek"]);
+        assert_eq!(
+            config.script.as_ref().unwrap().names(),
+            vec!["Latin", "Greek"]
+        );
         assert_eq!(config.effective_foreign_languages(), vec!["nl".to_string()]);
         assert_eq!(config.lexicons["nl"], PathBuf::from("words/nl.txt"));
     }

@@ -61,7 +61,10 @@ impl LanguageCheck {
             }
         }
         if word.contains('-') {
-            let parts: Vec<&str> = word.split('-').filter(|part| part.chars().count() >= 2).collect();
+            let parts: Vec<&str> = word
+                .split('-')
+                .filter(|part| part.chars().count() >= 2)
+                .collect();
             if parts.iter().any(|part| self.is_expected(part)) {
                 return None;
             }
@@ -104,7 +107,9 @@ impl LanguageCheck {
 #[inline]
 fn contains_with_possessive(lexicon: &Lexicon, word: &str) -> bool {
     lexicon.contains(word)
-        || word.strip_suffix("'s").is_some_and(|base| !base.is_empty() && lexicon.contains(base))
+        || word
+            .strip_suffix("'s")
+            .is_some_and(|base| !base.is_empty() && lexicon.contains(base))
 }
 
 /// True when the word starting at byte `start` opens a sentence or a line: only whitespace,
@@ -137,7 +142,11 @@ mod tests {
     }
 
     fn found(text: &str) -> Vec<String> {
-        check().find_foreign_words(text).into_iter().map(|word| word.word).collect()
+        check()
+            .find_foreign_words(text)
+            .into_iter()
+            .map(|word| word.word)
+            .collect()
     }
 
     #[test]
@@ -152,12 +161,18 @@ mod tests {
 
     #[test]
     fn names_acronyms_digits_and_cut_off_parts_are_skipped() {
-        assert!(found("De motie van Mark en THE Government, the2 en rich- en armoedebeleid.").is_empty());
+        assert!(
+            found("De motie van Mark en THE Government, the2 en rich- en armoedebeleid.")
+                .is_empty()
+        );
     }
 
     #[test]
     fn sentence_start_capitals_are_judged() {
-        assert_eq!(found("Filthy. Het is \"The\" motie.\n- Rich"), vec!["Filthy", "Rich"]);
+        assert_eq!(
+            found("Filthy. Het is \"The\" motie.\n- Rich"),
+            vec!["Filthy", "Rich"]
+        );
         let words = check().find_foreign_words("Ja. The motie");
         assert_eq!(words[0].offset, 4);
         assert_eq!(words[0].language, "en");
@@ -173,6 +188,9 @@ mod tests {
 
     #[test]
     fn possessives_are_judged_by_their_base() {
-        assert_eq!(found("the government's motie en de auto's"), vec!["the", "government's"]);
+        assert_eq!(
+            found("the government's motie en de auto's"),
+            vec!["the", "government's"]
+        );
     }
 }

@@ -101,8 +101,7 @@ mod tests {
         let plain = directory.join("xx.txt");
         std::fs::write(&plain, "een\ntwee\n").unwrap();
         let gzipped = directory.join("xx.txt.gz");
-        let mut encoder =
-            flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         encoder.write_all(b"drie\nvier\n").unwrap();
         std::fs::write(&gzipped, encoder.finish().unwrap()).unwrap();
         assert!(Lexicon::load(&plain).unwrap().contains("twee"));

@@ -41,6 +41,7 @@ mod normalize;
 mod outcome;
 mod postprocessor;
 mod script_filter;
+mod script_fragments;
 mod strip;
 mod word_map;
 mod words;

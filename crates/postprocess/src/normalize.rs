@@ -31,7 +31,9 @@ impl Counts {
 
 /// Line endings, invisible characters and special spaces. Returns the new text if changed.
 pub fn normalize_characters(text: &str, changes: &mut Vec<Change>) -> Option<String> {
-    let needs_work = text.bytes().any(|byte| byte == b'\r' || byte == b'\t' || byte >= 0x80);
+    let needs_work = text
+        .bytes()
+        .any(|byte| byte == b'\r' || byte == b'\t' || byte >= 0x80);
     if !needs_work {
         return None;
     }
@@ -53,8 +55,14 @@ pub fn normalize_characters(text: &str, changes: &mut Vec<Change>) -> Option<Str
             '\u{200B}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}' => {
                 counts.add(NormalizeAction::RemovedInvisible);
             }
-            '\t' | '\u{0B}' | '\u{0C}' | '\u{00A0}' | '\u{2000}'..='\u{200A}' | '\u{202F}'
-            | '\u{205F}' | '\u{3000}' => {
+            '\t'
+            | '\u{0B}'
+            | '\u{0C}'
+            | '\u{00A0}'
+            | '\u{2000}'..='\u{200A}'
+            | '\u{202F}'
+            | '\u{205F}'
+            | '\u{3000}' => {
                 output.push(' ');
                 counts.add(NormalizeAction::PlainSpaces);
             }
@@ -74,7 +82,10 @@ pub fn normalize_layout(text: &str, changes: &mut Vec<Change>) -> Option<String>
         return None;
     }
     let mut counts = Counts::default();
-    let mut lines: Vec<String> = text.split('\n').map(|line| tidy_line(line, &mut counts)).collect();
+    let mut lines: Vec<String> = text
+        .split('\n')
+        .map(|line| tidy_line(line, &mut counts))
+        .collect();
     let mut kept: Vec<String> = Vec::with_capacity(lines.len());
     for line in lines.drain(..) {
         let blank = line.is_empty();
@@ -101,16 +112,22 @@ pub fn normalize_layout(text: &str, changes: &mut Vec<Change>) -> Option<String>
 /// decides), never true for untidy text.
 fn is_tidy(text: &str) -> bool {
     let bytes = text.as_bytes();
-    if bytes.first().is_some_and(|&byte| byte == b' ' || byte == b'\n')
-        || bytes.last().is_some_and(|&byte| byte == b' ' || byte == b'\n')
+    if bytes
+        .first()
+        .is_some_and(|&byte| byte == b' ' || byte == b'\n')
+        || bytes
+            .last()
+            .is_some_and(|&byte| byte == b' ' || byte == b'\n')
     {
         return false;
     }
     bytes.windows(2).all(|pair| {
         !matches!(
             pair,
-            [b' ', b' ' | b',' | b'.' | b';' | b':' | b'!' | b'?' | b')' | b']' | b'\n']
-                | [b'\n', b' ' | b'\n']
+            [
+                b' ',
+                b' ' | b',' | b'.' | b';' | b':' | b'!' | b'?' | b')' | b']' | b'\n'
+            ] | [b'\n', b' ' | b'\n']
                 | [b'(' | b'[', b' ' | b')' | b']']
                 | [b',', b',' | b'.']
                 | [b';', b';']
@@ -128,7 +145,11 @@ fn follows_word(output: &str) -> bool {
     let mut reversed = output.chars().rev();
     reversed.next();
     reversed.next().is_some_and(|before| {
-        before.is_alphanumeric() || matches!(before, ')' | ']' | '"' | '\'' | '\u{201D}' | '\u{2019}' | '\u{00BB}')
+        before.is_alphanumeric()
+            || matches!(
+                before,
+                ')' | ']' | '"' | '\'' | '\u{201D}' | '\u{2019}' | '\u{00BB}'
+            )
     })
 }
 
@@ -205,7 +226,10 @@ mod tests {
             normalize_characters("a\u{00A0}b\tc\r\nd\re\u{200B}f\u{00AD}g", &mut changes).unwrap();
         assert_eq!(output, "a b c\nd\nefg");
         assert_eq!(changes.len(), 3);
-        assert_eq!(normalize_characters("plain ASCII text.\n", &mut changes), None);
+        assert_eq!(
+            normalize_characters("plain ASCII text.\n", &mut changes),
+            None
+        );
         assert_eq!(normalize_characters("café “zo”", &mut changes), None);
     }
 
@@ -217,9 +241,15 @@ mod tests {
     #[test]
     fn leftovers_of_stripping_are_tidied() {
         assert_eq!(layout("Motie  over zorg  en ."), "Motie over zorg en.");
-        assert_eq!(layout("De motie () , die ( zie ) [ ] werkt ,."), "De motie, die (zie) werkt.");
+        assert_eq!(
+            layout("De motie () , die ( zie ) [ ] werkt ,."),
+            "De motie, die (zie) werkt."
+        );
         assert_eq!(layout("Ja,, nee;; dus"), "Ja, nee; dus");
-        assert_eq!(layout("op een rij: ; Seizoen 1 en zichzelf: : Deze"), "op een rij: ; Seizoen 1 en zichzelf: : Deze");
+        assert_eq!(
+            layout("op een rij: ; Seizoen 1 en zichzelf: : Deze"),
+            "op een rij: ; Seizoen 1 en zichzelf: : Deze"
+        );
     }
 
     #[test]
@@ -232,21 +262,34 @@ mod tests {
         let mut changes = Vec::new();
         let output = normalize_layout("\n\nEen.\n\n\n\nTwee.\n\n", &mut changes).unwrap();
         assert_eq!(output, "Een.\n\nTwee.");
-        assert_eq!(changes, vec![Change::Normalize { action: NormalizeAction::BlankLines, count: 6 }]);
+        assert_eq!(
+            changes,
+            vec![Change::Normalize {
+                action: NormalizeAction::BlankLines,
+                count: 6
+            }]
+        );
     }
 
     #[test]
     fn quick_scan_never_calls_untidy_text_tidy() {
-        for untidy in ["a  b", " a", "a ", "a ,", "( a)", "a,,", "a,.", "a;;", "()", "a\n\nb\n", "\na", "a \nb", "a\n b"] {
+        for untidy in [
+            "a  b", " a", "a ", "a ,", "( a)", "a,,", "a,.", "a;;", "()", "a\n\nb\n", "\na",
+            "a \nb", "a\n b",
+        ] {
             assert!(!is_tidy(untidy), "{untidy:?}");
-            assert!(normalize_layout(untidy, &mut Vec::new()).is_some(), "{untidy:?}");
+            assert!(
+                normalize_layout(untidy, &mut Vec::new()).is_some(),
+                "{untidy:?}"
+            );
         }
         assert!(is_tidy("De motie (zie 36 410) vraagt: nu!\nTweede regel."));
     }
 
     #[test]
     fn clean_text_is_untouched() {
-        let text = "De Kamer verzoekt de regering (zie motie 36 410) om actie: nu!\n\nTweede alinea.";
+        let text =
+            "De Kamer verzoekt de regering (zie motie 36 410) om actie: nu!\n\nTweede alinea.";
         assert_eq!(normalize_layout(text, &mut Vec::new()), None);
     }
 }

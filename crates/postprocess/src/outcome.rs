@@ -32,7 +32,10 @@ impl Outcome {
 
     /// The rejection reason codes, e.g. `["foreign_words", "too_short"]`.
     pub fn reason_codes(&self) -> Vec<&'static str> {
-        self.rejections.iter().map(|rejection| rejection.reason.code()).collect()
+        self.rejections
+            .iter()
+            .map(|rejection| rejection.reason.code())
+            .collect()
     }
 
     /// One line naming every rejection: `"too_short: 12 characters, min_chars is 20"`.
@@ -69,7 +72,10 @@ pub enum Change {
     /// The replacement list replaced a foreign word.
     Replacement { from: String, to: String },
     /// Normalisation tidied the text; `count` is how many places it touched.
-    Normalize { action: NormalizeAction, count: usize },
+    Normalize {
+        action: NormalizeAction,
+        count: usize,
+    },
 }
 
 impl Change {
@@ -167,8 +173,14 @@ mod tests {
         let outcome = Outcome {
             text: "Kort.".into(),
             changes: vec![
-                Change::Typo { from: "lageinkomen".into(), to: "laag inkomen".into() },
-                Change::Normalize { action: NormalizeAction::CollapsedSpaces, count: 2 },
+                Change::Typo {
+                    from: "lageinkomen".into(),
+                    to: "laag inkomen".into(),
+                },
+                Change::Normalize {
+                    action: NormalizeAction::CollapsedSpaces,
+                    count: 2,
+                },
             ],
             foreign_words: vec![],
             rejections: vec![Rejection {
@@ -183,6 +195,9 @@ mod tests {
         assert!(!outcome.is_accepted());
         assert_eq!(outcome.accepted_text(), None);
         assert_eq!(outcome.reason_codes(), vec!["too_short"]);
-        assert_eq!(outcome.rejection_summary(), "too_short: 5 characters, min_chars is 20");
+        assert_eq!(
+            outcome.rejection_summary(),
+            "too_short: 5 characters, min_chars is 20"
+        );
     }
 }

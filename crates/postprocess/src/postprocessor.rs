@@ -43,7 +43,10 @@ impl std::fmt::Debug for Postprocessor {
             .field("strip", &self.strip)
             .field("typos", &self.typos.len())
             .field("replacements", &self.replacements.len())
-            .field("language", &self.language.as_ref().map(|rule| &rule.language))
+            .field(
+                "language",
+                &self.language.as_ref().map(|rule| &rule.language),
+            )
             .field("min_chars", &self.min_chars)
             .field("max_chars", &self.max_chars)
             .finish()
@@ -72,11 +75,19 @@ impl Postprocessor {
         if let Some(next) = self.typos.apply(&current, &mut replaced) {
             current = Cow::Owned(next);
         }
-        changes.extend(replaced.drain(..).map(|(from, to)| Change::Typo { from, to }));
+        changes.extend(
+            replaced
+                .drain(..)
+                .map(|(from, to)| Change::Typo { from, to }),
+        );
         if let Some(next) = self.replacements.apply(&current, &mut replaced) {
             current = Cow::Owned(next);
         }
-        changes.extend(replaced.drain(..).map(|(from, to)| Change::Replacement { from, to }));
+        changes.extend(
+            replaced
+                .drain(..)
+                .map(|(from, to)| Change::Replacement { from, to }),
+        );
         if self.normalize
             && let Some(next) = normalize_layout(&current, &mut changes)
         {
@@ -87,7 +98,12 @@ impl Postprocessor {
             None => Vec::new(),
         };
         let rejections = self.rejections(text, &current, &changes, &foreign_words);
-        Outcome { text: current.into_owned(), changes, foreign_words, rejections }
+        Outcome {
+            text: current.into_owned(),
+            changes,
+            foreign_words,
+            rejections,
+        }
     }
 
     fn rejections(
@@ -99,7 +115,10 @@ impl Postprocessor {
     ) -> Vec<Rejection> {
         let mut rejections = Vec::new();
         if text.trim().is_empty() {
-            rejections.push(Rejection { reason: RejectReason::Empty, detail: empty_detail(input, changes) });
+            rejections.push(Rejection {
+                reason: RejectReason::Empty,
+                detail: empty_detail(input, changes),
+            });
             return rejections;
         }
         if let Some(rule) = &self.language

@@ -12,6 +12,7 @@
 use unicode_script::{Script, UnicodeScript};
 
 use crate::outcome::Change;
+use crate::script_fragments::cut_fragments;
 
 /// The compiled script rule.
 #[derive(Debug, Clone)]
@@ -24,7 +25,7 @@ pub struct ScriptFilter {
 
 /// How one character votes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Vote {
+pub(crate) enum Vote {
     Expected,
     Foreign(Script),
     Neutral,
@@ -35,7 +36,12 @@ impl ScriptFilter {
     /// cutting shorter runs out of kept lines when `cut_fragments`.
     pub fn new(expected: Vec<Script>, max_foreign_share: f64, cut_fragments: bool) -> ScriptFilter {
         let latin_expected = expected.contains(&Script::Latin);
-        ScriptFilter { expected, max_foreign_share, cut_fragments, latin_expected }
+        ScriptFilter {
+            expected,
+            max_foreign_share,
+            cut_fragments,
+            latin_expected,
+        }
     }
 
     /// Looks a script up by its Unicode name (`"Latin"`, `"Han"`) or ISO 15924 code (`"Latn"`),
@@ -54,7 +60,9 @@ impl ScriptFilter {
             .or_else(|| Script::from_full_name(&titled))
             .or_else(|| Script::from_short_name(trimmed))
             .or_else(|| Script::from_short_name(&titled))
-            .filter(|script| !matches!(script, Script::Common | Script::Inherited | Script::Unknown))
+            .filter(|script| {
+                !matches!(script, Script::Common | Script::Inherited | Script::Unknown)
+            })
     }
 
     #[inline]
@@ -83,8 +91,12 @@ impl ScriptFilter {
         if text.is_ascii() && self.latin_expected {
             return None;
         }
-        let verdicts: Vec<LineVerdict> = text.split('\n').map(|line| self.judge_line(line)).collect();
-        if verdicts.iter().all(|verdict| matches!(verdict, LineVerdict::Clean)) {
+        let verdicts: Vec<LineVerdict> =
+            text.split('\n').map(|line| self.judge_line(line)).collect();
+        if verdicts
+            .iter()
+            .all(|verdict| matches!(verdict, LineVerdict::Clean))
+        {
             return None;
         }
         let mut output = String::with_capacity(text.len());
@@ -116,7 +128,10 @@ impl ScriptFilter {
                 Vote::Expected => expected_letters += 1,
                 Vote::Foreign(script) => {
                     foreign_letters += 1;
-                    match foreign_counts.iter_mut().find(|(known, _)| *known == script) {
+                    match foreign_counts
+                        .iter_mut()
+                        .find(|(known, _)| *known == script)
+                    {
                         Some((_, count)) => *count += 1,
                         None => foreign_counts.push((script, 1)),
                     }
@@ -129,7 +144,10 @@ impl ScriptFilter {
         }
         let share = foreign_letters as f64 / (foreign_letters + expected_letters) as f64;
         if share > self.max_foreign_share {
-            let dominant = foreign_counts.iter().max_by_key(|(_, count)| *count).map(|(s, _)| *s);
+            let dominant = foreign_counts
+                .iter()
+                .max_by_key(|(_, count)| *count)
+                .map(|(s, _)| *s);
             LineVerdict::Drop(dominant.unwrap_or(Script::Unknown))
         } else if self.cut_fragments {
             LineVerdict::CutFragments
@@ -138,77 +156,13 @@ impl ScriptFilter {
         }
     }
 
-    /// True when the lone foreign letter at `position` is a Greek letter used as a symbol, or
-    /// sits inside a word (`β-glucanen`, a Cyrillic `А` in `Аmsterdam`): it stays.
-    fn is_symbol_or_look_alike(&self, characters: &[(usize, char, Vote)], position: usize, script: Script) -> bool {
-        if script == Script::Greek {
-            return true;
-        }
-        let joined = |neighbour: Option<&(usize, char, Vote)>| {
-            neighbour.is_some_and(|&(_, character, _)| character.is_alphanumeric() || character == '-')
-        };
-        let before = position.checked_sub(1).and_then(|index| characters.get(index));
-        joined(before) || joined(characters.get(position + 1))
-    }
-
-    /// `line` without its runs of foreign letters. A run reaches from a foreign letter to the
-    /// last foreign letter before the next expected one, and takes along the marks and
-    /// punctuation specific to its scripts (`。`, `「`, Arabic harakat and tatweel). A lone
-    /// Greek letter (`β-caroteen`, `Δ`) or a lone letter inside a word (a look-alike `А` in
-    /// `Аmsterdam`) stays.
+    /// `line` without its runs of foreign letters (see [`crate::script_fragments`]).
     fn cut_fragments(&self, line: &str, line_number: usize, changes: &mut Vec<Change>) -> String {
-        let characters: Vec<(usize, char, Vote)> =
-            line.char_indices().map(|(at, character)| (at, character, self.vote(character))).collect();
-        let mut kept = String::with_capacity(line.len());
-        let mut copied_up_to = 0usize;
-        let mut position = 0usize;
-        while position < characters.len() {
-            let Vote::Foreign(script) = characters[position].2 else {
-                position += 1;
-                continue;
-            };
-            let mut scripts = vec![script];
-            let mut letters = 1usize;
-            let mut last = position;
-            let mut scan = position + 1;
-            while scan < characters.len() && characters[scan].2 != Vote::Expected {
-                match characters[scan].2 {
-                    Vote::Foreign(other) => {
-                        letters += 1;
-                        last = scan;
-                        if !scripts.contains(&other) {
-                            scripts.push(other);
-                        }
-                    }
-                    _ if belongs_to_scripts(characters[scan].1, &scripts, true) => last = scan,
-                    _ => {}
-                }
-                scan += 1;
-            }
-            if letters < 2 && self.is_symbol_or_look_alike(&characters, position, script) {
-                position = scan;
-                continue;
-            }
-            let mut first = position;
-            while first > 0
-                && characters[first - 1].0 >= copied_up_to
-                && belongs_to_scripts(characters[first - 1].1, &scripts, false)
-            {
-                first -= 1;
-            }
-            let start = characters[first].0;
-            let end = characters.get(last + 1).map_or(line.len(), |next| next.0);
-            kept.push_str(&line[copied_up_to..start]);
-            changes.push(Change::ScriptRemovedFragment {
-                line: line_number,
-                script: script.full_name().to_string(),
-                removed: line[start..end].to_string(),
-            });
-            copied_up_to = end;
-            position = last + 1;
-        }
-        kept.push_str(&line[copied_up_to..]);
-        kept
+        let characters: Vec<(usize, char, Vote)> = line
+            .char_indices()
+            .map(|(at, character)| (at, character, self.vote(character)))
+            .collect();
+        cut_fragments(line, &characters, line_number, changes)
     }
 }
 
@@ -217,23 +171,6 @@ enum LineVerdict {
     Clean,
     Drop(Script),
     CutFragments,
-}
-
-/// True for a neutral character used only with some scripts (its Unicode script extension)
-/// when one of them is in `scripts`, such as `。` with Han or `،` with Arabic; combining marks
-/// count too when `marks` is set.
-fn belongs_to_scripts(character: char, scripts: &[Script], marks: bool) -> bool {
-    if character.is_ascii() || character.is_whitespace() {
-        return false;
-    }
-    let extension = character.script_extension();
-    if extension.is_common() {
-        return false;
-    }
-    if extension.is_inherited() {
-        return marks;
-    }
-    scripts.iter().any(|script| extension.contains_script(*script))
 }
 
 fn push_line(buffer: &mut String, line: &str, kept_lines: &mut usize) {
@@ -254,14 +191,17 @@ mod tests {
 
     fn run(text: &str) -> (String, Vec<Change>) {
         let mut changes = Vec::new();
-        let output = latin().apply(text, &mut changes).unwrap_or_else(|| text.to_string());
+        let output = latin()
+            .apply(text, &mut changes)
+            .unwrap_or_else(|| text.to_string());
         (output, changes)
     }
 
     #[test]
     fn drops_lines_mostly_in_other_scripts() {
-        let (text, changes) =
-            run("De motie vraagt om actie.\nو في نفس الوقت أقول\n这是一个句子。\nЭто предложение.\nSlot.");
+        let (text, changes) = run(
+            "De motie vraagt om actie.\nو في نفس الوقت أقول\n这是一个句子。\nЭто предложение.\nSlot.",
+        );
         assert_eq!(text, "De motie vraagt om actie.\nSlot.");
         let scripts: Vec<&str> = changes
             .iter()
@@ -278,7 +218,9 @@ mod tests {
         let (text, changes) = run("De regering重要的 beleid, zie 「注意」 hier (2023 年).");
         assert_eq!(text, "De regering beleid, zie  hier (2023 ).");
         assert_eq!(changes.len(), 3);
-        assert!(matches!(&changes[1], Change::ScriptRemovedFragment { removed, .. } if removed == "「注意」"));
+        assert!(
+            matches!(&changes[1], Change::ScriptRemovedFragment { removed, .. } if removed == "「注意」")
+        );
     }
 
     #[test]
@@ -291,7 +233,9 @@ mod tests {
     fn fragments_stay_when_cutting_is_off() {
         let filter = ScriptFilter::new(vec![Script::Latin], 0.5, false);
         let mut changes = Vec::new();
-        let output = filter.apply("Gideon (גדעון) is een naam.\nגדעון גדעון", &mut changes).unwrap();
+        let output = filter
+            .apply("Gideon (גדעון) is een naam.\nגדעון גדעון", &mut changes)
+            .unwrap();
         assert_eq!(output, "Gideon (גדעון) is een naam.");
         assert_eq!(changes.len(), 1);
     }
@@ -324,7 +268,10 @@ mod tests {
     fn script_names_resolve_loosely() {
         assert_eq!(ScriptFilter::script_named("latin"), Some(Script::Latin));
         assert_eq!(ScriptFilter::script_named("Latn"), Some(Script::Latin));
-        assert_eq!(ScriptFilter::script_named("Cyrillic"), Some(Script::Cyrillic));
+        assert_eq!(
+            ScriptFilter::script_named("Cyrillic"),
+            Some(Script::Cyrillic)
+        );
         assert_eq!(ScriptFilter::script_named("Klingon"), None);
         assert_eq!(ScriptFilter::script_named("Common"), None);
     }
@@ -333,7 +280,9 @@ mod tests {
     fn expected_script_other_than_latin() {
         let filter = ScriptFilter::new(vec![Script::Cyrillic], 0.5, true);
         let mut changes = Vec::new();
-        let output = filter.apply("Это предложение.\nThis is English.", &mut changes).unwrap();
+        let output = filter
+            .apply("Это предложение.\nThis is English.", &mut changes)
+            .unwrap();
         assert_eq!(output, "Это предложение.");
     }
 }

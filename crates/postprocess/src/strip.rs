@@ -63,17 +63,26 @@ mod tests {
 
     #[test]
     fn removes_every_match_and_records_it() {
-        let rule = StripRule::compile(&[r"\(\d+-\d+\)".to_string(), r"\(t\.v\.v\.[^)]*\)".to_string()])
-            .unwrap();
+        let rule = StripRule::compile(&[
+            r"\(\d+-\d+\)".to_string(),
+            r"\(t\.v\.v\.[^)]*\)".to_string(),
+        ])
+        .unwrap();
         let mut changes = Vec::new();
         let output = rule
-            .apply("Motie (45-102) over zorg (t.v.v. 21501-20-1981) en (12-3).", &mut changes)
+            .apply(
+                "Motie (45-102) over zorg (t.v.v. 21501-20-1981) en (12-3).",
+                &mut changes,
+            )
             .unwrap();
         assert_eq!(output, "Motie  over zorg  en .");
         assert_eq!(changes.len(), 3);
         assert_eq!(
             changes[0],
-            Change::Strip { pattern: r"\(\d+-\d+\)".into(), removed: "(45-102)".into() }
+            Change::Strip {
+                pattern: r"\(\d+-\d+\)".into(),
+                removed: "(45-102)".into()
+            }
         );
     }
 

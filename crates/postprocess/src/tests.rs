@@ -61,11 +61,17 @@ fn every_rule_repairs_its_defect_and_the_output_is_accepted() {
     let input = "De motie (45-102) vraagt  om een filthy regering\u{00A0}voor mensen met lageinkomen .\n\
                  و في نفس الوقت أقول بأن الشيخ\n这是一个句子。";
     let outcome = postprocessor.process(input);
-    assert_eq!(outcome.text, "De motie vraagt om een smerig regering voor mensen met laag inkomen.");
+    assert_eq!(
+        outcome.text,
+        "De motie vraagt om een smerig regering voor mensen met laag inkomen."
+    );
     assert!(outcome.is_accepted(), "{:?}", outcome.rejections);
     let rules: Vec<&str> = outcome.changes.iter().map(Change::rule_key).collect();
     for rule in ["normalize", "script", "strip", "typos", "replacements"] {
-        assert!(rules.contains(&rule), "no change recorded for {rule}: {rules:?}");
+        assert!(
+            rules.contains(&rule),
+            "no change recorded for {rule}: {rules:?}"
+        );
     }
     assert!(outcome.foreign_words.is_empty());
 }
@@ -76,23 +82,47 @@ fn too_many_foreign_words_reject_with_the_words_named() {
     let postprocessor = job.build(FULL_TABLE).unwrap();
     let outcome = postprocessor.process("The motion asks the government om een online team.");
     assert_eq!(outcome.reason_codes(), vec!["foreign_words"]);
-    let words: Vec<&str> = outcome.foreign_words.iter().map(|word| word.word.as_str()).collect();
+    let words: Vec<&str> = outcome
+        .foreign_words
+        .iter()
+        .map(|word| word.word.as_str())
+        .collect();
     assert_eq!(words, vec!["The", "motion", "asks", "the", "government"]);
-    assert!(outcome.rejections[0].detail.contains("max_foreign_words is 1"));
-    assert_eq!(outcome.text, "The motion asks the government om een online team.");
+    assert!(
+        outcome.rejections[0]
+            .detail
+            .contains("max_foreign_words is 1")
+    );
+    assert_eq!(
+        outcome.text,
+        "The motion asks the government om een online team."
+    );
 }
 
 #[test]
 fn length_and_empty_rejections() {
     let job = JobDir::new("length");
     let postprocessor = job.build(FULL_TABLE).unwrap();
-    assert_eq!(postprocessor.process("Te kort.").reason_codes(), vec!["too_short"]);
+    assert_eq!(
+        postprocessor.process("Te kort.").reason_codes(),
+        vec!["too_short"]
+    );
     let long = "De motie vraagt om actie. ".repeat(10);
-    assert_eq!(postprocessor.process(&long).reason_codes(), vec!["too_long"]);
+    assert_eq!(
+        postprocessor.process(&long).reason_codes(),
+        vec!["too_long"]
+    );
     let outcome = postprocessor.process("这是一个句子。\nЭто предложение.");
     assert_eq!(outcome.rejections[0].reason, RejectReason::Empty);
-    assert!(outcome.rejections[0].detail.contains("Han, Cyrillic"), "{}", outcome.rejections[0].detail);
-    assert_eq!(postprocessor.process(" \n ").rejections[0].detail, "the output is blank");
+    assert!(
+        outcome.rejections[0].detail.contains("Han, Cyrillic"),
+        "{}",
+        outcome.rejections[0].detail
+    );
+    assert_eq!(
+        postprocessor.process(" \n ").rejections[0].detail,
+        "the output is blank"
+    );
 }
 
 #[test]
@@ -115,8 +145,13 @@ fn build_errors_name_the_key() {
     assert!(message("max_foreign_script_share = 1.5").contains("max_foreign_script_share"));
     assert!(message("allow_words = \"x.txt\"").contains("set language"));
     let missing = message("language = \"nl\"\nlexicon_dir = \"nowhere\"");
-    assert!(missing.contains("lexicon_dir") && missing.contains("nl.txt"), "{missing}");
-    assert!(message("language = \"nl\"\nforeign_languages = [\"nl\"]").contains("foreign_languages"));
+    assert!(
+        missing.contains("lexicon_dir") && missing.contains("nl.txt"),
+        "{missing}"
+    );
+    assert!(
+        message("language = \"nl\"\nforeign_languages = [\"nl\"]").contains("foreign_languages")
+    );
     std::fs::write(job.path().join("bad.tsv"), "ok\tok\nbroken line\n").unwrap();
     let bad = message("typos = \"bad.tsv\"");
     assert!(bad.contains("line 2") && bad.contains("typos"), "{bad}");
@@ -136,7 +171,10 @@ fn explain_lists_each_rule() {
         "verdict: accepted",
         "--- text ---\nDe motie vraagt om laag inkomen.\n",
     ] {
-        assert!(account.contains(expected), "missing {expected:?} in:\n{account}");
+        assert!(
+            account.contains(expected),
+            "missing {expected:?} in:\n{account}"
+        );
     }
 }
 

@@ -48,7 +48,10 @@ impl WordMap {
             if line.trim().is_empty() || line.trim_start().starts_with('#') {
                 continue;
             }
-            let problem = |problem: String| DictionaryLineError { line: line_number, problem };
+            let problem = |problem: String| DictionaryLineError {
+                line: line_number,
+                problem,
+            };
             let Some((wrong, right)) = line.split_once('\t') else {
                 return Err(problem(format!(
                     "expected `wrong<TAB>right`, found no tab in {line:?}"
@@ -56,7 +59,9 @@ impl WordMap {
             };
             let (wrong, right) = (wrong.trim(), right.trim());
             if wrong.is_empty() || right.is_empty() {
-                return Err(problem("both sides of the tab must be non-empty".to_string()));
+                return Err(problem(
+                    "both sides of the tab must be non-empty".to_string(),
+                ));
             }
             if right.contains('\t') {
                 return Err(problem(format!("more than one tab in {line:?}")));
@@ -71,7 +76,9 @@ impl WordMap {
             }
             seen.insert(wrong.to_string(), (right.to_string(), line_number));
             let entry = Entry::new(wrong, right).ok_or_else(|| {
-                problem(format!("{wrong:?} must start and end with a letter or digit"))
+                problem(format!(
+                    "{wrong:?} must start and end with a letter or digit"
+                ))
             })?;
             let mut key = String::new();
             push_lowercase(&entry.words[0], &mut key);
@@ -79,7 +86,7 @@ impl WordMap {
             map.entries += 1;
         }
         for entries in map.by_first_word.values_mut() {
-            entries.sort_by(|left, right| right.words.len().cmp(&left.words.len()));
+            entries.sort_by_key(|entry| std::cmp::Reverse(entry.words.len()));
         }
         Ok(map)
     }
@@ -111,7 +118,9 @@ impl WordMap {
             push_lowercase(&text[start..end], &mut key);
             let matched = self.by_first_word.get(key.as_str()).and_then(|entries| {
                 entries.iter().find_map(|entry| {
-                    entry.match_length(text, &spans[index..]).map(|length| (entry, length))
+                    entry
+                        .match_length(text, &spans[index..])
+                        .map(|length| (entry, length))
                 })
             });
             let Some((entry, length)) = matched else {
@@ -159,7 +168,12 @@ impl Entry {
             .windows(2)
             .map(|pair| canonical_separator(&wrong[pair[0].1..pair[1].0]))
             .collect();
-        Some(Entry { words, separators, right: right.to_string(), case_sensitive })
+        Some(Entry {
+            words,
+            separators,
+            right: right.to_string(),
+            case_sensitive,
+        })
     }
 
     /// How many of the words starting at `spans[0]` this entry matches, if it matches.
@@ -215,7 +229,11 @@ fn canonical_separator(separator: &str) -> String {
             }
             in_space = true;
         } else {
-            canonical.push(if character == '\u{2019}' { '\'' } else { character });
+            canonical.push(if character == '\u{2019}' {
+                '\''
+            } else {
+                character
+            });
             in_space = false;
         }
     }
@@ -228,13 +246,16 @@ mod tests {
 
     fn apply(map: &WordMap, text: &str) -> (String, Vec<(String, String)>) {
         let mut replaced = Vec::new();
-        let output = map.apply(text, &mut replaced).unwrap_or_else(|| text.to_string());
+        let output = map
+            .apply(text, &mut replaced)
+            .unwrap_or_else(|| text.to_string());
         (output, replaced)
     }
 
     #[test]
     fn replaces_whole_words_and_keeps_case() {
-        let map = WordMap::parse("lageinkomen\tlaag inkomen\nformuliernoten\tformulieren\n").unwrap();
+        let map =
+            WordMap::parse("lageinkomen\tlaag inkomen\nformuliernoten\tformulieren\n").unwrap();
         let (text, replaced) = apply(
             &map,
             "Lageinkomen en lageinkomens; LAGEINKOMEN. De formuliernoten-stapel en formuliernoten.",
@@ -244,7 +265,10 @@ mod tests {
             "Laag inkomen en lageinkomens; LAAG INKOMEN. De formulieren-stapel en formulieren."
         );
         assert_eq!(replaced.len(), 4);
-        assert_eq!(replaced[0], ("Lageinkomen".to_string(), "Laag inkomen".to_string()));
+        assert_eq!(
+            replaced[0],
+            ("Lageinkomen".to_string(), "Laag inkomen".to_string())
+        );
     }
 
     #[test]
@@ -285,7 +309,11 @@ mod tests {
         let error = WordMap::parse("a\tb\na\tc\n").unwrap_err();
         assert!(error.problem.contains("line 1"), "{}", error.problem);
         let error = WordMap::parse("(x)\ty\n").unwrap_err();
-        assert!(error.problem.contains("letter or digit"), "{}", error.problem);
+        assert!(
+            error.problem.contains("letter or digit"),
+            "{}",
+            error.problem
+        );
         assert!(WordMap::parse("x\t\n").is_err());
     }
 }

@@ -137,7 +137,10 @@ mod tests {
     use super::*;
 
     fn words<'a>(text: &'a str, spans: &[(usize, usize)]) -> Vec<&'a str> {
-        spans.iter().map(|&(start, end)| &text[start..end]).collect()
+        spans
+            .iter()
+            .map(|&(start, end)| &text[start..end])
+            .collect()
     }
 
     #[test]
@@ -145,7 +148,17 @@ mod tests {
         let text = "De auto's van e-mail (45-102), café\u{301}!";
         assert_eq!(
             words(text, &simple_word_spans(text)),
-            vec!["De", "auto", "s", "van", "e", "mail", "45", "102", "café\u{301}"]
+            vec![
+                "De",
+                "auto",
+                "s",
+                "van",
+                "e",
+                "mail",
+                "45",
+                "102",
+                "café\u{301}"
+            ]
         );
     }
 
@@ -154,7 +167,16 @@ mod tests {
         let text = "auto’s, e-mail, vervoer- en beheerplan, 'quote' a--b";
         assert_eq!(
             words(text, &compound_word_spans(text)),
-            vec!["auto’s", "e-mail", "vervoer", "en", "beheerplan", "quote", "a", "b"]
+            vec![
+                "auto’s",
+                "e-mail",
+                "vervoer",
+                "en",
+                "beheerplan",
+                "quote",
+                "a",
+                "b"
+            ]
         );
     }
 

@@ -23,7 +23,13 @@ pub fn benchmark_set(corpus: &Corpus, count: usize) -> BenchmarkSet {
     let pool = english_pool(corpus);
     let foreign_lines: Vec<&str> = FOREIGN_SCRIPT_LANGUAGES
         .iter()
-        .flat_map(|language| corpus.sentences.get(*language).map(Vec::as_slice).unwrap_or_default())
+        .flat_map(|language| {
+            corpus
+                .sentences
+                .get(*language)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+        })
         .map(String::as_str)
         .collect();
     let fragments: Vec<String> = corpus
@@ -32,7 +38,9 @@ pub fn benchmark_set(corpus: &Corpus, count: usize) -> BenchmarkSet {
         .filter_map(|title| {
             let start = title.find('(')?;
             let end = title[start..].find(')')? + start + 1;
-            title[start..end].contains(|character: char| character.is_ascii_digit()).then(|| title[start..end].to_string())
+            title[start..end]
+                .contains(|character: char| character.is_ascii_digit())
+                .then(|| title[start..end].to_string())
         })
         .collect();
 
@@ -52,11 +60,19 @@ pub fn benchmark_set(corpus: &Corpus, count: usize) -> BenchmarkSet {
             3 if !typos.is_empty() => {
                 let typo = random.pick(&typos);
                 let original = texts[typo.text_index];
-                format!("{}{}{}", &original[..typo.start], typo.wrong, &original[typo.end..])
+                format!(
+                    "{}{}{}",
+                    &original[..typo.start],
+                    typo.wrong,
+                    &original[typo.end..]
+                )
             }
             _ => base.to_string(),
         };
         outputs.push(output);
     }
-    BenchmarkSet { outputs, typo_dictionary: dictionary_text(&typos) }
+    BenchmarkSet {
+        outputs,
+        typo_dictionary: dictionary_text(&typos),
+    }
 }

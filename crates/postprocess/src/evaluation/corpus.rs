@@ -10,14 +10,20 @@ use thiserror::Error;
 /// Why the evaluation data could not be read.
 #[derive(Debug, Error)]
 pub enum EvaluationError {
-    #[error("cannot read evaluation data {path}: {source} (expected shared/data beside the repository)")]
+    #[error(
+        "cannot read evaluation data {path}: {source} (expected shared/data beside the repository)"
+    )]
     Unreadable {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("{path} line {line}: {problem}")]
-    BadLine { path: PathBuf, line: usize, problem: String },
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
     #[error("post-processor for the {scenario} scenario could not be built: {source}")]
     Build {
         scenario: &'static str,
@@ -86,7 +92,10 @@ impl Corpus {
             }
             if let Some(text) = record.get("text").and_then(|value| value.as_str()) {
                 corpus.motion_lines.extend(
-                    text.lines().map(str::trim).filter(|line| !line.is_empty()).map(str::to_string),
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|line| !line.is_empty())
+                        .map(str::to_string),
                 );
             }
         }
@@ -104,24 +113,39 @@ impl Corpus {
         }
         let opentaal = data_dir.join("wordlists/nl_opentaal_wdutch_2.20.19.txt");
         let contents = read_to_string(&opentaal)?;
-        corpus.opentaal_words = contents.lines().map(|line| line.trim().to_lowercase()).collect();
+        corpus.opentaal_words = contents
+            .lines()
+            .map(|line| line.trim().to_lowercase())
+            .collect();
         Ok(corpus)
     }
 
     /// The clean Dutch texts mixed with defects: `langid` Dutch sentences and the LLM outputs.
     pub fn clean_dutch_texts(&self) -> Vec<&str> {
-        let sentences = self.sentences.get("nl").map(Vec::as_slice).unwrap_or_default();
-        sentences.iter().chain(&self.dutch_llm_outputs).map(String::as_str).collect()
+        let sentences = self
+            .sentences
+            .get("nl")
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        sentences
+            .iter()
+            .chain(&self.dutch_llm_outputs)
+            .map(String::as_str)
+            .collect()
     }
 }
 
 /// Maximal runs of letters in `text`.
 pub(crate) fn letter_words(text: &str) -> impl Iterator<Item = &str> {
-    text.split(|character: char| !character.is_alphabetic()).filter(|word| !word.is_empty())
+    text.split(|character: char| !character.is_alphabetic())
+        .filter(|word| !word.is_empty())
 }
 
 fn read_to_string(path: &Path) -> Result<String, EvaluationError> {
-    std::fs::read_to_string(path).map_err(|source| EvaluationError::Unreadable { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| EvaluationError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Rows `(first column, second column)` of a TSV file with a header line.

@@ -54,7 +54,10 @@ impl LanguageScore {
 
     /// Recall over every injected English word, loanwords and homographs included.
     pub fn recall_all(&self) -> f64 {
-        share(self.found_unambiguous + self.found_ambiguous, self.injected_unambiguous + self.injected_ambiguous)
+        share(
+            self.found_unambiguous + self.found_ambiguous,
+            self.injected_unambiguous + self.injected_ambiguous,
+        )
     }
 }
 
@@ -91,11 +94,17 @@ pub fn evaluate(corpus: &Corpus, lexicon_dir: &Path) -> Result<LanguageScore, Ev
             for found in &outcome.foreign_words {
                 if !injected.iter().any(|(offset, _)| *offset == found.offset) {
                     score.false_positives += 1;
-                    *score.false_positive_words.entry(found.word.to_lowercase()).or_default() += 1;
+                    *score
+                        .false_positive_words
+                        .entry(found.word.to_lowercase())
+                        .or_default() += 1;
                 }
             }
             for (offset, word) in &injected {
-                let found = outcome.foreign_words.iter().any(|found| found.offset == *offset);
+                let found = outcome
+                    .foreign_words
+                    .iter()
+                    .any(|found| found.offset == *offset);
                 if corpus.opentaal_words.contains(word.as_str()) {
                     score.injected_ambiguous += 1;
                     score.found_ambiguous += usize::from(found);
@@ -118,11 +127,18 @@ pub fn evaluate(corpus: &Corpus, lexicon_dir: &Path) -> Result<LanguageScore, Ev
     }
     for limit in [0, 1, 2, 3] {
         let rejected = |clean: bool| {
-            let texts: Vec<&(usize, usize)> =
-                counts_per_text.iter().filter(|(injected, _)| (*injected == 0) == clean).collect();
-            share(texts.iter().filter(|(_, flagged)| *flagged > limit).count(), texts.len())
+            let texts: Vec<&(usize, usize)> = counts_per_text
+                .iter()
+                .filter(|(injected, _)| (*injected == 0) == clean)
+                .collect();
+            share(
+                texts.iter().filter(|(_, flagged)| *flagged > limit).count(),
+                texts.len(),
+            )
         };
-        score.rejection_by_limit.push((limit, rejected(true), rejected(false)));
+        score
+            .rejection_by_limit
+            .push((limit, rejected(true), rejected(false)));
     }
     for line in &corpus.motion_lines {
         score.motion_tokens += letter_words(line).count();
@@ -134,10 +150,16 @@ pub fn evaluate(corpus: &Corpus, lexicon_dir: &Path) -> Result<LanguageScore, Ev
 /// Lowercase words from inside English sentences that no Dutch text of the corpus contains.
 pub(crate) fn english_pool(corpus: &Corpus) -> Vec<String> {
     let mut pool = std::collections::BTreeSet::new();
-    for sentence in corpus.sentences.get("en").map(Vec::as_slice).unwrap_or_default() {
+    for sentence in corpus
+        .sentences
+        .get("en")
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         for word in sentence.split_whitespace().skip(1) {
             let word = word.trim_matches(|character: char| !character.is_alphanumeric());
-            let plain = word.len() >= 2 && word.chars().all(|character| character.is_ascii_lowercase());
+            let plain =
+                word.len() >= 2 && word.chars().all(|character| character.is_ascii_lowercase());
             if plain && !corpus.dutch_text_vocabulary.contains(word) {
                 pool.insert(word.to_string());
             }
@@ -157,7 +179,13 @@ pub(crate) fn inject(
 ) -> (String, Vec<(usize, String)>) {
     let mut slots: Vec<usize> = base
         .char_indices()
-        .filter(|&(at, character)| character == ' ' && base[..at].chars().next_back().is_some_and(char::is_alphabetic))
+        .filter(|&(at, character)| {
+            character == ' '
+                && base[..at]
+                    .chars()
+                    .next_back()
+                    .is_some_and(char::is_alphabetic)
+        })
         .map(|(at, _)| at + 1)
         .collect();
     let mut chosen = Vec::new();

@@ -56,7 +56,11 @@ pub fn run_on(corpus: &Corpus, lexicon_dir: &Path) -> Result<Report, EvaluationE
 
 /// `part / whole`, or 0 when `whole` is 0.
 pub(crate) fn share(part: usize, whole: usize) -> f64 {
-    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
 }
 
 /// Builds a post-processor for one scenario.
@@ -84,7 +88,10 @@ impl ScratchFile {
         let path = directory.join(name);
         std::fs::create_dir_all(&directory)
             .and_then(|()| std::fs::write(&path, contents))
-            .map_err(|source| EvaluationError::Scratch { path: path.clone(), source })?;
+            .map_err(|source| EvaluationError::Scratch {
+                path: path.clone(),
+                source,
+            })?;
         Ok(ScratchFile(path))
     }
 

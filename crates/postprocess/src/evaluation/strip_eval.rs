@@ -52,7 +52,10 @@ impl StripScore {
 
 pub fn evaluate(corpus: &Corpus, lexicon_dir: &Path) -> Result<StripScore, EvaluationError> {
     let strip_config = PostprocessConfig {
-        strip: METADATA_PATTERNS.iter().map(|pattern| pattern.to_string()).collect(),
+        strip: METADATA_PATTERNS
+            .iter()
+            .map(|pattern| pattern.to_string())
+            .collect(),
         ..PostprocessConfig::default()
     };
     let strip = build("strip", &strip_config, lexicon_dir)?;
@@ -66,11 +69,19 @@ pub fn evaluate(corpus: &Corpus, lexicon_dir: &Path) -> Result<StripScore, Evalu
     let mut fragments: Vec<String> = corpus
         .motion_titles
         .iter()
-        .flat_map(|title| fragment_pattern.find_iter(title).map(|found| found.as_str().to_string()))
+        .flat_map(|title| {
+            fragment_pattern
+                .find_iter(title)
+                .map(|found| found.as_str().to_string())
+        })
         .collect();
     score.real_fragments = fragments.len();
     for _ in 0..200 {
-        fragments.push(format!("({}-{})", 1 + random.below(99), 1 + random.below(999)));
+        fragments.push(format!(
+            "({}-{})",
+            1 + random.below(99),
+            1 + random.below(999)
+        ));
         score.synthetic_fragments += 1;
     }
 
@@ -79,7 +90,11 @@ pub fn evaluate(corpus: &Corpus, lexicon_dir: &Path) -> Result<StripScore, Evalu
         let slots: Vec<usize> = base
             .char_indices()
             .filter(|&(at, character)| {
-                !character.is_alphanumeric() && base[..at].chars().next_back().is_some_and(char::is_alphabetic)
+                !character.is_alphanumeric()
+                    && base[..at]
+                        .chars()
+                        .next_back()
+                        .is_some_and(char::is_alphabetic)
             })
             .map(|(at, _)| at)
             .collect();
@@ -101,7 +116,11 @@ pub fn evaluate(corpus: &Corpus, lexicon_dir: &Path) -> Result<StripScore, Evalu
         score.clean_texts += 1;
         score.clean_stripped_by_design_pattern += usize::from(design_pattern.is_match(text));
         let outcome = strip.process(text);
-        if outcome.changes.iter().any(|change| matches!(change, Change::Strip { .. })) {
+        if outcome
+            .changes
+            .iter()
+            .any(|change| matches!(change, Change::Strip { .. }))
+        {
             score.clean_stripped += 1;
             if score.clean_stripped_examples.len() < 8 {
                 let removed: Vec<String> = outcome

@@ -49,11 +49,19 @@ pub fn evaluate(corpus: &Corpus, _lexicon_dir: &Path) -> Result<TypoScore, Evalu
         ..PostprocessConfig::default()
     };
     let processor = build("typos", &config, Path::new("."))?;
-    let mut score = TypoScore { entries: typos.len(), ..TypoScore::default() };
+    let mut score = TypoScore {
+        entries: typos.len(),
+        ..TypoScore::default()
+    };
 
     for typo in &typos {
         let original = texts[typo.text_index];
-        let mut mixed = format!("{}{}{}", &original[..typo.start], typo.wrong, &original[typo.end..]);
+        let mut mixed = format!(
+            "{}{}{}",
+            &original[..typo.start],
+            typo.wrong,
+            &original[typo.end..]
+        );
         let mut expected = original.to_string();
         if random.chance(0.1) {
             mixed = mixed.to_uppercase();
@@ -64,7 +72,9 @@ pub fn evaluate(corpus: &Corpus, _lexicon_dir: &Path) -> Result<TypoScore, Evalu
         if outcome.text == expected {
             score.repaired_exactly += 1;
         } else if score.failures.len() < 10 {
-            score.failures.push(format!("{:?} -> {:?}", typo.wrong, typo.right));
+            score
+                .failures
+                .push(format!("{:?} -> {:?}", typo.wrong, typo.right));
         }
     }
     for text in &texts {
@@ -78,14 +88,22 @@ pub fn evaluate(corpus: &Corpus, _lexicon_dir: &Path) -> Result<TypoScore, Evalu
 pub(crate) fn dictionary_text(typos: &[Typo]) -> String {
     let mut dictionary = String::from("# generated typo dictionary\n");
     for typo in typos {
-        dictionary.push_str(&format!("{}\t{}\n", typo.wrong.to_lowercase(), typo.right.to_lowercase()));
+        dictionary.push_str(&format!(
+            "{}\t{}\n",
+            typo.wrong.to_lowercase(),
+            typo.right.to_lowercase()
+        ));
     }
     dictionary
 }
 
 /// Up to 300 typos of each kind, made from words of the texts; a typo is kept only when its
 /// wrong form is neither an OpenTaal word nor a word of any corpus text.
-pub(crate) fn generate_typos(texts: &[&str], corpus: &Corpus, random: &mut SeededRandom) -> Vec<Typo> {
+pub(crate) fn generate_typos(
+    texts: &[&str],
+    corpus: &Corpus,
+    random: &mut SeededRandom,
+) -> Vec<Typo> {
     let mut typos = Vec::new();
     let mut used: HashSet<String> = HashSet::new();
     for kind in 0..3 {
@@ -107,11 +125,22 @@ pub(crate) fn generate_typos(texts: &[&str], corpus: &Corpus, random: &mut Seede
                     let (next_start, next_end) = words[pick + 1];
                     let next = &text[next_start..next_end];
                     let lower = |w: &str| w.chars().all(char::is_lowercase);
-                    let first_ok = lower(word) || lower(&word[word.chars().next().map_or(0, char::len_utf8)..]);
-                    if &text[end..next_start] != " " || !first_ok || !lower(next) || word.len() < 3 || next.len() < 3 {
+                    let first_ok = lower(word)
+                        || lower(&word[word.chars().next().map_or(0, char::len_utf8)..]);
+                    if &text[end..next_start] != " "
+                        || !first_ok
+                        || !lower(next)
+                        || word.len() < 3
+                        || next.len() < 3
+                    {
                         continue;
                     }
-                    Some((start, next_end, format!("{word}{next}"), format!("{word} {next}")))
+                    Some((
+                        start,
+                        next_end,
+                        format!("{word}{next}"),
+                        format!("{word} {next}"),
+                    ))
                 }
                 _ => {
                     let characters: Vec<char> = word.chars().collect();
@@ -128,18 +157,33 @@ pub(crate) fn generate_typos(texts: &[&str], corpus: &Corpus, random: &mut Seede
                     Some((start, end, changed.into_iter().collect(), word.to_string()))
                 }
             };
-            let Some((start, end, wrong, right)) = candidate else { continue };
-            let stands_alone = !text[..start].chars().next_back().is_some_and(char::is_alphanumeric)
-                && !text[end..].chars().next().is_some_and(char::is_alphanumeric);
+            let Some((start, end, wrong, right)) = candidate else {
+                continue;
+            };
+            let stands_alone = !text[..start]
+                .chars()
+                .next_back()
+                .is_some_and(char::is_alphanumeric)
+                && !text[end..]
+                    .chars()
+                    .next()
+                    .is_some_and(char::is_alphanumeric);
             if !stands_alone {
                 continue;
             }
             let key = wrong.to_lowercase();
-            let known = corpus.opentaal_words.contains(&key) || corpus.dutch_text_vocabulary.contains(&key);
+            let known =
+                corpus.opentaal_words.contains(&key) || corpus.dutch_text_vocabulary.contains(&key);
             if wrong == right || known || !used.insert(key) {
                 continue;
             }
-            typos.push(Typo { text_index, start, end, wrong, right });
+            typos.push(Typo {
+                text_index,
+                start,
+                end,
+                wrong,
+                right,
+            });
             made += 1;
         }
     }
