@@ -4,9 +4,10 @@
 //! lexicon (plus the job's `allow_words`) does not: a loanword the expected lexicon lists, such
 //! as "online" in Dutch, passes. Words the check cannot judge fairly are skipped: words with
 //! digits, single letters, capitalised words inside a sentence (names), all-capital words
-//! (acronyms), and word parts cut off by a hyphen (`vervoer- en beheerplan`). A hyphenated
-//! word is foreign only when it is not in the expected lexicon as a whole, none of its parts
-//! is, and a part is in a foreign lexicon (`e-wallet`, but not `peer-to-peerlevering`).
+//! (acronyms), word parts cut off by a hyphen (`vervoer- en beheerplan`), and words inside web
+//! or e-mail addresses. A hyphenated word is foreign only when it is not in the expected
+//! lexicon as a whole, none of its parts is, and a part is in a foreign lexicon (`e-wallet`,
+//! but not `peer-to-peerlevering`).
 
 use crate::lexicon::Lexicon;
 use crate::outcome::ForeignWord;
@@ -39,7 +40,9 @@ impl LanguageCheck {
             }
             lowered.clear();
             push_lowercase(word, &mut lowered);
-            if let Some(language) = self.foreign_language_of(&lowered) {
+            if let Some(language) = self.foreign_language_of(&lowered)
+                && !is_inside_address(text, start, end)
+            {
                 found.push(ForeignWord {
                     word: word.to_string(),
                     language: language.to_string(),
@@ -101,6 +104,19 @@ impl LanguageCheck {
             Casing::Upper | Casing::Mixed => false,
         }
     }
+}
+
+/// True when the word at `start..end` is part of a web or e-mail address: the run of
+/// non-space characters around it holds `://`, `www.` or `@`.
+fn is_inside_address(text: &str, start: usize, end: usize) -> bool {
+    let chunk_start = text[..start]
+        .rfind(char::is_whitespace)
+        .map_or(0, |at| at + 1);
+    let chunk_end = text[end..]
+        .find(char::is_whitespace)
+        .map_or(text.len(), |at| end + at);
+    let chunk = &text[chunk_start..chunk_end];
+    chunk.contains("://") || chunk.contains("www.") || chunk.contains('@')
 }
 
 /// True when `lexicon` holds `word`, or `word` is `base's` and it holds `base`.
@@ -183,6 +199,16 @@ mod tests {
         assert_eq!(
             found("een filthy-rich regering, een motie-filthy, low-income en een online-team"),
             vec!["filthy-rich"]
+        );
+    }
+
+    #[test]
+    fn words_in_web_and_mail_addresses_are_skipped() {
+        assert_eq!(
+            found(
+                "Zie https://example.org/the-filthy-page en www.filthy.nl of filthy@rich.com, filthy."
+            ),
+            vec!["filthy"]
         );
     }
 

@@ -22,7 +22,7 @@ pub use bench_mix::{BenchmarkSet, benchmark_set};
 pub use corpus::{Corpus, EvaluationError};
 pub use language_eval::LanguageScore;
 pub use script_eval::{FOREIGN_SCRIPT_LANGUAGES, ScriptScore};
-pub use strip_eval::{METADATA_PATTERNS, StripScore};
+pub use strip_eval::{DESIGN_PATTERN, METADATA_PATTERNS, StripScore};
 pub use typo_eval::TypoScore;
 
 use crate::{PostprocessConfig, Postprocessor};
