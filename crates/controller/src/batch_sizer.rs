@@ -20,10 +20,11 @@ use crate::config::StartMinMax;
 const ITEMS_TO_JUDGE: f64 = 60.0;
 const REQUESTS_TO_JUDGE: u32 = 3;
 /// A size is past the knee when its failure share exceeds that of the smaller sizes by
-/// `KNEE_EXCESS` and by `KNEE_Z` standard errors.
+/// `KNEE_EXCESS` and that many failures would happen at the smaller sizes' share with a
+/// probability below `KNEE_SIGNIFICANCE` (small, as the test is repeated after every answer).
 const KNEE_EXCESS: f64 = 0.03;
-const KNEE_Z: f64 = 2.5;
-/// Failure share assumed for the standard error when the smaller sizes had fewer failures.
+const KNEE_SIGNIFICANCE: f64 = 1e-4;
+/// Failure share assumed for the test when the smaller sizes had fewer failures.
 const FAILURE_SHARE_FLOOR: f64 = 0.005;
 /// Without smaller sizes to compare with, a failure share above this is past the knee.
 const ABSOLUTE_FAILURE_LIMIT: f64 = 0.10;
@@ -197,10 +198,9 @@ impl BatchSizer {
         match reference {
             None => share > ABSOLUTE_FAILURE_LIMIT,
             Some(reference) => {
-                let excess = share - reference;
-                let base = reference.max(FAILURE_SHARE_FLOOR);
-                let standard_error = (base * (1.0 - base) / current.items).sqrt();
-                excess > KNEE_EXCESS && excess > KNEE_Z * standard_error
+                let expected = current.items * reference.max(FAILURE_SHARE_FLOOR);
+                share - reference > KNEE_EXCESS
+                    && poisson_tail(expected, current.failed) < KNEE_SIGNIFICANCE
             }
         }
     }
@@ -213,6 +213,18 @@ impl BatchSizer {
         self.items_since_change = 0.0;
         self.requests_since_change = 0;
     }
+}
+
+/// P(X >= observed) for X ~ Poisson(expected): how surprising `observed` failures are.
+fn poisson_tail(expected: f64, observed: f64) -> f64 {
+    let below = observed.ceil() as u32;
+    let mut term = (-expected).exp();
+    let mut cumulative = 0.0;
+    for count in 0..below {
+        cumulative += term;
+        term *= expected / f64::from(count + 1);
+    }
+    (1.0 - cumulative).max(0.0)
 }
 
 #[cfg(test)]
@@ -244,6 +256,26 @@ mod tests {
         run(&mut sizer, |items| if items > 24 { 0.2 } else { 0.0 }, 400);
         assert_eq!(sizer.knee(), Some(25));
         assert_eq!(sizer.current(), 24);
+    }
+
+    #[test]
+    fn a_few_early_failures_are_not_a_knee() {
+        let mut sizer = BatchSizer::new(StartMinMax::new(10, 1, 40));
+        run(&mut sizer, |_| 0.0, 20);
+        let grown = sizer.current();
+        assert!(grown > 10);
+        // Three failures in the first 60 items at the new size: unlucky, not a knee.
+        for index in 0..3 {
+            sizer.record(Duration::from_secs(100 + index), grown, 1, always);
+        }
+        assert_eq!(sizer.knee(), None);
+    }
+
+    #[test]
+    fn poisson_tail_matches_hand_figures() {
+        assert!((poisson_tail(1.0, 0.0) - 1.0).abs() < 1e-12);
+        assert!((poisson_tail(1.0, 1.0) - (1.0 - (-1.0f64).exp())).abs() < 1e-12);
+        assert!(poisson_tail(0.3, 3.0) > 1e-4 && poisson_tail(0.3, 5.0) < 1e-4);
     }
 
     #[test]

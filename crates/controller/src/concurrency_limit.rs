@@ -9,8 +9,9 @@ use crate::config::StartMinMax;
 
 /// Headroom over rate × p90 latency, so pacing and not concurrency binds.
 const HEADROOM: f64 = 1.3;
-/// The overload cap after a 503 or timeout cluster, as a share of what was in flight.
-const OVERLOAD_CUT: f64 = 0.75;
+/// The overload cap after a 503 or timeout cluster, as a share of what was in flight (a
+/// gentle cut, as vector's adaptive concurrency uses: a server's queue absorbs the rest).
+const OVERLOAD_CUT: f64 = 0.9;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConcurrencyLimit {
@@ -107,11 +108,11 @@ mod tests {
         let mut limit = ConcurrencyLimit::new(StartMinMax::new(4, 1, 64));
         let second = Duration::from_secs(1);
         assert!(limit.on_overload(10 * second, 9 * second, 40));
-        assert_eq!(limit.overload_cap(), 30.0);
+        assert_eq!(limit.overload_cap(), 36.0);
         // Sent before the cut: same event.
         assert!(!limit.on_overload(10 * second, 9 * second, 39));
         assert!(limit.on_overload(12 * second, 11 * second, 30));
-        assert_eq!(limit.overload_cap(), 22.0);
+        assert_eq!(limit.overload_cap(), 27.0);
     }
 
     #[test]
@@ -120,9 +121,9 @@ mod tests {
         let second = Duration::from_secs(1);
         limit.on_overload(second, second, 20);
         limit.advance(10 * second, false, second);
-        assert_eq!(limit.overload_cap(), 15.0);
+        assert_eq!(limit.overload_cap(), 18.0);
         limit.advance(11 * second, true, second);
         limit.advance(12 * second, true, second);
-        assert_eq!(limit.overload_cap(), 17.0);
+        assert_eq!(limit.overload_cap(), 20.0);
     }
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::controller::Controller;
-use crate::protocol::{CompletedRequest, Observation, Outcome, Ticket};
+use crate::protocol::{CompletedRequest, Observation, Outcome, RequestShape, Ticket};
 use crate::rate_limit_headers::RateLimitInfo;
 
 /// Outcomes remembered to tell overload (many timeouts) from hung requests and heavy-tailed
@@ -16,6 +16,8 @@ const TIMEOUTS_FOR_OVERLOAD: usize = 8;
 /// Pause after a 429 without `Retry-After` or reset: doubling from this, up to the maximum.
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(32);
+/// A request this close to the context window had no room for a larger `max_tokens`.
+const CONTEXT_WINDOW_SLACK_TOKENS: u32 = 16;
 /// Jitter added to every pause: up to this share of it plus a fixed amount.
 const JITTER_SHARE: f64 = 0.1;
 const JITTER_FIXED: Duration = Duration::from_millis(100);
@@ -33,7 +35,7 @@ impl Controller {
         }
         match observation.outcome {
             Outcome::Completed(completed) => {
-                self.on_completed(now, sent.shape.items, observation.latency, completed)
+                self.on_completed(now, sent.shape, observation.latency, completed)
             }
             Outcome::RateLimited => {
                 self.on_rate_limited(now, sent.sent_at, &observation.rate_limits)
@@ -79,10 +81,11 @@ impl Controller {
     fn on_completed(
         &mut self,
         now: Duration,
-        items_sent: u32,
+        shape: RequestShape,
         latency: Duration,
         completed: CompletedRequest,
     ) {
+        let items_sent = shape.items;
         self.counts.requests_completed += 1;
         self.counts.items_valid += u64::from(completed.items_valid);
         self.counts.items_missing += u64::from(completed.items_missing);
@@ -94,7 +97,16 @@ impl Controller {
         let returned = completed.items_valid + completed.items_rejected;
         self.tokens
             .record_output(returned, completed.completion_tokens, completed.truncated);
-        let failed = items_sent.saturating_sub(completed.items_valid);
+        // Items lost to truncation say `max_tokens` was short, which `tokens` fixes, unless
+        // the context window left no more room: then the request was too large.
+        let window_bound = self.config.context_window_tokens.is_some_and(|window| {
+            shape.prompt_tokens + shape.max_tokens + CONTEXT_WINDOW_SLACK_TOKENS >= window
+        });
+        let failed = if completed.truncated && !window_bound {
+            completed.items_rejected
+        } else {
+            items_sent.saturating_sub(completed.items_valid)
+        };
         let pacer = &self.pacer;
         let tokens = &self.tokens;
         let items_per_second = |items: u32| {

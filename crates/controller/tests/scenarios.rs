@@ -1,5 +1,6 @@
 //! Scenario tests: each file in `scenarios/` drives the controller against the simulated
-//! provider in simulated time and checks the figures against the file's `[expect]` ranges.
+//! provider in simulated time and checks the figures against the file's `[expect]` ranges,
+//! at the file's seed and two more, so a range is not met by one lucky draw.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,12 +21,27 @@ fn load(name: &str) -> Scenario {
     toml::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
 }
 
-/// Runs the scenario and returns every expectation it missed.
+/// Seeds added to the file's seed.
+const SEED_OFFSETS: [u64; 3] = [0, 1000, 2000];
+
+/// Runs the scenario at each seed and returns every expectation it missed.
 fn misses(name: &str) -> Vec<String> {
-    let scenario = load(name);
+    let mut scenario = load(name);
+    let base = scenario.seed;
+    let mut misses = Vec::new();
+    for offset in SEED_OFFSETS {
+        scenario.seed = base + offset;
+        for miss in misses_at_seed(&scenario) {
+            misses.push(format!("seed {}: {miss}", scenario.seed));
+        }
+    }
+    misses
+}
+
+fn misses_at_seed(scenario: &Scenario) -> Vec<String> {
     let config = scenario.controller_config();
     let mut controller = Controller::new(config.clone(), Duration::ZERO).expect("valid limits");
-    let report = evaluate(&scenario, &simulate(&scenario, &mut controller));
+    let report = evaluate(scenario, &simulate(scenario, &mut controller));
     let expect = &scenario.expect;
     let mut misses = Vec::new();
     if !report.finished {
@@ -71,7 +87,7 @@ fn misses(name: &str) -> Vec<String> {
     }
     if let Some(minimum) = expect.min_speedup_over_fixed_rule {
         let mut fixed_rule = FixedRule::new(&config);
-        let fixed = evaluate(&scenario, &simulate(&scenario, &mut fixed_rule));
+        let fixed = evaluate(scenario, &simulate(scenario, &mut fixed_rule));
         let speedup = report.steady_items_per_second / fixed.steady_items_per_second;
         if speedup < minimum {
             misses.push(format!(
