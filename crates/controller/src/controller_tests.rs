@@ -316,6 +316,15 @@ fn snapshot_survives_json_and_restores_what_was_learned() {
     assert_eq!(after.tokens_per_second, before.tokens_per_second);
     assert!((after.requests_per_second - before.requests_per_second).abs() < 1e-9);
     assert_eq!(after.counts, before.counts);
+    let (p90_before, p90_after) = (
+        before.latency_p90_seconds.unwrap(),
+        after.latency_p90_seconds.unwrap(),
+    );
+    assert!(
+        (p90_before - p90_after).abs() < 1e-9,
+        "{p90_before} vs {p90_after}"
+    );
+    assert_eq!(after.concurrency_limit, before.concurrency_limit);
 }
 
 #[test]
@@ -330,4 +339,14 @@ fn waits_when_concurrency_is_full() {
         controller.poll(now, load(4)),
         Decision::Wait { until: None }
     );
+}
+
+#[test]
+fn a_snapshot_of_another_version_is_ignored() {
+    let mut state = controller().snapshot();
+    state.version += 1;
+    state.counts.requests_sent = 99;
+    let restored =
+        Controller::restore(ControllerConfig::with_defaults(), state, Duration::ZERO).unwrap();
+    assert_eq!(restored.counts().requests_sent, 0);
 }

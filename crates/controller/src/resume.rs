@@ -8,13 +8,26 @@ use crate::status::{ControllerState, STATE_VERSION};
 
 impl Controller {
     /// A controller that continues from a snapshot of an earlier run, with the job's
-    /// (possibly edited) configuration.
+    /// (possibly edited) configuration. A snapshot of another format version is ignored
+    /// (logged): what it held is only a head start.
     pub fn restore(
         config: ControllerConfig,
         state: ControllerState,
         now: Duration,
     ) -> Result<Self, ConfigError> {
         let mut controller = Self::new(config, now)?;
+        if state.version != STATE_VERSION {
+            tracing::warn!(
+                found = state.version,
+                expected = STATE_VERSION,
+                "controller state of another version ignored; starting fresh"
+            );
+            return Ok(controller);
+        }
+        controller.batch = state.batch;
+        controller
+            .batch
+            .set_range(controller.config.items_per_request);
         let announced = state
             .announced_per_minute
             .map(|limit| limit.map(|per_minute| per_minute / 60.0));
@@ -29,10 +42,6 @@ impl Controller {
                 .latency
                 .seed(Duration::from_secs_f64(p90), controller.batch.current());
         }
-        controller.batch = state.batch;
-        controller
-            .batch
-            .set_range(controller.config.items_per_request);
         controller.tokens = state.tokens;
         controller
             .tokens
