@@ -130,3 +130,65 @@ impl DispatchPolicy for FixedRule {
         self.items
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rate_limit_headers::RateLimitInfo;
+
+    fn load(in_flight: usize) -> PipelineLoad {
+        PipelineLoad {
+            in_flight,
+            queued_items: 1000,
+        }
+    }
+
+    fn run_chunk(rule: &mut FixedRule, start: Duration, duration: Duration, outcome: Outcome) {
+        let mut tickets = Vec::new();
+        while let Decision::Send {
+            items, max_tokens, ..
+        } = rule.poll(start, load(tickets.len()))
+        {
+            let shape = RequestShape {
+                items,
+                prompt_tokens: 100,
+                max_tokens,
+                retried_items: 0,
+            };
+            tickets.push(rule.on_sent(start, shape));
+        }
+        assert_eq!(tickets.len(), WORKERS as usize, "a chunk is five requests");
+        assert_eq!(rule.poll(start, load(5)), Decision::Wait { until: None });
+        for ticket in tickets {
+            let observation = Observation::new(duration, outcome, RateLimitInfo::default());
+            rule.on_outcome(start + duration, ticket, observation);
+        }
+    }
+
+    #[test]
+    fn two_failed_chunks_shrink_the_batch_and_add_a_second_of_delay() {
+        let mut rule = FixedRule::new(&ControllerConfig::with_defaults());
+        let second = Duration::from_secs(1);
+        run_chunk(&mut rule, Duration::ZERO, 4 * second, Outcome::RateLimited);
+        run_chunk(&mut rule, 4 * second, 4 * second, Outcome::RateLimited);
+        // Closing the second failed chunk: 10 - 2 items, and a 1 s pause before the next.
+        assert_eq!(
+            rule.poll(8 * second, load(0)),
+            Decision::Wait {
+                until: Some(9 * second)
+            }
+        );
+        assert_eq!(rule.items_per_request(), 8);
+    }
+
+    #[test]
+    fn a_fast_chunk_adds_an_item() {
+        let mut rule = FixedRule::new(&ControllerConfig::with_defaults());
+        let second = Duration::from_secs(1);
+        let completed = Outcome::Completed(Default::default());
+        run_chunk(&mut rule, Duration::ZERO, 10 * second, completed);
+        run_chunk(&mut rule, 10 * second, 5 * second, completed);
+        rule.poll(15 * second, load(0));
+        assert_eq!(rule.items_per_request(), 11);
+    }
+}

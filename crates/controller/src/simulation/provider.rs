@@ -262,3 +262,64 @@ pub fn normal(rng: &mut fastrand::Rng) -> f64 {
     let u2 = rng.f64();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario() -> Scenario {
+        let text = include_str!("../../scenarios/rpm_bound.toml");
+        let mut scenario: Scenario = toml::from_str(text).expect("scenario");
+        scenario.provider.requests_per_minute = Some(60.0);
+        scenario.provider.burst_seconds = 2.0;
+        scenario
+    }
+
+    #[test]
+    fn go_durations_look_like_openai_headers() {
+        assert_eq!(go_duration(0.02), "20ms");
+        assert_eq!(go_duration(1.5), "1.500s");
+        assert_eq!(go_duration(360.0), "6m0s");
+    }
+
+    #[test]
+    fn the_request_bucket_answers_429_with_the_wait_until_a_token() {
+        let mut provider = SimulatedProvider::new(&scenario(), 1);
+        // A burst of two at 1 request/s, then a 429 asking to wait one second.
+        for _ in 0..2 {
+            assert!(matches!(
+                provider.submit(0.0, 10, 2000, 1000),
+                SimAnswer::Completed { .. } | SimAnswer::Hang
+            ));
+        }
+        match provider.submit(0.0, 10, 2000, 1000) {
+            SimAnswer::RateLimited { retry_after_s, .. } => {
+                assert!((retry_after_s - 1.0).abs() < 1e-9)
+            }
+            other => panic!("expected a 429, got {other:?}"),
+        }
+        let headers = provider.rate_limit_headers(0.5);
+        assert!(headers.contains(&("x-ratelimit-limit-requests".to_string(), "60".to_string())));
+        assert!(headers.contains(&(
+            "x-ratelimit-remaining-requests".to_string(),
+            "0".to_string()
+        )));
+    }
+
+    #[test]
+    fn answers_are_truncated_at_max_tokens_keeping_complete_items() {
+        let mut provider = SimulatedProvider::new(&scenario(), 2);
+        match provider.submit(0.0, 40, 6000, 500) {
+            SimAnswer::Completed {
+                truncated,
+                returned,
+                completion_tokens,
+                ..
+            } => {
+                assert!(truncated && completion_tokens == 500);
+                assert!(returned < 10, "{returned} items cannot fit 500 tokens");
+            }
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
+}
