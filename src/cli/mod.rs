@@ -1,0 +1,213 @@
+//! The command line: raw flags (clap), turned into a validated job and options, dispatched to
+//! one command, with every error printed once (with its causes) and mapped to an exit code.
+
+pub mod logging;
+mod status;
+pub mod time;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::exit::{Exit, exit_for_error, usage};
+use crate::job::{Job, LoadOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "backfill", version, about = "Resumable batch backfills of a database column with an LLM or a local model")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a job (or --resume its unfinished run; --dry-run to estimate it).
+    Run(RunArgs),
+    /// Show the latest run of a job: items by state, cost per model, workers.
+    Status(StatusArgs),
+    /// Report on a run: items, rejections, cost, throughput, the controller's path.
+    Report(ReportArgs),
+    /// Give up the unfinished run of a job, so `run` can start a new one.
+    Abandon(DatabaseArgs),
+    /// Try the job's post-processing rules on a text read from stdin.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The job file (TOML) whose `[postprocess]` rules to apply.
+    job: PathBuf,
+    /// Print the outcome as JSON (final text, changes, foreign words, rejections).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct DatabaseArgs {
+    /// The job file (TOML).
+    job: PathBuf,
+    /// Database URL (sqlite://path.db or postgres://…); overrides `source.database`.
+    #[arg(long, value_name = "URL")]
+    database: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    target: DatabaseArgs,
+    /// Send nothing, write nothing: estimate requests, tokens, cost and duration.
+    #[arg(long)]
+    dry_run: bool,
+    /// Continue the latest unfinished run of the job (or start one if there is none).
+    #[arg(long)]
+    resume: bool,
+    /// Only the first N pending items.
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// Budget cap in USD (overrides `budget.max_usd`).
+    #[arg(long, value_name = "USD")]
+    max_usd: Option<f64>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Do not use the response cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Run models that have no price (their cost counts as zero unless the provider reports one).
+    #[arg(long)]
+    allow_unpriced: bool,
+    /// No progress bar or progress lines.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    target: DatabaseArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ReportArgs {
+    #[command(flatten)]
+    target: DatabaseArgs,
+    /// The run to report on (default: the latest).
+    #[arg(long, value_name = "ID")]
+    run: Option<i64>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { Exit::Usage.code() } else { 0 });
+        }
+    };
+    logging::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("backfill: cannot start the async runtime: {e}");
+            return ExitCode::from(Exit::Error.code());
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(exit) => ExitCode::from(exit.code()),
+        Err(e) => {
+            eprintln!("backfill: {e:#}");
+            ExitCode::from(exit_for_error(&e).code())
+        }
+    }
+}
+
+fn load(args: &DatabaseArgs, options: LoadOptions) -> anyhow::Result<Job> {
+    Job::load(&args.job, &LoadOptions { database: args.database.clone(), ..options })
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<Exit> {
+    match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Status(args) => {
+            let job = load(&args.target, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
+            status::status(&job, args.json).await
+        }
+        Command::Report(args) => {
+            let job = load(&args.target, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
+            status::report(&job, args.run, args.json).await
+        }
+        Command::Check(args) => check(args),
+        Command::Abandon(args) => {
+            let job = load(&args, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
+            status::abandon(&job).await
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<Exit> {
+    if let Some(max) = args.max_usd {
+        if !(max.is_finite() && max > 0.0) {
+            return Err(usage("--max-usd must be a positive number of USD"));
+        }
+    }
+    if args.limit == Some(0) {
+        return Err(usage("--limit must be at least 1"));
+    }
+    let job = load(
+        &args.target,
+        LoadOptions {
+            max_usd: args.max_usd,
+            allow_unpriced: args.allow_unpriced,
+            no_cache: args.no_cache,
+            database: None,
+        },
+    )?;
+    if args.dry_run {
+        let estimate = crate::dry_run::estimate(&job, args.limit, args.resume).await?;
+        if args.json {
+            print_json(&estimate)?;
+        } else {
+            eprintln!("{}", estimate.human());
+        }
+        return Ok(Exit::Finished);
+    }
+    let shutdown = crate::runner::install_signals()?;
+    let options = crate::runner::RunOptions { resume: args.resume, limit: args.limit, quiet: args.quiet };
+    let outcome = crate::runner::run(&job, &options, shutdown).await?;
+    eprintln!("{}", outcome.summary.human());
+    if args.json {
+        print_json(&outcome.summary)?;
+    }
+    Ok(outcome.exit)
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<Exit> {
+    let job = Job::load(&args.job, &LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
+    let Some(rules) = crate::postprocess::build(&job)? else {
+        return Err(usage(format!("job file {} has no [postprocess] rules to try", args.job.display())));
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+    if args.json {
+        print_json(&rules.process(&text))?;
+    } else {
+        print!("{}", rules.explain(&text));
+    }
+    Ok(Exit::Finished)
+}
+
+/// Prints one JSON object on stdout; a closed pipe is not an error.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}

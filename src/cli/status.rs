@@ -1,0 +1,261 @@
+//! `status`, `report` and `abandon`: reading a job's runs back.
+
+use serde::Serialize;
+
+use super::print_json;
+use super::time::format_ms;
+use crate::exit::{Exit, usage};
+use crate::job::Job;
+use crate::store::{RunStatus, StatusReport, Store};
+
+#[derive(Debug, Serialize)]
+struct StatusJson {
+    job: String,
+    run_id: i64,
+    status: String,
+    created_at: String,
+    updated_at: String,
+    last_error: Option<String>,
+    items: ItemsJson,
+    cost_usd: f64,
+    in_flight_usd: f64,
+    possibly_billed_usd: f64,
+    budget_usd: Option<f64>,
+    models: Vec<ModelJson>,
+    failed_by_reason: std::collections::BTreeMap<String, u64>,
+    rejected_by_reason: std::collections::BTreeMap<String, u64>,
+    calls: CallsJson,
+    workers: Vec<WorkerJson>,
+    earlier_runs: Vec<EarlierRunJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct ItemsJson {
+    total: u64,
+    pending: u64,
+    leased: u64,
+    done: u64,
+    failed: u64,
+    rejected: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ModelJson {
+    model: String,
+    calls: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    cached_tokens: u64,
+    cost_usd: f64,
+    provider_costed_calls: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct CallsJson {
+    total: u64,
+    in_flight: u64,
+    possibly_billed: u64,
+    by_outcome: std::collections::BTreeMap<String, u64>,
+    items_per_second: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct WorkerJson {
+    worker: String,
+    alive: bool,
+    attached_at: String,
+    last_heartbeat: String,
+    items_done: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct EarlierRunJson {
+    run_id: i64,
+    status: String,
+    created_at: String,
+    items: u64,
+    cost_usd: f64,
+}
+
+fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
+    let reasons = |state: &str| {
+        r.reasons.iter().filter(|(s, _, _)| s == state).map(|(_, reason, n)| (reason.clone(), *n)).collect()
+    };
+    let span = match (r.calls.first_started_at, r.calls.last_finished_at) {
+        (Some(a), Some(b)) if b > a => Some((b - a) as f64 / 1000.0),
+        _ => None,
+    };
+    StatusJson {
+        job: job.name.clone(),
+        run_id: r.run.id,
+        status: r.run.status.as_str().into(),
+        created_at: format_ms(r.run.created_at),
+        updated_at: format_ms(r.run.updated_at),
+        last_error: r.run.last_error.clone(),
+        items: ItemsJson {
+            total: r.counts.total(),
+            pending: r.counts.pending,
+            leased: r.counts.leased,
+            done: r.counts.done,
+            failed: r.counts.failed,
+            rejected: r.counts.rejected,
+        },
+        cost_usd: r.spend.spent.usd(),
+        in_flight_usd: r.spend.reserved.usd(),
+        possibly_billed_usd: r.spend.lost.usd(),
+        budget_usd: r.run.max_usd.or(job.budget_usd),
+        models: r
+            .models
+            .iter()
+            .map(|m| ModelJson {
+                model: m.model.clone(),
+                calls: m.calls,
+                input_tokens: m.prompt_tokens,
+                output_tokens: m.completion_tokens,
+                cached_tokens: m.cached_tokens,
+                cost_usd: m.cost.usd(),
+                provider_costed_calls: m.provider_costed,
+            })
+            .collect(),
+        failed_by_reason: reasons("failed"),
+        rejected_by_reason: reasons("rejected"),
+        calls: CallsJson {
+            total: r.calls.total,
+            in_flight: r.calls.in_flight,
+            possibly_billed: r.calls.lost,
+            by_outcome: r.calls.by_outcome.iter().cloned().collect(),
+            items_per_second: span.map(|s| (r.counts.done + r.counts.failed + r.counts.rejected) as f64 / s),
+        },
+        workers: r
+            .workers
+            .iter()
+            .map(|w| WorkerJson {
+                worker: w.worker.clone(),
+                alive: w.alive,
+                attached_at: format_ms(w.attached_at),
+                last_heartbeat: format_ms(w.heartbeat_at),
+                items_done: w.items_done,
+            })
+            .collect(),
+        earlier_runs: r
+            .history
+            .iter()
+            .map(|(run, cost)| EarlierRunJson {
+                run_id: run.id,
+                status: run.status.as_str().into(),
+                created_at: format_ms(run.created_at),
+                items: run.total_items,
+                cost_usd: cost.usd(),
+            })
+            .collect(),
+    }
+}
+
+fn human(s: &StatusJson) -> String {
+    let mut out = format!(
+        "job {} — run {} ({}), started {}, updated {}\n",
+        s.job, s.run_id, s.status, s.created_at, s.updated_at
+    );
+    if let Some(error) = &s.last_error {
+        out.push_str(&format!("  last error: {error}\n"));
+    }
+    let i = &s.items;
+    out.push_str(&format!(
+        "  items: {} total — {} done, {} failed, {} rejected, {} pending, {} in flight\n",
+        i.total, i.done, i.failed, i.rejected, i.pending, i.leased
+    ));
+    out.push_str(&format!("  cost: ${:.4} spent", s.cost_usd));
+    if s.in_flight_usd > 0.0 {
+        out.push_str(&format!(", ${:.4} reserved in flight", s.in_flight_usd));
+    }
+    if s.possibly_billed_usd > 0.0 {
+        out.push_str(&format!(", up to ${:.4} possibly billed ({} calls without an answer)", s.possibly_billed_usd, s.calls.possibly_billed));
+    }
+    if let Some(cap) = s.budget_usd {
+        out.push_str(&format!(" — cap ${cap:.2}"));
+    }
+    out.push('\n');
+    for m in &s.models {
+        out.push_str(&format!(
+            "  {}: {} calls, {} input / {} output tokens ({} cached), ${:.4}{}\n",
+            m.model,
+            m.calls,
+            m.input_tokens,
+            m.output_tokens,
+            m.cached_tokens,
+            m.cost_usd,
+            if m.provider_costed_calls > 0 { format!(" ({} calls costed by the provider)", m.provider_costed_calls) } else { String::new() }
+        ));
+    }
+    for (label, map) in [("failed", &s.failed_by_reason), ("rejected", &s.rejected_by_reason)] {
+        if !map.is_empty() {
+            let parts: Vec<String> = map.iter().map(|(r, n)| format!("{r} ×{n}")).collect();
+            out.push_str(&format!("  {label} by reason: {}\n", parts.join(", ")));
+        }
+    }
+    if s.calls.total > 0 {
+        let parts: Vec<String> = s.calls.by_outcome.iter().map(|(o, n)| format!("{o} {n}")).collect();
+        out.push_str(&format!("  calls: {} ({})\n", s.calls.total, parts.join(", ")));
+    }
+    for w in &s.workers {
+        out.push_str(&format!(
+            "  worker {}: {}, {} items done, last heartbeat {}\n",
+            w.worker,
+            if w.alive { "attached" } else { "gone" },
+            w.items_done,
+            w.last_heartbeat
+        ));
+    }
+    for r in &s.earlier_runs {
+        out.push_str(&format!("  earlier run {} ({}), {}: {} items, ${:.4}\n", r.run_id, r.status, r.created_at, r.items, r.cost_usd));
+    }
+    out.trim_end().to_owned()
+}
+
+async fn open_read_only(job: &Job) -> anyhow::Result<Option<std::sync::Arc<dyn Store>>> {
+    let store = crate::store::open(&job.database).await?;
+    Ok(if store.runner_tables_exist().await? { Some(store) } else { None })
+}
+
+pub async fn status(job: &Job, json: bool) -> anyhow::Result<Exit> {
+    report(job, None, json).await
+}
+
+pub async fn report(job: &Job, run: Option<i64>, json: bool) -> anyhow::Result<Exit> {
+    let report = match open_read_only(job).await? {
+        Some(store) => store.status(&job.name, run).await?,
+        None => None,
+    };
+    let Some(report) = report else {
+        return Err(usage(match run {
+            Some(id) => format!("job `{}` has no run {id}", job.name),
+            None => format!("job `{}` has no runs yet in {}; start one with `backfill run`", job.name, job.database),
+        }));
+    };
+    let view = to_json(job, &report);
+    if json {
+        print_json(&view)?;
+    } else {
+        println!("{}", human(&view));
+    }
+    Ok(Exit::Finished)
+}
+
+pub async fn abandon(job: &Job) -> anyhow::Result<Exit> {
+    let store = open_read_only(job).await?;
+    let latest = match &store {
+        Some(store) => store.latest_run(&job.name).await?,
+        None => None,
+    };
+    match (store, latest) {
+        (Some(store), Some(run)) if run.status.is_unfinished() => {
+            store.set_status(run.id, RunStatus::Abandoned, Some("abandoned with `backfill abandon`")).await?;
+            eprintln!(
+                "run {} of job `{}` abandoned; its outputs stay written, and `backfill run` starts a new run",
+                run.id, job.name
+            );
+            Ok(Exit::Finished)
+        }
+        _ => Err(usage(format!("job `{}` has no unfinished run to abandon", job.name))),
+    }
+}

@@ -1,0 +1,192 @@
+//! The job file as written: the TOML shape, deserialised with unknown keys refused.
+//!
+//! Every key is documented in README.md ("Job file reference"). Validation beyond the shape
+//! (identifiers, files, prices, ranges) happens in [`super::validate`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    pub name: String,
+    pub source: SourceFile,
+    pub target: TargetFile,
+    pub prompt: Option<PromptFile>,
+    pub model: ModelFile,
+    /// Price files (relative to the job file) whose `[models.NAME]` tables supply prices.
+    #[serde(default)]
+    pub prices: Vec<String>,
+    /// Prices per model, USD per million tokens; these override the price files.
+    #[serde(default)]
+    pub pricing: BTreeMap<String, PriceFile>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// Post-processing rules (see `backfill_postprocess::PostprocessConfig`).
+    pub postprocess: Option<backfill_postprocess::PostprocessConfig>,
+    #[serde(default)]
+    pub budget: BudgetFile,
+    #[serde(default)]
+    pub cache: CacheFile,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceFile {
+    pub database: Option<String>,
+    pub table: String,
+    pub id: String,
+    pub columns: Vec<String>,
+    pub pending: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetFile {
+    pub column: Option<String>,
+    /// Output key → column, when the model returns an object per item.
+    pub columns: Option<BTreeMap<String, String>>,
+    /// Write even where the target already holds a value.
+    #[serde(default)]
+    pub overwrite: bool,
+    /// Local-model jobs: "json" (array of floats) or "f32le" (BLOB / bytea).
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptFile {
+    pub system: Option<String>,
+    pub template: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFile {
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    // chat
+    pub base_url: Option<String>,
+    pub structured_output: Option<String>,
+    pub api_key_env: Option<String>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub fallback: Vec<String>,
+    pub mode: Option<String>,
+    pub max_output_tokens_per_item: Option<u32>,
+    pub temperature: Option<f64>,
+    pub request_timeout_s: Option<f64>,
+    pub context_window: Option<u32>,
+    pub max_tokens: Option<u32>,
+    pub encoding: Option<String>,
+    // onnx
+    pub path: Option<String>,
+    pub tokenizer: Option<String>,
+    pub input: Option<String>,
+    pub output: Option<String>,
+    pub labels: Option<Vec<String>>,
+    pub pooling: Option<String>,
+    pub max_length: Option<u32>,
+    pub max_batch_tokens: Option<u32>,
+    pub threads: Option<u32>,
+}
+
+fn default_kind() -> String {
+    "chat".into()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PriceFile {
+    pub input: f64,
+    pub output: f64,
+    pub cached_input: Option<f64>,
+    pub batch_input: Option<f64>,
+    pub batch_output: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub requests_per_minute: Option<f64>,
+    pub tokens_per_minute: Option<f64>,
+    #[serde(default = "default_items")]
+    pub items_per_request: RangeFile,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: RangeFile,
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// How long a claimed item stays leased without a heartbeat.
+    #[serde(default = "default_lease")]
+    pub lease_seconds: f64,
+    /// After SIGINT/SIGTERM, how long in-flight calls may finish.
+    #[serde(default = "default_grace")]
+    pub grace_seconds: f64,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            items_per_request: default_items(),
+            concurrency: default_concurrency(),
+            max_attempts: default_attempts(),
+            lease_seconds: default_lease(),
+            grace_seconds: default_grace(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RangeFile {
+    pub start: u32,
+    pub min: u32,
+    pub max: u32,
+}
+
+fn default_items() -> RangeFile {
+    RangeFile { start: 10, min: 1, max: 40 }
+}
+fn default_concurrency() -> RangeFile {
+    RangeFile { start: 4, min: 1, max: 64 }
+}
+fn default_attempts() -> u32 {
+    4
+}
+fn default_lease() -> f64 {
+    60.0
+}
+fn default_grace() -> f64 {
+    30.0
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetFile {
+    pub max_usd: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheFile {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_ttl")]
+    pub ttl_hours: f64,
+}
+
+impl Default for CacheFile {
+    fn default() -> Self {
+        Self { enabled: true, ttl_hours: default_ttl() }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_ttl() -> f64 {
+    24.0 * 7.0
+}

@@ -1,0 +1,190 @@
+//! The job: a validated job file, ready to build the run's collaborators from.
+//!
+//! [`Job::load`] reads the TOML, expands `${VAR}`, refuses unknown keys, and checks everything
+//! that can be checked before touching the database or the network: identifiers, files, prices,
+//! ranges. Every error is a [`crate::exit::UsageError`] (exit 2) naming the key and the fix.
+
+pub mod env;
+pub mod file;
+mod validate;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::ident::Ident;
+use crate::pricing::PriceTable;
+use crate::secret::DatabaseUrl;
+
+pub use validate::LoadOptions;
+
+/// A validated job.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The job file's path, as given.
+    pub path: PathBuf,
+    /// The directory relative paths in the job resolve against.
+    pub dir: PathBuf,
+    pub name: String,
+    pub database: DatabaseUrl,
+    pub source: Source,
+    pub target: Target,
+    pub processor: Processor,
+    pub prices: PriceTable,
+    pub limits: Limits,
+    pub budget_usd: Option<f64>,
+    /// The `[postprocess]` rules; files they name are read when the post-processor is built.
+    pub postprocess: Option<backfill_postprocess::PostprocessConfig>,
+    pub cache: CacheSettings,
+}
+
+/// What to read.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub table: Ident,
+    pub id: Ident,
+    pub columns: Vec<Ident>,
+    /// The operator's SQL predicate selecting rows still to do.
+    pub pending: String,
+}
+
+/// Where results go.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `(output key, column)`; the key is `None` when the model returns one string per item.
+    pub outputs: Vec<(Option<String>, Ident)>,
+    pub overwrite: bool,
+    pub format: TargetFormat,
+}
+
+impl Target {
+    pub fn columns(&self) -> impl Iterator<Item = &Ident> {
+        self.outputs.iter().map(|(_, column)| column)
+    }
+
+    /// True when each item's output is an object whose keys map to columns.
+    pub fn is_object(&self) -> bool {
+        self.outputs.iter().any(|(key, _)| key.is_some())
+    }
+}
+
+/// How a local model's vector output is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetFormat {
+    Text,
+    JsonArray,
+    F32Le,
+}
+
+/// The processor that turns items into outputs.
+#[derive(Debug, Clone)]
+pub enum Processor {
+    Chat(ChatModel),
+    Onnx(OnnxModel),
+}
+
+/// How the request asks for structured output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StructuredOutput {
+    /// OpenAI `response_format: {type: "json_schema", strict: true}`.
+    JsonSchema,
+    /// llama.cpp `response_format: {type: "json_object", schema: ...}`.
+    JsonObjectSchema,
+    /// `response_format: {type: "json_object"}`.
+    JsonObject,
+    /// No `response_format`; the prompt alone asks for JSON.
+    None,
+}
+
+/// Synchronous chat calls, or the provider's batch API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Sync,
+    Batch,
+}
+
+/// An OpenAI-compatible chat model.
+#[derive(Debug, Clone)]
+pub struct ChatModel {
+    pub base_url: String,
+    pub api_key_env: String,
+    pub name: String,
+    pub fallback: Vec<String>,
+    pub structured_output: StructuredOutput,
+    pub mode: Mode,
+    pub max_output_tokens_per_item: u32,
+    pub temperature: Option<f64>,
+    pub request_timeout: Duration,
+    pub context_window: u32,
+    /// The model's own cap on output tokens per call, when it has one.
+    pub max_tokens: Option<u32>,
+    /// tiktoken encoding used to count prompt tokens.
+    pub encoding: String,
+    pub template: String,
+    pub system: Option<String>,
+}
+
+impl ChatModel {
+    /// Model names in escalation order: the primary, then the fallbacks.
+    pub fn tiers(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.name.as_str()).chain(self.fallback.iter().map(String::as_str))
+    }
+}
+
+/// A local ONNX model (`[model] kind = "onnx"`).
+#[derive(Debug, Clone)]
+pub struct OnnxModel {
+    pub path: PathBuf,
+    pub tokenizer: PathBuf,
+    pub input: String,
+    pub output: OnnxOutput,
+    pub max_length: u32,
+    pub max_batch_tokens: u32,
+    pub threads: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnnxOutput {
+    Embedding,
+    Classification { labels: Vec<String> },
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub requests_per_minute: Option<f64>,
+    pub tokens_per_minute: Option<f64>,
+    pub items_per_request: Bounds,
+    pub concurrency: Bounds,
+    pub max_attempts: u32,
+    pub lease: Duration,
+    pub grace: Duration,
+}
+
+/// A `{ start, min, max }` range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub start: u32,
+    pub min: u32,
+    pub max: u32,
+}
+
+/// `[cache]`: the response cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    pub enabled: bool,
+    pub ttl: Duration,
+}
+
+impl Job {
+    /// Reads and validates a job file.
+    pub fn load(path: &Path, options: &LoadOptions) -> anyhow::Result<Job> {
+        validate::load(path, options)
+    }
+
+    pub fn chat(&self) -> Option<&ChatModel> {
+        match &self.processor {
+            Processor::Chat(chat) => Some(chat),
+            Processor::Onnx(_) => None,
+        }
+    }
+}

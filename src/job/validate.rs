@@ -1,0 +1,490 @@
+//! Reading a job file and checking it before anything runs.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::file::{JobFile, ModelFile, RangeFile};
+use super::*;
+use crate::exit::usage;
+use crate::pricing::PriceTable;
+
+/// Command-line settings that override or complete the job file.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// `--database URL`.
+    pub database: Option<String>,
+    /// `--max-usd`.
+    pub max_usd: Option<f64>,
+    /// `--allow-unpriced`: run models without a price (their cost counts as zero unless the
+    /// provider reports one).
+    pub allow_unpriced: bool,
+    /// `--no-cache`.
+    pub no_cache: bool,
+}
+
+pub(super) fn load(path: &Path, options: &LoadOptions) -> anyhow::Result<Job> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| usage(format!("cannot read job file {shown}: {e}")))?;
+    let mut value: toml::Value = toml::from_str::<toml::Table>(&text)
+        .map(toml::Value::Table)
+        .map_err(|e| usage(format!("job file {shown} is not valid TOML: {e}")))?;
+    super::env::expand_toml(&mut value, "")
+        .map_err(|(key, e)| usage(format!("job file {shown}: `{key}`: {e}")))?;
+    let file: JobFile = serde_path_to_error::deserialize(value).map_err(|e| {
+        let key = e.path().to_string();
+        usage(format!("job file {shown}: `{key}`: {}", e.inner()))
+    })?;
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    build(path, &dir, file, options)
+}
+
+fn build(path: &Path, dir: &Path, file: JobFile, options: &LoadOptions) -> anyhow::Result<Job> {
+    let name = file.name.trim().to_owned();
+    if name.is_empty()
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return Err(usage(format!(
+            "`name`: {:?} must be non-empty and use only ASCII letters, digits, `_`, `-` and `.`",
+            file.name
+        )));
+    }
+
+    let database = database_url(dir, options.database.as_deref(), file.source.database.as_deref())?;
+    let source = source(&file)?;
+    let processor = processor(dir, &file)?;
+    let target = target(&file, &source, &processor)?;
+    let limits = limits(&file)?;
+
+    let price_files: Vec<PathBuf> =
+        file.prices.iter().map(|p| resolve(dir, p, "prices")).collect::<Result<_, _>>()?;
+    let price_refs: Vec<&Path> = price_files.iter().map(PathBuf::as_path).collect();
+    let mut prices = PriceTable::load(&price_refs, &file.pricing)?;
+    if let Processor::Chat(chat) = &processor {
+        for model in chat.tiers() {
+            if prices.get(model).is_none() {
+                if options.allow_unpriced {
+                    prices.insert(model, crate::pricing::ModelPrice::FREE);
+                } else {
+                    return Err(usage(format!(
+                        "no price for model `{model}`: add [pricing.\"{model}\"] with `input` and \
+                         `output` (USD per million tokens), or list a price file that has it in \
+                         `prices = [...]`, or pass --allow-unpriced to run it uncosted"
+                    )));
+                }
+            }
+        }
+    }
+
+    let budget_usd = options.max_usd.or(file.budget.max_usd);
+    if let Some(max) = budget_usd {
+        if !(max.is_finite() && max > 0.0) {
+            return Err(usage("`budget.max_usd` (or --max-usd) must be a positive number of USD"));
+        }
+    }
+    if !(file.cache.ttl_hours.is_finite() && file.cache.ttl_hours > 0.0) {
+        return Err(usage("`cache.ttl_hours` must be a positive number of hours"));
+    }
+    let cache = CacheSettings {
+        enabled: file.cache.enabled && !options.no_cache,
+        ttl: Duration::from_secs_f64(file.cache.ttl_hours * 3600.0),
+    };
+
+    Ok(Job {
+        path: path.to_path_buf(),
+        dir: dir.to_path_buf(),
+        name,
+        database,
+        source,
+        target,
+        processor,
+        prices,
+        limits,
+        budget_usd,
+        postprocess: file.postprocess,
+        cache,
+    })
+}
+
+/// Resolves a path from the job file: relative paths are relative to the job file's directory,
+/// so a job runs the same from any working directory (cron included).
+fn resolve(dir: &Path, relative: &str, key: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(relative);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(usage(format!(
+            "`{key}`: file {} does not exist (relative paths are relative to the job file's directory); \
+             fix the path or create the file",
+            path.display()
+        )))
+    }
+}
+
+fn database_url(dir: &Path, cli: Option<&str>, job: Option<&str>) -> anyhow::Result<DatabaseUrl> {
+    let (raw, key) = match (cli, job) {
+        (Some(url), _) => (url, "--database"),
+        (None, Some(url)) => (url, "source.database"),
+        (None, None) => {
+            return Err(usage(
+                "`source.database` is missing: set it in the job (sqlite://path.db or \
+                 postgres://…) or pass --database URL",
+            ));
+        }
+    };
+    if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+        return Ok(DatabaseUrl::new(raw));
+    }
+    let Some(rest) = raw.strip_prefix("sqlite://").or_else(|| raw.strip_prefix("sqlite:")) else {
+        return Err(usage(format!(
+            "`{key}`: {} is not a supported database URL; use sqlite://path.db or postgres://user@host/db",
+            DatabaseUrl::new(raw)
+        )));
+    };
+    let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if file.is_empty() || file == ":memory:" {
+        return Err(usage(format!("`{key}`: give the SQLite database a file path (sqlite://path.db)")));
+    }
+    let resolved = if key == "--database" && !Path::new(file).is_absolute() {
+        // A path typed on the command line is relative to where it was typed.
+        let p = PathBuf::from(file);
+        if !p.exists() {
+            return Err(usage(format!("`--database`: SQLite file {file} does not exist")));
+        }
+        p
+    } else {
+        resolve(dir, file, key)?
+    };
+    let absolute = std::path::absolute(&resolved).unwrap_or(resolved);
+    let query = if query.is_empty() { String::new() } else { format!("?{query}") };
+    Ok(DatabaseUrl::new(format!("sqlite://{}{query}", absolute.display())))
+}
+
+fn ident_error(key: &str, e: crate::ident::IdentError) -> anyhow::Error {
+    usage(format!("`{key}`: {e}; write the name exactly as the database has it"))
+}
+
+fn source(file: &JobFile) -> anyhow::Result<Source> {
+    let s = &file.source;
+    let table = Ident::table(&s.table).map_err(|e| ident_error("source.table", e))?;
+    let id = Ident::column(&s.id).map_err(|e| ident_error("source.id", e))?;
+    if s.columns.is_empty() {
+        return Err(usage("`source.columns` is empty: list the columns the model should see"));
+    }
+    let mut seen = BTreeSet::new();
+    let mut columns = Vec::new();
+    for (i, name) in s.columns.iter().enumerate() {
+        let key = format!("source.columns[{i}]");
+        let column = Ident::column(name).map_err(|e| ident_error(&key, e))?;
+        if name == "id" || column == id {
+            return Err(usage(format!(
+                "`{key}`: `{name}` clashes with the item's `id` field; the id is always sent, leave it out"
+            )));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(usage(format!("`{key}`: `{name}` is listed twice")));
+        }
+        columns.push(column);
+    }
+    if s.pending.trim().is_empty() {
+        return Err(usage(
+            "`source.pending` is empty: give the SQL condition of rows still to do, e.g. \"summary IS NULL\"",
+        ));
+    }
+    Ok(Source { table, id, columns, pending: s.pending.clone() })
+}
+
+fn target(file: &JobFile, source: &Source, processor: &Processor) -> anyhow::Result<Target> {
+    let t = &file.target;
+    let outputs: Vec<(Option<String>, Ident)> = match (&t.column, &t.columns) {
+        (Some(column), None) => {
+            vec![(None, Ident::column(column).map_err(|e| ident_error("target.column", e))?)]
+        }
+        (None, Some(map)) if !map.is_empty() => {
+            if matches!(processor, Processor::Onnx(OnnxModel { output: OnnxOutput::Embedding, .. })) {
+                return Err(usage("`target.columns`: an embedding goes into one `target.column`"));
+            }
+            let mut out = Vec::new();
+            for (key, column) in map {
+                let ident = Ident::column(column)
+                    .map_err(|e| ident_error(&format!("target.columns.{key}"), e))?;
+                out.push((Some(key.clone()), ident));
+            }
+            out
+        }
+        (Some(_), Some(_)) => {
+            return Err(usage("`target`: set either `column` or `columns`, not both"));
+        }
+        _ => {
+            return Err(usage(
+                "`target.column` is missing: name the column the output goes into \
+                 (or `target.columns = { key = \"column\" }` for an object per item)",
+            ));
+        }
+    };
+    for (_, column) in &outputs {
+        if *column == source.id || source.columns.contains(column) {
+            return Err(usage(format!(
+                "`target`: column `{}` is also a source column; write outputs into their own column",
+                column.name()
+            )));
+        }
+    }
+    let format = match (processor, t.format.as_deref()) {
+        (Processor::Chat(_), None | Some("text")) => TargetFormat::Text,
+        (Processor::Chat(_), Some(other)) => {
+            return Err(usage(format!(
+                "`target.format` = {other:?} is for local-model jobs; chat jobs write text (remove the key)"
+            )));
+        }
+        (Processor::Onnx(m), format) => match (&m.output, format) {
+            (OnnxOutput::Classification { .. }, None | Some("text")) => TargetFormat::Text,
+            (OnnxOutput::Embedding, None | Some("json")) => TargetFormat::JsonArray,
+            (OnnxOutput::Embedding, Some("f32le")) => TargetFormat::F32Le,
+            (_, Some(other)) => {
+                return Err(usage(format!(
+                    "`target.format` = {other:?}: use \"json\" (array of floats) or \"f32le\" (BLOB/bytea) for embeddings"
+                )));
+            }
+        },
+    };
+    if let Processor::Onnx(OnnxModel { output: OnnxOutput::Classification { .. }, .. }) = processor {
+        let keys: BTreeSet<&str> = outputs.iter().filter_map(|(k, _)| k.as_deref()).collect();
+        if outputs.len() > 1 && !keys.iter().all(|k| matches!(*k, "label" | "probability")) {
+            return Err(usage(
+                "`target.columns`: a classification writes `label` and `probability`; map those keys",
+            ));
+        }
+    }
+    Ok(Target { outputs, overwrite: t.overwrite, format })
+}
+
+fn processor(dir: &Path, file: &JobFile) -> anyhow::Result<Processor> {
+    let m = &file.model;
+    match m.kind.as_str() {
+        "chat" => chat(dir, file).map(Processor::Chat),
+        "onnx" => onnx(dir, m).map(Processor::Onnx),
+        other => Err(usage(format!("`model.kind` = {other:?}: use \"chat\" or \"onnx\""))),
+    }
+}
+
+fn refuse_keys(present: &[(&str, bool)], kind: &str) -> anyhow::Result<()> {
+    for (key, is_set) in present {
+        if *is_set {
+            return Err(usage(format!(
+                "`model.{key}` does not apply to kind = \"{kind}\"; remove it or change `model.kind`"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn chat(dir: &Path, file: &JobFile) -> anyhow::Result<ChatModel> {
+    let m = &file.model;
+    refuse_keys(
+        &[
+            ("path", m.path.is_some()),
+            ("tokenizer", m.tokenizer.is_some()),
+            ("input", m.input.is_some()),
+            ("output", m.output.is_some()),
+            ("labels", m.labels.is_some()),
+            ("pooling", m.pooling.is_some()),
+            ("max_length", m.max_length.is_some()),
+            ("max_batch_tokens", m.max_batch_tokens.is_some()),
+            ("threads", m.threads.is_some()),
+        ],
+        "chat",
+    )?;
+    let name = m
+        .name
+        .clone()
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| usage("`model.name` is missing: name the model to call, e.g. \"gpt-4o-mini\""))?;
+    let base_url = m
+        .base_url
+        .clone()
+        .filter(|u| !u.is_empty())
+        .or_else(|| std::env::var("OPENAI_BASE_URL").ok().filter(|u| !u.is_empty()))
+        .ok_or_else(|| {
+            usage("`model.base_url` is missing: set it (e.g. https://api.openai.com/v1) or set OPENAI_BASE_URL")
+        })?;
+    let parsed = reqwest::Url::parse(&base_url)
+        .map_err(|e| usage(format!("`model.base_url` = {base_url:?} is not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(usage("`model.base_url` must start with http:// or https://"));
+    }
+    let structured_output = match m.structured_output.as_deref().unwrap_or("json_object") {
+        "json_schema" => StructuredOutput::JsonSchema,
+        "json_object_schema" => StructuredOutput::JsonObjectSchema,
+        "json_object" => StructuredOutput::JsonObject,
+        "none" => StructuredOutput::None,
+        other => {
+            return Err(usage(format!(
+                "`model.structured_output` = {other:?}: use \"json_schema\" (OpenAI strict schema), \
+                 \"json_object_schema\" (llama.cpp), \"json_object\" or \"none\""
+            )));
+        }
+    };
+    let mode = match m.mode.as_deref().unwrap_or("sync") {
+        "sync" => Mode::Sync,
+        "batch" => Mode::Batch,
+        other => return Err(usage(format!("`model.mode` = {other:?}: use \"sync\" or \"batch\""))),
+    };
+    let api_key_env = m.api_key_env.clone().unwrap_or_else(|| "OPENAI_API_KEY".into());
+    if api_key_env.is_empty() || !api_key_env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(usage(
+            "`model.api_key_env` names the environment variable holding the key (e.g. \"OPENAI_API_KEY\"), not the key itself",
+        ));
+    }
+    let per_item = m.max_output_tokens_per_item.unwrap_or(200);
+    if per_item == 0 {
+        return Err(usage("`model.max_output_tokens_per_item` must be at least 1"));
+    }
+    if let Some(t) = m.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(usage("`model.temperature` must be between 0 and 2"));
+        }
+    }
+    let timeout = m.request_timeout_s.unwrap_or(120.0);
+    if !(timeout.is_finite() && timeout > 0.0) {
+        return Err(usage("`model.request_timeout_s` must be a positive number of seconds"));
+    }
+    let encoding = m.encoding.clone().unwrap_or_else(|| "o200k_base".into());
+    if !crate::tokens::ENCODINGS.contains(&encoding.as_str()) {
+        return Err(usage(format!(
+            "`model.encoding` = {encoding:?}: use one of {}",
+            crate::tokens::ENCODINGS.join(", ")
+        )));
+    }
+    let prompt = file.prompt.as_ref().ok_or_else(|| {
+        usage("`[prompt]` is missing: chat jobs need `template = \"prompts/….md\"` with {{items}} in it")
+    })?;
+    let template_path = resolve(dir, &prompt.template, "prompt.template")?;
+    let template = std::fs::read_to_string(&template_path).map_err(|e| {
+        usage(format!("`prompt.template`: cannot read {}: {e}", template_path.display()))
+    })?;
+    if !template.contains("{{items}}") {
+        return Err(usage(format!(
+            "`prompt.template`: {} has no {{{{items}}}} placeholder; put it where the items' JSON array goes",
+            template_path.display()
+        )));
+    }
+    let system = match &prompt.system {
+        Some(p) => {
+            let path = resolve(dir, p, "prompt.system")?;
+            Some(std::fs::read_to_string(&path).map_err(|e| {
+                usage(format!("`prompt.system`: cannot read {}: {e}", path.display()))
+            })?)
+        }
+        None => None,
+    };
+    Ok(ChatModel {
+        base_url,
+        api_key_env,
+        name,
+        fallback: m.fallback.clone(),
+        structured_output,
+        mode,
+        max_output_tokens_per_item: per_item,
+        temperature: m.temperature,
+        request_timeout: Duration::from_secs_f64(timeout),
+        context_window: m.context_window.unwrap_or(128_000),
+        max_tokens: m.max_tokens,
+        encoding,
+        template,
+        system,
+    })
+}
+
+fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
+    refuse_keys(
+        &[
+            ("base_url", m.base_url.is_some()),
+            ("structured_output", m.structured_output.is_some()),
+            ("api_key_env", m.api_key_env.is_some()),
+            ("fallback", !m.fallback.is_empty()),
+            ("mode", m.mode.is_some()),
+            ("max_output_tokens_per_item", m.max_output_tokens_per_item.is_some()),
+            ("temperature", m.temperature.is_some()),
+            ("encoding", m.encoding.is_some()),
+        ],
+        "onnx",
+    )?;
+    let path = resolve(dir, m.path.as_deref().ok_or_else(|| usage("`model.path` is missing: the .onnx file to run"))?, "model.path")?;
+    let tokenizer = resolve(
+        dir,
+        m.tokenizer.as_deref().ok_or_else(|| usage("`model.tokenizer` is missing: the model's tokenizer.json"))?,
+        "model.tokenizer",
+    )?;
+    let input = m.input.clone().ok_or_else(|| {
+        usage("`model.input` is missing: a template over the source columns, e.g. \"{{title}}\\n{{text}}\"")
+    })?;
+    let output = match m.output.as_deref().unwrap_or("embedding") {
+        "embedding" => OnnxOutput::Embedding,
+        "classification" => {
+            let labels = m.labels.clone().filter(|l| !l.is_empty()).ok_or_else(|| {
+                usage("`model.labels` is missing: a classification needs the model's labels in output order")
+            })?;
+            OnnxOutput::Classification { labels }
+        }
+        other => return Err(usage(format!("`model.output` = {other:?}: use \"embedding\" or \"classification\""))),
+    };
+    if let Some(pooling) = &m.pooling {
+        if pooling != "mean" {
+            return Err(usage(format!("`model.pooling` = {pooling:?}: only \"mean\" is supported")));
+        }
+    }
+    let max_length = m.max_length.unwrap_or(256);
+    let max_batch_tokens = m.max_batch_tokens.unwrap_or(8192);
+    if max_length == 0 || max_batch_tokens < max_length {
+        return Err(usage("`model.max_batch_tokens` must be at least `model.max_length` (and both above 0)"));
+    }
+    let threads = m.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+    });
+    if threads == 0 {
+        return Err(usage("`model.threads` must be at least 1"));
+    }
+    Ok(OnnxModel { path, tokenizer, input, output, max_length, max_batch_tokens, threads })
+}
+
+fn bounds(key: &str, r: RangeFile) -> anyhow::Result<Bounds> {
+    if r.min == 0 || r.min > r.start || r.start > r.max {
+        return Err(usage(format!(
+            "`limits.{key}` = {{ start = {}, min = {}, max = {} }}: need 1 <= min <= start <= max",
+            r.start, r.min, r.max
+        )));
+    }
+    Ok(Bounds { start: r.start, min: r.min, max: r.max })
+}
+
+fn limits(file: &JobFile) -> anyhow::Result<Limits> {
+    let l = &file.limits;
+    for (key, value) in [("requests_per_minute", l.requests_per_minute), ("tokens_per_minute", l.tokens_per_minute)] {
+        if let Some(v) = value {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(usage(format!("`limits.{key}` must be a positive number")));
+            }
+        }
+    }
+    if l.max_attempts == 0 {
+        return Err(usage("`limits.max_attempts` must be at least 1"));
+    }
+    if !(l.lease_seconds.is_finite() && l.lease_seconds >= 5.0) {
+        return Err(usage("`limits.lease_seconds` must be at least 5"));
+    }
+    if !(l.grace_seconds.is_finite() && l.grace_seconds >= 0.0) {
+        return Err(usage("`limits.grace_seconds` must be 0 or more"));
+    }
+    Ok(Limits {
+        requests_per_minute: l.requests_per_minute,
+        tokens_per_minute: l.tokens_per_minute,
+        items_per_request: bounds("items_per_request", l.items_per_request)?,
+        concurrency: bounds("concurrency", l.concurrency)?,
+        max_attempts: l.max_attempts,
+        lease: Duration::from_secs_f64(l.lease_seconds),
+        grace: Duration::from_secs_f64(l.grace_seconds),
+    })
+}

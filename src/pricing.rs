@@ -1,0 +1,244 @@
+//! Prices and cost arithmetic.
+//!
+//! Money is counted in integer pico-dollars ([`Picos`], 10⁻¹² USD): a price of `p` USD per
+//! million tokens is exactly `p × 10⁶` picos per token for any price with up to six decimals, so
+//! sums over many calls are exact and the ledger equals usage × price to the last digit.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::{Add, AddAssign, Sub};
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::exit::usage;
+use crate::job::file::PriceFile;
+
+/// An amount of money in pico-dollars (10⁻¹² USD).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Picos(pub i64);
+
+impl Picos {
+    pub const ZERO: Picos = Picos(0);
+
+    pub fn from_usd(usd: f64) -> Self {
+        Picos((usd * 1e12).round() as i64)
+    }
+
+    pub fn usd(self) -> f64 {
+        self.0 as f64 / 1e12
+    }
+}
+
+impl Add for Picos {
+    type Output = Picos;
+    fn add(self, other: Picos) -> Picos {
+        Picos(self.0.saturating_add(other.0))
+    }
+}
+
+impl AddAssign for Picos {
+    fn add_assign(&mut self, other: Picos) {
+        *self = *self + other;
+    }
+}
+
+impl Sub for Picos {
+    type Output = Picos;
+    fn sub(self, other: Picos) -> Picos {
+        Picos(self.0.saturating_sub(other.0))
+    }
+}
+
+impl std::iter::Sum for Picos {
+    fn sum<I: Iterator<Item = Picos>>(iter: I) -> Picos {
+        iter.fold(Picos::ZERO, Add::add)
+    }
+}
+
+impl fmt::Display for Picos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "${:.4}", self.usd())
+    }
+}
+
+/// Token counts of one call as the provider reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// All input tokens, cached ones included (OpenAI's `prompt_tokens`).
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// The part of `prompt_tokens` served from the provider's prompt cache.
+    pub cached_tokens: u64,
+}
+
+/// Which price column a call is billed at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// The synchronous chat API.
+    Sync,
+    /// The provider's batch API.
+    Batch,
+}
+
+/// Prices of one model, in picos per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelPrice {
+    pub input: i64,
+    pub output: i64,
+    pub cached_input: i64,
+    pub batch_input: i64,
+    pub batch_output: i64,
+}
+
+fn per_token(usd_per_million: f64) -> i64 {
+    (usd_per_million * 1e6).round() as i64
+}
+
+impl ModelPrice {
+    pub fn from_file(price: &PriceFile) -> Self {
+        let input = per_token(price.input);
+        let output = per_token(price.output);
+        Self {
+            input,
+            output,
+            cached_input: price.cached_input.map(per_token).unwrap_or(input),
+            batch_input: price.batch_input.map(per_token).unwrap_or(input),
+            batch_output: price.batch_output.map(per_token).unwrap_or(output),
+        }
+    }
+
+    pub const FREE: ModelPrice =
+        ModelPrice { input: 0, output: 0, cached_input: 0, batch_input: 0, batch_output: 0 };
+
+    /// The exact cost of `usage`.
+    pub fn cost(&self, usage: &Usage, tier: Tier) -> Picos {
+        let cached = usage.cached_tokens.min(usage.prompt_tokens) as i64;
+        let uncached = usage.prompt_tokens as i64 - cached;
+        let completion = usage.completion_tokens as i64;
+        let picos = match tier {
+            Tier::Sync => uncached * self.input + cached * self.cached_input + completion * self.output,
+            // Batch APIs bill cached input at the batch input price or lower; use the lower.
+            Tier::Batch => {
+                uncached * self.batch_input
+                    + cached * self.cached_input.min(self.batch_input)
+                    + completion * self.batch_output
+            }
+        };
+        Picos(picos)
+    }
+
+    /// An upper bound for a call with `prompt_tokens` in and at most `max_output` out.
+    pub fn estimate(&self, prompt_tokens: u64, max_output: u64, tier: Tier) -> Picos {
+        self.cost(&Usage { prompt_tokens, completion_tokens: max_output, cached_tokens: 0 }, tier)
+    }
+}
+
+/// The prices a job can use, by model name.
+#[derive(Debug, Clone, Default)]
+pub struct PriceTable {
+    models: BTreeMap<String, ModelPrice>,
+}
+
+/// A price file: `[models."NAME"]` tables with the same keys as a job's `[pricing.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceFileDoc {
+    #[allow(dead_code)]
+    source: Option<String>,
+    #[allow(dead_code)]
+    date: Option<String>,
+    #[serde(default)]
+    models: BTreeMap<String, PriceFile>,
+}
+
+impl PriceTable {
+    /// Prices from price files (in order, later files override earlier ones) and then the job's
+    /// own `[pricing.*]` tables.
+    pub fn load(files: &[&Path], inline: &BTreeMap<String, PriceFile>) -> anyhow::Result<Self> {
+        let mut models = BTreeMap::new();
+        for path in files {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                usage(format!("prices: cannot read price file {}: {e}", path.display()))
+            })?;
+            let doc: PriceFileDoc = toml::from_str(&text)
+                .map_err(|e| usage(format!("prices: price file {} is not valid: {e}", path.display())))
+                .context("loading prices")?;
+            for (name, price) in &doc.models {
+                check_price(name, price)?;
+                models.insert(name.clone(), ModelPrice::from_file(price));
+            }
+        }
+        for (name, price) in inline {
+            check_price(name, price)?;
+            models.insert(name.clone(), ModelPrice::from_file(price));
+        }
+        Ok(Self { models })
+    }
+
+    pub fn get(&self, model: &str) -> Option<&ModelPrice> {
+        self.models.get(model)
+    }
+
+    pub fn insert(&mut self, model: &str, price: ModelPrice) {
+        self.models.insert(model.to_owned(), price);
+    }
+}
+
+fn check_price(name: &str, price: &PriceFile) -> anyhow::Result<()> {
+    let all = [
+        Some(price.input),
+        Some(price.output),
+        price.cached_input,
+        price.batch_input,
+        price.batch_output,
+    ];
+    if all.into_iter().flatten().any(|p| !p.is_finite() || p < 0.0) {
+        return Err(usage(format!(
+            "pricing.{name}: prices must be finite and not negative (USD per million tokens)"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn price(input: f64, output: f64) -> ModelPrice {
+        ModelPrice::from_file(&PriceFile {
+            input,
+            output,
+            cached_input: Some(input / 4.0),
+            batch_input: None,
+            batch_output: None,
+        })
+    }
+
+    #[test]
+    fn cost_is_exact_in_picos() {
+        let p = price(0.10, 0.30);
+        let u = Usage { prompt_tokens: 1234, completion_tokens: 567, cached_tokens: 0 };
+        // 1234 × 0.10e-6 + 567 × 0.30e-6 = 0.0001234 + 0.0001701 USD
+        assert_eq!(p.cost(&u, Tier::Sync), Picos(123_400_000 + 170_100_000));
+        let many: Picos = (0..10_000).map(|_| p.cost(&u, Tier::Sync)).sum();
+        assert_eq!(many, Picos(10_000 * 293_500_000));
+        assert!((many.usd() - 2.935).abs() < 1e-12);
+    }
+
+    #[test]
+    fn cached_tokens_are_billed_at_the_cached_price() {
+        let p = price(2.0, 8.0);
+        let u = Usage { prompt_tokens: 1000, completion_tokens: 0, cached_tokens: 400 };
+        assert_eq!(p.cost(&u, Tier::Sync), Picos(600 * 2_000_000 + 400 * 500_000));
+    }
+
+    #[test]
+    fn batch_prices_default_to_sync_prices() {
+        let p = price(1.0, 1.0);
+        let u = Usage { prompt_tokens: 10, completion_tokens: 10, cached_tokens: 0 };
+        assert_eq!(p.cost(&u, Tier::Batch), p.cost(&u, Tier::Sync));
+    }
+}

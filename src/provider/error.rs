@@ -1,0 +1,166 @@
+//! How a call can fail, classified for the runner: rate-limited, transient, fatal, bad output.
+
+use std::time::Duration;
+
+use super::RateHeaders;
+
+/// The provider's rate-limit answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// From `retry-after-ms` or `retry-after`, when sent.
+    pub retry_after: Option<Duration>,
+    pub headers: RateHeaders,
+}
+
+/// A failed call.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// HTTP 429: slow down and retry after the pause; the items are not at fault.
+    #[error("rate limited (HTTP 429){}", .0.retry_after.map(|d| format!(", retry after {:.1}s", d.as_secs_f64())).unwrap_or_default())]
+    RateLimited(RateLimit),
+    /// 5xx, 408, connection failures: retry with backoff.
+    #[error("transient error{}: {message}", .status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
+    Transient { status: Option<u16>, message: String, headers: RateHeaders },
+    /// The request took longer than `model.request_timeout_s`.
+    #[error("no answer within {:.0}s (model.request_timeout_s)", .after.as_secs_f64())]
+    Timeout { after: Duration },
+    /// A 4xx about this request (too long, bad schema): the batch is retried smaller.
+    #[error("request rejected (HTTP {status}): {message}")]
+    Rejected { status: u16, message: String },
+    /// A 4xx about the account or endpoint (401, 403, 404, quota): no call can succeed.
+    #[error("the provider refuses every call (HTTP {status}): {message}")]
+    Fatal { status: u16, message: String },
+    /// A 2xx whose body is not a chat completion.
+    #[error("bad answer (HTTP {status}): {reason}")]
+    BadOutput { reason: String, status: u16, body: String },
+}
+
+impl CallError {
+    pub fn from_transport(error: &reqwest::Error) -> Self {
+        let what = if error.is_connect() {
+            "cannot connect"
+        } else if error.is_body() || error.is_decode() {
+            "connection dropped while reading the answer"
+        } else {
+            "request failed"
+        };
+        // reqwest's message names the URL but never the headers, so the key cannot leak.
+        CallError::Transient { status: None, message: format!("{what}: {error}"), headers: Vec::new() }
+    }
+
+    pub fn from_status(status: u16, headers: &RateHeaders, body: &str) -> Self {
+        let message = provider_message(body);
+        match status {
+            429 if message.contains("insufficient_quota") || message.contains("exceeded your current quota") => {
+                CallError::Fatal { status, message: format!("{message} (the account's quota is used up)") }
+            }
+            429 => CallError::RateLimited(RateLimit {
+                retry_after: parse_retry_after(headers),
+                headers: headers.clone(),
+            }),
+            401 | 403 => CallError::Fatal {
+                status,
+                message: format!("{message} (check the API key in the variable named by model.api_key_env)"),
+            },
+            404 => CallError::Fatal {
+                status,
+                message: format!("{message} (check model.base_url and model.name)"),
+            },
+            408 | 409 | 425 | 500..=599 => {
+                CallError::Transient { status: Some(status), message, headers: headers.clone() }
+            }
+            _ => CallError::Rejected { status, message },
+        }
+    }
+
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            CallError::RateLimited(_) => Some(429),
+            CallError::Transient { status, .. } => *status,
+            CallError::Timeout { .. } => None,
+            CallError::Rejected { status, .. } | CallError::Fatal { status, .. } => Some(*status),
+            CallError::BadOutput { status, .. } => Some(*status),
+        }
+    }
+
+    /// The short outcome name recorded in the ledger.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            CallError::RateLimited(_) => "rate_limited",
+            CallError::Transient { .. } => "transient",
+            CallError::Timeout { .. } => "timeout",
+            CallError::Rejected { .. } => "rejected_request",
+            CallError::Fatal { .. } => "fatal",
+            CallError::BadOutput { .. } => "bad_output",
+        }
+    }
+}
+
+/// The `error.message` (and `error.code`) of an OpenAI-style error body, else an excerpt.
+fn provider_message(body: &str) -> String {
+    if let Ok(value) = serde_json::from_str::<serde_json::Value>(body) {
+        let error = value.get("error").unwrap_or(&value);
+        let message = error.get("message").and_then(|m| m.as_str()).or_else(|| error.as_str());
+        let code = error.get("code").and_then(|c| c.as_str()).or_else(|| error.get("type").and_then(|t| t.as_str()));
+        if let Some(message) = message {
+            return match code {
+                Some(code) => format!("{message} [{code}]"),
+                None => message.to_owned(),
+            };
+        }
+    }
+    let mut excerpt: String = body.chars().take(200).collect();
+    if excerpt.len() < body.len() {
+        excerpt.push('…');
+    }
+    if excerpt.trim().is_empty() { "(empty body)".into() } else { excerpt }
+}
+
+/// `retry-after-ms`, else `retry-after` in seconds or as an HTTP date.
+pub fn parse_retry_after(headers: &RateHeaders) -> Option<Duration> {
+    let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.trim());
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    let value = get("retry-after")?;
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> RateHeaders {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn classifies_statuses() {
+        assert!(matches!(CallError::from_status(429, &headers(&[("retry-after", "2")]), ""), CallError::RateLimited(RateLimit { retry_after: Some(d), .. }) if d == Duration::from_secs(2)));
+        assert!(matches!(CallError::from_status(503, &vec![], "busy"), CallError::Transient { status: Some(503), .. }));
+        assert!(matches!(CallError::from_status(401, &vec![], r#"{"error":{"message":"bad key"}}"#), CallError::Fatal { status: 401, .. }));
+        assert!(matches!(CallError::from_status(400, &vec![], r#"{"error":{"message":"context too long"}}"#), CallError::Rejected { status: 400, .. }));
+        let quota = r#"{"error":{"message":"You exceeded your current quota","code":"insufficient_quota"}}"#;
+        assert!(matches!(CallError::from_status(429, &vec![], quota), CallError::Fatal { status: 429, .. }));
+    }
+
+    #[test]
+    fn retry_after_prefers_milliseconds() {
+        assert_eq!(parse_retry_after(&headers(&[("retry-after", "3"), ("retry-after-ms", "1500")])), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_retry_after(&headers(&[("retry-after", "0.25")])), Some(Duration::from_millis(250)));
+        assert_eq!(parse_retry_after(&headers(&[("retry-after", "soon")])), None);
+        assert_eq!(parse_retry_after(&headers(&[("retry-after", "Thu, 01 Jan 1970 00:00:00 GMT")])), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn error_message_is_taken_from_the_body() {
+        let e = CallError::from_status(404, &vec![], r#"{"error":{"message":"model `x` not found","code":"model_not_found"}}"#);
+        assert!(e.to_string().contains("model `x` not found [model_not_found]"), "{e}");
+    }
+}

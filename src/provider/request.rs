@@ -1,0 +1,118 @@
+//! Request bodies for `/chat/completions`, including a schema that forces exactly the batch's
+//! ids as keys.
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::job::StructuredOutput;
+use crate::validate::OutputShape;
+
+/// A chat request, serialised in a fixed field order so its hash is stable.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    pub max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Message {
+    pub role: &'static str,
+    pub content: String,
+}
+
+impl ChatRequest {
+    pub fn new(
+        model: &str,
+        system: Option<&str>,
+        user: String,
+        temperature: Option<f64>,
+        max_tokens: u32,
+        response_format: Option<Value>,
+    ) -> Self {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = system {
+            messages.push(Message { role: "system", content: system.to_owned() });
+        }
+        messages.push(Message { role: "user", content: user });
+        Self { model: model.to_owned(), messages, temperature, max_tokens, response_format }
+    }
+}
+
+/// The serialised body and its cache key: sha256 over model, prompt and parameters.
+pub fn request_body(request: &ChatRequest) -> (Vec<u8>, String) {
+    let body = serde_json::to_vec(request).expect("request serialises");
+    let hash = hex::encode(Sha256::digest(&body));
+    (body, hash)
+}
+
+/// The `response_format` for a batch with these ids.
+pub fn response_format(mode: StructuredOutput, ids: &[String], shape: &OutputShape) -> Option<Value> {
+    match mode {
+        StructuredOutput::None => None,
+        StructuredOutput::JsonObject => Some(json!({ "type": "json_object" })),
+        StructuredOutput::JsonObjectSchema => {
+            Some(json!({ "type": "json_object", "schema": batch_schema(ids, shape) }))
+        }
+        StructuredOutput::JsonSchema => Some(json!({
+            "type": "json_schema",
+            "json_schema": { "name": "batch_outputs", "strict": true, "schema": batch_schema(ids, shape) }
+        })),
+    }
+}
+
+/// An object schema whose required keys are exactly `ids`.
+fn batch_schema(ids: &[String], shape: &OutputShape) -> Value {
+    let item = match shape {
+        OutputShape::Text => json!({ "type": "string" }),
+        OutputShape::Object(keys) => {
+            let properties: serde_json::Map<String, Value> =
+                keys.iter().map(|k| (k.clone(), json!({ "type": "string" }))).collect();
+            json!({
+                "type": "object",
+                "properties": properties,
+                "required": keys,
+                "additionalProperties": false
+            })
+        }
+    };
+    let properties: serde_json::Map<String, Value> = ids.iter().map(|id| (id.clone(), item.clone())).collect();
+    json!({
+        "type": "object",
+        "properties": properties,
+        "required": ids,
+        "additionalProperties": false
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_requires_exactly_the_batch_ids() {
+        let ids = vec!["7".to_string(), "2024Z01".to_string()];
+        let format = response_format(StructuredOutput::JsonSchema, &ids, &OutputShape::Text).unwrap();
+        let schema = &format["json_schema"]["schema"];
+        assert_eq!(schema["required"], json!(["7", "2024Z01"]));
+        assert_eq!(schema["additionalProperties"], json!(false));
+        assert_eq!(format["json_schema"]["strict"], json!(true));
+        let llama = response_format(StructuredOutput::JsonObjectSchema, &ids, &OutputShape::Text).unwrap();
+        assert_eq!(llama["type"], "json_object");
+        assert_eq!(llama["schema"]["properties"]["7"]["type"], "string");
+    }
+
+    #[test]
+    fn hash_changes_with_prompt_and_parameters() {
+        let a = ChatRequest::new("m", None, "hi".into(), Some(0.2), 100, None);
+        let mut b = a.clone();
+        assert_eq!(request_body(&a).1, request_body(&b).1);
+        b.max_tokens = 101;
+        assert_ne!(request_body(&a).1, request_body(&b).1);
+    }
+}

@@ -1,0 +1,284 @@
+//! One call: send it (or take its answer from the response cache), then conclude it into the
+//! batch write, the controller's observation, and the progress deltas. Runs inside the call's
+//! own task, so validation and post-processing of many answers proceed in parallel.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backfill_controller::{CompletedRequest, Observation, Outcome, Ticket, parse_rate_limit_headers};
+
+use super::context::RunContext;
+use super::policy::Setback;
+use crate::ledger::{CostSource, answered_cost};
+use crate::pricing::Picos;
+use crate::provider::{CallError, Completion, parse_completion};
+use crate::store::{BatchWrite, CallSettle, Claimed, ItemChange, ItemUpdate, OutputRecord, now_ms};
+use crate::validate::{Validated, validate};
+
+/// A call ready to go: its items, body and ledger row.
+#[derive(Debug)]
+pub struct PreparedCall {
+    pub call_id: i64,
+    /// `None` when the controller was not told (answers from the cache).
+    pub ticket: Option<Ticket>,
+    pub claimed: Vec<Claimed>,
+    pub tier: u32,
+    pub model: String,
+    pub body: Vec<u8>,
+    pub hash: String,
+    pub estimate: Picos,
+    /// The cached answer, when the same request was answered before.
+    pub cached: Option<String>,
+    /// Settling a call lost in a crash from its cached answer: it was billed.
+    pub replay: bool,
+    pub timeout: Duration,
+    /// Cancelled when the controller cuts the call at the end of the queue.
+    pub cut: tokio_util::sync::CancellationToken,
+}
+
+/// What the dispatcher does with a finished call.
+#[derive(Debug)]
+pub struct Concluded {
+    pub ticket: Option<Ticket>,
+    pub observation: Observation,
+    pub write: BatchWrite,
+    /// The provider refuses every call: stop the run with this message.
+    pub fatal: Option<String>,
+    /// The provider could not be reached at all (for the circuit breaker).
+    pub unreachable: Option<String>,
+    /// The request itself was refused (4xx) — repeated, it means a bad job setting.
+    pub refused: Option<String>,
+    pub succeeded: bool,
+    /// The estimate reserved for the call.
+    pub estimate: Picos,
+    /// Not every item got an output: an identical request must not be served from the cache.
+    pub drop_cache: Option<String>,
+}
+
+pub async fn execute(ctx: Arc<RunContext>, call: PreparedCall) -> Concluded {
+    let started = Instant::now();
+    let outcome = match &call.cached {
+        Some(body) => parse_completion(body)
+            .map(|completion| (completion, Vec::new()))
+            .map_err(|reason| CallError::BadOutput { reason, status: 200, body: body.clone() }),
+        None => match tokio::select! {
+            sent = ctx.client.send(&call.body, call.timeout) => sent,
+            _ = call.cut.cancelled() => Err(CallError::Timeout { after: started.elapsed() }),
+        } {
+            Ok(answer) => {
+                if ctx.cache.enabled {
+                    if let Err(e) = ctx.store.cache_put(&call.hash, &call.model, &answer.body, ctx.cache.ttl).await {
+                        tracing::warn!("could not store the answer in the response cache: {e:#}");
+                    }
+                }
+                Ok((answer.completion, answer.headers))
+            }
+            Err(error) => Err(error),
+        },
+    };
+    let latency = started.elapsed();
+    conclude(&ctx, call, outcome, latency)
+}
+
+fn conclude(
+    ctx: &RunContext,
+    call: PreparedCall,
+    outcome: Result<(Completion, Vec<(String, String)>), CallError>,
+    latency: Duration,
+) -> Concluded {
+    let now = now_ms();
+    let batch_len = call.claimed.len();
+    let mut settle = CallSettle {
+        latency_ms: Some(latency.as_millis() as i64),
+        ..CallSettle::default()
+    };
+    let mut result = Concluded {
+        ticket: call.ticket,
+        observation: Observation::new(latency, Outcome::OtherError, Default::default()),
+        write: BatchWrite { run_id: ctx.run_id, call_id: call.call_id, settle: CallSettle::default(), items: Vec::new() },
+        fatal: None,
+        unreachable: None,
+        refused: None,
+        succeeded: false,
+        drop_cache: None,
+        estimate: call.estimate,
+    };
+    let setback_all = |setback: &Setback| -> Vec<ItemUpdate> {
+        call.claimed
+            .iter()
+            .map(|c| ItemUpdate {
+                lease: c.lease.clone(),
+                change: ctx.policy.next(setback, c.attempts, c.tier, batch_len, now, fastrand::f64()),
+                output: None,
+            })
+            .collect()
+    };
+
+    match outcome {
+        Ok((completion, headers)) => {
+            result.observation.rate_limits = parse_rate_limit_headers(headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+            settle.http_status = Some(200);
+            let usage = completion.usage;
+            let price = ctx.price(call.tier, &call.model);
+            let (cost, source) = if call.cached.is_some() && !call.replay {
+                (Picos::ZERO, CostSource::Cache)
+            } else {
+                answered_cost(&price, ctx.price_tier, usage.as_ref(), completion.reported_cost_usd, call.estimate)
+            };
+            settle.usage = usage.unwrap_or_default();
+            settle.cost = cost;
+            settle.cost_source = source.as_str().into();
+            let ids: Vec<String> = call.claimed.iter().map(|c| c.item.id.clone()).collect();
+            match validate(&completion.content, &ids, &ctx.shape, completion.truncated()) {
+                Err(malformed) => {
+                    settle.outcome = "malformed".into();
+                    settle.error = Some(malformed.to_string());
+                    settle.content = Some(completion.content.clone());
+                    settle.items_invalid = batch_len as u32;
+                    result.write.items = setback_all(&Setback::Malformed(malformed.to_string()));
+                    result.observation.outcome = Outcome::Completed(CompletedRequest {
+                        items_missing: batch_len as u32,
+                        truncated: completion.truncated(),
+                        prompt_tokens: settle.usage.prompt_tokens as u32,
+                        completion_tokens: settle.usage.completion_tokens as u32,
+                        ..CompletedRequest::default()
+                    });
+                }
+                Ok(validated) => {
+                    let completed = apply_outputs(ctx, &call, &validated, now, &mut result.write.items, &mut settle);
+                    if validated.foreign_keys > 0 {
+                        settle.content = Some(completion.content.clone());
+                    }
+                    settle.outcome = match (call.cached.is_some(), call.replay, completion.truncated()) {
+                        (true, false, _) => "cached",
+                        (_, _, true) => "truncated",
+                        _ => "ok",
+                    }
+                    .into();
+                    result.succeeded = true;
+                    result.observation.outcome = Outcome::Completed(CompletedRequest {
+                        truncated: completion.truncated(),
+                        prompt_tokens: settle.usage.prompt_tokens as u32,
+                        completion_tokens: settle.usage.completion_tokens as u32,
+                        ..completed
+                    });
+                }
+            }
+        }
+        Err(error) => {
+            settle.http_status = error.http_status();
+            settle.outcome = error.outcome().into();
+            settle.error = Some(error.to_string());
+            settle.cost_source = CostSource::None.as_str().into();
+            let (setback, observed) = match &error {
+                CallError::RateLimited(limit) => {
+                    result.observation.rate_limits = parse_rate_limit_headers(limit.headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+                    (Setback::RateLimited { retry_after: limit.retry_after }, Outcome::RateLimited)
+                }
+                CallError::Timeout { .. } => {
+                    // The provider may have done (and billed) the work: possibly billed.
+                    settle.lost = true;
+                    (Setback::Timeout(error.to_string()), Outcome::TimedOut)
+                }
+                CallError::Transient { status: Some(status), headers, .. } => {
+                    result.observation.rate_limits = parse_rate_limit_headers(headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+                    (Setback::Transient(error.to_string()), Outcome::ServerError { status: *status })
+                }
+                CallError::Transient { status: None, message, .. } => {
+                    if message.starts_with("cannot connect") {
+                        result.unreachable = Some(error.to_string());
+                    } else {
+                        settle.lost = true;
+                    }
+                    (Setback::Transient(error.to_string()), Outcome::OtherError)
+                }
+                CallError::Rejected { .. } => {
+                    result.refused = Some(error.to_string());
+                    (Setback::Malformed(error.to_string()), Outcome::OtherError)
+                }
+                CallError::Fatal { .. } => {
+                    result.fatal = Some(error.to_string());
+                    (Setback::Released, Outcome::OtherError)
+                }
+                CallError::BadOutput { body, .. } => {
+                    settle.content = Some(body.chars().take(4000).collect());
+                    (Setback::Malformed(error.to_string()), Outcome::OtherError)
+                }
+            };
+            result.observation.outcome = observed;
+            result.write.items = setback_all(&setback);
+        }
+    }
+    let all_done = result.write.items.iter().all(|u| matches!(u.change, ItemChange::Done { .. }));
+    if !all_done && (call.cached.is_some() || settle.http_status == Some(200)) {
+        result.drop_cache = Some(call.hash.clone());
+    }
+    result.write.settle = settle;
+    result
+}
+
+/// Writes each returned output through post-processing into item updates; returns the
+/// per-item counts for the controller.
+fn apply_outputs(
+    ctx: &RunContext,
+    call: &PreparedCall,
+    validated: &Validated,
+    now: i64,
+    updates: &mut Vec<ItemUpdate>,
+    settle: &mut CallSettle,
+) -> CompletedRequest {
+    let batch_len = call.claimed.len();
+    let mut counts = CompletedRequest::default();
+    let next = |c: &Claimed, setback: &Setback| ctx.policy.next(setback, c.attempts, c.tier, batch_len, now, fastrand::f64());
+
+    for (index, output) in &validated.outputs {
+        let claimed = &call.claimed[*index];
+        let raw = serde_json::to_string(output).expect("outputs serialise");
+        match ctx.check_output(output) {
+            Ok((values, changes)) => {
+                counts.items_valid += 1;
+                settle.items_ok += 1;
+                let final_json = serde_json::to_string(&values.iter().cloned().collect::<std::collections::BTreeMap<_, _>>())
+                    .expect("outputs serialise");
+                updates.push(ItemUpdate {
+                    lease: claimed.lease.clone(),
+                    change: ItemChange::Done { values },
+                    output: Some(OutputRecord { status: "written".into(), raw: Some(raw), final_json: Some(final_json), detail: changes }),
+                });
+            }
+            Err((reason, detail)) => {
+                counts.items_rejected += 1;
+                settle.items_rejected += 1;
+                let setback = Setback::Rejected { reason: reason.clone(), detail: detail.clone() };
+                updates.push(ItemUpdate {
+                    lease: claimed.lease.clone(),
+                    change: next(claimed, &setback),
+                    output: Some(OutputRecord {
+                        status: "rejected".into(),
+                        raw: Some(raw),
+                        final_json: None,
+                        detail: Some(serde_json::json!({ "reason": reason, "detail": detail }).to_string()),
+                    }),
+                });
+            }
+        }
+    }
+    for (index, why) in &validated.invalid {
+        let claimed = &call.claimed[*index];
+        counts.items_missing += 1;
+        settle.items_invalid += 1;
+        updates.push(ItemUpdate {
+            lease: claimed.lease.clone(),
+            change: next(claimed, &Setback::Invalid(why.clone())),
+            output: Some(OutputRecord { status: "invalid".into(), raw: None, final_json: None, detail: Some(why.clone()) }),
+        });
+    }
+    for index in &validated.missing {
+        let claimed = &call.claimed[*index];
+        counts.items_missing += 1;
+        settle.items_missing += 1;
+        updates.push(ItemUpdate { lease: claimed.lease.clone(), change: next(claimed, &Setback::Missing), output: None });
+    }
+    settle.foreign_keys = validated.foreign_keys as u32;
+    counts
+}

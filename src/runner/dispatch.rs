@@ -1,0 +1,352 @@
+//! The dispatcher: asks the controller what to send, claims and packs a batch, reserves its
+//! cost, and spawns the call; hands every finished call to the writer. It owns the
+//! controller, so every decision and observation goes through one place.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use backfill_controller::{Controller, Decision, PipelineLoad, RequestShape, Ticket};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::call::{Concluded, PreparedCall, execute};
+use super::context::RunContext;
+use super::progress::Progress;
+use crate::pricing::Picos;
+use crate::provider::{ChatRequest, request_body, response_format};
+use crate::store::{BatchWrite, NewCall, now_ms};
+
+/// Why dispatching stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// Every item is done, failed or rejected.
+    Drained,
+    /// SIGINT/SIGTERM.
+    Interrupted,
+    /// The next call would pass the budget cap.
+    Budget,
+    /// The provider refuses every call, cannot be reached, or the database failed.
+    Failed(String),
+}
+
+/// Failures seen before any call succeeded that mean no call ever will.
+const BREAKER_THRESHOLD: u32 = 5;
+/// How often the controller's state is saved for `--resume`.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
+/// The longest the loop sleeps without looking at the queue again.
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+pub struct Dispatcher {
+    pub ctx: Arc<RunContext>,
+    pub controller: Controller,
+    pub clock: Instant,
+    pub tasks: JoinSet<Concluded>,
+    pub writer: mpsc::Sender<BatchWrite>,
+    /// Signalled by the writer after each batch it wrote.
+    pub written: Arc<Notify>,
+    pub progress: Arc<Progress>,
+    pub fatal: Option<String>,
+    /// Per in-flight call, the token that cuts it (end-of-queue cuts by the controller).
+    cuts: HashMap<Ticket, CancellationToken>,
+    successes: u64,
+    unreachable_in_a_row: u32,
+    refused_in_a_row: u32,
+    last_snapshot: Instant,
+}
+
+enum Dispatched {
+    Sent,
+    Budget,
+    Empty { next_ready_at: Option<i64>, leased: u64 },
+}
+
+impl Dispatcher {
+    pub fn new(
+        ctx: Arc<RunContext>,
+        controller: Controller,
+        writer: mpsc::Sender<BatchWrite>,
+        written: Arc<Notify>,
+        progress: Arc<Progress>,
+    ) -> Self {
+        Dispatcher {
+            ctx,
+            controller,
+            clock: Instant::now(),
+            tasks: JoinSet::new(),
+            writer,
+            written,
+            progress,
+            fatal: None,
+            cuts: HashMap::new(),
+            successes: 0,
+            unreachable_in_a_row: 0,
+            refused_in_a_row: 0,
+            last_snapshot: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.clock.elapsed()
+    }
+
+    /// Dispatches until the queue is drained or something stops the run, then lets in-flight
+    /// calls finish (within the grace period when interrupted or failing).
+    pub async fn run(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Stop> {
+        let stop = loop {
+            while let Some(done) = self.tasks.try_join_next() {
+                self.finish(done).await?;
+            }
+            if let Some(reason) = self.fatal.clone().or_else(|| self.progress.writer_failure()) {
+                break Stop::Failed(reason);
+            }
+            if shutdown.is_cancelled() {
+                break Stop::Interrupted;
+            }
+            self.maybe_snapshot().await;
+            let load = PipelineLoad {
+                in_flight: self.tasks.len(),
+                queued_items: self.progress.queued.load(Ordering::Relaxed),
+            };
+            for ticket in self.controller.requests_to_cut(self.now(), load) {
+                if let Some(cut) = self.cuts.get(&ticket) {
+                    tracing::debug!(?ticket, "cutting a slow call at the end of the queue; its items go out again");
+                    cut.cancel();
+                }
+            }
+            match self.controller.poll(self.now(), load) {
+                Decision::Send { items, max_tokens, timeout } => {
+                    match self.dispatch(items, max_tokens, timeout).await? {
+                        Dispatched::Sent => continue,
+                        Dispatched::Budget => break Stop::Budget,
+                        Dispatched::Empty { next_ready_at, leased } => {
+                            if self.tasks.is_empty() && leased == 0 && next_ready_at.is_none() {
+                                break Stop::Drained;
+                            }
+                            let wait = next_ready_at
+                                .map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
+                                .unwrap_or(IDLE_POLL)
+                                .min(IDLE_POLL);
+                            self.wait(Some(self.now() + wait), shutdown).await?;
+                        }
+                    }
+                }
+                Decision::Wait { until } => self.wait(until, shutdown).await?,
+            }
+        };
+        self.progress.set_controller(self.controller.status());
+        self.drain(&stop, shutdown).await?;
+        self.maybe_snapshot_now().await;
+        Ok(stop)
+    }
+
+    async fn dispatch(&mut self, items: u32, max_tokens: u32, timeout: Duration) -> anyhow::Result<Dispatched> {
+        let ctx = self.ctx.clone();
+        let claim = ctx.store.claim(&ctx.tables, ctx.run_id, &ctx.worker, items.max(1) as usize, ctx.lease).await?;
+        if claim.vanished > 0 {
+            self.progress.failed.fetch_add(claim.vanished, Ordering::Relaxed);
+        }
+        if claim.items.is_empty() {
+            return Ok(Dispatched::Empty { next_ready_at: claim.next_ready_at, leased: claim.leased });
+        }
+        let mut claimed = claim.items;
+        let tier = claimed[0].tier;
+        let model = ctx.model(tier).to_owned();
+        let rows: Vec<_> = claimed.iter().map(|c| c.item.clone()).collect();
+        let per_item = f64::from(max_tokens) / f64::from(items.max(1));
+        let packed = ctx.packer.pack(&rows, per_item);
+        if packed.items < claimed.len() {
+            let rest: Vec<_> = claimed.split_off(packed.items).into_iter().map(|c| c.lease).collect();
+            ctx.store.release(ctx.run_id, &rest).await?;
+        }
+        let ids: Vec<String> = claimed.iter().map(|c| c.item.id.clone()).collect();
+        let format = response_format(ctx.chat.structured_output, &ids, &ctx.shape);
+        let request = ChatRequest::new(&model, packed.system.as_deref(), packed.user, ctx.chat.temperature, packed.max_tokens, format);
+        let (body, hash) = request_body(&request);
+        // The tokenizer may not be the model's own: reserve a tenth more input than counted.
+        let estimate = ctx.price(tier, &model).estimate(packed.prompt_tokens * 11 / 10, u64::from(packed.max_tokens), ctx.price_tier);
+        let cached = if ctx.cache.enabled { ctx.store.cache_get(&hash).await? } else { None };
+        let status = self.controller.status();
+        let call = NewCall {
+            run_id: ctx.run_id,
+            worker: ctx.worker.id.clone(),
+            model: model.clone(),
+            price_tier: ctx.price_tier,
+            request_hash: Some(hash.clone()),
+            item_ids: ids,
+            concurrency: status.concurrency_limit,
+            estimated: if cached.is_some() { Picos::ZERO } else { estimate },
+            started_at: now_ms(),
+        };
+        let Some(call_id) = ctx.store.reserve_call(&call, ctx.cap).await? else {
+            let leases: Vec<_> = claimed.into_iter().map(|c| c.lease).collect();
+            ctx.store.release(ctx.run_id, &leases).await?;
+            return Ok(Dispatched::Budget);
+        };
+        let ticket = cached.is_none().then(|| {
+            self.controller.on_sent(
+                self.now(),
+                RequestShape {
+                    items: claimed.len() as u32,
+                    prompt_tokens: packed.prompt_tokens.min(u64::from(u32::MAX)) as u32,
+                    max_tokens: packed.max_tokens,
+                    retried_items: claimed.iter().filter(|c| c.attempts > 0).count() as u32,
+                },
+            )
+        });
+        self.progress.requests.fetch_add(1, Ordering::Relaxed);
+        self.progress.reserve(call.estimated);
+        let cut = CancellationToken::new();
+        if let Some(ticket) = ticket {
+            self.cuts.insert(ticket, cut.clone());
+        }
+        let prepared = PreparedCall {
+            call_id,
+            ticket,
+            tier,
+            model,
+            claimed,
+            body,
+            hash,
+            estimate: call.estimated,
+            cached,
+            replay: false,
+            timeout: timeout.min(ctx.chat.request_timeout),
+            cut,
+        };
+        self.tasks.spawn(execute(ctx, prepared));
+        Ok(Dispatched::Sent)
+    }
+
+    /// Takes one finished call: tells the controller, trips the breaker, queues the write.
+    pub async fn finish(&mut self, joined: Result<Concluded, tokio::task::JoinError>) -> anyhow::Result<()> {
+        let concluded = match joined {
+            Ok(c) => c,
+            Err(e) if e.is_cancelled() => return Ok(()),
+            Err(e) => anyhow::bail!("a call task failed: {e}"),
+        };
+        if let Some(ticket) = concluded.ticket {
+            self.cuts.remove(&ticket);
+            self.controller.on_outcome(self.now(), ticket, concluded.observation);
+        }
+        if concluded.succeeded {
+            self.successes += 1;
+            self.unreachable_in_a_row = 0;
+            self.refused_in_a_row = 0;
+        }
+        if let Some(why) = &concluded.unreachable {
+            self.unreachable_in_a_row += 1;
+            if self.successes == 0 && self.unreachable_in_a_row >= BREAKER_THRESHOLD {
+                self.fatal.get_or_insert_with(|| {
+                    format!(
+                        "cannot reach the provider at {} ({why}); check model.base_url (or OPENAI_BASE_URL) \
+                         and that the server is running, then run again with --resume",
+                        self.ctx.client.endpoint()
+                    )
+                });
+            }
+        }
+        if let Some(why) = &concluded.refused {
+            self.refused_in_a_row += 1;
+            if self.successes == 0 && self.refused_in_a_row >= BREAKER_THRESHOLD {
+                self.fatal.get_or_insert_with(|| {
+                    format!(
+                        "the provider refuses the requests: {why}; check model.name and \
+                         model.structured_output (not every server supports every mode), then run again with --resume"
+                    )
+                });
+            }
+        }
+        if let Some(why) = &concluded.fatal {
+            self.fatal.get_or_insert_with(|| why.clone());
+        }
+        if let Some(hash) = &concluded.drop_cache {
+            if let Err(e) = self.ctx.store.cache_drop(hash).await {
+                tracing::warn!("could not drop a cache entry: {e:#}");
+            }
+        }
+        self.progress.unreserve(concluded.estimate);
+        self.progress.set_controller(self.controller.status());
+        self.writer
+            .send(concluded.write)
+            .await
+            .map_err(|_| anyhow::anyhow!("the writer stopped: {}", self.progress.writer_failure().unwrap_or_default()))?;
+        Ok(())
+    }
+
+    async fn wait(&mut self, until: Option<Duration>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let deadline = until.map(|u| u.min(self.now() + IDLE_POLL)).unwrap_or(self.now() + IDLE_POLL);
+        let sleep = tokio::time::sleep_until((self.clock + deadline).into());
+        let written = self.written.clone();
+        if self.tasks.is_empty() {
+            tokio::select! {
+                _ = sleep => {}
+                _ = shutdown.cancelled() => {}
+                _ = written.notified() => {}
+            }
+            return Ok(());
+        }
+        tokio::select! {
+            Some(done) = self.tasks.join_next() => self.finish(done).await?,
+            _ = sleep => {}
+            _ = shutdown.cancelled() => {}
+        }
+        Ok(())
+    }
+
+    async fn drain(&mut self, stop: &Stop, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let grace = match stop {
+            Stop::Interrupted | Stop::Failed(_) => Some(self.ctx.grace),
+            _ => None,
+        };
+        if !self.tasks.is_empty() {
+            tracing::info!(in_flight = self.tasks.len(), "waiting for calls in flight");
+        }
+        let deadline = grace.map(|g| tokio::time::Instant::now() + g);
+        while !self.tasks.is_empty() {
+            let next = self.tasks.join_next();
+            let joined = match deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
+                    Ok(joined) => joined,
+                    Err(_) => {
+                        tracing::warn!(
+                            abandoned = self.tasks.len(),
+                            "grace period over: abandoning calls in flight (their items return to the queue)"
+                        );
+                        self.tasks.abort_all();
+                        while self.tasks.join_next().await.is_some() {}
+                        break;
+                    }
+                },
+                None => next.await,
+            };
+            if let Some(joined) = joined {
+                self.finish(joined).await?;
+            }
+        }
+        let _ = shutdown;
+        Ok(())
+    }
+
+    async fn maybe_snapshot(&mut self) {
+        if self.last_snapshot.elapsed() >= SNAPSHOT_EVERY {
+            self.maybe_snapshot_now().await;
+        }
+    }
+
+    async fn maybe_snapshot_now(&mut self) {
+        self.last_snapshot = Instant::now();
+        let state = match serde_json::to_string(&self.controller.snapshot()) {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!("controller state not saved: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.ctx.store.save_controller_state(self.ctx.run_id, &state).await {
+            tracing::warn!("controller state not saved: {e:#}");
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! A run, end to end: find or create the run, attach this process as a worker, start the
+//! writer, reporter and heartbeat tasks, replay calls a crash left answered in the cache,
+//! dispatch until the queue drains or something stops the run, then record how it ended.
+
+mod call;
+pub mod context;
+mod dispatch;
+pub mod policy;
+pub mod progress;
+mod signals;
+pub mod summary;
+mod writer;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use backfill_controller::{Controller, ControllerConfig, ControllerState, StartMinMax};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+pub use context::{OutputCheck, RunContext};
+pub use dispatch::Stop;
+pub use signals::install as install_signals;
+pub use summary::Summary;
+
+use crate::exit::{Exit, usage};
+use crate::job::{ChatModel, Job};
+use crate::packer::Packer;
+use crate::provider::ChatClient;
+use crate::secret::ApiKey;
+use crate::store::{Attach, Created, NewRun, RunRecord, RunStatus, Store, Tables, Worker};
+use crate::tokens::TokenCounter;
+
+/// How `run` was asked to go.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub resume: bool,
+    pub limit: Option<u64>,
+    /// No progress output (for `--json` consumers that also read stderr, and tests).
+    pub quiet: bool,
+}
+
+/// How a run ended: the summary and the exit code.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub summary: Summary,
+    pub exit: Exit,
+}
+
+/// Runs a chat job.
+pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -> anyhow::Result<RunOutcome> {
+    let started = Instant::now();
+    let Some(chat) = job.chat() else {
+        anyhow::bail!("local-model jobs run through the onnx processor");
+    };
+    // Everything that can be checked without the database and the network comes first.
+    let check: Option<Arc<dyn OutputCheck>> = match crate::postprocess::build(job)? {
+        Some(p) => Some(p),
+        None => None,
+    };
+    let store = crate::store::open(&job.database).await?;
+    store.migrate().await?;
+    let tables = Tables::from_job(job);
+    store.inspect(&tables).await?;
+    let run = find_or_create(job, options, store.as_ref(), &tables).await?;
+    let worker = Worker::current();
+    match store.attach(run.id, &worker, job.limits.lease, !store.shares_runs()).await? {
+        Attach::Attached(recovered) => {
+            if recovered.items > 0 || recovered.calls_lost > 0 {
+                tracing::info!(
+                    items = recovered.items,
+                    calls = recovered.calls_lost,
+                    "run {}: items leased by a stopped process are back in the queue",
+                    run.id
+                );
+            }
+        }
+        Attach::Busy { worker: other, seconds_left } => {
+            return Err(usage(format!(
+                "run {} of job `{}` is being worked on by another process ({other}); a SQLite run takes \
+                 one process at a time. Wait for it to end (its lease runs out {seconds_left:.0}s after its \
+                 last heartbeat), or stop it; for several workers use PostgreSQL",
+                run.id, job.name
+            )));
+        }
+    }
+
+    let ctx = Arc::new(context_for(job, chat, store.clone(), run.id, check)?);
+    let controller = controller_for(job, chat, &run)?;
+    let counts = store.item_counts(run.id).await?;
+    let spend = store.spend(run.id).await?;
+    let progress = Arc::new(progress::Progress::new(counts.total(), counts.done, counts.failed, counts.rejected, spend.spent, ctx.cap));
+    progress.queued.store(counts.pending as usize, Ordering::Relaxed);
+
+    let (write_tx, write_rx) = mpsc::channel(writer::WRITE_QUEUE);
+    let written = Arc::new(Notify::new());
+    let writer = tokio::spawn(writer::write_all(ctx.clone(), write_rx, written.clone(), progress.clone()));
+    let background = CancellationToken::new();
+    let reporter = tokio::spawn(progress::report(progress.clone(), background.clone(), options.quiet));
+    let heartbeat = tokio::spawn(keep_alive(ctx.clone(), progress.clone(), background.clone()));
+
+    let mut dispatcher = dispatch::Dispatcher::new(ctx.clone(), controller, write_tx, written, progress.clone());
+    let stop = match replay_lost_calls(&ctx, &mut dispatcher).await {
+        Ok(()) => dispatcher.run(&shutdown).await,
+        Err(e) => Err(e),
+    };
+    let controller_status = dispatcher.controller.status();
+    drop(dispatcher);
+    let _ = writer.await;
+    background.cancel();
+    let _ = reporter.await;
+    let _ = heartbeat.await;
+
+    let stop = match stop {
+        Ok(stop) => match progress.writer_failure() {
+            Some(why) => Stop::Failed(why),
+            None => stop,
+        },
+        Err(e) => Stop::Failed(format!("{e:#}")),
+    };
+    let (status, exit, error) = match &stop {
+        Stop::Drained => (RunStatus::Finished, Exit::Finished, None),
+        Stop::Interrupted => (RunStatus::Interrupted, Exit::Interrupted, None),
+        Stop::Budget => (
+            RunStatus::Budget,
+            Exit::Budget,
+            Some("the next call would pass the budget cap; raise it with --max-usd and run with --resume".to_string()),
+        ),
+        Stop::Failed(why) => (RunStatus::Failed, Exit::Error, Some(why.clone())),
+    };
+    // Record the end even if the database is struggling; report what could not be recorded.
+    if let Err(e) = store.set_status(run.id, status, error.as_deref()).await {
+        tracing::error!("could not record the run's end: {e:#}");
+    }
+    if let Err(e) = store.detach(run.id, &ctx.worker).await {
+        tracing::error!("could not detach from the run: {e:#}");
+    }
+    let report = store
+        .status(&job.name, Some(run.id))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("run {} disappeared", run.id))?;
+    let controller = summary::ControllerSummary {
+        items_per_request: controller_status.items_per_request,
+        concurrency: controller_status.concurrency_limit,
+        requests_per_second: controller_status.requests_per_second,
+        requests: controller_status.counts.requests_sent,
+        rate_limited: controller_status.counts.rate_limited,
+        timeouts: controller_status.counts.timed_out,
+        retries: progress.retries.load(Ordering::Relaxed),
+    };
+    let summary = Summary::from_report(
+        &report,
+        started.elapsed().as_secs_f64(),
+        progress.finished_here.load(Ordering::Relaxed),
+        controller,
+        error,
+    );
+    // A run that drained its own share while other workers still hold items is not finished
+    // yet; this worker's part is.
+    Ok(RunOutcome { summary, exit })
+}
+
+async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tables: &Tables) -> anyhow::Result<RunRecord> {
+    let new = NewRun {
+        job: job.name.clone(),
+        target: format!(
+            "{}({})",
+            tables.table.raw(),
+            tables.outputs.iter().map(|(_, c)| c.name().to_owned()).collect::<Vec<_>>().join(", ")
+        ),
+        limit: options.limit,
+        max_usd: job.budget_usd,
+    };
+    match store.create_run(&new, tables).await? {
+        Created::New(run) => {
+            if options.resume {
+                tracing::info!("no unfinished run of `{}` to resume: started run {}", job.name, run.id);
+            }
+            tracing::info!("run {}: {} items queued", run.id, run.total_items);
+            Ok(run)
+        }
+        Created::Existing(run) if options.resume => {
+            tracing::info!("resuming run {} ({})", run.id, run.status.as_str());
+            Ok(run)
+        }
+        Created::Existing(run) => Err(usage(format!(
+            "job `{}` has an unfinished run {} ({}, started {}); continue it with `backfill run {} --resume`, \
+             or give it up with `backfill abandon {}` and start again",
+            job.name,
+            run.id,
+            run.status.as_str(),
+            crate::cli::time::format_ms(run.created_at),
+            job.path.display(),
+            job.path.display()
+        ))),
+    }
+}
+
+fn context_for(
+    job: &Job,
+    chat: &ChatModel,
+    store: Arc<dyn Store>,
+    run_id: i64,
+    check: Option<Arc<dyn OutputCheck>>,
+) -> anyhow::Result<RunContext> {
+    let api_key = std::env::var(&chat.api_key_env).ok().filter(|k| !k.is_empty()).map(ApiKey::new);
+    if api_key.is_none() {
+        tracing::info!("{} is not set: calling {} without an API key", chat.api_key_env, chat.base_url);
+    }
+    let client = ChatClient::new(&chat.base_url, api_key, chat.request_timeout)?;
+    let packer = Packer::new(
+        &chat.template,
+        chat.system.clone(),
+        TokenCounter::new(&chat.encoding)?,
+        chat.context_window,
+        chat.max_tokens,
+    );
+    Ok(RunContext::new(job, chat, store, run_id, client, packer, check))
+}
+
+fn controller_for(job: &Job, chat: &ChatModel, run: &RunRecord) -> anyhow::Result<Controller> {
+    let limits = &job.limits;
+    let config = ControllerConfig {
+        requests_per_minute: limits.requests_per_minute,
+        tokens_per_minute: limits.tokens_per_minute,
+        items_per_request: StartMinMax::new(limits.items_per_request.start, limits.items_per_request.min, limits.items_per_request.max),
+        concurrency: StartMinMax::new(limits.concurrency.start, limits.concurrency.min, limits.concurrency.max),
+        initial_output_tokens_per_item: chat.max_output_tokens_per_item,
+        context_window_tokens: Some(chat.context_window),
+        request_timeout: chat.request_timeout.max(Duration::from_secs(1)),
+        seed: fastrand::u64(..),
+    };
+    let restored = run
+        .controller_state
+        .as_deref()
+        .and_then(|s| serde_json::from_str::<ControllerState>(s).ok())
+        .map(|state| Controller::restore(config.clone(), state, Duration::ZERO));
+    let controller = match restored {
+        Some(Ok(controller)) => {
+            tracing::info!("controller resumed from the run's saved state");
+            controller
+        }
+        _ => Controller::new(config, Duration::ZERO).map_err(|e| usage(e.to_string()))?,
+    };
+    Ok(controller)
+}
+
+/// Heartbeats the worker's leases, returns expired leases of others to the queue, and keeps the
+/// queue size fresh for the controller.
+async fn keep_alive(ctx: Arc<RunContext>, progress: Arc<progress::Progress>, stop: CancellationToken) {
+    let every = (ctx.lease / 4).max(Duration::from_secs(1));
+    let mut beat = tokio::time::interval(every);
+    let mut count = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = count.tick() => {
+                if let Ok(counts) = ctx.store.item_counts(ctx.run_id).await {
+                    progress.queued.store(counts.pending as usize, Ordering::Relaxed);
+                }
+            }
+            _ = beat.tick() => {
+                match ctx.store.heartbeat(ctx.run_id, &ctx.worker, ctx.lease).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        progress.fail_writer(format!("this process lost its attachment to run {} (it was taken over)", ctx.run_id));
+                        return;
+                    }
+                    Err(e) => tracing::warn!("heartbeat failed: {e:#}"),
+                }
+                if ctx.store.shares_runs() {
+                    if let Err(e) = ctx.store.recover(ctx.run_id).await {
+                        tracing::warn!("lease recovery failed: {e:#}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Calls lost in a crash whose answer had reached the cache are settled from it: their items
+/// get the answer they were billed for, and nothing is paid twice.
+async fn replay_lost_calls(ctx: &Arc<RunContext>, dispatcher: &mut dispatch::Dispatcher) -> anyhow::Result<()> {
+    if !ctx.cache.enabled {
+        return Ok(());
+    }
+    for lost in ctx.store.lost_calls(ctx.run_id).await? {
+        let Some(claimed) = ctx.store.claim_ids(&ctx.tables, ctx.run_id, &ctx.worker, &lost.item_ids, ctx.lease).await? else {
+            continue;
+        };
+        let Some(body) = ctx.store.cache_get(&lost.request_hash).await? else {
+            let leases: Vec<_> = claimed.into_iter().map(|c| c.lease).collect();
+            ctx.store.release(ctx.run_id, &leases).await?;
+            continue;
+        };
+        tracing::info!(call = lost.call_id, items = claimed.len(), "settling a call lost in a crash from its cached answer");
+        let tier = claimed.first().map(|c| c.tier).unwrap_or(0);
+        let prepared = call::PreparedCall {
+            call_id: lost.call_id,
+            ticket: None,
+            claimed,
+            tier,
+            model: lost.model,
+            body: Vec::new(),
+            hash: lost.request_hash,
+            estimate: lost.estimated,
+            cached: Some(body),
+            replay: true,
+            timeout: ctx.chat.request_timeout,
+            cut: CancellationToken::new(),
+        };
+        let concluded = call::execute(ctx.clone(), prepared).await;
+        dispatcher.finish(Ok(concluded)).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! The store: runner tables (runs, workers, items, calls ledger, raw outputs, response cache)
+//! and the job's source and target tables, behind one trait with a SQLite and a PostgreSQL
+//! implementation chosen once from the URL scheme.
+//!
+//! Every method is one short transaction; none is held across a network call. Every write of
+//! an item checks the lease token it was claimed under, so a stale worker cannot overwrite.
+
+mod model;
+pub mod sqlite;
+mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use model::*;
+pub use worker::{Worker, now_ms};
+
+use crate::ident::Ident;
+use crate::pricing::Picos;
+use crate::secret::DatabaseUrl;
+
+/// The job's tables as the store needs them.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    pub table: Ident,
+    pub id: Ident,
+    pub columns: Vec<Ident>,
+    pub pending: String,
+    /// `(output key, column)`; key `""` for a single text output.
+    pub outputs: Vec<(String, Ident)>,
+    pub overwrite: bool,
+}
+
+impl Tables {
+    pub fn from_job(job: &crate::job::Job) -> Self {
+        Tables {
+            table: job.source.table.clone(),
+            id: job.source.id.clone(),
+            columns: job.source.columns.clone(),
+            pending: job.source.pending.clone(),
+            outputs: job
+                .target
+                .outputs
+                .iter()
+                .map(|(key, column)| (key.clone().unwrap_or_default(), column.clone()))
+                .collect(),
+            overwrite: job.target.overwrite,
+        }
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// "sqlite" or "postgres".
+    fn backend(&self) -> &'static str;
+
+    /// True when several processes may work on one run at once.
+    fn shares_runs(&self) -> bool;
+
+    /// Creates or upgrades the runner tables.
+    async fn migrate(&self) -> anyhow::Result<()>;
+
+    /// Whether the runner tables exist (read-only commands never create them).
+    async fn runner_tables_exist(&self) -> anyhow::Result<bool>;
+
+    /// Output tokens per returned item, measured over the job's answered calls.
+    async fn output_tokens_per_item(&self, job: &str) -> anyhow::Result<Option<f64>>;
+
+    /// Checks that the source and target tables and columns exist and the pending predicate
+    /// runs; returns how many rows are pending.
+    async fn inspect(&self, tables: &Tables) -> anyhow::Result<SourceInfo>;
+
+    /// Reads up to `limit` pending rows (for a dry run; writes nothing).
+    async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<crate::packer::Item>>;
+
+    async fn latest_run(&self, job: &str) -> anyhow::Result<Option<RunRecord>>;
+
+    /// Creates a run and enqueues the pending ids (at most `limit`) in one transaction — unless
+    /// an unfinished run of the job exists, which is returned instead.
+    async fn create_run(&self, new: &NewRun, tables: &Tables) -> anyhow::Result<Created>;
+
+    /// Attaches a worker to a run. With `exclusive`, refuses while another live worker is
+    /// attached. Leases of workers that are gone return to the queue.
+    async fn attach(&self, run_id: i64, worker: &Worker, lease: Duration, exclusive: bool) -> anyhow::Result<Attach>;
+
+    /// Extends the worker's and its items' leases; returns false when the worker lost its
+    /// attachment (another process took the run over).
+    async fn heartbeat(&self, run_id: i64, worker: &Worker, lease: Duration) -> anyhow::Result<bool>;
+
+    /// Returns expired leases to the queue and marks calls of dead workers lost.
+    async fn recover(&self, run_id: i64) -> anyhow::Result<Recovered>;
+
+    async fn detach(&self, run_id: i64, worker: &Worker) -> anyhow::Result<()>;
+
+    /// Sets the run's status (and `last_error`). `finished` only sticks when no item is
+    /// pending or leased.
+    async fn set_status(&self, run_id: i64, status: RunStatus, error: Option<&str>) -> anyhow::Result<RunStatus>;
+
+    async fn save_controller_state(&self, run_id: i64, state: &str) -> anyhow::Result<()>;
+
+    /// Leases up to `max_items` ready items of one tier and reads their source rows.
+    async fn claim(&self, tables: &Tables, run_id: i64, worker: &Worker, max_items: usize, lease: Duration) -> anyhow::Result<Claim>;
+
+    /// Leases exactly these items, when they are all pending (replaying a call after a crash).
+    async fn claim_ids(&self, tables: &Tables, run_id: i64, worker: &Worker, ids: &[String], lease: Duration) -> anyhow::Result<Option<Vec<Claimed>>>;
+
+    /// Returns leased items to the queue untouched (no attempt counted).
+    async fn release(&self, run_id: i64, leases: &[Lease]) -> anyhow::Result<()>;
+
+    /// Records a call about to be sent, reserving its estimated cost against the cap.
+    /// `None` when the reservation would pass the cap.
+    async fn reserve_call(&self, call: &NewCall, cap: Option<Picos>) -> anyhow::Result<Option<i64>>;
+
+    /// One transaction: target writes (fenced by lease), item states, raw outputs, and the
+    /// call's settlement in the ledger.
+    async fn write_batch(&self, tables: &Tables, batch: &BatchWrite) -> anyhow::Result<WriteReport>;
+
+    /// The run's money: settled, reserved for calls in flight, and lost in crashes.
+    async fn spend(&self, run_id: i64) -> anyhow::Result<Spend>;
+
+    async fn cache_get(&self, hash: &str) -> anyhow::Result<Option<String>>;
+    async fn cache_put(&self, hash: &str, model: &str, body: &str, ttl: Duration) -> anyhow::Result<()>;
+    async fn cache_drop(&self, hash: &str) -> anyhow::Result<()>;
+
+    /// Calls of the run that were in flight when their worker died, with an answer in the cache.
+    async fn lost_calls(&self, run_id: i64) -> anyhow::Result<Vec<LostCall>>;
+
+    async fn item_counts(&self, run_id: i64) -> anyhow::Result<ItemCounts>;
+
+    /// Everything `status` and `report` show about a job's runs.
+    async fn status(&self, job: &str, run: Option<i64>) -> anyhow::Result<Option<StatusReport>>;
+
+    /// Ledger rows of a run in time order (for the report's chart).
+    async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>>;
+}
+
+/// Opens the store for a database URL: `sqlite://…` or `postgres://…`.
+pub async fn open(url: &DatabaseUrl) -> anyhow::Result<Arc<dyn Store>> {
+    if url.is_sqlite() {
+        Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else {
+        anyhow::bail!(crate::exit::UsageError(format!(
+            "{}: only sqlite:// databases are supported by this build",
+            url
+        )))
+    }
+}

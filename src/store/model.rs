@@ -1,0 +1,330 @@
+//! The data the store takes and returns.
+
+use crate::packer::Item;
+use crate::pricing::{Picos, Tier, Usage};
+
+/// What the source looks like at run start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceInfo {
+    pub pending: u64,
+}
+
+/// A run's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Running,
+    /// Stopped by SIGINT/SIGTERM.
+    Interrupted,
+    /// Stopped at the budget cap.
+    Budget,
+    /// Stopped by an error (provider refusing every call, database failure).
+    Failed,
+    Finished,
+    /// Given up on purpose with `backfill abandon`.
+    Abandoned,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::Budget => "budget",
+            RunStatus::Failed => "failed",
+            RunStatus::Finished => "finished",
+            RunStatus::Abandoned => "abandoned",
+        }
+    }
+
+    pub fn parse(s: &str) -> RunStatus {
+        match s {
+            "interrupted" => RunStatus::Interrupted,
+            "budget" => RunStatus::Budget,
+            "failed" => RunStatus::Failed,
+            "finished" => RunStatus::Finished,
+            "abandoned" => RunStatus::Abandoned,
+            _ => RunStatus::Running,
+        }
+    }
+
+    /// Runs that `--resume` continues and plain `run` refuses to start beside.
+    pub fn is_unfinished(self) -> bool {
+        !matches!(self, RunStatus::Finished | RunStatus::Abandoned)
+    }
+}
+
+/// A run as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    pub id: i64,
+    pub job: String,
+    pub status: RunStatus,
+    pub target: String,
+    pub total_items: u64,
+    pub max_usd: Option<f64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub finished_at: Option<i64>,
+    pub controller_state: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// A run to create.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub job: String,
+    pub target: String,
+    pub limit: Option<u64>,
+    pub max_usd: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Created {
+    New(RunRecord),
+    /// An unfinished run of the job already exists.
+    Existing(RunRecord),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attach {
+    Attached(Recovered),
+    /// Another live worker holds the run.
+    Busy { worker: String, seconds_left: f64 },
+}
+
+/// What recovery returned to the queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub items: u64,
+    pub calls_lost: u64,
+}
+
+/// The fencing token an item was claimed under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub item_id: String,
+    pub token: i64,
+}
+
+/// A leased item with its source row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub lease: Lease,
+    pub attempts: u32,
+    pub tier: u32,
+    pub item: Item,
+}
+
+/// The result of a claim: items, or why there are none right now.
+#[derive(Debug, Clone, Default)]
+pub struct Claim {
+    pub items: Vec<Claimed>,
+    /// When the next item in backoff becomes ready (ms), if any is waiting.
+    pub next_ready_at: Option<i64>,
+    /// Items leased (in flight) by this or other workers.
+    pub leased: u64,
+    /// Items that failed at claim time because their source row is gone.
+    pub vanished: u64,
+}
+
+/// A call about to be sent.
+#[derive(Debug, Clone)]
+pub struct NewCall {
+    pub run_id: i64,
+    pub worker: String,
+    pub model: String,
+    pub price_tier: Tier,
+    pub request_hash: Option<String>,
+    pub item_ids: Vec<String>,
+    pub concurrency: u32,
+    pub estimated: Picos,
+    pub started_at: i64,
+}
+
+/// How a call ended, for the ledger.
+#[derive(Debug, Clone, Default)]
+pub struct CallSettle {
+    pub latency_ms: Option<i64>,
+    pub http_status: Option<u16>,
+    pub outcome: String,
+    pub usage: Usage,
+    pub cost: Picos,
+    /// price_table | provider | estimate | cache | none
+    pub cost_source: String,
+    pub items_ok: u32,
+    pub items_missing: u32,
+    pub items_invalid: u32,
+    pub items_rejected: u32,
+    pub foreign_keys: u32,
+    pub error: Option<String>,
+    /// The answer, kept for audit when it was malformed or held foreign keys.
+    pub content: Option<String>,
+    /// No answer came back but the provider may have billed the call (timeout, dropped
+    /// connection): the call stays "possibly billed" at its estimate instead of settling.
+    pub lost: bool,
+}
+
+/// What happens to one item of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemChange {
+    /// Write these `(output key, text)` values and mark the item done.
+    Done { values: Vec<(String, String)> },
+    /// Back to the queue.
+    Retry {
+        attempts: u32,
+        tier: u32,
+        group_limit: Option<u32>,
+        not_before: i64,
+        error: String,
+        reason: String,
+    },
+    /// Terminal: attempts exhausted.
+    Failed { attempts: u32, error: String, reason: String },
+    /// Terminal: post-processing kept rejecting the output.
+    Rejected { attempts: u32, error: String, reason: String },
+}
+
+/// An item's line in the audit table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputRecord {
+    /// written | rejected | invalid (skipped is decided by the store)
+    pub status: String,
+    pub raw: Option<String>,
+    pub final_json: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemUpdate {
+    pub lease: Lease,
+    pub change: ItemChange,
+    pub output: Option<OutputRecord>,
+}
+
+/// One batch's results, written in one transaction.
+#[derive(Debug, Clone)]
+pub struct BatchWrite {
+    pub run_id: i64,
+    pub call_id: i64,
+    pub settle: CallSettle,
+    pub items: Vec<ItemUpdate>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Outputs written into the target.
+    pub written: u64,
+    /// Done, but the target already held a value (not overwritten).
+    pub skipped: u64,
+    /// Items whose lease was lost: nothing written for them.
+    pub stale: u64,
+}
+
+/// A run's money.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub spent: Picos,
+    pub reserved: Picos,
+    /// Estimates of calls in flight when their worker died: possibly billed.
+    pub lost: Picos,
+}
+
+impl Spend {
+    /// What counts against the cap.
+    pub fn committed(&self) -> Picos {
+        self.spent + self.reserved + self.lost
+    }
+}
+
+/// A call lost in a crash whose answer had reached the cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LostCall {
+    pub call_id: i64,
+    pub model: String,
+    pub item_ids: Vec<String>,
+    pub request_hash: String,
+    pub estimated: Picos,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ItemCounts {
+    pub pending: u64,
+    pub leased: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub rejected: u64,
+}
+
+impl ItemCounts {
+    pub fn total(&self) -> u64 {
+        self.pending + self.leased + self.done + self.failed + self.rejected
+    }
+
+    /// Items not yet in a terminal state.
+    pub fn open(&self) -> u64 {
+        self.pending + self.leased
+    }
+}
+
+/// Cost and tokens of one model in a run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelCost {
+    pub model: String,
+    pub calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub cost: Picos,
+    /// Calls whose cost is the provider's own figure.
+    pub provider_costed: u64,
+}
+
+/// Counts of calls by outcome.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallStats {
+    pub total: u64,
+    pub by_outcome: Vec<(String, u64)>,
+    pub in_flight: u64,
+    pub lost: u64,
+    pub items_sent: u64,
+    pub first_started_at: Option<i64>,
+    pub last_finished_at: Option<i64>,
+}
+
+/// A worker attached to a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRow {
+    pub worker: String,
+    pub attached_at: i64,
+    pub heartbeat_at: i64,
+    pub alive: bool,
+    pub items_done: u64,
+}
+
+/// Everything `status` shows.
+#[derive(Debug, Clone)]
+pub struct StatusReport {
+    pub run: RunRecord,
+    pub counts: ItemCounts,
+    pub spend: Spend,
+    pub models: Vec<ModelCost>,
+    /// `(state, reason, count)` of failed and rejected items.
+    pub reasons: Vec<(String, String, u64)>,
+    pub calls: CallStats,
+    pub workers: Vec<WorkerRow>,
+    /// Earlier runs of the job, newest first, with their cost.
+    pub history: Vec<(RunRecord, Picos)>,
+}
+
+/// One ledger row, for charts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRow {
+    pub started_at: i64,
+    pub latency_ms: Option<i64>,
+    pub items: u32,
+    pub items_ok: u32,
+    pub outcome: Option<String>,
+    pub concurrency: Option<u32>,
+    pub cost: Picos,
+    pub model: String,
+}

@@ -1,0 +1,368 @@
+//! Runs and the workers attached to them: creation with enqueueing, attachment with the
+//! single-owner rule, heartbeats, and recovery of what dead workers held.
+
+use std::time::Duration;
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{SqliteStore, source};
+use crate::store::{Attach, Created, NewRun, Recovered, RunRecord, RunStatus, Tables, Worker, now_ms};
+
+const RUN_COLUMNS: &str = "id, job, status, target, total_items, max_usd, created_at, updated_at, \
+                           finished_at, controller_state, last_error";
+
+pub(super) fn run_from_row(row: &SqliteRow) -> Result<RunRecord, sqlx::Error> {
+    Ok(RunRecord {
+        id: row.try_get("id")?,
+        job: row.try_get("job")?,
+        status: RunStatus::parse(&row.try_get::<String, _>("status")?),
+        target: row.try_get("target")?,
+        total_items: row.try_get::<i64, _>("total_items")?.max(0) as u64,
+        max_usd: row.try_get("max_usd")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        finished_at: row.try_get("finished_at")?,
+        controller_state: row.try_get("controller_state")?,
+        last_error: row.try_get("last_error")?,
+    })
+}
+
+pub(super) async fn latest_run(store: &SqliteStore, job: &str) -> anyhow::Result<Option<RunRecord>> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = ? ORDER BY id DESC LIMIT 1");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(job)
+        .fetch_optional(&store.pool)
+        .await
+        .map_err(|e| store.err(e))?;
+    row.as_ref().map(run_from_row).transpose().map_err(|e| store.err(e))
+}
+
+pub(super) async fn create_run(store: &SqliteStore, new: &NewRun, tables: &Tables) -> anyhow::Result<Created> {
+    let mut tx = store.begin_write().await?;
+    let sql = format!(
+        "SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = ? \
+         AND status NOT IN ('finished', 'abandoned') ORDER BY id DESC LIMIT 1"
+    );
+    let existing = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&new.job)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    if let Some(row) = existing {
+        return Ok(Created::Existing(run_from_row(&row).map_err(|e| store.err(e))?));
+    }
+    let kind = source::detect_id_kind(&mut tx, tables).await.map_err(|e| store.err(e))?;
+    let now = now_ms();
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO backfill_runs (job, status, target, id_kind, total_items, max_usd, created_at, updated_at) \
+         VALUES (?, 'running', ?, ?, 0, ?, ?, ?) RETURNING id",
+    )
+    .bind(&new.job)
+    .bind(&new.target)
+    .bind(if kind == super::IdKind::Integer { "integer" } else { "text" })
+    .bind(new.max_usd)
+    .bind(now)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    let total = source::enqueue(&mut tx, tables, id, new.limit, now).await.map_err(|e| store.err(e))?;
+    sqlx::query("UPDATE backfill_runs SET total_items = ? WHERE id = ?")
+        .bind(total as i64)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    let sql = format!("SELECT {RUN_COLUMNS} FROM backfill_runs WHERE id = ?");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_one(&mut *tx).await.map_err(|e| store.err(e))?;
+    let run = run_from_row(&row).map_err(|e| store.err(e))?;
+    tx.commit().await.map_err(|e| store.err(e))?;
+    store.id_kinds.lock().expect("id kind cache").insert(id, kind);
+    Ok(Created::New(run))
+}
+
+pub(super) async fn attach(
+    store: &SqliteStore,
+    run_id: i64,
+    worker: &Worker,
+    lease: Duration,
+    exclusive: bool,
+) -> anyhow::Result<Attach> {
+    let mut tx = store.begin_write().await?;
+    let now = now_ms();
+    let others: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT worker, expires_at FROM backfill_workers \
+         WHERE run_id = ? AND detached_at IS NULL AND worker <> ?",
+    )
+    .bind(run_id)
+    .bind(&worker.id)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    for (other, expires_at) in &others {
+        let alive = *expires_at > now && !worker.proves_gone(other);
+        if alive && exclusive {
+            return Ok(Attach::Busy {
+                worker: other.clone(),
+                seconds_left: (*expires_at - now) as f64 / 1000.0,
+            });
+        }
+    }
+    let expires = now + lease.as_millis() as i64;
+    sqlx::query(
+        "INSERT INTO backfill_workers (run_id, worker, host, pid, attached_at, heartbeat_at, expires_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (run_id, worker) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, \
+         expires_at = excluded.expires_at, detached_at = NULL",
+    )
+    .bind(run_id)
+    .bind(&worker.id)
+    .bind(&worker.host)
+    .bind(worker.pid as i64)
+    .bind(now)
+    .bind(now)
+    .bind(expires)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    let recovered = recover(store, &mut tx, run_id, worker).await?;
+    sqlx::query("UPDATE backfill_runs SET status = 'running', updated_at = ?, last_error = NULL WHERE id = ?")
+        .bind(now)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    tx.commit().await.map_err(|e| store.err(e))?;
+    Ok(Attach::Attached(recovered))
+}
+
+/// Workers of the run that are gone: detached, expired, or provably dead on this host.
+async fn gone_workers(
+    store: &SqliteStore,
+    tx: &mut Transaction<'static, Sqlite>,
+    run_id: i64,
+    me: &Worker,
+    now: i64,
+) -> anyhow::Result<Vec<String>> {
+    let rows: Vec<(String, i64, Option<i64>)> =
+        sqlx::query_as("SELECT worker, expires_at, detached_at FROM backfill_workers WHERE run_id = ?")
+            .bind(run_id)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+    Ok(rows
+        .into_iter()
+        .filter(|(w, expires_at, detached)| {
+            w != &me.id && (detached.is_some() || *expires_at <= now || me.proves_gone(w))
+        })
+        .map(|(w, _, _)| w)
+        .collect())
+}
+
+pub(super) async fn recover(
+    store: &SqliteStore,
+    tx: &mut Transaction<'static, Sqlite>,
+    run_id: i64,
+    me: &Worker,
+) -> anyhow::Result<Recovered> {
+    let now = now_ms();
+    let gone = gone_workers(store, tx, run_id, me, now).await?;
+    let mut recovered = Recovered::default();
+    // Items whose lease expired, or whose owner is gone, go back to the queue. This is not an
+    // attempt of theirs: the process died, not the item.
+    let expired = sqlx::query(
+        "UPDATE backfill_items SET state = 'pending', lease_owner = NULL, lease_token = NULL, \
+         lease_expires_at = NULL, updated_at = ? \
+         WHERE run_id = ? AND state = 'leased' AND lease_expires_at <= ?",
+    )
+    .bind(now)
+    .bind(run_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    recovered.items += expired.rows_affected();
+    for owner in &gone {
+        let released = sqlx::query(
+            "UPDATE backfill_items SET state = 'pending', lease_owner = NULL, lease_token = NULL, \
+             lease_expires_at = NULL, updated_at = ? WHERE run_id = ? AND state = 'leased' AND lease_owner = ?",
+        )
+        .bind(now)
+        .bind(run_id)
+        .bind(owner)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| store.err(e))?;
+        recovered.items += released.rows_affected();
+        // Calls they had in flight may have been billed: move their estimates to "lost".
+        let lost: (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(estimated_picos), 0) FROM backfill_calls \
+             WHERE run_id = ? AND state = 'reserved' AND worker = ?",
+        )
+        .bind(run_id)
+        .bind(owner)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(|e| store.err(e))?;
+        if lost.0 > 0 {
+            sqlx::query(
+                "UPDATE backfill_calls SET state = 'lost', outcome = 'lost', \
+                 error = 'in flight when its worker stopped; possibly billed' \
+                 WHERE run_id = ? AND state = 'reserved' AND worker = ?",
+            )
+            .bind(run_id)
+            .bind(owner)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+            sqlx::query(
+                "UPDATE backfill_runs SET reserved_picos = reserved_picos - ?, lost_picos = lost_picos + ? WHERE id = ?",
+            )
+            .bind(lost.1)
+            .bind(lost.1)
+            .bind(run_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+            recovered.calls_lost += lost.0 as u64;
+        }
+        sqlx::query("UPDATE backfill_workers SET detached_at = COALESCE(detached_at, ?) WHERE run_id = ? AND worker = ?")
+            .bind(now)
+            .bind(run_id)
+            .bind(owner)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+    }
+    Ok(recovered)
+}
+
+pub(super) async fn heartbeat(store: &SqliteStore, run_id: i64, worker: &Worker, lease: Duration) -> anyhow::Result<bool> {
+    let mut tx = store.begin_write().await?;
+    let now = now_ms();
+    let expires = now + lease.as_millis() as i64;
+    let attached = sqlx::query(
+        "UPDATE backfill_workers SET heartbeat_at = ?, expires_at = ? \
+         WHERE run_id = ? AND worker = ? AND detached_at IS NULL",
+    )
+    .bind(now)
+    .bind(expires)
+    .bind(run_id)
+    .bind(&worker.id)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?
+    .rows_affected()
+        > 0;
+    if attached {
+        sqlx::query(
+            "UPDATE backfill_items SET lease_expires_at = ? WHERE run_id = ? AND state = 'leased' AND lease_owner = ?",
+        )
+        .bind(expires)
+        .bind(run_id)
+        .bind(&worker.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    }
+    tx.commit().await.map_err(|e| store.err(e))?;
+    Ok(attached)
+}
+
+pub(super) async fn detach(store: &SqliteStore, run_id: i64, worker: &Worker) -> anyhow::Result<()> {
+    let mut tx = store.begin_write().await?;
+    let now = now_ms();
+    sqlx::query("UPDATE backfill_workers SET detached_at = ? WHERE run_id = ? AND worker = ?")
+        .bind(now)
+        .bind(run_id)
+        .bind(&worker.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    // Whatever this worker still holds returns to the queue; calls it abandoned are lost.
+    recover_own(store, &mut tx, run_id, worker, now).await?;
+    tx.commit().await.map_err(|e| store.err(e))?;
+    Ok(())
+}
+
+async fn recover_own(
+    store: &SqliteStore,
+    tx: &mut Transaction<'static, Sqlite>,
+    run_id: i64,
+    worker: &Worker,
+    now: i64,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE backfill_items SET state = 'pending', lease_owner = NULL, lease_token = NULL, \
+         lease_expires_at = NULL, updated_at = ? WHERE run_id = ? AND state = 'leased' AND lease_owner = ?",
+    )
+    .bind(now)
+    .bind(run_id)
+    .bind(&worker.id)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    let (count, picos): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COALESCE(SUM(estimated_picos), 0) FROM backfill_calls \
+         WHERE run_id = ? AND state = 'reserved' AND worker = ?",
+    )
+    .bind(run_id)
+    .bind(&worker.id)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    if count > 0 {
+        sqlx::query(
+            "UPDATE backfill_calls SET state = 'lost', outcome = 'abandoned', \
+             error = 'still in flight when the worker stopped; possibly billed' \
+             WHERE run_id = ? AND state = 'reserved' AND worker = ?",
+        )
+        .bind(run_id)
+        .bind(&worker.id)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| store.err(e))?;
+        sqlx::query("UPDATE backfill_runs SET reserved_picos = reserved_picos - ?, lost_picos = lost_picos + ? WHERE id = ?")
+            .bind(picos)
+            .bind(picos)
+            .bind(run_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+    }
+    Ok(())
+}
+
+pub(super) async fn set_status(
+    store: &SqliteStore,
+    run_id: i64,
+    status: RunStatus,
+    error: Option<&str>,
+) -> anyhow::Result<RunStatus> {
+    let mut tx = store.begin_write().await?;
+    let now = now_ms();
+    let open: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM backfill_items WHERE run_id = ? AND state IN ('pending', 'leased')",
+    )
+    .bind(run_id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    let status = if status == RunStatus::Finished && open > 0 { RunStatus::Running } else { status };
+    let finished_at = matches!(status, RunStatus::Finished | RunStatus::Abandoned).then_some(now);
+    sqlx::query(
+        "UPDATE backfill_runs SET status = ?, updated_at = ?, finished_at = COALESCE(?, finished_at), \
+         last_error = COALESCE(?, last_error) WHERE id = ?",
+    )
+    .bind(status.as_str())
+    .bind(now)
+    .bind(finished_at)
+    .bind(error)
+    .bind(run_id)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    tx.commit().await.map_err(|e| store.err(e))?;
+    Ok(status)
+}

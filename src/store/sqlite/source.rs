@@ -1,0 +1,220 @@
+//! The job's own tables in SQLite: checking them, reading rows, enqueueing pending ids and
+//! writing outputs.
+
+use serde_json::Value;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{AssertSqlSafe, Row, SqliteConnection, TypeInfo, ValueRef};
+
+use super::{IdKind, SqliteStore};
+use crate::exit::usage;
+use crate::packer::Item;
+use crate::store::{SourceInfo, Tables};
+
+fn select_list(tables: &Tables) -> String {
+    let mut list = vec![tables.id.to_string()];
+    list.extend(tables.columns.iter().map(|c| c.to_string()));
+    list.join(", ")
+}
+
+pub(super) async fn inspect(store: &SqliteStore, tables: &Tables) -> anyhow::Result<SourceInfo> {
+    // Ask the catalogue: SQLite reads a double-quoted name that is not a column as a string
+    // literal, so a probe query would accept a misspelt column.
+    let existing: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?, ?)")
+        .bind(tables.table.name())
+        .bind(tables.table.schema().unwrap_or("main"))
+        .fetch_all(&store.pool)
+        .await
+        .map_err(|e| store.err(e))?;
+    if existing.is_empty() {
+        return Err(usage(format!(
+            "`source.table`: table {} does not exist in {}; check the name and the database",
+            tables.table.raw(),
+            store.path.display()
+        )));
+    }
+    let mut wanted = vec![("source.id", &tables.id)];
+    wanted.extend(tables.columns.iter().map(|c| ("source.columns", c)));
+    wanted.extend(tables.outputs.iter().map(|(_, c)| ("target", c)));
+    for (key, column) in wanted {
+        if !existing.iter().any(|name| name == column.name()) {
+            return Err(usage(format!(
+                "`{key}`: table {} has no column {} (it has: {}); fix the name, or add the column \
+                 (e.g. ALTER TABLE {} ADD COLUMN {} TEXT)",
+                tables.table.raw(),
+                column.name(),
+                existing.join(", "),
+                tables.table.raw(),
+                column.name()
+            )));
+        }
+    }
+    let count = format!("SELECT COUNT(*) FROM {} WHERE ({})", tables.table, tables.pending);
+    let pending: i64 = sqlx::query_scalar(AssertSqlSafe(count))
+        .fetch_one(&store.pool)
+        .await
+        .map_err(|e| {
+            usage(format!(
+                "`source.pending`: the database rejected the condition {:?}: {e}",
+                tables.pending
+            ))
+        })?;
+    Ok(SourceInfo { pending: pending.max(0) as u64 })
+}
+
+pub(super) async fn pending_rows(store: &SqliteStore, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<Item>> {
+    let sql = format!(
+        "SELECT {} FROM {} WHERE ({}) AND {} IS NOT NULL ORDER BY {} LIMIT ?",
+        select_list(tables),
+        tables.table,
+        tables.pending,
+        tables.id,
+        tables.id
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(limit.map(|l| l as i64).unwrap_or(-1))
+        .fetch_all(&store.pool)
+        .await
+        .map_err(|e| store.err(e))?;
+    rows.iter().map(|row| item_from_row(row, tables)).collect()
+}
+
+/// Whether every pending id is an integer (then ids are bound as integers).
+pub(super) async fn detect_id_kind(conn: &mut SqliteConnection, tables: &Tables) -> Result<IdKind, sqlx::Error> {
+    let sql = format!(
+        "SELECT COUNT(*) FROM {} WHERE ({}) AND typeof({}) <> 'integer'",
+        tables.table, tables.pending, tables.id
+    );
+    let non_integer: i64 = sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(conn).await?;
+    Ok(if non_integer == 0 { IdKind::Integer } else { IdKind::Text })
+}
+
+/// Enqueues the pending ids in id order; returns how many.
+pub(super) async fn enqueue(
+    conn: &mut SqliteConnection,
+    tables: &Tables,
+    run_id: i64,
+    limit: Option<u64>,
+    now: i64,
+) -> Result<u64, sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO backfill_items (run_id, item_id, seq, state, updated_at) \
+         SELECT ?, CAST(q.id AS TEXT), ROW_NUMBER() OVER (ORDER BY q.id), 'pending', ? \
+         FROM (SELECT {id} AS id FROM {table} WHERE ({pending}) AND {id} IS NOT NULL ORDER BY {id} LIMIT ?) q",
+        id = tables.id,
+        table = tables.table,
+        pending = tables.pending
+    );
+    let done = sqlx::query(AssertSqlSafe(sql))
+        .bind(run_id)
+        .bind(now)
+        .bind(limit.map(|l| l as i64).unwrap_or(-1))
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Reads the source rows of these ids (missing rows are simply absent).
+pub(super) async fn rows_by_id(
+    conn: &mut SqliteConnection,
+    tables: &Tables,
+    kind: IdKind,
+    ids: &[String],
+) -> anyhow::Result<Vec<Item>> {
+    let mut items = Vec::with_capacity(ids.len());
+    // SQLite allows 32766 parameters; batches are far smaller, but stay well inside it.
+    for chunk in ids.chunks(500) {
+        let placeholders = vec!["?"; chunk.len()].join(", ");
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {} IN ({placeholders})",
+            select_list(tables),
+            tables.table,
+            tables.id
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            query = bind_id(query, kind, id);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            items.push(item_from_row(&row, tables)?);
+        }
+    }
+    Ok(items)
+}
+
+pub(super) fn bind_id<'q>(
+    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    kind: IdKind,
+    id: &str,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    match (kind, id.parse::<i64>()) {
+        (IdKind::Integer, Ok(n)) => query.bind(n),
+        _ => query.bind(id.to_owned()),
+    }
+}
+
+/// Writes one item's outputs; returns false when the target already held a value (and the job
+/// does not overwrite) or the row is gone.
+pub(super) async fn write_target(
+    conn: &mut SqliteConnection,
+    tables: &Tables,
+    kind: IdKind,
+    id: &str,
+    values: &[(String, String)],
+) -> Result<bool, sqlx::Error> {
+    let mut sets = Vec::new();
+    let mut binds = Vec::new();
+    let mut empty_any = Vec::new();
+    for (key, column) in &tables.outputs {
+        let Some((_, value)) = values.iter().find(|(k, _)| k == key) else { continue };
+        if tables.overwrite {
+            sets.push(format!("{column} = ?"));
+        } else {
+            sets.push(format!("{column} = CASE WHEN {column} IS NULL OR {column} = '' THEN ? ELSE {column} END"));
+            empty_any.push(format!("{column} IS NULL OR {column} = ''"));
+        }
+        binds.push(value.clone());
+    }
+    if sets.is_empty() {
+        return Ok(false);
+    }
+    let mut sql = format!("UPDATE {} SET {} WHERE {} = ?", tables.table, sets.join(", "), tables.id);
+    if !empty_any.is_empty() {
+        sql.push_str(&format!(" AND ({})", empty_any.join(" OR ")));
+    }
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for value in binds {
+        query = query.bind(value);
+    }
+    query = bind_id(query, kind, id);
+    Ok(query.execute(conn).await?.rows_affected() > 0)
+}
+
+fn item_from_row(row: &SqliteRow, tables: &Tables) -> anyhow::Result<Item> {
+    let id = match decode(row, 0)? {
+        Value::String(s) => s,
+        Value::Number(n) => n.to_string(),
+        other => other.to_string(),
+    };
+    let fields = tables
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, column)| Ok((column.name().to_owned(), decode(row, i + 1)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Item { id, fields })
+}
+
+/// A SQLite value as JSON, by its runtime type.
+fn decode(row: &SqliteRow, index: usize) -> anyhow::Result<Value> {
+    let raw = row.try_get_raw(index)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let type_name = raw.type_info().name().to_owned();
+    Ok(match type_name.as_str() {
+        "INTEGER" => Value::from(row.try_get::<i64, _>(index)?),
+        "REAL" => serde_json::Number::from_f64(row.try_get::<f64, _>(index)?).map(Value::Number).unwrap_or(Value::Null),
+        "BLOB" => Value::String(String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>(index)?).into_owned()),
+        _ => Value::String(row.try_get::<String, _>(index)?),
+    })
+}
