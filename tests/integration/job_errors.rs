@@ -1,0 +1,104 @@
+//! Invariant 4 for job files: a bad job gives exit 2 and a message naming the key and the fix,
+//! before anything is sent or written.
+
+use crate::support::*;
+
+fn run_bad(fx: &Fixture, job_text: &str) -> (Option<i32>, String) {
+    std::fs::write(&fx.job, job_text).unwrap();
+    let output = backfill(fx.dir.path(), &["run", fx.job.to_str().unwrap()], &[]);
+    (output.status.code(), stderr(&output))
+}
+
+fn good_job(fx: &Fixture) -> String {
+    fx.write_job("http://127.0.0.1:9/v1", "", "", "");
+    std::fs::read_to_string(&fx.job).unwrap()
+}
+
+#[tokio::test]
+async fn unknown_keys_are_named_with_the_expected_ones() {
+    let fx = Fixture::new(1).await;
+    let job = good_job(&fx).replace("columns = [", "colums = [");
+    let (code, err) = run_bad(&fx, &job);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("source.colums") && err.contains("expected one of"), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_template_file_names_the_key() {
+    let fx = Fixture::new(1).await;
+    let job = good_job(&fx).replace("prompt.md", "nowhere.md");
+    let (code, err) = run_bad(&fx, &job);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("prompt.template") && err.contains("nowhere.md"), "{err}");
+}
+
+#[tokio::test]
+async fn a_model_without_a_price_stops_before_any_call() {
+    let fx = Fixture::new(1).await;
+    let job = good_job(&fx).replace("[pricing.fake-model]", "[pricing.other-model]");
+    let (code, err) = run_bad(&fx, &job);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no price for model `fake-model`") && err.contains("--allow-unpriced"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_identifiers_are_refused() {
+    let fx = Fixture::new(1).await;
+    let job = good_job(&fx).replace("table = \"items\"", "table = \"items; DROP TABLE items\"");
+    let (code, err) = run_bad(&fx, &job);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("source.table") && err.contains("not a plain SQL identifier"), "{err}");
+}
+
+#[tokio::test]
+async fn a_bad_pending_predicate_names_the_key_and_writes_nothing() {
+    let fx = Fixture::new(3).await;
+    let job = good_job(&fx).replace("summary IS NULL", "summary IS NUL");
+    let (code, err) = run_bad(&fx, &job);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("source.pending"), "{err}");
+    let pool = fx.pool().await;
+    let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM backfill_runs").fetch_one(&pool).await.unwrap_or(0);
+    assert_eq!(runs, 0);
+}
+
+#[tokio::test]
+async fn a_missing_table_or_column_is_named() {
+    let fx = Fixture::new(1).await;
+    let (code, err) = run_bad(&fx, &good_job(&fx).replace("table = \"items\"", "table = \"motions\""));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("source.table") && err.contains("motions"), "{err}");
+    let (code, err) = run_bad(&fx, &good_job(&fx).replace("\"body\"]", "\"text\"]"));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("source.columns") && err.contains("has no column text"), "{err}");
+}
+
+#[tokio::test]
+async fn an_unset_variable_is_named() {
+    let fx = Fixture::new(1).await;
+    let job = good_job(&fx).replace("http://127.0.0.1:9/v1", "${BACKFILL_TEST_UNSET_URL}");
+    let (code, err) = run_bad(&fx, &job);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("model.base_url") && err.contains("BACKFILL_TEST_UNSET_URL"), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_database_file_is_named() {
+    let fx = Fixture::new(1).await;
+    let job = good_job(&fx).replace("source.db", "elsewhere.db");
+    let (code, err) = run_bad(&fx, &job);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("elsewhere.db"), "{err}");
+}
+
+#[tokio::test]
+async fn an_unreachable_provider_stops_the_run_with_a_clear_message_and_loses_nothing() {
+    let fx = Fixture::new(5).await;
+    fx.write_job("http://127.0.0.1:9/v1", "", "", "");
+    let output = backfill(fx.dir.path(), &["run", fx.job.to_str().unwrap(), "--quiet"], &[]);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot reach the provider") && err.contains("--resume"), "{err}");
+    let states = fx.item_states().await;
+    assert!(states.iter().all(|(_, s, attempts, _)| s == "pending" && *attempts < 4), "{states:?}");
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real `backfill` binary against real SQLite files, an in-process fake
+//! provider scripted for faults, and (where available) the real peers of ../shared/PEERS.md.
+
+mod support;
+
+mod job_errors;
+mod pipeline;
+mod secrets;
