@@ -1,0 +1,243 @@
+//! The local-model processor: texts in, one [`Output`] per text out. Tokenises, plans
+//! batches by padded-token budget, and runs them on `threads` threads, each with its own
+//! model state, longest batches first so the threads finish together.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::batch_plan::{Batch, BatchPolicy, PlanSummary, plan_batches, summarise_plan};
+use crate::config::{OnnxConfig, OutputKind};
+use crate::error::{LoadError, RunError};
+use crate::model::{CLASSIFICATION_OUTPUT_NAMES, EMBEDDING_OUTPUT_NAMES, OnnxModel};
+use crate::output::{Output, OutputSettings, outputs_of_batch};
+use crate::padded_batch::PaddedBatch;
+use crate::tokenize::{TextTokenizer, TokenizedText};
+
+/// A loaded model job. `Send + Sync`: share it (e.g. in an `Arc`) and call [`process`]
+/// from any thread, such as `tokio::task::spawn_blocking`.
+///
+/// [`process`]: OnnxProcessor::process
+#[derive(Debug)]
+pub struct OnnxProcessor {
+    tokenizer: TextTokenizer,
+    model: OnnxModel,
+    settings: OutputSettings,
+    policy: BatchPolicy,
+    threads: usize,
+    output_width: usize,
+}
+
+impl OnnxProcessor {
+    /// Check the settings, load the tokenizer and the model, and run the model once on one
+    /// row of `max_length` tokens to check its inputs, outputs and labels.
+    pub fn load(config: &OnnxConfig) -> Result<Self, LoadError> {
+        check_settings(config)?;
+        let tokenizer = TextTokenizer::load(&config.tokenizer_path, config.max_length)?;
+        let preferred_outputs = match config.output {
+            OutputKind::Embedding => EMBEDDING_OUTPUT_NAMES,
+            OutputKind::Classification => CLASSIFICATION_OUTPUT_NAMES,
+        };
+        let model = OnnxModel::load(&config.model_path, preferred_outputs)?;
+        let mut processor = OnnxProcessor {
+            tokenizer,
+            model,
+            settings: OutputSettings {
+                kind: config.output.clone(),
+                pooling: config.pooling,
+                class_scores: config.class_scores,
+                labels: config.labels.clone(),
+            },
+            policy: BatchPolicy {
+                max_batch_tokens: config.max_batch_tokens,
+                sort_window: config.sort_window,
+                length_bucket: config.length_bucket,
+                max_length: config.max_length,
+            },
+            threads: config.threads,
+            output_width: 0,
+        };
+        processor.output_width = processor.test_run(config.max_length)?;
+        Ok(processor)
+    }
+
+    /// Embedding dimension, or the number of classes.
+    pub fn output_width(&self) -> usize {
+        self.output_width
+    }
+
+    /// One output per text, in order. Fails as a whole if any batch fails.
+    pub fn process(&self, texts: &[String]) -> Result<Vec<Output>, RunError> {
+        let tokenized = self.tokenize_all(texts)?;
+        let lengths: Vec<usize> = tokenized.iter().map(TokenizedText::len).collect();
+        let mut batches = plan_batches(&lengths, &self.policy);
+        tracing::debug!(summary = ?summarise_plan(&lengths, &batches), threads = self.threads, "onnx batch plan");
+        // Longest-processing first, so no thread is left with a big batch at the end.
+        batches.sort_by_key(|batch| std::cmp::Reverse(batch.padded_tokens()));
+        let outputs = self.run_batches(&tokenized, &batches)?;
+        Ok(outputs)
+    }
+
+    /// Token counts of `texts` after truncation (special tokens included): for dry runs and
+    /// reports.
+    pub fn token_counts(&self, texts: &[String]) -> Result<Vec<usize>, RunError> {
+        Ok(self.tokenize_all(texts)?.iter().map(TokenizedText::len).collect())
+    }
+
+    /// The batches `process` would run for `texts`, summarised.
+    pub fn plan_summary(&self, texts: &[String]) -> Result<PlanSummary, RunError> {
+        let lengths = self.token_counts(texts)?;
+        Ok(summarise_plan(&lengths, &plan_batches(&lengths, &self.policy)))
+    }
+
+    fn tokenize_all(&self, texts: &[String]) -> Result<Vec<TokenizedText>, RunError> {
+        let chunk_size = texts.len().div_ceil(self.threads).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = texts
+                .chunks(chunk_size)
+                .enumerate()
+                .map(|(chunk_index, chunk)| {
+                    scope.spawn(move || {
+                        chunk
+                            .iter()
+                            .enumerate()
+                            .map(|(offset, text)| self.tokenizer.tokenize(chunk_index * chunk_size + offset, text))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .collect();
+            let mut tokenized = Vec::with_capacity(texts.len());
+            for handle in handles {
+                tokenized.extend(handle.join().map_err(panic_error)??);
+            }
+            Ok(tokenized)
+        })
+    }
+
+    fn run_batches(&self, tokenized: &[TokenizedText], batches: &[Batch]) -> Result<Vec<Output>, RunError> {
+        // Each batch's outputs land at their rows' indices; a Mutex because writes are rare
+        // (once per batch) next to the forward pass that produced them.
+        let slots: Mutex<Vec<Option<Output>>> = Mutex::new(vec![None; tokenized.len()]);
+        let next_batch = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let worker = || -> Result<(), RunError> {
+            let mut state = self.model.new_state();
+            loop {
+                let batch_index = next_batch.fetch_add(1, Ordering::Relaxed);
+                if batch_index >= batches.len() || failed.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let batch = &batches[batch_index];
+                let result = self.run_one_batch(&mut state, tokenized, batch);
+                let outputs = result.inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
+                let mut slots = slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                for (index, output) in batch.indices.iter().zip(outputs) {
+                    slots[*index] = Some(output);
+                }
+            }
+        };
+        let thread_count = self.threads.min(batches.len()).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..thread_count).map(|_| scope.spawn(worker)).collect();
+            // Join every thread before reporting, so the first error is a batch's own error.
+            let results: Vec<_> = handles.into_iter().map(|handle| handle.join()).collect();
+            for result in results {
+                result.map_err(panic_error)??;
+            }
+            Ok::<(), RunError>(())
+        })?;
+        let slots = slots.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(index, slot)| {
+                slot.ok_or_else(|| RunError::WorkerPanicked { message: format!("row {index} got no output") })
+            })
+            .collect()
+    }
+
+    fn run_one_batch(
+        &self,
+        state: &mut crate::model::ModelState,
+        tokenized: &[TokenizedText],
+        batch: &Batch,
+    ) -> Result<Vec<Output>, RunError> {
+        let rows: Vec<&TokenizedText> = batch.indices.iter().map(|index| &tokenized[*index]).collect();
+        let padded = PaddedBatch::new(&rows, batch.padded_length, self.tokenizer.pad_token_id());
+        let output = self.model.run(state, &padded)?;
+        outputs_of_batch(output.shape(), output.values(), &padded, &batch.indices, &self.settings)
+    }
+
+    /// Run one row of `max_length` pad tokens; the width of its output.
+    fn test_run(&self, max_length: usize) -> Result<usize, LoadError> {
+        let path = self.model.path().to_path_buf();
+        let failed = |message: String| LoadError::TestRunFailed { path: path.clone(), max_length, message };
+        let row = TokenizedText {
+            token_ids: vec![self.tokenizer.pad_token_id(); max_length],
+            token_type_ids: vec![0; max_length],
+        };
+        let padded = PaddedBatch::new(&[&row], max_length, self.tokenizer.pad_token_id());
+        let mut state = self.model.new_state();
+        let output = self.model.run(&mut state, &padded).map_err(|error| failed(error.to_string()))?;
+        let shape = output.shape().to_vec();
+        let kind = &self.settings.kind;
+        match (kind, shape.as_slice()) {
+            (OutputKind::Embedding, [1, hidden] | [1, _, hidden]) if *hidden > 0 => {}
+            (OutputKind::Classification, [1, classes]) if *classes != self.settings.labels.len() => {
+                let (classes, labels) = (*classes, self.settings.labels.len());
+                return Err(LoadError::LabelCountMismatch { path, classes, labels });
+            }
+            (OutputKind::Classification, [1, _]) => {}
+            _ => {
+                let (name, wanted) = match kind {
+                    OutputKind::Embedding => ("embedding", "[rows, sequence, hidden] or [rows, hidden]"),
+                    OutputKind::Classification => ("classification", "[rows, classes]"),
+                };
+                let message = format!(
+                    "its output has shape {shape:?} for one row of {max_length} tokens; \
+                     output = \"{name}\" needs {wanted}"
+                );
+                return Err(LoadError::UnsupportedOutput { path, message });
+            }
+        }
+        outputs_of_batch(&shape, output.values(), &padded, &[0], &self.settings).map_err(|error| failed(error.to_string()))?;
+        Ok(*shape.last().unwrap_or(&0))
+    }
+}
+
+fn check_settings(config: &OnnxConfig) -> Result<(), LoadError> {
+    let invalid = |key: &'static str, message: String| Err(LoadError::InvalidSetting { key, message });
+    if config.max_length == 0 {
+        return invalid("max_length", "must be at least 1 token".into());
+    }
+    if config.max_batch_tokens < config.max_length {
+        return invalid(
+            "max_batch_tokens",
+            format!(
+                "is {} but must be at least max_length ({}), so a full-length row fits a batch",
+                config.max_batch_tokens, config.max_length
+            ),
+        );
+    }
+    if config.threads == 0 {
+        return invalid("threads", "must be at least 1".into());
+    }
+    if config.length_bucket == 0 {
+        return invalid("length_bucket", "must be at least 1 token".into());
+    }
+    if config.sort_window == 0 {
+        return invalid("sort_window", "must be at least 1 row".into());
+    }
+    if config.output == OutputKind::Classification && config.labels.is_empty() {
+        return invalid("labels", "output = \"classification\" needs labels = [...], one per model class".into());
+    }
+    Ok(())
+}
+
+fn panic_error(payload: Box<dyn std::any::Any + Send>) -> RunError {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    RunError::WorkerPanicked { message }
+}
