@@ -65,6 +65,11 @@ impl OnnxProcessor {
         self.output_width
     }
 
+    /// How many per-length plans have been compiled so far (see [`crate::plan_cache`]).
+    pub fn compiled_plans(&self) -> usize {
+        self.model.compiled_plans()
+    }
+
     /// One output per text, in order. Fails as a whole if any batch fails.
     pub fn process(&self, texts: &[String]) -> Result<Vec<Output>, RunError> {
         let tokenized = self.tokenize_all(texts)?;
