@@ -3,7 +3,7 @@
 //! builds this in release). Prints items/s and ms per item, and the ratio to the better of
 //! two onnxruntime configurations.
 //!
-//! Flags: --items N (1000) --threads N (2) --rounds N (3) --max-batch-tokens N (8192)
+//! Flags: --items N (1000) --threads N (2) --rounds N (3) --max-batch-tokens N (256)
 //!        --length-bucket N (32) --max-length N (256)
 
 use std::path::{Path, PathBuf};
@@ -26,47 +26,75 @@ fn flag(arguments: &[String], name: &str, default: usize) -> usize {
         .iter()
         .position(|argument| argument == name)
         .and_then(|position| arguments.get(position + 1))
-        .map(|value| value.parse().unwrap_or_else(|_| panic!("{name} needs a number")))
+        .map(|value| {
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{name} needs a number"))
+        })
         .unwrap_or(default)
 }
 
 fn required_env(name: &str, fix: &str) -> PathBuf {
-    std::env::var_os(name).map(PathBuf::from).unwrap_or_else(|| panic!("{name} is not set: {fix}"))
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{name} is not set: {fix}"))
 }
 
 fn motion_texts(path: &Path, count: usize) -> Vec<String> {
-    let content = std::fs::read_to_string(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+    let content =
+        std::fs::read_to_string(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     content
         .lines()
         .take(count)
         .map(|line| {
             let motion: serde_json::Value = serde_json::from_str(line).unwrap();
-            format!("{}\n{}", motion["title"].as_str().unwrap(), motion["text"].as_str().unwrap())
+            format!(
+                "{}\n{}",
+                motion["title"].as_str().unwrap(),
+                motion["text"].as_str().unwrap()
+            )
         })
         .collect()
 }
 
 /// One round of each onnxruntime configuration: (name, seconds).
-fn onnxruntime_round(python: &Path, model: &Path, tokenizer: &Path, input: &Path, settings: &Settings) -> Vec<(String, f64)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/onnx/reference_embeddings.py");
+fn onnxruntime_round(
+    python: &Path,
+    model: &Path,
+    tokenizer: &Path,
+    input: &Path,
+    settings: &Settings,
+) -> Vec<(String, f64)> {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/onnx/reference_embeddings.py");
     let output = Command::new(python)
         .arg(script)
         .arg("bench")
-        .arg("--model").arg(model)
-        .arg("--tokenizer").arg(tokenizer)
-        .arg("--input").arg(input)
+        .arg("--model")
+        .arg(model)
+        .arg("--tokenizer")
+        .arg(tokenizer)
+        .arg("--input")
+        .arg(input)
         .args(["--threads", &settings.threads.to_string()])
         .args(["--max-length", &settings.max_length.to_string()])
         .args(["--max-batch-tokens", &settings.max_batch_tokens.to_string()])
         .args(["--rounds", "1"])
         .output()
         .expect("the onnxruntime benchmark runs");
-    assert!(output.status.success(), "onnxruntime bench failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "onnxruntime bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(|line| {
             let row: serde_json::Value = serde_json::from_str(line).unwrap();
-            (row["name"].as_str().unwrap().to_string(), row["seconds"].as_f64().unwrap())
+            (
+                row["name"].as_str().unwrap().to_string(),
+                row["seconds"].as_f64().unwrap(),
+            )
         })
         .collect()
 }
@@ -77,7 +105,7 @@ fn main() {
         items: flag(&arguments, "--items", 1000),
         threads: flag(&arguments, "--threads", 2),
         rounds: flag(&arguments, "--rounds", 3),
-        max_batch_tokens: flag(&arguments, "--max-batch-tokens", 8192),
+        max_batch_tokens: flag(&arguments, "--max-batch-tokens", 256),
         length_bucket: flag(&arguments, "--length-bucket", 32),
         max_length: flag(&arguments, "--max-length", 256),
     };
@@ -85,12 +113,19 @@ fn main() {
     let python = required_env("BACKFILL_PY", "eval \"$(scripts/onnx/setup-venv.sh)\"");
     let model = models.join("minilm-l6-v2-int8/model.onnx");
     let tokenizer = models.join("minilm-l6-v2-int8/tokenizer.json");
-    let motions = std::env::var_os("BACKFILL_MOTIONS").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/motions/tk_moties_fulltext.jsonl")
-    });
+    let motions = std::env::var_os("BACKFILL_MOTIONS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../../shared/data/motions/tk_moties_fulltext.jsonl")
+        });
     let texts = motion_texts(&motions, settings.items);
-    let input = std::env::temp_dir().join(format!("backfill-onnx-bench-{}.jsonl", std::process::id()));
-    let lines: Vec<String> = texts.iter().map(|text| serde_json::json!({ "text": text }).to_string()).collect();
+    let input =
+        std::env::temp_dir().join(format!("backfill-onnx-bench-{}.jsonl", std::process::id()));
+    let lines: Vec<String> = texts
+        .iter()
+        .map(|text| serde_json::json!({ "text": text }).to_string())
+        .collect();
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
 
     let mut config = OnnxConfig::embedding(&model, &tokenizer);
@@ -121,29 +156,66 @@ fn main() {
     std::fs::remove_file(&input).ok();
 
     let best = |times: &[f64]| times.iter().copied().fold(f64::INFINITY, f64::min);
-    let baseline = theirs.iter().map(|(_, times)| best(times)).fold(f64::INFINITY, f64::min);
+    let baseline = theirs
+        .iter()
+        .map(|(_, times)| best(times))
+        .fold(f64::INFINITY, f64::min);
     println!(
         "{} motions, all-MiniLM-L6-v2 int8, max_length {}, threads {}, max_batch_tokens {}, best of {} rounds",
-        texts.len(), settings.max_length, settings.threads, settings.max_batch_tokens, settings.rounds
+        texts.len(),
+        settings.max_length,
+        settings.threads,
+        settings.max_batch_tokens,
+        settings.rounds
     );
     println!(
         "plan: {} batches, {} real tokens, {} padded ({:.1}% real), length bucket {}",
-        plan.batches, plan.real_tokens, plan.padded_tokens, plan.fill_ratio() * 100.0, settings.length_bucket
+        plan.batches,
+        plan.real_tokens,
+        plan.padded_tokens,
+        plan.fill_ratio() * 100.0,
+        settings.length_bucket
     );
-    println!("{:<52} {:>9} {:>9} {:>12}", "", "items/s", "ms/item", "vs best ORT");
+    println!(
+        "{:<52} {:>9} {:>9} {:>12}",
+        "", "items/s", "ms/item", "vs best ORT"
+    );
     let row = |name: &str, seconds: f64| {
         let items = texts.len() as f64;
-        println!("{:<52} {:>9.1} {:>9.2} {:>11.2}x", name, items / seconds, seconds * 1000.0 / items, baseline / seconds);
+        println!(
+            "{:<52} {:>9.1} {:>9.2} {:>11.2}x",
+            name,
+            items / seconds,
+            seconds * 1000.0 / items,
+            baseline / seconds
+        );
     };
     row("backfill-onnx (tract-onnx 0.23.9)", best(&ours));
     for (name, times) in &theirs {
         row(name, best(times));
     }
     println!(
-        "backfill-onnx: load {:.2} s; first call {:.2} s (compiles {} per-length plans); rounds {:?}",
+        "backfill-onnx: load {:.2} s; first call {:.2} s (includes compiling plans for {} batch shapes); \
+         rounds {:?} s; peak memory {}",
         load_seconds,
         ours[0],
         processor.compiled_plans(),
-        ours.iter().map(|s| (s * 100.0).round() / 100.0).collect::<Vec<_>>()
+        ours.iter()
+            .map(|s| (s * 100.0).round() / 100.0)
+            .collect::<Vec<_>>(),
+        peak_memory()
     );
+}
+
+/// The process's peak resident memory, from /proc (Linux).
+fn peak_memory() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmHWM:"))
+                .map(|line| line[6..].trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }

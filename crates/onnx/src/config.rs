@@ -51,6 +51,10 @@ pub struct OnnxConfig {
     /// `max_length`: tokens per row, special tokens included; longer inputs are truncated.
     pub max_length: usize,
     /// `max_batch_tokens`: the budget of one forward pass, counted as rows × padded length.
+    /// Under tract small passes are fastest: a long row alone (its attention-mask add stays
+    /// a SIMD unicast add and its activations stay in cache), short rows grouped. Measured on
+    /// all-MiniLM-L6-v2, one thread, on a busy 2-core machine: 4 × 256 tokens took 1.3-1.6×
+    /// the time per token of 1 × 256; 8 × 32 took 0.7× the time per token of 1 × 32.
     pub max_batch_tokens: usize,
     /// `length_bucket`: padded lengths are rounded up to a multiple of this many tokens; each
     /// distinct padded length compiles its own plan (about a second, once).
@@ -64,7 +68,7 @@ pub struct OnnxConfig {
 
 impl OnnxConfig {
     /// An embedding job over `model_path` and `tokenizer_path` with the documented defaults:
-    /// mean pooling, `max_length = 256`, `max_batch_tokens = 8192`, `length_bucket = 32`,
+    /// mean pooling, `max_length = 256`, `max_batch_tokens = 256`, `length_bucket = 32`,
     /// `sort_window = 1024`,
     /// `threads` = the number of cores.
     pub fn embedding(model_path: impl Into<PathBuf>, tokenizer_path: impl Into<PathBuf>) -> Self {
@@ -76,7 +80,7 @@ impl OnnxConfig {
             pooling: Pooling::Mean,
             class_scores: ClassScores::Logits,
             max_length: 256,
-            max_batch_tokens: 8192,
+            max_batch_tokens: 256,
             length_bucket: 32,
             sort_window: 1024,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),

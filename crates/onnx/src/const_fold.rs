@@ -32,7 +32,10 @@ pub fn fold_constant_subgraphs(model: &mut TypedModel) -> TractResult<usize> {
         };
         let mut patch = TypedModelPatch::default();
         for (slot, value) in outputs.into_iter().enumerate() {
-            let wire = patch.add_const(format!("{}.folded.{slot}", node.name), value.into_arc_tensor())?;
+            let wire = patch.add_const(
+                format!("{}.folded.{slot}", node.name),
+                value.into_arc_tensor(),
+            )?;
             patch.shunt_outside(model, OutletId::new(node_id, slot), wire)?;
         }
         patch.apply(model)?;
@@ -56,9 +59,18 @@ fn next_foldable(model: &TypedModel, left_in_place: &[usize]) -> TractResult<Opt
         {
             continue;
         }
-        let inputs_constant = model.node_input_facts(node_id)?.iter().all(|fact| fact.konst.is_some());
-        let outputs_numeric = node.outputs.iter().all(|output| output.fact.datum_type.is_number());
-        let outputs_used = node.outputs.iter().any(|output| !output.successors.is_empty());
+        let inputs_constant = model
+            .node_input_facts(node_id)?
+            .iter()
+            .all(|fact| fact.konst.is_some());
+        let outputs_numeric = node
+            .outputs
+            .iter()
+            .all(|output| output.fact.datum_type.is_number());
+        let outputs_used = node
+            .outputs
+            .iter()
+            .any(|output| !output.successors.is_empty());
         if inputs_constant && outputs_numeric && outputs_used {
             return Ok(Some(node_id));
         }

@@ -31,7 +31,10 @@ pub fn embedding_to_json(embedding: &[f32]) -> String {
 
 /// Four little-endian bytes per float, in order.
 pub fn embedding_to_f32le(embedding: &[f32]) -> Vec<u8> {
-    embedding.iter().flat_map(|value| value.to_le_bytes()).collect()
+    embedding
+        .iter()
+        .flat_map(|value| value.to_le_bytes())
+        .collect()
 }
 
 /// The inverse of [`embedding_to_f32le`].
@@ -65,18 +68,30 @@ mod tests {
 
     #[test]
     fn json_writes_non_finite_values_as_null() {
-        assert_eq!(embedding_to_json(&[1.0, f32::NAN, f32::INFINITY]), "[1,null,null]");
+        assert_eq!(
+            embedding_to_json(&[1.0, f32::NAN, f32::INFINITY]),
+            "[1,null,null]"
+        );
     }
 
     #[test]
     fn f32le_is_four_little_endian_bytes_per_value() {
-        assert_eq!(embedding_to_f32le(&[1.0, -2.0]), vec![0, 0, 0x80, 0x3f, 0, 0, 0, 0xc0]);
+        assert_eq!(
+            embedding_to_f32le(&[1.0, -2.0]),
+            vec![0, 0, 0x80, 0x3f, 0, 0, 0, 0xc0]
+        );
         let embedding = vec![0.5f32, -0.0, 7.25e-5];
-        assert_eq!(embedding_from_f32le(&embedding_to_f32le(&embedding)).unwrap(), embedding);
+        assert_eq!(
+            embedding_from_f32le(&embedding_to_f32le(&embedding)).unwrap(),
+            embedding
+        );
     }
 
     #[test]
     fn f32le_rejects_a_truncated_blob() {
-        assert_eq!(embedding_from_f32le(&[0, 0, 0]), Err(EmbeddingDecodeError::BadByteLength(3)));
+        assert_eq!(
+            embedding_from_f32le(&[0, 0, 0]),
+            Err(EmbeddingDecodeError::BadByteLength(3))
+        );
     }
 }

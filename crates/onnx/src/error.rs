@@ -33,13 +33,21 @@ pub enum LoadError {
         "model file {path} gives {classes} scores per row but [model] labels has {labels} \
          entries: list one label per model output, in the model's order"
     )]
-    LabelCountMismatch { path: PathBuf, classes: usize, labels: usize },
+    LabelCountMismatch {
+        path: PathBuf,
+        classes: usize,
+        labels: usize,
+    },
 
     #[error(
         "model file {path} failed a test run on one row of max_length = {max_length} tokens: \
          {message}. If the model accepts fewer positions, lower [model] max_length"
     )]
-    TestRunFailed { path: PathBuf, max_length: usize, message: String },
+    TestRunFailed {
+        path: PathBuf,
+        max_length: usize,
+        message: String,
+    },
 
     #[error(
         "tokenizer file {path} does not exist: fix [model] tokenizer (a Hugging Face \
@@ -47,9 +55,7 @@ pub enum LoadError {
     )]
     TokenizerFileMissing { path: PathBuf },
 
-    #[error(
-        "tokenizer file {path} could not be read as a Hugging Face tokenizer.json: {message}"
-    )]
+    #[error("tokenizer file {path} could not be read as a Hugging Face tokenizer.json: {message}")]
     TokenizerUnreadable { path: PathBuf, message: String },
 
     #[error("[model] {key}: {message}")]
@@ -63,10 +69,20 @@ pub enum RunError {
     Tokenize { index: usize, message: String },
 
     #[error("the model failed on a batch of {rows} rows × {padded_length} tokens: {message}")]
-    Model { rows: usize, padded_length: usize, message: String },
+    Model {
+        rows: usize,
+        padded_length: usize,
+        message: String,
+    },
 
-    #[error("the model returned output of shape {shape:?} for a batch of {rows} rows × {padded_length} tokens")]
-    OutputShape { shape: Vec<usize>, rows: usize, padded_length: usize },
+    #[error(
+        "the model returned output of shape {shape:?} for a batch of {rows} rows × {padded_length} tokens"
+    )]
+    OutputShape {
+        shape: Vec<usize>,
+        rows: usize,
+        padded_length: usize,
+    },
 
     #[error("the model gave non-finite values (NaN or infinity) for row {index}")]
     NonFiniteOutput { index: usize },

@@ -24,7 +24,9 @@ pub mod tokenize;
 
 pub use batch_plan::{Batch, BatchPolicy, PlanSummary, plan_batches, summarise_plan};
 pub use config::{ClassScores, OnnxConfig, OutputKind, Pooling};
-pub use embedding_format::{EmbeddingDecodeError, embedding_from_f32le, embedding_to_f32le, embedding_to_json};
+pub use embedding_format::{
+    EmbeddingDecodeError, embedding_from_f32le, embedding_to_f32le, embedding_to_json,
+};
 pub use error::{LoadError, RunError};
 pub use output::Output;
 pub use processor::OnnxProcessor;

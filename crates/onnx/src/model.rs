@@ -45,13 +45,17 @@ pub struct OnnxModel {
     inputs: Vec<ModelInput>,
 }
 
-/// A thread's execution states (scratch buffers), one per padded length it has run,
-/// reused across its batches.
+/// A thread's execution states (scratch buffers), one per batch shape (rows, padded length)
+/// it has run, reused across its batches.
 #[derive(Debug, Default)]
-pub struct ModelState(HashMap<usize, TypedSimpleState>);
+pub struct ModelState(HashMap<(usize, usize), TypedSimpleState>);
 
 /// Preferred output names, best first; without any of them the first output is used.
-pub const EMBEDDING_OUTPUT_NAMES: &[&str] = &["sentence_embedding", "last_hidden_state", "token_embeddings"];
+pub const EMBEDDING_OUTPUT_NAMES: &[&str] = &[
+    "sentence_embedding",
+    "last_hidden_state",
+    "token_embeddings",
+];
 pub const CLASSIFICATION_OUTPUT_NAMES: &[&str] = &["logits", "probabilities", "scores"];
 
 impl OnnxModel {
@@ -59,13 +63,17 @@ impl OnnxModel {
     /// keeping only the output named first in `preferred_outputs` (else the first output).
     pub fn load(path: &Path, preferred_outputs: &[&str]) -> Result<Self, LoadError> {
         if !path.is_file() {
-            return Err(LoadError::ModelFileMissing { path: path.to_path_buf() });
+            return Err(LoadError::ModelFileMissing {
+                path: path.to_path_buf(),
+            });
         }
         let unreadable = |error: TractError| LoadError::ModelUnreadable {
             path: path.to_path_buf(),
             message: format!("{error:#}"),
         };
-        let mut model = tract_onnx::onnx().model_for_path(path).map_err(unreadable)?;
+        let mut model = tract_onnx::onnx()
+            .model_for_path(path)
+            .map_err(unreadable)?;
 
         let input_names: Vec<String> = model
             .input_outlets()
@@ -73,24 +81,45 @@ impl OnnxModel {
             .iter()
             .map(|outlet| model.node(outlet.node).name.clone())
             .collect();
-        let roles: Option<Vec<InputRole>> = input_names.iter().map(|name| InputRole::from_name(name)).collect();
+        let roles: Option<Vec<InputRole>> = input_names
+            .iter()
+            .map(|name| InputRole::from_name(name))
+            .collect();
         let roles = match roles {
             Some(roles) if roles.contains(&InputRole::TokenIds) => roles,
-            _ => return Err(LoadError::UnsupportedInputs { path: path.to_path_buf(), found: input_names }),
+            _ => {
+                return Err(LoadError::UnsupportedInputs {
+                    path: path.to_path_buf(),
+                    found: input_names,
+                });
+            }
         };
 
         // Every input is [batch, sequence] of the model's own integer type (i64 unless it says
         // i32). The dimensions keep the names the file gives them (its inner shapes use the
         // same names), else get ours.
-        let token_ids_index = roles.iter().position(|role| *role == InputRole::TokenIds).unwrap_or(0);
+        let token_ids_index = roles
+            .iter()
+            .position(|role| *role == InputRole::TokenIds)
+            .unwrap_or(0);
         let declared = declared_symbols(&model, token_ids_index);
         let batch = declared.0.unwrap_or_else(|| model.symbols.sym("batch"));
         let sequence = declared.1.unwrap_or_else(|| model.symbols.sym("sequence"));
-        model.symbols.add_assertion(format!("{batch}>=1")).map_err(unreadable)?;
-        model.symbols.add_assertion(format!("{sequence}>=1")).map_err(unreadable)?;
+        model
+            .symbols
+            .add_assertion(format!("{batch}>=1"))
+            .map_err(unreadable)?;
+        model
+            .symbols
+            .add_assertion(format!("{sequence}>=1"))
+            .map_err(unreadable)?;
         let mut inputs = Vec::with_capacity(roles.len());
         for (index, role) in roles.into_iter().enumerate() {
-            let declared = model.input_fact(index).map_err(unreadable)?.datum_type.concretize();
+            let declared = model
+                .input_fact(index)
+                .map_err(unreadable)?
+                .datum_type
+                .concretize();
             let datum_type = match declared {
                 Some(DatumType::I32) => DatumType::I32,
                 None | Some(DatumType::I64) => DatumType::I64,
@@ -101,7 +130,8 @@ impl OnnxModel {
                     });
                 }
             };
-            let fact = InferenceFact::dt_shape(datum_type, tvec!(batch.to_dim(), sequence.to_dim()));
+            let fact =
+                InferenceFact::dt_shape(datum_type, tvec!(batch.to_dim(), sequence.to_dim()));
             model.set_input_fact(index, fact).map_err(unreadable)?;
             inputs.push(ModelInput { role, datum_type });
         }
@@ -109,12 +139,26 @@ impl OnnxModel {
         let output = choose_output(&model, preferred_outputs).map_err(unreadable)?;
         model.select_output_outlets(&[output]).map_err(unreadable)?;
         let symbolic = declutter_and_fold(model).map_err(unreadable)?;
-        let bindable = symbolic
-            .input_fact(token_ids_index)
-            .ok()
-            .and_then(|fact| fact.shape.get(1).cloned())
-            .and_then(|dim| if let TDim::Sym(symbol) = dim { Some(symbol) } else { None });
-        Ok(OnnxModel { path: path.to_path_buf(), plans: PlanCache::new(symbolic, bindable), inputs })
+        let bindable = |axis: usize| {
+            symbolic
+                .input_fact(token_ids_index)
+                .ok()
+                .and_then(|fact| fact.shape.get(axis).cloned())
+                .and_then(|dim| {
+                    if let TDim::Sym(symbol) = dim {
+                        Some(symbol)
+                    } else {
+                        None
+                    }
+                })
+        };
+        let (batch_symbol, sequence_symbol) = (bindable(0), bindable(1));
+        let plans = PlanCache::new(symbolic, batch_symbol, sequence_symbol);
+        Ok(OnnxModel {
+            path: path.to_path_buf(),
+            plans,
+            inputs,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -126,13 +170,17 @@ impl OnnxModel {
         ModelState::default()
     }
 
-    /// How many per-length plans have been compiled so far.
+    /// How many per-shape plans have been compiled so far.
     pub fn compiled_plans(&self) -> usize {
         self.plans.compiled_plans()
     }
 
     /// Run one batch; the output as f32, of the model's shape (`[rows, ...]`).
-    pub fn run(&self, state: &mut ModelState, batch: &PaddedBatch) -> Result<BatchOutput, RunError> {
+    pub fn run(
+        &self,
+        state: &mut ModelState,
+        batch: &PaddedBatch,
+    ) -> Result<BatchOutput, RunError> {
         let failed = |error: TractError| RunError::Model {
             rows: batch.rows,
             padded_length: batch.padded_length,
@@ -156,14 +204,17 @@ impl OnnxModel {
             .map_err(failed)?;
             values.push(tensor.into());
         }
-        let plan_state = match state.0.entry(batch.padded_length) {
+        let plan_state = match state.0.entry((batch.rows, batch.padded_length)) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
-                let plan = self.plans.plan_for(batch.padded_length).map_err(|message| RunError::Model {
-                    rows: batch.rows,
-                    padded_length: batch.padded_length,
-                    message,
-                })?;
+                let plan = self
+                    .plans
+                    .plan_for(batch.rows, batch.padded_length)
+                    .map_err(|message| RunError::Model {
+                        rows: batch.rows,
+                        padded_length: batch.padded_length,
+                        message,
+                    })?;
                 entry.insert(plan.spawn().map_err(failed)?)
             }
         };
@@ -172,9 +223,15 @@ impl OnnxModel {
         let output = if output.datum_type() == DatumType::F32 {
             output
         } else {
-            output.cast_to::<f32>().map(|cast| cast.into_owned()).map_err(failed)?
+            output
+                .cast_to::<f32>()
+                .map(|cast| cast.into_owned())
+                .map_err(failed)?
         };
-        output.try_as_plain_ram().and_then(|plain| plain.as_slice::<f32>().map(|_| ())).map_err(failed)?;
+        output
+            .try_as_plain_ram()
+            .and_then(|plain| plain.as_slice::<f32>().map(|_| ()))
+            .map_err(failed)?;
         Ok(BatchOutput(output))
     }
 }
@@ -191,7 +248,10 @@ impl BatchOutput {
     /// The values, row-major.
     pub fn values(&self) -> &[f32] {
         // `run` checked that the tensor is plain f32 memory.
-        self.0.try_as_plain_ram().and_then(|plain| plain.as_slice::<f32>()).unwrap_or(&[])
+        self.0
+            .try_as_plain_ram()
+            .and_then(|plain| plain.as_slice::<f32>())
+            .unwrap_or(&[])
     }
 }
 
@@ -207,7 +267,9 @@ fn declutter_and_fold(model: InferenceModel) -> TractResult<TypedModel> {
 
 /// The symbols a model file gives the two axes of input `index`, when it names them.
 fn declared_symbols(model: &InferenceModel, index: usize) -> (Option<Symbol>, Option<Symbol>) {
-    let Ok(fact) = model.input_fact(index) else { return (None, None) };
+    let Ok(fact) = model.input_fact(index) else {
+        return (None, None);
+    };
     let dims: Vec<Option<TDim>> = fact.shape.dims().map(|dim| dim.concretize()).collect();
     let symbol = |axis: usize| match dims.get(axis) {
         Some(Some(TDim::Sym(symbol))) if dims.len() == 2 => Some(symbol.clone()),
@@ -221,12 +283,18 @@ fn declared_symbols(model: &InferenceModel, index: usize) -> (Option<Symbol>, Op
 fn choose_output(model: &InferenceModel, preferred: &[&str]) -> TractResult<OutletId> {
     let outputs = model.output_outlets()?;
     let name_of = |outlet: &OutletId| {
-        model.outlet_label(*outlet).unwrap_or(&model.node(outlet.node).name).to_string()
+        model
+            .outlet_label(*outlet)
+            .unwrap_or(&model.node(outlet.node).name)
+            .to_string()
     };
     for wanted in preferred {
         if let Some(outlet) = outputs.iter().find(|outlet| name_of(outlet) == *wanted) {
             return Ok(*outlet);
         }
     }
-    outputs.first().copied().ok_or_else(|| TractError::msg("the model declares no output"))
+    outputs
+        .first()
+        .copied()
+        .ok_or_else(|| TractError::msg("the model declares no output"))
 }

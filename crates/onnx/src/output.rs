@@ -54,9 +54,15 @@ pub fn outputs_of_batch(
     let rows = batch.rows.max(1);
     let per_row = values.len() / rows;
     let mut outputs = Vec::with_capacity(batch.rows);
-    for (row, row_values) in values.chunks_exact(per_row.max(1)).enumerate().take(batch.rows) {
+    for (row, row_values) in values
+        .chunks_exact(per_row.max(1))
+        .enumerate()
+        .take(batch.rows)
+    {
         if row_values.iter().any(|value| !value.is_finite()) {
-            return Err(RunError::NonFiniteOutput { index: row_indices[row] });
+            return Err(RunError::NonFiniteOutput {
+                index: row_indices[row],
+            });
         }
         let output = match (&settings.kind, shape) {
             (OutputKind::Embedding, [_, sequence, hidden]) if *sequence == batch.padded_length => {
@@ -78,7 +84,10 @@ pub fn outputs_of_batch(
                     ClassScores::Probabilities => row_values.to_vec(),
                 };
                 let (best, probability) = best_score(&probabilities).ok_or_else(bad_shape)?;
-                Output::Classification { label: settings.labels[best].clone(), probability }
+                Output::Classification {
+                    label: settings.labels[best].clone(),
+                    probability,
+                }
             }
             _ => return Err(bad_shape()),
         };
@@ -104,7 +113,10 @@ mod tests {
     fn batch_of_lengths(lengths: &[usize]) -> PaddedBatch {
         let texts: Vec<TokenizedText> = lengths
             .iter()
-            .map(|length| TokenizedText { token_ids: vec![1; *length], token_type_ids: vec![0; *length] })
+            .map(|length| TokenizedText {
+                token_ids: vec![1; *length],
+                token_type_ids: vec![0; *length],
+            })
             .collect();
         let refs: Vec<&TokenizedText> = texts.iter().collect();
         PaddedBatch::new(&refs, 0, 0)
@@ -117,14 +129,21 @@ mod tests {
         let values = [3.0, 0.0, 3.0, 8.0, 0.0, 2.0, 50.0, 50.0];
         let settings = settings(OutputKind::Embedding, Pooling::Mean, &[]);
         let outputs = outputs_of_batch(&[2, 2, 2], &values, &batch, &[0, 1], &settings).unwrap();
-        assert_eq!(outputs, vec![Output::Embedding(vec![0.6, 0.8]), Output::Embedding(vec![0.0, 1.0])]);
+        assert_eq!(
+            outputs,
+            vec![
+                Output::Embedding(vec![0.6, 0.8]),
+                Output::Embedding(vec![0.0, 1.0])
+            ]
+        );
     }
 
     #[test]
     fn cls_pooling_takes_the_first_token() {
         let batch = batch_of_lengths(&[2]);
         let settings = settings(OutputKind::Embedding, Pooling::Cls, &[]);
-        let outputs = outputs_of_batch(&[1, 2, 2], &[0.0, 5.0, 9.0, 9.0], &batch, &[0], &settings).unwrap();
+        let outputs =
+            outputs_of_batch(&[1, 2, 2], &[0.0, 5.0, 9.0, 9.0], &batch, &[0], &settings).unwrap();
         assert_eq!(outputs, vec![Output::Embedding(vec![0.0, 1.0])]);
     }
 
@@ -142,8 +161,16 @@ mod tests {
         let settings = settings(OutputKind::Classification, Pooling::Mean, &["neg", "pos"]);
         let values = [0.0, 0.0, 0.0, 2.0];
         let outputs = outputs_of_batch(&[2, 2], &values, &batch, &[0, 1], &settings).unwrap();
-        assert_eq!(outputs[0], Output::Classification { label: "neg".into(), probability: 0.5 });
-        let Output::Classification { label, probability } = &outputs[1] else { panic!() };
+        assert_eq!(
+            outputs[0],
+            Output::Classification {
+                label: "neg".into(),
+                probability: 0.5
+            }
+        );
+        let Output::Classification { label, probability } = &outputs[1] else {
+            panic!()
+        };
         assert_eq!(label, "pos");
         assert!((probability - 0.880797).abs() < 1e-5);
     }
@@ -154,14 +181,21 @@ mod tests {
         let mut settings = settings(OutputKind::Classification, Pooling::Mean, &["a", "b", "c"]);
         settings.class_scores = ClassScores::Probabilities;
         let outputs = outputs_of_batch(&[1, 3], &[0.2, 0.3, 0.5], &batch, &[0], &settings).unwrap();
-        assert_eq!(outputs, vec![Output::Classification { label: "c".into(), probability: 0.5 }]);
+        assert_eq!(
+            outputs,
+            vec![Output::Classification {
+                label: "c".into(),
+                probability: 0.5
+            }]
+        );
     }
 
     #[test]
     fn a_label_count_that_does_not_match_the_scores_is_an_error() {
         let batch = batch_of_lengths(&[1]);
         let settings = settings(OutputKind::Classification, Pooling::Mean, &["a", "b"]);
-        let error = outputs_of_batch(&[1, 3], &[0.2, 0.3, 0.5], &batch, &[0], &settings).unwrap_err();
+        let error =
+            outputs_of_batch(&[1, 3], &[0.2, 0.3, 0.5], &batch, &[0], &settings).unwrap_err();
         assert!(matches!(error, RunError::OutputShape { .. }), "{error}");
     }
 
@@ -176,7 +210,17 @@ mod tests {
     fn non_finite_values_name_the_callers_row() {
         let batch = batch_of_lengths(&[1, 1]);
         let settings = settings(OutputKind::Embedding, Pooling::Mean, &[]);
-        let error = outputs_of_batch(&[2, 2], &[1.0, 0.0, f32::NAN, 0.0], &batch, &[7, 3], &settings).unwrap_err();
-        assert!(matches!(error, RunError::NonFiniteOutput { index: 3 }), "{error}");
+        let error = outputs_of_batch(
+            &[2, 2],
+            &[1.0, 0.0, f32::NAN, 0.0],
+            &batch,
+            &[7, 3],
+            &settings,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(error, RunError::NonFiniteOutput { index: 3 }),
+            "{error}"
+        );
     }
 }

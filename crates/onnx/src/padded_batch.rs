@@ -39,10 +39,16 @@ impl PaddedBatch {
                 batch.token_ids.extend_from_slice(&text.token_ids);
                 batch.token_type_ids.extend_from_slice(&text.token_type_ids);
             }
-            batch.token_ids.extend(std::iter::repeat_n(pad_token_id, padded_length - real));
-            batch.token_type_ids.extend(std::iter::repeat_n(0, padded_length - real));
+            batch
+                .token_ids
+                .extend(std::iter::repeat_n(pad_token_id, padded_length - real));
+            batch
+                .token_type_ids
+                .extend(std::iter::repeat_n(0, padded_length - real));
             batch.attention_mask.extend(std::iter::repeat_n(1, real));
-            batch.attention_mask.extend(std::iter::repeat_n(0, padded_length - real));
+            batch
+                .attention_mask
+                .extend(std::iter::repeat_n(0, padded_length - real));
         }
         batch
     }
@@ -58,7 +64,10 @@ mod tests {
     use super::*;
 
     fn text(ids: &[i64]) -> TokenizedText {
-        TokenizedText { token_ids: ids.to_vec(), token_type_ids: vec![0; ids.len()] }
+        TokenizedText {
+            token_ids: ids.to_vec(),
+            token_type_ids: vec![0; ids.len()],
+        }
     }
 
     #[test]
@@ -80,7 +89,10 @@ mod tests {
 
     #[test]
     fn the_pad_id_fills_padding_and_type_ids_are_kept() {
-        let row = TokenizedText { token_ids: vec![5, 6], token_type_ids: vec![0, 1] };
+        let row = TokenizedText {
+            token_ids: vec![5, 6],
+            token_type_ids: vec![0, 1],
+        };
         let batch = PaddedBatch::new(&[&row], 3, 9);
         assert_eq!(batch.token_ids, vec![5, 6, 9]);
         assert_eq!(batch.token_type_ids, vec![0, 1, 0]);

@@ -58,10 +58,22 @@ pub fn best_score(scores: &[f32]) -> Option<(usize, f32)> {
 
 /// Cosine similarity of two vectors of equal length (0 when either is zero).
 pub fn cosine_similarity(left: &[f32], right: &[f32]) -> f32 {
-    let dot: f64 = left.iter().zip(right).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let dot: f64 = left
+        .iter()
+        .zip(right)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum();
     let left_norm: f64 = left.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
-    let right_norm: f64 = right.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
-    if left_norm == 0.0 || right_norm == 0.0 { 0.0 } else { (dot / (left_norm * right_norm)) as f32 }
+    let right_norm: f64 = right
+        .iter()
+        .map(|b| (*b as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    if left_norm == 0.0 || right_norm == 0.0 {
+        0.0
+    } else {
+        (dot / (left_norm * right_norm)) as f32
+    }
 }
 
 #[cfg(test)]

@@ -85,13 +85,20 @@ impl OnnxProcessor {
     /// Token counts of `texts` after truncation (special tokens included): for dry runs and
     /// reports.
     pub fn token_counts(&self, texts: &[String]) -> Result<Vec<usize>, RunError> {
-        Ok(self.tokenize_all(texts)?.iter().map(TokenizedText::len).collect())
+        Ok(self
+            .tokenize_all(texts)?
+            .iter()
+            .map(TokenizedText::len)
+            .collect())
     }
 
     /// The batches `process` would run for `texts`, summarised.
     pub fn plan_summary(&self, texts: &[String]) -> Result<PlanSummary, RunError> {
         let lengths = self.token_counts(texts)?;
-        Ok(summarise_plan(&lengths, &plan_batches(&lengths, &self.policy)))
+        Ok(summarise_plan(
+            &lengths,
+            &plan_batches(&lengths, &self.policy),
+        ))
     }
 
     fn tokenize_all(&self, texts: &[String]) -> Result<Vec<TokenizedText>, RunError> {
@@ -105,7 +112,10 @@ impl OnnxProcessor {
                         chunk
                             .iter()
                             .enumerate()
-                            .map(|(offset, text)| self.tokenizer.tokenize(chunk_index * chunk_size + offset, text))
+                            .map(|(offset, text)| {
+                                self.tokenizer
+                                    .tokenize(chunk_index * chunk_size + offset, text)
+                            })
                             .collect::<Result<Vec<_>, _>>()
                     })
                 })
@@ -118,7 +128,11 @@ impl OnnxProcessor {
         })
     }
 
-    fn run_batches(&self, tokenized: &[TokenizedText], batches: &[Batch]) -> Result<Vec<Output>, RunError> {
+    fn run_batches(
+        &self,
+        tokenized: &[TokenizedText],
+        batches: &[Batch],
+    ) -> Result<Vec<Output>, RunError> {
         // Each batch's outputs land at their rows' indices; a Mutex because writes are rare
         // (once per batch) next to the forward pass that produced them.
         let slots: Mutex<Vec<Option<Output>>> = Mutex::new(vec![None; tokenized.len()]);
@@ -134,7 +148,9 @@ impl OnnxProcessor {
                 let batch = &batches[batch_index];
                 let result = self.run_one_batch(&mut state, tokenized, batch);
                 let outputs = result.inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
-                let mut slots = slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut slots = slots
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
                 for (index, output) in batch.indices.iter().zip(outputs) {
                     slots[*index] = Some(output);
                 }
@@ -150,12 +166,16 @@ impl OnnxProcessor {
             }
             Ok::<(), RunError>(())
         })?;
-        let slots = slots.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let slots = slots
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         slots
             .into_iter()
             .enumerate()
             .map(|(index, slot)| {
-                slot.ok_or_else(|| RunError::WorkerPanicked { message: format!("row {index} got no output") })
+                slot.ok_or_else(|| RunError::WorkerPanicked {
+                    message: format!("row {index} got no output"),
+                })
             })
             .collect()
     }
@@ -166,35 +186,60 @@ impl OnnxProcessor {
         tokenized: &[TokenizedText],
         batch: &Batch,
     ) -> Result<Vec<Output>, RunError> {
-        let rows: Vec<&TokenizedText> = batch.indices.iter().map(|index| &tokenized[*index]).collect();
+        let rows: Vec<&TokenizedText> = batch
+            .indices
+            .iter()
+            .map(|index| &tokenized[*index])
+            .collect();
         let padded = PaddedBatch::new(&rows, batch.padded_length, self.tokenizer.pad_token_id());
         let output = self.model.run(state, &padded)?;
-        outputs_of_batch(output.shape(), output.values(), &padded, &batch.indices, &self.settings)
+        outputs_of_batch(
+            output.shape(),
+            output.values(),
+            &padded,
+            &batch.indices,
+            &self.settings,
+        )
     }
 
     /// Run one row of `max_length` pad tokens; the width of its output.
     fn test_run(&self, max_length: usize) -> Result<usize, LoadError> {
         let path = self.model.path().to_path_buf();
-        let failed = |message: String| LoadError::TestRunFailed { path: path.clone(), max_length, message };
+        let failed = |message: String| LoadError::TestRunFailed {
+            path: path.clone(),
+            max_length,
+            message,
+        };
         let row = TokenizedText {
             token_ids: vec![self.tokenizer.pad_token_id(); max_length],
             token_type_ids: vec![0; max_length],
         };
         let padded = PaddedBatch::new(&[&row], max_length, self.tokenizer.pad_token_id());
         let mut state = self.model.new_state();
-        let output = self.model.run(&mut state, &padded).map_err(|error| failed(error.to_string()))?;
+        let output = self
+            .model
+            .run(&mut state, &padded)
+            .map_err(|error| failed(error.to_string()))?;
         let shape = output.shape().to_vec();
         let kind = &self.settings.kind;
         match (kind, shape.as_slice()) {
             (OutputKind::Embedding, [1, hidden] | [1, _, hidden]) if *hidden > 0 => {}
-            (OutputKind::Classification, [1, classes]) if *classes != self.settings.labels.len() => {
+            (OutputKind::Classification, [1, classes])
+                if *classes != self.settings.labels.len() =>
+            {
                 let (classes, labels) = (*classes, self.settings.labels.len());
-                return Err(LoadError::LabelCountMismatch { path, classes, labels });
+                return Err(LoadError::LabelCountMismatch {
+                    path,
+                    classes,
+                    labels,
+                });
             }
             (OutputKind::Classification, [1, _]) => {}
             _ => {
                 let (name, wanted) = match kind {
-                    OutputKind::Embedding => ("embedding", "[rows, sequence, hidden] or [rows, hidden]"),
+                    OutputKind::Embedding => {
+                        ("embedding", "[rows, sequence, hidden] or [rows, hidden]")
+                    }
                     OutputKind::Classification => ("classification", "[rows, classes]"),
                 };
                 let message = format!(
@@ -204,13 +249,15 @@ impl OnnxProcessor {
                 return Err(LoadError::UnsupportedOutput { path, message });
             }
         }
-        outputs_of_batch(&shape, output.values(), &padded, &[0], &self.settings).map_err(|error| failed(error.to_string()))?;
+        outputs_of_batch(&shape, output.values(), &padded, &[0], &self.settings)
+            .map_err(|error| failed(error.to_string()))?;
         Ok(*shape.last().unwrap_or(&0))
     }
 }
 
 fn check_settings(config: &OnnxConfig) -> Result<(), LoadError> {
-    let invalid = |key: &'static str, message: String| Err(LoadError::InvalidSetting { key, message });
+    let invalid =
+        |key: &'static str, message: String| Err(LoadError::InvalidSetting { key, message });
     if config.max_length == 0 {
         return invalid("max_length", "must be at least 1 token".into());
     }
@@ -233,7 +280,10 @@ fn check_settings(config: &OnnxConfig) -> Result<(), LoadError> {
         return invalid("sort_window", "must be at least 1 row".into());
     }
     if config.output == OutputKind::Classification && config.labels.is_empty() {
-        return invalid("labels", "output = \"classification\" needs labels = [...], one per model class".into());
+        return invalid(
+            "labels",
+            "output = \"classification\" needs labels = [...], one per model class".into(),
+        );
     }
     Ok(())
 }

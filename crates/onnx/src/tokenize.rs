@@ -36,13 +36,16 @@ impl TextTokenizer {
     /// file's own truncation and padding settings are replaced.
     pub fn load(path: &Path, max_length: usize) -> Result<Self, LoadError> {
         if !path.is_file() {
-            return Err(LoadError::TokenizerFileMissing { path: path.to_path_buf() });
+            return Err(LoadError::TokenizerFileMissing {
+                path: path.to_path_buf(),
+            });
         }
         let unreadable = |message: String| LoadError::TokenizerUnreadable {
             path: path.to_path_buf(),
             message,
         };
-        let mut tokenizer = Tokenizer::from_file(path).map_err(|error| unreadable(error.to_string()))?;
+        let mut tokenizer =
+            Tokenizer::from_file(path).map_err(|error| unreadable(error.to_string()))?;
         let pad_token_id = tokenizer
             .get_padding()
             .map(|padding| padding.pad_id)
@@ -51,9 +54,19 @@ impl TextTokenizer {
             .unwrap_or(0);
         tokenizer.with_padding(None);
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length, ..TruncationParams::default() }))
-            .map_err(|error| unreadable(format!("cannot truncate at max_length = {max_length}: {error}")))?;
-        Ok(TextTokenizer { tokenizer, pad_token_id: i64::from(pad_token_id) })
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                ..TruncationParams::default()
+            }))
+            .map_err(|error| {
+                unreadable(format!(
+                    "cannot truncate at max_length = {max_length}: {error}"
+                ))
+            })?;
+        Ok(TextTokenizer {
+            tokenizer,
+            pad_token_id: i64::from(pad_token_id),
+        })
     }
 
     /// The id that fills padded positions (their attention mask is 0).
@@ -63,13 +76,20 @@ impl TextTokenizer {
 
     /// Tokens of `text` (row `index`, for the error message).
     pub fn tokenize(&self, index: usize, text: &str) -> Result<TokenizedText, RunError> {
-        let encoding = self
-            .tokenizer
-            .encode_fast(text, true)
-            .map_err(|error| RunError::Tokenize { index, message: error.to_string() })?;
+        let encoding =
+            self.tokenizer
+                .encode_fast(text, true)
+                .map_err(|error| RunError::Tokenize {
+                    index,
+                    message: error.to_string(),
+                })?;
         Ok(TokenizedText {
             token_ids: encoding.get_ids().iter().map(|id| i64::from(*id)).collect(),
-            token_type_ids: encoding.get_type_ids().iter().map(|id| i64::from(*id)).collect(),
+            token_type_ids: encoding
+                .get_type_ids()
+                .iter()
+                .map(|id| i64::from(*id))
+                .collect(),
         })
     }
 }

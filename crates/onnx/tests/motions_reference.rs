@@ -16,7 +16,10 @@ const MOTIONS: usize = 200;
 const MAX_LENGTH: usize = 256;
 
 fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// The prerequisite, or why it is missing (then: skipped, or failed under CI=true).
@@ -33,7 +36,9 @@ fn prerequisite(found: Option<PathBuf>, what: &str, fix: &str) -> Option<PathBuf
 }
 
 fn env_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name).filter(|value| !value.is_empty()).map(PathBuf::from)
+    std::env::var_os(name)
+        .filter(|value| !value.is_empty())
+        .map(PathBuf::from)
 }
 
 fn models_dir() -> Option<PathBuf> {
@@ -41,8 +46,9 @@ fn models_dir() -> Option<PathBuf> {
 }
 
 fn motions_file() -> PathBuf {
-    env_path("BACKFILL_MOTIONS")
-        .unwrap_or_else(|| repository_root().join("../shared/data/motions/tk_moties_fulltext.jsonl"))
+    env_path("BACKFILL_MOTIONS").unwrap_or_else(|| {
+        repository_root().join("../shared/data/motions/tk_moties_fulltext.jsonl")
+    })
 }
 
 fn motion_texts(path: &Path, count: usize) -> Vec<String> {
@@ -52,26 +58,43 @@ fn motion_texts(path: &Path, count: usize) -> Vec<String> {
         .take(count)
         .map(|line| {
             let motion: Value = serde_json::from_str(line).unwrap();
-            format!("{}\n{}", motion["title"].as_str().unwrap(), motion["text"].as_str().unwrap())
+            format!(
+                "{}\n{}",
+                motion["title"].as_str().unwrap(),
+                motion["text"].as_str().unwrap()
+            )
         })
         .collect()
 }
 
 /// onnxruntime's embeddings and token counts for `texts`.
-fn reference(python: &Path, model: &Path, tokenizer: &Path, texts: &[String]) -> Vec<(usize, Vec<f32>)> {
-    let scratch = std::env::temp_dir().join(format!("backfill-onnx-reference-{}", std::process::id()));
+fn reference(
+    python: &Path,
+    model: &Path,
+    tokenizer: &Path,
+    texts: &[String],
+) -> Vec<(usize, Vec<f32>)> {
+    let scratch =
+        std::env::temp_dir().join(format!("backfill-onnx-reference-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
     let input = scratch.join("texts.jsonl");
     let output = scratch.join("reference.jsonl");
-    let lines: Vec<String> = texts.iter().map(|text| serde_json::json!({ "text": text }).to_string()).collect();
+    let lines: Vec<String> = texts
+        .iter()
+        .map(|text| serde_json::json!({ "text": text }).to_string())
+        .collect();
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let status = Command::new(python)
         .arg(repository_root().join("scripts/onnx/reference_embeddings.py"))
         .args(["embed", "--max-length", &MAX_LENGTH.to_string()])
-        .arg("--model").arg(model)
-        .arg("--tokenizer").arg(tokenizer)
-        .arg("--input").arg(&input)
-        .arg("--output").arg(&output)
+        .arg("--model")
+        .arg(model)
+        .arg("--tokenizer")
+        .arg(tokenizer)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
         .status()
         .expect("the reference script runs");
     assert!(status.success(), "reference_embeddings.py failed: {status}");
@@ -80,7 +103,12 @@ fn reference(python: &Path, model: &Path, tokenizer: &Path, texts: &[String]) ->
     rows.lines()
         .map(|line| {
             let row: Value = serde_json::from_str(line).unwrap();
-            let embedding = row["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let embedding = row["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
             (row["tokens"].as_u64().unwrap() as usize, embedding)
         })
         .collect()
@@ -89,14 +117,32 @@ fn reference(python: &Path, model: &Path, tokenizer: &Path, texts: &[String]) ->
 #[test]
 fn embeddings_match_onnxruntime_on_200_motions() {
     let fetch = "run `eval \"$(scripts/fetch-models.sh)\"` to fetch it and set BACKFILL_MODELS_DIR";
-    let Some(models) = prerequisite(models_dir(), "BACKFILL_MODELS_DIR (the fetched models)", fetch) else { return };
+    let Some(models) = prerequisite(
+        models_dir(),
+        "BACKFILL_MODELS_DIR (the fetched models)",
+        fetch,
+    ) else {
+        return;
+    };
     let model = models.join("minilm-l6-v2-int8/model.onnx");
     let tokenizer = models.join("minilm-l6-v2-int8/tokenizer.json");
-    let Some(model) = prerequisite(Some(model), "the all-MiniLM-L6-v2 int8 model", fetch) else { return };
-    let venv = "run `eval \"$(scripts/onnx/setup-venv.sh)\"` to create the venv and set BACKFILL_PY";
-    let Some(python) = prerequisite(env_path("BACKFILL_PY"), "BACKFILL_PY (Python with onnxruntime)", venv) else { return };
-    let data = "set BACKFILL_MOTIONS to tk_moties_fulltext.jsonl, or keep shared/ beside the repository";
-    let Some(motions) = prerequisite(Some(motions_file()), "the motions file", data) else { return };
+    let Some(model) = prerequisite(Some(model), "the all-MiniLM-L6-v2 int8 model", fetch) else {
+        return;
+    };
+    let venv =
+        "run `eval \"$(scripts/onnx/setup-venv.sh)\"` to create the venv and set BACKFILL_PY";
+    let Some(python) = prerequisite(
+        env_path("BACKFILL_PY"),
+        "BACKFILL_PY (Python with onnxruntime)",
+        venv,
+    ) else {
+        return;
+    };
+    let data =
+        "set BACKFILL_MOTIONS to tk_moties_fulltext.jsonl, or keep shared/ beside the repository";
+    let Some(motions) = prerequisite(Some(motions_file()), "the motions file", data) else {
+        return;
+    };
 
     let texts = motion_texts(&motions, MOTIONS);
     assert_eq!(texts.len(), MOTIONS);
@@ -113,12 +159,18 @@ fn embeddings_match_onnxruntime_on_200_motions() {
 
     let mut lowest = (f32::MAX, 0);
     for (index, ((tokens, reference), output)) in expected.iter().zip(&outputs).enumerate() {
-        assert_eq!(counts[index], *tokens, "motion {index}: token counts differ from the Python tokenizer");
+        assert_eq!(
+            counts[index], *tokens,
+            "motion {index}: token counts differ from the Python tokenizer"
+        );
         let similarity = cosine_similarity(output.as_embedding().unwrap(), reference);
         if similarity < lowest.0 {
             lowest = (similarity, index);
         }
-        assert!(similarity >= 0.999, "motion {index}: cosine {similarity} < 0.999");
+        assert!(
+            similarity >= 0.999,
+            "motion {index}: cosine {similarity} < 0.999"
+        );
     }
     let truncated = counts.iter().filter(|count| **count == MAX_LENGTH).count();
     eprintln!(

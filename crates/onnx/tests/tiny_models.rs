@@ -9,7 +9,9 @@ use backfill_onnx::{LoadError, OnnxConfig, OnnxProcessor, Output, RunError};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn expected() -> Value {
@@ -17,7 +19,10 @@ fn expected() -> Value {
 }
 
 fn embedder_config() -> OnnxConfig {
-    let mut config = OnnxConfig::embedding(fixture("tiny_embedder.onnx"), fixture("tiny_tokenizer.json"));
+    let mut config = OnnxConfig::embedding(
+        fixture("tiny_embedder.onnx"),
+        fixture("tiny_tokenizer.json"),
+    );
     config.max_length = expected()["max_length"].as_u64().unwrap() as usize;
     config.max_batch_tokens = 64;
     config.length_bucket = 4;
@@ -26,9 +31,21 @@ fn embedder_config() -> OnnxConfig {
 }
 
 fn classifier_config() -> OnnxConfig {
-    let labels = expected()["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
-    OnnxConfig { labels, ..OnnxConfig::classification(fixture("tiny_classifier.onnx"), fixture("tiny_tokenizer.json"), vec![]) }
-        .with_shape_of(&embedder_config())
+    let labels = expected()["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    OnnxConfig {
+        labels,
+        ..OnnxConfig::classification(
+            fixture("tiny_classifier.onnx"),
+            fixture("tiny_tokenizer.json"),
+            vec![],
+        )
+    }
+    .with_shape_of(&embedder_config())
 }
 
 trait WithShape {
@@ -46,21 +63,37 @@ impl WithShape for OnnxConfig {
 }
 
 fn fixture_texts() -> Vec<String> {
-    expected()["rows"].as_array().unwrap().iter().map(|row| row["text"].as_str().unwrap().to_string()).collect()
+    expected()["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["text"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn floats(value: &Value) -> Vec<f32> {
-    value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn embeddings(outputs: &[Output]) -> Vec<Vec<f32>> {
-    outputs.iter().map(|output| output.as_embedding().expect("an embedding").to_vec()).collect()
+    outputs
+        .iter()
+        .map(|output| output.as_embedding().expect("an embedding").to_vec())
+        .collect()
 }
 
 fn assert_close(left: &[f32], right: &[f32], tolerance: f32, what: &str) {
     assert_eq!(left.len(), right.len(), "{what}: lengths differ");
     for (position, (a, b)) in left.iter().zip(right).enumerate() {
-        assert!((a - b).abs() <= tolerance, "{what}: value {position}: {a} vs {b}");
+        assert!(
+            (a - b).abs() <= tolerance,
+            "{what}: value {position}: {a} vs {b}"
+        );
     }
 }
 
@@ -72,8 +105,17 @@ fn embeddings_match_onnxruntime_on_the_fixture_texts() {
     let outputs = embeddings(&processor.process(&texts).unwrap());
     let counts = processor.token_counts(&texts).unwrap();
     for (index, row) in expected()["rows"].as_array().unwrap().iter().enumerate() {
-        assert_eq!(counts[index], row["token_ids"].as_array().unwrap().len(), "tokens of row {index}");
-        assert_close(&outputs[index], &floats(&row["embedding"]), 1e-5, &format!("row {index}"));
+        assert_eq!(
+            counts[index],
+            row["token_ids"].as_array().unwrap().len(),
+            "tokens of row {index}"
+        );
+        assert_close(
+            &outputs[index],
+            &floats(&row["embedding"]),
+            1e-5,
+            &format!("row {index}"),
+        );
         let norm: f32 = outputs[index].iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "row {index} has norm {norm}");
     }
@@ -87,17 +129,33 @@ fn classifications_match_onnxruntime_on_the_fixture_texts() {
     let outputs = processor.process(&fixture_texts()).unwrap();
     for (index, row) in expected()["rows"].as_array().unwrap().iter().enumerate() {
         let probabilities = floats(&row["probabilities"]);
-        let best = (0..probabilities.len()).max_by(|a, b| probabilities[*a].total_cmp(&probabilities[*b])).unwrap();
-        let Output::Classification { label, probability } = &outputs[index] else { panic!("row {index}: {:?}", outputs[index]) };
+        let best = (0..probabilities.len())
+            .max_by(|a, b| probabilities[*a].total_cmp(&probabilities[*b]))
+            .unwrap();
+        let Output::Classification { label, probability } = &outputs[index] else {
+            panic!("row {index}: {:?}", outputs[index])
+        };
         assert_eq!(label, &labels[best], "row {index}");
-        assert!((probability - probabilities[best]).abs() < 1e-5, "row {index}: {probability} vs {}", probabilities[best]);
+        assert!(
+            (probability - probabilities[best]).abs() < 1e-5,
+            "row {index}: {probability} vs {}",
+            probabilities[best]
+        );
     }
 }
 
 fn many_texts() -> Vec<String> {
-    let words = "de het een en van in op motie kamer regering verzoekt wonen zorg klimaat geld the of xyz".split(' ').collect::<Vec<_>>();
+    let words =
+        "de het een en van in op motie kamer regering verzoekt wonen zorg klimaat geld the of xyz"
+            .split(' ')
+            .collect::<Vec<_>>();
     (0..60)
-        .map(|row| (0..(row * 7) % 19).map(|word| words[(row * 3 + word * 5) % words.len()]).collect::<Vec<_>>().join(" "))
+        .map(|row| {
+            (0..(row * 7) % 19)
+                .map(|word| words[(row * 3 + word * 5) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect()
 }
 
@@ -114,10 +172,18 @@ fn outputs_do_not_depend_on_batching_threads_or_neighbours() {
     let one_by_one = OnnxProcessor::load(&one_by_one_config).unwrap();
     for (index, text) in texts.iter().enumerate() {
         let alone = embeddings(&one_by_one.process(std::slice::from_ref(text)).unwrap());
-        assert_close(&together[index], &alone[0], 1e-5, &format!("text {index} {text:?}"));
+        assert_close(
+            &together[index],
+            &alone[0],
+            1e-5,
+            &format!("text {index} {text:?}"),
+        );
     }
     let summary = batched.plan_summary(&texts).unwrap();
-    assert!(summary.batches < texts.len(), "rows were batched together: {summary:?}");
+    assert!(
+        summary.batches < texts.len(),
+        "rows were batched together: {summary:?}"
+    );
 }
 
 #[test]
@@ -128,10 +194,21 @@ fn outputs_come_back_in_input_order() {
     let reversed_texts: Vec<String> = texts.iter().rev().cloned().collect();
     let reversed = embeddings(&processor.process(&reversed_texts).unwrap());
     for index in 0..texts.len() {
-        assert_close(&forward[index], &reversed[texts.len() - 1 - index], 1e-5, &format!("text {index}"));
+        assert_close(
+            &forward[index],
+            &reversed[texts.len() - 1 - index],
+            1e-5,
+            &format!("text {index}"),
+        );
     }
-    let distinct = forward.iter().filter(|e| cosine_similarity(e, &forward[1]) < 0.9999).count();
-    assert!(distinct > texts.len() / 2, "texts should give different embeddings");
+    let distinct = forward
+        .iter()
+        .filter(|e| cosine_similarity(e, &forward[1]) < 0.9999)
+        .count();
+    assert!(
+        distinct > texts.len() / 2,
+        "texts should give different embeddings"
+    );
 }
 
 #[test]
@@ -140,7 +217,10 @@ fn long_texts_are_truncated_at_max_length() {
     config.max_length = 6;
     config.length_bucket = 1;
     let processor = OnnxProcessor::load(&config).unwrap();
-    let texts = vec!["de het een en van in op motie".to_string(), "de het een en".to_string()];
+    let texts = vec![
+        "de het een en van in op motie".to_string(),
+        "de het een en".to_string(),
+    ];
     assert_eq!(processor.token_counts(&texts).unwrap(), vec![6, 6]);
     let outputs = embeddings(&processor.process(&texts).unwrap());
     assert_close(&outputs[0], &outputs[1], 1e-6, "truncated text");
@@ -168,7 +248,12 @@ fn one_processor_serves_several_threads_at_once() {
     for handle in handles {
         let got = handle.join().unwrap();
         for index in 0..texts.len() {
-            assert_close(&got[index], &expected[index], 1e-6, &format!("text {index}"));
+            assert_close(
+                &got[index],
+                &expected[index],
+                1e-6,
+                &format!("text {index}"),
+            );
         }
     }
 }
@@ -182,9 +267,15 @@ fn a_missing_model_file_names_the_path_and_the_fix() {
     let mut config = embedder_config();
     config.model_path = PathBuf::from("/nonexistent/model.onnx");
     let error = load_error(&config);
-    assert!(matches!(error, LoadError::ModelFileMissing { .. }), "{error:?}");
+    assert!(
+        matches!(error, LoadError::ModelFileMissing { .. }),
+        "{error:?}"
+    );
     let message = error.to_string();
-    assert!(message.contains("/nonexistent/model.onnx") && message.contains("[model] path"), "{message}");
+    assert!(
+        message.contains("/nonexistent/model.onnx") && message.contains("[model] path"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -192,7 +283,10 @@ fn a_missing_tokenizer_names_the_path_and_the_fix() {
     let mut config = embedder_config();
     config.tokenizer_path = PathBuf::from("/nonexistent/tokenizer.json");
     let error = load_error(&config);
-    assert!(matches!(error, LoadError::TokenizerFileMissing { .. }), "{error:?}");
+    assert!(
+        matches!(error, LoadError::TokenizerFileMissing { .. }),
+        "{error:?}"
+    );
     assert!(error.to_string().contains("[model] tokenizer"), "{error}");
 }
 
@@ -205,15 +299,24 @@ fn scratch_file(name: &str, contents: &[u8]) -> PathBuf {
 #[test]
 fn files_that_are_not_models_or_tokenizers_are_refused_clearly() {
     let mut config = embedder_config();
-    config.model_path = scratch_file("not-a-model.onnx", b"version https://git-lfs.github.com/spec/v1\n");
+    config.model_path = scratch_file(
+        "not-a-model.onnx",
+        b"version https://git-lfs.github.com/spec/v1\n",
+    );
     let error = load_error(&config);
-    assert!(matches!(error, LoadError::ModelUnreadable { .. }), "{error:?}");
+    assert!(
+        matches!(error, LoadError::ModelUnreadable { .. }),
+        "{error:?}"
+    );
     assert!(error.to_string().contains("not-a-model.onnx"), "{error}");
 
     let mut config = embedder_config();
     config.tokenizer_path = scratch_file("not-a-tokenizer.json", b"{\"hello\": 1}");
     let error = load_error(&config);
-    assert!(matches!(error, LoadError::TokenizerUnreadable { .. }), "{error:?}");
+    assert!(
+        matches!(error, LoadError::TokenizerUnreadable { .. }),
+        "{error:?}"
+    );
 }
 
 #[test]
@@ -221,7 +324,17 @@ fn labels_must_match_the_models_classes() {
     let mut config = classifier_config();
     config.labels.pop();
     let error = load_error(&config);
-    assert!(matches!(error, LoadError::LabelCountMismatch { classes: 3, labels: 2, .. }), "{error:?}");
+    assert!(
+        matches!(
+            error,
+            LoadError::LabelCountMismatch {
+                classes: 3,
+                labels: 2,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
 }
 
 #[test]
@@ -230,24 +343,46 @@ fn an_embedding_model_cannot_classify() {
     config.output = backfill_onnx::OutputKind::Classification;
     config.labels = vec!["a".into(), "b".into()];
     let error = load_error(&config);
-    assert!(matches!(error, LoadError::UnsupportedOutput { .. }), "{error:?}");
+    assert!(
+        matches!(error, LoadError::UnsupportedOutput { .. }),
+        "{error:?}"
+    );
 }
 
 #[test]
 fn inconsistent_settings_name_the_key() {
     let mut config = embedder_config();
     config.max_batch_tokens = config.max_length - 1;
-    assert!(matches!(load_error(&config), LoadError::InvalidSetting { key: "max_batch_tokens", .. }));
+    assert!(matches!(
+        load_error(&config),
+        LoadError::InvalidSetting {
+            key: "max_batch_tokens",
+            ..
+        }
+    ));
     let mut config = classifier_config();
     config.labels.clear();
-    assert!(matches!(load_error(&config), LoadError::InvalidSetting { key: "labels", .. }));
+    assert!(matches!(
+        load_error(&config),
+        LoadError::InvalidSetting { key: "labels", .. }
+    ));
     let mut config = embedder_config();
     config.threads = 0;
-    assert!(matches!(load_error(&config), LoadError::InvalidSetting { key: "threads", .. }));
+    assert!(matches!(
+        load_error(&config),
+        LoadError::InvalidSetting { key: "threads", .. }
+    ));
 }
 
 #[test]
 fn run_errors_are_displayable() {
-    let error = RunError::Model { rows: 2, padded_length: 8, message: "boom".into() };
-    assert_eq!(error.to_string(), "the model failed on a batch of 2 rows × 8 tokens: boom");
+    let error = RunError::Model {
+        rows: 2,
+        padded_length: 8,
+        message: "boom".into(),
+    };
+    assert_eq!(
+        error.to_string(),
+        "the model failed on a batch of 2 rows × 8 tokens: boom"
+    );
 }
