@@ -261,14 +261,9 @@ fn check_settings(config: &OnnxConfig) -> Result<(), LoadError> {
     if config.max_length == 0 {
         return invalid("max_length", "must be at least 1 token".into());
     }
-    if config.max_batch_tokens < config.max_length {
-        return invalid(
-            "max_batch_tokens",
-            format!(
-                "is {} but must be at least max_length ({}), so a full-length row fits a batch",
-                config.max_batch_tokens, config.max_length
-            ),
-        );
+    if config.max_batch_tokens == 0 {
+        // Below max_length is fine: a row longer than the budget runs in a batch of its own.
+        return invalid("max_batch_tokens", "must be at least 1 token".into());
     }
     if config.threads == 0 {
         return invalid("threads", "must be at least 1".into());
