@@ -133,7 +133,21 @@ impl Dispatcher {
                         }
                     }
                 }
-                Decision::Wait { until } => self.wait(until, shutdown).await?,
+                Decision::Wait { until } => {
+                    // The controller waits while it believes nothing is queued; with nothing in
+                    // flight either, the store says whether the run is drained.
+                    if self.tasks.is_empty() && load.queued_items == 0 {
+                        let counts = self.ctx.store.item_counts(self.ctx.run_id).await?;
+                        if counts.open() == 0 {
+                            break Stop::Drained;
+                        }
+                        self.progress.queued.store(counts.pending as usize, Ordering::Relaxed);
+                        if counts.pending > 0 {
+                            continue;
+                        }
+                    }
+                    self.wait(until, shutdown).await?
+                }
             }
         };
         self.progress.set_controller(self.controller.status());
