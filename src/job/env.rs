@@ -60,11 +60,21 @@ pub fn expand(text: &str) -> Result<String, ExpandError> {
     expand_with(text, &|name| std::env::var(name).ok())
 }
 
-/// Expands every string inside a TOML value, naming the key path in errors.
+/// Expands every string inside a TOML value, naming the key path in errors. A string that is
+/// exactly one `${…}` and expands to a number or `true`/`false` becomes that number or boolean,
+/// so numeric keys can come from the environment too (`context_window = "${CTX:-4096}"`).
 pub fn expand_toml(value: &mut toml::Value, path: &str) -> Result<(), (String, ExpandError)> {
     match value {
         toml::Value::String(s) => {
-            *s = expand(s).map_err(|e| (path.to_owned(), e))?;
+            let whole = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
+            let expanded = expand(s).map_err(|e| (path.to_owned(), e))?;
+            *value = match (whole, expanded.parse::<i64>(), expanded.parse::<f64>(), expanded.as_str()) {
+                (true, Ok(n), _, _) => toml::Value::Integer(n),
+                (true, _, Ok(x), _) if x.is_finite() => toml::Value::Float(x),
+                (true, _, _, "true") => toml::Value::Boolean(true),
+                (true, _, _, "false") => toml::Value::Boolean(false),
+                _ => toml::Value::String(expanded),
+            };
         }
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -105,6 +115,19 @@ mod tests {
     #[test]
     fn leaves_plain_dollars_and_unescapes_double_dollars() {
         assert_eq!(expand_with(r"price ~ '^\d+$' and $$5", &env).unwrap(), r"price ~ '^\d+$' and $5");
+    }
+
+    #[test]
+    fn a_whole_variable_can_fill_a_numeric_key() {
+        let mut value: toml::Value = toml::from_str::<toml::Table>(
+            "a = \"${BACKFILL_TEST_NUMBER_UNSET:-4096}\"\nb = \"${BACKFILL_TEST_NUMBER_UNSET:-0.5}\"\nc = \"v${BACKFILL_TEST_NUMBER_UNSET:-1}\"",
+        )
+        .map(toml::Value::Table)
+        .unwrap();
+        expand_toml(&mut value, "").unwrap();
+        assert_eq!(value["a"], toml::Value::Integer(4096));
+        assert_eq!(value["b"], toml::Value::Float(0.5));
+        assert_eq!(value["c"], toml::Value::String("v1".into()));
     }
 
     #[test]
