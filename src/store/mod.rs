@@ -5,6 +5,7 @@
 //! Every method is one short transaction; none is held across a network call. Every write of
 //! an item checks the lease token it was claimed under, so a stale worker cannot overwrite.
 
+pub mod failpoint;
 mod model;
 pub mod sqlite;
 mod worker;

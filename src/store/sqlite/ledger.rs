@@ -98,6 +98,7 @@ pub(super) async fn write_batch(store: &SqliteStore, tables: &Tables, batch: &Ba
             .map_err(|e| store.err(e))?;
         }
     }
+    crate::store::failpoint::pause("write_batch").await;
     tx.commit().await.map_err(|e| store.err(e))?;
     Ok(report)
 }

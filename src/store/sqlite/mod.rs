@@ -20,8 +20,18 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use super::*;
 use crate::packer::Item;
 
-/// How long a statement waits for another writer before failing with "database is locked".
+/// How long a statement waits for another writer before failing with "database is locked",
+/// unless `BACKFILL_BUSY_TIMEOUT_S` says otherwise.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn busy_timeout() -> Duration {
+    std::env::var("BACKFILL_BUSY_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(BUSY_TIMEOUT)
+}
 
 const MIGRATIONS: &[(i64, &str, &str)] =
     &[(1, "runner tables", include_str!("../../../migrations/sqlite/0001_runner_tables.sql"))];
@@ -47,7 +57,7 @@ impl SqliteStore {
             .create_if_missing(false)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(BUSY_TIMEOUT);
+            .busy_timeout(busy_timeout());
         let path = options.get_filename().to_path_buf();
         if !path.exists() {
             return Err(crate::exit::usage(format!(
@@ -59,7 +69,7 @@ impl SqliteStore {
         // (status, claims' row fetches) proceed beside a write.
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .acquire_timeout(BUSY_TIMEOUT + Duration::from_secs(5))
+            .acquire_timeout(busy_timeout() + Duration::from_secs(5))
             .connect_with(options)
             .await
             .map_err(|e| database_error(e, &path))?;
@@ -100,9 +110,9 @@ pub(crate) fn database_error(e: sqlx::Error, path: &std::path::Path) -> anyhow::
     let lower = message.to_lowercase();
     let hint = if lower.contains("database is locked") || lower.contains("database is busy") {
         Some(format!(
-            "SQLite database {shown} stayed locked by another program for {}s; \
+            "SQLite database {shown} stayed locked by another program for {:.0}s; \
              close the program holding it (or wait) and run again with --resume",
-            BUSY_TIMEOUT.as_secs()
+            busy_timeout().as_secs_f64()
         ))
     } else if lower.contains("disk is full") || lower.contains("database or disk is full") {
         Some(format!("the disk holding {shown} is full; free space and run again with --resume"))
