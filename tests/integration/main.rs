@@ -3,6 +3,8 @@
 
 mod support;
 
+mod crash;
 mod job_errors;
+mod llama;
 mod pipeline;
 mod secrets;

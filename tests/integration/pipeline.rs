@@ -263,3 +263,23 @@ async fn adversarial_answers_never_misplace_an_output() {
         assert_ledger_matches(&fx, &fake).await;
     }
 }
+
+/// The acceptance run: 1,000 items against a provider with 1% 5xx, 1% malformed
+/// answers and occasionally dropped items ends with every item done or failed with a reason,
+/// no misplaced output, exit 0, and a ledger equal to usage × price.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_items_through_a_faulty_provider() {
+    let fx = Fixture::new(1000).await;
+    let faults = vec![(0.01, Reply::ServerError(500)), (0.01, Reply::Malformed), (0.03, Reply::DropIds(1))];
+    let fake = FakeProvider::start(vec![], faults, 1000).await;
+    fx.write_job(&fake.base_url(), "", "concurrency = { start = 8, min = 1, max = 32 }", "");
+    let (output, summary) = run_json(&fx, &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(summary["items"]["total"], 1000);
+    assert_eq!(summary["items"]["pending"], 0);
+    let states = fx.item_states().await;
+    assert!(states.iter().all(|(_, s, _, r)| s == "done" || (s == "failed" && r.is_some())));
+    let written = assert_no_misplaced(&fx).await;
+    assert_eq!(written as u64, summary["items"]["done"].as_u64().unwrap());
+    assert_ledger_matches(&fx, &fake).await;
+}

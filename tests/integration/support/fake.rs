@@ -55,6 +55,8 @@ struct Script {
 struct State {
     script: Mutex<Script>,
     log: Mutex<Vec<Record>>,
+    /// Every answer waits a uniform draw from this range (ms).
+    latency_ms: (u64, u64),
 }
 
 pub struct FakeProvider {
@@ -72,10 +74,16 @@ impl FakeProvider {
     /// Starts the fake with scripted replies for the first requests, then `random` faults
     /// (seeded), else `Reply::Ok`.
     pub async fn start(first: Vec<Reply>, random: Vec<(f64, Reply)>, seed: u64) -> FakeProvider {
+        Self::start_with_latency(first, random, seed, (0, 0)).await
+    }
+
+    /// Like [`FakeProvider::start`], with every answer delayed by `latency_ms` (uniform range).
+    pub async fn start_with_latency(first: Vec<Reply>, random: Vec<(f64, Reply)>, seed: u64, latency_ms: (u64, u64)) -> FakeProvider {
         let server = MockServer::start().await;
         let state = Arc::new(State {
             script: Mutex::new(Script { queue: first.into(), random, rng: Some(fastrand::Rng::with_seed(seed)) }),
             log: Mutex::new(Vec::new()),
+            latency_ms,
         });
         Mock::given(method("POST"))
             .and(path("/v1/chat/completions"))
@@ -121,6 +129,13 @@ impl Respond for Responder {
             }
         };
         let (template, usage) = answer(&reply, &items, user);
+        let (low, high) = self.0.latency_ms;
+        let template = if high > 0 && !matches!(reply, Reply::Hang(_)) {
+            let ms = { self.0.script.lock().unwrap().rng.as_mut().map(|r| r.u64(low..=high)).unwrap_or(low) };
+            template.set_delay(Duration::from_millis(ms))
+        } else {
+            template
+        };
         self.0.log.lock().unwrap().push(Record {
             at: Instant::now(),
             reply,

@@ -66,7 +66,7 @@ base_url = "{base_url}"
 name = "fake-model"
 structured_output = "json_schema"
 max_output_tokens_per_item = 60
-request_timeout_s = 5
+{timeout}
 {model_extra}
 
 [pricing.fake-model]
@@ -83,6 +83,7 @@ max_attempts = 4
 "#,
             db = self.db.display(),
             items = if limits_extra.contains("items_per_request") { "" } else { "items_per_request = { start = 10, min = 1, max = 20 }" },
+            timeout = if model_extra.contains("request_timeout_s") { "" } else { "request_timeout_s = 5" },
             concurrency = if limits_extra.contains("concurrency") { "" } else { "concurrency = { start = 4, min = 1, max = 8 }" },
         );
         std::fs::write(&self.job, text).unwrap();

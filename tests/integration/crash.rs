@@ -1,0 +1,214 @@
+//! Crash safety (DESIGN invariant 2 and the budget's "possibly billed"): `kill -9` at random
+//! moments and `--resume`; SIGINT and SIGTERM; the single-owner lock; a locked, read-only or
+//! full database.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+fn spawn_run(fx: &Fixture, extra: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_backfill"));
+    command.current_dir(fx.dir.path()).arg("run").arg(&fx.job).args(extra).arg("--quiet");
+    for var in ["OPENAI_API_KEY", "OPENAI_BASE_URL", "RUST_LOG"] {
+        command.env_remove(var);
+    }
+    command.env("NO_COLOR", "1").stdout(Stdio::null()).stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.spawn().expect("backfill starts")
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill").arg(format!("-{name}")).arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+}
+
+async fn wait(child: Child) -> std::process::Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap()
+}
+
+async fn scalar(fx: &Fixture, sql: &str) -> i64 {
+    let pool = fx.pool().await;
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await.unwrap_or(0);
+    pool.close().await;
+    n
+}
+
+/// Waits until the run has sent at least `calls` requests (the fake saw them).
+async fn until_requests(fake: &FakeProvider, calls: usize) {
+    for _ in 0..400 {
+        if fake.records().len() >= calls {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the run never sent {calls} requests");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_nine_at_random_moments_then_resume_loses_nothing_and_pays_nothing_twice() {
+    let rows = 240;
+    let fx = Fixture::new(rows).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 41, (40, 400)).await;
+    fx.write_job(&fake.base_url(), "", "concurrency = { start = 6, min = 1, max = 8 }", "");
+    let mut rng = fastrand::Rng::with_seed(42);
+    let (mut kills, mut in_flight_at_kills, mut finished) = (0, 0, false);
+    for round in 0..60 {
+        // Every third round pauses inside the write transaction, so kills land there too.
+        let env: &[(&str, &str)] = if round % 3 == 0 { &[("BACKFILL_FAILPOINT_PAUSE_MS", "write_batch:120")] } else { &[] };
+        let mut child = spawn_run(&fx, &["--resume"], env);
+        tokio::time::sleep(Duration::from_millis(rng.u64(60..900))).await;
+        if let Some(status) = child.try_wait().unwrap() {
+            let output = wait(child).await;
+            assert_eq!(status.code(), Some(0), "{}", stderr(&output));
+            finished = true;
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        in_flight_at_kills += scalar(&fx, "SELECT COUNT(*) FROM backfill_items WHERE state = 'leased'").await;
+    }
+    if !finished {
+        let output = wait(spawn_run(&fx, &["--resume"], &[])).await;
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    }
+    assert!(kills >= 5, "only {kills} kills landed");
+
+    // One run, every item done, each written once, each to its own row.
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_runs").await, 1);
+    let states = fx.item_states().await;
+    assert_eq!(states.len(), rows);
+    assert!(states.iter().all(|(_, s, _, _)| s == "done"), "{states:?}");
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM (SELECT item_id FROM backfill_outputs GROUP BY item_id HAVING COUNT(*) > 1)").await, 0);
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_outputs WHERE status <> 'written'").await, 0);
+    for (id, title, body, summary) in fx.rows().await {
+        assert_eq!(summary.as_deref(), Some(expected_output(&id.to_string(), &title, &body).as_str()), "row {id}");
+    }
+
+    // Every request the provider saw is in the ledger exactly once (reserved before sending);
+    // none is left reserved; money adds up.
+    let records = fake.records();
+    let sent_calls = scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE outcome IS NULL OR outcome <> 'cached'").await;
+    assert_eq!(sent_calls as usize, records.len(), "ledger calls vs provider requests");
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE state = 'reserved'").await, 0);
+    assert_eq!(scalar(&fx, "SELECT reserved_picos FROM backfill_runs").await, 0);
+    assert_eq!(
+        scalar(&fx, "SELECT spent_picos FROM backfill_runs").await,
+        scalar(&fx, "SELECT COALESCE(SUM(cost_picos), 0) FROM backfill_calls WHERE state = 'settled'").await
+    );
+    assert_eq!(
+        scalar(&fx, "SELECT lost_picos FROM backfill_runs").await,
+        scalar(&fx, "SELECT COALESCE(SUM(estimated_picos), 0) FROM backfill_calls WHERE state = 'lost'").await
+    );
+    let settled_prompt = scalar(&fx, "SELECT COALESCE(SUM(prompt_tokens), 0) FROM backfill_calls WHERE state = 'settled'").await;
+    let provider_prompt: i64 = records.iter().filter_map(|r| r.usage.map(|u| u.0)).sum();
+    assert!(settled_prompt <= provider_prompt, "the ledger counts more than the provider billed");
+
+    // Items sent again are bounded by what was in flight at the kills.
+    let item_sends: usize = records.iter().map(|r| r.ids.len()).sum();
+    assert!(
+        item_sends - rows <= in_flight_at_kills as usize,
+        "{} items re-sent, {in_flight_at_kills} were in flight at {kills} kills",
+        item_sends - rows
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_finishes_calls_in_flight_records_them_and_exits_4() {
+    let fx = Fixture::new(60).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 51, (1500, 1500)).await;
+    fx.write_job(&fake.base_url(), "", "concurrency = { start = 2, min = 1, max = 2 }", "");
+    let child = spawn_run(&fx, &[], &[]);
+    until_requests(&fake, 2).await;
+    signal(&child, "INT");
+    let output = wait(child).await;
+    assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    assert!(stderr(&output).contains("SIGINT"), "{}", stderr(&output));
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_runs WHERE status = 'interrupted'").await, 1);
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_items WHERE state = 'leased'").await, 0);
+    // The calls in flight finished within the grace period and were recorded.
+    let settled = scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE state = 'settled' AND outcome = 'ok'").await;
+    assert_eq!(settled as usize, fake.records().len());
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_items WHERE state = 'done'").await, scalar(&fx, "SELECT SUM(items_ok) FROM backfill_calls").await);
+    // A plain run refuses beside the unfinished one and names --resume.
+    let refused = backfill_async(fx.dir.path(), &["run", fx.job.to_str().unwrap()], &[]).await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(stderr(&refused).contains("--resume") && stderr(&refused).contains("abandon"), "{}", stderr(&refused));
+    let resumed = wait(spawn_run(&fx, &["--resume"], &[])).await;
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 60);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_past_the_grace_period_abandons_calls_as_possibly_billed() {
+    let fx = Fixture::new(30).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 52, (6000, 6000)).await;
+    fx.write_job(&fake.base_url(), "request_timeout_s = 30", "grace_seconds = 0.5", "");
+    let child = spawn_run(&fx, &[], &[]);
+    until_requests(&fake, 1).await;
+    signal(&child, "TERM");
+    let output = wait(child).await;
+    assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_items WHERE state = 'leased'").await, 0);
+    let lost = scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE state = 'lost'").await;
+    assert!(lost >= 1, "abandoned calls count as possibly billed");
+    assert!(scalar(&fx, "SELECT lost_picos FROM backfill_runs").await > 0);
+    let status = backfill_async(fx.dir.path(), &["status", fx.job.to_str().unwrap()], &[]).await;
+    assert!(stdout(&status).contains("possibly billed"), "{}", stdout(&status));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_aborts_at_once_and_resume_recovers_the_leases() {
+    let fx = Fixture::new(30).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 53, (5000, 5000)).await;
+    fx.write_job(&fake.base_url(), "request_timeout_s = 30", "", "");
+    let child = spawn_run(&fx, &[], &[]);
+    until_requests(&fake, 1).await;
+    signal(&child, "INT");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&child, "INT");
+    let started = std::time::Instant::now();
+    let output = wait(child).await;
+    assert!(started.elapsed() < Duration::from_secs(3), "the second signal did not abort at once");
+    assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    assert!(scalar(&fx, "SELECT COUNT(*) FROM backfill_items WHERE state = 'leased'").await > 0);
+    // The dead owner is provably gone: its items return to the queue at once on --resume.
+    let resumed = wait(spawn_run(&fx, &["--resume"], &[])).await;
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 30);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_on_the_same_sqlite_run_refuses_clearly() {
+    let fx = Fixture::new(40).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 54, (800, 800)).await;
+    fx.write_job(&fake.base_url(), "", "concurrency = { start = 1, min = 1, max = 1 }", "");
+    let first = spawn_run(&fx, &[], &[]);
+    until_requests(&fake, 1).await;
+    let second = backfill_async(fx.dir.path(), &["run", fx.job.to_str().unwrap(), "--resume"], &[]).await;
+    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
+    assert!(stderr(&second).contains("being worked on by another process"), "{}", stderr(&second));
+    let output = wait(first).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 40);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn abandon_lets_a_new_run_start() {
+    let fx = Fixture::new(20).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 55, (3000, 3000)).await;
+    fx.write_job(&fake.base_url(), "", "", "");
+    let mut child = spawn_run(&fx, &[], &[]);
+    until_requests(&fake, 1).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let abandoned = backfill_async(fx.dir.path(), &["abandon", fx.job.to_str().unwrap()], &[]).await;
+    assert_eq!(abandoned.status.code(), Some(0), "{}", stderr(&abandoned));
+    let fresh = wait(spawn_run(&fx, &[], &[])).await;
+    assert_eq!(fresh.status.code(), Some(0), "{}", stderr(&fresh));
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_runs").await, 2);
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 20);
+}
