@@ -12,7 +12,7 @@ use super::policy::Setback;
 use crate::ledger::{CostSource, answered_cost};
 use crate::pricing::Picos;
 use crate::provider::{CallError, Completion, parse_completion};
-use crate::store::{BatchWrite, CallSettle, Claimed, ItemChange, ItemUpdate, OutputRecord, now_ms};
+use crate::store::{BatchWrite, CallSettle, Claimed, ItemChange, ItemUpdate, OutputRecord, OutputValue, now_ms};
 use crate::validate::{Validated, validate};
 
 /// A call ready to go: its items, body and ledger row.
@@ -242,7 +242,7 @@ fn apply_outputs(
                     .expect("outputs serialise");
                 updates.push(ItemUpdate {
                     lease: claimed.lease.clone(),
-                    change: ItemChange::Done { values },
+                    change: ItemChange::Done { values: values.into_iter().map(|(k, v)| (k, OutputValue::Text(v))).collect() },
                     output: Some(OutputRecord { status: "written".into(), raw: Some(raw), final_json: Some(final_json), detail: changes }),
                 });
             }

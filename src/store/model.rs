@@ -164,11 +164,22 @@ pub struct CallSettle {
     pub lost: bool,
 }
 
+/// One value written into a target column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputValue {
+    /// Text: a chat model's output, a label, a JSON array of floats.
+    Text(String),
+    /// Bytes: an embedding as little-endian float32 (a BLOB in SQLite, bytea in PostgreSQL).
+    Blob(Vec<u8>),
+    /// A number: a classification's probability.
+    Real(f64),
+}
+
 /// What happens to one item of a batch.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ItemChange {
-    /// Write these `(output key, text)` values and mark the item done.
-    Done { values: Vec<(String, String)> },
+    /// Write these `(output key, value)` pairs and mark the item done.
+    Done { values: Vec<(String, OutputValue)> },
     /// Back to the queue.
     Retry {
         attempts: u32,

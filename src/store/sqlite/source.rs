@@ -8,7 +8,7 @@ use sqlx::{AssertSqlSafe, Row, SqliteConnection, TypeInfo, ValueRef};
 use super::{IdKind, SqliteStore};
 use crate::exit::usage;
 use crate::packer::Item;
-use crate::store::{SourceInfo, Tables};
+use crate::store::{OutputValue, SourceInfo, Tables};
 
 fn select_list(tables: &Tables) -> String {
     let mut list = vec![tables.id.to_string()];
@@ -159,7 +159,7 @@ pub(super) async fn write_target(
     tables: &Tables,
     kind: IdKind,
     id: &str,
-    values: &[(String, String)],
+    values: &[(String, OutputValue)],
 ) -> Result<bool, sqlx::Error> {
     let mut sets = Vec::new();
     let mut binds = Vec::new();
@@ -183,7 +183,11 @@ pub(super) async fn write_target(
     }
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for value in binds {
-        query = query.bind(value);
+        query = match value {
+            OutputValue::Text(text) => query.bind(text),
+            OutputValue::Blob(bytes) => query.bind(bytes),
+            OutputValue::Real(x) => query.bind(x),
+        };
     }
     query = bind_id(query, kind, id);
     Ok(query.execute(conn).await?.rows_affected() > 0)
