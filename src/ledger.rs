@@ -54,7 +54,7 @@ mod tests {
 
     #[test]
     fn provider_cost_wins_then_usage_then_estimate() {
-        let price = ModelPrice::from_file(&PriceFile { input: 1.0, output: 2.0, cached_input: None, batch_input: None, batch_output: None });
+        let price = ModelPrice::from_file(&PriceFile { input: 1.0, output: 2.0, cached_input: None, batch_input: None, batch_output: None, encoding: None });
         let usage = Usage { prompt_tokens: 100, completion_tokens: 10, cached_tokens: 0 };
         assert_eq!(answered_cost(&price, Tier::Sync, Some(&usage), Some(0.5), Picos(7)), (Picos::from_usd(0.5), CostSource::Provider));
         assert_eq!(answered_cost(&price, Tier::Sync, Some(&usage), None, Picos(7)), (Picos(120_000_000), CostSource::PriceTable));

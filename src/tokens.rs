@@ -6,6 +6,9 @@
 
 use tiktoken_rs::CoreBPE;
 
+/// The encoding used when neither the job nor the model's price entry names one.
+pub const DEFAULT_ENCODING: &str = "o200k_base";
+
 /// The encodings a job can name in `model.encoding`.
 pub const ENCODINGS: &[&str] = &["o200k_base", "cl100k_base", "p50k_base", "r50k_base"];
 

@@ -75,6 +75,8 @@ pub struct ModelFile {
     pub fallback: Vec<String>,
     pub mode: Option<String>,
     pub max_output_tokens_per_item: Option<u32>,
+    /// Output tokens one item's answer usually takes (dry-run estimates before any run).
+    pub expected_output_tokens_per_item: Option<u32>,
     pub temperature: Option<f64>,
     pub request_timeout_s: Option<f64>,
     pub context_window: Option<u32>,
@@ -104,6 +106,9 @@ pub struct PriceFile {
     pub cached_input: Option<f64>,
     pub batch_input: Option<f64>,
     pub batch_output: Option<f64>,
+    /// The tiktoken encoding that counts this model's tokens best (used unless the job sets
+    /// `model.encoding`).
+    pub encoding: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -112,6 +112,8 @@ pub struct ChatModel {
     pub structured_output: StructuredOutput,
     pub mode: Mode,
     pub max_output_tokens_per_item: u32,
+    /// Output tokens an item's answer usually takes; `max_output_tokens_per_item` by default.
+    pub expected_output_tokens_per_item: u32,
     pub temperature: Option<f64>,
     pub request_timeout: Duration,
     pub context_window: u32,

@@ -62,11 +62,21 @@ fn build(path: &Path, dir: &Path, file: JobFile, options: &LoadOptions) -> anyho
         file.prices.iter().map(|p| resolve(dir, p, "prices")).collect::<Result<_, _>>()?;
     let price_refs: Vec<&Path> = price_files.iter().map(PathBuf::as_path).collect();
     let mut prices = PriceTable::load(&price_refs, &file.pricing)?;
+    let mut processor = processor;
+    if let Processor::Chat(chat) = &mut processor {
+        // The model's own encoding from its price entry, unless the job names one.
+        if file.model.encoding.is_none() {
+            if let Some(encoding) = prices.encoding(&chat.name) {
+                check_encoding(encoding, &format!("pricing.\"{}\".encoding", chat.name))?;
+                chat.encoding = encoding.to_owned();
+            }
+        }
+    }
     if let Processor::Chat(chat) = &processor {
         for model in chat.tiers() {
             if prices.get(model).is_none() {
                 if options.allow_unpriced {
-                    prices.insert(model, crate::pricing::ModelPrice::FREE);
+                    prices.insert_unpriced(model);
                 } else {
                     return Err(usage(format!(
                         "no price for model `{model}`: add [pricing.\"{model}\"] with `input` and \
@@ -351,13 +361,15 @@ fn chat(dir: &Path, file: &JobFile) -> anyhow::Result<ChatModel> {
     if !(timeout.is_finite() && timeout > 0.0) {
         return Err(usage("`model.request_timeout_s` must be a positive number of seconds"));
     }
-    let encoding = m.encoding.clone().unwrap_or_else(|| "o200k_base".into());
-    if !crate::tokens::ENCODINGS.contains(&encoding.as_str()) {
+    let expected = m.expected_output_tokens_per_item.unwrap_or(per_item);
+    if expected == 0 || expected > per_item {
         return Err(usage(format!(
-            "`model.encoding` = {encoding:?}: use one of {}",
-            crate::tokens::ENCODINGS.join(", ")
+            "`model.expected_output_tokens_per_item` = {expected}: it must be at least 1 and at most \
+             `model.max_output_tokens_per_item` ({per_item})"
         )));
     }
+    let encoding = m.encoding.clone().unwrap_or_else(|| crate::tokens::DEFAULT_ENCODING.into());
+    check_encoding(&encoding, "model.encoding")?;
     let prompt = file.prompt.as_ref().ok_or_else(|| {
         usage("`[prompt]` is missing: chat jobs need `template = \"prompts/….md\"` with {{items}} in it")
     })?;
@@ -388,6 +400,7 @@ fn chat(dir: &Path, file: &JobFile) -> anyhow::Result<ChatModel> {
         structured_output,
         mode,
         max_output_tokens_per_item: per_item,
+        expected_output_tokens_per_item: expected,
         temperature: m.temperature,
         request_timeout: Duration::from_secs_f64(timeout),
         context_window: m.context_window.unwrap_or(128_000),
@@ -407,6 +420,7 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
             ("fallback", !m.fallback.is_empty()),
             ("mode", m.mode.is_some()),
             ("max_output_tokens_per_item", m.max_output_tokens_per_item.is_some()),
+            ("expected_output_tokens_per_item", m.expected_output_tokens_per_item.is_some()),
             ("temperature", m.temperature.is_some()),
             ("encoding", m.encoding.is_some()),
         ],
@@ -487,4 +501,12 @@ fn limits(file: &JobFile) -> anyhow::Result<Limits> {
         lease: Duration::from_secs_f64(l.lease_seconds),
         grace: Duration::from_secs_f64(l.grace_seconds),
     })
+}
+
+fn check_encoding(encoding: &str, key: &str) -> anyhow::Result<()> {
+    if crate::tokens::ENCODINGS.contains(&encoding) {
+        Ok(())
+    } else {
+        Err(usage(format!("`{key}` = {encoding:?}: use one of {}", crate::tokens::ENCODINGS.join(", "))))
+    }
 }

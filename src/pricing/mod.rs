@@ -4,15 +4,15 @@
 //! million tokens is exactly `p × 10⁶` picos per token for any price with up to six decimals, so
 //! sums over many calls are exact and the ledger equals usage × price to the last digit.
 
-use std::collections::BTreeMap;
+mod table;
+
 use std::fmt;
 use std::ops::{Add, AddAssign, Sub};
-use std::path::Path;
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::exit::usage;
+pub use table::{PriceOrigin, PriceTable};
+
 use crate::job::file::PriceFile;
 
 /// An amount of money in pico-dollars (10⁻¹² USD).
@@ -91,6 +91,8 @@ pub struct ModelPrice {
     pub cached_input: i64,
     pub batch_input: i64,
     pub batch_output: i64,
+    /// The price entry gives batch-API prices (else the batch columns repeat the sync ones).
+    pub batch_known: bool,
 }
 
 fn per_token(usd_per_million: f64) -> i64 {
@@ -107,11 +109,12 @@ impl ModelPrice {
             cached_input: price.cached_input.map(per_token).unwrap_or(input),
             batch_input: price.batch_input.map(per_token).unwrap_or(input),
             batch_output: price.batch_output.map(per_token).unwrap_or(output),
+            batch_known: price.batch_input.is_some() || price.batch_output.is_some(),
         }
     }
 
     pub const FREE: ModelPrice =
-        ModelPrice { input: 0, output: 0, cached_input: 0, batch_input: 0, batch_output: 0 };
+        ModelPrice { input: 0, output: 0, cached_input: 0, batch_input: 0, batch_output: 0, batch_known: false };
 
     /// The exact cost of `usage`.
     pub fn cost(&self, usage: &Usage, tier: Tier) -> Picos {
@@ -136,73 +139,6 @@ impl ModelPrice {
     }
 }
 
-/// The prices a job can use, by model name.
-#[derive(Debug, Clone, Default)]
-pub struct PriceTable {
-    models: BTreeMap<String, ModelPrice>,
-}
-
-/// A price file: `[models."NAME"]` tables with the same keys as a job's `[pricing.NAME]`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PriceFileDoc {
-    #[allow(dead_code)]
-    source: Option<String>,
-    #[allow(dead_code)]
-    date: Option<String>,
-    #[serde(default)]
-    models: BTreeMap<String, PriceFile>,
-}
-
-impl PriceTable {
-    /// Prices from price files (in order, later files override earlier ones) and then the job's
-    /// own `[pricing.*]` tables.
-    pub fn load(files: &[&Path], inline: &BTreeMap<String, PriceFile>) -> anyhow::Result<Self> {
-        let mut models = BTreeMap::new();
-        for path in files {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                usage(format!("prices: cannot read price file {}: {e}", path.display()))
-            })?;
-            let doc: PriceFileDoc = toml::from_str(&text)
-                .map_err(|e| usage(format!("prices: price file {} is not valid: {e}", path.display())))
-                .context("loading prices")?;
-            for (name, price) in &doc.models {
-                check_price(name, price)?;
-                models.insert(name.clone(), ModelPrice::from_file(price));
-            }
-        }
-        for (name, price) in inline {
-            check_price(name, price)?;
-            models.insert(name.clone(), ModelPrice::from_file(price));
-        }
-        Ok(Self { models })
-    }
-
-    pub fn get(&self, model: &str) -> Option<&ModelPrice> {
-        self.models.get(model)
-    }
-
-    pub fn insert(&mut self, model: &str, price: ModelPrice) {
-        self.models.insert(model.to_owned(), price);
-    }
-}
-
-fn check_price(name: &str, price: &PriceFile) -> anyhow::Result<()> {
-    let all = [
-        Some(price.input),
-        Some(price.output),
-        price.cached_input,
-        price.batch_input,
-        price.batch_output,
-    ];
-    if all.into_iter().flatten().any(|p| !p.is_finite() || p < 0.0) {
-        return Err(usage(format!(
-            "pricing.{name}: prices must be finite and not negative (USD per million tokens)"
-        )));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +150,7 @@ mod tests {
             cached_input: Some(input / 4.0),
             batch_input: None,
             batch_output: None,
+            encoding: None,
         })
     }
 
