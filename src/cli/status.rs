@@ -212,8 +212,9 @@ fn human(s: &StatusJson) -> String {
     out.trim_end().to_owned()
 }
 
-async fn open_read_only(job: &Job) -> anyhow::Result<Option<std::sync::Arc<dyn Store>>> {
-    let store = crate::store::open(&job.database).await?;
+/// The job's store when it has runner tables; read-only unless `write`.
+async fn open_existing(job: &Job, write: bool) -> anyhow::Result<Option<std::sync::Arc<dyn Store>>> {
+    let store = if write { crate::store::open(&job.database).await? } else { crate::store::open_read_only(&job.database).await? };
     Ok(if store.runner_tables_exist().await? { Some(store) } else { None })
 }
 
@@ -222,7 +223,7 @@ pub async fn status(job: &Job, json: bool) -> anyhow::Result<Exit> {
 }
 
 pub async fn report(job: &Job, run: Option<i64>, json: bool) -> anyhow::Result<Exit> {
-    let report = match open_read_only(job).await? {
+    let report = match open_existing(job, false).await? {
         Some(store) => store.status(&job.name, run).await?,
         None => None,
     };
@@ -242,7 +243,7 @@ pub async fn report(job: &Job, run: Option<i64>, json: bool) -> anyhow::Result<E
 }
 
 pub async fn abandon(job: &Job) -> anyhow::Result<Exit> {
-    let store = open_read_only(job).await?;
+    let store = open_existing(job, true).await?;
     let latest = match &store {
         Some(store) => store.latest_run(&job.name).await?,
         None => None,

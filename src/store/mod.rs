@@ -137,6 +137,16 @@ pub trait Store: Send + Sync {
     async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>>;
 }
 
+/// Opens the store for reading only (`status`, `report`, `run --dry-run`): on SQLite the file
+/// is opened read-only and its journal mode left alone, so these commands never change it.
+pub async fn open_read_only(url: &DatabaseUrl) -> anyhow::Result<Arc<dyn Store>> {
+    if url.is_sqlite() {
+        Ok(Arc::new(sqlite::SqliteStore::open_read_only(url).await?))
+    } else {
+        open(url).await
+    }
+}
+
 /// Opens the store for a database URL: `sqlite://…` or `postgres://…`.
 pub async fn open(url: &DatabaseUrl) -> anyhow::Result<Arc<dyn Store>> {
     if url.is_sqlite() {

@@ -76,6 +76,30 @@ impl SqliteStore {
         Ok(Self { pool, path, id_kinds: Mutex::new(HashMap::new()) })
     }
 
+    /// Opens the database for reading only (`status`, `report`, `run --dry-run`): no journal
+    /// mode is set (switching to WAL would rewrite the file's header) and no write is possible.
+    pub async fn open_read_only(url: &DatabaseUrl) -> anyhow::Result<Self> {
+        let options = SqliteConnectOptions::from_str(url.expose())
+            .with_context(|| format!("{url} is not a valid SQLite URL"))?
+            .create_if_missing(false)
+            .read_only(true)
+            .busy_timeout(busy_timeout());
+        let path = options.get_filename().to_path_buf();
+        if !path.exists() {
+            return Err(crate::exit::usage(format!(
+                "SQLite database {} does not exist; check `source.database` or --database",
+                path.display()
+            )));
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(busy_timeout() + Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| database_error(e, &path))?;
+        Ok(Self { pool, path, id_kinds: Mutex::new(HashMap::new()) })
+    }
+
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
