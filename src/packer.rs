@@ -109,6 +109,20 @@ impl Packer {
     /// window and the model's output cap; always at least one item.
     pub fn pack(&self, items: &[Item], output_per_item: f64) -> Packed {
         assert!(!items.is_empty(), "pack needs at least one item");
+        // Usually every offered item fits: render and count once.
+        let user = self.render(items);
+        let prompt_tokens = self.counter.chat(self.system.as_deref(), &user);
+        let max_tokens = self.max_tokens_for(items.len(), output_per_item);
+        let fits_context = prompt_tokens + u64::from(max_tokens) <= u64::from(self.context_window);
+        let fits_cap = self.max_tokens_cap.is_none_or(|cap| output_per_item * items.len() as f64 <= f64::from(cap));
+        if items.len() == 1 || (fits_context && fits_cap) {
+            return Packed { system: self.system.clone(), user, prompt_tokens, max_tokens, items: items.len() };
+        }
+        self.pack_prefix(items, output_per_item)
+    }
+
+    /// The longest fitting prefix, counting item by item.
+    fn pack_prefix(&self, items: &[Item], output_per_item: f64) -> Packed {
         let base = self.counter.chat(self.system.as_deref(), &self.render(&[]));
         let mut total = base;
         let mut n = 0;

@@ -169,7 +169,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         },
     )?;
     if args.dry_run {
-        let estimate = crate::dry_run::estimate(&job, args.limit, args.resume).await?;
+        let estimate = crate::dry_run::estimate(&job, args.limit).await?;
         if args.json {
             print_json(&estimate)?;
         } else {
