@@ -57,10 +57,12 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
     let chat = job
         .chat()
         .ok_or_else(|| usage("--dry-run estimates chat jobs; local-model jobs cost compute time only"))?;
+    let started = std::time::Instant::now();
     let store = crate::store::open_read_only(&job.database).await?;
     let tables = Tables::from_job(job);
     store.inspect(&tables).await?;
     let rows = store.pending_rows(&tables, limit).await?;
+    let read = started.elapsed();
     let measured = if store.runner_tables_exist().await? { store.output_tokens_per_item(&job.name).await? } else { None };
 
     let counter = TokenCounter::new(&chat.encoding)?;
@@ -78,6 +80,13 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
         plan(&packer, counter, &shape, &rows, items_per_request as usize, budget_per_item, threads)
     })
     .await?;
+    tracing::debug!(
+        rows = planned.items,
+        read_s = read.as_secs_f64(),
+        counted_s = (started.elapsed() - read).as_secs_f64(),
+        threads,
+        "dry run: pending rows read and their requests counted"
+    );
 
     let (output_tokens, per_item) = match measured {
         Some(per_item) => ((per_item * planned.items as f64).round() as u64, per_item),
