@@ -32,17 +32,26 @@ fi
 cargo build --quiet --release --locked --bin backfill
 before=$(sha256sum "$db" | cut -d' ' -f1)
 export BACKFILL_MODEL="${BACKFILL_MODEL:-gpt-4o-mini}" BACKFILL_CONTEXT_WINDOW=128000
-start=$(date +%s.%N)
-target/release/backfill run jobs/motions_nl.toml --database "sqlite://$db" --dry-run --json > "$work/estimate.json"
-end=$(date +%s.%N)
+load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
+python3 - "$db" "$work/estimate.json" <<'PY'
+import resource, subprocess, sys, time
+db, out = sys.argv[1], sys.argv[2]
+start = time.monotonic()
+with open(out, "w") as f:
+    subprocess.run(["target/release/backfill", "run", "jobs/motions_nl.toml", "--database", f"sqlite://{db}",
+                    "--dry-run", "--json"], stdout=f, check=True)
+wall = time.monotonic() - start
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(out + ".time", "w").write(f"{wall} {usage.ru_utime + usage.ru_stime}")
+PY
 after=$(sha256sum "$db" | cut -d' ' -f1)
-python3 - "$work/estimate.json" "$start" "$end" "$before" "$after" <<'PY'
-import json, sys
+python3 - "$work/estimate.json" "$load" "$before" "$after" <<'PY'
+import json, os, sys
 e = json.load(open(sys.argv[1]))
-seconds = float(sys.argv[3]) - float(sys.argv[2])
-print(f"dry run of {e['pending_items']} pending items on {e['model']}: {seconds:.2f} s wall "
-      f"({e['pending_items'] / seconds:,.0f} items/s); {e['requests']} requests, "
+seconds, cpu = map(float, open(sys.argv[1] + ".time").read().split())
+print(f"dry run of {e['pending_items']} pending items on {e['model']}: {seconds:.2f} s wall, {cpu:.2f} s CPU "
+      f"on {os.cpu_count()} cores (load average {sys.argv[2]} before); {e['requests']} requests, "
       f"{e['input_tokens']:,} input / {e['output_tokens']:,} output tokens, ${e['estimated_cost_usd']:.2f}"
       + (f" (batch API ${e['batch_cost_usd']:.2f})" if e.get('batch_cost_usd') is not None else ""))
-print("database unchanged" if sys.argv[4] == sys.argv[5] else "DATABASE CHANGED")
+print("database unchanged" if sys.argv[3] == sys.argv[4] else "DATABASE CHANGED")
 PY

@@ -53,6 +53,8 @@ pub struct Packer {
     template: Vec<Piece>,
     system: Option<String>,
     counter: TokenCounter,
+    /// The system message's tokens, counted once.
+    system_tokens: Option<u64>,
     context_window: u32,
     max_tokens_cap: Option<u32>,
 }
@@ -72,7 +74,8 @@ impl Packer {
         context_window: u32,
         max_tokens_cap: Option<u32>,
     ) -> Self {
-        Self { template: parse_template(template), system, counter, context_window, max_tokens_cap }
+        let system_tokens = system.as_deref().map(|s| counter.count(s));
+        Self { template: parse_template(template), system, counter, system_tokens, context_window, max_tokens_cap }
     }
 
     /// Renders the user prompt for exactly these items.
@@ -111,7 +114,7 @@ impl Packer {
         assert!(!items.is_empty(), "pack needs at least one item");
         // Usually every offered item fits: render and count once.
         let user = self.render(items);
-        let prompt_tokens = self.counter.chat(self.system.as_deref(), &user);
+        let prompt_tokens = self.counter.chat_counted(self.system_tokens, &user);
         let max_tokens = self.max_tokens_for(items.len(), output_per_item);
         let fits_context = prompt_tokens + u64::from(max_tokens) <= u64::from(self.context_window);
         let fits_cap = self.max_tokens_cap.is_none_or(|cap| output_per_item * items.len() as f64 <= f64::from(cap));
@@ -123,7 +126,7 @@ impl Packer {
 
     /// The longest fitting prefix, counting item by item.
     fn pack_prefix(&self, items: &[Item], output_per_item: f64) -> Packed {
-        let base = self.counter.chat(self.system.as_deref(), &self.render(&[]));
+        let base = self.counter.chat_counted(self.system_tokens, &self.render(&[]));
         let mut total = base;
         let mut n = 0;
         for item in items {
@@ -139,7 +142,7 @@ impl Packer {
             n += 1;
         }
         let user = self.render(&items[..n]);
-        let prompt_tokens = self.counter.chat(self.system.as_deref(), &user);
+        let prompt_tokens = self.counter.chat_counted(self.system_tokens, &user);
         Packed {
             system: self.system.clone(),
             user,

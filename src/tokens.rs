@@ -10,8 +10,8 @@
 //! words, and a dry run over 30,000 rows then spends its time in the regex, not in BPE merges.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
+use rustc_hash::FxHashMap;
 use tiktoken_rs::CoreBPE;
 
 /// The encoding used when neither the job nor the model's price entry names one.
@@ -51,7 +51,7 @@ impl std::fmt::Debug for TokenCounter {
 #[derive(Default)]
 struct Pieces {
     regexes: [Option<fancy_regex::Regex>; 4],
-    counts: [HashMap<Box<str>, u32>; 4],
+    counts: [FxHashMap<Box<str>, u32>; 4],
 }
 
 thread_local! {
@@ -117,11 +117,13 @@ impl TokenCounter {
 
     /// Tokens of a chat request with an optional system message and one user message.
     pub fn chat(&self, system: Option<&str>, user: &str) -> u64 {
-        let messages = 1 + u64::from(system.is_some());
-        messages * TOKENS_PER_MESSAGE
-            + TOKENS_PER_REPLY
-            + system.map(|s| self.count(s)).unwrap_or(0)
-            + self.count(user)
+        self.chat_counted(system.map(|s| self.count(s)), user)
+    }
+
+    /// [`TokenCounter::chat`] with the system message's tokens counted already.
+    pub fn chat_counted(&self, system_tokens: Option<u64>, user: &str) -> u64 {
+        let messages = 1 + u64::from(system_tokens.is_some());
+        messages * TOKENS_PER_MESSAGE + TOKENS_PER_REPLY + system_tokens.unwrap_or(0) + self.count(user)
     }
 }
 
