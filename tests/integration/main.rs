@@ -4,6 +4,7 @@
 mod support;
 
 mod crash;
+mod dry_run;
 mod job_errors;
 mod llama;
 mod pipeline;

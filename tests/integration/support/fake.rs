@@ -1,6 +1,10 @@
 //! An in-process fake OpenAI-compatible provider, scripted for faults. It answers each request
 //! from the items in the prompt, so every output names the row it was made for and tests can
 //! check that no output landed on another row.
+//!
+//! Its usage is counted like OpenAI counts it: o200k_base tokens of the messages plus the chat
+//! framing for `prompt_tokens`, tokens of the answer for `completion_tokens`; the first 32
+//! prompt tokens of a long prompt are reported as cached.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -9,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use wiremock::matchers::{method, path};
+use backfill::tokens::TokenCounter;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 /// What the fake does with one request.
@@ -31,7 +36,16 @@ pub enum Reply {
     Hang(Duration),
     /// An empty string and a number instead of texts for the first two items.
     WrongTypes,
+    /// Every item's text padded to exactly this many tokens.
+    Padded(usize),
+    /// An answer with `usage.cost` (as OpenRouter sends it), computed at other prices than the
+    /// job's: $0.10 per million prompt tokens and $0.40 per million completion tokens.
+    ReportedCost,
 }
+
+/// The prices behind [`Reply::ReportedCost`], USD per token.
+pub const REPORTED_PROMPT_USD: f64 = 0.10e-6;
+pub const REPORTED_COMPLETION_USD: f64 = 0.40e-6;
 
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
@@ -41,6 +55,8 @@ pub struct Record {
     pub ids: Vec<String>,
     /// `(prompt, completion, cached)` tokens reported, for answered (2xx) requests.
     pub usage: Option<(i64, i64, i64)>,
+    /// `usage.cost` sent, in USD.
+    pub reported_cost: Option<f64>,
     pub authorization: Option<String>,
 }
 
@@ -79,6 +95,9 @@ impl FakeProvider {
 
     /// Like [`FakeProvider::start`], with every answer delayed by `latency_ms` (uniform range).
     pub async fn start_with_latency(first: Vec<Reply>, random: Vec<(f64, Reply)>, seed: u64, latency_ms: (u64, u64)) -> FakeProvider {
+        // Load the tokenizer now, not inside the first answer (it takes a while in debug builds
+        // and would delay that answer past short client timeouts).
+        tokio::task::spawn_blocking(|| counter().count("warm")).await.expect("the tokenizer loads");
         let server = MockServer::start().await;
         let state = Arc::new(State {
             script: Mutex::new(Script { queue: first.into(), random, rng: Some(fastrand::Rng::with_seed(seed)) }),
@@ -108,6 +127,11 @@ impl Respond for Responder {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
         let user = body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("");
+        let system = body["messages"]
+            .as_array()
+            .and_then(|m| m.first())
+            .filter(|m| m["role"] == "system")
+            .and_then(|m| m["content"].as_str());
         let items = items_in(user);
         let reply = {
             let mut script = self.0.script.lock().unwrap();
@@ -128,7 +152,8 @@ impl Respond for Responder {
                 }
             }
         };
-        let (template, usage) = answer(&reply, &items, user);
+        let prompt = Prompt { system, user };
+        let (template, usage, reported_cost) = answer(&reply, &items, &prompt);
         let (low, high) = self.0.latency_ms;
         let template = if high > 0 && !matches!(reply, Reply::Hang(_)) {
             let ms = { self.0.script.lock().unwrap().rng.as_mut().map(|r| r.u64(low..=high)).unwrap_or(low) };
@@ -141,6 +166,7 @@ impl Respond for Responder {
             reply,
             ids: items.iter().map(|(id, _, _)| id.clone()).collect(),
             usage,
+            reported_cost,
             authorization: request.headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned),
         });
         template
@@ -160,50 +186,78 @@ fn items_in(user: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
-fn completion(content: &str, finish: &str, user: &str) -> (ResponseTemplate, Option<(i64, i64, i64)>) {
-    let prompt = (user.len() / 4) as i64 + 7;
-    let completion = (content.len() / 4) as i64 + 1;
-    let cached = if prompt > 64 { 32 } else { 0 };
+/// The request's messages.
+struct Prompt<'a> {
+    system: Option<&'a str>,
+    user: &'a str,
+}
+
+fn counter() -> TokenCounter {
+    TokenCounter::new("o200k_base").expect("o200k_base is embedded")
+}
+
+type Answer = (ResponseTemplate, Option<(i64, i64, i64)>, Option<f64>);
+
+fn completion(content: &str, finish: &str, prompt: &Prompt, report_cost: bool) -> Answer {
+    let counter = counter();
+    let prompt_tokens = counter.chat(prompt.system, prompt.user) as i64;
+    let completion = counter.count(content) as i64;
+    let cached = if prompt_tokens > 64 { 32 } else { 0 };
+    let mut usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": { "cached_tokens": cached }
+    });
+    let cost = report_cost.then(|| prompt_tokens as f64 * REPORTED_PROMPT_USD + completion as f64 * REPORTED_COMPLETION_USD);
+    if let Some(cost) = cost {
+        usage["cost"] = json!(cost);
+    }
     let body = json!({
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": finish }],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": { "cached_tokens": cached }
-        }
+        "usage": usage
     });
-    (ResponseTemplate::new(200).set_body_json(body), Some((prompt, completion, cached)))
+    (ResponseTemplate::new(200).set_body_json(body), Some((prompt_tokens, completion, cached)), cost)
 }
 
-fn answer(reply: &Reply, items: &[(String, String, String)], user: &str) -> (ResponseTemplate, Option<(i64, i64, i64)>) {
+/// `text` followed by " ja" until it is `tokens` tokens long (or longer, if it already is).
+pub fn padded(text: &str, tokens: usize) -> String {
+    let counter = counter();
+    let mut out = text.to_owned();
+    while (counter.count(&out) as usize) < tokens {
+        out.push_str(" ja");
+    }
+    out
+}
+
+fn answer(reply: &Reply, items: &[(String, String, String)], user: &Prompt) -> Answer {
     let outputs = |items: &[(String, String, String)]| -> serde_json::Map<String, Value> {
         items.iter().map(|(id, title, body)| (id.clone(), Value::String(expected_output(id, title, body)))).collect()
     };
     match reply {
-        Reply::Ok => completion(&Value::Object(outputs(items)).to_string(), "stop", user),
+        Reply::Ok => completion(&Value::Object(outputs(items)).to_string(), "stop", user, false),
         Reply::DropIds(n) => {
             let keep = items.len().saturating_sub(*n);
-            completion(&Value::Object(outputs(&items[..keep])).to_string(), "stop", user)
+            completion(&Value::Object(outputs(&items[..keep])).to_string(), "stop", user, false)
         }
         Reply::ForeignIds => {
             let mut map = outputs(items);
             let stolen = items.first().map(|(id, t, b)| expected_output(id, t, b)).unwrap_or_default();
             map.insert("999999".into(), Value::String(stolen));
             map.insert("not-an-id".into(), Value::String("Uitleg bij niemand".into()));
-            completion(&Value::Object(map).to_string(), "stop", user)
+            completion(&Value::Object(map).to_string(), "stop", user, false)
         }
         Reply::Prose => {
             let text = format!("Natuurlijk! Hier is het antwoord:\n```json\n{}\n```\nSucces.", Value::Object(outputs(items)));
-            completion(&text, "stop", user)
+            completion(&text, "stop", user, false)
         }
-        Reply::Malformed => completion("Sorry, ik kan dit niet in JSON zetten.", "stop", user),
+        Reply::Malformed => completion("Sorry, ik kan dit niet in JSON zetten.", "stop", user, false),
         Reply::Truncated => {
             let full = Value::Object(outputs(items)).to_string();
             let cut = full.len() - 12.min(full.len());
-            completion(&full[..cut], "length", user)
+            completion(&full[..cut], "length", user, false)
         }
         Reply::WrongTypes => {
             let mut map = outputs(items);
@@ -213,8 +267,16 @@ fn answer(reply: &Reply, items: &[(String, String, String)], user: &str) -> (Res
             if let Some((id, _, _)) = items.get(1) {
                 map.insert(id.clone(), json!(42));
             }
-            completion(&Value::Object(map).to_string(), "stop", user)
+            completion(&Value::Object(map).to_string(), "stop", user, false)
         }
+        Reply::Padded(tokens) => {
+            let map: serde_json::Map<String, Value> = items
+                .iter()
+                .map(|(id, title, body)| (id.clone(), Value::String(padded(&expected_output(id, title, body), *tokens))))
+                .collect();
+            completion(&Value::Object(map).to_string(), "stop", user, false)
+        }
+        Reply::ReportedCost => completion(&Value::Object(outputs(items)).to_string(), "stop", user, true),
         Reply::RateLimited { retry_after_s } => (
             ResponseTemplate::new(429)
                 .insert_header("retry-after", format!("{retry_after_s}").as_str())
@@ -223,14 +285,16 @@ fn answer(reply: &Reply, items: &[(String, String, String)], user: &str) -> (Res
                 .insert_header("x-ratelimit-reset-requests", format!("{retry_after_s}s").as_str())
                 .set_body_json(json!({ "error": { "message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded" } })),
             None,
+            None,
         ),
         Reply::ServerError(status) => (
             ResponseTemplate::new(*status).set_body_json(json!({ "error": { "message": "The server had an error", "type": "server_error" } })),
             None,
+            None,
         ),
         Reply::Hang(delay) => {
-            let (template, _) = completion(&Value::Object(outputs(items)).to_string(), "stop", user);
-            (template.set_delay(*delay), None)
+            let (template, _, _) = completion(&Value::Object(outputs(items)).to_string(), "stop", user, false);
+            (template.set_delay(*delay), None, None)
         }
     }
 }
