@@ -55,6 +55,9 @@ pub struct Dispatcher {
     unreachable_in_a_row: u32,
     refused_in_a_row: u32,
     last_snapshot: Instant,
+    /// Since when the budget has refused every call (reservations of calls in flight may still
+    /// settle below their estimates and make room).
+    budget_refused_since: Option<Instant>,
 }
 
 enum Dispatched {
@@ -85,6 +88,7 @@ impl Dispatcher {
             unreachable_in_a_row: 0,
             refused_in_a_row: 0,
             last_snapshot: Instant::now(),
+            budget_refused_since: None,
         }
     }
 
@@ -119,8 +123,16 @@ impl Dispatcher {
             match self.controller.poll(self.now(), load) {
                 Decision::Send { items, max_tokens, timeout } => {
                     match self.dispatch(items, max_tokens, timeout).await? {
-                        Dispatched::Sent => continue,
-                        Dispatched::Budget => break Stop::Budget,
+                        Dispatched::Sent => {
+                            self.budget_refused_since = None;
+                            continue;
+                        }
+                        Dispatched::Budget => {
+                            if self.budget_exhausted().await? {
+                                break Stop::Budget;
+                            }
+                            self.wait(None, shutdown).await?;
+                        }
                         Dispatched::Empty { next_ready_at, leased } => {
                             if self.tasks.is_empty() && leased == 0 && next_ready_at.is_none() {
                                 break Stop::Drained;
@@ -154,6 +166,18 @@ impl Dispatcher {
         self.drain(&stop, shutdown).await?;
         self.maybe_snapshot_now().await;
         Ok(stop)
+    }
+
+    /// The cap refused a call. Calls still in flight (here, or waiting for the writer, or of
+    /// other workers) settle at their actual cost, usually below the estimate they reserved, and
+    /// may make room: stop only when nothing is reserved any more (or after a lease's time).
+    async fn budget_exhausted(&mut self) -> anyhow::Result<bool> {
+        let since = *self.budget_refused_since.get_or_insert_with(Instant::now);
+        if !self.tasks.is_empty() {
+            return Ok(false);
+        }
+        let spend = self.ctx.store.spend(self.ctx.run_id).await?;
+        Ok(spend.reserved == Picos::ZERO || since.elapsed() > self.ctx.lease)
     }
 
     async fn dispatch(&mut self, items: u32, max_tokens: u32, timeout: Duration) -> anyhow::Result<Dispatched> {

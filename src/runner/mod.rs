@@ -180,8 +180,18 @@ async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tabl
             tracing::info!("run {}: {} items queued", run.id, run.total_items);
             Ok(run)
         }
-        Created::Existing(run) if options.resume => {
+        Created::Existing(mut run) if options.resume => {
             tracing::info!("resuming run {} ({})", run.id, run.status.as_str());
+            if run.max_usd != job.budget_usd {
+                tracing::info!(
+                    "run {}: budget cap {} (was {})",
+                    run.id,
+                    job.budget_usd.map(|c| format!("${c:.2}")).unwrap_or_else(|| "none".into()),
+                    run.max_usd.map(|c| format!("${c:.2}")).unwrap_or_else(|| "none".into())
+                );
+                store.set_budget(run.id, job.budget_usd).await?;
+                run.max_usd = job.budget_usd;
+            }
             Ok(run)
         }
         Created::Existing(run) => Err(usage(format!(

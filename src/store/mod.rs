@@ -101,6 +101,9 @@ pub trait Store: Send + Sync {
 
     async fn save_controller_state(&self, run_id: i64, state: &str) -> anyhow::Result<()>;
 
+    /// Records the budget cap a run continues under (`--resume` with another `--max-usd`).
+    async fn set_budget(&self, run_id: i64, max_usd: Option<f64>) -> anyhow::Result<()>;
+
     /// Leases up to `max_items` ready items of one tier and reads their source rows.
     async fn claim(&self, tables: &Tables, run_id: i64, worker: &Worker, max_items: usize, lease: Duration) -> anyhow::Result<Claim>;
 

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod budget;
 mod crash;
 mod dry_run;
 mod job_errors;

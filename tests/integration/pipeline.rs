@@ -19,17 +19,6 @@ async fn assert_no_misplaced(fx: &Fixture) -> usize {
     written
 }
 
-/// The ledger's tokens and cost equal the provider's usage × price, call for call.
-async fn assert_ledger_matches(fx: &Fixture, fake: &FakeProvider) {
-    let answered: Vec<(i64, i64, i64)> = fake.records().iter().filter_map(|r| r.usage).collect();
-    let prompt: i64 = answered.iter().map(|u| u.0).sum();
-    let completion: i64 = answered.iter().map(|u| u.1).sum();
-    let cost: i64 = answered.iter().map(|&(p, c, k)| fixture_cost(p, c, k)).sum();
-    let (_, ledger_prompt, ledger_completion, ledger_cost) = fx.ledger_totals().await;
-    assert_eq!((ledger_prompt, ledger_completion), (prompt, completion), "ledger tokens differ from the provider's usage");
-    assert_eq!(ledger_cost, cost, "ledger cost differs from usage × price");
-}
-
 async fn run_json(fx: &Fixture, extra: &[&str]) -> (std::process::Output, Value) {
     let job = fx.job.to_str().unwrap().to_owned();
     let mut args = vec!["run", job.as_str(), "--json", "--quiet"];

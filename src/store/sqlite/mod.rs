@@ -284,6 +284,17 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn set_budget(&self, run_id: i64, max_usd: Option<f64>) -> anyhow::Result<()> {
+        sqlx::query("UPDATE backfill_runs SET max_usd = ?, updated_at = ? WHERE id = ?")
+            .bind(max_usd)
+            .bind(now_ms())
+            .bind(run_id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     async fn claim(&self, tables: &Tables, run_id: i64, worker: &Worker, max_items: usize, lease: Duration) -> anyhow::Result<Claim> {
         queue::claim(self, tables, run_id, worker, max_items, lease).await
     }

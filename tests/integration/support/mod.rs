@@ -168,3 +168,14 @@ pub fn stdout(output: &Output) -> String {
 pub fn fixture_cost(prompt: i64, completion: i64, cached: i64) -> i64 {
     (prompt - cached) * 150_000 + cached * 75_000 + completion * 600_000
 }
+
+/// The ledger's tokens and cost equal the provider's usage × price, call for call.
+pub async fn assert_ledger_matches(fx: &Fixture, fake: &FakeProvider) {
+    let answered: Vec<(i64, i64, i64)> = fake.records().iter().filter_map(|r| r.usage).collect();
+    let prompt: i64 = answered.iter().map(|u| u.0).sum();
+    let completion: i64 = answered.iter().map(|u| u.1).sum();
+    let cost: i64 = answered.iter().map(|&(p, c, k)| fixture_cost(p, c, k)).sum();
+    let (_, ledger_prompt, ledger_completion, ledger_cost) = fx.ledger_totals().await;
+    assert_eq!((ledger_prompt, ledger_completion), (prompt, completion), "ledger tokens differ from the provider's usage");
+    assert_eq!(ledger_cost, cost, "ledger cost differs from usage × price");
+}
