@@ -6,7 +6,7 @@ use super::print_json;
 use super::time::format_ms;
 use crate::exit::{Exit, usage};
 use crate::job::Job;
-use crate::store::{RunStatus, StatusReport, Store};
+use crate::store::{JobTotals, ModelCost, RunStatus, StatusReport, Store};
 
 #[derive(Debug, Serialize)]
 struct StatusJson {
@@ -27,6 +27,15 @@ struct StatusJson {
     calls: CallsJson,
     workers: Vec<WorkerJson>,
     earlier_runs: Vec<EarlierRunJson>,
+    job_totals: JobTotalsJson,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct JobTotalsJson {
+    runs: u64,
+    cost_usd: f64,
+    possibly_billed_usd: f64,
+    models: Vec<ModelJson>,
 }
 
 #[derive(Debug, Serialize)]
@@ -40,14 +49,39 @@ struct ItemsJson {
 }
 
 #[derive(Debug, Serialize)]
-struct ModelJson {
+pub(super) struct ModelJson {
     model: String,
     calls: u64,
     input_tokens: u64,
     output_tokens: u64,
     cached_tokens: u64,
     cost_usd: f64,
+    /// Calls whose cost is the provider's own `usage.cost`; the rest are usage × price, or
+    /// (`estimate_costed_calls`) an answer without usage at its reservation's estimate.
     provider_costed_calls: u64,
+    estimate_costed_calls: u64,
+}
+
+pub(super) fn model_json(m: &ModelCost) -> ModelJson {
+    ModelJson {
+        model: m.model.clone(),
+        calls: m.calls,
+        input_tokens: m.prompt_tokens,
+        output_tokens: m.completion_tokens,
+        cached_tokens: m.cached_tokens,
+        cost_usd: m.cost.usd(),
+        provider_costed_calls: m.provider_costed,
+        estimate_costed_calls: m.estimate_costed,
+    }
+}
+
+pub(super) fn job_totals_json(t: &JobTotals) -> JobTotalsJson {
+    JobTotalsJson {
+        runs: t.runs,
+        cost_usd: t.spent.usd(),
+        possibly_billed_usd: t.lost.usd(),
+        models: t.models.iter().map(model_json).collect(),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -104,19 +138,7 @@ fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
         in_flight_usd: r.spend.reserved.usd(),
         possibly_billed_usd: r.spend.lost.usd(),
         budget_usd: r.run.max_usd.or(job.budget_usd),
-        models: r
-            .models
-            .iter()
-            .map(|m| ModelJson {
-                model: m.model.clone(),
-                calls: m.calls,
-                input_tokens: m.prompt_tokens,
-                output_tokens: m.completion_tokens,
-                cached_tokens: m.cached_tokens,
-                cost_usd: m.cost.usd(),
-                provider_costed_calls: m.provider_costed,
-            })
-            .collect(),
+        models: r.models.iter().map(model_json).collect(),
         failed_by_reason: reasons("failed"),
         rejected_by_reason: reasons("rejected"),
         calls: CallsJson {
@@ -148,6 +170,7 @@ fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
                 cost_usd: cost.usd(),
             })
             .collect(),
+        job_totals: job_totals_json(&r.job_totals),
     }
 }
 
@@ -176,16 +199,7 @@ fn human(s: &StatusJson) -> String {
     }
     out.push('\n');
     for m in &s.models {
-        out.push_str(&format!(
-            "  {}: {} calls, {} input / {} output tokens ({} cached), ${:.4}{}\n",
-            m.model,
-            m.calls,
-            m.input_tokens,
-            m.output_tokens,
-            m.cached_tokens,
-            m.cost_usd,
-            if m.provider_costed_calls > 0 { format!(" ({} calls costed by the provider)", m.provider_costed_calls) } else { String::new() }
-        ));
+        out.push_str(&model_line(m));
     }
     for (label, map) in [("failed", &s.failed_by_reason), ("rejected", &s.rejected_by_reason)] {
         if !map.is_empty() {
@@ -209,10 +223,46 @@ fn human(s: &StatusJson) -> String {
     for r in &s.earlier_runs {
         out.push_str(&format!("  earlier run {} ({}), {}: {} items, ${:.4}\n", r.run_id, r.status, r.created_at, r.items, r.cost_usd));
     }
+    out.push_str(&job_totals_lines(&s.job_totals));
     out.trim_end().to_owned()
 }
 
 /// The job's store when it has runner tables; read-only unless `write`.
+/// One model's line: calls, tokens, cost and where the cost came from.
+pub(super) fn model_line(m: &ModelJson) -> String {
+    let mut sources = Vec::new();
+    if m.provider_costed_calls > 0 {
+        sources.push(format!("{} costed by the provider", m.provider_costed_calls));
+    }
+    if m.estimate_costed_calls > 0 {
+        sources.push(format!("{} without usage, at their estimate", m.estimate_costed_calls));
+    }
+    format!(
+        "  {}: {} calls, {} input / {} output tokens ({} cached), ${:.4}{}\n",
+        m.model,
+        m.calls,
+        m.input_tokens,
+        m.output_tokens,
+        m.cached_tokens,
+        m.cost_usd,
+        if sources.is_empty() { String::new() } else { format!(" ({})", sources.join(", ")) }
+    )
+}
+
+pub(super) fn job_totals_lines(t: &JobTotalsJson) -> String {
+    let mut out = format!("  job total over {} run{}: ${:.4}", t.runs, if t.runs == 1 { "" } else { "s" }, t.cost_usd);
+    if t.possibly_billed_usd > 0.0 {
+        out.push_str(&format!(" (+ up to ${:.4} possibly billed)", t.possibly_billed_usd));
+    }
+    out.push('\n');
+    if t.models.len() > 1 {
+        for m in &t.models {
+            out.push_str(&format!("  {}", model_line(m)));
+        }
+    }
+    out
+}
+
 async fn open_existing(job: &Job, write: bool) -> anyhow::Result<Option<std::sync::Arc<dyn Store>>> {
     let store = if write { crate::store::open(&job.database).await? } else { crate::store::open_read_only(&job.database).await? };
     Ok(if store.runner_tables_exist().await? { Some(store) } else { None })

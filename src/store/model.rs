@@ -288,6 +288,18 @@ pub struct ModelCost {
     pub cost: Picos,
     /// Calls whose cost is the provider's own figure.
     pub provider_costed: u64,
+    /// Answered calls without usage, costed at their reservation's estimate.
+    pub estimate_costed: u64,
+}
+
+/// A job's money over all its runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobTotals {
+    pub runs: u64,
+    pub spent: Picos,
+    /// Estimates of calls that may have been billed without an answer.
+    pub lost: Picos,
+    pub models: Vec<ModelCost>,
 }
 
 /// Counts of calls by outcome.
@@ -325,6 +337,8 @@ pub struct StatusReport {
     pub workers: Vec<WorkerRow>,
     /// Earlier runs of the job, newest first, with their cost.
     pub history: Vec<(RunRecord, Picos)>,
+    /// Every run of the job together.
+    pub job_totals: JobTotals,
 }
 
 /// One ledger row, for charts.

@@ -7,6 +7,7 @@ mod budget;
 mod crash;
 mod dry_run;
 mod job_errors;
+mod ledger;
 mod llama;
 mod pipeline;
 mod secrets;

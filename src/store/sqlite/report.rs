@@ -5,7 +5,7 @@ use sqlx::SqlitePool;
 use super::SqliteStore;
 use super::runs::run_from_row;
 use crate::pricing::Picos;
-use crate::store::{CallRow, CallStats, ItemCounts, ModelCost, RunRecord, StatusReport, WorkerRow, now_ms};
+use crate::store::{CallRow, CallStats, ItemCounts, JobTotals, ModelCost, RunRecord, StatusReport, WorkerRow, now_ms};
 
 pub(super) async fn item_counts(pool: &SqlitePool, run_id: i64) -> Result<ItemCounts, sqlx::Error> {
     let rows: Vec<(String, i64)> =
@@ -50,27 +50,7 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
 
     let counts = item_counts(pool, run_id).await.map_err(e)?;
     let spend = super::ledger::spend(store, run_id).await?;
-    let models: Vec<(String, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), \
-         SUM(cost_picos), SUM(cost_source = 'provider') FROM backfill_calls \
-         WHERE run_id = ? AND state = 'settled' GROUP BY model ORDER BY model",
-    )
-    .bind(run_id)
-    .fetch_all(pool)
-    .await
-    .map_err(e)?;
-    let models = models
-        .into_iter()
-        .map(|(model, calls, p, c, k, cost, provider)| ModelCost {
-            model,
-            calls: calls as u64,
-            prompt_tokens: p as u64,
-            completion_tokens: c as u64,
-            cached_tokens: k as u64,
-            cost: Picos(cost),
-            provider_costed: provider as u64,
-        })
-        .collect();
+    let models = model_costs(store, Scope::Run(run_id)).await?;
     let reasons: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT state, COALESCE(reason, 'unknown'), COUNT(*) FROM backfill_items \
          WHERE run_id = ? AND state IN ('failed', 'rejected') GROUP BY state, reason ORDER BY COUNT(*) DESC",
@@ -126,6 +106,7 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
             items_done: done as u64,
         })
         .collect();
+    let job_totals = job_totals(store, job).await?;
     let mut history = Vec::new();
     for r in runs.iter().filter(|r| r.id != run_id).take(10) {
         history.push((r.clone(), super::ledger::spend(store, r.id).await?.spent));
@@ -139,7 +120,59 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
         calls,
         workers,
         history,
+        job_totals,
     }))
+}
+
+/// Which calls a total covers.
+enum Scope<'a> {
+    Run(i64),
+    Job(&'a str),
+}
+
+/// Cost and tokens per model over the settled calls of a run or of all a job's runs.
+async fn model_costs(store: &SqliteStore, scope: Scope<'_>) -> anyhow::Result<Vec<ModelCost>> {
+    let filter = match scope {
+        Scope::Run(_) => "c.run_id = ?",
+        Scope::Job(_) => "r.job = ?",
+    };
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT c.model, COUNT(*), SUM(c.prompt_tokens), SUM(c.completion_tokens), SUM(c.cached_tokens), \
+         SUM(c.cost_picos), SUM(c.cost_source = 'provider'), SUM(c.cost_source = 'estimate') \
+         FROM backfill_calls c JOIN backfill_runs r ON r.id = c.run_id \
+         WHERE {filter} AND c.state = 'settled' GROUP BY c.model ORDER BY c.model"
+    )));
+    let query = match scope {
+        Scope::Run(id) => query.bind(id),
+        Scope::Job(job) => query.bind(job),
+    };
+    let rows: Vec<(String, i64, i64, i64, i64, i64, i64, i64)> =
+        query.fetch_all(&store.pool).await.map_err(|e| store.err(e))?;
+    Ok(rows
+        .into_iter()
+        .map(|(model, calls, p, c, k, cost, provider, estimate)| ModelCost {
+            model,
+            calls: calls as u64,
+            prompt_tokens: p as u64,
+            completion_tokens: c as u64,
+            cached_tokens: k as u64,
+            cost: Picos(cost),
+            provider_costed: provider as u64,
+            estimate_costed: estimate as u64,
+        })
+        .collect())
+}
+
+async fn job_totals(store: &SqliteStore, job: &str) -> anyhow::Result<JobTotals> {
+    let (runs, spent, lost): (i64, i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COALESCE(SUM(spent_picos), 0), COALESCE(SUM(lost_picos), 0) FROM backfill_runs WHERE job = ?",
+    )
+    .bind(job)
+    .fetch_one(&store.pool)
+    .await
+    .map_err(|e| store.err(e))?;
+    let models = model_costs(store, Scope::Job(job)).await?;
+    Ok(JobTotals { runs: runs as u64, spent: Picos(spent), lost: Picos(lost), models })
 }
 
 pub(super) async fn calls(store: &SqliteStore, run_id: i64) -> anyhow::Result<Vec<CallRow>> {
