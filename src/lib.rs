@@ -16,6 +16,7 @@ pub mod packer;
 pub mod postprocess;
 pub mod pricing;
 pub mod provider;
+pub mod report;
 pub mod runner;
 pub mod secret;
 pub mod store;

@@ -2,6 +2,7 @@
 //! one command, with every error printed once (with its causes) and mapped to an exit code.
 
 pub mod logging;
+mod report;
 mod status;
 pub mod time;
 
@@ -100,6 +101,10 @@ struct ReportArgs {
     run: Option<i64>,
     #[arg(long)]
     json: bool,
+    /// Draw items/s, items per request, concurrency, 429s and cumulative cost over time into
+    /// an SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    chart: Option<PathBuf>,
 }
 
 pub fn main() -> ExitCode {
@@ -140,7 +145,7 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
         }
         Command::Report(args) => {
             let job = load(&args.target, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
-            status::report(&job, args.run, args.json).await
+            report::report(&job, args.run, args.json, args.chart.as_deref()).await
         }
         Command::Check(args) => check(args),
         Command::Abandon(args) => {

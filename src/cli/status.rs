@@ -1,4 +1,4 @@
-//! `status`, `report` and `abandon`: reading a job's runs back.
+//! `status` and `abandon`: a job's latest run read back, and giving it up.
 
 use serde::Serialize;
 
@@ -9,7 +9,7 @@ use crate::job::Job;
 use crate::store::{JobTotals, ModelCost, RunStatus, StatusReport, Store};
 
 #[derive(Debug, Serialize)]
-struct StatusJson {
+pub(super) struct StatusJson {
     job: String,
     run_id: i64,
     status: String,
@@ -31,7 +31,7 @@ struct StatusJson {
 }
 
 #[derive(Debug, Serialize)]
-pub(super) struct JobTotalsJson {
+struct JobTotalsJson {
     runs: u64,
     cost_usd: f64,
     possibly_billed_usd: f64,
@@ -49,7 +49,7 @@ struct ItemsJson {
 }
 
 #[derive(Debug, Serialize)]
-pub(super) struct ModelJson {
+struct ModelJson {
     model: String,
     calls: u64,
     input_tokens: u64,
@@ -62,7 +62,7 @@ pub(super) struct ModelJson {
     estimate_costed_calls: u64,
 }
 
-pub(super) fn model_json(m: &ModelCost) -> ModelJson {
+fn model_json(m: &ModelCost) -> ModelJson {
     ModelJson {
         model: m.model.clone(),
         calls: m.calls,
@@ -75,7 +75,7 @@ pub(super) fn model_json(m: &ModelCost) -> ModelJson {
     }
 }
 
-pub(super) fn job_totals_json(t: &JobTotals) -> JobTotalsJson {
+fn job_totals_json(t: &JobTotals) -> JobTotalsJson {
     JobTotalsJson {
         runs: t.runs,
         cost_usd: t.spent.usd(),
@@ -111,7 +111,7 @@ struct EarlierRunJson {
     cost_usd: f64,
 }
 
-fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
+pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
     let reasons = |state: &str| {
         r.reasons.iter().filter(|(s, _, _)| s == state).map(|(_, reason, n)| (reason.clone(), *n)).collect()
     };
@@ -174,7 +174,7 @@ fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
     }
 }
 
-fn human(s: &StatusJson) -> String {
+pub(super) fn human(s: &StatusJson) -> String {
     let mut out = format!(
         "job {} — run {} ({}), started {}, updated {}\n",
         s.job, s.run_id, s.status, s.created_at, s.updated_at
@@ -229,7 +229,7 @@ fn human(s: &StatusJson) -> String {
 
 /// The job's store when it has runner tables; read-only unless `write`.
 /// One model's line: calls, tokens, cost and where the cost came from.
-pub(super) fn model_line(m: &ModelJson) -> String {
+fn model_line(m: &ModelJson) -> String {
     let mut sources = Vec::new();
     if m.provider_costed_calls > 0 {
         sources.push(format!("{} costed by the provider", m.provider_costed_calls));
@@ -249,7 +249,7 @@ pub(super) fn model_line(m: &ModelJson) -> String {
     )
 }
 
-pub(super) fn job_totals_lines(t: &JobTotalsJson) -> String {
+fn job_totals_lines(t: &JobTotalsJson) -> String {
     let mut out = format!("  job total over {} run{}: ${:.4}", t.runs, if t.runs == 1 { "" } else { "s" }, t.cost_usd);
     if t.possibly_billed_usd > 0.0 {
         out.push_str(&format!(" (+ up to ${:.4} possibly billed)", t.possibly_billed_usd));
@@ -268,21 +268,24 @@ async fn open_existing(job: &Job, write: bool) -> anyhow::Result<Option<std::syn
     Ok(if store.runner_tables_exist().await? { Some(store) } else { None })
 }
 
-pub async fn status(job: &Job, json: bool) -> anyhow::Result<Exit> {
-    report(job, None, json).await
-}
-
-pub async fn report(job: &Job, run: Option<i64>, json: bool) -> anyhow::Result<Exit> {
-    let report = match open_existing(job, false).await? {
+/// The store (read-only) and what it says about a run of the job (the latest by default).
+pub(super) async fn load(job: &Job, run: Option<i64>) -> anyhow::Result<(std::sync::Arc<dyn Store>, StatusReport)> {
+    let store = open_existing(job, false).await?;
+    let report = match &store {
         Some(store) => store.status(&job.name, run).await?,
         None => None,
     };
-    let Some(report) = report else {
-        return Err(usage(match run {
+    match (store, report) {
+        (Some(store), Some(report)) => Ok((store, report)),
+        _ => Err(usage(match run {
             Some(id) => format!("job `{}` has no run {id}", job.name),
             None => format!("job `{}` has no runs yet in {}; start one with `backfill run`", job.name, job.database),
-        }));
-    };
+        })),
+    }
+}
+
+pub async fn status(job: &Job, json: bool) -> anyhow::Result<Exit> {
+    let (_, report) = load(job, None).await?;
     let view = to_json(job, &report);
     if json {
         print_json(&view)?;

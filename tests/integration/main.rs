@@ -10,4 +10,5 @@ mod job_errors;
 mod ledger;
 mod llama;
 mod pipeline;
+mod report;
 mod secrets;
