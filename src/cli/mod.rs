@@ -173,6 +173,14 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
             database: None,
         },
     )?;
+    if let Some(chat) = job.chat() {
+        for model in chat.tiers().filter(|m| job.prices.origin(m) == Some(&crate::pricing::PriceOrigin::Unpriced)) {
+            tracing::warn!(
+                "model `{model}` has no price (--allow-unpriced): its calls count as free unless the provider reports \
+                 a cost, and the budget cap cannot hold them back"
+            );
+        }
+    }
     if args.dry_run {
         let estimate = crate::dry_run::estimate(&job, args.limit).await?;
         if args.json {

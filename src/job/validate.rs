@@ -65,11 +65,9 @@ fn build(path: &Path, dir: &Path, file: JobFile, options: &LoadOptions) -> anyho
     let mut processor = processor;
     if let Processor::Chat(chat) = &mut processor {
         // The model's own encoding from its price entry, unless the job names one.
-        if file.model.encoding.is_none() {
-            if let Some(encoding) = prices.encoding(&chat.name) {
-                check_encoding(encoding, &format!("pricing.\"{}\".encoding", chat.name))?;
-                chat.encoding = encoding.to_owned();
-            }
+        if let (None, Some(encoding)) = (&file.model.encoding, prices.encoding(&chat.name)) {
+            check_encoding(encoding, &format!("pricing.\"{}\".encoding", chat.name))?;
+            chat.encoding = encoding.to_owned();
         }
     }
     if let Processor::Chat(chat) = &processor {

@@ -7,7 +7,7 @@ use crate::support::*;
 use backfill::report::chart::SERIES;
 
 /// `(x, y)` points of every `<polyline>` drawn in `color`.
-fn polylines<'a>(doc: &'a roxmltree::Document, color: &str) -> Vec<Vec<(f64, f64)>> {
+fn polylines(doc: &roxmltree::Document, color: &str) -> Vec<Vec<(f64, f64)>> {
     doc.descendants()
         .filter(|n| n.has_tag_name("polyline") && n.attribute("stroke").is_some_and(|s| s.eq_ignore_ascii_case(color)))
         .map(|n| {

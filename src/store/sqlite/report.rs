@@ -124,6 +124,9 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
     }))
 }
 
+/// model, calls, prompt, completion and cached tokens, cost, provider-costed, estimate-costed.
+type ModelRow = (String, i64, i64, i64, i64, i64, i64, i64);
+
 /// Which calls a total covers.
 enum Scope<'a> {
     Run(i64),
@@ -146,8 +149,7 @@ async fn model_costs(store: &SqliteStore, scope: Scope<'_>) -> anyhow::Result<Ve
         Scope::Run(id) => query.bind(id),
         Scope::Job(job) => query.bind(job),
     };
-    let rows: Vec<(String, i64, i64, i64, i64, i64, i64, i64)> =
-        query.fetch_all(&store.pool).await.map_err(|e| store.err(e))?;
+    let rows: Vec<ModelRow> = query.fetch_all(&store.pool).await.map_err(|e| store.err(e))?;
     Ok(rows
         .into_iter()
         .map(|(model, calls, p, c, k, cost, provider, estimate)| ModelCost {

@@ -209,7 +209,7 @@ fn completion(content: &str, finish: &str, prompt: &Prompt, report_cost: bool) -
         "total_tokens": prompt_tokens + completion,
         "prompt_tokens_details": { "cached_tokens": cached }
     });
-    let cost = report_cost.then(|| prompt_tokens as f64 * REPORTED_PROMPT_USD + completion as f64 * REPORTED_COMPLETION_USD);
+    let cost = report_cost.then_some(prompt_tokens as f64 * REPORTED_PROMPT_USD + completion as f64 * REPORTED_COMPLETION_USD);
     if let Some(cost) = cost {
         usage["cost"] = json!(cost);
     }
