@@ -66,6 +66,9 @@ struct WorkerJson {
     attached_at: String,
     last_heartbeat: String,
     items_done: u64,
+    /// This worker's share of the run's done items (0..1).
+    share_of_done: f64,
+    calls: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -135,6 +138,8 @@ fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
                 attached_at: format_ms(w.attached_at),
                 last_heartbeat: format_ms(w.heartbeat_at),
                 items_done: w.items_done,
+                share_of_done: w.items_done as f64 / r.counts.done.max(1) as f64,
+                calls: w.calls,
             })
             .collect(),
         earlier_runs: r
@@ -197,12 +202,18 @@ fn human(s: &StatusJson) -> String {
         let parts: Vec<String> = s.calls.by_outcome.iter().map(|(o, n)| format!("{o} {n}")).collect();
         out.push_str(&format!("  calls: {} ({})\n", s.calls.total, parts.join(", ")));
     }
+    if s.workers.len() > 1 {
+        let attached = s.workers.iter().filter(|w| w.alive).count();
+        out.push_str(&format!("  workers: {} ({attached} attached)\n", s.workers.len()));
+    }
     for w in &s.workers {
         out.push_str(&format!(
-            "  worker {}: {}, {} items done, last heartbeat {}\n",
+            "  worker {}: {}, {} items done ({:.0}%), {} calls, last heartbeat {}\n",
             w.worker,
             if w.alive { "attached" } else { "gone" },
             w.items_done,
+            w.share_of_done * 100.0,
+            w.calls,
             w.last_heartbeat
         ));
     }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::job::{CacheSettings, ChatModel, Job};
+use crate::job::{CacheSettings, ChatModel, Job, Limits};
 use crate::packer::Packer;
 use crate::pricing::{ModelPrice, Picos, Tier};
 use crate::provider::ChatClient;
@@ -36,6 +36,8 @@ pub struct RunContext {
     pub cap: Option<Picos>,
     pub lease: Duration,
     pub grace: Duration,
+    /// The job's `[limits]` (the shared rate bucket's caps).
+    pub limits: Limits,
 }
 
 impl RunContext {
@@ -79,6 +81,7 @@ impl RunContext {
             cap: job.budget_usd.map(Picos::from_usd),
             lease: job.limits.lease,
             grace: job.limits.grace,
+            limits: job.limits.clone(),
         }
     }
 

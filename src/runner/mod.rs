@@ -7,6 +7,7 @@ pub mod context;
 mod dispatch;
 pub mod policy;
 pub mod progress;
+mod shared_rate;
 mod signals;
 pub mod summary;
 mod writer;

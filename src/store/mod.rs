@@ -7,6 +7,8 @@
 
 pub mod failpoint;
 mod model;
+pub mod postgres;
+pub mod rate;
 pub mod sqlite;
 mod worker;
 
@@ -16,6 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use model::*;
+pub use rate::{RateCaps, RateCost, RateReport, RateTake};
 pub use worker::{Worker, now_ms};
 
 use crate::ident::Ident;
@@ -135,16 +138,26 @@ pub trait Store: Send + Sync {
 
     /// Ledger rows of a run in time order (for the report's chart).
     async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>>;
+
+    /// Takes one request's cost from the provider account's rate, shared by every worker that
+    /// uses the account (see `store::rate`): zero when it may go now, else how long to wait
+    /// first (nothing is taken then; `take.correction` is applied either way). A store that
+    /// does not share runs grants everything: its one process paces itself.
+    async fn take_rate(&self, take: &RateTake) -> anyhow::Result<Duration>;
+
+    /// Publishes what a response said about the account: announced limits, a 429's pause.
+    async fn report_rate(&self, account: &str, caps: &RateCaps, report: &RateReport) -> anyhow::Result<()>;
 }
 
 /// Opens the store for a database URL: `sqlite://…` or `postgres://…`.
 pub async fn open(url: &DatabaseUrl) -> anyhow::Result<Arc<dyn Store>> {
     if url.is_sqlite() {
         Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else if url.is_postgres() {
+        Ok(Arc::new(postgres::PgStore::open(url).await?))
     } else {
         anyhow::bail!(crate::exit::UsageError(format!(
-            "{}: only sqlite:// databases are supported by this build",
-            url
+            "{url}: not a database URL backfill knows; use sqlite://path.db or postgres://user@host/db"
         )))
     }
 }

@@ -310,6 +310,8 @@ pub struct WorkerRow {
     pub heartbeat_at: i64,
     pub alive: bool,
     pub items_done: u64,
+    /// Calls the worker made (its share of the requests).
+    pub calls: u64,
 }
 
 /// Everything `status` shows.

@@ -311,4 +311,13 @@ impl Store for SqliteStore {
     async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>> {
         report::calls(self, run_id).await
     }
+
+    /// One process owns a SQLite run and its controller paces it: nothing to share.
+    async fn take_rate(&self, _take: &RateTake) -> anyhow::Result<Duration> {
+        Ok(Duration::ZERO)
+    }
+
+    async fn report_rate(&self, _account: &str, _caps: &RateCaps, _report: &RateReport) -> anyhow::Result<()> {
+        Ok(())
+    }
 }

@@ -107,9 +107,10 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
         last_finished_at: last,
     };
     let now = now_ms();
-    let workers: Vec<(String, i64, i64, i64, Option<i64>, i64)> = sqlx::query_as(
+    let workers: Vec<(String, i64, i64, i64, Option<i64>, i64, i64)> = sqlx::query_as(
         "SELECT w.worker, w.attached_at, w.heartbeat_at, w.expires_at, w.detached_at, \
-         (SELECT COUNT(*) FROM backfill_items i WHERE i.run_id = w.run_id AND i.done_by = w.worker) \
+         (SELECT COUNT(*) FROM backfill_items i WHERE i.run_id = w.run_id AND i.done_by = w.worker), \
+         (SELECT COUNT(*) FROM backfill_calls c WHERE c.run_id = w.run_id AND c.worker = w.worker) \
          FROM backfill_workers w WHERE w.run_id = ? ORDER BY w.attached_at",
     )
     .bind(run_id)
@@ -118,12 +119,13 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
     .map_err(e)?;
     let workers = workers
         .into_iter()
-        .map(|(worker, attached_at, heartbeat_at, expires_at, detached, done)| WorkerRow {
+        .map(|(worker, attached_at, heartbeat_at, expires_at, detached, done, calls)| WorkerRow {
             worker,
             attached_at,
             heartbeat_at,
             alive: detached.is_none() && expires_at > now,
             items_done: done as u64,
+            calls: calls as u64,
         })
         .collect();
     let mut history = Vec::new();
