@@ -3,6 +3,7 @@
 
 mod support;
 
+mod conformance;
 mod crash;
 mod job_errors;
 mod llama;
