@@ -8,4 +8,5 @@ mod crash;
 mod job_errors;
 mod llama;
 mod pipeline;
+mod postgres;
 mod secrets;

@@ -21,6 +21,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
 
 pub use error::Server;
 
@@ -65,6 +66,10 @@ impl PgStore {
             database: options.get_database().unwrap_or(options.get_username()).to_owned(),
             user: options.get_username().to_owned(),
         };
+        // One connection first, so a server that is not there fails at once with its own error
+        // (the pool would retry until its acquire timeout and say only that it timed out).
+        let probe = options.connect().await.map_err(|e| error::database_error(e, &server))?;
+        let _ = probe.close().await;
         // The dispatcher, the writer, the heartbeat and the call tasks' cache writes each hold a
         // connection briefly; a few cover them without crowding the server's max_connections
         // when many workers attach.

@@ -148,7 +148,7 @@ impl Respond for Responder {
 }
 
 /// `(id, title, body)` of each item line in the prompt.
-fn items_in(user: &str) -> Vec<(String, String, String)> {
+pub(crate) fn items_in(user: &str) -> Vec<(String, String, String)> {
     user.lines()
         .filter_map(|line| serde_json::from_str::<Value>(line.trim_end_matches(',')).ok())
         .filter_map(|v| {
@@ -178,7 +178,7 @@ fn completion(content: &str, finish: &str, user: &str) -> (ResponseTemplate, Opt
     (ResponseTemplate::new(200).set_body_json(body), Some((prompt, completion, cached)))
 }
 
-fn answer(reply: &Reply, items: &[(String, String, String)], user: &str) -> (ResponseTemplate, Option<(i64, i64, i64)>) {
+pub(crate) fn answer(reply: &Reply, items: &[(String, String, String)], user: &str) -> (ResponseTemplate, Option<(i64, i64, i64)>) {
     let outputs = |items: &[(String, String, String)]| -> serde_json::Map<String, Value> {
         items.iter().map(|(id, title, body)| (id.clone(), Value::String(expected_output(id, title, body)))).collect()
     };

@@ -2,6 +2,8 @@
 //! the fake provider.
 
 pub mod fake;
+pub mod limited;
+pub mod pg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
