@@ -10,3 +10,4 @@ mod llama;
 mod pipeline;
 mod postgres;
 mod secrets;
+mod workers;

@@ -25,14 +25,6 @@ pub struct AccountLimit {
     pub latency_ms: (u64, u64),
 }
 
-/// One request as the account saw it.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub at: Instant,
-    pub status: u16,
-    pub ids: Vec<String>,
-}
-
 struct Bucket {
     level: f64,
     updated: Instant,
@@ -41,7 +33,8 @@ struct Bucket {
 struct Account {
     limit: AccountLimit,
     bucket: Mutex<Bucket>,
-    seen: Mutex<Vec<Seen>>,
+    /// The status of every request, in arrival order.
+    seen: Mutex<Vec<u16>>,
     rng: Mutex<fastrand::Rng>,
 }
 
@@ -101,14 +94,10 @@ impl LimitedProvider {
         format!("{}/v1", self.server.uri())
     }
 
-    pub fn seen(&self) -> Vec<Seen> {
-        self.account.seen.lock().unwrap().clone()
-    }
-
     /// `(answered, rate limited)` requests so far.
     pub fn counts(&self) -> (usize, usize) {
         let seen = self.account.seen.lock().unwrap();
-        let limited = seen.iter().filter(|s| s.status == 429).count();
+        let limited = seen.iter().filter(|status| **status == 429).count();
         (seen.len() - limited, limited)
     }
 }
@@ -141,7 +130,7 @@ impl Respond for Limited {
                     })),
             ),
         };
-        account.seen.lock().unwrap().push(Seen { at: Instant::now(), status, ids: items.into_iter().map(|(id, _, _)| id).collect() });
+        account.seen.lock().unwrap().push(status);
         template
             .insert_header("x-ratelimit-limit-requests", limit.as_str())
             .insert_header("x-ratelimit-remaining-requests", format!("{}", remaining.floor().max(0.0) as u64).as_str())

@@ -92,6 +92,11 @@ max_attempts = 4
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&self.pool).await.unwrap()
     }
 
+    /// Like `scalar`, but 0 while the query fails (the runner tables are not there yet).
+    pub async fn scalar_or_zero(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&self.pool).await.unwrap_or(0)
+    }
+
     /// `(id, title, body, summary)` of every row.
     pub async fn rows(&self) -> Vec<(i64, String, String, Option<String>)> {
         sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT id, title, body, summary FROM {}.items ORDER BY id", self.schema)))
