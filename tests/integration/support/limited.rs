@@ -94,11 +94,31 @@ impl LimitedProvider {
         format!("{}/v1", self.server.uri())
     }
 
+    /// Serves `GET /_stats`: `{"answered": N, "rate_limited": N}` (for the standalone server).
+    #[allow(dead_code)] // used by examples/fake_provider.rs
+    pub async fn mount_stats(&self) {
+        Mock::given(method("GET"))
+            .and(path("/_stats"))
+            .respond_with(Stats(self.account.clone()))
+            .mount(&self.server)
+            .await;
+    }
+
     /// `(answered, rate limited)` requests so far.
     pub fn counts(&self) -> (usize, usize) {
         let seen = self.account.seen.lock().unwrap();
         let limited = seen.iter().filter(|status| **status == 429).count();
         (seen.len() - limited, limited)
+    }
+}
+
+struct Stats(Arc<Account>);
+
+impl Respond for Stats {
+    fn respond(&self, _request: &Request) -> ResponseTemplate {
+        let seen = self.0.seen.lock().unwrap();
+        let limited = seen.iter().filter(|status| **status == 429).count();
+        ResponseTemplate::new(200).set_body_json(json!({ "answered": seen.len() - limited, "rate_limited": limited }))
     }
 }
 
