@@ -6,5 +6,6 @@ mod support;
 mod crash;
 mod job_errors;
 mod llama;
+mod llmock;
 mod pipeline;
 mod secrets;
