@@ -9,3 +9,4 @@ mod llama;
 mod llmock;
 mod pipeline;
 mod secrets;
+mod storage_faults;
