@@ -203,10 +203,18 @@ async fn abandon_lets_a_new_run_start() {
     fx.write_job(&fake.base_url(), "", "", "");
     let mut child = spawn_run(&fx, &[], &[]);
     until_requests(&fake, 1).await;
+    // Not while a process works on it.
+    let refused = backfill_async(fx.dir.path(), &["abandon", fx.job.to_str().unwrap()], &[]).await;
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("being worked on") && stderr(&refused).contains("stop it first"), "{}", stderr(&refused));
     child.kill().unwrap();
     child.wait().unwrap();
     let abandoned = backfill_async(fx.dir.path(), &["abandon", fx.job.to_str().unwrap()], &[]).await;
     assert_eq!(abandoned.status.code(), Some(0), "{}", stderr(&abandoned));
+    // The killed process's calls in flight count as possibly billed; nothing stays leased.
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE run_id = 1 AND state = 'reserved'").await, 0);
+    assert!(scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE run_id = 1 AND state = 'lost'").await >= 1);
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_items WHERE run_id = 1 AND state = 'leased'").await, 0);
     let fresh = wait(spawn_run(&fx, &[], &[])).await;
     assert_eq!(fresh.status.code(), Some(0), "{}", stderr(&fresh));
     assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_runs").await, 2);
