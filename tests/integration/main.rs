@@ -8,5 +8,6 @@ mod job_errors;
 mod llama;
 mod llmock;
 mod pipeline;
+mod postprocess;
 mod secrets;
 mod storage_faults;
