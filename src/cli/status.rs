@@ -260,6 +260,25 @@ pub async fn abandon(job: &Job) -> anyhow::Result<Exit> {
     };
     match (store, latest) {
         (Some(store), Some(run)) if run.status.is_unfinished() => {
+            // A run still being worked on is stopped first: abandoning it under a live process
+            // would let two runs write the same rows.
+            let me = crate::store::Worker::current();
+            let report = store.status(&job.name, Some(run.id)).await?;
+            let live: Vec<String> = report
+                .map(|r| r.workers.into_iter().filter(|w| w.alive && !me.proves_gone(&w.worker)).map(|w| w.worker).collect())
+                .unwrap_or_default();
+            if !live.is_empty() {
+                return Err(usage(format!(
+                    "run {} of job `{}` is being worked on by {}; stop it first (SIGINT or SIGTERM lets it \
+                     record its calls in flight), then abandon the run",
+                    run.id,
+                    job.name,
+                    live.join(", ")
+                )));
+            }
+            // What dead workers left leased returns to the queue, and their calls in flight count
+            // as possibly billed.
+            store.recover(run.id).await?;
             store.set_status(run.id, RunStatus::Abandoned, Some("abandoned with `backfill abandon`")).await?;
             eprintln!(
                 "run {} of job `{}` abandoned; its outputs stay written, and `backfill run` starts a new run",

@@ -110,9 +110,12 @@ pub(crate) fn database_error(e: sqlx::Error, path: &std::path::Path) -> anyhow::
     let lower = message.to_lowercase();
     let hint = if lower.contains("database is locked") || lower.contains("database is busy") {
         Some(format!(
-            "SQLite database {shown} stayed locked by another program for {:.0}s; \
+            "SQLite database {shown} stayed locked by another program for {waited}; \
              close the program holding it (or wait) and run again with --resume",
-            busy_timeout().as_secs_f64()
+            waited = match busy_timeout().as_secs_f64() {
+                s if s < 10.0 => format!("{s:.1}s"),
+                s => format!("{s:.0}s"),
+            }
         ))
     } else if lower.contains("disk is full") || lower.contains("database or disk is full") {
         Some(format!("the disk holding {shown} is full; free space and run again with --resume"))
