@@ -144,8 +144,11 @@ pub(super) async fn status(store: &PgStore, job: &str, run: Option<i64>) -> anyh
     }))
 }
 
+/// `started_at, latency_ms, items, items_ok, outcome, concurrency, cost_picos, model`.
+type LedgerRow = (i64, Option<i64>, i64, i64, Option<String>, Option<i64>, i64, String);
+
 pub(super) async fn calls(store: &PgStore, run_id: i64) -> anyhow::Result<Vec<CallRow>> {
-    let rows: Vec<(i64, Option<i64>, i64, i64, Option<String>, Option<i64>, i64, String)> = sqlx::query_as(
+    let rows: Vec<LedgerRow> = sqlx::query_as(
         "SELECT started_at, latency_ms, items, items_ok, outcome, concurrency, cost_picos, model \
          FROM backfill_calls WHERE run_id = $1 ORDER BY started_at, id",
     )

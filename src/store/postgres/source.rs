@@ -211,7 +211,7 @@ fn bind_for(value: &OutputValue, column_type: &str) -> anyhow::Result<(Bound, &'
 
 /// A little-endian float32 array as a pgvector literal: `[0.1,0.2,…]`.
 pub(crate) fn vector_literal(bytes: &[u8]) -> anyhow::Result<String> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         anyhow::bail!("an f32le embedding of {} bytes is not a whole number of float32 values", bytes.len());
     }
     let floats: Vec<String> = bytes

@@ -124,16 +124,16 @@ async fn heartbeats_keep_leases_and_expired_leases_return_to_the_queue(db: Arc<D
     let run = new_run(&db, &t, None).await;
     let (a, b) = (worker("a"), worker("b"));
     for w in [&a, &b] {
-        assert!(matches!(db.store.attach(run.id, w, Duration::from_millis(400), false).await.unwrap(), Attach::Attached(_)));
+        assert!(matches!(db.store.attach(run.id, w, Duration::from_millis(1500), false).await.unwrap(), Attach::Attached(_)));
     }
-    let kept = db.store.claim(&t, run.id, &a, 2, Duration::from_millis(400)).await.unwrap().items;
-    let dropped = db.store.claim(&t, run.id, &b, 2, Duration::from_millis(400)).await.unwrap().items;
+    let kept = db.store.claim(&t, run.id, &a, 2, Duration::from_millis(1500)).await.unwrap().items;
+    let dropped = db.store.claim(&t, run.id, &b, 2, Duration::from_millis(1500)).await.unwrap().items;
     assert_eq!((kept.len(), dropped.len()), (2, 2));
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(db.store.heartbeat(run.id, &a, Duration::from_millis(400)).await.unwrap());
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(db.store.heartbeat(run.id, &a, Duration::from_millis(1500)).await.unwrap());
     }
-    // b stopped heartbeating 600 ms ago: its items are back, a's are still a's.
+    // b's lease ran out 300 ms ago: its items are back; a's, renewed, are still a's.
     let recovered = db.store.recover(run.id).await.unwrap();
     assert_eq!(recovered.items, 2, "{}", db.backend);
     let counts = db.store.item_counts(run.id).await.unwrap();

@@ -72,7 +72,7 @@ async fn a_429_reported_by_one_worker_pauses_all(db: Arc<Db>) {
     let unlimited = RateTake { caps, ..take("acct", 1.0) };
     let wait = other.take_rate(&unlimited).await.unwrap();
     if db.is_postgres() {
-        assert!(wait > Duration::from_millis(1500) && wait <= Duration::from_secs(2), "{wait:?}");
+        assert!(wait > Duration::from_millis(1000) && wait <= Duration::from_secs(2), "{wait:?}");
         let (announced, limited) = (
             db.count("SELECT announced_rpm::bigint FROM backfill_rate_buckets WHERE account = 'acct'").await,
             db.count("SELECT rate_limited FROM backfill_rate_buckets WHERE account = 'acct'").await,
