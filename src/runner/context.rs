@@ -36,6 +36,9 @@ pub struct RunContext {
     pub cap: Option<Picos>,
     pub lease: Duration,
     pub grace: Duration,
+    /// `[limits] items_per_request.start`: the request size where no controller chooses one
+    /// (batch mode).
+    pub items_per_request: usize,
 }
 
 impl RunContext {
@@ -79,7 +82,12 @@ impl RunContext {
             cap: job.budget_usd.map(Picos::from_usd),
             lease: job.limits.lease,
             grace: job.limits.grace,
+            items_per_request: job.limits.items_per_request.start.max(1) as usize,
         }
+    }
+
+    pub fn chat_items_per_request(&self) -> usize {
+        self.items_per_request
     }
 
     /// The model of a tier (0 = `model.name`, k = `model.fallback[k-1]`).
