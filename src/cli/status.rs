@@ -27,6 +27,23 @@ struct StatusJson {
     calls: CallsJson,
     workers: Vec<WorkerJson>,
     earlier_runs: Vec<EarlierRunJson>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    batches: Vec<BatchJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct BatchJson {
+    id: i64,
+    provider_batch_id: Option<String>,
+    dialect: String,
+    phase: String,
+    provider_status: Option<String>,
+    requests: u64,
+    completed: u64,
+    failed: u64,
+    submitted_at: Option<String>,
+    ended_at: Option<String>,
+    error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,6 +170,23 @@ fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
                 cost_usd: cost.usd(),
             })
             .collect(),
+        batches: r
+            .batches
+            .iter()
+            .map(|b| BatchJson {
+                id: b.id,
+                provider_batch_id: b.provider_batch_id.clone(),
+                dialect: b.dialect.clone(),
+                phase: b.phase.as_str().into(),
+                provider_status: b.provider_status.clone(),
+                requests: b.requests,
+                completed: b.completed,
+                failed: b.failed,
+                submitted_at: b.submitted_at.map(format_ms),
+                ended_at: b.ended_at.map(format_ms),
+                error: b.error.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -215,6 +249,20 @@ fn human(s: &StatusJson) -> String {
             w.share_of_done * 100.0,
             w.calls,
             w.last_heartbeat
+        ));
+    }
+    for b in &s.batches {
+        out.push_str(&format!(
+            "  batch {} ({} {}): {}{}, {} requests, {} completed, {} failed{}\n",
+            b.id,
+            b.dialect,
+            b.provider_batch_id.as_deref().unwrap_or("not created"),
+            b.phase,
+            b.provider_status.as_deref().map(|p| format!(" / {p}")).unwrap_or_default(),
+            b.requests,
+            b.completed,
+            b.failed,
+            b.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default(),
         ));
     }
     for r in &s.earlier_runs {

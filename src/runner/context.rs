@@ -38,6 +38,9 @@ pub struct RunContext {
     pub grace: Duration,
     /// The job's `[limits]` (the shared rate bucket's caps).
     pub limits: Limits,
+    /// `[limits] items_per_request.start`: the request size where no controller chooses one
+    /// (batch mode).
+    pub items_per_request: usize,
 }
 
 impl RunContext {
@@ -82,7 +85,12 @@ impl RunContext {
             lease: job.limits.lease,
             grace: job.limits.grace,
             limits: job.limits.clone(),
+            items_per_request: job.limits.items_per_request.start.max(1) as usize,
         }
+    }
+
+    pub fn chat_items_per_request(&self) -> usize {
+        self.items_per_request
     }
 
     /// The model of a tier (0 = `model.name`, k = `model.fallback[k-1]`).

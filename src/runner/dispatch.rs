@@ -31,6 +31,10 @@ pub enum Stop {
     Budget,
     /// The provider refuses every call, cannot be reached, or the database failed.
     Failed(String),
+    /// Batch mode: the wait ended with batches still at the provider.
+    Waiting,
+    /// Batch mode: past `--finish-sync-after`, the rest goes through the synchronous path.
+    FinishSync,
 }
 
 /// Failures seen before any call succeeded that mean no call ever will.
@@ -248,6 +252,7 @@ impl Dispatcher {
             replay: false,
             timeout: timeout.min(ctx.chat.request_timeout),
             cut,
+            billing: ctx.price_tier,
         };
         self.tasks.spawn(execute(ctx, prepared));
         Ok(Dispatched::Sent)

@@ -147,6 +147,31 @@ pub trait Store: Send + Sync {
 
     /// Publishes what a response said about the account: announced limits, a 429's pause.
     async fn report_rate(&self, account: &str, caps: &RateCaps, report: &RateReport) -> anyhow::Result<()>;
+
+    /// Records a new provider batch of the run, in phase `preparing`.
+    async fn create_batch(&self, run_id: i64, dialect: &str) -> anyhow::Result<BatchRecord>;
+
+    /// Saves a batch's phase, provider ids, counts and polling schedule.
+    async fn update_batch(&self, batch: &BatchRecord) -> anyhow::Result<()>;
+
+    /// The run's provider batches, oldest first.
+    async fn batches(&self, run_id: i64) -> anyhow::Result<Vec<BatchRecord>>;
+
+    /// Keeps (or, with `None`, forgets) a batch's request lines until the provider has created
+    /// the batch, so a resumed run can submit exactly what was prepared.
+    async fn set_batch_input(&self, batch_id: i64, jsonl: Option<&[u8]>) -> anyhow::Result<()>;
+
+    async fn batch_input(&self, batch_id: i64) -> anyhow::Result<Option<Vec<u8>>>;
+
+    /// Hands leased items over to `owner`, which holds them without expiry (a provider batch
+    /// can take a day). Returns how many were handed over.
+    async fn hold(&self, run_id: i64, leases: &[Lease], owner: &str) -> anyhow::Result<u64>;
+
+    /// Items leased to `owner`.
+    async fn held(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<HeldItem>>;
+
+    /// Ledger rows recorded under `owner` (`NewCall::worker`), in id order.
+    async fn calls_of(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<OwnedCall>>;
 }
 
 /// Opens the store for a database URL: `sqlite://…` or `postgres://…`.

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod batch;
 mod conformance;
 mod crash;
 mod job_errors;

@@ -123,3 +123,20 @@ async fn a_search_path_schema_that_does_not_exist_is_named() {
     assert_ne!(output.status.code(), Some(0), "{err}");
     assert!(err.contains("search_path") && err.contains("CREATE SCHEMA"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_mode_run_on_postgres_collects_every_row() {
+    let Some(fx) = PgFixture::new(module_path!(), 40).await else { return };
+    let fake = crate::support::batch_fake::BatchFake::start().await;
+    fx.write_job(&fake.base_url(), "mode = \"batch\"\nbatch_poll_s = 0.05", "");
+    let output = backfill_async(fx.dir.path(), &["run", fx.job.to_str().unwrap(), "--json", "--quiet"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    for (id, title, body, summary) in fx.rows().await {
+        assert_eq!(summary.as_deref(), Some(expected_output(&id.to_string(), &title, &body).as_str()), "row {id}");
+    }
+    assert_eq!(fake.batches().len(), 1);
+    assert_eq!(fx.scalar("SELECT COUNT(*) FROM backfill_calls WHERE price_tier = 'batch' AND state = 'settled'").await, 4);
+    let status = backfill_async(fx.dir.path(), &["status", fx.job.to_str().unwrap(), "--json"], &[]).await;
+    let status: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert_eq!(status["batches"][0]["phase"], "collected", "{status}");
+}

@@ -100,6 +100,7 @@ pub(super) async fn write_batch(store: &PgStore, tables: &Tables, batch: &BatchW
         }
     }
     crate::store::failpoint::pause("write_batch").await;
+    crate::store::failpoint::crash("write_batch");
     tx.commit().await.map_err(|e| store.err(e))?;
     Ok(report)
 }

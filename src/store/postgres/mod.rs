@@ -5,6 +5,7 @@
 //!
 //! Runtime `query`/`query_as` only; no compile-time macros, no `sqlx::Any`.
 
+mod batches;
 mod error;
 mod ledger;
 mod queue;
@@ -37,8 +38,10 @@ macro_rules! db_now_ms {
 }
 pub(crate) use db_now_ms;
 
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "runner tables", include_str!("../../../migrations/postgres/0001_runner_tables.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "runner tables", include_str!("../../../migrations/postgres/0001_runner_tables.sql")),
+    (2, "provider batches", include_str!("../../../migrations/postgres/0002_batches.sql")),
+];
 
 /// Serialises migrations of concurrent workers (an arbitrary constant advisory-lock key).
 const MIGRATION_LOCK: i64 = 0x6261_636b_6669_6c6c;
@@ -295,5 +298,37 @@ impl Store for PgStore {
 
     async fn report_rate(&self, account: &str, caps: &RateCaps, report: &RateReport) -> anyhow::Result<()> {
         rate::report(self, account, caps, report).await.context("reporting to the shared rate limit")
+    }
+
+    async fn create_batch(&self, run_id: i64, dialect: &str) -> anyhow::Result<BatchRecord> {
+        batches::create_batch(self, run_id, dialect).await
+    }
+
+    async fn update_batch(&self, batch: &BatchRecord) -> anyhow::Result<()> {
+        batches::update_batch(self, batch).await
+    }
+
+    async fn batches(&self, run_id: i64) -> anyhow::Result<Vec<BatchRecord>> {
+        batches::batches(self, run_id).await
+    }
+
+    async fn set_batch_input(&self, batch_id: i64, jsonl: Option<&[u8]>) -> anyhow::Result<()> {
+        batches::set_batch_input(self, batch_id, jsonl).await
+    }
+
+    async fn batch_input(&self, batch_id: i64) -> anyhow::Result<Option<Vec<u8>>> {
+        batches::batch_input(self, batch_id).await
+    }
+
+    async fn hold(&self, run_id: i64, leases: &[Lease], owner: &str) -> anyhow::Result<u64> {
+        batches::hold(self, run_id, leases, owner).await
+    }
+
+    async fn held(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<HeldItem>> {
+        batches::held(self, run_id, owner).await
+    }
+
+    async fn calls_of(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<OwnedCall>> {
+        batches::calls_of(self, run_id, owner).await
     }
 }

@@ -141,6 +141,7 @@ pub(super) async fn status(store: &PgStore, job: &str, run: Option<i64>) -> anyh
         calls,
         workers,
         history,
+        batches: super::batches::batches(store, run_id).await?,
     }))
 }
 

@@ -1,6 +1,7 @@
 //! The SQLite store: WAL, a busy timeout, and `BEGIN IMMEDIATE` for every write transaction so
 //! writers queue on the database lock instead of failing on a lock upgrade.
 
+mod batches;
 mod ledger;
 mod queue;
 mod report;
@@ -33,8 +34,10 @@ fn busy_timeout() -> Duration {
         .unwrap_or(BUSY_TIMEOUT)
 }
 
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "runner tables", include_str!("../../../migrations/sqlite/0001_runner_tables.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "runner tables", include_str!("../../../migrations/sqlite/0001_runner_tables.sql")),
+    (2, "provider batches", include_str!("../../../migrations/sqlite/0002_batches.sql")),
+];
 
 /// How ids of a run's source table are bound: as integers or as text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,5 +325,37 @@ impl Store for SqliteStore {
 
     async fn report_rate(&self, _account: &str, _caps: &RateCaps, _report: &RateReport) -> anyhow::Result<()> {
         Ok(())
+    }
+
+    async fn create_batch(&self, run_id: i64, dialect: &str) -> anyhow::Result<BatchRecord> {
+        batches::create_batch(self, run_id, dialect).await
+    }
+
+    async fn update_batch(&self, batch: &BatchRecord) -> anyhow::Result<()> {
+        batches::update_batch(self, batch).await
+    }
+
+    async fn batches(&self, run_id: i64) -> anyhow::Result<Vec<BatchRecord>> {
+        batches::batches(self, run_id).await
+    }
+
+    async fn set_batch_input(&self, batch_id: i64, jsonl: Option<&[u8]>) -> anyhow::Result<()> {
+        batches::set_batch_input(self, batch_id, jsonl).await
+    }
+
+    async fn batch_input(&self, batch_id: i64) -> anyhow::Result<Option<Vec<u8>>> {
+        batches::batch_input(self, batch_id).await
+    }
+
+    async fn hold(&self, run_id: i64, leases: &[Lease], owner: &str) -> anyhow::Result<u64> {
+        batches::hold(self, run_id, leases, owner).await
+    }
+
+    async fn held(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<HeldItem>> {
+        batches::held(self, run_id, owner).await
+    }
+
+    async fn calls_of(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<OwnedCall>> {
+        batches::calls_of(self, run_id, owner).await
     }
 }

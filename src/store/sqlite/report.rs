@@ -141,6 +141,7 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
         calls,
         workers,
         history,
+        batches: super::batches::batches(store, run_id).await?,
     }))
 }
 

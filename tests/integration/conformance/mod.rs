@@ -2,6 +2,7 @@
 //! the PostgreSQL store through the library crate, so both behave alike. Every body becomes two
 //! tests, `conformance::<body>::sqlite` and `conformance::<body>::postgres`.
 
+mod batches;
 pub mod harness;
 mod money;
 mod queue;

@@ -148,7 +148,7 @@ impl Respond for Responder {
 }
 
 /// `(id, title, body)` of each item line in the prompt.
-pub(crate) fn items_in(user: &str) -> Vec<(String, String, String)> {
+pub fn items_in(user: &str) -> Vec<(String, String, String)> {
     user.lines()
         .filter_map(|line| serde_json::from_str::<Value>(line.trim_end_matches(',')).ok())
         .filter_map(|v| {
