@@ -5,14 +5,18 @@
 #   scripts/test.sh [extra cargo test arguments]
 #
 # Cache: ${BACKFILL_CACHE:-$HOME/.cache/backfill} (virtualenvs, model files). A fresh machine
-# spends about 6 minutes building the llama.cpp server once.
+# spends about 8 minutes building the llama.cpp server once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export BACKFILL_CACHE="${BACKFILL_CACHE:-$HOME/.cache/backfill}"
 export LLAMA_PORT="${LLAMA_PORT:-8081}"
+export LLMOCK_PORT="${LLMOCK_PORT:-8411}"
 
-scripts/peers.sh start-llama
 trap 'scripts/peers.sh stop' EXIT
+scripts/peers.sh start-llama
 export BACKFILL_LLAMA_URL="http://127.0.0.1:$LLAMA_PORT/v1"
+# llmock at 60 requests/min with 20% random 429s: its verdict judges the client.
+scripts/peers.sh start-llmock --rpm 60 --error-rate 429=0.2 --log-level warning
+export BACKFILL_LLMOCK_URL="http://127.0.0.1:$LLMOCK_PORT"
 
 cargo test --workspace --locked "$@"

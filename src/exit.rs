@@ -15,6 +15,8 @@ pub enum Exit {
     Budget = 3,
     /// Interrupted by SIGINT/SIGTERM.
     Interrupted = 4,
+    /// Batch mode: the provider's batches are still running; `--resume` collects them later.
+    Waiting = 5,
 }
 
 impl Exit {

@@ -45,8 +45,26 @@ impl DatabaseUrl {
         self.0.starts_with("sqlite:")
     }
 
-    /// The URL with any password replaced by `***`.
+    /// The URL with any password replaced by `***`: in the user info, and in a `password=`
+    /// query parameter (PostgreSQL URLs accept both).
     pub fn redacted(&self) -> String {
+        let redacted = self.redacted_userinfo();
+        match redacted.split_once('?') {
+            Some((base, query)) => {
+                let params: Vec<String> = query
+                    .split('&')
+                    .map(|param| match param.split_once('=') {
+                        Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                        _ => param.to_owned(),
+                    })
+                    .collect();
+                format!("{base}?{}", params.join("&"))
+            }
+            None => redacted,
+        }
+    }
+
+    fn redacted_userinfo(&self) -> String {
         let Some(scheme_end) = self.0.find("://") else { return self.0.clone() };
         let rest = &self.0[scheme_end + 3..];
         let authority_end = rest.find('/').unwrap_or(rest.len());
@@ -90,6 +108,12 @@ mod tests {
         let url = DatabaseUrl::new("postgres://app:s3cret@db.example:5432/prod?sslmode=require");
         assert_eq!(url.to_string(), "postgres://app:***@db.example:5432/prod?sslmode=require");
         assert!(!format!("{url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn database_url_hides_a_password_query_parameter() {
+        let url = DatabaseUrl::new("postgres://app@db/prod?sslmode=require&password=s3cret&options=-c%20x%3D1");
+        assert_eq!(url.to_string(), "postgres://app@db/prod?sslmode=require&password=***&options=-c%20x%3D1");
     }
 
     #[test]

@@ -82,6 +82,24 @@ struct RunArgs {
     /// No progress bar or progress lines.
     #[arg(long, short)]
     quiet: bool,
+    /// Run through the provider's batch API (half price, within 24 hours), as `model.mode = "batch"`.
+    #[arg(long)]
+    batch_api: bool,
+    /// Batch mode: stop waiting for the provider's batches after this long (e.g. 30s, 8h) and exit 5;
+    /// `--resume` collects them later. Default: wait until they end. `--wait 0` submits and exits.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    wait: Option<std::time::Duration>,
+    /// Batch mode: once the run is this old (e.g. 20h), cancel what the provider has not finished
+    /// and send the rest through the synchronous API, so a deadline is met.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    finish_sync_after: Option<std::time::Duration>,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    if text.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{e}; write a duration such as 90s, 30m or 8h"))
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +188,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
             max_usd: args.max_usd,
             allow_unpriced: args.allow_unpriced,
             no_cache: args.no_cache,
+            batch_api: args.batch_api,
             database: None,
         },
     )?;
@@ -181,6 +200,9 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
             );
         }
     }
+    if (args.wait.is_some() || args.finish_sync_after.is_some()) && job.chat().is_none_or(|c| c.mode != crate::job::Mode::Batch) {
+        return Err(usage("--wait and --finish-sync-after are for batch mode: set `model.mode = \"batch\"` or pass --batch-api"));
+    }
     if args.dry_run {
         let estimate = crate::dry_run::estimate(&job, args.limit).await?;
         if args.json {
@@ -191,7 +213,13 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         return Ok(Exit::Finished);
     }
     let shutdown = crate::runner::install_signals()?;
-    let options = crate::runner::RunOptions { resume: args.resume, limit: args.limit, quiet: args.quiet };
+    let options = crate::runner::RunOptions {
+        resume: args.resume,
+        limit: args.limit,
+        quiet: args.quiet,
+        wait: args.wait,
+        finish_sync_after: args.finish_sync_after,
+    };
     let outcome = crate::runner::run(&job, &options, shutdown).await?;
     eprintln!("{}", outcome.summary.human());
     if args.json {

@@ -28,6 +28,8 @@ pub(super) struct StatusJson {
     workers: Vec<WorkerJson>,
     earlier_runs: Vec<EarlierRunJson>,
     job_totals: JobTotalsJson,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    batches: Vec<BatchJson>,
 }
 
 #[derive(Debug, Serialize)]
@@ -36,6 +38,21 @@ struct JobTotalsJson {
     cost_usd: f64,
     possibly_billed_usd: f64,
     models: Vec<ModelJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct BatchJson {
+    id: i64,
+    provider_batch_id: Option<String>,
+    dialect: String,
+    phase: String,
+    provider_status: Option<String>,
+    requests: u64,
+    completed: u64,
+    failed: u64,
+    submitted_at: Option<String>,
+    ended_at: Option<String>,
+    error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -100,6 +117,9 @@ struct WorkerJson {
     attached_at: String,
     last_heartbeat: String,
     items_done: u64,
+    /// This worker's share of the run's done items (0..1).
+    share_of_done: f64,
+    calls: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -157,6 +177,8 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
                 attached_at: format_ms(w.attached_at),
                 last_heartbeat: format_ms(w.heartbeat_at),
                 items_done: w.items_done,
+                share_of_done: w.items_done as f64 / r.counts.done.max(1) as f64,
+                calls: w.calls,
             })
             .collect(),
         earlier_runs: r
@@ -171,6 +193,23 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
             })
             .collect(),
         job_totals: job_totals_json(&r.job_totals),
+        batches: r
+            .batches
+            .iter()
+            .map(|b| BatchJson {
+                id: b.id,
+                provider_batch_id: b.provider_batch_id.clone(),
+                dialect: b.dialect.clone(),
+                phase: b.phase.as_str().into(),
+                provider_status: b.provider_status.clone(),
+                requests: b.requests,
+                completed: b.completed,
+                failed: b.failed,
+                submitted_at: b.submitted_at.map(format_ms),
+                ended_at: b.ended_at.map(format_ms),
+                error: b.error.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -211,13 +250,33 @@ pub(super) fn human(s: &StatusJson) -> String {
         let parts: Vec<String> = s.calls.by_outcome.iter().map(|(o, n)| format!("{o} {n}")).collect();
         out.push_str(&format!("  calls: {} ({})\n", s.calls.total, parts.join(", ")));
     }
+    if s.workers.len() > 1 {
+        let attached = s.workers.iter().filter(|w| w.alive).count();
+        out.push_str(&format!("  workers: {} ({attached} attached)\n", s.workers.len()));
+    }
     for w in &s.workers {
         out.push_str(&format!(
-            "  worker {}: {}, {} items done, last heartbeat {}\n",
+            "  worker {}: {}, {} items done ({:.0}%), {} calls, last heartbeat {}\n",
             w.worker,
             if w.alive { "attached" } else { "gone" },
             w.items_done,
+            w.share_of_done * 100.0,
+            w.calls,
             w.last_heartbeat
+        ));
+    }
+    for b in &s.batches {
+        out.push_str(&format!(
+            "  batch {} ({} {}): {}{}, {} requests, {} completed, {} failed{}\n",
+            b.id,
+            b.dialect,
+            b.provider_batch_id.as_deref().unwrap_or("not created"),
+            b.phase,
+            b.provider_status.as_deref().map(|p| format!(" / {p}")).unwrap_or_default(),
+            b.requests,
+            b.completed,
+            b.failed,
+            b.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default(),
         ));
     }
     for r in &s.earlier_runs {
@@ -303,6 +362,25 @@ pub async fn abandon(job: &Job) -> anyhow::Result<Exit> {
     };
     match (store, latest) {
         (Some(store), Some(run)) if run.status.is_unfinished() => {
+            // A run still being worked on is stopped first: abandoning it under a live process
+            // would let two runs write the same rows.
+            let me = crate::store::Worker::current();
+            let report = store.status(&job.name, Some(run.id)).await?;
+            let live: Vec<String> = report
+                .map(|r| r.workers.into_iter().filter(|w| w.alive && !me.proves_gone(&w.worker)).map(|w| w.worker).collect())
+                .unwrap_or_default();
+            if !live.is_empty() {
+                return Err(usage(format!(
+                    "run {} of job `{}` is being worked on by {}; stop it first (SIGINT or SIGTERM lets it \
+                     record its calls in flight), then abandon the run",
+                    run.id,
+                    job.name,
+                    live.join(", ")
+                )));
+            }
+            // What dead workers left leased returns to the queue, and their calls in flight count
+            // as possibly billed.
+            store.recover(run.id).await?;
             store.set_status(run.id, RunStatus::Abandoned, Some("abandoned with `backfill abandon`")).await?;
             eprintln!(
                 "run {} of job `{}` abandoned; its outputs stay written, and `backfill run` starts a new run",

@@ -74,6 +74,14 @@ pub struct ModelFile {
     #[serde(default)]
     pub fallback: Vec<String>,
     pub mode: Option<String>,
+    /// Batch mode: "openai" (Batch API) or "anthropic" (Message Batches).
+    pub batch_api: Option<String>,
+    /// Batch mode: seconds before the first poll of a submitted batch (it backs off from there).
+    pub batch_poll_s: Option<f64>,
+    /// Batch mode: at most this many requests per provider batch (default: the provider's limit).
+    pub batch_max_requests: Option<u64>,
+    /// Batch mode: at most this many MB of requests per provider batch.
+    pub batch_max_mb: Option<f64>,
     pub max_output_tokens_per_item: Option<u32>,
     /// Output tokens one item's answer usually takes (dry-run estimates before any run).
     pub expected_output_tokens_per_item: Option<u32>,

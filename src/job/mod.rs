@@ -102,6 +102,21 @@ pub enum Mode {
     Batch,
 }
 
+/// How batch mode talks to the provider's batch API.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchSettings {
+    pub dialect: crate::provider::batch::Dialect,
+    /// The first poll interval; it grows to [`BatchSettings::MAX_POLL`].
+    pub poll: Duration,
+    /// Smaller limits than the provider's, when the job sets them.
+    pub limits: Option<crate::provider::batch::BatchLimits>,
+}
+
+impl BatchSettings {
+    /// Polls back off to at most this interval.
+    pub const MAX_POLL: Duration = Duration::from_secs(600);
+}
+
 /// An OpenAI-compatible chat model.
 #[derive(Debug, Clone)]
 pub struct ChatModel {
@@ -111,6 +126,7 @@ pub struct ChatModel {
     pub fallback: Vec<String>,
     pub structured_output: StructuredOutput,
     pub mode: Mode,
+    pub batch: BatchSettings,
     pub max_output_tokens_per_item: u32,
     /// Output tokens an item's answer usually takes; `max_output_tokens_per_item` by default.
     pub expected_output_tokens_per_item: u32,

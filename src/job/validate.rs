@@ -21,6 +21,8 @@ pub struct LoadOptions {
     pub allow_unpriced: bool,
     /// `--no-cache`.
     pub no_cache: bool,
+    /// `--batch-api`: run through the provider's batch API whatever `model.mode` says.
+    pub batch_api: bool,
 }
 
 pub(super) fn load(path: &Path, options: &LoadOptions) -> anyhow::Result<Job> {
@@ -54,7 +56,7 @@ fn build(path: &Path, dir: &Path, file: JobFile, options: &LoadOptions) -> anyho
 
     let database = database_url(dir, options.database.as_deref(), file.source.database.as_deref())?;
     let source = source(&file)?;
-    let processor = processor(dir, &file)?;
+    let processor = processor(dir, &file, options)?;
     let target = target(&file, &source, &processor)?;
     let limits = limits(&file)?;
 
@@ -269,10 +271,10 @@ fn target(file: &JobFile, source: &Source, processor: &Processor) -> anyhow::Res
     Ok(Target { outputs, overwrite: t.overwrite, format })
 }
 
-fn processor(dir: &Path, file: &JobFile) -> anyhow::Result<Processor> {
+fn processor(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Processor> {
     let m = &file.model;
     match m.kind.as_str() {
-        "chat" => chat(dir, file).map(Processor::Chat),
+        "chat" => chat(dir, file, options).map(Processor::Chat),
         "onnx" => onnx(dir, m).map(Processor::Onnx),
         other => Err(usage(format!("`model.kind` = {other:?}: use \"chat\" or \"onnx\""))),
     }
@@ -289,7 +291,49 @@ fn refuse_keys(present: &[(&str, bool)], kind: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn chat(dir: &Path, file: &JobFile) -> anyhow::Result<ChatModel> {
+fn batch_settings(m: &ModelFile) -> anyhow::Result<BatchSettings> {
+    use crate::provider::batch::{BatchLimits, Dialect};
+    let dialect = match m.batch_api.as_deref().unwrap_or("openai") {
+        "openai" => Dialect::OpenAi,
+        "anthropic" => Dialect::Anthropic,
+        other => {
+            return Err(usage(format!(
+                "`model.batch_api` = {other:?}: use \"openai\" (OpenAI Batch API) or \"anthropic\" (Message Batches)"
+            )));
+        }
+    };
+    let poll = m.batch_poll_s.unwrap_or(30.0);
+    if !(poll.is_finite() && poll > 0.0) {
+        return Err(usage("`model.batch_poll_s` must be a positive number of seconds"));
+    }
+    let provider = match dialect {
+        Dialect::OpenAi => BatchLimits::OPENAI,
+        Dialect::Anthropic => BatchLimits::ANTHROPIC,
+    };
+    let limits = match (m.batch_max_requests, m.batch_max_mb) {
+        (None, None) => None,
+        (requests, mb) => {
+            let max_requests = requests.unwrap_or(provider.max_requests as u64);
+            let max_bytes = mb.map(|mb| mb * 1024.0 * 1024.0).unwrap_or(provider.max_bytes as f64);
+            if max_requests == 0 || max_requests > provider.max_requests as u64 {
+                return Err(usage(format!(
+                    "`model.batch_max_requests` must be between 1 and {} (the provider's limit)",
+                    provider.max_requests
+                )));
+            }
+            if !(max_bytes.is_finite() && max_bytes >= 1024.0 && max_bytes <= provider.max_bytes as f64) {
+                return Err(usage(format!(
+                    "`model.batch_max_mb` must be between 0.001 and {} (the provider's limit)",
+                    provider.max_bytes / (1024 * 1024)
+                )));
+            }
+            Some(BatchLimits { max_requests: max_requests as usize, max_bytes: max_bytes as usize })
+        }
+    };
+    Ok(BatchSettings { dialect, poll: Duration::from_secs_f64(poll), limits })
+}
+
+fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<ChatModel> {
     let m = &file.model;
     refuse_keys(
         &[
@@ -336,10 +380,12 @@ fn chat(dir: &Path, file: &JobFile) -> anyhow::Result<ChatModel> {
         }
     };
     let mode = match m.mode.as_deref().unwrap_or("sync") {
+        _ if options.batch_api => Mode::Batch,
         "sync" => Mode::Sync,
         "batch" => Mode::Batch,
         other => return Err(usage(format!("`model.mode` = {other:?}: use \"sync\" or \"batch\""))),
     };
+    let batch = batch_settings(m)?;
     let api_key_env = m.api_key_env.clone().unwrap_or_else(|| "OPENAI_API_KEY".into());
     if api_key_env.is_empty() || !api_key_env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(usage(
@@ -397,6 +443,7 @@ fn chat(dir: &Path, file: &JobFile) -> anyhow::Result<ChatModel> {
         fallback: m.fallback.clone(),
         structured_output,
         mode,
+        batch,
         max_output_tokens_per_item: per_item,
         expected_output_tokens_per_item: expected,
         temperature: m.temperature,
@@ -417,6 +464,10 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
             ("api_key_env", m.api_key_env.is_some()),
             ("fallback", !m.fallback.is_empty()),
             ("mode", m.mode.is_some()),
+            ("batch_api", m.batch_api.is_some()),
+            ("batch_poll_s", m.batch_poll_s.is_some()),
+            ("batch_max_requests", m.batch_max_requests.is_some()),
+            ("batch_max_mb", m.batch_max_mb.is_some()),
             ("max_output_tokens_per_item", m.max_output_tokens_per_item.is_some()),
             ("expected_output_tokens_per_item", m.expected_output_tokens_per_item.is_some()),
             ("temperature", m.temperature.is_some()),

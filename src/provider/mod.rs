@@ -2,6 +2,7 @@
 //! per-request timeout and no library-level retries, and classifies every outcome so the runner
 //! sees each one.
 
+pub mod batch;
 mod error;
 mod request;
 mod response;
@@ -9,7 +10,7 @@ mod response;
 use std::time::{Duration, Instant};
 
 pub use error::{CallError, RateLimit, parse_retry_after};
-pub use request::{ChatRequest, request_body, response_format};
+pub use request::{ChatRequest, Message, request_body, response_format};
 pub use response::{Completion, parse_completion};
 
 use crate::secret::ApiKey;

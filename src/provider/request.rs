@@ -44,11 +44,28 @@ impl ChatRequest {
     }
 }
 
-/// The serialised body and its cache key: sha256 over model, prompt and parameters.
+/// The serialised body and its cache key: sha256 over the model, the messages and the
+/// parameters that shape the answer. `max_tokens` is left out: only answers that came back
+/// whole are kept in the cache, and a whole answer does not depend on how much room it had.
 pub fn request_body(request: &ChatRequest) -> (Vec<u8>, String) {
     let body = serde_json::to_vec(request).expect("request serialises");
-    let hash = hex::encode(Sha256::digest(&body));
+    let key = CacheKey {
+        model: &request.model,
+        messages: &request.messages,
+        temperature: request.temperature,
+        response_format: request.response_format.as_ref(),
+    };
+    let hash = hex::encode(Sha256::digest(serde_json::to_vec(&key).expect("key serialises")));
     (body, hash)
+}
+
+/// What identifies an answer, in a fixed field order so its hash is stable.
+#[derive(Serialize)]
+struct CacheKey<'a> {
+    model: &'a str,
+    messages: &'a [Message],
+    temperature: Option<f64>,
+    response_format: Option<&'a Value>,
 }
 
 /// The `response_format` for a batch with these ids.
@@ -108,11 +125,20 @@ mod tests {
     }
 
     #[test]
-    fn hash_changes_with_prompt_and_parameters() {
+    fn hash_changes_with_model_prompt_and_parameters_but_not_max_tokens() {
         let a = ChatRequest::new("m", None, "hi".into(), Some(0.2), 100, None);
         let mut b = a.clone();
         assert_eq!(request_body(&a).1, request_body(&b).1);
         b.max_tokens = 101;
+        assert_eq!(request_body(&a).1, request_body(&b).1, "room for the answer does not change it");
+        assert_ne!(request_body(&a).0, request_body(&b).0);
+        b.temperature = Some(0.3);
         assert_ne!(request_body(&a).1, request_body(&b).1);
+        let mut c = a.clone();
+        c.messages[0].content.push('!');
+        assert_ne!(request_body(&a).1, request_body(&c).1);
+        let mut d = a.clone();
+        d.model = "n".into();
+        assert_ne!(request_body(&a).1, request_body(&d).1);
     }
 }

@@ -10,7 +10,7 @@ use backfill_controller::{CompletedRequest, Observation, Outcome, Ticket, parse_
 use super::context::RunContext;
 use super::policy::Setback;
 use crate::ledger::{CostSource, answered_cost};
-use crate::pricing::Picos;
+use crate::pricing::{Picos, Tier};
 use crate::provider::{CallError, Completion, parse_completion};
 use crate::store::{BatchWrite, CallSettle, Claimed, ItemChange, ItemUpdate, OutputRecord, OutputValue, now_ms};
 use crate::validate::{Validated, validate};
@@ -34,6 +34,8 @@ pub struct PreparedCall {
     pub timeout: Duration,
     /// Cancelled when the controller cuts the call at the end of the queue.
     pub cut: tokio_util::sync::CancellationToken,
+    /// The price column the call is billed at (the batch API's is lower).
+    pub billing: Tier,
 }
 
 /// What the dispatcher does with a finished call.
@@ -80,7 +82,9 @@ pub async fn execute(ctx: Arc<RunContext>, call: PreparedCall) -> Concluded {
     conclude(&ctx, call, outcome, latency)
 }
 
-fn conclude(
+/// Turns a call's outcome into its batch write, the controller's observation and what the
+/// dispatcher must know (breaker, fatal errors, cache).
+pub fn conclude(
     ctx: &RunContext,
     call: PreparedCall,
     outcome: Result<(Completion, Vec<(String, String)>), CallError>,
@@ -123,7 +127,7 @@ fn conclude(
             let (cost, source) = if call.cached.is_some() && !call.replay {
                 (Picos::ZERO, CostSource::Cache)
             } else {
-                answered_cost(&price, ctx.price_tier, usage.as_ref(), completion.reported_cost_usd, call.estimate)
+                answered_cost(&price, call.billing, usage.as_ref(), completion.reported_cost_usd, call.estimate)
             };
             settle.usage = usage.unwrap_or_default();
             settle.cost = cost;

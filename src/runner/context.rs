@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::job::{CacheSettings, ChatModel, Job};
+use crate::job::{CacheSettings, ChatModel, Job, Limits};
 use crate::packer::Packer;
 use crate::pricing::{ModelPrice, Picos, Tier};
 use crate::provider::ChatClient;
@@ -36,6 +36,11 @@ pub struct RunContext {
     pub cap: Option<Picos>,
     pub lease: Duration,
     pub grace: Duration,
+    /// The job's `[limits]` (the shared rate bucket's caps).
+    pub limits: Limits,
+    /// `[limits] items_per_request.start`: the request size where no controller chooses one
+    /// (batch mode).
+    pub items_per_request: usize,
 }
 
 impl RunContext {
@@ -79,7 +84,13 @@ impl RunContext {
             cap: job.budget_usd.map(Picos::from_usd),
             lease: job.limits.lease,
             grace: job.limits.grace,
+            limits: job.limits.clone(),
+            items_per_request: job.limits.items_per_request.start.max(1) as usize,
         }
+    }
+
+    pub fn chat_items_per_request(&self) -> usize {
+        self.items_per_request
     }
 
     /// The model of a tier (0 = `model.name`, k = `model.fallback[k-1]`).

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::call::{Concluded, PreparedCall, execute};
 use super::context::RunContext;
 use super::progress::Progress;
+use super::shared_rate::SharedRate;
 use crate::pricing::Picos;
 use crate::provider::{ChatRequest, request_body, response_format};
 use crate::store::{BatchWrite, NewCall, now_ms};
@@ -30,6 +31,10 @@ pub enum Stop {
     Budget,
     /// The provider refuses every call, cannot be reached, or the database failed.
     Failed(String),
+    /// Batch mode: the wait ended with batches still at the provider.
+    Waiting,
+    /// Batch mode: past `--finish-sync-after`, the rest goes through the synchronous path.
+    FinishSync,
 }
 
 /// Failures seen before any call succeeded that mean no call ever will.
@@ -51,6 +56,8 @@ pub struct Dispatcher {
     pub fatal: Option<String>,
     /// Per in-flight call, the token that cuts it (end-of-queue cuts by the controller).
     cuts: HashMap<Ticket, CancellationToken>,
+    /// The provider account's rate, shared with other workers of the run (PostgreSQL).
+    shared_rate: SharedRate,
     successes: u64,
     unreachable_in_a_row: u32,
     refused_in_a_row: u32,
@@ -64,6 +71,8 @@ enum Dispatched {
     Sent,
     Budget,
     Empty { next_ready_at: Option<i64>, leased: u64 },
+    /// The account's shared rate is used up by all workers together: ask again after this.
+    Paced(Duration),
 }
 
 impl Dispatcher {
@@ -74,6 +83,7 @@ impl Dispatcher {
         written: Arc<Notify>,
         progress: Arc<Progress>,
     ) -> Self {
+        let shared_rate = SharedRate::new(ctx.store.as_ref(), &ctx.chat, &ctx.limits);
         Dispatcher {
             ctx,
             controller,
@@ -84,6 +94,7 @@ impl Dispatcher {
             progress,
             fatal: None,
             cuts: HashMap::new(),
+            shared_rate,
             successes: 0,
             unreachable_in_a_row: 0,
             refused_in_a_row: 0,
@@ -133,6 +144,7 @@ impl Dispatcher {
                             }
                             self.wait(None, shutdown).await?;
                         }
+                        Dispatched::Paced(wait) => self.wait(Some(self.now() + wait), shutdown).await?,
                         Dispatched::Empty { next_ready_at, leased } => {
                             if self.tasks.is_empty() && leased == 0 && next_ready_at.is_none() {
                                 break Stop::Drained;
@@ -182,11 +194,15 @@ impl Dispatcher {
 
     async fn dispatch(&mut self, items: u32, max_tokens: u32, timeout: Duration) -> anyhow::Result<Dispatched> {
         let ctx = self.ctx.clone();
+        if let Some(wait) = self.shared_rate.take(ctx.store.as_ref(), items, max_tokens).await? {
+            return Ok(Dispatched::Paced(wait));
+        }
         let claim = ctx.store.claim(&ctx.tables, ctx.run_id, &ctx.worker, items.max(1) as usize, ctx.lease).await?;
         if claim.vanished > 0 {
             self.progress.failed.fetch_add(claim.vanished, Ordering::Relaxed);
         }
         if claim.items.is_empty() {
+            self.shared_rate.unused();
             return Ok(Dispatched::Empty { next_ready_at: claim.next_ready_at, leased: claim.leased });
         }
         let mut claimed = claim.items;
@@ -195,6 +211,7 @@ impl Dispatcher {
         let rows: Vec<_> = claimed.iter().map(|c| c.item.clone()).collect();
         let per_item = f64::from(max_tokens) / f64::from(items.max(1));
         let packed = ctx.packer.pack(&rows, per_item);
+        self.shared_rate.packed(packed.items, packed.prompt_tokens, packed.prompt_tokens + u64::from(packed.max_tokens));
         if packed.items < claimed.len() {
             let rest: Vec<_> = claimed.split_off(packed.items).into_iter().map(|c| c.lease).collect();
             ctx.store.release(ctx.run_id, &rest).await?;
@@ -219,10 +236,16 @@ impl Dispatcher {
             started_at: now_ms(),
         };
         let Some(call_id) = ctx.store.reserve_call(&call, ctx.cap).await? else {
+            self.shared_rate.unused();
             let leases: Vec<_> = claimed.into_iter().map(|c| c.lease).collect();
             ctx.store.release(ctx.run_id, &leases).await?;
             return Ok(Dispatched::Budget);
         };
+        if cached.is_some() {
+            self.shared_rate.unused();
+        } else {
+            self.shared_rate.sent();
+        }
         let ticket = cached.is_none().then(|| {
             self.controller.on_sent(
                 self.now(),
@@ -253,6 +276,7 @@ impl Dispatcher {
             replay: false,
             timeout: timeout.min(ctx.chat.request_timeout),
             cut,
+            billing: ctx.price_tier,
         };
         self.tasks.spawn(execute(ctx, prepared));
         Ok(Dispatched::Sent)
@@ -267,6 +291,8 @@ impl Dispatcher {
         };
         if let Some(ticket) = concluded.ticket {
             self.cuts.remove(&ticket);
+            let observation = &concluded.observation;
+            self.shared_rate.learn(self.ctx.store.as_ref(), &observation.outcome, &observation.rate_limits).await;
             self.controller.on_outcome(self.now(), ticket, concluded.observation);
         }
         if concluded.succeeded {

@@ -2,11 +2,13 @@
 //! writer, reporter and heartbeat tasks, replay calls a crash left answered in the cache,
 //! dispatch until the queue drains or something stops the run, then record how it ended.
 
+mod batch;
 mod call;
 pub mod context;
 mod dispatch;
 pub mod policy;
 pub mod progress;
+mod shared_rate;
 mod signals;
 pub mod summary;
 mod writer;
@@ -39,6 +41,10 @@ pub struct RunOptions {
     pub limit: Option<u64>,
     /// No progress output (for `--json` consumers that also read stderr, and tests).
     pub quiet: bool,
+    /// Batch mode: how long to wait for the provider's batches (`None`: until they end).
+    pub wait: Option<Duration>,
+    /// Batch mode: after this run age, finish through the synchronous API.
+    pub finish_sync_after: Option<Duration>,
 }
 
 /// How a run ended: the summary and the exit code.
@@ -102,6 +108,14 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
 
     let mut dispatcher = dispatch::Dispatcher::new(ctx.clone(), controller, write_tx, written, progress.clone());
     let stop = match replay_lost_calls(&ctx, &mut dispatcher).await {
+        Ok(()) if chat.mode == crate::job::Mode::Batch => match run_batches(&ctx, &progress, &run, options, &shutdown).await {
+            // Past the deadline of --finish-sync-after: the rest goes out synchronously.
+            Ok(Stop::FinishSync) => {
+                tracing::info!("finishing the run through the synchronous API (--finish-sync-after)");
+                dispatcher.run(&shutdown).await
+            }
+            other => other,
+        },
         Ok(()) => dispatcher.run(&shutdown).await,
         Err(e) => Err(e),
     };
@@ -128,6 +142,12 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
             Some("the next call would pass the budget cap; raise it with --max-usd and run with --resume".to_string()),
         ),
         Stop::Failed(why) => (RunStatus::Failed, Exit::Error, Some(why.clone())),
+        Stop::Waiting => (
+            RunStatus::Waiting,
+            Exit::Waiting,
+            Some("the provider's batches are still running; collect them with --resume".to_string()),
+        ),
+        Stop::FinishSync => (RunStatus::Running, Exit::Error, Some("the synchronous finish did not run".to_string())),
     };
     // Record the end even if the database is struggling; report what could not be recorded.
     if let Err(e) = store.set_status(run.id, status, error.as_deref()).await {
@@ -159,6 +179,20 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
     // A run that drained its own share while other workers still hold items is not finished
     // yet; this worker's part is.
     Ok(RunOutcome { summary, exit })
+}
+
+/// Batch mode: the provider's batch API instead of synchronous calls.
+async fn run_batches(
+    ctx: &Arc<RunContext>,
+    progress: &Arc<progress::Progress>,
+    run: &RunRecord,
+    options: &RunOptions,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Stop> {
+    let chat = &ctx.chat;
+    let api_key = std::env::var(&chat.api_key_env).ok().filter(|k| !k.is_empty()).map(ApiKey::new);
+    let api = crate::provider::batch::client(chat.batch.dialect, &chat.base_url, api_key, chat.batch.limits)?;
+    batch::BatchRunner::new(ctx.clone(), api, progress.clone(), run.clone()).run(options, shutdown).await
 }
 
 async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tables: &Tables) -> anyhow::Result<RunRecord> {
@@ -319,6 +353,7 @@ async fn replay_lost_calls(ctx: &Arc<RunContext>, dispatcher: &mut dispatch::Dis
             replay: true,
             timeout: ctx.chat.request_timeout,
             cut: CancellationToken::new(),
+            billing: ctx.price_tier,
         };
         let concluded = call::execute(ctx.clone(), prepared).await;
         dispatcher.finish(Ok(concluded)).await?;

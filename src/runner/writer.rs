@@ -9,7 +9,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::context::RunContext;
 use super::progress::Progress;
-use crate::store::{BatchWrite, ItemChange};
+use crate::store::{BatchWrite, ItemChange, WriteReport};
 
 /// Batches that may wait for the writer; beyond this the dispatcher waits.
 pub const WRITE_QUEUE: usize = 64;
@@ -19,47 +19,53 @@ const WRITE_TRIES: u32 = 4;
 
 pub async fn write_all(ctx: Arc<RunContext>, mut batches: mpsc::Receiver<BatchWrite>, written: Arc<Notify>, progress: Arc<Progress>) {
     while let Some(batch) = batches.recv().await {
-        let mut tries = 0;
-        let report = loop {
-            tries += 1;
-            match ctx.store.write_batch(&ctx.tables, &batch).await {
-                Ok(report) => break Some(report),
-                Err(e) if tries < WRITE_TRIES => {
-                    tracing::warn!("writing a batch failed (try {tries} of {WRITE_TRIES}): {e:#}");
-                    tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(tries))).await;
-                }
-                Err(e) => {
-                    progress.fail_writer(format!("{e:#}"));
-                    break None;
-                }
-            }
-        };
-        let Some(report) = report else {
+        if write_one(&ctx, &batch, &progress).await.is_none() {
             // The database is gone: stop taking batches; their items stay leased and return to
             // the queue when the lease expires (or at once on --resume).
             written.notify_waiters();
             return;
-        };
-        progress.add_spent(if batch.settle.lost { crate::pricing::Picos::ZERO } else { batch.settle.cost });
-        let mut finished = 0;
-        for update in &batch.items {
-            let counter = match update.change {
-                ItemChange::Done { .. } => &progress.done,
-                ItemChange::Failed { .. } => &progress.failed,
-                ItemChange::Rejected { .. } => &progress.rejected,
-                ItemChange::Retry { .. } => {
-                    progress.retries.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            finished += 1;
-        }
-        let finished = finished - report.stale.min(finished);
-        progress.finished_here.fetch_add(finished, Ordering::Relaxed);
-        if report.stale > 0 {
-            tracing::warn!(stale = report.stale, "items of a batch had lost their lease: nothing written for them");
         }
         written.notify_waiters();
     }
+}
+
+/// Writes one batch (retrying a failed write a few times) and counts it in the progress.
+/// `None` when the database kept failing: the run must stop (the reason is in `progress`).
+pub async fn write_one(ctx: &RunContext, batch: &BatchWrite, progress: &Progress) -> Option<WriteReport> {
+    let mut tries = 0;
+    let report = loop {
+        tries += 1;
+        match ctx.store.write_batch(&ctx.tables, batch).await {
+            Ok(report) => break report,
+            Err(e) if tries < WRITE_TRIES => {
+                tracing::warn!("writing a batch failed (try {tries} of {WRITE_TRIES}): {e:#}");
+                tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(tries))).await;
+            }
+            Err(e) => {
+                progress.fail_writer(format!("{e:#}"));
+                return None;
+            }
+        }
+    };
+    progress.add_spent(if batch.settle.lost { crate::pricing::Picos::ZERO } else { batch.settle.cost });
+    let mut finished = 0;
+    for update in &batch.items {
+        let counter = match update.change {
+            ItemChange::Done { .. } => &progress.done,
+            ItemChange::Failed { .. } => &progress.failed,
+            ItemChange::Rejected { .. } => &progress.rejected,
+            ItemChange::Retry { .. } => {
+                progress.retries.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        finished += 1;
+    }
+    let finished = finished - report.stale.min(finished);
+    progress.finished_here.fetch_add(finished, Ordering::Relaxed);
+    if report.stale > 0 {
+        tracing::warn!(stale = report.stale, "items of a batch had lost their lease: nothing written for them");
+    }
+    Some(report)
 }

@@ -1,7 +1,12 @@
-//! A test hook: `BACKFILL_FAILPOINT_PAUSE_MS=write_batch:200` makes the store sleep 200 ms at
-//! the named point (inside the batch write transaction, before its commit), so crash tests
-//! can kill the process there. Unset, it costs one environment lookup per batch.
+//! Test hooks for crash tests, driven by the environment; unset, each costs one lookup.
+//!
+//! - `BACKFILL_FAILPOINT_PAUSE_MS=write_batch:200` sleeps 200 ms at the named point (inside the
+//!   batch write transaction, before its commit), so a test can kill the process there.
+//! - `BACKFILL_FAILPOINT_CRASH=batch_after_upload` (or `name:N` for the N-th time the point is
+//!   reached) aborts the process at the named point, as `kill -9` would, without running any
+//!   destructor or flushing anything.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub async fn pause(point: &str) {
@@ -12,5 +17,20 @@ pub async fn pause(point: &str) {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
         }
+    }
+}
+
+/// How many times a crash point named by the environment was reached.
+static HITS: AtomicU64 = AtomicU64::new(0);
+
+pub fn crash(point: &str) {
+    let Ok(spec) = std::env::var("BACKFILL_FAILPOINT_CRASH") else { return };
+    let (name, nth) = match spec.split_once(':') {
+        Some((name, n)) => (name, n.parse::<u64>().unwrap_or(1)),
+        None => (spec.as_str(), 1),
+    };
+    if name == point && HITS.fetch_add(1, Ordering::SeqCst) + 1 >= nth {
+        eprintln!("backfill: crash point {point} reached (BACKFILL_FAILPOINT_CRASH)");
+        std::process::abort();
     }
 }

@@ -7,6 +7,8 @@
 
 pub mod failpoint;
 mod model;
+pub mod postgres;
+pub mod rate;
 pub mod sqlite;
 mod worker;
 
@@ -16,6 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use model::*;
+pub use rate::{RateCaps, RateCost, RateReport, RateTake};
 pub use worker::{Worker, now_ms};
 
 use crate::ident::Ident;
@@ -138,6 +141,40 @@ pub trait Store: Send + Sync {
 
     /// Ledger rows of a run in time order (for the report's chart).
     async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>>;
+
+    /// Takes one request's cost from the provider account's rate, shared by every worker that
+    /// uses the account (see `store::rate`): zero when it may go now, else how long to wait
+    /// first (nothing is taken then; `take.correction` is applied either way). A store that
+    /// does not share runs grants everything: its one process paces itself.
+    async fn take_rate(&self, take: &RateTake) -> anyhow::Result<Duration>;
+
+    /// Publishes what a response said about the account: announced limits, a 429's pause.
+    async fn report_rate(&self, account: &str, caps: &RateCaps, report: &RateReport) -> anyhow::Result<()>;
+
+    /// Records a new provider batch of the run, in phase `preparing`.
+    async fn create_batch(&self, run_id: i64, dialect: &str) -> anyhow::Result<BatchRecord>;
+
+    /// Saves a batch's phase, provider ids, counts and polling schedule.
+    async fn update_batch(&self, batch: &BatchRecord) -> anyhow::Result<()>;
+
+    /// The run's provider batches, oldest first.
+    async fn batches(&self, run_id: i64) -> anyhow::Result<Vec<BatchRecord>>;
+
+    /// Keeps (or, with `None`, forgets) a batch's request lines until the provider has created
+    /// the batch, so a resumed run can submit exactly what was prepared.
+    async fn set_batch_input(&self, batch_id: i64, jsonl: Option<&[u8]>) -> anyhow::Result<()>;
+
+    async fn batch_input(&self, batch_id: i64) -> anyhow::Result<Option<Vec<u8>>>;
+
+    /// Hands leased items over to `owner`, which holds them without expiry (a provider batch
+    /// can take a day). Returns how many were handed over.
+    async fn hold(&self, run_id: i64, leases: &[Lease], owner: &str) -> anyhow::Result<u64>;
+
+    /// Items leased to `owner`.
+    async fn held(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<HeldItem>>;
+
+    /// Ledger rows recorded under `owner` (`NewCall::worker`), in id order.
+    async fn calls_of(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<OwnedCall>>;
 }
 
 /// Opens the store for reading only (`status`, `report`, `run --dry-run`): on SQLite the file
@@ -154,10 +191,11 @@ pub async fn open_read_only(url: &DatabaseUrl) -> anyhow::Result<Arc<dyn Store>>
 pub async fn open(url: &DatabaseUrl) -> anyhow::Result<Arc<dyn Store>> {
     if url.is_sqlite() {
         Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else if url.is_postgres() {
+        Ok(Arc::new(postgres::PgStore::open(url).await?))
     } else {
         anyhow::bail!(crate::exit::UsageError(format!(
-            "{}: only sqlite:// databases are supported by this build",
-            url
+            "{url}: not a database URL backfill knows; use sqlite://path.db or postgres://user@host/db"
         )))
     }
 }

@@ -22,6 +22,8 @@ pub enum RunStatus {
     Finished,
     /// Given up on purpose with `backfill abandon`.
     Abandoned,
+    /// Batch mode: left while the provider's batches run; `--resume` collects them.
+    Waiting,
 }
 
 impl RunStatus {
@@ -33,6 +35,7 @@ impl RunStatus {
             RunStatus::Failed => "failed",
             RunStatus::Finished => "finished",
             RunStatus::Abandoned => "abandoned",
+            RunStatus::Waiting => "waiting",
         }
     }
 
@@ -43,6 +46,7 @@ impl RunStatus {
             "failed" => RunStatus::Failed,
             "finished" => RunStatus::Finished,
             "abandoned" => RunStatus::Abandoned,
+            "waiting" => RunStatus::Waiting,
             _ => RunStatus::Running,
         }
     }
@@ -322,6 +326,8 @@ pub struct WorkerRow {
     pub heartbeat_at: i64,
     pub alive: bool,
     pub items_done: u64,
+    /// Calls the worker made (its share of the requests).
+    pub calls: u64,
 }
 
 /// Everything `status` shows.
@@ -339,6 +345,8 @@ pub struct StatusReport {
     pub history: Vec<(RunRecord, Picos)>,
     /// Every run of the job together.
     pub job_totals: JobTotals,
+    /// The run's provider batches (batch mode), oldest first.
+    pub batches: Vec<BatchRecord>,
 }
 
 /// One ledger row, for charts.
@@ -352,4 +360,111 @@ pub struct CallRow {
     pub concurrency: Option<u32>,
     pub cost: Picos,
     pub model: String,
+}
+
+/// Where a provider batch of a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchPhase {
+    /// Requests are being packed and reserved; nothing has left this machine.
+    Preparing,
+    /// The request file is at the provider; no batch was created from it yet.
+    Uploaded,
+    /// The batch is being created at the provider (it may exist if the process died here).
+    Creating,
+    /// Created at the provider: polled until it ends.
+    Submitted,
+    /// Ended at the provider (completed, expired, cancelled or failed): results to collect.
+    Ended,
+    /// Every request's result is in the ledger.
+    Collected,
+    /// Given up before it was created at the provider: nothing was sent or billed.
+    Discarded,
+}
+
+impl BatchPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchPhase::Preparing => "preparing",
+            BatchPhase::Uploaded => "uploaded",
+            BatchPhase::Creating => "creating",
+            BatchPhase::Submitted => "submitted",
+            BatchPhase::Ended => "ended",
+            BatchPhase::Collected => "collected",
+            BatchPhase::Discarded => "discarded",
+        }
+    }
+
+    pub fn parse(s: &str) -> BatchPhase {
+        match s {
+            "uploaded" => BatchPhase::Uploaded,
+            "creating" => BatchPhase::Creating,
+            "submitted" => BatchPhase::Submitted,
+            "ended" => BatchPhase::Ended,
+            "collected" => BatchPhase::Collected,
+            "discarded" => BatchPhase::Discarded,
+            _ => BatchPhase::Preparing,
+        }
+    }
+
+    /// Not yet collected or discarded.
+    pub fn is_open(self) -> bool {
+        !matches!(self, BatchPhase::Collected | BatchPhase::Discarded)
+    }
+}
+
+/// A provider batch (OpenAI Batch API, Anthropic Message Batches) of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchRecord {
+    pub id: i64,
+    pub run_id: i64,
+    /// openai | anthropic
+    pub dialect: String,
+    pub phase: BatchPhase,
+    /// The provider's own status word (validating, in_progress, ended, expired, …).
+    pub provider_status: Option<String>,
+    pub input_file_id: Option<String>,
+    pub provider_batch_id: Option<String>,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub results_url: Option<String>,
+    pub requests: u64,
+    pub bytes: u64,
+    /// Requests the provider reports finished and failed.
+    pub completed: u64,
+    pub failed: u64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub submitted_at: Option<i64>,
+    pub ended_at: Option<i64>,
+    /// When to poll next (ms) and the current interval, which backs off.
+    pub next_poll_at: i64,
+    pub poll_interval_ms: i64,
+    pub error: Option<String>,
+}
+
+impl BatchRecord {
+    /// The owner name its items are held under and its calls are recorded under.
+    pub fn owner(&self) -> String {
+        format!("batch:{}", self.id)
+    }
+}
+
+/// A ledger row of a call recorded under one owner (a provider batch's requests).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnedCall {
+    pub call_id: i64,
+    pub model: String,
+    pub item_ids: Vec<String>,
+    /// Still `reserved`: no result recorded yet.
+    pub open: bool,
+    pub estimated: Picos,
+    pub request_hash: Option<String>,
+}
+
+/// An item leased to an owner, with the token its writes are fenced by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldItem {
+    pub lease: Lease,
+    pub attempts: u32,
+    pub tier: u32,
 }

@@ -203,12 +203,49 @@ async fn abandon_lets_a_new_run_start() {
     fx.write_job(&fake.base_url(), "", "", "");
     let mut child = spawn_run(&fx, &[], &[]);
     until_requests(&fake, 1).await;
+    // Not while a process works on it.
+    let refused = backfill_async(fx.dir.path(), &["abandon", fx.job.to_str().unwrap()], &[]).await;
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("being worked on") && stderr(&refused).contains("stop it first"), "{}", stderr(&refused));
     child.kill().unwrap();
     child.wait().unwrap();
     let abandoned = backfill_async(fx.dir.path(), &["abandon", fx.job.to_str().unwrap()], &[]).await;
     assert_eq!(abandoned.status.code(), Some(0), "{}", stderr(&abandoned));
+    // The killed process's calls in flight count as possibly billed; nothing stays leased.
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE run_id = 1 AND state = 'reserved'").await, 0);
+    assert!(scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE run_id = 1 AND state = 'lost'").await >= 1);
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_items WHERE run_id = 1 AND state = 'leased'").await, 0);
     let fresh = wait(spawn_run(&fx, &[], &[])).await;
     assert_eq!(fresh.status.code(), Some(0), "{}", stderr(&fresh));
     assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_runs").await, 2);
     assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 20);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identical_request_is_answered_from_the_cache_unless_no_cache() {
+    let fx = Fixture::new(40).await;
+    let fake = FakeProvider::start(vec![], vec![], 56).await;
+    // One request at a time in a fixed size, so the second run packs exactly the same prompts.
+    fx.write_job(&fake.base_url(), "", "items_per_request = { start = 10, min = 10, max = 10 }\nconcurrency = { start = 1, min = 1, max = 1 }", "");
+    let first = wait(spawn_run(&fx, &[], &[])).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let sent = fake.records().len();
+    assert_eq!(sent, 4);
+
+    // The outputs are lost (say, the target column was cleared): the same requests again.
+    let pool = fx.pool().await;
+    sqlx::query("UPDATE items SET summary = NULL").execute(&pool).await.unwrap();
+    pool.close().await;
+    let second = wait(spawn_run(&fx, &[], &[])).await;
+    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
+    assert_eq!(fake.records().len(), sent, "an answer already paid for was bought again");
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE run_id = 2 AND outcome = 'cached' AND cost_picos = 0").await, 4);
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 40);
+
+    let pool = fx.pool().await;
+    sqlx::query("UPDATE items SET summary = NULL").execute(&pool).await.unwrap();
+    pool.close().await;
+    let third = wait(spawn_run(&fx, &["--no-cache"], &[])).await;
+    assert_eq!(third.status.code(), Some(0), "{}", stderr(&third));
+    assert_eq!(fake.records().len(), sent * 2, "--no-cache sends every request");
 }

@@ -4,11 +4,18 @@
 mod support;
 
 mod budget;
+mod batch;
+mod conformance;
 mod crash;
 mod dry_run;
 mod job_errors;
 mod ledger;
 mod llama;
+mod llmock;
 mod pipeline;
 mod report;
+mod postgres;
+mod postprocess;
 mod secrets;
+mod storage_faults;
+mod workers;

@@ -19,10 +19,10 @@ const SETTLE_SHARE_OF_ADMITTED: f64 = 0.97;
 /// Time constant of the approach to the settle target.
 const RECOVER_TIME_CONSTANT: Duration = Duration::from_secs(2);
 /// How long to stay at the settle target before probing above it.
-const HOLD: Duration = Duration::from_secs(6);
+const HOLD: Duration = Duration::from_secs(2);
 /// Probe growth starts at this rate per second and doubles every `PROBE_DOUBLING`.
-const PROBE_INITIAL_GROWTH: f64 = 0.02;
-const PROBE_DOUBLING: Duration = Duration::from_secs(4);
+const PROBE_INITIAL_GROWTH: f64 = 0.05;
+const PROBE_DOUBLING: Duration = Duration::from_secs(2);
 const PROBE_MAX_GROWTH: f64 = 0.25;
 const MINIMUM_RATE: f64 = 0.01;
 

@@ -99,6 +99,7 @@ pub(super) async fn write_batch(store: &SqliteStore, tables: &Tables, batch: &Ba
         }
     }
     crate::store::failpoint::pause("write_batch").await;
+    crate::store::failpoint::crash("write_batch");
     tx.commit().await.map_err(|e| store.err(e))?;
     Ok(report)
 }

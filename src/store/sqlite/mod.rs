@@ -1,6 +1,7 @@
 //! The SQLite store: WAL, a busy timeout, and `BEGIN IMMEDIATE` for every write transaction so
 //! writers queue on the database lock instead of failing on a lock upgrade.
 
+mod batches;
 mod ledger;
 mod queue;
 mod report;
@@ -33,8 +34,10 @@ fn busy_timeout() -> Duration {
         .unwrap_or(BUSY_TIMEOUT)
 }
 
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "runner tables", include_str!("../../../migrations/sqlite/0001_runner_tables.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "runner tables", include_str!("../../../migrations/sqlite/0001_runner_tables.sql")),
+    (2, "provider batches", include_str!("../../../migrations/sqlite/0002_batches.sql")),
+];
 
 /// How ids of a run's source table are bound: as integers or as text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,9 +137,12 @@ pub(crate) fn database_error(e: sqlx::Error, path: &std::path::Path) -> anyhow::
     let lower = message.to_lowercase();
     let hint = if lower.contains("database is locked") || lower.contains("database is busy") {
         Some(format!(
-            "SQLite database {shown} stayed locked by another program for {:.0}s; \
+            "SQLite database {shown} stayed locked by another program for {waited}; \
              close the program holding it (or wait) and run again with --resume",
-            busy_timeout().as_secs_f64()
+            waited = match busy_timeout().as_secs_f64() {
+                s if s < 10.0 => format!("{s:.1}s"),
+                s => format!("{s:.0}s"),
+            }
         ))
     } else if lower.contains("disk is full") || lower.contains("database or disk is full") {
         Some(format!("the disk holding {shown} is full; free space and run again with --resume"))
@@ -345,5 +351,46 @@ impl Store for SqliteStore {
 
     async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>> {
         report::calls(self, run_id).await
+    }
+
+    /// One process owns a SQLite run and its controller paces it: nothing to share.
+    async fn take_rate(&self, _take: &RateTake) -> anyhow::Result<Duration> {
+        Ok(Duration::ZERO)
+    }
+
+    async fn report_rate(&self, _account: &str, _caps: &RateCaps, _report: &RateReport) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn create_batch(&self, run_id: i64, dialect: &str) -> anyhow::Result<BatchRecord> {
+        batches::create_batch(self, run_id, dialect).await
+    }
+
+    async fn update_batch(&self, batch: &BatchRecord) -> anyhow::Result<()> {
+        batches::update_batch(self, batch).await
+    }
+
+    async fn batches(&self, run_id: i64) -> anyhow::Result<Vec<BatchRecord>> {
+        batches::batches(self, run_id).await
+    }
+
+    async fn set_batch_input(&self, batch_id: i64, jsonl: Option<&[u8]>) -> anyhow::Result<()> {
+        batches::set_batch_input(self, batch_id, jsonl).await
+    }
+
+    async fn batch_input(&self, batch_id: i64) -> anyhow::Result<Option<Vec<u8>>> {
+        batches::batch_input(self, batch_id).await
+    }
+
+    async fn hold(&self, run_id: i64, leases: &[Lease], owner: &str) -> anyhow::Result<u64> {
+        batches::hold(self, run_id, leases, owner).await
+    }
+
+    async fn held(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<HeldItem>> {
+        batches::held(self, run_id, owner).await
+    }
+
+    async fn calls_of(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<OwnedCall>> {
+        batches::calls_of(self, run_id, owner).await
     }
 }

@@ -87,9 +87,10 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
         last_finished_at: last,
     };
     let now = now_ms();
-    let workers: Vec<(String, i64, i64, i64, Option<i64>, i64)> = sqlx::query_as(
+    let workers: Vec<(String, i64, i64, i64, Option<i64>, i64, i64)> = sqlx::query_as(
         "SELECT w.worker, w.attached_at, w.heartbeat_at, w.expires_at, w.detached_at, \
-         (SELECT COUNT(*) FROM backfill_items i WHERE i.run_id = w.run_id AND i.done_by = w.worker) \
+         (SELECT COUNT(*) FROM backfill_items i WHERE i.run_id = w.run_id AND i.done_by = w.worker), \
+         (SELECT COUNT(*) FROM backfill_calls c WHERE c.run_id = w.run_id AND c.worker = w.worker) \
          FROM backfill_workers w WHERE w.run_id = ? ORDER BY w.attached_at",
     )
     .bind(run_id)
@@ -98,12 +99,13 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
     .map_err(e)?;
     let workers = workers
         .into_iter()
-        .map(|(worker, attached_at, heartbeat_at, expires_at, detached, done)| WorkerRow {
+        .map(|(worker, attached_at, heartbeat_at, expires_at, detached, done, calls)| WorkerRow {
             worker,
             attached_at,
             heartbeat_at,
             alive: detached.is_none() && expires_at > now,
             items_done: done as u64,
+            calls: calls as u64,
         })
         .collect();
     let job_totals = job_totals(store, job).await?;
@@ -121,6 +123,7 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
         workers,
         history,
         job_totals,
+        batches: super::batches::batches(store, run_id).await?,
     }))
 }
 

@@ -153,7 +153,7 @@ impl Respond for Responder {
             }
         };
         let prompt = Prompt { system, user };
-        let (template, usage, reported_cost) = answer(&reply, &items, &prompt);
+        let (template, usage, reported_cost) = answer_to(&reply, &items, &prompt);
         let (low, high) = self.0.latency_ms;
         let template = if high > 0 && !matches!(reply, Reply::Hang(_)) {
             let ms = { self.0.script.lock().unwrap().rng.as_mut().map(|r| r.u64(low..=high)).unwrap_or(low) };
@@ -174,7 +174,7 @@ impl Respond for Responder {
 }
 
 /// `(id, title, body)` of each item line in the prompt.
-fn items_in(user: &str) -> Vec<(String, String, String)> {
+pub fn items_in(user: &str) -> Vec<(String, String, String)> {
     user.lines()
         .filter_map(|line| serde_json::from_str::<Value>(line.trim_end_matches(',')).ok())
         .filter_map(|v| {
@@ -232,7 +232,13 @@ pub fn padded(text: &str, tokens: usize) -> String {
     out
 }
 
-fn answer(reply: &Reply, items: &[(String, String, String)], user: &Prompt) -> Answer {
+/// The answer to a request whose last message is `user` (no system message counted).
+pub(crate) fn answer(reply: &Reply, items: &[(String, String, String)], user: &str) -> (ResponseTemplate, Option<(i64, i64, i64)>) {
+    let (template, usage, _) = answer_to(reply, items, &Prompt { system: None, user });
+    (template, usage)
+}
+
+fn answer_to(reply: &Reply, items: &[(String, String, String)], user: &Prompt) -> Answer {
     let outputs = |items: &[(String, String, String)]| -> serde_json::Map<String, Value> {
         items.iter().map(|(id, title, body)| (id.clone(), Value::String(expected_output(id, title, body)))).collect()
     };

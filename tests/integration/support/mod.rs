@@ -1,7 +1,10 @@
 //! Test helpers: a fixture (temp dir, SQLite source table, job file), running the binary, and
 //! the fake provider.
 
+pub mod batch_fake;
 pub mod fake;
+pub mod limited;
+pub mod pg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -64,7 +67,7 @@ template = "prompt.md"
 [model]
 base_url = "{base_url}"
 name = "fake-model"
-structured_output = "json_schema"
+{structured}
 max_output_tokens_per_item = 60
 {timeout}
 {model_extra}
@@ -73,17 +76,21 @@ max_output_tokens_per_item = 60
 input = 0.15
 output = 0.60
 cached_input = 0.075
+batch_input = 0.075
+batch_output = 0.30
 
 [limits]
 {items}
 {concurrency}
-max_attempts = 4
+{attempts}
 {limits_extra}
 {tail}
 "#,
             db = self.db.display(),
             items = if limits_extra.contains("items_per_request") { "" } else { "items_per_request = { start = 10, min = 1, max = 20 }" },
             timeout = if model_extra.contains("request_timeout_s") { "" } else { "request_timeout_s = 5" },
+            structured = if model_extra.contains("structured_output") { "" } else { "structured_output = \"json_schema\"" },
+            attempts = if limits_extra.contains("max_attempts") { "" } else { "max_attempts = 4" },
             concurrency = if limits_extra.contains("concurrency") { "" } else { "concurrency = { start = 4, min = 1, max = 8 }" },
         );
         std::fs::write(&self.job, text).unwrap();
@@ -178,4 +185,9 @@ pub async fn assert_ledger_matches(fx: &Fixture, fake: &FakeProvider) {
     let (_, ledger_prompt, ledger_completion, ledger_cost) = fx.ledger_totals().await;
     assert_eq!((ledger_prompt, ledger_completion), (prompt, completion), "ledger tokens differ from the provider's usage");
     assert_eq!(ledger_cost, cost, "ledger cost differs from usage × price");
+}
+
+/// Exact cost in picos of `usage` at the fixture's batch prices (0.075 / 0.30 USD per M).
+pub fn fixture_batch_cost(prompt: i64, completion: i64, cached: i64) -> i64 {
+    (prompt - cached) * 75_000 + cached * 75_000 + completion * 300_000
 }

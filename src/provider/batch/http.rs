@@ -1,0 +1,96 @@
+//! HTTP for the batch APIs: the job's base URL, the provider's authentication headers, and
+//! every non-2xx answer classified like a chat call's.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::Dialect;
+use crate::provider::CallError;
+use crate::secret::ApiKey;
+
+/// Anthropic's API version header value.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+pub struct Http {
+    client: reqwest::Client,
+    base: String,
+    api_key: Option<ApiKey>,
+    dialect: Dialect,
+}
+
+impl Http {
+    pub fn new(base_url: &str, api_key: Option<ApiKey>, dialect: Dialect, timeout: Duration) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(timeout)
+            .user_agent(concat!("backfill/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { client, base: base_url.trim_end_matches('/').to_owned(), api_key, dialect })
+    }
+
+    /// `path` below the base URL (`/batches`), or a full URL the provider gave (`results_url`).
+    fn url(&self, path: &str) -> String {
+        if path.starts_with("http://") || path.starts_with("https://") { path.to_owned() } else { format!("{}{path}", self.base) }
+    }
+
+    fn authorised(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match (&self.api_key, self.dialect) {
+            (Some(key), Dialect::OpenAi) => request.bearer_auth(key.expose()),
+            (Some(key), Dialect::Anthropic) => request.header("x-api-key", key.expose()).header("anthropic-version", ANTHROPIC_VERSION),
+            (None, Dialect::Anthropic) => request.header("anthropic-version", ANTHROPIC_VERSION),
+            (None, Dialect::OpenAi) => request,
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<String, CallError> {
+        let response = self.authorised(request).send().await.map_err(|e| CallError::from_transport(&e))?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .filter(|(n, _)| n.starts_with("retry-after") || n.contains("ratelimit"))
+            .collect();
+        let text = response.text().await.map_err(|e| CallError::from_transport(&e))?;
+        if !(200..300).contains(&status) {
+            return Err(CallError::from_status(status, &headers, &text));
+        }
+        Ok(text)
+    }
+
+    fn json(text: &str) -> Result<Value, CallError> {
+        serde_json::from_str(text).map_err(|e| CallError::BadOutput {
+            reason: format!("the batch API answered with something that is not JSON: {e}"),
+            status: 200,
+            body: text.chars().take(2000).collect(),
+        })
+    }
+
+    pub async fn get_json(&self, path: &str) -> Result<Value, CallError> {
+        Self::json(&self.send(self.client.get(self.url(path))).await?)
+    }
+
+    pub async fn get_text(&self, path: &str) -> Result<String, CallError> {
+        self.send(self.client.get(self.url(path))).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value, CallError> {
+        Self::json(&self.send(self.client.post(self.url(path)).json(body)).await?)
+    }
+
+    /// A JSON body already serialised (large inline batches are not parsed twice).
+    pub async fn post_raw_json(&self, path: &str, body: Vec<u8>) -> Result<Value, CallError> {
+        let request = self.client.post(self.url(path)).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        Self::json(&self.send(request).await?)
+    }
+
+    pub async fn post_file(&self, path: &str, purpose: &str, file_name: &str, bytes: Vec<u8>) -> Result<Value, CallError> {
+        let part = reqwest::multipart::Part::bytes(bytes)
+            .file_name(file_name.to_owned())
+            .mime_str("application/jsonl")
+            .map_err(|e| CallError::from_transport(&e))?;
+        let form = reqwest::multipart::Form::new().text("purpose", purpose.to_owned()).part("file", part);
+        Self::json(&self.send(self.client.post(self.url(path)).multipart(form)).await?)
+    }
+}

@@ -1,0 +1,163 @@
+//! OpenAI's Batch API: upload a JSONL file (`purpose = batch`), create a batch on
+//! `/v1/chat/completions` with a 24-hour window, poll it, and read its output and error files.
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use super::http::Http;
+use super::{BatchApi, BatchLimits, BatchStatus, Dialect, RequestResult, ResultLine};
+use crate::provider::{CallError, ChatRequest};
+
+pub struct OpenAiBatches {
+    http: Http,
+    limits: BatchLimits,
+}
+
+impl OpenAiBatches {
+    pub(super) fn new(http: Http, limits: BatchLimits) -> Self {
+        Self { http, limits }
+    }
+}
+
+fn text(value: &Value, key: &str) -> Option<String> {
+    value.get(key).and_then(Value::as_str).map(str::to_owned)
+}
+
+fn id_of(value: &Value, what: &str) -> Result<String, CallError> {
+    text(value, "id").ok_or_else(|| CallError::BadOutput {
+        reason: format!("the {what} answer has no `id`"),
+        status: 200,
+        body: value.to_string().chars().take(500).collect(),
+    })
+}
+
+/// One line of an output or error file.
+fn result_line(value: &Value) -> Option<ResultLine> {
+    let custom_id = text(value, "custom_id")?;
+    let response = value.get("response").filter(|r| r.is_object());
+    let error = value.get("error").filter(|e| e.is_object());
+    let result = match (response, error) {
+        (Some(response), _) => {
+            let status = response.get("status_code").and_then(Value::as_u64).unwrap_or(0) as u16;
+            let body = response.get("body").cloned().unwrap_or(Value::Null);
+            if (200..300).contains(&status) {
+                RequestResult::Answered { body: body.to_string() }
+            } else {
+                let message = body
+                    .get("error")
+                    .and_then(|e| e.get("message"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| body.to_string());
+                RequestResult::Failed { status: Some(status), message }
+            }
+        }
+        (None, Some(error)) => {
+            let code = text(error, "code").unwrap_or_default();
+            let message = text(error, "message").unwrap_or_else(|| code.clone());
+            match code.as_str() {
+                "batch_expired" | "batch_cancelled" => RequestResult::NotRun { why: message },
+                _ => RequestResult::Failed { status: None, message },
+            }
+        }
+        (None, None) => RequestResult::Failed { status: None, message: "the result line has neither a response nor an error".into() },
+    };
+    Some(ResultLine { custom_id, result })
+}
+
+fn parse_lines(text: &str) -> Vec<ResultLine> {
+    text.lines().filter(|l| !l.trim().is_empty()).filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter_map(|v| result_line(&v)).collect()
+}
+
+#[async_trait]
+impl BatchApi for OpenAiBatches {
+    fn dialect(&self) -> Dialect {
+        Dialect::OpenAi
+    }
+
+    fn limits(&self) -> BatchLimits {
+        self.limits
+    }
+
+    fn line(&self, custom_id: &str, request: &ChatRequest) -> String {
+        json!({ "custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": request }).to_string()
+    }
+
+    async fn upload(&self, jsonl: &[u8]) -> Result<Option<String>, CallError> {
+        let file = self.http.post_file("/files", "batch", "backfill-batch.jsonl", jsonl.to_vec()).await?;
+        Ok(Some(id_of(&file, "file upload")?))
+    }
+
+    async fn create(&self, file_id: Option<&str>, _jsonl: &[u8], tag: &str) -> Result<String, CallError> {
+        let body = json!({
+            "input_file_id": file_id.unwrap_or_default(),
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": { "backfill": tag },
+        });
+        id_of(&self.http.post_json("/batches", &body).await?, "batch creation")
+    }
+
+    async fn find(&self, file_id: Option<&str>, tag: &str, _since_ms: i64, _requests: u64) -> Result<Option<String>, CallError> {
+        let listing = self.http.get_json("/batches?limit=100").await?;
+        let found = listing.get("data").and_then(Value::as_array).into_iter().flatten().find(|b| {
+            let same_file = file_id.is_some() && text(b, "input_file_id").as_deref() == file_id;
+            let same_tag = b.get("metadata").and_then(|m| m.get("backfill")).and_then(Value::as_str) == Some(tag);
+            same_file || same_tag
+        });
+        Ok(found.and_then(|b| text(b, "id")))
+    }
+
+    async fn status(&self, batch_id: &str) -> Result<BatchStatus, CallError> {
+        let b = self.http.get_json(&format!("/batches/{batch_id}")).await?;
+        let status = text(&b, "status").unwrap_or_default();
+        let count = |key: &str| b.get("request_counts").and_then(|c| c.get(key)).and_then(Value::as_u64).unwrap_or(0);
+        let errors = b.get("errors").and_then(|e| e.get("data")).and_then(Value::as_array).filter(|d| !d.is_empty()).map(|d| {
+            d.iter().filter_map(|e| text(e, "message")).collect::<Vec<_>>().join("; ")
+        });
+        Ok(BatchStatus {
+            ended: matches!(status.as_str(), "completed" | "failed" | "expired" | "cancelled"),
+            status,
+            total: count("total"),
+            completed: count("completed"),
+            failed: count("failed"),
+            output_file_id: text(&b, "output_file_id"),
+            error_file_id: text(&b, "error_file_id"),
+            results_url: None,
+            errors,
+        })
+    }
+
+    async fn results(&self, _batch_id: &str, status: &BatchStatus) -> Result<Vec<ResultLine>, CallError> {
+        let mut lines = Vec::new();
+        for file in [&status.output_file_id, &status.error_file_id].into_iter().flatten() {
+            lines.extend(parse_lines(&self.http.get_text(&format!("/files/{file}/content")).await?));
+        }
+        Ok(lines)
+    }
+
+    async fn cancel(&self, batch_id: &str) -> Result<(), CallError> {
+        self.http.post_json(&format!("/batches/{batch_id}/cancel"), &json!({})).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_and_error_lines_are_told_apart() {
+        let text = r#"{"id":"r1","custom_id":"call-1","response":{"status_code":200,"body":{"choices":[]}},"error":null}
+{"id":"r2","custom_id":"call-2","response":{"status_code":400,"body":{"error":{"message":"bad schema"}}},"error":null}
+{"id":"r3","custom_id":"call-3","response":null,"error":{"code":"batch_expired","message":"not run in time"}}
+{"id":"r4","custom_id":"call-4","response":null,"error":{"code":"server_error","message":"boom"}}
+"#;
+        let lines = parse_lines(text);
+        assert_eq!(lines.len(), 4);
+        assert!(matches!(&lines[0].result, RequestResult::Answered { body } if body.contains("choices")));
+        assert_eq!(lines[1].result, RequestResult::Failed { status: Some(400), message: "bad schema".into() });
+        assert!(matches!(&lines[2].result, RequestResult::NotRun { .. }));
+        assert_eq!(lines[3].result, RequestResult::Failed { status: None, message: "boom".into() });
+    }
+}

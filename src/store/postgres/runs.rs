@@ -1,0 +1,340 @@
+//! Runs and the workers attached to them: creation with enqueueing (one per job at a time, even
+//! when several workers start at once), attachment, heartbeats that re-attach a worker others
+//! had given up on, and recovery of what dead workers held, by any live worker.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, Row, Transaction};
+
+use super::{PgStore, db_now_ms, source};
+use crate::store::{Attach, Created, NewRun, Recovered, RunRecord, RunStatus, Tables, Worker, now_ms};
+
+const RUN_COLUMNS: &str = "id, job, status, target, total_items, max_usd, created_at, updated_at, \
+                           finished_at, controller_state, last_error";
+
+pub(super) fn run_from_row(row: &PgRow) -> Result<RunRecord, sqlx::Error> {
+    Ok(RunRecord {
+        id: row.try_get("id")?,
+        job: row.try_get("job")?,
+        status: RunStatus::parse(&row.try_get::<String, _>("status")?),
+        target: row.try_get("target")?,
+        total_items: row.try_get::<i64, _>("total_items")?.max(0) as u64,
+        max_usd: row.try_get("max_usd")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        finished_at: row.try_get("finished_at")?,
+        controller_state: row.try_get("controller_state")?,
+        last_error: row.try_get("last_error")?,
+    })
+}
+
+pub(super) async fn latest_run(store: &PgStore, job: &str) -> anyhow::Result<Option<RunRecord>> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = $1 ORDER BY id DESC LIMIT 1");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(job)
+        .fetch_optional(&store.pool)
+        .await
+        .map_err(|e| store.err(e))?;
+    row.as_ref().map(run_from_row).transpose().map_err(|e| store.err(e))
+}
+
+pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -> anyhow::Result<Created> {
+    let id_type = source::id_type(store, tables).await?;
+    let mut tx = store.begin().await?;
+    // Workers of one job starting at the same moment queue here, so only one creates the run.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('backfill run of ' || $1, 0))")
+        .bind(&new.job)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    let sql = format!(
+        "SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = $1 \
+         AND status NOT IN ('finished', 'abandoned') ORDER BY id DESC LIMIT 1"
+    );
+    let existing = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&new.job)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    if let Some(row) = existing {
+        return Ok(Created::Existing(run_from_row(&row).map_err(|e| store.err(e))?));
+    }
+    let now = now_ms();
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO backfill_runs (job, status, target, id_kind, total_items, max_usd, created_at, updated_at) \
+         VALUES ($1, 'running', $2, $3, 0, $4, $5, $5) RETURNING id",
+    )
+    .bind(&new.job)
+    .bind(&new.target)
+    .bind(&id_type)
+    .bind(new.max_usd)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    let total = source::enqueue(&mut tx, tables, id, new.limit, now).await.map_err(|e| store.err(e))?;
+    let sql = format!("UPDATE backfill_runs SET total_items = $1 WHERE id = $2 RETURNING {RUN_COLUMNS}");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(total as i64)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    let run = run_from_row(&row).map_err(|e| store.err(e))?;
+    tx.commit().await.map_err(|e| store.err(e))?;
+    store.id_types.lock().expect("id type cache").insert(id, id_type);
+    Ok(Created::New(run))
+}
+
+pub(super) async fn attach(
+    store: &PgStore,
+    run_id: i64,
+    worker: &Worker,
+    lease: Duration,
+    exclusive: bool,
+) -> anyhow::Result<Attach> {
+    let mut tx = store.begin().await?;
+    // Attachments of one run are serialised by the run's row lock.
+    let now: i64 = sqlx::query_scalar(concat!("SELECT ", db_now_ms!(), " FROM backfill_runs WHERE id = $1 FOR UPDATE"))
+        .bind(run_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    if exclusive {
+        let others: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT worker, expires_at FROM backfill_workers \
+             WHERE run_id = $1 AND detached_at IS NULL AND worker <> $2",
+        )
+        .bind(run_id)
+        .bind(&worker.id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+        for (other, expires_at) in &others {
+            if *expires_at > now && !worker.proves_gone(other) {
+                return Ok(Attach::Busy { worker: other.clone(), seconds_left: (*expires_at - now) as f64 / 1000.0 });
+            }
+        }
+    }
+    upsert_worker(store, &mut tx, run_id, worker, lease).await?;
+    let recovered = recover(store, &mut tx, run_id, worker).await?;
+    sqlx::query("UPDATE backfill_runs SET status = 'running', updated_at = $1, last_error = NULL WHERE id = $2")
+        .bind(now_ms())
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    tx.commit().await.map_err(|e| store.err(e))?;
+    Ok(Attach::Attached(recovered))
+}
+
+async fn upsert_worker(
+    store: &PgStore,
+    tx: &mut Transaction<'static, Postgres>,
+    run_id: i64,
+    worker: &Worker,
+    lease: Duration,
+) -> anyhow::Result<()> {
+    sqlx::query(concat!(
+        "INSERT INTO backfill_workers (run_id, worker, host, pid, attached_at, heartbeat_at, expires_at) \
+         SELECT $1, $2, $3, $4, t.now, t.now, t.now + $5 FROM (SELECT ",
+        db_now_ms!(),
+        " AS now) t \
+         ON CONFLICT (run_id, worker) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, \
+         expires_at = excluded.expires_at, detached_at = NULL"
+    ))
+    .bind(run_id)
+    .bind(&worker.id)
+    .bind(&worker.host)
+    .bind(worker.pid as i64)
+    .bind(lease.as_millis() as i64)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    Ok(())
+}
+
+/// Returns what gone workers held to the queue: leases that expired, and the leases and calls
+/// of workers that detached, stopped heartbeating, or are provably dead on this host. Every
+/// update says what it changed (`RETURNING`), so two workers recovering at once never count
+/// the same call's money twice.
+pub(super) async fn recover(
+    store: &PgStore,
+    tx: &mut Transaction<'static, Postgres>,
+    run_id: i64,
+    me: &Worker,
+) -> anyhow::Result<Recovered> {
+    let rows: Vec<(String, i64, Option<i64>, i64)> = sqlx::query_as(concat!(
+        "SELECT worker, expires_at, detached_at, ",
+        db_now_ms!(),
+        " FROM backfill_workers WHERE run_id = $1"
+    ))
+    .bind(run_id)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    let gone: Vec<String> = rows
+        .into_iter()
+        .filter(|(w, expires_at, detached, now)| {
+            w != &me.id && (detached.is_some() || *expires_at <= *now || me.proves_gone(w))
+        })
+        .map(|(w, _, _, _)| w)
+        .collect();
+    let mut recovered = Recovered::default();
+    // Not an attempt of the items: the process died, not the item.
+    let expired = sqlx::query(concat!(
+        "UPDATE backfill_items SET state = 'pending', lease_owner = NULL, lease_token = NULL, \
+         lease_expires_at = NULL, updated_at = $1 \
+         WHERE run_id = $2 AND state = 'leased' AND (lease_expires_at <= ",
+        db_now_ms!(),
+        " OR lease_owner = ANY($3))"
+    ))
+    .bind(now_ms())
+    .bind(run_id)
+    .bind(&gone)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    recovered.items += expired.rows_affected();
+    if gone.is_empty() {
+        return Ok(recovered);
+    }
+    let lost: Vec<i64> = sqlx::query_scalar(
+        "UPDATE backfill_calls SET state = 'lost', outcome = 'lost', \
+         error = 'in flight when its worker stopped; possibly billed' \
+         WHERE run_id = $1 AND state = 'reserved' AND worker = ANY($2) RETURNING estimated_picos",
+    )
+    .bind(run_id)
+    .bind(&gone)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    if !lost.is_empty() {
+        let picos: i64 = lost.iter().sum();
+        sqlx::query("UPDATE backfill_runs SET reserved_picos = reserved_picos - $1, lost_picos = lost_picos + $1 WHERE id = $2")
+            .bind(picos)
+            .bind(run_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+        recovered.calls_lost += lost.len() as u64;
+    }
+    sqlx::query(concat!(
+        "UPDATE backfill_workers SET detached_at = ",
+        db_now_ms!(),
+        " WHERE run_id = $1 AND worker = ANY($2) AND detached_at IS NULL"
+    ))
+    .bind(run_id)
+    .bind(&gone)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    Ok(recovered)
+}
+
+/// Extends the worker's and its items' leases. A worker that others had given up on (its
+/// lease ran out during a pause) attaches again: the items it lost have new tokens, so its
+/// late writes for them are fenced off, and it carries on with new claims.
+pub(super) async fn heartbeat(store: &PgStore, run_id: i64, worker: &Worker, lease: Duration) -> anyhow::Result<bool> {
+    let mut tx = store.begin().await?;
+    upsert_worker(store, &mut tx, run_id, worker, lease).await?;
+    sqlx::query(concat!(
+        "UPDATE backfill_items SET lease_expires_at = ",
+        db_now_ms!(),
+        " + $1 WHERE run_id = $2 AND state = 'leased' AND lease_owner = $3"
+    ))
+    .bind(lease.as_millis() as i64)
+    .bind(run_id)
+    .bind(&worker.id)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    tx.commit().await.map_err(|e| store.err(e))?;
+    Ok(true)
+}
+
+pub(super) async fn detach(store: &PgStore, run_id: i64, worker: &Worker) -> anyhow::Result<()> {
+    let mut tx = store.begin().await?;
+    sqlx::query(concat!("UPDATE backfill_workers SET detached_at = ", db_now_ms!(), " WHERE run_id = $1 AND worker = $2"))
+        .bind(run_id)
+        .bind(&worker.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    // Whatever this worker still holds returns to the queue; calls it abandoned are lost.
+    sqlx::query(
+        "UPDATE backfill_items SET state = 'pending', lease_owner = NULL, lease_token = NULL, \
+         lease_expires_at = NULL, updated_at = $1 WHERE run_id = $2 AND state = 'leased' AND lease_owner = $3",
+    )
+    .bind(now_ms())
+    .bind(run_id)
+    .bind(&worker.id)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    let abandoned: Vec<i64> = sqlx::query_scalar(
+        "UPDATE backfill_calls SET state = 'lost', outcome = 'abandoned', \
+         error = 'still in flight when the worker stopped; possibly billed' \
+         WHERE run_id = $1 AND state = 'reserved' AND worker = $2 RETURNING estimated_picos",
+    )
+    .bind(run_id)
+    .bind(&worker.id)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    if !abandoned.is_empty() {
+        sqlx::query("UPDATE backfill_runs SET reserved_picos = reserved_picos - $1, lost_picos = lost_picos + $1 WHERE id = $2")
+            .bind(abandoned.iter().sum::<i64>())
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| store.err(e))?;
+    }
+    tx.commit().await.map_err(|e| store.err(e))?;
+    Ok(())
+}
+
+/// Sets the run's status. `finished` only sticks when no item is open; a worker stopping
+/// (interrupted, failed) while other workers are still attached leaves the run `running`,
+/// since it goes on without this one.
+pub(super) async fn set_status(
+    store: &PgStore,
+    run_id: i64,
+    status: RunStatus,
+    error: Option<&str>,
+) -> anyhow::Result<RunStatus> {
+    let mut tx = store.begin().await?;
+    let (open, live_workers): (i64, i64) = sqlx::query_as(concat!(
+        "SELECT (SELECT COUNT(*) FROM backfill_items WHERE run_id = $1 AND state IN ('pending', 'leased')), \
+         (SELECT COUNT(*) FROM backfill_workers WHERE run_id = $1 AND detached_at IS NULL AND expires_at > ",
+        db_now_ms!(),
+        ") FROM backfill_runs WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(run_id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    let status = match status {
+        RunStatus::Finished if open > 0 => RunStatus::Running,
+        RunStatus::Interrupted | RunStatus::Failed if live_workers > 1 && open > 0 => RunStatus::Running,
+        other => other,
+    };
+    let now = now_ms();
+    let finished_at = matches!(status, RunStatus::Finished | RunStatus::Abandoned).then_some(now);
+    // A worker's error is kept for people even when the run goes on.
+    sqlx::query(
+        "UPDATE backfill_runs SET status = $1, updated_at = $2, finished_at = COALESCE($3, finished_at), \
+         last_error = COALESCE($4, last_error) WHERE id = $5",
+    )
+    .bind(status.as_str())
+    .bind(now)
+    .bind(finished_at)
+    .bind(error)
+    .bind(run_id)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    tx.commit().await.map_err(|e| store.err(e))?;
+    Ok(status)
+}

@@ -1,0 +1,82 @@
+//! What `status` and `report` read back: counts, cost per model, calls, workers and their share,
+//! the ledger rows, the run's status rules, the controller state, and inspect's errors.
+
+use std::sync::Arc;
+
+use backfill::exit::UsageError;
+use backfill::ident::Ident;
+use backfill::store::RunStatus;
+
+use super::*;
+
+conformance!(
+    status_shows_counts_money_calls_and_each_workers_share,
+    finished_only_sticks_when_nothing_is_open,
+    inspect_names_a_missing_table_or_column_and_a_bad_predicate,
+);
+
+async fn status_shows_counts_money_calls_and_each_workers_share(db: Arc<Db>) {
+    db.source_table("items", Ids::Integer, 6).await;
+    let t = tables("items");
+    let run = new_run(&db, &t, None).await;
+    for (name, take, cost) in [("a", 4, 300), ("b", 2, 100)] {
+        let w = worker(name);
+        db.store.attach(run.id, &w, LEASE, false).await.unwrap();
+        let claimed = db.store.claim(&t, run.id, &w, take, LEASE).await.unwrap().items;
+        let call = reserve(&db, run.id, &w, &claimed, 1000).await;
+        db.store.write_batch(&t, &batch(run.id, call, settled(cost, take as u32), done_all(&claimed, name))).await.unwrap();
+    }
+    db.store.save_controller_state(run.id, "{\"version\": 1}").await.unwrap();
+    let report = db.store.status("conformance", None).await.unwrap().expect("a run");
+    assert_eq!(report.run.id, run.id);
+    assert_eq!(report.run.controller_state.as_deref(), Some("{\"version\": 1}"));
+    assert_eq!((report.counts.done, report.counts.total()), (6, 6), "{}", db.backend);
+    assert_eq!(report.spend.spent.0, 400);
+    assert_eq!(report.models.len(), 1);
+    let m = &report.models[0];
+    assert_eq!((m.model.as_str(), m.calls, m.prompt_tokens, m.completion_tokens, m.cost.0), ("m", 2, 200, 80, 400));
+    assert_eq!((report.calls.total, report.calls.in_flight, report.calls.items_sent), (2, 0, 6));
+    assert_eq!(report.calls.by_outcome, [("ok".to_string(), 2)]);
+    let shares: Vec<(&str, u64, u64, bool)> =
+        report.workers.iter().map(|w| (w.worker.as_str(), w.items_done, w.calls, w.alive)).collect();
+    assert_eq!(shares, [("host-a/1/1", 4, 1, true), ("host-b/1/1", 2, 1, true)]);
+    let rows = db.store.calls(run.id).await.unwrap();
+    assert_eq!(rows.iter().map(|r| (r.items, r.items_ok, r.cost.0)).collect::<Vec<_>>(), [(4, 4, 300), (2, 2, 100)]);
+    assert_eq!(db.store.output_tokens_per_item("conformance").await.unwrap(), Some(80.0 / 6.0));
+}
+
+async fn finished_only_sticks_when_nothing_is_open(db: Arc<Db>) {
+    db.source_table("items", Ids::Integer, 2).await;
+    let t = tables("items");
+    let run = new_run(&db, &t, None).await;
+    let a = worker("a");
+    assert_eq!(db.store.set_status(run.id, RunStatus::Finished, None).await.unwrap(), RunStatus::Running, "{}", db.backend);
+    let claimed = db.store.claim(&t, run.id, &a, 2, LEASE).await.unwrap().items;
+    let call = reserve(&db, run.id, &a, &claimed, 10).await;
+    db.store.write_batch(&t, &batch(run.id, call, settled(5, 2), done_all(&claimed, "x"))).await.unwrap();
+    assert_eq!(db.store.set_status(run.id, RunStatus::Finished, None).await.unwrap(), RunStatus::Finished);
+    let run = db.store.latest_run("conformance").await.unwrap().unwrap();
+    assert!(run.finished_at.is_some());
+    assert!(!run.status.is_unfinished());
+    let interrupted = new_run(&db, &t, None).await;
+    assert_eq!(interrupted.total_items, 0, "nothing is pending any more");
+    let stored = db.store.set_status(interrupted.id, RunStatus::Budget, Some("the cap")).await.unwrap();
+    assert_eq!(stored, RunStatus::Budget);
+    assert_eq!(db.store.latest_run("conformance").await.unwrap().unwrap().last_error.as_deref(), Some("the cap"));
+}
+
+async fn inspect_names_a_missing_table_or_column_and_a_bad_predicate(db: Arc<Db>) {
+    db.source_table("items", Ids::Integer, 1).await;
+    let usage = |e: anyhow::Error| e.downcast_ref::<UsageError>().map(|u| u.0.clone()).unwrap_or_else(|| format!("not a usage error: {e:#}"));
+    let missing_table = db.store.inspect(&tables("nope")).await.unwrap_err();
+    let message = usage(missing_table);
+    assert!(message.contains("`source.table`") && message.contains("nope"), "{}: {message}", db.backend);
+    let mut t = tables("items");
+    t.columns.push(Ident::column("titel").unwrap());
+    let message = usage(db.store.inspect(&t).await.unwrap_err());
+    assert!(message.contains("no column titel") && message.contains("title"), "{}: {message}", db.backend);
+    let mut t = tables("items");
+    t.pending = "summary IS NUL".into();
+    let message = usage(db.store.inspect(&t).await.unwrap_err());
+    assert!(message.contains("`source.pending`"), "{}: {message}", db.backend);
+}

@@ -1,0 +1,53 @@
+//! Against llmock (PEERS.md), a mock provider with real rate-limit behaviour: 60 requests/min
+//! and 20% of requests answered 429 at random. Its resilience verdict judges how the client
+//! reacted to every fault (Retry-After honoured, backoff, no retry storms, no giving up), and
+//! must find nothing — no error and no warning. `scripts/test.sh` starts llmock with those
+//! settings and sets BACKFILL_LLMOCK_URL.
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn llmock_url() -> Option<String> {
+    match std::env::var("BACKFILL_LLMOCK_URL") {
+        Ok(url) if !url.is_empty() => Some(url.trim_end_matches('/').to_owned()),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("BACKFILL_LLMOCK_URL is not set: run the tests with scripts/test.sh, which starts llmock")
+        }
+        _ => {
+            eprintln!("skipped: BACKFILL_LLMOCK_URL is not set (scripts/test.sh starts llmock and sets it)");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn llmock_finds_nothing_against_backfill_under_random_429s() {
+    let Some(url) = llmock_url() else { return };
+    let http = reqwest::Client::new();
+    http.post(format!("{url}/_llmock/reset")).send().await.unwrap().error_for_status().unwrap();
+
+    let fx = Fixture::new(120).await;
+    fx.write_job(&format!("{url}/v1"), "", "items_per_request = { start = 5, min = 1, max = 10 }", "");
+    let output = backfill_async(fx.dir.path(), &["run", fx.job.to_str().unwrap(), "--json", "--quiet"], &[("OPENAI_API_KEY", "sk-llmock")]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let summary: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(summary["items"]["done"], 120, "{summary}");
+
+    let verdict: Value = http
+        .get(format!("{url}/_llmock/verdict?format=json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = http.get(format!("{url}/_llmock/verdict?format=text")).send().await.unwrap().text().await.unwrap();
+    assert!(verdict["faults_injected"].as_u64().unwrap_or(0) > 0, "llmock injected no fault: is it running with --error-rate 429=0.2?\n{text}");
+    assert_eq!(verdict["errors"], 0, "{text}");
+    assert_eq!(verdict["warnings"], 0, "{text}");
+    // Every 429 was counted by the run and every request is in the ledger.
+    let ledger = fx.ledger_totals().await;
+    assert_eq!(ledger.0 as u64, verdict["attempts"].as_u64().unwrap(), "ledger calls vs llmock attempts\n{text}");
+    assert!(summary["controller"]["rate_limited"].as_u64().unwrap() > 0, "{summary}");
+}
