@@ -58,6 +58,9 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
         .chat()
         .ok_or_else(|| usage("--dry-run estimates chat jobs; local-model jobs cost compute time only"))?;
     let started = std::time::Instant::now();
+    // Loading the encoding takes a moment: do it while the rows are read.
+    let encoding = chat.encoding.clone();
+    let loading = tokio::task::spawn_blocking(move || TokenCounter::new(&encoding));
     let store = crate::store::open_read_only(&job.database).await?;
     let tables = Tables::from_job(job);
     store.inspect(&tables).await?;
@@ -65,7 +68,7 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
     let read = started.elapsed();
     let measured = if store.runner_tables_exist().await? { store.output_tokens_per_item(&job.name).await? } else { None };
 
-    let counter = TokenCounter::new(&chat.encoding)?;
+    let counter = loading.await??;
     let packer = Packer::new(&chat.template, chat.system.clone(), counter, chat.context_window, chat.max_tokens);
     let shape = if job.target.is_object() {
         AnswerShape::Object(job.target.outputs.iter().filter_map(|(k, _)| k.clone()).collect())
