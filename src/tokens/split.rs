@@ -70,10 +70,12 @@ impl Splitter {
                     // `\s+(?!\S)`: a whitespace run (not one ending in a newline, which
                     // `\s*[\r\n]+` takes first) of two or more characters followed by more text
                     // leaves its last character to the next piece.
-                    if end < text.len() && !run.ends_with(['\r', '\n']) && run.chars().all(char::is_whitespace) {
-                        if let Some((last, _)) = run.char_indices().last().filter(|(i, _)| *i > 0) {
-                            end = at + last;
-                        }
+                    if end < text.len()
+                        && !run.ends_with(['\r', '\n'])
+                        && run.chars().all(char::is_whitespace)
+                        && let Some((last, _)) = run.char_indices().last().filter(|(i, _)| *i > 0)
+                    {
+                        end = at + last;
                     }
                     piece(&text[at..end]);
                     at = end;
