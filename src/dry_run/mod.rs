@@ -66,7 +66,7 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
     store.inspect(&tables).await?;
     let rows = store.pending_rows(&tables, limit).await?;
     let read = started.elapsed();
-    let measured = if store.runner_tables_exist().await? { store.output_tokens_per_item(&job.name).await? } else { None };
+    let measured = if store.runner_tables_exist().await? { store.output_tokens_per_item(&job.name, &chat.name).await? } else { None };
 
     let counter = loading.await??;
     let packer = Packer::new(&chat.template, chat.system.clone(), counter, chat.context_window, chat.max_tokens);

@@ -69,8 +69,8 @@ pub trait Store: Send + Sync {
     /// Whether the runner tables exist (read-only commands never create them).
     async fn runner_tables_exist(&self) -> anyhow::Result<bool>;
 
-    /// Output tokens per returned item, measured over the job's answered calls.
-    async fn output_tokens_per_item(&self, job: &str) -> anyhow::Result<Option<f64>>;
+    /// Output tokens per returned item, measured over the job's answered calls of `model`.
+    async fn output_tokens_per_item(&self, job: &str, model: &str) -> anyhow::Result<Option<f64>>;
 
     /// Checks that the source and target tables and columns exist and the pending predicate
     /// runs; returns how many rows are pending.

@@ -174,13 +174,14 @@ impl Store for PgStore {
             .map_err(|e| self.err(e))
     }
 
-    async fn output_tokens_per_item(&self, job: &str) -> anyhow::Result<Option<f64>> {
+    async fn output_tokens_per_item(&self, job: &str, model: &str) -> anyhow::Result<Option<f64>> {
         let (tokens, items): (Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT SUM(c.completion_tokens)::bigint, SUM(c.items_ok + c.items_rejected + c.items_invalid)::bigint \
              FROM backfill_calls c JOIN backfill_runs r ON r.id = c.run_id \
-             WHERE r.job = $1 AND c.state = 'settled' AND c.outcome IN ('ok', 'truncated')",
+             WHERE r.job = $1 AND c.model = $2 AND c.state = 'settled' AND c.outcome IN ('ok', 'truncated')",
         )
         .bind(job)
+        .bind(model)
         .fetch_one(&self.pool)
         .await
         .map_err(|e| self.err(e))?;

@@ -42,7 +42,8 @@ async fn status_shows_counts_money_calls_and_each_workers_share(db: Arc<Db>) {
     assert_eq!(shares, [("host-a/1/1", 4, 1, true), ("host-b/1/1", 2, 1, true)]);
     let rows = db.store.calls(run.id).await.unwrap();
     assert_eq!(rows.iter().map(|r| (r.items, r.items_ok, r.cost.0)).collect::<Vec<_>>(), [(4, 4, 300), (2, 2, 100)]);
-    assert_eq!(db.store.output_tokens_per_item("conformance").await.unwrap(), Some(80.0 / 6.0));
+    assert_eq!(db.store.output_tokens_per_item("conformance", "m").await.unwrap(), Some(80.0 / 6.0));
+    assert_eq!(db.store.output_tokens_per_item("conformance", "another-model").await.unwrap(), None, "calibration is per model");
 }
 
 async fn finished_only_sticks_when_nothing_is_open(db: Arc<Db>) {
