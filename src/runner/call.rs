@@ -36,6 +36,39 @@ pub struct PreparedCall {
     pub cut: tokio_util::sync::CancellationToken,
     /// The price column the call is billed at (the batch API's is lower).
     pub billing: Tier,
+    /// Set for calls that go out again unchanged after a 429 (`None`: cache replays and
+    /// batch results).
+    pub resendable: Option<Resendable>,
+}
+
+/// How many times a rate-limited request goes out again unchanged before its items return to
+/// the queue to be packed anew.
+pub const MAX_RESENDS: u32 = 3;
+
+/// The shape of a request that may go out again unchanged.
+#[derive(Debug, Clone, Copy)]
+pub struct Resendable {
+    pub prompt_tokens: u64,
+    pub max_tokens: u32,
+    /// How many times it has gone out again already.
+    pub resends: u32,
+}
+
+/// A rate-limited request to send again, unchanged (same items, still leased to this worker;
+/// same body), once the provider's Retry-After has passed: a 429 says nothing about the
+/// request, and the identical body keeps the provider's prompt cache and the response cache
+/// working.
+#[derive(Debug)]
+pub struct Resend {
+    pub after: Duration,
+    pub claimed: Vec<Claimed>,
+    pub tier: u32,
+    pub model: String,
+    pub body: Vec<u8>,
+    pub hash: String,
+    pub billing: Tier,
+    pub timeout: Duration,
+    pub shape: Resendable,
 }
 
 /// What the dispatcher does with a finished call.
@@ -55,6 +88,8 @@ pub struct Concluded {
     pub estimate: Picos,
     /// Not every item got an output: an identical request must not be served from the cache.
     pub drop_cache: Option<String>,
+    /// Rate-limited: the same request goes out again after this wait; its items stay leased.
+    pub resend: Option<Resend>,
 }
 
 pub async fn execute(ctx: Arc<RunContext>, call: PreparedCall) -> Concluded {
@@ -106,6 +141,7 @@ pub fn conclude(
         succeeded: false,
         drop_cache: None,
         estimate: call.estimate,
+        resend: None,
     };
     let setback_all = |setback: &Setback| -> Vec<ItemUpdate> {
         call.claimed
@@ -177,6 +213,25 @@ pub fn conclude(
             let (setback, observed) = match &error {
                 CallError::RateLimited(limit) => {
                     result.observation.rate_limits = parse_rate_limit_headers(limit.headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+                    if let Some(shape) = call.resendable.filter(|s| s.resends < MAX_RESENDS && call.cached.is_none()) {
+                        // Retry-After plus up to a tenth of it again, so resends do not land together.
+                        let wait = limit.retry_after.unwrap_or(Duration::from_secs(1));
+                        let after = wait + wait.mul_f64(0.1 * fastrand::f64());
+                        result.observation.outcome = Outcome::RateLimited;
+                        result.write.settle = settle;
+                        result.resend = Some(Resend {
+                            after,
+                            claimed: call.claimed,
+                            tier: call.tier,
+                            model: call.model,
+                            body: call.body,
+                            hash: call.hash,
+                            billing: call.billing,
+                            timeout: call.timeout,
+                            shape,
+                        });
+                        return result;
+                    }
                     (Setback::RateLimited { retry_after: limit.retry_after }, Outcome::RateLimited)
                 }
                 CallError::Timeout { .. } => {

@@ -2,7 +2,7 @@
 //! cost, and spawns the call; hands every finished call to the writer. It owns the
 //! controller, so every decision and observation goes through one place.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -12,13 +12,13 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::call::{Concluded, PreparedCall, execute};
+use super::call::{Concluded, PreparedCall, Resend, Resendable, execute};
 use super::context::RunContext;
 use super::progress::Progress;
 use super::shared_rate::SharedRate;
-use crate::pricing::Picos;
+use crate::pricing::{Picos, Tier};
 use crate::provider::{ChatRequest, request_body, response_format};
-use crate::store::{BatchWrite, NewCall, now_ms};
+use crate::store::{BatchWrite, Claimed, NewCall, now_ms};
 
 /// Why dispatching stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +65,20 @@ pub struct Dispatcher {
     /// Since when the budget has refused every call (reservations of calls in flight may still
     /// settle below their estimates and make room).
     budget_refused_since: Option<Instant>,
+    /// Rate-limited requests to send again unchanged, with when.
+    resends: VecDeque<(Duration, Resend)>,
+}
+
+/// A packed request, ready to reserve and send.
+struct Packet {
+    claimed: Vec<Claimed>,
+    tier: u32,
+    model: String,
+    body: Vec<u8>,
+    hash: String,
+    timeout: Duration,
+    billing: Tier,
+    shape: Resendable,
 }
 
 enum Dispatched {
@@ -100,6 +114,7 @@ impl Dispatcher {
             refused_in_a_row: 0,
             last_snapshot: Instant::now(),
             budget_refused_since: None,
+            resends: VecDeque::new(),
         }
     }
 
@@ -123,7 +138,7 @@ impl Dispatcher {
             self.maybe_snapshot().await;
             let load = PipelineLoad {
                 in_flight: self.tasks.len(),
-                queued_items: self.progress.queued.load(Ordering::Relaxed),
+                queued_items: self.progress.queued.load(Ordering::Relaxed) + self.resend_items_due(),
             };
             for ticket in self.controller.requests_to_cut(self.now(), load) {
                 if let Some(cut) = self.cuts.get(&ticket) {
@@ -133,7 +148,11 @@ impl Dispatcher {
             }
             match self.controller.poll(self.now(), load) {
                 Decision::Send { items, max_tokens, timeout } => {
-                    match self.dispatch(items, max_tokens, timeout).await? {
+                    let dispatched = match self.resend().await? {
+                        Some(resent) => resent,
+                        None => self.dispatch(items, max_tokens, timeout).await?,
+                    };
+                    match dispatched {
                         Dispatched::Sent => {
                             self.budget_refused_since = None;
                             continue;
@@ -146,9 +165,14 @@ impl Dispatcher {
                         }
                         Dispatched::Paced(wait) => self.wait(Some(self.now() + wait), shutdown).await?,
                         Dispatched::Empty { next_ready_at, leased } => {
-                            if self.tasks.is_empty() && leased == 0 && next_ready_at.is_none() {
+                            if self.tasks.is_empty() && leased == 0 && next_ready_at.is_none() && self.resends.is_empty() {
                                 break Stop::Drained;
                             }
+                            let resend_at = self.next_resend().map(|at| at.saturating_sub(self.now()).as_millis() as i64 + now_ms());
+                            let next_ready_at = match (next_ready_at, resend_at) {
+                                (Some(a), Some(b)) => Some(a.min(b)),
+                                (a, b) => a.or(b),
+                            };
                             let wait = next_ready_at
                                 .map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
                                 .unwrap_or(IDLE_POLL)
@@ -160,7 +184,11 @@ impl Dispatcher {
                 Decision::Wait { until } => {
                     // The controller waits while it believes nothing is queued; with nothing in
                     // flight either, the store says whether the run is drained.
-                    if self.tasks.is_empty() && load.queued_items == 0 {
+                    let until = match (until, self.next_resend()) {
+                        (Some(a), Some(b)) => Some(a.min(b.max(self.now()))),
+                        (a, b) => a.or(b),
+                    };
+                    if self.tasks.is_empty() && load.queued_items == 0 && self.resends.is_empty() {
                         let counts = self.ctx.store.item_counts(self.ctx.run_id).await?;
                         if counts.open() == 0 {
                             break Stop::Drained;
@@ -176,6 +204,7 @@ impl Dispatcher {
         };
         self.progress.set_controller(self.controller.status());
         self.drain(&stop, shutdown).await?;
+        self.release_resends().await?;
         self.maybe_snapshot_now().await;
         Ok(stop)
     }
@@ -220,17 +249,61 @@ impl Dispatcher {
         let format = response_format(ctx.chat.structured_output, &ids, &ctx.shape);
         let request = ChatRequest::new(&model, packed.system.as_deref(), packed.user, ctx.chat.temperature, packed.max_tokens, format);
         let (body, hash) = request_body(&request);
-        // The tokenizer may not be the model's own: reserve a tenth more input than counted.
-        let estimate = ctx.price(tier, &model).estimate(packed.prompt_tokens * 11 / 10, u64::from(packed.max_tokens), ctx.price_tier);
         let cached = if ctx.cache.enabled { ctx.store.cache_get(&hash).await? } else { None };
+        let packet = Packet {
+            claimed,
+            tier,
+            model,
+            body,
+            hash,
+            timeout: timeout.min(ctx.chat.request_timeout),
+            billing: ctx.price_tier,
+            shape: Resendable { prompt_tokens: packed.prompt_tokens, max_tokens: packed.max_tokens, resends: 0 },
+        };
+        self.send(packet, cached).await
+    }
+
+    /// Sends a rate-limited request again, unchanged, once its wait is over.
+    async fn resend(&mut self) -> anyhow::Result<Option<Dispatched>> {
+        let now = self.now();
+        let Some(index) = self.resends.iter().position(|(at, _)| *at <= now) else {
+            return Ok(None);
+        };
+        let (at, resend) = self.resends.remove(index).expect("index in range");
+        let ctx = self.ctx.clone();
+        if let Some(wait) = self.shared_rate.take(ctx.store.as_ref(), resend.claimed.len() as u32, resend.shape.max_tokens).await? {
+            self.resends.push_back((at, resend));
+            return Ok(Some(Dispatched::Paced(wait)));
+        }
+        self.progress.retries.fetch_add(resend.claimed.len() as u64, Ordering::Relaxed);
+        self.shared_rate.packed(resend.claimed.len(), resend.shape.prompt_tokens, resend.shape.prompt_tokens + u64::from(resend.shape.max_tokens));
+        let packet = Packet {
+            claimed: resend.claimed,
+            tier: resend.tier,
+            model: resend.model,
+            body: resend.body,
+            hash: resend.hash,
+            timeout: resend.timeout,
+            billing: resend.billing,
+            shape: Resendable { resends: resend.shape.resends + 1, ..resend.shape },
+        };
+        self.send(packet, None).await.map(Some)
+    }
+
+    /// Reserves a packed request's cost in the ledger, tells the controller, and spawns the call.
+    async fn send(&mut self, packet: Packet, cached: Option<String>) -> anyhow::Result<Dispatched> {
+        let ctx = self.ctx.clone();
+        let Packet { claimed, tier, model, body, hash, timeout, billing, shape } = packet;
+        // The tokenizer may not be the model's own: reserve a tenth more input than counted.
+        let estimate = ctx.price(tier, &model).estimate(shape.prompt_tokens * 11 / 10, u64::from(shape.max_tokens), billing);
         let status = self.controller.status();
         let call = NewCall {
             run_id: ctx.run_id,
             worker: ctx.worker.id.clone(),
             model: model.clone(),
-            price_tier: ctx.price_tier,
+            price_tier: billing,
             request_hash: Some(hash.clone()),
-            item_ids: ids,
+            item_ids: claimed.iter().map(|c| c.item.id.clone()).collect(),
             concurrency: status.concurrency_limit,
             estimated: if cached.is_some() { Picos::ZERO } else { estimate },
             started_at: now_ms(),
@@ -251,9 +324,13 @@ impl Dispatcher {
                 self.now(),
                 RequestShape {
                     items: claimed.len() as u32,
-                    prompt_tokens: packed.prompt_tokens.min(u64::from(u32::MAX)) as u32,
-                    max_tokens: packed.max_tokens,
-                    retried_items: claimed.iter().filter(|c| c.attempts > 0).count() as u32,
+                    prompt_tokens: shape.prompt_tokens.min(u64::from(u32::MAX)) as u32,
+                    max_tokens: shape.max_tokens,
+                    retried_items: if shape.resends > 0 {
+                        claimed.len() as u32
+                    } else {
+                        claimed.iter().filter(|c| c.attempts > 0).count() as u32
+                    },
                 },
             )
         });
@@ -272,14 +349,36 @@ impl Dispatcher {
             body,
             hash,
             estimate: call.estimated,
+            resendable: cached.is_none().then_some(shape),
             cached,
             replay: false,
-            timeout: timeout.min(ctx.chat.request_timeout),
+            timeout,
             cut,
-            billing: ctx.price_tier,
+            billing,
         };
         self.tasks.spawn(execute(ctx, prepared));
         Ok(Dispatched::Sent)
+    }
+
+    /// Rate-limited requests still waiting to go out again: their items back to the queue
+    /// untouched (the run is stopping).
+    async fn release_resends(&mut self) -> anyhow::Result<()> {
+        let leases: Vec<_> = self.resends.drain(..).flat_map(|(_, r)| r.claimed.into_iter().map(|c| c.lease)).collect();
+        if !leases.is_empty() {
+            self.ctx.store.release(self.ctx.run_id, &leases).await?;
+        }
+        Ok(())
+    }
+
+    /// Items of rate-limited requests waiting to go out again whose wait is over.
+    fn resend_items_due(&self) -> usize {
+        let now = self.now();
+        self.resends.iter().filter(|(at, _)| *at <= now).map(|(_, r)| r.claimed.len()).sum()
+    }
+
+    /// When the next rate-limited request may go out again.
+    fn next_resend(&self) -> Option<Duration> {
+        self.resends.iter().map(|(at, _)| *at).min()
     }
 
     /// Takes one finished call: tells the controller, trips the breaker, queues the write.
@@ -289,6 +388,10 @@ impl Dispatcher {
             Err(e) if e.is_cancelled() => return Ok(()),
             Err(e) => anyhow::bail!("a call task failed: {e}"),
         };
+        let mut concluded = concluded;
+        if let Some(resend) = concluded.resend.take() {
+            self.resends.push_back((self.now() + resend.after, resend));
+        }
         if let Some(ticket) = concluded.ticket {
             self.cuts.remove(&ticket);
             let observation = &concluded.observation;

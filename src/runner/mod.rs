@@ -354,6 +354,7 @@ async fn replay_lost_calls(ctx: &Arc<RunContext>, dispatcher: &mut dispatch::Dis
             timeout: ctx.chat.request_timeout,
             cut: CancellationToken::new(),
             billing: ctx.price_tier,
+            resendable: None,
         };
         let concluded = call::execute(ctx.clone(), prepared).await;
         dispatcher.finish(Ok(concluded)).await?;

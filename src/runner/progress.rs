@@ -23,7 +23,7 @@ pub struct Progress {
     /// Items that reached a terminal state in this invocation.
     pub finished_here: AtomicU64,
     pub requests: AtomicU64,
-    /// Items sent back to the queue (missing, invalid, errors).
+    /// Items sent again: back to the queue (missing, invalid, errors) or in a request re-sent after a 429.
     pub retries: AtomicU64,
     pub queued: AtomicUsize,
     spent: AtomicI64,

@@ -188,6 +188,34 @@ async fn rate_limited_requests_wait_for_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_request_goes_out_again_unchanged() {
+    let fx = Fixture::new(20).await;
+    let limited = Reply::RateLimited { retry_after_s: 0.3 };
+    let fake = FakeProvider::start(vec![limited.clone(), limited.clone(), limited.clone(), limited], vec![], 19).await;
+    fx.write_job(&fake.base_url(), "", "concurrency = { start = 1, min = 1, max = 1 }", "");
+    let (output, summary) = run_json(&fx, &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(summary["items"]["done"], 20);
+    let records = fake.records();
+    // The first request and its three resends carry the same items; each waited Retry-After.
+    for pair in records[..4].windows(2) {
+        assert_eq!(pair[0].ids, pair[1].ids);
+        assert!(pair[1].at.duration_since(pair[0].at) >= Duration::from_millis(300));
+    }
+    let pool = fx.pool().await;
+    let calls: Vec<(String, String)> = sqlx::query_as("SELECT request_hash, outcome FROM backfill_calls ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(calls[..4].iter().all(|c| c == &calls[0] || (c.0 == calls[0].0 && c.1 == "rate_limited")), "{calls:?}");
+    assert_eq!(calls[0].1, "rate_limited");
+    // Past three resends the items went back to the queue and came out again.
+    assert_eq!(assert_no_misplaced(&fx).await, 20);
+    assert!(fx.item_states().await.iter().all(|(_, _, attempts, _)| *attempts == 0));
+    assert_ledger_matches(&fx, &fake).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn server_errors_are_retried_with_backoff() {
     let fx = Fixture::new(20).await;
     let fake = FakeProvider::start(vec![Reply::ServerError(500), Reply::ServerError(503), Reply::ServerError(502)], vec![], 10).await;

@@ -109,6 +109,7 @@ impl BatchRunner {
                     timeout: Duration::ZERO,
                     cut: tokio_util::sync::CancellationToken::new(),
                     billing: Tier::Batch,
+                    resendable: None,
                 };
                 let outcome = parse_completion(body)
                     .map(|completion| (completion, Vec::new()))
