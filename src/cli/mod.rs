@@ -174,11 +174,10 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<Exit> {
-    if let Some(max) = args.max_usd {
-        if !(max.is_finite() && max > 0.0) {
+    if let Some(max) = args.max_usd
+        && !(max.is_finite() && max > 0.0) {
             return Err(usage("--max-usd must be a positive number of USD"));
         }
-    }
     if args.limit == Some(0) {
         return Err(usage("--limit must be at least 1"));
     }

@@ -89,11 +89,10 @@ fn build(path: &Path, dir: &Path, file: JobFile, options: &LoadOptions) -> anyho
     }
 
     let budget_usd = options.max_usd.or(file.budget.max_usd);
-    if let Some(max) = budget_usd {
-        if !(max.is_finite() && max > 0.0) {
+    if let Some(max) = budget_usd
+        && !(max.is_finite() && max > 0.0) {
             return Err(usage("`budget.max_usd` (or --max-usd) must be a positive number of USD"));
         }
-    }
     if !(file.cache.ttl_hours.is_finite() && file.cache.ttl_hours > 0.0) {
         return Err(usage("`cache.ttl_hours` must be a positive number of hours"));
     }
@@ -396,11 +395,10 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
     if per_item == 0 {
         return Err(usage("`model.max_output_tokens_per_item` must be at least 1"));
     }
-    if let Some(t) = m.temperature {
-        if !(0.0..=2.0).contains(&t) {
+    if let Some(t) = m.temperature
+        && !(0.0..=2.0).contains(&t) {
             return Err(usage("`model.temperature` must be between 0 and 2"));
         }
-    }
     let timeout = m.request_timeout_s.unwrap_or(120.0);
     if !(timeout.is_finite() && timeout > 0.0) {
         return Err(usage("`model.request_timeout_s` must be a positive number of seconds"));
@@ -494,11 +492,10 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
         }
         other => return Err(usage(format!("`model.output` = {other:?}: use \"embedding\" or \"classification\""))),
     };
-    if let Some(pooling) = &m.pooling {
-        if pooling != "mean" {
+    if let Some(pooling) = &m.pooling
+        && pooling != "mean" {
             return Err(usage(format!("`model.pooling` = {pooling:?}: only \"mean\" is supported")));
         }
-    }
     let max_length = m.max_length.unwrap_or(256);
     let max_batch_tokens = m.max_batch_tokens.unwrap_or(8192);
     if max_length == 0 || max_batch_tokens < max_length {
@@ -526,11 +523,10 @@ fn bounds(key: &str, r: RangeFile) -> anyhow::Result<Bounds> {
 fn limits(file: &JobFile) -> anyhow::Result<Limits> {
     let l = &file.limits;
     for (key, value) in [("requests_per_minute", l.requests_per_minute), ("tokens_per_minute", l.tokens_per_minute)] {
-        if let Some(v) = value {
-            if !(v.is_finite() && v > 0.0) {
+        if let Some(v) = value
+            && !(v.is_finite() && v > 0.0) {
                 return Err(usage(format!("`limits.{key}` must be a positive number")));
             }
-        }
     }
     if l.max_attempts == 0 {
         return Err(usage("`limits.max_attempts` must be at least 1"));

@@ -119,11 +119,10 @@ fn provider_message(body: &str) -> String {
 /// `retry-after-ms`, else `retry-after` in seconds or as an HTTP date.
 pub fn parse_retry_after(headers: &RateHeaders) -> Option<Duration> {
     let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.trim());
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
+        && ms.is_finite() && ms >= 0.0 {
             return Some(Duration::from_secs_f64(ms / 1000.0));
         }
-    }
     let value = get("retry-after")?;
     if let Ok(secs) = value.parse::<f64>() {
         return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));

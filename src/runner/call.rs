@@ -103,11 +103,10 @@ pub async fn execute(ctx: Arc<RunContext>, call: PreparedCall) -> Concluded {
             _ = call.cut.cancelled() => Err(CallError::Timeout { after: started.elapsed() }),
         } {
             Ok(answer) => {
-                if ctx.cache.enabled {
-                    if let Err(e) = ctx.store.cache_put(&call.hash, &call.model, &answer.body, ctx.cache.ttl).await {
+                if ctx.cache.enabled
+                    && let Err(e) = ctx.store.cache_put(&call.hash, &call.model, &answer.body, ctx.cache.ttl).await {
                         tracing::warn!("could not store the answer in the response cache: {e:#}");
                     }
-                }
                 Ok((answer.completion, answer.headers))
             }
             Err(error) => Err(error),

@@ -43,6 +43,11 @@ pub struct RunContext {
     pub items_per_request: usize,
 }
 
+/// Post-processed values to write, `(output key, text)`, and the changes made (JSON).
+pub type Checked = (Vec<(String, String)>, Option<String>);
+/// Why post-processing refused an output: `(reason, detail)`.
+pub type Refusal = (String, String);
+
 impl RunContext {
     pub fn new(
         job: &Job,
@@ -104,7 +109,7 @@ impl RunContext {
 
     /// Runs the post-processing rules over every text of an output: the values to write and
     /// the changes made, or the first rejection.
-    pub fn check_output(&self, output: &ItemOutput) -> Result<(Vec<(String, String)>, Option<String>), (String, String)> {
+    pub fn check_output(&self, output: &ItemOutput) -> Result<Checked, Refusal> {
         let Some(check) = &self.check else {
             return Ok((output.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), None));
         };

@@ -429,11 +429,10 @@ impl Dispatcher {
         if let Some(why) = &concluded.fatal {
             self.fatal.get_or_insert_with(|| why.clone());
         }
-        if let Some(hash) = &concluded.drop_cache {
-            if let Err(e) = self.ctx.store.cache_drop(hash).await {
+        if let Some(hash) = &concluded.drop_cache
+            && let Err(e) = self.ctx.store.cache_drop(hash).await {
                 tracing::warn!("could not drop a cache entry: {e:#}");
             }
-        }
         self.progress.unreserve(concluded.estimate);
         self.progress.set_controller(self.controller.status());
         self.writer

@@ -313,11 +313,10 @@ async fn keep_alive(ctx: Arc<RunContext>, progress: Arc<progress::Progress>, sto
                     }
                     Err(e) => tracing::warn!("heartbeat failed: {e:#}"),
                 }
-                if ctx.store.shares_runs() {
-                    if let Err(e) = ctx.store.recover(ctx.run_id).await {
+                if ctx.store.shares_runs()
+                    && let Err(e) = ctx.store.recover(ctx.run_id).await {
                         tracing::warn!("lease recovery failed: {e:#}");
                     }
-                }
             }
         }
     }

@@ -91,7 +91,7 @@ impl RetryPolicy {
         let has_fallback = tier + 1 < self.tiers;
         // A rejected output moves to the fallback model at once; other failures use up their
         // attempts on the current model first.
-        if (rejected && has_fallback) || (used >= self.max_attempts && has_fallback) {
+        if has_fallback && (rejected || used >= self.max_attempts) {
             return retry(0, tier + 1, None, Duration::ZERO);
         }
         if used >= self.max_attempts {

@@ -11,13 +11,11 @@ use std::time::Duration;
 
 pub async fn pause(point: &str) {
     let Ok(spec) = std::env::var("BACKFILL_FAILPOINT_PAUSE_MS") else { return };
-    if let Some((name, ms)) = spec.split_once(':') {
-        if name == point {
-            if let Ok(ms) = ms.parse::<u64>() {
+    if let Some((name, ms)) = spec.split_once(':')
+        && name == point
+            && let Ok(ms) = ms.parse::<u64>() {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-        }
-    }
 }
 
 /// How many times a crash point named by the environment was reached.

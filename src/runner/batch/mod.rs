@@ -99,11 +99,10 @@ impl BatchRunner {
                     return Ok(Stop::Budget);
                 }
             }
-            if let Some(wait) = options.wait {
-                if started.elapsed() >= wait && !open.is_empty() {
+            if let Some(wait) = options.wait
+                && started.elapsed() >= wait && !open.is_empty() {
                     return Ok(Stop::Waiting);
                 }
-            }
             let next_poll = open
                 .iter()
                 .filter(|b| b.phase == BatchPhase::Submitted)

@@ -87,7 +87,7 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
         last_finished_at: last,
     };
     let now = now_ms();
-    let workers: Vec<(String, i64, i64, i64, Option<i64>, i64, i64)> = sqlx::query_as(
+    let workers: Vec<WorkerTuple> = sqlx::query_as(
         "SELECT w.worker, w.attached_at, w.heartbeat_at, w.expires_at, w.detached_at, \
          (SELECT COUNT(*) FROM backfill_items i WHERE i.run_id = w.run_id AND i.done_by = w.worker), \
          (SELECT COUNT(*) FROM backfill_calls c WHERE c.run_id = w.run_id AND c.worker = w.worker) \
@@ -180,8 +180,13 @@ async fn job_totals(store: &SqliteStore, job: &str) -> anyhow::Result<JobTotals>
     Ok(JobTotals { runs: runs as u64, spent: Picos(spent), lost: Picos(lost), models })
 }
 
+/// worker, attached, heartbeat, expires, detached, items done, calls.
+type WorkerTuple = (String, i64, i64, i64, Option<i64>, i64, i64);
+/// started, latency, items, items ok, outcome, concurrency, cost, model.
+type CallTuple = (i64, Option<i64>, i64, i64, Option<String>, Option<i64>, i64, String);
+
 pub(super) async fn calls(store: &SqliteStore, run_id: i64) -> anyhow::Result<Vec<CallRow>> {
-    let rows: Vec<(i64, Option<i64>, i64, i64, Option<String>, Option<i64>, i64, String)> = sqlx::query_as(
+    let rows: Vec<CallTuple> = sqlx::query_as(
         "SELECT started_at, latency_ms, items, items_ok, outcome, concurrency, cost_picos, model \
          FROM backfill_calls WHERE run_id = ? ORDER BY started_at, id",
     )
