@@ -244,7 +244,7 @@ fn check(args: CheckArgs) -> anyhow::Result<Exit> {
 
 /// Prints one JSON object on stdout; a closed pipe is not an error.
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    let text = serde_json::to_string_pretty(value)?;
+    let text = serde_json::to_string(value)?;
     let mut out = std::io::stdout().lock();
     match writeln!(out, "{text}").and_then(|_| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
