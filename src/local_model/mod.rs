@@ -45,7 +45,14 @@ pub async fn load(model: &OnnxModel) -> anyhow::Result<Arc<OnnxProcessor>> {
     Ok(Arc::new(processor))
 }
 
-/// The name calls of this model are recorded under in the ledger: the model file's name.
+/// The name calls of this model are recorded under in the ledger: the model file's folder and
+/// name (`minilm-l6-v2-int8/model.onnx`), as model files are often all called `model.onnx`.
 pub fn ledger_name(model: &OnnxModel) -> String {
-    model.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| model.path.display().to_string())
+    let file = model.path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let folder = model.path.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+    match (folder, file) {
+        (Some(folder), Some(file)) => format!("{folder}/{file}"),
+        (None, Some(file)) => file,
+        _ => model.path.display().to_string(),
+    }
 }
