@@ -35,6 +35,15 @@ pub struct LocalEstimate {
     pub threads: u32,
 }
 
+/// Counts over the pending rows, and the sample's timing: `(rows, seconds, padded tokens)`.
+struct Planned {
+    tokens: u64,
+    padded: u64,
+    passes: u64,
+    truncated: u64,
+    timed: Option<(u64, f64, u64)>,
+}
+
 pub async fn estimate(job: &Job, model: &OnnxModel, limit: Option<u64>) -> anyhow::Result<LocalEstimate> {
     // Loading the model takes seconds: do it while the rows are read.
     let owned = model.clone();
@@ -48,7 +57,7 @@ pub async fn estimate(job: &Job, model: &OnnxModel, limit: Option<u64>) -> anyho
     let per_batch = job.limits.items_per_request.start.max(1) as usize;
     let max_length = model.max_length as usize;
     let counted = processor.clone();
-    let planned = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64, u64, u64, Option<(u64, f64, u64)>)> {
+    let planned = tokio::task::spawn_blocking(move || -> anyhow::Result<Planned> {
         let (mut tokens, mut padded, mut passes, mut truncated) = (0u64, 0u64, 0u64, 0u64);
         for chunk in texts.chunks(per_batch) {
             let lengths = counted.token_counts(chunk).map_err(|e| usage(e.to_string()))?;
@@ -71,10 +80,10 @@ pub async fn estimate(job: &Job, model: &OnnxModel, limit: Option<u64>) -> anyho
             let sample_padded = counted.plan_summary(&sample).map(|p| p.padded_tokens as u64).unwrap_or(0);
             Some((sample.len() as u64, seconds, sample_padded))
         };
-        Ok((tokens, padded, passes, truncated, timed))
+        Ok(Planned { tokens, padded, passes, truncated, timed })
     })
     .await??;
-    let (input_tokens, padded_tokens, forward_passes, truncated_items, timed) = planned;
+    let Planned { tokens: input_tokens, padded: padded_tokens, passes: forward_passes, truncated: truncated_items, timed } = planned;
     let estimated_seconds = timed.map(|(_, seconds, sample_padded)| seconds / sample_padded.max(1) as f64 * padded_tokens as f64);
     Ok(LocalEstimate {
         job: job.name.clone(),

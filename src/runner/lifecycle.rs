@@ -128,10 +128,10 @@ pub async fn keep_alive(attached: Arc<Attached>, progress: Arc<Progress>, stop: 
                     }
                     Err(e) => tracing::warn!("heartbeat failed: {e:#}"),
                 }
-                if store.shares_runs() {
-                    if let Err(e) = store.recover(run_id).await {
-                        tracing::warn!("lease recovery failed: {e:#}");
-                    }
+                if store.shares_runs()
+                    && let Err(e) = store.recover(run_id).await
+                {
+                    tracing::warn!("lease recovery failed: {e:#}");
                 }
             }
         }
