@@ -364,3 +364,68 @@ async fn local_embeddings_on_postgres_are_bytea() {
         assert_same_embedding(&embedding_from_f32le(bytes).unwrap(), expected, *id);
     }
 }
+
+/// Starts a local run whose batch writes pause inside their transaction, so it takes a while.
+fn spawn_slow(fx: &Fixture, pause_ms: u32) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_backfill"))
+        .current_dir(fx.dir.path())
+        .args(["run", fx.job.to_str().unwrap(), "--quiet", "--json"])
+        .env("BACKFILL_FAILPOINT_PAUSE_MS", format!("write_batch:{pause_ms}"))
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+async fn count(fx: &Fixture, sql: &str) -> i64 {
+    let pool = fx.pool().await;
+    let n = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await.unwrap_or(0);
+    pool.close().await;
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_sigint_records_the_batch_in_progress_and_exits_4_and_a_second_process_is_refused() {
+    let rows = 200;
+    let fx = local_fixture(rows).await;
+    write_job(&fx, "column = \"vector\"\nformat = \"f32le\"", "vector IS NULL", &tiny_model("tiny_embedder.onnx", ""), "items_per_request = { start = 10, min = 1, max = 10 }");
+    let child = spawn_slow(&fx, 100);
+    for _ in 0..400 {
+        if count(&fx, "SELECT COUNT(*) FROM items WHERE vector IS NOT NULL").await >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let second = backfill(fx.dir.path(), &["run", fx.job.to_str().unwrap(), "--resume", "--quiet"], &[]);
+    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
+    assert!(stderr(&second).contains("being worked on by another process"), "{}", stderr(&second));
+
+    let status = Command::new("kill").arg("-INT").arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    let summary: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(summary["status"], "interrupted", "{summary}");
+    let done = summary["items"]["done"].as_i64().unwrap();
+    assert!(done > 0 && done < rows as i64, "{summary}");
+    // Nothing is left leased or reserved: the batch in progress was written or given back.
+    assert_eq!(count(&fx, "SELECT COUNT(*) FROM backfill_items WHERE state = 'leased'").await, 0);
+    assert_eq!(count(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE state <> 'settled'").await, 0);
+    assert_eq!(count(&fx, "SELECT COUNT(*) FROM items WHERE vector IS NOT NULL").await, done);
+    assert_eq!(count(&fx, "SELECT COALESCE(SUM(items_ok), 0) FROM backfill_calls").await, done);
+
+    let summary = run_json(&fx, &["--resume"]);
+    assert_eq!(summary["items"]["done"], rows, "{summary}");
+    assert_eq!(count(&fx, "SELECT COALESCE(SUM(items_ok), 0) FROM backfill_calls").await, rows as i64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_input_naming_an_unknown_column_exits_2() {
+    let fx = local_fixture(3).await;
+    let model = tiny_model("tiny_embedder.onnx", "").replace("{{body}}", "{{text}}");
+    write_job(&fx, "column = \"embedding\"", "embedding IS NULL", &model, "");
+    let output = backfill(fx.dir.path(), &["run", fx.job.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("`{{text}}` is not in `source.columns`"), "{}", stderr(&output));
+}
