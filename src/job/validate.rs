@@ -497,11 +497,11 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
         }
         other => return Err(usage(format!("`model.output` = {other:?}: use \"embedding\" or \"classification\""))),
     };
-    if let Some(pooling) = &m.pooling {
-        if pooling != "mean" {
-            return Err(usage(format!("`model.pooling` = {pooling:?}: only \"mean\" is supported")));
-        }
-    }
+    let pooling = match m.pooling.as_deref().unwrap_or("mean") {
+        "mean" => backfill_onnx::Pooling::Mean,
+        "cls" => backfill_onnx::Pooling::Cls,
+        other => return Err(usage(format!("`model.pooling` = {other:?}: use \"mean\" or \"cls\" (the first token's state)"))),
+    };
     let max_length = m.max_length.unwrap_or(256);
     // Small forward passes are fastest under tract (crates/onnx/README.md): one long row alone.
     let max_batch_tokens = m.max_batch_tokens.unwrap_or(max_length.max(256));
@@ -514,7 +514,7 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
     if threads == 0 {
         return Err(usage("`model.threads` must be at least 1"));
     }
-    Ok(OnnxModel { path, tokenizer, input, output, max_length, max_batch_tokens, threads })
+    Ok(OnnxModel { path, tokenizer, input, output, pooling, max_length, max_batch_tokens, threads })
 }
 
 /// Every `{{name}}` of a local model's `input` is a source column (or the id).

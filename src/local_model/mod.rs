@@ -21,6 +21,7 @@ pub fn config(model: &OnnxModel) -> OnnxConfig {
         OnnxOutput::Embedding => OnnxConfig::embedding(&model.path, &model.tokenizer),
         OnnxOutput::Classification { labels } => OnnxConfig::classification(&model.path, &model.tokenizer, labels.clone()),
     };
+    config.pooling = model.pooling;
     config.max_length = model.max_length as usize;
     config.max_batch_tokens = model.max_batch_tokens as usize;
     config.threads = model.threads as usize;

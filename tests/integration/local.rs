@@ -429,3 +429,22 @@ async fn local_input_naming_an_unknown_column_exits_2() {
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("`{{text}}` is not in `source.columns`"), "{}", stderr(&output));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_cls_pooling_takes_the_first_token() {
+    let rows = 12;
+    let fx = local_fixture(rows).await;
+    let mut config = tiny_config("tiny_embedder.onnx");
+    config.pooling = backfill_onnx::Pooling::Cls;
+    let expected = expected_outputs(config, rows);
+    let mean = expected_outputs(tiny_config("tiny_embedder.onnx"), rows);
+    write_job(&fx, "column = \"vector\"\nformat = \"f32le\"", "vector IS NULL", &tiny_model("tiny_embedder.onnx", "pooling = \"cls\""), "");
+    assert_eq!(run_json(&fx, &[])["items"]["done"], rows);
+    let pool = fx.pool().await;
+    let stored: Vec<(i64, Vec<u8>)> = sqlx::query_as("SELECT id, vector FROM items ORDER BY id").fetch_all(&pool).await.unwrap();
+    pool.close().await;
+    for (((id, blob), expected), mean) in stored.iter().zip(&expected).zip(&mean) {
+        assert_same_embedding(&embedding_from_f32le(blob).unwrap(), expected, *id);
+        assert_ne!(expected, mean, "row {id}: cls and mean pooling differ");
+    }
+}
