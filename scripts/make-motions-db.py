@@ -5,8 +5,9 @@
 
 SOURCE defaults to ../shared/data/motions/tk_moties_fulltext.jsonl when it exists, else to the
 sample shipped in data/motions_sample.jsonl. DATABASE defaults to data/motions.db. The table
-`motions(id, title, text, dossier_title, date, explanation)` gets one row per motion with an
-empty `explanation`, the column the example job fills. Rerunning replaces the database.
+`motions(id, title, text, dossier_title, date, explanation, embedding)` gets one row per motion
+with an empty `explanation` and `embedding`, the columns the example jobs fill
+(jobs/motions_nl.toml and jobs/motions_embed.toml). Rerunning replaces the database.
 Sources and licences: data/README.md.
 """
 import json
@@ -28,7 +29,7 @@ for suffix in ("", "-wal", "-shm"):
 db = sqlite3.connect(database)
 db.execute(
     "CREATE TABLE motions (id TEXT PRIMARY KEY, title TEXT NOT NULL, text TEXT NOT NULL, "
-    "dossier_title TEXT, date TEXT, explanation TEXT)"
+    "dossier_title TEXT, date TEXT, explanation TEXT, embedding BLOB)"
 )
 rows = 0
 with open(source, encoding="utf-8") as lines:

@@ -12,6 +12,7 @@ pub mod exit;
 pub mod ident;
 pub mod job;
 pub mod ledger;
+pub mod local_model;
 pub mod packer;
 pub mod postprocess;
 pub mod pricing;

@@ -202,6 +202,15 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
     if (args.wait.is_some() || args.finish_sync_after.is_some()) && job.chat().is_none_or(|c| c.mode != crate::job::Mode::Batch) {
         return Err(usage("--wait and --finish-sync-after are for batch mode: set `model.mode = \"batch\"` or pass --batch-api"));
     }
+    if let (true, crate::job::Processor::Onnx(model)) = (args.dry_run, &job.processor) {
+        let estimate = crate::dry_run::local::estimate(&job, model, args.limit).await?;
+        if args.json {
+            print_json(&estimate)?;
+        } else {
+            eprintln!("{}", estimate.human());
+        }
+        return Ok(Exit::Finished);
+    }
     if args.dry_run {
         let estimate = crate::dry_run::estimate(&job, args.limit).await?;
         if args.json {

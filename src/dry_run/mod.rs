@@ -6,6 +6,7 @@
 //! structure (counted) plus `model.expected_output_tokens_per_item` per item — or, once earlier
 //! runs of the job exist, the output tokens per item they measured (JSON included).
 
+pub mod local;
 mod plan;
 mod view;
 
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+pub use local::LocalEstimate;
 pub use plan::{AnswerShape, Planned, plan};
 
 use crate::exit::usage;

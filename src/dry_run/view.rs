@@ -37,7 +37,7 @@ impl Estimate {
     }
 }
 
-fn humanize(seconds: f64) -> String {
+pub(super) fn humanize(seconds: f64) -> String {
     if seconds < 90.0 {
         format!("{seconds:.0}s")
     } else if seconds < 5400.0 {

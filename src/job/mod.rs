@@ -155,6 +155,8 @@ pub struct OnnxModel {
     pub tokenizer: PathBuf,
     pub input: String,
     pub output: OnnxOutput,
+    /// Embeddings: how token states become one vector.
+    pub pooling: backfill_onnx::Pooling,
     pub max_length: u32,
     pub max_batch_tokens: u32,
     pub threads: u32,

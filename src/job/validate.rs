@@ -58,6 +58,9 @@ fn build(path: &Path, dir: &Path, file: JobFile, options: &LoadOptions) -> anyho
     let source = source(&file)?;
     let processor = processor(dir, &file, options)?;
     let target = target(&file, &source, &processor)?;
+    if let Processor::Onnx(model) = &processor {
+        check_input_template(&model.input, &source)?;
+    }
     let limits = limits(&file)?;
 
     let price_files: Vec<PathBuf> =
@@ -492,12 +495,14 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
         }
         other => return Err(usage(format!("`model.output` = {other:?}: use \"embedding\" or \"classification\""))),
     };
-    if let Some(pooling) = &m.pooling
-        && pooling != "mean" {
-            return Err(usage(format!("`model.pooling` = {pooling:?}: only \"mean\" is supported")));
-        }
+    let pooling = match m.pooling.as_deref().unwrap_or("mean") {
+        "mean" => backfill_onnx::Pooling::Mean,
+        "cls" => backfill_onnx::Pooling::Cls,
+        other => return Err(usage(format!("`model.pooling` = {other:?}: use \"mean\" or \"cls\" (the first token's state)"))),
+    };
     let max_length = m.max_length.unwrap_or(256);
-    let max_batch_tokens = m.max_batch_tokens.unwrap_or(8192);
+    // Small forward passes are fastest under tract (crates/onnx/README.md): one long row alone.
+    let max_batch_tokens = m.max_batch_tokens.unwrap_or(max_length.max(256));
     if max_length == 0 || max_batch_tokens < max_length {
         return Err(usage("`model.max_batch_tokens` must be at least `model.max_length` (and both above 0)"));
     }
@@ -507,7 +512,25 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
     if threads == 0 {
         return Err(usage("`model.threads` must be at least 1"));
     }
-    Ok(OnnxModel { path, tokenizer, input, output, max_length, max_batch_tokens, threads })
+    Ok(OnnxModel { path, tokenizer, input, output, pooling, max_length, max_batch_tokens, threads })
+}
+
+/// Every `{{name}}` of a local model's `input` is a source column (or the id).
+fn check_input_template(input: &str, source: &Source) -> anyhow::Result<()> {
+    let names = crate::local_model::placeholders(input);
+    if names.is_empty() {
+        return Err(usage(format!(
+            "`model.input` = {input:?} names no column: write the text the model sees, e.g. \"{{{{title}}}}\\n{{{{text}}}}\""
+        )));
+    }
+    for name in names {
+        if name != "id" && !source.columns.iter().any(|c| c.name() == name) {
+            return Err(usage(format!(
+                "`model.input`: `{{{{{name}}}}}` is not in `source.columns`; add the column there or fix the name"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn bounds(key: &str, r: RangeFile) -> anyhow::Result<Bounds> {

@@ -6,6 +6,8 @@ mod batch;
 mod call;
 pub mod context;
 mod dispatch;
+mod lifecycle;
+mod local;
 pub mod policy;
 pub mod progress;
 mod shared_rate;
@@ -27,11 +29,11 @@ pub use signals::install as install_signals;
 pub use summary::Summary;
 
 use crate::exit::{Exit, usage};
-use crate::job::{ChatModel, Job};
+use crate::job::{ChatModel, Job, Processor};
 use crate::packer::Packer;
 use crate::provider::ChatClient;
 use crate::secret::ApiKey;
-use crate::store::{Attach, Created, NewRun, RunRecord, RunStatus, Store, Tables, Worker};
+use crate::store::{RunRecord, Store};
 use crate::tokens::TokenCounter;
 
 /// How `run` was asked to go.
@@ -54,43 +56,20 @@ pub struct RunOutcome {
     pub exit: Exit,
 }
 
-/// Runs a chat job.
+/// Runs a job: a chat job here, a local-model job through [`local::run`].
 pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -> anyhow::Result<RunOutcome> {
     let started = Instant::now();
-    let Some(chat) = job.chat() else {
-        anyhow::bail!("local-model jobs run through the onnx processor");
+    let chat = match &job.processor {
+        Processor::Chat(chat) => chat,
+        Processor::Onnx(model) => return local::run(job, model, options, shutdown).await,
     };
     // Everything that can be checked without the database and the network comes first.
     let check: Option<Arc<dyn OutputCheck>> = match crate::postprocess::build(job)? {
         Some(p) => Some(p),
         None => None,
     };
-    let store = crate::store::open(&job.database).await?;
-    store.migrate().await?;
-    let tables = Tables::from_job(job);
-    store.inspect(&tables).await?;
-    let run = find_or_create(job, options, store.as_ref(), &tables).await?;
-    let worker = Worker::current();
-    match store.attach(run.id, &worker, job.limits.lease, !store.shares_runs()).await? {
-        Attach::Attached(recovered) => {
-            if recovered.items > 0 || recovered.calls_lost > 0 {
-                tracing::info!(
-                    items = recovered.items,
-                    calls = recovered.calls_lost,
-                    "run {}: items leased by a stopped process are back in the queue",
-                    run.id
-                );
-            }
-        }
-        Attach::Busy { worker: other, seconds_left } => {
-            return Err(usage(format!(
-                "run {} of job `{}` is being worked on by another process ({other}); a SQLite run takes \
-                 one process at a time. Wait for it to end (its lease runs out {seconds_left:.0}s after its \
-                 last heartbeat), or stop it; for several workers use PostgreSQL",
-                run.id, job.name
-            )));
-        }
-    }
+    let attached = Arc::new(lifecycle::attach(job, options).await?);
+    let (store, run) = (attached.store.clone(), attached.run.clone());
 
     let ctx = Arc::new(context_for(job, chat, store.clone(), run.id, check)?);
     let controller = controller_for(job, chat, &run)?;
@@ -101,10 +80,10 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
 
     let (write_tx, write_rx) = mpsc::channel(writer::WRITE_QUEUE);
     let written = Arc::new(Notify::new());
-    let writer = tokio::spawn(writer::write_all(ctx.clone(), write_rx, written.clone(), progress.clone()));
+    let writer = tokio::spawn(writer::write_all(store.clone(), ctx.tables.clone(), write_rx, written.clone(), progress.clone()));
     let background = CancellationToken::new();
     let reporter = tokio::spawn(progress::report(progress.clone(), background.clone(), options.quiet));
-    let heartbeat = tokio::spawn(keep_alive(ctx.clone(), progress.clone(), background.clone()));
+    let heartbeat = tokio::spawn(lifecycle::keep_alive(attached.clone(), progress.clone(), background.clone()));
 
     let mut dispatcher = dispatch::Dispatcher::new(ctx.clone(), controller, write_tx, written, progress.clone());
     let stop = match replay_lost_calls(&ctx, &mut dispatcher).await {
@@ -126,40 +105,8 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
     let _ = reporter.await;
     let _ = heartbeat.await;
 
-    let stop = match stop {
-        Ok(stop) => match progress.writer_failure() {
-            Some(why) => Stop::Failed(why),
-            None => stop,
-        },
-        Err(e) => Stop::Failed(format!("{e:#}")),
-    };
-    let (status, exit, error) = match &stop {
-        Stop::Drained => (RunStatus::Finished, Exit::Finished, None),
-        Stop::Interrupted => (RunStatus::Interrupted, Exit::Interrupted, None),
-        Stop::Budget => (
-            RunStatus::Budget,
-            Exit::Budget,
-            Some("the next call would pass the budget cap; raise it with --max-usd and run with --resume".to_string()),
-        ),
-        Stop::Failed(why) => (RunStatus::Failed, Exit::Error, Some(why.clone())),
-        Stop::Waiting => (
-            RunStatus::Waiting,
-            Exit::Waiting,
-            Some("the provider's batches are still running; collect them with --resume".to_string()),
-        ),
-        Stop::FinishSync => (RunStatus::Running, Exit::Error, Some("the synchronous finish did not run".to_string())),
-    };
-    // Record the end even if the database is struggling; report what could not be recorded.
-    if let Err(e) = store.set_status(run.id, status, error.as_deref()).await {
-        tracing::error!("could not record the run's end: {e:#}");
-    }
-    if let Err(e) = store.detach(run.id, &ctx.worker).await {
-        tracing::error!("could not detach from the run: {e:#}");
-    }
-    let report = store
-        .status(&job.name, Some(run.id))
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("run {} disappeared", run.id))?;
+    let stop = lifecycle::settle_stop(stop, &progress);
+    let (report, exit, error) = lifecycle::end(&attached, job, &stop).await?;
     let controller = summary::ControllerSummary {
         items_per_request: controller_status.items_per_request,
         concurrency: controller_status.concurrency_limit,
@@ -193,52 +140,6 @@ async fn run_batches(
     let api_key = std::env::var(&chat.api_key_env).ok().filter(|k| !k.is_empty()).map(ApiKey::new);
     let api = crate::provider::batch::client(chat.batch.dialect, &chat.base_url, api_key, chat.batch.limits)?;
     batch::BatchRunner::new(ctx.clone(), api, progress.clone(), run.clone()).run(options, shutdown).await
-}
-
-async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tables: &Tables) -> anyhow::Result<RunRecord> {
-    let new = NewRun {
-        job: job.name.clone(),
-        target: format!(
-            "{}({})",
-            tables.table.raw(),
-            tables.outputs.iter().map(|(_, c)| c.name().to_owned()).collect::<Vec<_>>().join(", ")
-        ),
-        limit: options.limit,
-        max_usd: job.budget_usd,
-    };
-    match store.create_run(&new, tables).await? {
-        Created::New(run) => {
-            if options.resume {
-                tracing::info!("no unfinished run of `{}` to resume: started run {}", job.name, run.id);
-            }
-            tracing::info!("run {}: {} items queued", run.id, run.total_items);
-            Ok(run)
-        }
-        Created::Existing(mut run) if options.resume => {
-            tracing::info!("resuming run {} ({})", run.id, run.status.as_str());
-            if run.max_usd != job.budget_usd {
-                tracing::info!(
-                    "run {}: budget cap {} (was {})",
-                    run.id,
-                    job.budget_usd.map(|c| format!("${c:.2}")).unwrap_or_else(|| "none".into()),
-                    run.max_usd.map(|c| format!("${c:.2}")).unwrap_or_else(|| "none".into())
-                );
-                store.set_budget(run.id, job.budget_usd).await?;
-                run.max_usd = job.budget_usd;
-            }
-            Ok(run)
-        }
-        Created::Existing(run) => Err(usage(format!(
-            "job `{}` has an unfinished run {} ({}, started {}); continue it with `backfill run {} --resume`, \
-             or give it up with `backfill abandon {}` and start again",
-            job.name,
-            run.id,
-            run.status.as_str(),
-            crate::cli::time::format_ms(run.created_at),
-            job.path.display(),
-            job.path.display()
-        ))),
-    }
 }
 
 fn context_for(
@@ -288,38 +189,6 @@ fn controller_for(job: &Job, chat: &ChatModel, run: &RunRecord) -> anyhow::Resul
         _ => Controller::new(config, Duration::ZERO).map_err(|e| usage(e.to_string()))?,
     };
     Ok(controller)
-}
-
-/// Heartbeats the worker's leases, returns expired leases of others to the queue, and keeps the
-/// queue size fresh for the controller.
-async fn keep_alive(ctx: Arc<RunContext>, progress: Arc<progress::Progress>, stop: CancellationToken) {
-    let every = (ctx.lease / 4).max(Duration::from_secs(1));
-    let mut beat = tokio::time::interval(every);
-    let mut count = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = count.tick() => {
-                if let Ok(counts) = ctx.store.item_counts(ctx.run_id).await {
-                    progress.queued.store(counts.pending as usize, Ordering::Relaxed);
-                }
-            }
-            _ = beat.tick() => {
-                match ctx.store.heartbeat(ctx.run_id, &ctx.worker, ctx.lease).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        progress.fail_writer(format!("this process lost its attachment to run {} (it was taken over)", ctx.run_id));
-                        return;
-                    }
-                    Err(e) => tracing::warn!("heartbeat failed: {e:#}"),
-                }
-                if ctx.store.shares_runs()
-                    && let Err(e) = ctx.store.recover(ctx.run_id).await {
-                        tracing::warn!("lease recovery failed: {e:#}");
-                    }
-            }
-        }
-    }
 }
 
 /// Calls lost in a crash whose answer had reached the cache are settled from it: their items

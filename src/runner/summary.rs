@@ -24,6 +24,10 @@ pub struct Summary {
     pub elapsed_seconds: f64,
     pub items_per_second: f64,
     pub controller: ControllerSummary,
+    /// Local-model runs: seconds the model computed in this invocation (its ledger rows cost
+    /// nothing; time is what they take).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compute_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -82,6 +86,7 @@ impl Summary {
             elapsed_seconds,
             items_per_second: finished_here as f64 / elapsed_seconds.max(0.001),
             controller,
+            compute_seconds: None,
             error,
         }
     }
@@ -119,6 +124,12 @@ impl Summary {
             self.controller.rate_limited,
             self.controller.retries
         ));
+        if let Some(compute) = self.compute_seconds {
+            out.push_str(&format!(
+                "\n  local model: {compute:.1}s computing, {:.1} ms/item",
+                compute * 1000.0 / (self.items_per_second * self.elapsed_seconds).max(1.0)
+            ));
+        }
         if let Some(error) = &self.error {
             out.push_str(&format!("\n  stopped: {error}"));
         }

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 
-use super::context::RunContext;
 use super::progress::Progress;
-use crate::store::{BatchWrite, ItemChange, WriteReport};
+use crate::store::{BatchWrite, ItemChange, Store, Tables, WriteReport};
 
 /// Batches that may wait for the writer; beyond this the dispatcher waits.
 pub const WRITE_QUEUE: usize = 64;
@@ -17,9 +16,15 @@ pub const WRITE_QUEUE: usize = 64;
 /// How often a failed write is tried again before the run stops.
 const WRITE_TRIES: u32 = 4;
 
-pub async fn write_all(ctx: Arc<RunContext>, mut batches: mpsc::Receiver<BatchWrite>, written: Arc<Notify>, progress: Arc<Progress>) {
+pub async fn write_all(
+    store: Arc<dyn Store>,
+    tables: Tables,
+    mut batches: mpsc::Receiver<BatchWrite>,
+    written: Arc<Notify>,
+    progress: Arc<Progress>,
+) {
     while let Some(batch) = batches.recv().await {
-        if write_one(&ctx, &batch, &progress).await.is_none() {
+        if write_one(store.as_ref(), &tables, &batch, &progress).await.is_none() {
             // The database is gone: stop taking batches; their items stay leased and return to
             // the queue when the lease expires (or at once on --resume).
             written.notify_waiters();
@@ -31,11 +36,11 @@ pub async fn write_all(ctx: Arc<RunContext>, mut batches: mpsc::Receiver<BatchWr
 
 /// Writes one batch (retrying a failed write a few times) and counts it in the progress.
 /// `None` when the database kept failing: the run must stop (the reason is in `progress`).
-pub async fn write_one(ctx: &RunContext, batch: &BatchWrite, progress: &Progress) -> Option<WriteReport> {
+pub async fn write_one(store: &dyn Store, tables: &Tables, batch: &BatchWrite, progress: &Progress) -> Option<WriteReport> {
     let mut tries = 0;
     let report = loop {
         tries += 1;
-        match ctx.store.write_batch(&ctx.tables, batch).await {
+        match store.write_batch(tables, batch).await {
             Ok(report) => break report,
             Err(e) if tries < WRITE_TRIES => {
                 tracing::warn!("writing a batch failed (try {tries} of {WRITE_TRIES}): {e:#}");

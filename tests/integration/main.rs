@@ -12,6 +12,7 @@ mod job_errors;
 mod ledger;
 mod llama;
 mod llmock;
+mod local;
 mod pipeline;
 mod report;
 mod postgres;

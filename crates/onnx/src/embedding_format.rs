@@ -39,7 +39,7 @@ pub fn embedding_to_f32le(embedding: &[f32]) -> Vec<u8> {
 
 /// The inverse of [`embedding_to_f32le`].
 pub fn embedding_from_f32le(bytes: &[u8]) -> Result<Vec<f32>, EmbeddingDecodeError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(EmbeddingDecodeError::BadByteLength(bytes.len()));
     }
     Ok(bytes
@@ -54,7 +54,7 @@ mod tests {
 
     #[test]
     fn json_round_trips_exactly() {
-        let embedding = vec![0.1f32, -0.25, 1.0e-8, 3.4028235e38, 0.0, -0.0, 0.123456789];
+        let embedding = vec![0.1f32, -0.25, 1.0e-8, 3.4028235e38, 0.0, -0.0, 0.123_456_79];
         let json = embedding_to_json(&embedding);
         let parsed: Vec<f32> = serde_json::from_str(&json).unwrap();
         assert_eq!(parsed, embedding);

@@ -58,7 +58,7 @@ impl BatchRunner {
             };
             for call in open {
                 let write = self.result_write(&call, results.get(&call.call_id), &held, latency, &not_run);
-                if super::super::writer::write_one(&self.ctx, &write, &self.progress).await.is_none() {
+                if super::super::writer::write_one(self.ctx.store.as_ref(), &self.ctx.tables, &write, &self.progress).await.is_none() {
                     anyhow::bail!("{}", self.progress.writer_failure().unwrap_or_default());
                 }
                 self.written.insert(call.call_id);

@@ -196,7 +196,7 @@ impl BatchRunner {
                 },
                 items,
             };
-            if super::super::writer::write_one(&self.ctx, &write, &self.progress).await.is_none() {
+            if super::super::writer::write_one(self.ctx.store.as_ref(), &self.ctx.tables, &write, &self.progress).await.is_none() {
                 anyhow::bail!("{}", self.progress.writer_failure().unwrap_or_default());
             }
         }

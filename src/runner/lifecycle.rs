@@ -1,0 +1,181 @@
+//! What every run does around its work, whatever the processor: find or create the run (or
+//! continue it with `--resume`), attach this process as its worker (refusing while another
+//! process holds a SQLite run), heartbeat the leases while it works, and record how it ended.
+//!
+//! The chat runner ([`super::run`]) and the local-model runner ([`super::local`]) both go
+//! through here; only the work between attaching and ending differs.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::RunOptions;
+use super::dispatch::Stop;
+use super::progress::Progress;
+use crate::exit::{Exit, usage};
+use crate::job::Job;
+use crate::store::{Attach, Created, NewRun, RunRecord, RunStatus, StatusReport, Store, Tables, Worker};
+
+/// A run this process is attached to.
+pub struct Attached {
+    pub store: Arc<dyn Store>,
+    pub tables: Tables,
+    pub run: RunRecord,
+    pub worker: Worker,
+    pub lease: Duration,
+}
+
+/// Opens the store, checks the job's tables, finds or creates the run and attaches to it.
+pub async fn attach(job: &Job, options: &RunOptions) -> anyhow::Result<Attached> {
+    let store = crate::store::open(&job.database).await?;
+    store.migrate().await?;
+    let tables = Tables::from_job(job);
+    store.inspect(&tables).await?;
+    let run = find_or_create(job, options, store.as_ref(), &tables).await?;
+    let worker = Worker::current();
+    match store.attach(run.id, &worker, job.limits.lease, !store.shares_runs()).await? {
+        Attach::Attached(recovered) => {
+            if recovered.items > 0 || recovered.calls_lost > 0 {
+                tracing::info!(
+                    items = recovered.items,
+                    calls = recovered.calls_lost,
+                    "run {}: items leased by a stopped process are back in the queue",
+                    run.id
+                );
+            }
+        }
+        Attach::Busy { worker: other, seconds_left } => {
+            return Err(usage(format!(
+                "run {} of job `{}` is being worked on by another process ({other}); a SQLite run takes \
+                 one process at a time. Wait for it to end (its lease runs out {seconds_left:.0}s after its \
+                 last heartbeat), or stop it; for several workers use PostgreSQL",
+                run.id, job.name
+            )));
+        }
+    }
+    Ok(Attached { store, tables, run, worker, lease: job.limits.lease })
+}
+
+async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tables: &Tables) -> anyhow::Result<RunRecord> {
+    let new = NewRun {
+        job: job.name.clone(),
+        target: format!(
+            "{}({})",
+            tables.table.raw(),
+            tables.outputs.iter().map(|(_, c)| c.name().to_owned()).collect::<Vec<_>>().join(", ")
+        ),
+        limit: options.limit,
+        max_usd: job.budget_usd,
+    };
+    match store.create_run(&new, tables).await? {
+        Created::New(run) => {
+            if options.resume {
+                tracing::info!("no unfinished run of `{}` to resume: started run {}", job.name, run.id);
+            }
+            tracing::info!("run {}: {} items queued", run.id, run.total_items);
+            Ok(run)
+        }
+        Created::Existing(mut run) if options.resume => {
+            tracing::info!("resuming run {} ({})", run.id, run.status.as_str());
+            if run.max_usd != job.budget_usd {
+                tracing::info!(
+                    "run {}: budget cap {} (was {})",
+                    run.id,
+                    job.budget_usd.map(|c| format!("${c:.2}")).unwrap_or_else(|| "none".into()),
+                    run.max_usd.map(|c| format!("${c:.2}")).unwrap_or_else(|| "none".into())
+                );
+                store.set_budget(run.id, job.budget_usd).await?;
+                run.max_usd = job.budget_usd;
+            }
+            Ok(run)
+        }
+        Created::Existing(run) => Err(usage(format!(
+            "job `{}` has an unfinished run {} ({}, started {}); continue it with `backfill run {} --resume`, \
+             or give it up with `backfill abandon {}` and start again",
+            job.name,
+            run.id,
+            run.status.as_str(),
+            crate::cli::time::format_ms(run.created_at),
+            job.path.display(),
+            job.path.display()
+        ))),
+    }
+}
+
+/// Heartbeats the worker's leases, returns expired leases of others to the queue, and keeps the
+/// queue size in `progress` fresh. Ends when `stop` is cancelled or the run was taken over.
+pub async fn keep_alive(attached: Arc<Attached>, progress: Arc<Progress>, stop: CancellationToken) {
+    let (store, run_id, worker, lease) = (&attached.store, attached.run.id, &attached.worker, attached.lease);
+    let every = (lease / 4).max(Duration::from_secs(1));
+    let mut beat = tokio::time::interval(every);
+    let mut count = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = count.tick() => {
+                if let Ok(counts) = store.item_counts(run_id).await {
+                    progress.queued.store(counts.pending as usize, Ordering::Relaxed);
+                }
+            }
+            _ = beat.tick() => {
+                match store.heartbeat(run_id, worker, lease).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        progress.fail_writer(format!("this process lost its attachment to run {run_id} (it was taken over)"));
+                        return;
+                    }
+                    Err(e) => tracing::warn!("heartbeat failed: {e:#}"),
+                }
+                if store.shares_runs()
+                    && let Err(e) = store.recover(run_id).await
+                {
+                    tracing::warn!("lease recovery failed: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// Why the work stopped, once the writer has drained: a writer failure outranks the rest.
+pub fn settle_stop(stop: anyhow::Result<Stop>, progress: &Progress) -> Stop {
+    match stop {
+        Ok(stop) => match progress.writer_failure() {
+            Some(why) => Stop::Failed(why),
+            None => stop,
+        },
+        Err(e) => Stop::Failed(format!("{e:#}")),
+    }
+}
+
+/// Records the run's end (status, detach) and reads back its report; returns the exit code
+/// and the error to show with the summary.
+pub async fn end(attached: &Attached, job: &Job, stop: &Stop) -> anyhow::Result<(StatusReport, Exit, Option<String>)> {
+    let (status, exit, error) = match stop {
+        Stop::Drained => (RunStatus::Finished, Exit::Finished, None),
+        Stop::Interrupted => (RunStatus::Interrupted, Exit::Interrupted, None),
+        Stop::Budget => (
+            RunStatus::Budget,
+            Exit::Budget,
+            Some("the next call would pass the budget cap; raise it with --max-usd and run with --resume".to_string()),
+        ),
+        Stop::Failed(why) => (RunStatus::Failed, Exit::Error, Some(why.clone())),
+        Stop::Waiting => (
+            RunStatus::Waiting,
+            Exit::Waiting,
+            Some("the provider's batches are still running; collect them with --resume".to_string()),
+        ),
+        Stop::FinishSync => (RunStatus::Running, Exit::Error, Some("the synchronous finish did not run".to_string())),
+    };
+    let (store, run_id) = (&attached.store, attached.run.id);
+    // Record the end even if the database is struggling; report what could not be recorded.
+    if let Err(e) = store.set_status(run_id, status, error.as_deref()).await {
+        tracing::error!("could not record the run's end: {e:#}");
+    }
+    if let Err(e) = store.detach(run_id, &attached.worker).await {
+        tracing::error!("could not detach from the run: {e:#}");
+    }
+    let report = store.status(&job.name, Some(run_id)).await?.ok_or_else(|| anyhow::anyhow!("run {run_id} disappeared"))?;
+    Ok((report, exit, error))
+}

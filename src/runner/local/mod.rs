@@ -1,0 +1,248 @@
+//! The local-model runner (`[model] kind = "onnx"`): the same run lifecycle as the chat runner
+//! (find or create, `--resume`, attach, lease, heartbeat, one writer transaction per batch,
+//! progress, signals, summary), with the model computing on this machine instead of a provider
+//! answering.
+//!
+//! One loop: claim a batch of items, render each row through `model.input`, run the model on
+//! the batch in `spawn_blocking` (the processor uses `model.threads` threads itself, so one
+//! batch computes at a time), and hand the outputs to the writer, which writes them while the
+//! next batch computes. The ledger records every batch as a call that costs nothing: its
+//! duration, items and tokens, so `status` and `report` show time instead of money.
+
+mod outputs;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use backfill_onnx::{OnnxProcessor, Output};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::dispatch::Stop;
+use super::lifecycle::{self, Attached};
+use super::policy::{RetryPolicy, Setback};
+use super::progress::{self, Progress};
+use super::summary::{ControllerSummary, Summary};
+use super::{RunOptions, RunOutcome, writer};
+use crate::job::{Job, OnnxModel};
+use crate::pricing::{Picos, Tier, Usage};
+use crate::store::{BatchWrite, CallSettle, Claimed, ItemUpdate, NewCall, now_ms};
+
+pub use outputs::OutputLayout;
+
+/// The longest the loop waits before looking at the queue again when other workers hold the
+/// remaining items.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
+/// Runs a local-model job.
+pub async fn run(job: &Job, model: &OnnxModel, options: &RunOptions, shutdown: CancellationToken) -> anyhow::Result<RunOutcome> {
+    let started = Instant::now();
+    // A bad model or tokenizer stops the run before it touches the database.
+    let processor = crate::local_model::load(model).await?;
+    let attached = Arc::new(lifecycle::attach(job, options).await?);
+    let store = attached.store.clone();
+    let counts = store.item_counts(attached.run.id).await?;
+    let progress = Arc::new(Progress::new(counts.total(), counts.done, counts.failed, counts.rejected, Picos::ZERO, None));
+    progress.queued.store(counts.pending as usize, Ordering::Relaxed);
+
+    // Bounded: when the database falls behind, the model waits instead of piling up outputs.
+    let (write_tx, write_rx) = mpsc::channel(writer::WRITE_QUEUE);
+    let writer = tokio::spawn(writer::write_all(store.clone(), attached.tables.clone(), write_rx, Arc::new(Notify::new()), progress.clone()));
+    let background = CancellationToken::new();
+    let reporter = tokio::spawn(progress::report(progress.clone(), background.clone(), options.quiet));
+    let heartbeat = tokio::spawn(lifecycle::keep_alive(attached.clone(), progress.clone(), background.clone()));
+
+    let mut local = LocalRunner {
+        attached: attached.clone(),
+        processor,
+        layout: OutputLayout { keys: attached.tables.outputs.iter().map(|(key, _)| key.clone()).collect(), format: job.target.format },
+        template: model.input.clone(),
+        model_name: crate::local_model::ledger_name(model),
+        batch_items: job.limits.items_per_request.start.max(1) as usize,
+        grace: job.limits.grace,
+        policy: RetryPolicy { max_attempts: job.limits.max_attempts, tiers: 1, base_backoff: Duration::ZERO, max_backoff: Duration::ZERO },
+        progress: progress.clone(),
+        writer: write_tx,
+        batches: 0,
+        compute: Duration::ZERO,
+    };
+    let stop = local.run(&shutdown).await;
+    let (batches, compute, batch_items) = (local.batches, local.compute, local.batch_items);
+    drop(local);
+    let _ = writer.await;
+    background.cancel();
+    let _ = reporter.await;
+    let _ = heartbeat.await;
+
+    let stop = lifecycle::settle_stop(stop, &progress);
+    let (report, exit, error) = lifecycle::end(&attached, job, &stop).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let controller = ControllerSummary {
+        items_per_request: batch_items as u32,
+        concurrency: 1,
+        requests_per_second: batches as f64 / elapsed.max(0.001),
+        requests: batches,
+        retries: progress.retries.load(Ordering::Relaxed),
+        ..ControllerSummary::default()
+    };
+    let mut summary = Summary::from_report(&report, elapsed, progress.finished_here.load(Ordering::Relaxed), controller, error);
+    summary.compute_seconds = Some(compute.as_secs_f64());
+    Ok(RunOutcome { summary, exit })
+}
+
+/// The loop's state: what it needs from the job, and what it counted.
+struct LocalRunner {
+    attached: Arc<Attached>,
+    processor: Arc<OnnxProcessor>,
+    layout: OutputLayout,
+    template: String,
+    model_name: String,
+    batch_items: usize,
+    grace: Duration,
+    policy: RetryPolicy,
+    progress: Arc<Progress>,
+    writer: mpsc::Sender<BatchWrite>,
+    /// Batches computed in this invocation, and the time the model spent on them.
+    batches: u64,
+    compute: Duration,
+}
+
+/// What the model made of one batch.
+struct Computed {
+    /// One result per item, in claim order.
+    results: Vec<Result<Output, String>>,
+    tokens: u64,
+    elapsed: Duration,
+    /// Why the batch as a whole failed (its items were then run one by one).
+    batch_error: Option<String>,
+}
+
+impl LocalRunner {
+    async fn run(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Stop> {
+        let a = self.attached.clone();
+        loop {
+            if let Some(why) = self.progress.writer_failure() {
+                return Ok(Stop::Failed(why));
+            }
+            if shutdown.is_cancelled() {
+                return Ok(Stop::Interrupted);
+            }
+            let claim = a.store.claim(&a.tables, a.run.id, &a.worker, self.batch_items, a.lease).await?;
+            if claim.vanished > 0 {
+                self.progress.failed.fetch_add(claim.vanished, Ordering::Relaxed);
+            }
+            if claim.items.is_empty() {
+                if claim.leased == 0 && claim.next_ready_at.is_none() {
+                    return Ok(Stop::Drained);
+                }
+                // Items are with the writer, another worker, or in backoff: look again soon.
+                let wait = claim.next_ready_at.map_or(IDLE_POLL, |at| Duration::from_millis((at - now_ms()).clamp(1, 200) as u64));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return Ok(Stop::Interrupted),
+                }
+                continue;
+            }
+            if !self.batch(claim.items, shutdown).await? {
+                return Ok(Stop::Interrupted);
+            }
+        }
+    }
+
+    /// Computes one claimed batch and queues its write. False when a shutdown outlasted the
+    /// grace period: the batch's items went back to the queue.
+    async fn batch(&mut self, claimed: Vec<Claimed>, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+        let a = self.attached.clone();
+        let call = NewCall {
+            run_id: a.run.id,
+            worker: a.worker.id.clone(),
+            model: self.model_name.clone(),
+            price_tier: Tier::Sync,
+            request_hash: None,
+            item_ids: claimed.iter().map(|c| c.item.id.clone()).collect(),
+            concurrency: 1,
+            estimated: Picos::ZERO,
+            started_at: now_ms(),
+        };
+        let call_id = a.store.reserve_call(&call, None).await?.ok_or_else(|| anyhow::anyhow!("the ledger refused a call that costs nothing"))?;
+        self.progress.requests.fetch_add(1, Ordering::Relaxed);
+        let texts: Vec<String> = claimed.iter().map(|c| crate::local_model::render(&self.template, &c.item)).collect();
+        let processor = self.processor.clone();
+        let mut task = tokio::task::spawn_blocking(move || compute(&processor, &texts));
+        let joined = tokio::select! {
+            joined = &mut task => joined,
+            _ = shutdown.cancelled() => tokio::select! {
+                joined = &mut task => joined,
+                _ = tokio::time::sleep(self.grace) => {
+                    tracing::warn!("the batch in progress did not finish within the grace period: its items go back to the queue");
+                    let now = now_ms();
+                    let items = claimed.iter().map(|c| ItemUpdate {
+                        lease: c.lease.clone(),
+                        change: self.policy.next(&Setback::Released, c.attempts, c.tier, claimed.len(), now, 0.0),
+                        output: None,
+                    }).collect();
+                    let settle = CallSettle { outcome: "interrupted".into(), cost_source: "none".into(), ..CallSettle::default() };
+                    self.send(BatchWrite { run_id: a.run.id, call_id, settle, items }).await?;
+                    return Ok(false);
+                }
+            },
+        };
+        let computed = joined.map_err(|e| anyhow::anyhow!("the model's thread failed: {e}"))?;
+        self.batches += 1;
+        self.compute += computed.elapsed;
+        let mut settle = CallSettle {
+            latency_ms: Some(computed.elapsed.as_millis() as i64),
+            usage: Usage { prompt_tokens: computed.tokens, completion_tokens: 0, cached_tokens: 0 },
+            cost: Picos::ZERO,
+            cost_source: "none".into(),
+            error: computed.batch_error.clone(),
+            ..CallSettle::default()
+        };
+        let mut items = Vec::with_capacity(claimed.len());
+        for (c, result) in claimed.iter().zip(&computed.results) {
+            match result {
+                Ok(output) => {
+                    settle.items_ok += 1;
+                    items.push(self.layout.done(c, output));
+                }
+                Err(why) => {
+                    settle.items_invalid += 1;
+                    tracing::warn!(item = %c.item.id, "the model failed on this item: {why}");
+                    items.push(outputs::model_failed(c, why));
+                }
+            }
+        }
+        settle.outcome = if settle.items_invalid == 0 { "ok" } else { "model_error" }.into();
+        self.send(BatchWrite { run_id: a.run.id, call_id, settle, items }).await?;
+        Ok(true)
+    }
+
+    async fn send(&self, batch: BatchWrite) -> anyhow::Result<()> {
+        self.writer.send(batch).await.map_err(|_| anyhow::anyhow!("the writer stopped"))
+    }
+}
+
+/// Runs the model on a batch; when the batch fails as a whole, on each text alone, so one bad
+/// row fails by itself and the others still get their output.
+fn compute(processor: &OnnxProcessor, texts: &[String]) -> Computed {
+    let started = Instant::now();
+    let tokens = processor.token_counts(texts).map(|counts| counts.iter().sum::<usize>() as u64).unwrap_or(0);
+    let (results, batch_error) = match processor.process(texts) {
+        Ok(outputs) => (outputs.into_iter().map(Ok).collect(), None),
+        Err(e) if texts.len() == 1 => (vec![Err(e.to_string())], Some(e.to_string())),
+        Err(e) => {
+            let one_by_one = texts
+                .iter()
+                .map(|text| {
+                    processor
+                        .process(std::slice::from_ref(text))
+                        .map_err(|e| e.to_string())
+                        .and_then(|mut out| out.pop().ok_or_else(|| "the model returned no output".to_string()))
+                })
+                .collect();
+            (one_by_one, Some(e.to_string()))
+        }
+    };
+    Computed { results, tokens, elapsed: started.elapsed(), batch_error }
+}
