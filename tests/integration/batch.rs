@@ -16,15 +16,6 @@ fn batch_job(fx: &Fixture, fake: &BatchFake, model_extra: &str, limits: &str) {
     fx.write_job(&fake.base_url(), &format!("{BATCH}\n{model_extra}"), limits, "");
 }
 
-async fn run(fx: &Fixture, extra: &[&str], env: &[(&str, &str)]) -> (std::process::Output, Value) {
-    let job = fx.job.to_str().unwrap().to_owned();
-    let mut args = vec!["run", job.as_str(), "--json", "--quiet"];
-    args.extend_from_slice(extra);
-    let output = backfill_async(fx.dir.path(), &args, env).await;
-    let summary = serde_json::from_str(&stdout(&output)).unwrap_or(Value::Null);
-    (output, summary)
-}
-
 async fn scalar(fx: &Fixture, sql: &str) -> i64 {
     let pool = fx.pool().await;
     let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await.unwrap();
@@ -100,7 +91,7 @@ async fn a_batch_run_packs_many_items_per_request_and_bills_the_batch_price() {
     let fx = Fixture::new(60).await;
     let fake = BatchFake::start().await;
     batch_job(&fx, &fake, "", "");
-    let (output, summary) = run(&fx, &[], &[]).await;
+    let (output, summary) = run_json_with(&fx, &[], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(summary["items"]["done"], 60, "{summary}");
     assert_all_done_once(&fx, 60).await;
@@ -130,7 +121,7 @@ async fn batches_are_split_by_the_request_and_size_limits() {
     let fx = Fixture::new(50).await;
     let fake = BatchFake::start().await;
     batch_job(&fx, &fake, "batch_max_requests = 2", "");
-    let (output, _) = run(&fx, &[], &[]).await;
+    let (output, _) = run_json_with(&fx, &[], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let sizes: Vec<usize> = fake.batches().iter().map(|b| b.requests.len()).collect();
     assert_eq!(sizes, vec![2, 2, 1], "50 items, 10 per request, 2 requests per batch");
@@ -141,7 +132,7 @@ async fn batches_are_split_by_the_request_and_size_limits() {
     let fake = BatchFake::start().await;
     fake.limit(Some(3 * 1024), None);
     batch_job(&fx, &fake, "batch_max_mb = 0.0029", "");
-    let (output, _) = run(&fx, &[], &[]).await;
+    let (output, _) = run_json_with(&fx, &[], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let batches = fake.batches();
     assert!(batches.len() >= 3, "{} batches", batches.len());
@@ -159,7 +150,7 @@ async fn failed_expired_and_errored_requests_go_into_the_next_batch() {
     fake.script(vec![Fate::Fail, Fate::Expire(0.6)]);
     fake.fail_every(4);
     batch_job(&fx, &fake, "", "max_attempts = 6");
-    let (output, summary) = run(&fx, &[], &[]).await;
+    let (output, summary) = run_json_with(&fx, &[], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(summary["items"]["done"], 80, "{summary}");
     assert_all_done_once(&fx, 80).await;
@@ -179,14 +170,14 @@ async fn wait_zero_submits_and_exits_5_then_resume_collects() {
     let fx = Fixture::new(30).await;
     let fake = BatchFake::start().await;
     batch_job(&fx, &fake, "", "");
-    let (output, summary) = run(&fx, &["--wait", "0"], &[]).await;
+    let (output, summary) = run_json_with(&fx, &["--wait", "0"], &[]).await;
     assert_eq!(output.status.code(), Some(5), "{}", stderr(&output));
     assert_eq!(summary["status"], "waiting", "{summary}");
     assert_eq!(fake.batches().len(), 1);
     // A plain run refuses beside it; --resume collects.
     let refused = backfill_async(fx.dir.path(), &["run", fx.job.to_str().unwrap()], &[]).await;
     assert_eq!(refused.status.code(), Some(2));
-    let (output, summary) = run(&fx, &["--resume"], &[]).await;
+    let (output, summary) = run_json_with(&fx, &["--resume"], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(summary["items"]["done"], 30, "{summary}");
     assert_eq!(fake.batches().len(), 1, "resume must not submit again");
@@ -201,7 +192,7 @@ async fn finish_sync_after_cancels_the_batch_and_sends_the_rest_synchronously() 
     fake.script(vec![Fate::Stall]);
     batch_job(&fx, &fake, "", "");
     // Long enough for the batch to be submitted first (the run's clock starts at its creation).
-    let (output, summary) = run(&fx, &["--finish-sync-after", "4s"], &[]).await;
+    let (output, summary) = run_json_with(&fx, &["--finish-sync-after", "4s"], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(summary["items"]["done"], 40, "{summary}");
     let batches = fake.batches();
@@ -220,7 +211,7 @@ async fn anthropic_message_batches_work_the_same_way() {
     fake.script(vec![Fate::Expire(0.5)]);
     fake.fail_every(5);
     batch_job(&fx, &fake, "batch_api = \"anthropic\"\nstructured_output = \"none\"", "");
-    let (output, summary) = run(&fx, &[], &[("OPENAI_API_KEY", "sk-ant-test")]).await;
+    let (output, summary) = run_json_with(&fx, &[], &[("OPENAI_API_KEY", "sk-ant-test")]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(summary["items"]["done"], 50, "{summary}");
     let batches = fake.batches();
@@ -240,11 +231,11 @@ async fn crash_then_resume(point: &str, dialect: &str) {
     let extra = if dialect == "anthropic" { "batch_api = \"anthropic\"\nstructured_output = \"none\"" } else { "" };
     // Two requests per batch, so collection writes several requests and batches overlap.
     batch_job(&fx, &fake, &format!("{extra}\nbatch_max_requests = 2"), "");
-    let (crashed, _) = run(&fx, &[], &[("BACKFILL_FAILPOINT_CRASH", point)]).await;
+    let (crashed, _) = run_json_with(&fx, &[], &[("BACKFILL_FAILPOINT_CRASH", point)]).await;
     assert_eq!(crashed.status.code(), None, "{point}: the process should have aborted\n{}", stderr(&crashed));
     let name = point.split(':').next().unwrap();
     assert!(stderr(&crashed).contains(&format!("crash point {name}")), "{}", stderr(&crashed));
-    let (output, summary) = run(&fx, &["--resume"], &[]).await;
+    let (output, summary) = run_json_with(&fx, &["--resume"], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{point}: {}", stderr(&output));
     assert_eq!(summary["items"]["done"], rows as u64, "{point}: {summary}");
     assert_all_done_once(&fx, rows).await;

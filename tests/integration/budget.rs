@@ -6,15 +6,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-async fn run_json(fx: &Fixture, extra: &[&str]) -> (std::process::Output, Value) {
-    let job = fx.job.to_str().unwrap().to_owned();
-    let mut args = vec!["run", job.as_str(), "--json", "--quiet"];
-    args.extend_from_slice(extra);
-    let output = backfill_async(fx.dir.path(), &args, &[]).await;
-    let summary = serde_json::from_str(&stdout(&output)).unwrap_or(Value::Null);
-    (output, summary)
-}
-
 /// The bug: a $5.00 cap fired at $1.78 of real spend, because estimates were counted
 /// as spend. Here the cap holds (spend never passes it), the run uses most of it before it stops
 /// with exit 3, and `--resume` with a higher cap finishes the run.

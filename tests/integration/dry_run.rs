@@ -24,12 +24,10 @@ async fn dry_run(fx: &Fixture, extra: &[&str]) -> Value {
 }
 
 async fn real_run(fx: &Fixture, extra: &[&str]) -> Value {
-    let job = fx.job.to_str().unwrap().to_owned();
-    let mut args = vec!["run", job.as_str(), "--json", "--quiet"];
-    args.extend_from_slice(extra);
-    let output = backfill_async(fx.dir.path(), &args, &[]).await;
+    let (output, summary) = run_json(fx, extra).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    serde_json::from_str(&stdout(&output)).unwrap()
+    assert!(!summary.is_null(), "no JSON summary on stdout: {}", stdout(&output));
+    summary
 }
 
 /// `(runs, calls)` rows in the runner tables, `None` when they do not exist.

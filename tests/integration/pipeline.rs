@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
 
 use crate::support::*;
 
@@ -17,15 +16,6 @@ async fn assert_no_misplaced(fx: &Fixture) -> usize {
         }
     }
     written
-}
-
-async fn run_json(fx: &Fixture, extra: &[&str]) -> (std::process::Output, Value) {
-    let job = fx.job.to_str().unwrap().to_owned();
-    let mut args = vec!["run", job.as_str(), "--json", "--quiet"];
-    args.extend_from_slice(extra);
-    let output = backfill_async(fx.dir.path(), &args, &[]).await;
-    let summary = serde_json::from_str(&stdout(&output)).unwrap_or(Value::Null);
-    (output, summary)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -55,38 +55,28 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub async fn open(url: &DatabaseUrl) -> anyhow::Result<Self> {
-        let options = SqliteConnectOptions::from_str(url.expose())
-            .with_context(|| format!("{url} is not a valid SQLite URL"))?
-            .create_if_missing(false)
+        let options = Self::options(url)?
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(busy_timeout());
-        let path = options.get_filename().to_path_buf();
-        if !path.exists() {
-            return Err(crate::exit::usage(format!(
-                "SQLite database {} does not exist; check `source.database` or --database",
-                path.display()
-            )));
-        }
+            .synchronous(SqliteSynchronous::Normal);
         // The pool is small: SQLite has one writer at a time; a few connections let reads
         // (status, claims' row fetches) proceed beside a write.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(busy_timeout() + Duration::from_secs(5))
-            .connect_with(options)
-            .await
-            .map_err(|e| database_error(e, &path))?;
-        Ok(Self { pool, path, id_kinds: Mutex::new(HashMap::new()) })
+        Self::connect(options, 4).await
     }
 
     /// Opens the database for reading only (`status`, `report`, `run --dry-run`): no journal
     /// mode is set (switching to WAL would rewrite the file's header) and no write is possible.
     pub async fn open_read_only(url: &DatabaseUrl) -> anyhow::Result<Self> {
-        let options = SqliteConnectOptions::from_str(url.expose())
+        Self::connect(Self::options(url)?.read_only(true), 2).await
+    }
+
+    fn options(url: &DatabaseUrl) -> anyhow::Result<SqliteConnectOptions> {
+        Ok(SqliteConnectOptions::from_str(url.expose())
             .with_context(|| format!("{url} is not a valid SQLite URL"))?
             .create_if_missing(false)
-            .read_only(true)
-            .busy_timeout(busy_timeout());
+            .busy_timeout(busy_timeout()))
+    }
+
+    async fn connect(options: SqliteConnectOptions, max_connections: u32) -> anyhow::Result<Self> {
         let path = options.get_filename().to_path_buf();
         if !path.exists() {
             return Err(crate::exit::usage(format!(
@@ -95,7 +85,7 @@ impl SqliteStore {
             )));
         }
         let pool = SqlitePoolOptions::new()
-            .max_connections(2)
+            .max_connections(max_connections)
             .acquire_timeout(busy_timeout() + Duration::from_secs(5))
             .connect_with(options)
             .await

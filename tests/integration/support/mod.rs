@@ -163,6 +163,21 @@ pub async fn backfill_async(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> 
     .unwrap()
 }
 
+/// `backfill run JOB --json --quiet EXTRA…` on the fixture's job: the output and the summary
+/// (`null` when stdout holds none).
+pub async fn run_json_with(fx: &Fixture, extra: &[&str], env: &[(&str, &str)]) -> (Output, serde_json::Value) {
+    let job = fx.job.to_str().unwrap().to_owned();
+    let mut args = vec!["run", job.as_str(), "--json", "--quiet"];
+    args.extend_from_slice(extra);
+    let output = backfill_async(fx.dir.path(), &args, env).await;
+    let summary = serde_json::from_str(&stdout(&output)).unwrap_or(serde_json::Value::Null);
+    (output, summary)
+}
+
+pub async fn run_json(fx: &Fixture, extra: &[&str]) -> (Output, serde_json::Value) {
+    run_json_with(fx, extra, &[]).await
+}
+
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
