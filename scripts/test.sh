@@ -5,7 +5,7 @@
 #   scripts/test.sh [extra cargo test arguments]
 #
 # Cache: ${BACKFILL_CACHE:-$HOME/.cache/backfill} (virtualenvs, model files). A fresh machine
-# spends about 8 minutes building the llama.cpp server once, and a minute fetching the ONNX
+# spends about 7 minutes building llama.cpp's llama-server once, and a minute fetching the ONNX
 # model and the onnxruntime venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
