@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::batch_sizer::BatchSizer;
 use crate::concurrency_limit::ConcurrencyLimit;
+use crate::delay_limit::DelayLimit;
 use crate::config::{ConfigError, ControllerConfig};
 use crate::latency_window::LatencyWindow;
 use crate::protocol::{Decision, PipelineLoad, RequestShape, Ticket};
@@ -28,6 +29,9 @@ pub(crate) struct InFlight {
     pub shape: RequestShape,
     /// Cut by `requests_to_cut`: its timeout says nothing about overload.
     pub cut_at_end_of_queue: bool,
+    /// The delay limit's generation and the requests in flight (itself included) when sent.
+    pub generation: u64,
+    pub level: u32,
 }
 
 /// The adaptive throughput controller of the design: rate pacing, concurrency by Little's
@@ -37,6 +41,7 @@ pub struct Controller {
     pub(crate) config: ControllerConfig,
     pub(crate) pacer: RatePacer,
     pub(crate) concurrency: ConcurrencyLimit,
+    pub(crate) delay: DelayLimit,
     pub(crate) batch: BatchSizer,
     pub(crate) tokens: TokenEstimates,
     pub(crate) latency: LatencyWindow,
@@ -76,6 +81,7 @@ impl Controller {
         Ok(Self {
             pacer: RatePacer::new(caps, initial_rate, now),
             concurrency: ConcurrencyLimit::new(config.concurrency),
+            delay: DelayLimit::new(config.concurrency),
             batch: BatchSizer::new(config.items_per_request),
             tokens: TokenEstimates::new(
                 config.initial_output_tokens_per_item,
@@ -134,7 +140,7 @@ impl Controller {
         Decision::Send {
             items,
             max_tokens,
-            timeout: self.timeout_for(items),
+            timeout: self.timeout_with_queue(items, load.in_flight),
         }
     }
 
@@ -146,14 +152,18 @@ impl Controller {
         self.tokens.record_prompt(shape.items, shape.prompt_tokens);
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
+        let level = u32::try_from(self.in_flight.len() + 1).unwrap_or(u32::MAX);
         self.in_flight.insert(
             ticket,
             InFlight {
                 sent_at: now,
                 shape,
                 cut_at_end_of_queue: false,
+                generation: self.delay.generation(),
+                level,
             },
         );
+        self.counts.max_in_flight = self.counts.max_in_flight.max(u64::from(level));
         self.first_send_at.get_or_insert(now);
         self.recent_sends.push_back(now);
         self.counts.requests_sent += 1;
@@ -178,6 +188,7 @@ impl Controller {
             requests_per_second: self.pacer.request_rate(costs),
             tokens_per_second: self.pacer.rate(RateDimension::Tokens),
             concurrency_limit: self.concurrency_limit_for(items),
+            delay_limit: self.delay_limit_applies().then(|| self.delay.settled()),
             items_per_request: items,
             max_tokens,
             timeout_seconds: self.timeout_for(items).as_secs_f64(),
@@ -204,9 +215,23 @@ impl Controller {
         self.pacer.request_rate(costs)
     }
 
+    /// Requests in flight allowed now: what the paced rate needs (Little's law) and what the
+    /// server turns into throughput (the delay limit), the smaller of the two. A provider
+    /// that announces its rate limits in headers is a rate-limited API that answers as fast
+    /// at any concurrency: its rate is paced, and the delay limit does not apply.
     pub(crate) fn concurrency_limit_for(&self, items: u32) -> u32 {
         let p90 = self.latency.model().map(|model| model.p90(items));
-        self.concurrency.limit(self.paced_request_rate(items), p90)
+        let paced = self.concurrency.limit(self.paced_request_rate(items), p90);
+        if self.delay_limit_applies() {
+            paced.min(self.delay.limit())
+        } else {
+            paced
+        }
+    }
+
+    /// Whether the delay limit binds: not once the provider has announced rate limits.
+    pub(crate) fn delay_limit_applies(&self) -> bool {
+        self.pacer.announced().iter().all(Option::is_none)
     }
 
     pub(crate) fn advance(&mut self, now: Duration) {

@@ -219,7 +219,8 @@ fn a_lone_timeout_does_not_cut_concurrency_but_a_cluster_does() {
 fn end_of_queue_cuts_only_old_requests_and_only_when_nothing_waits() {
     let mut controller = controller();
     let mut now = Duration::ZERO;
-    for _ in 0..40 {
+    // 100 requests of 10 items: a hedge budget of 2 % is 20 items, two requests.
+    for _ in 0..100 {
         let ticket = loop {
             now += seconds(0.1);
             if let Some(ticket) = try_send(&mut controller, now) {
@@ -274,6 +275,46 @@ fn end_of_queue_cuts_only_old_requests_and_only_when_nothing_waits() {
         Decision::Wait { until: Some(until) } => assert!(until > now + seconds(10.0)),
         other => panic!("expected a wake-up for the next cut, got {other:?}"),
     }
+}
+
+#[test]
+fn end_of_queue_cuts_stay_within_the_hedge_budget() {
+    let mut controller = controller();
+    let mut now = Duration::ZERO;
+    for _ in 0..50 {
+        let ticket = loop {
+            now += seconds(0.1);
+            if let Some(ticket) = try_send(&mut controller, now) {
+                break ticket;
+            }
+        };
+        finish(
+            &mut controller,
+            now + seconds(2.0),
+            ticket,
+            completed(10),
+            RateLimitInfo::default(),
+        );
+        now += seconds(2.0);
+    }
+    let first = try_send(&mut controller, now).unwrap();
+    let second = try_send(&mut controller, now).unwrap();
+    let idle = PipelineLoad {
+        in_flight: 2,
+        queued_items: 0,
+    };
+    // Both are overdue; the budget (10 of 520 items sent) allows one of them.
+    let cut = controller.requests_to_cut(now + seconds(30.0), idle);
+    assert_eq!(cut.len(), 1, "{cut:?}");
+    assert!(cut == vec![first] || cut == vec![second]);
+    assert_eq!(controller.counts().hedged_items, 10);
+    assert!(controller.requests_to_cut(now + seconds(60.0), idle).is_empty());
+    // No wake-up for a cut the budget does not allow.
+    let load = PipelineLoad {
+        in_flight: 2,
+        queued_items: 0,
+    };
+    assert_eq!(controller.poll(now + seconds(60.0), load), Decision::Wait { until: None });
 }
 
 #[test]

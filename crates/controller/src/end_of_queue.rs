@@ -14,6 +14,9 @@ const MINIMUM_TIMEOUT: Duration = Duration::from_secs(5);
 const END_OF_QUEUE_SMALLEST_SHARE: u32 = 4;
 /// At the end of the queue, requests older than this many p90 latencies are cut and resent.
 const END_OF_QUEUE_CUT_P90S: f64 = 1.0;
+/// Cut requests are hedges: a server that queues still computes them, so their items are
+/// computed twice. At most this share of the items sent so far is sent again that way.
+const HEDGE_BUDGET_SHARE: f64 = 0.02;
 
 impl Controller {
     /// Requests the dispatcher should abandon now, reporting each as `Outcome::TimedOut` so
@@ -38,12 +41,24 @@ impl Controller {
             .map(|(ticket, _)| *ticket)
             .collect();
         drop(cut_age);
-        overdue.sort();
-        for ticket in &overdue {
-            if let Some(request) = self.in_flight.get_mut(ticket) {
-                request.cut_at_end_of_queue = true;
+        // Oldest first, within the hedge budget.
+        overdue.sort_by_key(|ticket| self.in_flight.get(ticket).map(|request| request.sent_at));
+        let mut kept = Vec::with_capacity(overdue.len());
+        for ticket in overdue {
+            let left = self.hedge_budget_left();
+            let Some(request) = self.in_flight.get_mut(&ticket) else {
+                continue;
+            };
+            let items = u64::from(request.shape.items);
+            if request.cut_at_end_of_queue || items > left {
+                continue;
             }
+            request.cut_at_end_of_queue = true;
+            self.counts.hedged_items += items;
+            self.counts.hedged_requests += 1;
+            kept.push(ticket);
         }
+        let overdue = kept;
         if !overdue.is_empty() {
             tracing::debug!(
                 count = overdue.len(),
@@ -69,10 +84,20 @@ impl Controller {
 
     pub(crate) fn next_end_of_queue_cut(&self) -> Option<Duration> {
         let cut_age = self.end_of_queue_cut_age()?;
+        let left = self.hedge_budget_left();
         self.in_flight
             .values()
+            .filter(|request| {
+                !request.cut_at_end_of_queue && u64::from(request.shape.items) <= left
+            })
             .map(|request| request.sent_at + cut_age(request.shape.items))
             .min()
+    }
+
+    /// Items that may still be sent twice by end-of-queue cuts.
+    fn hedge_budget_left(&self) -> u64 {
+        let budget = (HEDGE_BUDGET_SHARE * self.counts.items_sent as f64).floor() as u64;
+        budget.saturating_sub(self.counts.hedged_items)
     }
 
     /// The timeout to give a request now: `[model] request_timeout_s`, shortened to a few
@@ -90,6 +115,21 @@ impl Controller {
             }
             _ => self.config.request_timeout,
         }
+    }
+
+    /// The timeout for a request sent behind `ahead` of our own requests: `timeout_for`
+    /// bounds the server's work on it, and a server that queues serves the ones ahead first,
+    /// so it gets one more such time per round of them it waits for (all of them in one
+    /// line before the server's parallelism is measured). A request is never cut because the
+    /// server is busy with our other requests.
+    pub fn timeout_with_queue(&self, items: u32, ahead: usize) -> Duration {
+        let ahead = ahead as f64;
+        let rounds = match self.delay.parallelism() {
+            _ if !self.delay_limit_applies() => 0.0,
+            Some(parallel) => (ahead / parallel).ceil(),
+            None => ahead,
+        };
+        self.timeout_for(items).mul_f64(1.0 + rounds.min(ahead))
     }
 
     /// The batch size, smaller at the end of the queue so the last items spread over the

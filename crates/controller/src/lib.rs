@@ -43,6 +43,7 @@ mod config;
 mod controller;
 #[cfg(test)]
 mod controller_tests;
+mod delay_limit;
 mod end_of_queue;
 mod latency_window;
 mod outcomes;

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use crate::controller::Controller;
-use crate::protocol::{CompletedRequest, Observation, Outcome, RequestShape, Ticket};
+use crate::controller::{Controller, InFlight};
+use crate::protocol::{CompletedRequest, Observation, Outcome, Ticket};
 use crate::rate_limit_headers::RateLimitInfo;
 
 /// Outcomes remembered to tell overload (many timeouts) from hung requests and heavy-tailed
@@ -35,7 +35,7 @@ impl Controller {
         }
         match observation.outcome {
             Outcome::Completed(completed) => {
-                self.on_completed(now, sent.shape, observation.latency, completed)
+                self.on_completed(now, sent, observation.latency, completed)
             }
             Outcome::RateLimited => {
                 self.on_rate_limited(now, sent.sent_at, &observation.rate_limits)
@@ -81,11 +81,14 @@ impl Controller {
     fn on_completed(
         &mut self,
         now: Duration,
-        shape: RequestShape,
+        sent: InFlight,
         latency: Duration,
         completed: CompletedRequest,
     ) {
+        let shape = sent.shape;
         let items_sent = shape.items;
+        self.delay
+            .on_completed(now, sent.generation, sent.level, items_sent, latency);
         self.counts.requests_completed += 1;
         self.counts.items_valid += u64::from(completed.items_valid);
         self.counts.items_missing += u64::from(completed.items_missing);

@@ -28,6 +28,15 @@ pub struct ControllerCounts {
     pub rate_cuts: u64,
     /// Concurrency cuts after 503s or clustered timeouts.
     pub concurrency_cuts: u64,
+    /// The most requests in flight at once.
+    #[serde(default)]
+    pub max_in_flight: u64,
+    /// Requests cut at the end of the queue and their items sent again (a hedge: a server
+    /// that queues still computes the cut request).
+    #[serde(default)]
+    pub hedged_requests: u64,
+    #[serde(default)]
+    pub hedged_items: u64,
 }
 
 /// A point-in-time view for people and the run summary.
@@ -38,6 +47,10 @@ pub struct ControllerStatus {
     /// Paced tokens per second, if tokens are limited.
     pub tokens_per_second: Option<f64>,
     pub concurrency_limit: u32,
+    /// The delay limit's settled level: the requests in flight that the server turns into
+    /// throughput, as measured so far.
+    /// `None` when the provider announces rate limits (the delay limit does not apply).
+    pub delay_limit: Option<u32>,
     pub items_per_request: u32,
     pub max_tokens: u32,
     pub timeout_seconds: f64,

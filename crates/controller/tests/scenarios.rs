@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use backfill_controller::Controller;
-use backfill_controller::simulation::{FixedRule, Scenario, evaluate, simulate};
+use backfill_controller::simulation::{FixedClient, FixedRule, Scenario, evaluate, simulate};
 
 fn scenario_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -85,6 +85,42 @@ fn misses_at_seed(scenario: &Scenario) -> Vec<String> {
             report.final_items_per_request
         ));
     }
+    if let Some(minimum) = expect.min_ratio_to_fixed_slots {
+        let slots = scenario.provider.slots.expect("a fixed client needs the server's slots");
+        let mut fixed_client = FixedClient::new(&config, slots);
+        let fixed = evaluate(scenario, &simulate(scenario, &mut fixed_client));
+        let ratio = report.overall_items_per_second / fixed.overall_items_per_second;
+        if ratio < minimum {
+            misses.push(format!(
+                "items/s {:.2} over the fixed client's {:.2}: {ratio:.3} < {minimum}",
+                report.overall_items_per_second, fixed.overall_items_per_second
+            ));
+        }
+    }
+    if let Some(maximum) = expect.max_queue_wait_share
+        && report.queue_wait_share > maximum
+    {
+        misses.push(format!(
+            "queue wait over service time {:.3} > {maximum}",
+            report.queue_wait_share
+        ));
+    }
+    if let Some(maximum) = expect.max_computed_twice_share
+        && report.computed_twice_share > maximum
+    {
+        misses.push(format!(
+            "items computed twice {:.4} > {maximum}",
+            report.computed_twice_share
+        ));
+    }
+    if let Some(maximum) = expect.max_timeouts
+        && report.timeouts_for_slowness > maximum
+    {
+        misses.push(format!(
+            "{} requests timed out, wanted <= {maximum}",
+            report.timeouts_for_slowness
+        ));
+    }
     if let Some(minimum) = expect.min_speedup_over_fixed_rule {
         let mut fixed_rule = FixedRule::new(&config);
         let fixed = evaluate(scenario, &simulate(scenario, &mut fixed_rule));
@@ -133,4 +169,11 @@ scenario_tests!(
     heavy_tail,
     quality_knee,
     motions_3000rpm,
+    queue_1_slot,
+    queue_2_slots,
+    queue_4_slots,
+    batching_16_slots,
+    batching_64_slots,
+    queue_slots_change,
+    hosted_rate_and_slots,
 );

@@ -33,6 +33,15 @@ pub struct RunLog {
     /// Requests abandoned at the policy's request (counted in `timed_out` too).
     pub abandoned: u64,
     pub final_items_per_request: u32,
+    /// The most requests in flight at once.
+    pub max_in_flight: usize,
+    /// Seconds in the server's queue and in its service, summed over the answers it computed.
+    pub queue_wait_s: f64,
+    pub service_s: f64,
+    pub computed_answers: u64,
+    /// Items the server computed for requests the client had cut or timed out (and so sent
+    /// again): computed twice.
+    pub computed_twice_items: u64,
 }
 
 struct Pending {
@@ -76,6 +85,11 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
         overloaded: 0,
         abandoned: 0,
         final_items_per_request: 0,
+        max_in_flight: 0,
+        queue_wait_s: 0.0,
+        service_s: 0.0,
+        computed_answers: 0,
+        computed_twice_items: 0,
     };
     let mut done = 0usize;
     let mut sequence = 0u64;
@@ -91,6 +105,7 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                 continue; // abandoned earlier
             };
             let end_s = end as f64 / 1e9;
+            account_computed(&mut log, &request);
             let (observation, valid) =
                 observe(&mut provider, &request, end_s, scenario.provider.headers);
             match observation.outcome {
@@ -126,6 +141,7 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
             };
             let mut request = pending.remove(&id).expect("found above");
             request.timed_out = true;
+            account_computed(&mut log, &request);
             let (observation, _) = observe(&mut provider, &request, now, scenario.provider.headers);
             log.timed_out += 1;
             log.abandoned += 1;
@@ -186,6 +202,7 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                         },
                     );
                     log.requests += 1;
+                    log.max_in_flight = log.max_in_flight.max(pending.len());
                 }
                 Decision::Wait { until } => break until.map(|until| until.as_secs_f64()),
             }
@@ -207,6 +224,24 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
     log.duration_s = log.completions.last().map_or(now, |(at, _)| *at);
     log.final_items_per_request = policy.items_per_request();
     log
+}
+
+/// Counts the server's work for a request that ends now (answered, timed out or cut): a
+/// request it computes whose answer the client does not use was computed for nothing.
+fn account_computed(log: &mut RunLog, request: &Pending) {
+    if let SimAnswer::Completed {
+        latency_s,
+        queue_wait_s,
+        ..
+    } = request.answer
+    {
+        log.computed_answers += 1;
+        log.queue_wait_s += queue_wait_s;
+        log.service_s += latency_s - queue_wait_s;
+        if request.timed_out {
+            log.computed_twice_items += request.items.len() as u64;
+        }
+    }
 }
 
 /// The observation the dispatcher hands the policy, and how many items came back valid.

@@ -4,6 +4,7 @@
 //! the same simulated provider for comparison.
 
 mod dispatcher;
+mod fixed_client;
 mod fixed_rule;
 mod provider;
 mod report;
@@ -15,6 +16,7 @@ use crate::controller::Controller;
 use crate::protocol::{Decision, Observation, PipelineLoad, RequestShape, Ticket};
 
 pub use dispatcher::{RunLog, simulate};
+pub use fixed_client::{FIXED_CLIENT_ITEMS, FixedClient};
 pub use fixed_rule::FixedRule;
 pub use provider::{SimAnswer, SimulatedProvider, go_duration};
 pub use report::{RunReport, evaluate};

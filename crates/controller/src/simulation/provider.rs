@@ -1,7 +1,9 @@
 //! A simulated LLM provider: token buckets on requests/min and tokens/min (prompt +
 //! `max_tokens` reserved at admission, as OpenAI counts), instant 429s with `Retry-After`,
-//! optional `x-ratelimit-*` headers, server slots with a queue and 503s past its wait limit,
-//! latency = base + per output token (log-normal noise), hung requests, truncation at
+//! optional `x-ratelimit-*` headers, server slots with a queue (first come, first served; a
+//! request the client gives up on is still computed) and 503s past its wait limit, continuous
+//! batching (each request served at once slows the others), slots that follow the capacity
+//! steps, latency = base + per output token (log-normal noise), hung requests, truncation at
 //! `max_tokens`, and items that go missing more often past a batch size.
 
 use crate::simulation::scenario::{ProviderSpec, Scenario};
@@ -17,6 +19,8 @@ pub enum SimAnswer {
         /// Of those, rejected by post-processing.
         rejected: u32,
         truncated: bool,
+        /// Seconds spent in the server's queue before a slot took it (included in latency).
+        queue_wait_s: f64,
     },
     RateLimited {
         latency_s: f64,
@@ -143,32 +147,41 @@ impl SimulatedProvider {
             _ => spec.base_latency_s,
         };
         let mut queue_wait_s = 0.0;
-        if let Some(slot) = self.slot_free_at.iter_mut().min_by(|a, b| a.total_cmp(b)) {
-            let start = slot.max(now);
+        let mut service_s = service_s;
+        // Slots follow the capacity steps (a server restarted with fewer or more slots).
+        let slots = ((self.slot_free_at.len() as f64 * factor).round() as usize)
+            .clamp(1.min(self.slot_free_at.len()), self.slot_free_at.len());
+        let open = &mut self.slot_free_at[..slots];
+        if let Some(index) = (0..open.len()).min_by(|a, b| open[*a].total_cmp(&open[*b])) {
+            let start = open[index].max(now);
             queue_wait_s = start - now;
             if queue_wait_s > spec.queue_wait_limit_s {
                 return SimAnswer::Overloaded {
                     latency_s: spec.reject_latency_s,
                 };
             }
-            *slot = start + service_s;
+            // Continuous batching: every other request in service slows this one.
+            let busy = open.iter().filter(|free_at| **free_at > start).count();
+            service_s *= 1.0 + spec.slowdown_per_request * busy as f64;
+            open[index] = start + service_s;
         }
         if self.rng.f64() < spec.hang_share {
             return SimAnswer::Hang;
         }
         match answer {
             SimAnswer::Completed {
-                latency_s,
                 completion_tokens,
                 returned,
                 rejected,
                 truncated,
+                ..
             } => SimAnswer::Completed {
-                latency_s: latency_s + queue_wait_s,
+                latency_s: service_s + queue_wait_s,
                 completion_tokens,
                 returned,
                 rejected,
                 truncated,
+                queue_wait_s,
             },
             other => other,
         }
@@ -213,6 +226,7 @@ impl SimulatedProvider {
             returned,
             rejected,
             truncated,
+            queue_wait_s: 0.0,
         }
     }
 

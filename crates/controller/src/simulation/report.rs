@@ -28,6 +28,8 @@ pub struct RunReport {
     pub steady_ratio: f64,
     pub rate_limited_share: f64,
     pub timeouts: u64,
+    /// Timeouts other than end-of-queue cuts: requests cut for slowness.
+    pub timeouts_for_slowness: u64,
     pub overloaded: u64,
     pub requests: u64,
     /// Seconds from the start, or from the last capacity step, to 90% of the ceiling.
@@ -35,6 +37,11 @@ pub struct RunReport {
     /// Duration over items ÷ steady items/s.
     pub duration_ratio: f64,
     pub final_items_per_request: u32,
+    pub max_in_flight: usize,
+    /// Mean wait in the server's queue over its mean service time.
+    pub queue_wait_share: f64,
+    /// Items computed for requests the client had given up on, over the run's items.
+    pub computed_twice_share: f64,
 }
 
 /// Computes the figures of `log` for `scenario`.
@@ -85,11 +92,15 @@ pub fn evaluate(scenario: &Scenario, log: &RunLog) -> RunReport {
         steady_ratio: steady / ceiling,
         rate_limited_share: log.rate_limited as f64 / (log.requests as f64).max(1.0),
         timeouts: log.timed_out,
+        timeouts_for_slowness: log.timed_out - log.abandoned,
         overloaded: log.overloaded,
         requests: log.requests,
         converge_s: converge_time(log, phase_start, ceiling),
         duration_ratio: log.duration_s / (total_items / steady),
         final_items_per_request: log.final_items_per_request,
+        max_in_flight: log.max_in_flight,
+        queue_wait_share: log.queue_wait_s / log.service_s.max(f64::MIN_POSITIVE),
+        computed_twice_share: log.computed_twice_items as f64 / f64::from(scenario.items.max(1)),
     }
 }
 

@@ -55,6 +55,9 @@ pub struct ProviderSpec {
     /// A request that would wait longer than this in the server's queue gets a 503.
     #[serde(default = "default_queue_wait")]
     pub queue_wait_limit_s: f64,
+    /// Continuous batching: each other request in service makes a request this share slower.
+    #[serde(default)]
+    pub slowdown_per_request: f64,
     pub base_latency_s: f64,
     pub seconds_per_output_token: f64,
     /// Sigma of the log-normal factor on every latency (0: none).
@@ -118,6 +121,15 @@ pub struct Expectations {
     pub final_items_per_request: Option<[u32; 2]>,
     /// Steady items/s over the fixed rule's, at least.
     pub min_speedup_over_fixed_rule: Option<f64>,
+    /// Whole-run items/s over a fixed client told the server's slots, at least.
+    pub min_ratio_to_fixed_slots: Option<f64>,
+    /// Mean wait in the server's queue over mean service time, at most.
+    pub max_queue_wait_share: Option<f64>,
+    /// Items the server computed for requests the client had given up on, over all items,
+    /// at most.
+    pub max_computed_twice_share: Option<f64>,
+    /// Timeouts (requests cut for slowness, end-of-queue hedges excluded), at most.
+    pub max_timeouts: Option<u64>,
 }
 
 fn default_seed() -> u64 {
@@ -193,12 +205,16 @@ impl Scenario {
         let range = self.limits.items_per_request;
         let tolerated = self.missing_share(range.min) + CEILING_QUALITY_TOLERANCE;
         let workload = &self.workload;
-        let concurrency = f64::from(
-            self.provider
-                .slots
-                .unwrap_or(u32::MAX)
-                .min(self.limits.concurrency.max),
-        );
+        let slots = self
+            .provider
+            .slots
+            .map(|slots| ((f64::from(slots) * factor).round() as u32).max(1));
+        let concurrency = f64::from(slots.unwrap_or(u32::MAX).min(self.limits.concurrency.max));
+        // Continuous batching slows each request by the others served with it.
+        let slowdown = match slots {
+            Some(_) => 1.0 + self.provider.slowdown_per_request * (concurrency - 1.0),
+            None => 1.0,
+        };
         let mut best: f64 = 0.0;
         for items in range.min..=range.max {
             if self.missing_share(items) > tolerated {
@@ -207,7 +223,7 @@ impl Scenario {
             let b = f64::from(items);
             let tokens_per_request = f64::from(workload.prompt_overhead_tokens)
                 + b * (f64::from(workload.input_tokens_per_item) + workload.output_tokens_per_item);
-            let mut requests_per_second = concurrency / self.mean_latency_s(items);
+            let mut requests_per_second = concurrency / (self.mean_latency_s(items) * slowdown);
             let limits = [
                 (
                     self.provider.requests_per_minute.map(|rpm| rpm * factor),

@@ -1,0 +1,435 @@
+//! Concurrency from delay: how many requests in flight a server that queues (llama.cpp, vLLM,
+//! Ollama, TGI, a queueing proxy) turns into more items per second, found by hill climbing on
+//! the delivered throughput.
+//!
+//! Such a server never refuses: requests beyond its slots wait in its queue, so latency grows
+//! with concurrency and no 429 ever says "too much". Latency alone does not tell queueing from
+//! a server that slows each request a little for every request it batches with it (continuous
+//! batching), but their throughput does: by Little's law a level of `L` requests in flight with
+//! mean latency `R` per request of `n` items delivers `X = L · n / R` items per second. Queueing
+//! leaves `X` flat as `L` grows (each added request only waits); batching raises it.
+//!
+//! The limit therefore measures `X` at one level for at least one round of requests sent at that
+//! level, then tries another level and keeps it only if the throughput gained per added request
+//! is at least `GAIN_TO_KEEP` of what one request delivered before (the marginal gain; 1 is a
+//! server with free slots, 0 is pure queueing). It starts by doubling (slow start) while requests
+//! scale almost perfectly, climbs by small steps after that, and after a failed step holds the
+//! level for a while, then probes again alternately above and below it, so a server that gains
+//! or loses slots is followed and the baseline is measured afresh (as Envoy's adaptive
+//! concurrency filter re-measures its minimum latency).
+//!
+//! Only requests sent while this limit was what held the dispatcher back are measured: when the
+//! provider's rate or the job's caps bind first, the level is not ours to learn.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::config::StartMinMax;
+
+/// A step is kept when each added request delivers at least this share of what one request
+/// delivered at the lower level (and a lower level is kept when the higher did not).
+const GAIN_TO_KEEP: f64 = 0.3;
+/// Slow start multiplies the level by this while no queue shows...
+const SLOW_START_FACTOR: u32 = 2;
+/// ...and goes on while the marginal gain stays at least this.
+const SLOW_START_GAIN: f64 = 0.75;
+/// Requests measured at one level, at least, and per request in flight.
+const MIN_SAMPLES: u32 = 4;
+const SAMPLES_PER_LEVEL: u32 = 2;
+/// Steps after slow start: a quarter of the level (at least one request), large enough that
+/// the change in throughput stands out of the noise.
+const STEP_DIVISOR: u32 = 4;
+/// A higher level's latency per item must exceed the lower's by this factor to count as risen.
+const LATENCY_RISE: f64 = 1.05;
+/// A difference counts when it exceeds this many standard errors of the measurements.
+const NOISE_ERRORS: f64 = 2.0;
+/// Latency per item this far over the baseline shows requests waiting or slowing each other.
+const QUEUE_INFLATION: f64 = 1.25;
+/// Measurements the baseline (the lowest latency per item) is taken over.
+const BASELINE_WINDOW: Duration = Duration::from_secs(600);
+const BASELINE_MEASUREMENTS: usize = 64;
+/// How long a level is held after a failed probe, in mean latencies, within bounds; each
+/// further failed probe doubles it (up to `HOLD_MAX`), a kept one resets it.
+const HOLD_LATENCIES: f64 = 10.0;
+const HOLD_MIN: Duration = Duration::from_secs(10);
+const HOLD_MAX: Duration = Duration::from_secs(300);
+
+/// One level's measured throughput.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Measured {
+    pub level: u32,
+    /// Items per second by Little's law.
+    pub items_per_second: f64,
+    /// Mean latency of the measured requests.
+    pub mean_latency_s: f64,
+    /// Their latency per item.
+    pub seconds_per_item: f64,
+    /// The standard error of that mean over the mean: how far noise alone moves it.
+    pub relative_error: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Accumulator {
+    samples: u32,
+    in_flight: f64,
+    items: f64,
+    latency_s: f64,
+    /// Sums of each request's latency per item and its square (for the noise).
+    per_item: f64,
+    per_item_squared: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Up,
+    Down,
+}
+
+/// The delay-based concurrency limit (see the module documentation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DelayLimit {
+    range: StartMinMax,
+    /// The level believed best so far.
+    settled: u32,
+    /// The level being tried, when not `settled`.
+    probe: Option<u32>,
+    /// The latest measurement at `settled`.
+    reference: Option<Measured>,
+    slow_start: bool,
+    next_direction: Direction,
+    hold_until: Duration,
+    /// Bumped at every change of the limit: samples carry the generation they were sent in.
+    generation: u64,
+    accumulator: Accumulator,
+    probes: u64,
+    /// Failed probes in a row (the hold doubles with each).
+    failed_probes: u32,
+    /// Recent measurements' latency per item, for the baseline.
+    baseline: VecDeque<(Duration, f64)>,
+}
+
+impl DelayLimit {
+    pub fn new(range: StartMinMax) -> Self {
+        Self {
+            range,
+            settled: range.start,
+            probe: None,
+            reference: None,
+            slow_start: true,
+            // The first probe halves the start level: a server with fewer slots than the
+            // job's start is found going down at once, before any doubling.
+            next_direction: Direction::Down,
+            hold_until: Duration::ZERO,
+            generation: 0,
+            accumulator: Accumulator::default(),
+            probes: 0,
+            failed_probes: 0,
+            baseline: VecDeque::new(),
+        }
+    }
+
+    /// The requests in flight this limit allows now.
+    pub fn limit(&self) -> u32 {
+        self.probe.unwrap_or(self.settled)
+    }
+
+
+    /// The level believed best (the limit between probes).
+    pub fn settled(&self) -> u32 {
+        self.settled
+    }
+
+    /// Requests the server serves at once, as measured (throughput × unloaded latency per
+    /// item, Little's law); `None` before the first measurement.
+    pub fn parallelism(&self) -> Option<f64> {
+        let reference = self.reference?;
+        Some((reference.items_per_second * self.baseline()?).max(1.0))
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Probes started so far (for logs and tests).
+    pub fn probes(&self) -> u64 {
+        self.probes
+    }
+
+    /// One completed request: sent in `generation` with `in_flight` requests in flight
+    /// (itself included), `items` items, ending after `latency`. Only requests sent at the
+    /// current limit while it held the dispatcher back count.
+    pub fn on_completed(
+        &mut self,
+        now: Duration,
+        generation: u64,
+        in_flight: u32,
+        items: u32,
+        latency: Duration,
+    ) {
+        if items == 0 || generation != self.generation || in_flight < self.limit() {
+            return;
+        }
+        let level = self.limit();
+        let sample = &mut self.accumulator;
+        sample.samples += 1;
+        sample.in_flight += f64::from(in_flight);
+        sample.items += f64::from(items);
+        sample.latency_s += latency.as_secs_f64().max(1e-6);
+        let per_item = latency.as_secs_f64().max(1e-6) / f64::from(items);
+        sample.per_item += per_item;
+        sample.per_item_squared += per_item * per_item;
+        // Slow start judges after one round: a doubling is either clearly worth it or not.
+        let per_level = if self.slow_start { 0 } else { SAMPLES_PER_LEVEL };
+        if sample.samples < MIN_SAMPLES.max(per_level * level) {
+            return;
+        }
+        let samples = f64::from(sample.samples);
+        let mean = sample.per_item / samples;
+        let variance = (sample.per_item_squared / samples - mean * mean).max(0.0);
+        let measured = Measured {
+            level,
+            items_per_second: sample.in_flight / samples * sample.items / sample.latency_s,
+            mean_latency_s: sample.latency_s / samples,
+            seconds_per_item: sample.latency_s / sample.items,
+            relative_error: (variance / (samples - 1.0).max(1.0)).sqrt() / mean.max(1e-12),
+        };
+        self.remember(now, measured);
+        self.decide(now, measured);
+    }
+
+    /// The lowest latency per item measured lately: the server's unloaded pace.
+    fn baseline(&self) -> Option<f64> {
+        self.baseline
+            .iter()
+            .map(|(_, seconds_per_item)| *seconds_per_item)
+            .min_by(f64::total_cmp)
+    }
+
+    fn remember(&mut self, now: Duration, measured: Measured) {
+        while self
+            .baseline
+            .front()
+            .is_some_and(|(at, _)| now.saturating_sub(*at) > BASELINE_WINDOW)
+            || self.baseline.len() >= BASELINE_MEASUREMENTS
+        {
+            self.baseline.pop_front();
+        }
+        self.baseline.push_back((now, measured.seconds_per_item));
+    }
+
+    /// Latency per item over the baseline: 1 unloaded, more when requests wait or slow
+    /// each other.
+    fn inflation(&self, measured: Measured) -> f64 {
+        self.baseline()
+            .map_or(1.0, |baseline| measured.seconds_per_item / baseline.max(1e-9))
+    }
+
+    fn decide(&mut self, now: Duration, measured: Measured) {
+        let Some(probe) = self.probe else {
+            self.reference = Some(measured);
+            if now >= self.hold_until {
+                self.start_probe(false);
+            } else {
+                self.restart_measurement();
+            }
+            return;
+        };
+        let Some(reference) = self.reference else {
+            self.settle(probe, measured);
+            self.start_probe(false);
+            return;
+        };
+        let (low, high) = if probe > self.settled {
+            (reference, measured)
+        } else {
+            (measured, reference)
+        };
+        let per_request_low = low.items_per_second / f64::from(low.level);
+        let added = f64::from(high.level - low.level);
+        let gain = (high.items_per_second - low.items_per_second) / (per_request_low * added);
+        // Latency that did not rise with concurrency is no sign of a queue, whatever the
+        // noise in the throughput says (a hosted API answers as fast at any concurrency).
+        let noise = NOISE_ERRORS * low.relative_error.hypot(high.relative_error);
+        let latency_rose =
+            high.seconds_per_item > (LATENCY_RISE + noise) * low.seconds_per_item;
+        tracing::debug!(
+            from = self.settled,
+            to = probe,
+            gain,
+            latency_rose,
+            low_items_per_s = low.items_per_second,
+            high_items_per_s = high.items_per_second,
+            "concurrency probe measured"
+        );
+        let higher_pays = gain >= GAIN_TO_KEEP || !latency_rose;
+        if probe > self.settled {
+            if higher_pays {
+                if gain < SLOW_START_GAIN && latency_rose {
+                    self.slow_start = false;
+                }
+                self.settle(probe, measured);
+                self.next_direction = Direction::Up;
+                self.start_probe(false);
+            } else {
+                self.slow_start = false;
+                self.next_direction = Direction::Down;
+                self.back_to_settled(now, Some(measured));
+            }
+        } else if !higher_pays {
+            // The lower level delivers as much: keep it and look lower still.
+            self.slow_start = false;
+            self.settle(probe, measured);
+            self.next_direction = Direction::Down;
+            self.start_probe(true);
+        } else if self.slow_start {
+            // The start level is not above the knee: slow start goes on upward at once,
+            // measured against the start level's figures.
+            self.next_direction = Direction::Up;
+            self.probe = None;
+            self.start_probe(false);
+        } else {
+            self.next_direction = Direction::Up;
+            self.back_to_settled(now, Some(reference));
+        }
+    }
+
+    fn settle(&mut self, level: u32, measured: Measured) {
+        if level != self.settled {
+            self.failed_probes = 0;
+        }
+        self.settled = level;
+        self.probe = None;
+        self.reference = Some(measured);
+    }
+
+    /// Returns to the settled level; holds there for a while when `hold_on` is given (a
+    /// measurement whose latency sets the hold), else probes again after one measurement.
+    fn back_to_settled(&mut self, now: Duration, hold_on: Option<Measured>) {
+        self.probe = None;
+        self.failed_probes = self.failed_probes.saturating_add(1);
+        let backoff = f64::from(1u32 << self.failed_probes.min(5).saturating_sub(1));
+        self.hold_until = match hold_on {
+            Some(measured) => {
+                now + Duration::from_secs_f64(measured.mean_latency_s * HOLD_LATENCIES * backoff)
+                    .clamp(HOLD_MIN, HOLD_MAX)
+            }
+            None => now,
+        };
+        self.bump();
+    }
+
+    /// Tries another level: `after_a_kept_step_down` continues downward.
+    fn start_probe(&mut self, after_a_kept_step_down: bool) {
+        let level = self.settled;
+        let (up, down) = if self.slow_start {
+            (level.saturating_mul(SLOW_START_FACTOR), level / 2)
+        } else {
+            let step = (level / STEP_DIVISOR).max(1);
+            (level.saturating_add(step), level.saturating_sub(step))
+        };
+        let can_go_up = level < self.range.max;
+        // Below the settled level only when its latency shows a queue (or once, at the
+        // start): a server that answers as fast at any concurrency is never probed down.
+        let queued = self.reference.is_some_and(|reference| {
+            self.inflation(reference) >= QUEUE_INFLATION + NOISE_ERRORS * reference.relative_error
+        });
+        let can_go_down = level > self.range.min
+            && (after_a_kept_step_down || queued || (self.slow_start && self.probes == 0));
+        let target = match self.next_direction {
+            Direction::Up if can_go_up => Some(up),
+            Direction::Down if can_go_down => Some(down),
+            Direction::Up if can_go_down && !self.slow_start => Some(down),
+            Direction::Down if can_go_up => Some(up),
+            _ => None,
+        };
+        match target.map(|target| self.range.clamp(target)) {
+            Some(target) if target != level => {
+                self.probe = Some(target);
+                self.probes += 1;
+                tracing::debug!(from = level, to = target, "concurrency probe");
+            }
+            _ => self.probe = None,
+        }
+        self.bump();
+    }
+
+    fn restart_measurement(&mut self) {
+        self.accumulator = Accumulator::default();
+    }
+
+    fn bump(&mut self) {
+        self.generation += 1;
+        self.restart_measurement();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server with `slots` slots, each request of 10 items taking `service` seconds, slowed
+    /// by `slowdown` per other request served at once; more requests wait in its queue.
+    fn latency(in_flight: u32, slots: u32, service: f64, slowdown: f64) -> Duration {
+        let busy = in_flight.min(slots);
+        let served = service * (1.0 + slowdown * f64::from(busy - 1));
+        // With `in_flight` requests and `slots` served at once, a request waits for the
+        // ones ahead of it: latency grows in proportion past the slots.
+        let rounds = f64::from(in_flight) / f64::from(busy);
+        Duration::from_secs_f64(served * rounds)
+    }
+
+    fn settle_on(slots: u32, slowdown: f64, range: StartMinMax) -> DelayLimit {
+        let mut limit = DelayLimit::new(range);
+        let mut now = Duration::ZERO;
+        for _ in 0..4000 {
+            let level = limit.limit();
+            let latency = latency(level, slots, 2.0, slowdown);
+            now += latency / level;
+            limit.on_completed(now, limit.generation(), level, 10, latency);
+        }
+        limit
+    }
+
+    #[test]
+    fn finds_the_slots_of_a_queueing_server() {
+        for slots in [1, 2, 4, 8] {
+            let limit = settle_on(slots, 0.0, StartMinMax::new(4, 1, 64));
+            assert!(
+                (slots..=slots + slots / 4 + 1).contains(&limit.settled()),
+                "{slots} slots: settled at {}",
+                limit.settled()
+            );
+        }
+    }
+
+    #[test]
+    fn climbs_while_continuous_batching_still_gains() {
+        // 16 slots, 8 % slower per concurrent request: 16 in flight is 1.7 × the throughput
+        // of 8, so the limit reaches the slots.
+        let limit = settle_on(16, 0.08, StartMinMax::new(4, 1, 64));
+        assert!(
+            (14..=18).contains(&limit.settled()),
+            "settled at {}",
+            limit.settled()
+        );
+    }
+
+    #[test]
+    fn a_server_without_queue_is_driven_to_the_maximum() {
+        let limit = settle_on(1000, 0.0, StartMinMax::new(4, 1, 64));
+        assert_eq!(limit.settled(), 64);
+    }
+
+    #[test]
+    fn samples_from_another_level_or_generation_do_not_count() {
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        let generation = limit.generation();
+        for _ in 0..100 {
+            // Sent below the limit (something else held the dispatcher back)...
+            limit.on_completed(Duration::ZERO, generation, 3, 10, Duration::from_secs(1));
+            // ...or before the limit last changed.
+            limit.on_completed(Duration::ZERO, generation + 1, 4, 10, Duration::from_secs(1));
+        }
+        assert_eq!((limit.limit(), limit.probes()), (4, 0));
+    }
+}
