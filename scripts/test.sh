@@ -16,6 +16,8 @@ export LLMOCK_PORT="${LLMOCK_PORT:-8411}"
 trap 'scripts/peers.sh stop' EXIT
 scripts/peers.sh start-llama
 export BACKFILL_LLAMA_URL="http://127.0.0.1:$LLAMA_PORT/v1"
+# The server log carries its own time per request, which the llama.cpp test sets against ours.
+export BACKFILL_LLAMA_LOG="${BACKFILL_PEERS_RUN:-$BACKFILL_CACHE/run}/llama.log"
 # llmock at 60 requests/min with 20% random 429s: its verdict judges the client.
 scripts/peers.sh start-llmock --rpm 60 --error-rate 429=0.2 --log-level warning
 export BACKFILL_LLMOCK_URL="http://127.0.0.1:$LLMOCK_PORT"

@@ -136,6 +136,7 @@ impl Dispatcher {
                 break Stop::Interrupted;
             }
             self.maybe_snapshot().await;
+            self.progress.in_flight.store(self.tasks.len(), Ordering::Relaxed);
             let load = PipelineLoad {
                 in_flight: self.tasks.len(),
                 queued_items: self.progress.queued.load(Ordering::Relaxed) + self.resend_items_due(),
@@ -256,7 +257,8 @@ impl Dispatcher {
             model,
             body,
             hash,
-            timeout: timeout.min(ctx.chat.request_timeout),
+            // The controller bounds it: request_timeout_s, plus time for our own requests ahead.
+            timeout,
             billing: ctx.price_tier,
             shape: Resendable { prompt_tokens: packed.prompt_tokens, max_tokens: packed.max_tokens, resends: 0 },
         };

@@ -107,13 +107,20 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
 
     let stop = lifecycle::settle_stop(stop, &progress);
     let (report, exit, error) = lifecycle::end(&attached, job, &stop).await?;
+    let counts = controller_status.counts;
+    let requests_here = progress.requests.load(Ordering::Relaxed);
     let controller = summary::ControllerSummary {
-        items_per_request: controller_status.items_per_request,
-        concurrency: controller_status.concurrency_limit,
-        requests_per_second: controller_status.requests_per_second,
-        requests: controller_status.counts.requests_sent,
-        rate_limited: controller_status.counts.rate_limited,
-        timeouts: controller_status.counts.timed_out,
+        requests: requests_here,
+        requests_per_second: requests_here as f64 / started.elapsed().as_secs_f64().max(0.001),
+        requests_per_second_limit: Some(controller_status.requests_per_second).filter(|rate| rate.is_finite()),
+        max_in_flight: counts.max_in_flight,
+        concurrency_limit: controller_status.concurrency_limit,
+        items_per_request: if counts.requests_sent == 0 { 0.0 } else { counts.items_sent as f64 / counts.requests_sent as f64 },
+        items_per_request_limit: controller_status.items_per_request,
+        rate_limited: counts.rate_limited,
+        timeouts: counts.timed_out.saturating_sub(counts.hedged_requests),
+        hedged_requests: counts.hedged_requests,
+        hedged_items: counts.hedged_items,
         retries: progress.retries.load(Ordering::Relaxed),
     };
     let summary = Summary::from_report(

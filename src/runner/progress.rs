@@ -26,6 +26,8 @@ pub struct Progress {
     /// Items sent again: back to the queue (missing, invalid, errors) or in a request re-sent after a 429.
     pub retries: AtomicU64,
     pub queued: AtomicUsize,
+    /// Requests in flight now (set by the dispatcher).
+    pub in_flight: AtomicUsize,
     spent: AtomicI64,
     reserved: AtomicI64,
     pub cap: Option<Picos>,
@@ -87,12 +89,21 @@ impl Progress {
             Some(cap) => format!("{} of {}", self.spent(), cap),
             None => self.spent().to_string(),
         };
+        // What was achieved, with the controller's limits beside it.
+        let sent_per_second = self.requests.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64().max(0.001);
         let controller = self
             .controller()
             .map(|c| {
+                let paced = if c.requests_per_second.is_finite() {
+                    format!(" (paced ≤ {:.1})", c.requests_per_second)
+                } else {
+                    String::new()
+                };
                 format!(
-                    " | {:.1} req/s, {} in flight max, {} items/request{}",
-                    c.requests_per_second,
+                    " | {:.2} req/s{}, {} in flight (limit {}), {} items/request{}",
+                    sent_per_second,
+                    paced,
+                    self.in_flight.load(Ordering::Relaxed),
                     c.concurrency_limit,
                     c.items_per_request,
                     if c.counts.rate_limited > 0 { format!(", {} × 429", c.counts.rate_limited) } else { String::new() }

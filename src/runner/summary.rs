@@ -54,14 +54,29 @@ pub struct TokensSummary {
     pub cached: u64,
 }
 
+/// What the requests of this run did, measured, with the controller's last limits beside.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ControllerSummary {
-    pub items_per_request: u32,
-    pub concurrency: u32,
-    pub requests_per_second: f64,
+    /// Requests sent by this process and their rate over its whole run.
     pub requests: u64,
+    pub requests_per_second: f64,
+    /// The paced rate at the end (`null` when nothing paced the requests).
+    pub requests_per_second_limit: Option<f64>,
+    /// The most requests in flight at once, and the concurrency limit at the end.
+    pub max_in_flight: u64,
+    pub concurrency_limit: u32,
+    /// Items per request: the run's average, and the controller's setting at the end.
+    pub items_per_request: f64,
+    pub items_per_request_limit: u32,
     pub rate_limited: u64,
+    /// Requests cut for taking too long (end-of-queue hedges not included).
     pub timeouts: u64,
+    /// Requests cut at the end of the queue and their items sent again (a server still
+    /// computes a cut request, so these items were computed twice).
+    pub hedged_requests: u64,
+    pub hedged_items: u64,
+    /// Items sent again after a failed attempt (missing, invalid or rejected answers, errors,
+    /// timeouts, hedges) or in a request re-sent after a 429.
     pub retries: u64,
 }
 
@@ -115,15 +130,27 @@ impl Summary {
         if let Some(cap) = self.budget_usd {
             out.push_str(&format!(" of ${cap:.2} cap"));
         }
+        let c = &self.controller;
         out.push_str(&format!(
-            "\n  this run: {:.1}s, {:.2} items/s; {} items/request, concurrency {}, {} × 429, {} retries",
+            "\n  this run: {:.1}s, {:.2} items/s; {} at {:.2}/s, up to {} in flight (limit {}), {:.1} items/request; {} × 429, {}, {} items sent again",
             self.elapsed_seconds,
             self.items_per_second,
-            self.controller.items_per_request,
-            self.controller.concurrency,
-            self.controller.rate_limited,
-            self.controller.retries
+            plural(c.requests, "request", "requests"),
+            c.requests_per_second,
+            c.max_in_flight,
+            c.concurrency_limit,
+            c.items_per_request,
+            c.rate_limited,
+            plural(c.timeouts, "timeout", "timeouts"),
+            c.retries
         ));
+        if c.hedged_requests > 0 {
+            out.push_str(&format!(
+                "; {} cut at the end of the queue ({} items sent twice)",
+                plural(c.hedged_requests, "request", "requests"),
+                c.hedged_items
+            ));
+        }
         if let Some(compute) = self.compute_seconds {
             out.push_str(&format!(
                 "\n  local model: {compute:.1}s computing, {:.1} ms/item",
@@ -135,4 +162,9 @@ impl Summary {
         }
         out
     }
+}
+
+/// "1 request", "2 requests".
+fn plural(count: u64, one: &str, many: &str) -> String {
+    format!("{count} {}", if count == 1 { one } else { many })
 }

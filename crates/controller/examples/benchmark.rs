@@ -1,5 +1,6 @@
 //! Runs every scenario in `scenarios/` on the simulated provider, once under the adaptive
-//! controller and once under the fixed rule, and prints the figures as a Markdown table.
+//! controller and once under the fixed rule, and for servers with slots once more under a
+//! fixed client told the true slot count, and prints the figures as a Markdown table.
 //!
 //! ```text
 //! cargo run --release --example benchmark --manifest-path crates/controller/Cargo.toml [NAME_FILTER] [--timeline]
@@ -9,7 +10,9 @@
 use std::path::Path;
 
 use backfill_controller::Controller;
-use backfill_controller::simulation::{FixedRule, RunReport, Scenario, evaluate, simulate};
+use backfill_controller::simulation::{
+    FixedClient, FixedRule, RunReport, Scenario, evaluate, simulate,
+};
 
 fn main() {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -29,9 +32,9 @@ fn main() {
     paths.sort();
 
     println!(
-        "| scenario | policy | items/s (whole run) | steady items/s | ceiling | steady/ceiling | 429 share | converge s | duration ratio | timeouts | 503s | items/request | steady vs fixed |"
+        "| scenario | policy | items/s (whole run) | steady items/s | ceiling | steady/ceiling | 429 share | converge s | duration ratio | timeouts | 503s | items/request | max in flight | queue wait ÷ service | computed twice | steady vs fixed rule | whole run vs fixed client |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for path in paths {
         let text = std::fs::read_to_string(&path).expect("scenario file");
         let scenario: Scenario =
@@ -47,8 +50,18 @@ fn main() {
         let mut fixed_rule = FixedRule::new(&config);
         let fixed = evaluate(&scenario, &simulate(&scenario, &mut fixed_rule));
         let speedup = adaptive.steady_items_per_second / fixed.steady_items_per_second;
-        print_row(&scenario.name, &adaptive, Some(speedup));
-        print_row(&scenario.name, &fixed, None);
+        let fixed_client = scenario.provider.slots.map(|slots| {
+            let mut client = FixedClient::new(&config, slots);
+            evaluate(&scenario, &simulate(&scenario, &mut client))
+        });
+        let against_client = fixed_client.as_ref().map(|client| {
+            adaptive.overall_items_per_second / client.overall_items_per_second
+        });
+        print_row(&scenario.name, &adaptive, Some(speedup), against_client);
+        print_row(&scenario.name, &fixed, None, None);
+        if let Some(client) = &fixed_client {
+            print_row(&scenario.name, client, None, None);
+        }
         if timeline {
             let mut windows = vec![0u32; (adaptive_log.duration_s / 10.0) as usize + 1];
             for (at, items) in &adaptive_log.completions {
@@ -64,13 +77,13 @@ fn main() {
     }
 }
 
-fn print_row(name: &str, report: &RunReport, speedup: Option<f64>) {
+fn print_row(name: &str, report: &RunReport, speedup: Option<f64>, against_client: Option<f64>) {
     let converge = report
         .converge_s
         .map_or("never".to_string(), |seconds| format!("{seconds:.1}"));
     let finished = if report.finished { "" } else { " (unfinished)" };
     println!(
-        "| {name} | {}{finished} | {:.1} | {:.1} | {:.1} | {:.3} | {:.2}% | {converge} | {:.3} | {} | {} | {} | {} |",
+        "| {name} | {}{finished} | {:.1} | {:.1} | {:.1} | {:.3} | {:.2}% | {converge} | {:.3} | {} | {} | {} | {} | {:.2} | {:.2}% | {} | {} |",
         report.policy,
         report.overall_items_per_second,
         report.steady_items_per_second,
@@ -81,6 +94,10 @@ fn print_row(name: &str, report: &RunReport, speedup: Option<f64>) {
         report.timeouts,
         report.overloaded,
         report.final_items_per_request,
+        report.max_in_flight,
+        report.queue_wait_share,
+        100.0 * report.computed_twice_share,
         speedup.map_or(String::new(), |speedup| format!("{speedup:.1}x")),
+        against_client.map_or(String::new(), |ratio| format!("{ratio:.2}x")),
     );
 }

@@ -150,7 +150,8 @@ impl DelayLimit {
         self.generation
     }
 
-    /// Probes started so far (for logs and tests).
+    /// Probes started so far.
+    #[cfg(test)]
     pub fn probes(&self) -> u64 {
         self.probes
     }

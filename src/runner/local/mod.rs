@@ -79,8 +79,10 @@ pub async fn run(job: &Job, model: &OnnxModel, options: &RunOptions, shutdown: C
     let (report, exit, error) = lifecycle::end(&attached, job, &stop).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let controller = ControllerSummary {
-        items_per_request: batch_items as u32,
-        concurrency: 1,
+        items_per_request: if batches == 0 { 0.0 } else { progress.finished_here.load(Ordering::Relaxed) as f64 / batches as f64 },
+        items_per_request_limit: batch_items as u32,
+        max_in_flight: u64::from(batches > 0),
+        concurrency_limit: 1,
         requests_per_second: batches as f64 / elapsed.max(0.001),
         requests: batches,
         retries: progress.retries.load(Ordering::Relaxed),

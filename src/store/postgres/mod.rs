@@ -62,7 +62,8 @@ impl PgStore {
     pub async fn open(url: &DatabaseUrl) -> anyhow::Result<Self> {
         let options = PgConnectOptions::from_str(url.expose())
             .map_err(|e| crate::exit::usage(format!("{url} is not a valid PostgreSQL URL: {e}")))?
-            .application_name("backfill");
+            .application_name("backfill")
+            .log_slow_statements(log::LevelFilter::Warn, super::SLOW_STATEMENT);
         let server = Server {
             host: options.get_host().to_owned(),
             port: options.get_port(),

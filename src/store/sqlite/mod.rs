@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::*;
@@ -73,7 +74,8 @@ impl SqliteStore {
         Ok(SqliteConnectOptions::from_str(url.expose())
             .with_context(|| format!("{url} is not a valid SQLite URL"))?
             .create_if_missing(false)
-            .busy_timeout(busy_timeout()))
+            .busy_timeout(busy_timeout())
+            .log_slow_statements(log::LevelFilter::Warn, super::SLOW_STATEMENT))
     }
 
     async fn connect(options: SqliteConnectOptions, max_connections: u32) -> anyhow::Result<Self> {
