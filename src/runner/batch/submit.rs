@@ -210,7 +210,10 @@ impl BatchRunner {
     /// time. OpenAI batches carry it in their metadata; the custom ids of every batch carry a
     /// hash of it ([`custom_id_prefix`]).
     pub(super) fn tag(&self, batch: &BatchRecord) -> String {
-        format!("{}:{}:run{}:batch{}:{}", self.run.job, self.ctx.tables.table.raw(), batch.run_id, batch.id, batch.created_at)
+        use sha2::{Digest, Sha256};
+        let tag = format!("{}:{}:run{}:batch{}:{}", self.run.job, self.ctx.tables.table.raw(), batch.run_id, batch.id, batch.created_at);
+        // OpenAI takes metadata values of up to 512 characters.
+        if tag.len() > 500 { format!("sha256:{}", hex::encode(Sha256::digest(tag.as_bytes()))) } else { tag }
     }
 
     /// Gives up a batch the provider never received: its calls settle at zero (nothing was
