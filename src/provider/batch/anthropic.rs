@@ -236,6 +236,42 @@ impl BatchApi for AnthropicBatches {
 mod tests {
     use super::*;
 
+    /// A listing of `batches`, with results for the ended ones under `/results`.
+    async fn serve(batches: Vec<Value>, results: &str) -> (wiremock::MockServer, AnthropicBatches) {
+        let server = wiremock::MockServer::start().await;
+        wiremock::Mock::given(wiremock::matchers::path("/v1/messages/batches"))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(json!({ "data": batches, "has_more": false })))
+            .mount(&server)
+            .await;
+        wiremock::Mock::given(wiremock::matchers::path_regex("/v1/messages/batches/.*/results"))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_string(results.to_owned()))
+            .mount(&server)
+            .await;
+        let http = Http::new(&format!("{}/v1", server.uri()), None, Dialect::Anthropic, std::time::Duration::from_secs(5)).unwrap();
+        (server, AnthropicBatches::new(http, BatchLimits::ANTHROPIC))
+    }
+
+    fn listed(id: &str, status: &str, requests: u64) -> Value {
+        let created = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        json!({ "id": id, "processing_status": status, "created_at": created,
+                "request_counts": { "processing": if status == "ended" { 0 } else { requests }, "succeeded": if status == "ended" { requests } else { 0 } } })
+    }
+
+    #[tokio::test]
+    async fn only_results_with_our_custom_ids_prove_a_batch_ours() {
+        let wanted = Wanted { file_id: None, tag: "t", custom_id_prefix: "bf-0123456789abcdef-", since_ms: crate::store::now_ms(), requests: 2 };
+        let theirs = "{\"custom_id\":\"other-1\",\"result\":{\"type\":\"expired\"}}\n{\"custom_id\":\"other-2\",\"result\":{\"type\":\"expired\"}}\n";
+        // Same time, same size, ended, but another job's requests: not ours, nothing to wait for.
+        let (_s, api) = serve(vec![listed("msgbatch_1", "ended", 2)], theirs).await;
+        assert_eq!(api.find(&wanted).await.unwrap(), Found::Nothing);
+        // Still running: it cannot be told yet.
+        let (_s, api) = serve(vec![listed("msgbatch_2", "in_progress", 2)], theirs).await;
+        assert_eq!(api.find(&wanted).await.unwrap(), Found::Unproven(vec!["msgbatch_2".into()]));
+        let ours = "{\"custom_id\":\"bf-0123456789abcdef-1\",\"result\":{\"type\":\"expired\"}}\n{\"custom_id\":\"bf-0123456789abcdef-2\",\"result\":{\"type\":\"expired\"}}\n";
+        let (_s, api) = serve(vec![listed("msgbatch_3", "ended", 2), listed("msgbatch_4", "ended", 3)], ours).await;
+        assert_eq!(api.find(&wanted).await.unwrap(), Found::Ours("msgbatch_3".into()));
+    }
+
     #[test]
     fn requests_become_messages_api_params() {
         let request = ChatRequest::new("claude-x", Some("be brief"), "hi".into(), Some(0.2), 300, None);

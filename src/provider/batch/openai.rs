@@ -193,6 +193,40 @@ impl BatchApi for OpenAiBatches {
 mod tests {
     use super::*;
 
+    fn wanted(since_ms: i64) -> Wanted<'static> {
+        Wanted { file_id: Some("file-ours"), tag: "job:items:run1:batch1:1", custom_id_prefix: "bf-x-", since_ms, requests: 2 }
+    }
+
+    async fn serve(listing: Value) -> (wiremock::MockServer, OpenAiBatches) {
+        let server = wiremock::MockServer::start().await;
+        wiremock::Mock::given(wiremock::matchers::path("/v1/batches"))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(listing))
+            .mount(&server)
+            .await;
+        let http = Http::new(&format!("{}/v1", server.uri()), None, Dialect::OpenAi, std::time::Duration::from_secs(5)).unwrap();
+        (server, OpenAiBatches::new(http, BatchLimits::OPENAI))
+    }
+
+    #[tokio::test]
+    async fn a_listing_that_never_moves_on_is_an_error_not_a_loop() {
+        let now = crate::store::now_ms();
+        let page = json!({ "data": [{ "id": "b1", "created_at": now / 1000, "metadata": { "backfill": "other" } }], "has_more": true, "last_id": "b1" });
+        let (_server, api) = serve(page).await;
+        let error = api.find(&wanted(now)).await.unwrap_err();
+        assert!(error.to_string().contains("has more batches"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_listing_reaching_back_before_the_batch_ends_the_search() {
+        let now = crate::store::now_ms();
+        let page = json!({ "data": [{ "id": "b1", "created_at": now / 1000 - 3600 }], "has_more": true, "last_id": "b1" });
+        let (_server, api) = serve(page).await;
+        assert_eq!(api.find(&wanted(now)).await.unwrap(), Found::Nothing);
+        let ours = json!({ "data": [{ "id": "b2", "created_at": now / 1000, "metadata": { "backfill": "job:items:run1:batch1:1" } }], "has_more": false });
+        let (_server, api) = serve(ours).await;
+        assert_eq!(api.find(&wanted(now)).await.unwrap(), Found::Ours("b2".into()));
+    }
+
     #[test]
     fn output_and_error_lines_are_told_apart() {
         let text = r#"{"id":"r1","custom_id":"call-1","response":{"status_code":200,"body":{"choices":[]}},"error":null}
