@@ -17,6 +17,9 @@ pub enum Exit {
     Interrupted = 4,
     /// Batch mode: the provider's batches are still running; `--resume` collects them later.
     Waiting = 5,
+    /// The run finished, but more than `limits.max_failed_share` of its items failed or were
+    /// rejected.
+    Failures = 6,
 }
 
 impl Exit {

@@ -95,11 +95,18 @@ struct RunArgs {
     finish_sync_after: Option<std::time::Duration>,
 }
 
+/// The longest `--wait` / `--finish-sync-after`: a year (batches end within a day).
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     if text.trim() == "0" {
         return Ok(std::time::Duration::ZERO);
     }
-    humantime::parse_duration(text).map_err(|e| format!("{e}; write a duration such as 90s, 30m or 8h"))
+    let duration = humantime::parse_duration(text).map_err(|e| format!("{e}; write a duration such as 90s, 30m or 8h"))?;
+    if duration > MAX_DURATION {
+        return Err("must be at most a year (8760h)".into());
+    }
+    Ok(duration)
 }
 
 #[derive(Debug, Args)]
@@ -178,8 +185,10 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         && !(max.is_finite() && max > 0.0) {
             return Err(usage("--max-usd must be a positive number of USD"));
         }
-    if args.limit == Some(0) {
-        return Err(usage("--limit must be at least 1"));
+    if let Some(limit) = args.limit
+        && !(1..=i64::MAX as u64).contains(&limit)
+    {
+        return Err(usage(format!("--limit {limit}: must be at least 1 and at most {}", i64::MAX)));
     }
     let job = load(
         &args.target,

@@ -136,6 +136,9 @@ pub struct LimitsFile {
     /// After SIGINT/SIGTERM, how long in-flight calls may finish.
     #[serde(default = "default_grace")]
     pub grace_seconds: f64,
+    /// A run that ends with more than this share of its items failed or rejected exits 6.
+    #[serde(default = "default_max_failed_share")]
+    pub max_failed_share: f64,
 }
 
 impl Default for LimitsFile {
@@ -148,6 +151,7 @@ impl Default for LimitsFile {
             max_attempts: default_attempts(),
             lease_seconds: default_lease(),
             grace_seconds: default_grace(),
+            max_failed_share: default_max_failed_share(),
         }
     }
 }
@@ -174,6 +178,9 @@ fn default_lease() -> f64 {
 }
 fn default_grace() -> f64 {
     30.0
+}
+fn default_max_failed_share() -> f64 {
+    0.1
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -122,6 +122,8 @@ impl BatchSettings {
 pub struct ChatModel {
     pub base_url: String,
     pub api_key_env: String,
+    /// The job names `model.api_key_env` itself: the variable must then hold a key.
+    pub api_key_required: bool,
     pub name: String,
     pub fallback: Vec<String>,
     pub structured_output: StructuredOutput,
@@ -145,6 +147,22 @@ impl ChatModel {
     /// Model names in escalation order: the primary, then the fallbacks.
     pub fn tiers(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.name.as_str()).chain(self.fallback.iter().map(String::as_str))
+    }
+
+    /// The API key from the variable `model.api_key_env` names. When the job names that
+    /// variable, it must be set and non-empty (exit 2 before any request); when the job names
+    /// none, the default `OPENAI_API_KEY` may be unset and calls go without a key (local
+    /// servers).
+    pub fn api_key(&self) -> anyhow::Result<Option<crate::secret::ApiKey>> {
+        match std::env::var(&self.api_key_env) {
+            Ok(key) if !key.is_empty() => Ok(Some(crate::secret::ApiKey::new(key))),
+            _ if self.api_key_required => Err(crate::exit::usage(format!(
+                "`model.api_key_env` names {var}, which is not set (or empty): export {var} with the provider's \
+                 API key, or remove `model.api_key_env` from the job to call a server that needs no key",
+                var = self.api_key_env
+            ))),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -178,6 +196,8 @@ pub struct Limits {
     pub max_attempts: u32,
     pub lease: Duration,
     pub grace: Duration,
+    /// A finished run with a larger share of failed or rejected items exits 6.
+    pub max_failed_share: f64,
 }
 
 /// A `{ start, min, max }` range.

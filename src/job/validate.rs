@@ -9,6 +9,61 @@ use super::*;
 use crate::exit::usage;
 use crate::pricing::PriceTable;
 
+/// The longest duration a job may give in seconds (timeouts, leases, polls, grace): one day.
+const MAX_SECONDS: f64 = 86_400.0;
+/// The longest cache lifetime: ten years.
+const MAX_TTL_HOURS: f64 = 87_600.0;
+/// The highest budget cap: a million USD (the ledger counts pico-dollars in 64 bits, which end
+/// near 9.2 million USD).
+const MAX_BUDGET_USD: f64 = 1_000_000.0;
+/// Most items per request and most calls in flight.
+const MAX_RANGE: u32 = 10_000;
+/// The largest context window a job may name, in tokens.
+const MAX_CONTEXT_WINDOW: u32 = 100_000_000;
+
+/// The values a number in the job file may take: finite, from `min` (excluded when
+/// `min_excluded`) to `max`. A value outside gives an error naming the key, the value and the
+/// range, so huge values are refused before they can overflow a duration or a sum.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    min: f64,
+    min_excluded: bool,
+    max: f64,
+    unit: &'static str,
+}
+
+impl Range {
+    /// `min <= value <= max`.
+    fn between(min: f64, max: f64, unit: &'static str) -> Range {
+        Range { min, min_excluded: false, max, unit }
+    }
+
+    /// `min < value <= max`.
+    fn above(min: f64, max: f64, unit: &'static str) -> Range {
+        Range { min, min_excluded: true, max, unit }
+    }
+
+    fn check(self, key: &str, value: f64) -> anyhow::Result<f64> {
+        let low_ok = if self.min_excluded { value > self.min } else { value >= self.min };
+        if value.is_finite() && low_ok && value <= self.max {
+            return Ok(value);
+        }
+        let unit = if self.unit.is_empty() { String::new() } else { format!(" {}", self.unit) };
+        let low = if self.min_excluded { format!("above {}", shown(self.min)) } else { format!("at least {}", shown(self.min)) };
+        Err(usage(format!("`{key}` = {}: must be {low} and at most {}{unit}", shown(value), shown(self.max))))
+    }
+
+    /// The same check for an integer.
+    fn check_int(self, key: &str, value: u64) -> anyhow::Result<u64> {
+        self.check(key, value as f64).map(|_| value)
+    }
+}
+
+/// A number for a message: plain when it is of a readable size, else in scientific notation.
+fn shown(value: f64) -> String {
+    if value != 0.0 && !(1e-4..1e12).contains(&value.abs()) { format!("{value:e}") } else { format!("{value}") }
+}
+
 /// Command-line settings that override or complete the job file.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -92,16 +147,14 @@ fn build(path: &Path, dir: &Path, file: JobFile, options: &LoadOptions) -> anyho
     }
 
     let budget_usd = options.max_usd.or(file.budget.max_usd);
-    if let Some(max) = budget_usd
-        && !(max.is_finite() && max > 0.0) {
-            return Err(usage("`budget.max_usd` (or --max-usd) must be a positive number of USD"));
-        }
-    if !(file.cache.ttl_hours.is_finite() && file.cache.ttl_hours > 0.0) {
-        return Err(usage("`cache.ttl_hours` must be a positive number of hours"));
+    if let Some(max) = budget_usd {
+        let key = if options.max_usd.is_some() { "--max-usd" } else { "budget.max_usd" };
+        Range::above(0.0, MAX_BUDGET_USD, "USD").check(key, max)?;
     }
+    let ttl_hours = Range::above(0.0, MAX_TTL_HOURS, "hours").check("cache.ttl_hours", file.cache.ttl_hours)?;
     let cache = CacheSettings {
         enabled: file.cache.enabled && !options.no_cache,
-        ttl: Duration::from_secs_f64(file.cache.ttl_hours * 3600.0),
+        ttl: Duration::from_secs_f64(ttl_hours * 3600.0),
     };
 
     Ok(Job {
@@ -304,10 +357,7 @@ fn batch_settings(m: &ModelFile) -> anyhow::Result<BatchSettings> {
             )));
         }
     };
-    let poll = m.batch_poll_s.unwrap_or(30.0);
-    if !(poll.is_finite() && poll > 0.0) {
-        return Err(usage("`model.batch_poll_s` must be a positive number of seconds"));
-    }
+    let poll = Range::above(0.0, MAX_SECONDS, "seconds").check("model.batch_poll_s", m.batch_poll_s.unwrap_or(30.0))?;
     let provider = match dialect {
         Dialect::OpenAi => BatchLimits::OPENAI,
         Dialect::Anthropic => BatchLimits::ANTHROPIC,
@@ -394,18 +444,20 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
             "`model.api_key_env` names the environment variable holding the key (e.g. \"OPENAI_API_KEY\"), not the key itself",
         ));
     }
+    let context_window = m.context_window.unwrap_or(128_000);
+    Range::between(1.0, MAX_CONTEXT_WINDOW as f64, "tokens").check_int("model.context_window", context_window.into())?;
     let per_item = m.max_output_tokens_per_item.unwrap_or(200);
-    if per_item == 0 {
-        return Err(usage("`model.max_output_tokens_per_item` must be at least 1"));
+    Range::between(1.0, context_window as f64, "tokens (the context window)")
+        .check_int("model.max_output_tokens_per_item", per_item.into())?;
+    if let Some(max_tokens) = m.max_tokens {
+        Range::between(1.0, context_window as f64, "tokens (the context window)").check_int("model.max_tokens", max_tokens.into())?;
     }
     if let Some(t) = m.temperature
         && !(0.0..=2.0).contains(&t) {
             return Err(usage("`model.temperature` must be between 0 and 2"));
         }
-    let timeout = m.request_timeout_s.unwrap_or(120.0);
-    if !(timeout.is_finite() && timeout > 0.0) {
-        return Err(usage("`model.request_timeout_s` must be a positive number of seconds"));
-    }
+    let timeout =
+        Range::above(0.0, MAX_SECONDS, "seconds").check("model.request_timeout_s", m.request_timeout_s.unwrap_or(120.0))?;
     let expected = m.expected_output_tokens_per_item.unwrap_or(per_item);
     if expected == 0 || expected > per_item {
         return Err(usage(format!(
@@ -439,6 +491,7 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
     };
     Ok(ChatModel {
         base_url,
+        api_key_required: m.api_key_env.is_some(),
         api_key_env,
         name,
         fallback: m.fallback.clone(),
@@ -449,7 +502,7 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
         expected_output_tokens_per_item: expected,
         temperature: m.temperature,
         request_timeout: Duration::from_secs_f64(timeout),
-        context_window: m.context_window.unwrap_or(128_000),
+        context_window,
         max_tokens: m.max_tokens,
         encoding,
         template,
@@ -501,17 +554,15 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
         other => return Err(usage(format!("`model.pooling` = {other:?}: use \"mean\" or \"cls\" (the first token's state)"))),
     };
     let max_length = m.max_length.unwrap_or(256);
+    Range::between(1.0, 65_536.0, "tokens").check_int("model.max_length", max_length.into())?;
     // Small forward passes are fastest under tract (crates/onnx/README.md): one long row alone.
     let max_batch_tokens = m.max_batch_tokens.unwrap_or(max_length.max(256));
-    if max_length == 0 || max_batch_tokens < max_length {
-        return Err(usage("`model.max_batch_tokens` must be at least `model.max_length` (and both above 0)"));
-    }
+    Range::between(max_length as f64, 16_777_216.0, "tokens (the low end is `model.max_length`)")
+        .check_int("model.max_batch_tokens", max_batch_tokens.into())?;
     let threads = m.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
     });
-    if threads == 0 {
-        return Err(usage("`model.threads` must be at least 1"));
-    }
+    Range::between(1.0, 1024.0, "threads").check_int("model.threads", threads.into())?;
     Ok(OnnxModel { path, tokenizer, input, output, pooling, max_length, max_batch_tokens, threads })
 }
 
@@ -534,9 +585,9 @@ fn check_input_template(input: &str, source: &Source) -> anyhow::Result<()> {
 }
 
 fn bounds(key: &str, r: RangeFile) -> anyhow::Result<Bounds> {
-    if r.min == 0 || r.min > r.start || r.start > r.max {
+    if r.min == 0 || r.min > r.start || r.start > r.max || r.max > MAX_RANGE {
         return Err(usage(format!(
-            "`limits.{key}` = {{ start = {}, min = {}, max = {} }}: need 1 <= min <= start <= max",
+            "`limits.{key}` = {{ start = {}, min = {}, max = {} }}: need 1 <= min <= start <= max, and max at most {MAX_RANGE}",
             r.start, r.min, r.max
         )));
     }
@@ -545,21 +596,16 @@ fn bounds(key: &str, r: RangeFile) -> anyhow::Result<Bounds> {
 
 fn limits(file: &JobFile) -> anyhow::Result<Limits> {
     let l = &file.limits;
-    for (key, value) in [("requests_per_minute", l.requests_per_minute), ("tokens_per_minute", l.tokens_per_minute)] {
-        if let Some(v) = value
-            && !(v.is_finite() && v > 0.0) {
-                return Err(usage(format!("`limits.{key}` must be a positive number")));
-            }
+    if let Some(rpm) = l.requests_per_minute {
+        Range::between(0.01, 1e8, "requests per minute").check("limits.requests_per_minute", rpm)?;
     }
-    if l.max_attempts == 0 {
-        return Err(usage("`limits.max_attempts` must be at least 1"));
+    if let Some(tpm) = l.tokens_per_minute {
+        Range::between(1.0, 1e12, "tokens per minute").check("limits.tokens_per_minute", tpm)?;
     }
-    if !(l.lease_seconds.is_finite() && l.lease_seconds >= 5.0) {
-        return Err(usage("`limits.lease_seconds` must be at least 5"));
-    }
-    if !(l.grace_seconds.is_finite() && l.grace_seconds >= 0.0) {
-        return Err(usage("`limits.grace_seconds` must be 0 or more"));
-    }
+    Range::between(1.0, 100.0, "attempts").check_int("limits.max_attempts", l.max_attempts.into())?;
+    Range::between(5.0, MAX_SECONDS, "seconds").check("limits.lease_seconds", l.lease_seconds)?;
+    Range::between(0.0, MAX_SECONDS, "seconds").check("limits.grace_seconds", l.grace_seconds)?;
+    Range::between(0.0, 1.0, "(a share of the run's items)").check("limits.max_failed_share", l.max_failed_share)?;
     Ok(Limits {
         requests_per_minute: l.requests_per_minute,
         tokens_per_minute: l.tokens_per_minute,
@@ -568,6 +614,7 @@ fn limits(file: &JobFile) -> anyhow::Result<Limits> {
         max_attempts: l.max_attempts,
         lease: Duration::from_secs_f64(l.lease_seconds),
         grace: Duration::from_secs_f64(l.grace_seconds),
+        max_failed_share: l.max_failed_share,
     })
 }
 

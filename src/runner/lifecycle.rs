@@ -176,6 +176,62 @@ pub async fn end(attached: &Attached, job: &Job, stop: &Stop) -> anyhow::Result<
     if let Err(e) = store.detach(run_id, &attached.worker).await {
         tracing::error!("could not detach from the run: {e:#}");
     }
-    let report = store.status(&job.name, Some(run_id)).await?.ok_or_else(|| anyhow::anyhow!("run {run_id} disappeared"))?;
+    let mut report = store.status(&job.name, Some(run_id)).await?.ok_or_else(|| anyhow::anyhow!("run {run_id} disappeared"))?;
+    // A finished run (every item terminal, whichever worker ended it) with too many failures
+    // exits 6, so a cron job does not take it for a success.
+    if matches!(stop, Stop::Drained)
+        && report.run.status == RunStatus::Finished
+        && let Some(message) = too_many_failures(&report, job.limits.max_failed_share)
+    {
+        if let Err(e) = store.set_status(run_id, RunStatus::Finished, Some(&message)).await {
+            tracing::error!("could not record the run's failures: {e:#}");
+        }
+        report.run.last_error = Some(message.clone());
+        return Ok((report, Exit::Failures, Some(message)));
+    }
     Ok((report, exit, error))
+}
+
+/// How many reasons the exit-6 message names.
+const TOP_REASONS: usize = 3;
+
+/// The message of a run whose failed and rejected items are more than `max_share` of its
+/// items, naming the most frequent reasons with one stored error each; `None` when within.
+pub fn too_many_failures(report: &StatusReport, max_share: f64) -> Option<String> {
+    let counts = report.counts;
+    let total = counts.total();
+    let unsuccessful = counts.failed + counts.rejected;
+    if total == 0 || unsuccessful as f64 <= max_share * total as f64 {
+        return None;
+    }
+    let reasons: Vec<String> = report
+        .reasons
+        .iter()
+        .take(TOP_REASONS)
+        .map(|(state, reason, n)| {
+            let example = report
+                .reason_errors
+                .iter()
+                .find(|(s, r, _)| s == state && r == reason)
+                .map(|(_, _, error)| format!(", e.g. \"{}\"", shorten(error, 160)))
+                .unwrap_or_default();
+            format!("{n} {state}: {reason}{example}")
+        })
+        .collect();
+    Some(format!(
+        "finished with too many failures: {unsuccessful} of {total} items ({:.1}%) failed or were rejected, above \
+         `limits.max_failed_share` = {max_share}; top reasons: {}. Fix the cause and run again (failed rows are \
+         still pending for a new run), or raise `limits.max_failed_share`",
+        100.0 * unsuccessful as f64 / total as f64,
+        reasons.join("; ")
+    ))
+}
+
+/// The first `max` characters of `text`, on one line.
+fn shorten(text: &str, max: usize) -> String {
+    let line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
 }

@@ -32,7 +32,6 @@ use crate::exit::{Exit, usage};
 use crate::job::{ChatModel, Job, Processor};
 use crate::packer::Packer;
 use crate::provider::ChatClient;
-use crate::secret::ApiKey;
 use crate::store::{RunRecord, Store};
 use crate::tokens::TokenCounter;
 
@@ -64,6 +63,7 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
         Processor::Onnx(model) => return local::run(job, model, options, shutdown).await,
     };
     // Everything that can be checked without the database and the network comes first.
+    chat.api_key()?;
     let check: Option<Arc<dyn OutputCheck>> = match crate::postprocess::build(job)? {
         Some(p) => Some(p),
         None => None,
@@ -125,6 +125,7 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
     };
     let summary = Summary::from_report(
         &report,
+        exit,
         started.elapsed().as_secs_f64(),
         progress.finished_here.load(Ordering::Relaxed),
         controller,
@@ -144,7 +145,7 @@ async fn run_batches(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Stop> {
     let chat = &ctx.chat;
-    let api_key = std::env::var(&chat.api_key_env).ok().filter(|k| !k.is_empty()).map(ApiKey::new);
+    let api_key = chat.api_key()?;
     let api = crate::provider::batch::client(chat.batch.dialect, &chat.base_url, api_key, chat.batch.limits)?;
     batch::BatchRunner::new(ctx.clone(), api, progress.clone(), run.clone()).run(options, shutdown).await
 }
@@ -156,7 +157,7 @@ fn context_for(
     run_id: i64,
     check: Option<Arc<dyn OutputCheck>>,
 ) -> anyhow::Result<RunContext> {
-    let api_key = std::env::var(&chat.api_key_env).ok().filter(|k| !k.is_empty()).map(ApiKey::new);
+    let api_key = chat.api_key()?;
     if api_key.is_none() {
         tracing::info!("{} is not set: calling {} without an API key", chat.api_key_env, chat.base_url);
     }

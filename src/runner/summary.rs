@@ -2,13 +2,16 @@
 
 use serde::Serialize;
 
+use crate::exit::Exit;
 use crate::store::{ItemCounts, StatusReport};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub run_id: i64,
     pub job: String,
-    /// finished | interrupted | budget | failed | running
+    /// finished | too_many_failures | interrupted | budget | failed | waiting | running
+    /// (`too_many_failures`: finished, with more than `limits.max_failed_share` of the items
+    /// failed or rejected; exit 6)
     pub status: String,
     pub items: ItemsSummary,
     /// Calls made in the run (all invocations), by the ledger.
@@ -81,7 +84,14 @@ pub struct ControllerSummary {
 }
 
 impl Summary {
-    pub fn from_report(report: &StatusReport, elapsed_seconds: f64, finished_here: u64, controller: ControllerSummary, error: Option<String>) -> Self {
+    pub fn from_report(
+        report: &StatusReport,
+        exit: Exit,
+        elapsed_seconds: f64,
+        finished_here: u64,
+        controller: ControllerSummary,
+        error: Option<String>,
+    ) -> Self {
         let tokens = TokensSummary {
             input: report.models.iter().map(|m| m.prompt_tokens).sum(),
             output: report.models.iter().map(|m| m.completion_tokens).sum(),
@@ -90,7 +100,7 @@ impl Summary {
         Summary {
             run_id: report.run.id,
             job: report.run.job.clone(),
-            status: report.run.status.as_str().into(),
+            status: if exit == Exit::Failures { "too_many_failures".into() } else { report.run.status.as_str().into() },
             items: report.counts.into(),
             requests: report.calls.total,
             tokens,

@@ -1,4 +1,6 @@
 //! Test hooks for crash tests, driven by the environment; unset, each costs one lookup.
+//! They exist only in builds with the `failpoints` feature (the tests turn it on, Cargo.toml);
+//! in any other build both functions are empty and the variables do nothing.
 //!
 //! - `BACKFILL_FAILPOINT_PAUSE_MS=write_batch:200` sleeps 200 ms at the named point (inside the
 //!   batch write transaction, before its commit), so a test can kill the process there.
@@ -6,9 +8,18 @@
 //!   reached) aborts the process at the named point, as `kill -9` would, without running any
 //!   destructor or flushing anything.
 
+#[cfg(feature = "failpoints")]
 use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(feature = "failpoints")]
 use std::time::Duration;
 
+#[cfg(not(feature = "failpoints"))]
+pub async fn pause(_point: &str) {}
+
+#[cfg(not(feature = "failpoints"))]
+pub fn crash(_point: &str) {}
+
+#[cfg(feature = "failpoints")]
 pub async fn pause(point: &str) {
     let Ok(spec) = std::env::var("BACKFILL_FAILPOINT_PAUSE_MS") else { return };
     if let Some((name, ms)) = spec.split_once(':')
@@ -19,8 +30,10 @@ pub async fn pause(point: &str) {
 }
 
 /// How many times a crash point named by the environment was reached.
+#[cfg(feature = "failpoints")]
 static HITS: AtomicU64 = AtomicU64::new(0);
 
+#[cfg(feature = "failpoints")]
 pub fn crash(point: &str) {
     let Ok(spec) = std::env::var("BACKFILL_FAILPOINT_CRASH") else { return };
     let (name, nth) = match spec.split_once(':') {

@@ -339,6 +339,8 @@ pub struct StatusReport {
     pub models: Vec<ModelCost>,
     /// `(state, reason, count)` of failed and rejected items.
     pub reasons: Vec<(String, String, u64)>,
+    /// `(state, reason, error)`: one stored error message for each reason, when items have one.
+    pub reason_errors: Vec<(String, String, String)>,
     pub calls: CallStats,
     pub workers: Vec<WorkerRow>,
     /// Earlier runs of the job, newest first, with their cost.

@@ -270,3 +270,47 @@ async fn a_crash_while_polling_downloading_or_writing_resumes_exactly() {
     // Inside the write transaction of the second request, before it commits.
     crash_then_resume("write_batch:2", "openai").await;
 }
+
+/// A crash right after the provider created the batch, on an account busy with another job's
+/// batches: 150 created since, so ours is on the second page of the listing, among them
+/// look-alikes with as many requests (one ended, one still running) whose metadata names
+/// another job. `--resume` pages on, adopts exactly its own batch, creates nothing twice and
+/// bills nothing twice.
+async fn crash_then_resume_on_a_busy_account(dialect: &'static str) {
+    let rows = 20;
+    let fx = Fixture::new(rows).await;
+    let fake = BatchFake::start().await;
+    let extra = if dialect == "anthropic" { "batch_api = \"anthropic\"\nstructured_output = \"none\"" } else { "" };
+    batch_job(&fx, &fake, &format!("{extra}\nbatch_max_requests = 2"), "");
+    let (crashed, _) = run_json_with(&fx, &[], &[("BACKFILL_FAILPOINT_CRASH", "batch_after_create")]).await;
+    assert_eq!(crashed.status.code(), None, "{}", stderr(&crashed));
+    let ours = fake.batches();
+    assert_eq!(ours.len(), 1);
+    let requests = ours[0].requests.len();
+    let other_job = serde_json::json!({ "backfill": format!("other-job:items:run1:batch1:{}", 1) });
+    fake.add_foreign(dialect, 1, requests, other_job.clone(), true);
+    fake.add_foreign(dialect, 147, requests + 1, other_job.clone(), true);
+    fake.add_foreign(dialect, 1, requests, other_job.clone(), false);
+    fake.add_foreign(dialect, 1, requests, other_job, true);
+    let (output, summary) = run_json_with(&fx, &["--resume"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{dialect}: {}", stderr(&output));
+    assert_eq!(summary["items"]["done"], rows as u64, "{dialect}: {summary}");
+    assert_eq!(fake.batches().len(), 1, "{dialect}: the batch was created again");
+    assert!(fake.listings() >= 2, "{dialect}: the listing was read {} time(s)", fake.listings());
+    let pool = fx.pool().await;
+    let adopted: Vec<String> = sqlx::query_scalar("SELECT provider_batch_id FROM backfill_batches WHERE provider_batch_id IS NOT NULL")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    assert_eq!(adopted, [ours[0].id.clone()], "{dialect}");
+    assert_all_done_once(&fx, rows).await;
+    assert_nothing_submitted_twice(&fake, false);
+    assert_ledger_is_the_bill(&fx, &fake).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_after_create_finds_the_batch_past_the_first_page_and_never_adopts_a_look_alike() {
+    crash_then_resume_on_a_busy_account("openai").await;
+    crash_then_resume_on_a_busy_account("anthropic").await;
+}

@@ -31,7 +31,15 @@ async fn wait(child: Child) -> std::process::Output {
 
 async fn scalar(fx: &Fixture, sql: &str) -> i64 {
     let pool = fx.pool().await;
-    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await.unwrap_or(0);
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    n
+}
+
+/// `scalar` for a moment when the killed process may not have created the runner tables yet.
+async fn scalar_or_zero(fx: &Fixture, sql: &str) -> i64 {
+    let pool = fx.pool().await;
+    let n = zero_while_missing(sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await);
     pool.close().await;
     n
 }
@@ -69,7 +77,7 @@ async fn kill_nine_at_random_moments_then_resume_loses_nothing_and_pays_nothing_
         child.kill().unwrap();
         child.wait().unwrap();
         kills += 1;
-        in_flight_at_kills += scalar(&fx, "SELECT COUNT(*) FROM backfill_items WHERE state = 'leased'").await;
+        in_flight_at_kills += scalar_or_zero(&fx, "SELECT COUNT(*) FROM backfill_items WHERE state = 'leased'").await;
     }
     if !finished {
         let output = wait(spawn_run(&fx, &["--resume"], &[])).await;

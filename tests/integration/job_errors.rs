@@ -58,7 +58,7 @@ async fn a_bad_pending_predicate_names_the_key_and_writes_nothing() {
     assert_eq!(code, Some(2));
     assert!(err.contains("source.pending"), "{err}");
     let pool = fx.pool().await;
-    let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM backfill_runs").fetch_one(&pool).await.unwrap_or(0);
+    let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM backfill_runs").fetch_one(&pool).await.unwrap();
     assert_eq!(runs, 0);
 }
 

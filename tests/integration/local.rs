@@ -170,7 +170,7 @@ async fn local_kill_nine_midway_then_resume_loses_nothing_and_writes_nothing_twi
     let mut done_at_kill = 0;
     for _ in 0..400 {
         tokio::time::sleep(Duration::from_millis(25)).await;
-        done_at_kill = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM items WHERE vector IS NOT NULL").fetch_one(&pool).await.unwrap_or(0);
+        done_at_kill = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM items WHERE vector IS NOT NULL").fetch_one(&pool).await.unwrap();
         if done_at_kill >= 60 {
             break;
         }
@@ -380,7 +380,7 @@ fn spawn_slow(fx: &Fixture, pause_ms: u32) -> std::process::Child {
 
 async fn count(fx: &Fixture, sql: &str) -> i64 {
     let pool = fx.pool().await;
-    let n = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await.unwrap_or(0);
+    let n = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await.unwrap();
     pool.close().await;
     n
 }

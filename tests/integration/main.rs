@@ -8,6 +8,7 @@ mod batch;
 mod conformance;
 mod crash;
 mod dry_run;
+mod exit_codes;
 mod job_errors;
 mod ledger;
 mod llama;

@@ -114,7 +114,9 @@ async fn always_malformed_batches_are_split_then_fail_with_the_reason() {
     let fake = FakeProvider::start(vec![], vec![(1.0, Reply::Malformed)], 6).await;
     fx.write_job(&fake.base_url(), "", "concurrency = { start = 1, min = 1, max = 1 }", "");
     let (output, summary) = run_json(&fx, &[]).await;
-    assert_eq!(output.status.code(), Some(0), "failed items end the run normally: {}", stderr(&output));
+    // Every item failed: the run finished, but with more failures than `max_failed_share`.
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    assert_eq!(summary["status"], "too_many_failures", "{summary}");
     assert_eq!(summary["items"]["failed"], 8);
     for (id, state, attempts, reason) in fx.item_states().await {
         assert_eq!((state.as_str(), attempts, reason.as_deref()), ("failed", 4, Some("malformed")), "item {id}");

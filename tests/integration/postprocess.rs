@@ -23,8 +23,11 @@ max_chars = 15
 "#;
     fx.write_job(&fake.base_url(), "fallback = [\"fake-fallback\"]", "", tail);
     let output = backfill_async(fx.dir.path(), &["run", fx.job.to_str().unwrap(), "--json", "--quiet"], &[]).await;
-    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    // 21 of 30 rejected is above `limits.max_failed_share` (0.1): finished, exit 6.
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    assert!(stderr(&output).contains("21 rejected: too_long"), "{}", stderr(&output));
     let summary: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(summary["status"], "too_many_failures", "{summary}");
     assert_eq!(summary["items"]["done"], 9, "{summary}");
     assert_eq!(summary["items"]["rejected"], 21, "{summary}");
 

@@ -3,18 +3,14 @@
 //! results come as a JSONL stream from `results_url`. Each answer is converted to the shape
 //! of an OpenAI chat completion so the rest of the runner reads one format.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::http::Http;
-use super::{BatchApi, BatchLimits, BatchStatus, Dialect, RequestResult, ResultLine};
+use super::{BatchApi, BatchLimits, BatchStatus, CLOCK_SLACK_MS, Dialect, Found, MAX_LISTING_PAGES, RequestResult, ResultLine, Wanted};
 use crate::provider::{CallError, ChatRequest};
-
-/// How far before the recorded creation time a batch found in the listing may have been
-/// created (clocks differ).
-const CLOCK_SLACK: Duration = Duration::from_secs(120);
 
 pub struct AnthropicBatches {
     http: Http,
@@ -104,6 +100,31 @@ fn result_line(value: &Value) -> Option<ResultLine> {
     Some(ResultLine { custom_id, result })
 }
 
+/// The requests of a listed or polled batch, whatever state they are in.
+fn total(batch: &Value) -> u64 {
+    let counts = batch.get("request_counts");
+    ["processing", "succeeded", "errored", "canceled", "expired"]
+        .iter()
+        .filter_map(|k| counts.and_then(|c| c.get(*k)).and_then(Value::as_u64))
+        .fold(0u64, u64::saturating_add)
+}
+
+fn batch_status(b: &Value) -> BatchStatus {
+    let count = |key: &str| b.get("request_counts").and_then(|c| c.get(key)).and_then(Value::as_u64).unwrap_or(0);
+    let status = text(b, "processing_status").unwrap_or_default();
+    BatchStatus {
+        ended: status == "ended",
+        total: total(b),
+        completed: count("succeeded"),
+        failed: count("errored").saturating_add(count("canceled")).saturating_add(count("expired")),
+        output_file_id: None,
+        error_file_id: None,
+        results_url: text(b, "results_url"),
+        errors: None,
+        status,
+    }
+}
+
 fn created_ms(batch: &Value) -> Option<i64> {
     let created = humantime::parse_rfc3339_weak(batch.get("created_at")?.as_str()?.trim_end_matches('Z')).ok()?;
     Some(created.duration_since(UNIX_EPOCH).ok()?.as_millis() as i64)
@@ -145,53 +166,58 @@ impl BatchApi for AnthropicBatches {
         })
     }
 
-    async fn find(&self, _file_id: Option<&str>, _tag: &str, since_ms: i64, requests: u64) -> Result<Option<String>, CallError> {
-        let listing = self.http.get_json("/messages/batches?limit=100").await?;
-        let candidates: Vec<String> = listing
-            .get("data")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter(|b| created_ms(b).is_some_and(|at| at >= since_ms - CLOCK_SLACK.as_millis() as i64))
-            .filter(|b| {
-                let counts = b.get("request_counts");
-                let total: u64 = ["processing", "succeeded", "errored", "canceled", "expired"]
-                    .iter()
-                    .filter_map(|k| counts.and_then(|c| c.get(*k)).and_then(Value::as_u64))
-                    .sum();
-                total == requests
-            })
-            .filter_map(|b| text(b, "id"))
-            .collect();
-        match candidates.as_slice() {
-            [] => Ok(None),
-            [one] => Ok(Some(one.clone())),
-            many => Err(CallError::Fatal {
-                status: 409,
-                message: format!(
-                    "cannot tell which of the message batches {} (created at the same time with {requests} requests) \
-                     belongs to this run; cancel the ones that are not yours in the Anthropic console and run again",
-                    many.join(", ")
-                ),
-            }),
+    async fn find(&self, wanted: &Wanted<'_>) -> Result<Found, CallError> {
+        let mut candidates: Vec<Value> = Vec::new();
+        let mut after: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            if pages == MAX_LISTING_PAGES {
+                return Err(super::openai::listing_too_long());
+            }
+            pages += 1;
+            let path = match &after {
+                Some(id) => format!("/messages/batches?limit=100&after_id={id}"),
+                None => "/messages/batches?limit=100".to_owned(),
+            };
+            let page = self.http.get_json(&path).await?;
+            let data = page.get("data").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            let window = wanted.since_ms - CLOCK_SLACK_MS;
+            // Created after ours went out, with as many requests: may be ours.
+            candidates.extend(
+                data.iter().filter(|b| created_ms(b).is_some_and(|at| at >= window) && total(b) == wanted.requests).cloned(),
+            );
+            // Newest first: a page reaching back before that time ends the search.
+            if data.iter().filter_map(created_ms).any(|at| at < window) {
+                break;
+            }
+            let has_more = page.get("has_more").and_then(Value::as_bool).unwrap_or(false);
+            let last = text(&page, "last_id").or_else(|| data.last().and_then(|b| text(b, "id")));
+            match last {
+                Some(last) if has_more && after.as_deref() != Some(last.as_str()) => after = Some(last),
+                Some(_) if has_more => return Err(super::openai::listing_stuck(&path)),
+                _ => break,
+            }
         }
+        // Only its requests prove a batch ours: every custom_id carries this batch's prefix.
+        // They can be read once the batch has ended.
+        let mut unproven = Vec::new();
+        for candidate in candidates {
+            let Some(id) = text(&candidate, "id") else { continue };
+            let status = batch_status(&candidate);
+            if !status.ended {
+                unproven.push(id);
+                continue;
+            }
+            let lines = self.results(&id, &status).await?;
+            if !lines.is_empty() && lines.iter().all(|l| l.custom_id.starts_with(wanted.custom_id_prefix)) {
+                return Ok(Found::Ours(id));
+            }
+        }
+        Ok(if unproven.is_empty() { Found::Nothing } else { Found::Unproven(unproven) })
     }
 
     async fn status(&self, batch_id: &str) -> Result<BatchStatus, CallError> {
-        let b = self.http.get_json(&format!("/messages/batches/{batch_id}")).await?;
-        let count = |key: &str| b.get("request_counts").and_then(|c| c.get(key)).and_then(Value::as_u64).unwrap_or(0);
-        let status = text(&b, "processing_status").unwrap_or_default();
-        Ok(BatchStatus {
-            ended: status == "ended",
-            total: ["processing", "succeeded", "errored", "canceled", "expired"].iter().map(|k| count(k)).sum(),
-            completed: count("succeeded"),
-            failed: count("errored") + count("canceled") + count("expired"),
-            output_file_id: None,
-            error_file_id: None,
-            results_url: text(&b, "results_url"),
-            errors: None,
-            status,
-        })
+        Ok(batch_status(&self.http.get_json(&format!("/messages/batches/{batch_id}")).await?))
     }
 
     async fn results(&self, batch_id: &str, status: &BatchStatus) -> Result<Vec<ResultLine>, CallError> {
@@ -209,6 +235,42 @@ impl BatchApi for AnthropicBatches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listing of `batches`, with results for the ended ones under `/results`.
+    async fn serve(batches: Vec<Value>, results: &str) -> (wiremock::MockServer, AnthropicBatches) {
+        let server = wiremock::MockServer::start().await;
+        wiremock::Mock::given(wiremock::matchers::path("/v1/messages/batches"))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(json!({ "data": batches, "has_more": false })))
+            .mount(&server)
+            .await;
+        wiremock::Mock::given(wiremock::matchers::path_regex("/v1/messages/batches/.*/results"))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_string(results.to_owned()))
+            .mount(&server)
+            .await;
+        let http = Http::new(&format!("{}/v1", server.uri()), None, Dialect::Anthropic, std::time::Duration::from_secs(5)).unwrap();
+        (server, AnthropicBatches::new(http, BatchLimits::ANTHROPIC))
+    }
+
+    fn listed(id: &str, status: &str, requests: u64) -> Value {
+        let created = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        json!({ "id": id, "processing_status": status, "created_at": created,
+                "request_counts": { "processing": if status == "ended" { 0 } else { requests }, "succeeded": if status == "ended" { requests } else { 0 } } })
+    }
+
+    #[tokio::test]
+    async fn only_results_with_our_custom_ids_prove_a_batch_ours() {
+        let wanted = Wanted { file_id: None, tag: "t", custom_id_prefix: "bf-0123456789abcdef-", since_ms: crate::store::now_ms(), requests: 2 };
+        let theirs = "{\"custom_id\":\"other-1\",\"result\":{\"type\":\"expired\"}}\n{\"custom_id\":\"other-2\",\"result\":{\"type\":\"expired\"}}\n";
+        // Same time, same size, ended, but another job's requests: not ours, nothing to wait for.
+        let (_s, api) = serve(vec![listed("msgbatch_1", "ended", 2)], theirs).await;
+        assert_eq!(api.find(&wanted).await.unwrap(), Found::Nothing);
+        // Still running: it cannot be told yet.
+        let (_s, api) = serve(vec![listed("msgbatch_2", "in_progress", 2)], theirs).await;
+        assert_eq!(api.find(&wanted).await.unwrap(), Found::Unproven(vec!["msgbatch_2".into()]));
+        let ours = "{\"custom_id\":\"bf-0123456789abcdef-1\",\"result\":{\"type\":\"expired\"}}\n{\"custom_id\":\"bf-0123456789abcdef-2\",\"result\":{\"type\":\"expired\"}}\n";
+        let (_s, api) = serve(vec![listed("msgbatch_3", "ended", 2), listed("msgbatch_4", "ended", 3)], ours).await;
+        assert_eq!(api.find(&wanted).await.unwrap(), Found::Ours("msgbatch_3".into()));
+    }
 
     #[test]
     fn requests_become_messages_api_params() {

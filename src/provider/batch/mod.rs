@@ -103,9 +103,12 @@ pub trait BatchApi: Send + Sync {
     /// Creates the batch; its id. `tag` identifies it in the provider's listing.
     async fn create(&self, file_id: Option<&str>, jsonl: &[u8], tag: &str) -> Result<String, CallError>;
 
-    /// The batch created from this file (or, without a file, with this many requests after
-    /// `since_ms`), when a process died between creating it and recording its id.
-    async fn find(&self, file_id: Option<&str>, tag: &str, since_ms: i64, requests: u64) -> Result<Option<String>, CallError>;
+    /// The batch a process created just before it died, before it could record its id: it
+    /// pages through the provider's whole listing (back to `since_ms`, when the batch went to
+    /// be created) and only adopts a batch that is provably this one: OpenAI by the `tag` in
+    /// its metadata or its input file, Anthropic by its results, every `custom_id` of which
+    /// must start with `custom_id_prefix`.
+    async fn find(&self, wanted: &Wanted<'_>) -> Result<Found, CallError>;
 
     async fn status(&self, batch_id: &str) -> Result<BatchStatus, CallError>;
 
@@ -114,6 +117,41 @@ pub trait BatchApi: Send + Sync {
 
     async fn cancel(&self, batch_id: &str) -> Result<(), CallError>;
 }
+
+/// What identifies a batch this run created, for [`BatchApi::find`].
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted<'a> {
+    /// The uploaded request file (OpenAI).
+    pub file_id: Option<&'a str>,
+    /// The run's and batch's identity, put in the batch's metadata when it is created.
+    pub tag: &'a str,
+    /// What every `custom_id` of the batch starts with.
+    pub custom_id_prefix: &'a str,
+    /// When the batch went to be created (ms); the provider created it after.
+    pub since_ms: i64,
+    /// How many requests it holds.
+    pub requests: u64,
+}
+
+/// What [`BatchApi::find`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// This provider batch is the one.
+    Ours(String),
+    /// No batch of the listing is or may be the one: it was never created.
+    Nothing,
+    /// These batches look like the one but cannot be proven ours yet (Anthropic shows a
+    /// batch's requests only once it has ended): ask again later, create nothing meanwhile.
+    Unproven(Vec<String>),
+}
+
+/// How far before the recorded time a batch found in a listing may have been created (the
+/// provider's clock and ours differ).
+pub const CLOCK_SLACK_MS: i64 = 120_000;
+
+/// The most listing pages `find` reads (100 batches each) before it gives up with an error
+/// rather than create a batch twice.
+pub const MAX_LISTING_PAGES: usize = 2_000;
 
 /// The batch API of a job's provider.
 pub fn client(dialect: Dialect, base_url: &str, api_key: Option<ApiKey>, limits: Option<BatchLimits>) -> anyhow::Result<Box<dyn BatchApi>> {

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::http::Http;
-use super::{BatchApi, BatchLimits, BatchStatus, Dialect, RequestResult, ResultLine};
+use super::{BatchApi, BatchLimits, BatchStatus, CLOCK_SLACK_MS, Dialect, Found, MAX_LISTING_PAGES, RequestResult, ResultLine, Wanted};
 use crate::provider::{CallError, ChatRequest};
 
 pub struct OpenAiBatches {
@@ -65,6 +65,34 @@ fn result_line(value: &Value) -> Option<ResultLine> {
     Some(ResultLine { custom_id, result })
 }
 
+/// A listed batch is ours when its metadata carries our tag or it was made from our file.
+fn is_ours(batch: &Value, wanted: &Wanted<'_>) -> bool {
+    let same_file = wanted.file_id.is_some() && text(batch, "input_file_id").as_deref() == wanted.file_id;
+    let same_tag = batch.get("metadata").and_then(|m| m.get("backfill")).and_then(Value::as_str) == Some(wanted.tag);
+    same_file || same_tag
+}
+
+/// The listing says it has more but names no new place to go on from.
+pub(super) fn listing_stuck(path: &str) -> CallError {
+    CallError::BadOutput {
+        reason: format!("the batch listing ({path}) says it has more batches but gives no new position to read on from"),
+        status: 200,
+        body: String::new(),
+    }
+}
+
+pub(super) fn listing_too_long() -> CallError {
+    CallError::Fatal {
+        status: 200,
+        message: format!(
+            "the provider's batch listing goes on beyond {} pages without reaching the time this run's batch was \
+             created; cannot tell whether it exists, so nothing is created twice: look for the batch in the provider's \
+             console, or cancel old batches, and run again",
+            MAX_LISTING_PAGES
+        ),
+    }
+}
+
 fn parse_lines(text: &str) -> Vec<ResultLine> {
     text.lines().filter(|l| !l.trim().is_empty()).filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter_map(|v| result_line(&v)).collect()
 }
@@ -98,14 +126,33 @@ impl BatchApi for OpenAiBatches {
         id_of(&self.http.post_json("/batches", &body).await?, "batch creation")
     }
 
-    async fn find(&self, file_id: Option<&str>, tag: &str, _since_ms: i64, _requests: u64) -> Result<Option<String>, CallError> {
-        let listing = self.http.get_json("/batches?limit=100").await?;
-        let found = listing.get("data").and_then(Value::as_array).into_iter().flatten().find(|b| {
-            let same_file = file_id.is_some() && text(b, "input_file_id").as_deref() == file_id;
-            let same_tag = b.get("metadata").and_then(|m| m.get("backfill")).and_then(Value::as_str) == Some(tag);
-            same_file || same_tag
-        });
-        Ok(found.and_then(|b| text(b, "id")))
+    async fn find(&self, wanted: &Wanted<'_>) -> Result<Found, CallError> {
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_LISTING_PAGES {
+            let path = match &after {
+                Some(id) => format!("/batches?limit=100&after={id}"),
+                None => "/batches?limit=100".to_owned(),
+            };
+            let page = self.http.get_json(&path).await?;
+            let data = page.get("data").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            if let Some(found) = data.iter().find(|b| is_ours(b, wanted)) {
+                return Ok(Found::Ours(id_of(found, "batch listing")?));
+            }
+            // Newest first: once a page reaches batches created before ours went out, the rest
+            // of the listing is older still.
+            let oldest_ms = data.iter().filter_map(|b| b.get("created_at").and_then(Value::as_i64)).min().map(|s| s.saturating_mul(1000));
+            if oldest_ms.is_some_and(|at| at < wanted.since_ms - CLOCK_SLACK_MS) {
+                return Ok(Found::Nothing);
+            }
+            let has_more = page.get("has_more").and_then(Value::as_bool).unwrap_or(false);
+            let last = text(&page, "last_id").or_else(|| data.last().and_then(|b| text(b, "id")));
+            match last {
+                Some(last) if has_more && after.as_deref() != Some(last.as_str()) => after = Some(last),
+                Some(_) if has_more => return Err(listing_stuck(&path)),
+                _ => return Ok(Found::Nothing),
+            }
+        }
+        Err(listing_too_long())
     }
 
     async fn status(&self, batch_id: &str) -> Result<BatchStatus, CallError> {
@@ -145,6 +192,40 @@ impl BatchApi for OpenAiBatches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wanted(since_ms: i64) -> Wanted<'static> {
+        Wanted { file_id: Some("file-ours"), tag: "job:items:run1:batch1:1", custom_id_prefix: "bf-x-", since_ms, requests: 2 }
+    }
+
+    async fn serve(listing: Value) -> (wiremock::MockServer, OpenAiBatches) {
+        let server = wiremock::MockServer::start().await;
+        wiremock::Mock::given(wiremock::matchers::path("/v1/batches"))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(listing))
+            .mount(&server)
+            .await;
+        let http = Http::new(&format!("{}/v1", server.uri()), None, Dialect::OpenAi, std::time::Duration::from_secs(5)).unwrap();
+        (server, OpenAiBatches::new(http, BatchLimits::OPENAI))
+    }
+
+    #[tokio::test]
+    async fn a_listing_that_never_moves_on_is_an_error_not_a_loop() {
+        let now = crate::store::now_ms();
+        let page = json!({ "data": [{ "id": "b1", "created_at": now / 1000, "metadata": { "backfill": "other" } }], "has_more": true, "last_id": "b1" });
+        let (_server, api) = serve(page).await;
+        let error = api.find(&wanted(now)).await.unwrap_err();
+        assert!(error.to_string().contains("has more batches"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_listing_reaching_back_before_the_batch_ends_the_search() {
+        let now = crate::store::now_ms();
+        let page = json!({ "data": [{ "id": "b1", "created_at": now / 1000 - 3600 }], "has_more": true, "last_id": "b1" });
+        let (_server, api) = serve(page).await;
+        assert_eq!(api.find(&wanted(now)).await.unwrap(), Found::Nothing);
+        let ours = json!({ "data": [{ "id": "b2", "created_at": now / 1000, "metadata": { "backfill": "job:items:run1:batch1:1" } }], "has_more": false });
+        let (_server, api) = serve(ours).await;
+        assert_eq!(api.find(&wanted(now)).await.unwrap(), Found::Ours("b2".into()));
+    }
 
     #[test]
     fn output_and_error_lines_are_told_apart() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::BatchRunner;
-use super::submit::{call_id_of, custom_id};
+use super::submit::{call_id_of, custom_id_prefix};
 use crate::ledger::CostSource;
 use crate::packer::Item;
 use crate::pricing::{Picos, Tier};
@@ -43,8 +43,9 @@ impl BatchRunner {
             };
             let lines = self.api.results(&provider_id, &status).await?;
             crash("batch_during_download");
+            let prefix = custom_id_prefix(&self.tag(&batch));
             let results: HashMap<i64, RequestResult> =
-                lines.into_iter().filter_map(|l| Some((call_id_of(&l.custom_id)?, l.result))).collect();
+                lines.into_iter().filter_map(|l| Some((call_id_of(&prefix, &l.custom_id)?, l.result))).collect();
             let held: HashMap<String, HeldItem> =
                 self.ctx.store.held(self.ctx.run_id, &owner).await?.into_iter().map(|h| (h.lease.item_id.clone(), h)).collect();
             let latency = match (batch.submitted_at, batch.ended_at) {
@@ -148,7 +149,7 @@ impl BatchRunner {
                 outcome: outcome.into(),
                 cost: Picos::ZERO,
                 cost_source: CostSource::None.as_str().into(),
-                error: Some(format!("{} ({})", why, custom_id(call.call_id))),
+                error: Some(format!("{why} (call {})", call.call_id)),
                 content: Some(json!({ "batch_result": outcome, "detail": why }).to_string()),
                 ..CallSettle::default()
             },

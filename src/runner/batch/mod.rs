@@ -19,7 +19,7 @@
 mod collect;
 mod submit;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,11 +49,23 @@ pub struct BatchRunner {
     /// The budget refused a request: no more batches are prepared.
     budget_reached: bool,
     api_failures: u32,
+    /// Batches in `creating` whose provider batch may exist but cannot be proven ours yet:
+    /// when to look again, and the wait before that look (it grows).
+    unproven: HashMap<i64, (Instant, Duration)>,
 }
 
 impl BatchRunner {
     pub fn new(ctx: Arc<RunContext>, api: Box<dyn BatchApi>, progress: Arc<Progress>, run: RunRecord) -> Self {
-        BatchRunner { ctx, api, progress, run, written: HashSet::new(), budget_reached: false, api_failures: 0 }
+        BatchRunner {
+            ctx,
+            api,
+            progress,
+            run,
+            written: HashSet::new(),
+            budget_reached: false,
+            api_failures: 0,
+            unproven: HashMap::new(),
+        }
     }
 
     /// Runs until every item is done, failed or rejected (`Drained`), the budget stops new
@@ -110,6 +122,9 @@ impl BatchRunner {
                 .min()
                 .map(|at| Duration::from_millis((at - now_ms()).max(0) as u64));
             let mut nap = next_poll.unwrap_or(IDLE).min(IDLE);
+            if let Some(next) = self.unproven.values().map(|(at, _)| *at).min() {
+                nap = nap.min(next.saturating_duration_since(Instant::now()));
+            }
             if self.api_failures > 0 {
                 nap = nap.max(Duration::from_millis(250 * 2u64.pow(self.api_failures.min(6))));
             }

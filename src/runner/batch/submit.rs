@@ -2,25 +2,39 @@
 //! synchronous path does, reserve each in the ledger under the batch's owner, hand the items
 //! over to the batch, keep the request lines, upload, create — recording each step first.
 
+use std::time::Instant;
+
 use crate::pricing::Tier;
+use crate::provider::batch::{Found, Wanted};
 use crate::provider::{ChatRequest, request_body, response_format};
 use crate::store::{BatchPhase, BatchRecord, Claimed, ItemChange, ItemUpdate, NewCall, now_ms};
 use crate::store::failpoint::crash;
 
 use super::BatchRunner;
 
-/// The custom id of a request: its ledger row.
-pub(super) fn custom_id(call_id: i64) -> String {
-    format!("backfill-call-{call_id}")
+/// What the custom ids of a batch start with: `bf-` and 16 hex digits of a hash of the
+/// batch's tag, so the requests themselves prove whose batch it is (Anthropic shows nothing
+/// else of a batch's origin).
+pub(super) fn custom_id_prefix(tag: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!("bf-{}-", &hex::encode(Sha256::digest(tag.as_bytes()))[..16])
 }
 
-/// The call id in a custom id, when it is one of ours.
-pub(super) fn call_id_of(custom_id: &str) -> Option<i64> {
-    custom_id.strip_prefix("backfill-call-")?.parse().ok()
+/// The custom id of a request: the batch's prefix and its ledger row.
+pub(super) fn custom_id(prefix: &str, call_id: i64) -> String {
+    format!("{prefix}{call_id}")
+}
+
+/// Custom ids of batches made before they carried their batch's prefix.
+const LEGACY_PREFIX: &str = "backfill-call-";
+
+/// The call id in a custom id of this batch (`prefix`, or the older `backfill-call-N`).
+pub(super) fn call_id_of(prefix: &str, custom_id: &str) -> Option<i64> {
+    custom_id.strip_prefix(prefix).or_else(|| custom_id.strip_prefix(LEGACY_PREFIX))?.parse().ok()
 }
 
 /// A custom id at least as long as any real one, to size lines before their call exists.
-const LONGEST_CUSTOM_ID: &str = "backfill-call-9223372036854775807";
+const LONGEST_CUSTOM_ID: &str = "bf-0123456789abcdef-9223372036854775807";
 
 impl BatchRunner {
     /// Prepares and submits one provider batch from the ready items. `false` when there was
@@ -35,6 +49,7 @@ impl BatchRunner {
         let limits = self.api.limits();
         let mut batch = ctx.store.create_batch(ctx.run_id, self.api.dialect().as_str()).await?;
         let owner = batch.owner();
+        let prefix = custom_id_prefix(&self.tag(&batch));
         let mut jsonl: Vec<u8> = Vec::new();
         let mut leases = Vec::new();
         let mut requests = 0u64;
@@ -84,7 +99,7 @@ impl BatchRunner {
                 break;
             };
             self.progress.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            jsonl.extend_from_slice(self.api.line(&custom_id(call_id), &request).as_bytes());
+            jsonl.extend_from_slice(self.api.line(&custom_id(&prefix, call_id), &request).as_bytes());
             jsonl.push(b'\n');
             leases.extend(claimed.into_iter().map(|c: Claimed| c.lease));
             requests += 1;
@@ -133,15 +148,48 @@ impl BatchRunner {
     }
 
     /// A batch whose creation was under way when the process stopped: the provider may have
-    /// created it. Adopt it if so, else create it now.
+    /// created it. Adopt it if so, create it if provably not; while a batch that may be it
+    /// cannot be proven either way (Anthropic: until it ends), wait and look again later.
     pub(super) async fn find_or_create(&mut self, batch: BatchRecord) -> anyhow::Result<()> {
-        let since = batch.updated_at;
-        match self.api.find(batch.input_file_id.as_deref(), &self.tag(&batch), since, batch.requests).await? {
-            Some(provider_id) => {
+        if let Some((next, _)) = self.unproven.get(&batch.id)
+            && Instant::now() < *next
+        {
+            return Ok(());
+        }
+        let tag = self.tag(&batch);
+        let prefix = custom_id_prefix(&tag);
+        let wanted = Wanted {
+            file_id: batch.input_file_id.as_deref(),
+            tag: &tag,
+            custom_id_prefix: &prefix,
+            // The record was last written when the batch went to be created.
+            since_ms: batch.updated_at,
+            requests: batch.requests,
+        };
+        match self.api.find(&wanted).await? {
+            Found::Ours(provider_id) => {
+                self.unproven.remove(&batch.id);
                 tracing::info!(batch = batch.id, provider = %provider_id, "found the batch created before the process stopped");
                 self.submitted(batch, provider_id).await
             }
-            None => self.create(batch).await,
+            Found::Nothing => {
+                self.unproven.remove(&batch.id);
+                self.create(batch).await
+            }
+            Found::Unproven(candidates) => {
+                let wait = self.unproven.get(&batch.id).map(|(_, wait)| wait.mul_f64(1.5)).unwrap_or(self.ctx.chat.batch.poll);
+                let wait = wait.min(crate::job::BatchSettings::MAX_POLL.max(self.ctx.chat.batch.poll));
+                tracing::info!(
+                    batch = batch.id,
+                    "the provider's batch {} may be the one created before the process stopped; it is proven \
+                     (by its requests' custom ids) once it has ended, so nothing is created meanwhile; looking \
+                     again in {}s",
+                    candidates.join(", "),
+                    wait.as_secs()
+                );
+                self.unproven.insert(batch.id, (Instant::now() + wait, wait));
+                Ok(())
+            }
         }
     }
 
@@ -158,9 +206,14 @@ impl BatchRunner {
         Ok(())
     }
 
-    /// Identifies the batch in the provider's listing (OpenAI metadata).
-    fn tag(&self, batch: &BatchRecord) -> String {
-        format!("{}:run{}:batch{}:{}", self.ctx.tables.table.raw(), batch.run_id, batch.id, batch.created_at)
+    /// Identifies the batch: the job, the table, the run and the batch record with its creation
+    /// time. OpenAI batches carry it in their metadata; the custom ids of every batch carry a
+    /// hash of it ([`custom_id_prefix`]).
+    pub(super) fn tag(&self, batch: &BatchRecord) -> String {
+        use sha2::{Digest, Sha256};
+        let tag = format!("{}:{}:run{}:batch{}:{}", self.run.job, self.ctx.tables.table.raw(), batch.run_id, batch.id, batch.created_at);
+        // OpenAI takes metadata values of up to 512 characters.
+        if tag.len() > 500 { format!("sha256:{}", hex::encode(Sha256::digest(tag.as_bytes()))) } else { tag }
     }
 
     /// Gives up a batch the provider never received: its calls settle at zero (nothing was
@@ -206,5 +259,24 @@ impl BatchRunner {
         self.ctx.store.set_batch_input(batch.id, None).await?;
         tracing::info!(batch = batch.id, "batch discarded: {why}");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_ids_carry_their_batch_and_fit_the_providers_rules() {
+        let prefix = custom_id_prefix("job:items:run1:batch2:1700000000000");
+        let longest = custom_id(&prefix, i64::MAX);
+        // Anthropic: 1 to 64 characters of letters, digits, `-` and `_`.
+        assert!(longest.len() <= 64 && longest.len() <= LONGEST_CUSTOM_ID.len(), "{longest}");
+        assert!(longest.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{longest}");
+        assert_eq!(call_id_of(&prefix, &custom_id(&prefix, 42)), Some(42));
+        assert_eq!(call_id_of(&prefix, "backfill-call-7"), Some(7));
+        let other = custom_id_prefix("other-job:items:run1:batch2:1700000000000");
+        assert_ne!(prefix, other);
+        assert_eq!(call_id_of(&prefix, &custom_id(&other, 42)), None);
     }
 }

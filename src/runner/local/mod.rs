@@ -88,7 +88,7 @@ pub async fn run(job: &Job, model: &OnnxModel, options: &RunOptions, shutdown: C
         retries: progress.retries.load(Ordering::Relaxed),
         ..ControllerSummary::default()
     };
-    let mut summary = Summary::from_report(&report, elapsed, progress.finished_here.load(Ordering::Relaxed), controller, error);
+    let mut summary = Summary::from_report(&report, exit, elapsed, progress.finished_here.load(Ordering::Relaxed), controller, error);
     summary.compute_seconds = Some(compute.as_secs_f64());
     Ok(RunOutcome { summary, exit })
 }

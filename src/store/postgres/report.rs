@@ -51,9 +51,9 @@ pub(super) async fn status(store: &PgStore, job: &str, run: Option<i64>) -> anyh
     let counts = item_counts(pool, run_id).await.map_err(e)?;
     let spend = super::ledger::spend(store, run_id).await?;
     let models = model_costs(store, Scope::Run(run_id)).await?;
-    let reasons: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT state, COALESCE(reason, 'unknown'), COUNT(*) FROM backfill_items \
-         WHERE run_id = $1 AND state IN ('failed', 'rejected') GROUP BY state, reason ORDER BY COUNT(*) DESC",
+    let reasons: Vec<(String, String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT state, COALESCE(reason, 'unknown'), COUNT(*), MAX(last_error) FROM backfill_items \
+         WHERE run_id = $1 AND state IN ('failed', 'rejected') GROUP BY state, reason ORDER BY COUNT(*) DESC, reason",
     )
     .bind(run_id)
     .fetch_all(pool)
@@ -118,7 +118,11 @@ pub(super) async fn status(store: &PgStore, job: &str, run: Option<i64>) -> anyh
         counts,
         spend,
         models,
-        reasons: reasons.into_iter().map(|(s, r, n)| (s, r, n as u64)).collect(),
+        reason_errors: reasons
+            .iter()
+            .filter_map(|(s, r, _, error)| error.clone().map(|error| (s.clone(), r.clone(), error)))
+            .collect(),
+        reasons: reasons.into_iter().map(|(s, r, n, _)| (s, r, n as u64)).collect(),
         calls,
         workers,
         history,

@@ -152,8 +152,9 @@ impl Db {
             (Ids::Integer, false) => "INTEGER",
             (Ids::Integer, true) => "BIGINT",
             (Ids::Text, _) => "TEXT",
-            (Ids::Uuid, true) => "UUID",
-            (Ids::Uuid, false) => panic!("SQLite has no uuid type"),
+            // SQLite takes any declared type: `UUID` (numeric affinity), as ORMs declare it, with
+            // the uuids stored as text.
+            (Ids::Uuid, _) => "UUID",
         };
         let (real, blob) = if pg { ("DOUBLE PRECISION", "BYTEA") } else { ("REAL", "BLOB") };
         self.exec(&format!(

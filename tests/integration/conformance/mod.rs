@@ -41,6 +41,22 @@ macro_rules! conformance {
 }
 pub(crate) use conformance;
 
+/// For what only PostgreSQL has (the shared rate: one SQLite process paces itself, so its store
+/// grants every take without a query): `conformance::<body>::postgres` alone.
+macro_rules! postgres_only {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread")]
+                async fn postgres() {
+                    crate::conformance::harness::run_postgres(module_path!(), |db| Box::pin(super::$name(db))).await;
+                }
+            }
+        )*
+    };
+}
+pub(crate) use postgres_only;
+
 /// A worker on another host: never provably gone, only by its lease.
 pub fn worker(name: &str) -> Worker {
     Worker { id: format!("host-{name}/1/1"), host: format!("host-{name}"), pid: 1 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backfill::store::{Attach, Created, Lease, NewRun, RunStatus};
+use backfill::store::{Attach, Created, Lease, NewRun, RunStatus, Worker};
 
 use super::*;
 
@@ -15,6 +15,7 @@ conformance!(
     a_stale_lease_cannot_write,
     heartbeats_keep_leases_and_expired_leases_return_to_the_queue,
     exclusive_attach_refuses_a_live_worker,
+    a_dead_pid_proves_a_worker_gone_only_in_this_boot_and_pid_namespace,
 );
 
 async fn create_run_enqueues_pending_ids_in_order_and_one_run_at_a_time(db: Arc<Db>) {
@@ -161,4 +162,56 @@ async fn exclusive_attach_refuses_a_live_worker(db: Arc<Db>) {
     db.store.detach(run.id, &a).await.unwrap();
     db.store.detach(run.id, &b).await.unwrap();
     assert!(matches!(db.store.attach(run.id, &b, LEASE, true).await.unwrap(), Attach::Attached(_)));
+}
+
+/// The pid of a process that has just ended.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+async fn a_dead_pid_proves_a_worker_gone_only_in_this_boot_and_pid_namespace(db: Arc<Db>) {
+    db.source_table("items", Ids::Integer, 6).await;
+    let t = tables("items");
+    let run = new_run(&db, &t, None).await;
+    // This process: `host/pid/start/instance`, the instance naming its boot and PID namespace.
+    let me = Worker::current();
+    let instance = me.id.rsplit('/').next().unwrap().to_owned();
+    assert_eq!(me.id.split('/').count(), 4, "no boot and namespace in {}", me.id);
+    let elsewhere = if instance == "0123456789abcdef" { "fedcba9876543210" } else { "0123456789abcdef" };
+    let pid = dead_pid();
+    let at = |id: String| Worker { id, host: me.host.clone(), pid };
+    // A dead process of this host, boot and namespace; one of another container (or boot) with
+    // the same host name and pid; one recorded without an instance.
+    let (ours, other_container, unproven) =
+        (at(format!("{}/{pid}/7/{instance}", me.host)), at(format!("{}/{pid}/7/{elsewhere}", me.host)), at(format!("{}/{pid}/7", me.host)));
+    for w in [&ours, &other_container, &unproven] {
+        assert!(matches!(db.store.attach(run.id, w, LEASE, false).await.unwrap(), Attach::Attached(_)));
+        assert_eq!(db.store.claim(&t, run.id, w, 2, LEASE).await.unwrap().items.len(), 2);
+    }
+    // Only the dead process of this boot and namespace is gone; the others keep their leases
+    // until they run out.
+    let recovered = db.store.recover(run.id).await.unwrap();
+    assert_eq!(recovered.items, 2, "{}", db.backend);
+    let held = |w: &Worker| format!("SELECT COUNT(*) FROM backfill_items WHERE state = 'leased' AND lease_owner = '{}'", w.id);
+    assert_eq!(db.count(&held(&ours)).await, 0);
+    assert_eq!(db.count(&held(&other_container)).await, 2);
+    assert_eq!(db.count(&held(&unproven)).await, 2);
+    // An exclusive attach of this process is refused while they hold the run.
+    match db.store.attach(run.id, &me, LEASE, true).await.unwrap() {
+        Attach::Busy { worker, .. } => assert!(worker == other_container.id || worker == unproven.id, "{worker}"),
+        other => panic!("{}: {other:?}", db.backend),
+    }
+    // Once they are gone by their leases, it goes through and gets their items back.
+    let short = Duration::from_millis(300);
+    for w in [&other_container, &unproven] {
+        assert!(db.store.heartbeat(run.id, w, short).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    match db.store.attach(run.id, &me, LEASE, true).await.unwrap() {
+        Attach::Attached(recovered) => assert_eq!(recovered.items, 4, "{}", db.backend),
+        other => panic!("{}: {other:?}", db.backend),
+    }
 }

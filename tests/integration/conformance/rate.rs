@@ -1,5 +1,6 @@
-//! The provider account's shared rate: one bucket for every worker on PostgreSQL; SQLite, whose
-//! single process paces itself, grants everything.
+//! The provider account's shared rate: one bucket for every worker on PostgreSQL. (SQLite, whose
+//! single process paces itself, has no shared rate: its store grants every take without a
+//! query, so these bodies run on PostgreSQL only.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use backfill::store::{RateCaps, RateCost, RateReport, RateTake};
 
 use super::*;
 
-conformance!(workers_share_one_rate_bucket_per_account, a_429_reported_by_one_worker_pauses_all);
+postgres_only!(workers_share_one_rate_bucket_per_account, a_429_reported_by_one_worker_pauses_all);
 
 fn take(account: &str, rpm: f64) -> RateTake {
     RateTake {
@@ -21,12 +22,6 @@ fn take(account: &str, rpm: f64) -> RateTake {
 
 async fn workers_share_one_rate_bucket_per_account(db: Arc<Db>) {
     db.store.migrate().await.unwrap();
-    if !db.is_postgres() {
-        for _ in 0..50 {
-            assert_eq!(db.store.take_rate(&take("acct", 60.0)).await.unwrap(), Duration::ZERO);
-        }
-        return;
-    }
     // Three workers take greedily from one account capped at 240/min (4/s) for 2.5 s.
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -71,14 +66,10 @@ async fn a_429_reported_by_one_worker_pauses_all(db: Arc<Db>) {
     let other = db.another_store().await;
     let unlimited = RateTake { caps, ..take("acct", 1.0) };
     let wait = other.take_rate(&unlimited).await.unwrap();
-    if db.is_postgres() {
-        assert!(wait > Duration::from_millis(1000) && wait <= Duration::from_secs(2), "{wait:?}");
-        let (announced, limited) = (
-            db.count("SELECT announced_rpm::bigint FROM backfill_rate_buckets WHERE account = 'acct'").await,
-            db.count("SELECT rate_limited FROM backfill_rate_buckets WHERE account = 'acct'").await,
-        );
-        assert_eq!((announced, limited), (6000, 1));
-    } else {
-        assert_eq!(wait, Duration::ZERO);
-    }
+    assert!(wait > Duration::from_millis(1000) && wait <= Duration::from_secs(2), "{wait:?}");
+    let (announced, limited) = (
+        db.count("SELECT announced_rpm::bigint FROM backfill_rate_buckets WHERE account = 'acct'").await,
+        db.count("SELECT rate_limited FROM backfill_rate_buckets WHERE account = 'acct'").await,
+    );
+    assert_eq!((announced, limited), (6000, 1));
 }

@@ -132,10 +132,8 @@ async fn text_ids_claim_and_write(db: Arc<Db>) {
     claim_and_write_ids(&db, Ids::Text).await;
 }
 
+/// PostgreSQL's `uuid` type; in SQLite a column declared `UUID` holding uuids as text.
 async fn uuid_ids_claim_and_write(db: Arc<Db>) {
-    if !db.is_postgres() {
-        return; // SQLite has no uuid type; its text ids are covered above.
-    }
     claim_and_write_ids(&db, Ids::Uuid).await;
 }
 

@@ -2,7 +2,10 @@
 //! (`/files`, `/batches`, `/files/{id}/content`; validating → in_progress → finalizing →
 //! completed, or failed, expired with partial output, cancelled) and Anthropic
 //! (`/messages/batches`, in_progress → ended, a results stream), per-request errors, and size
-//! limits. Each status request moves a batch one step on. It also answers synchronous
+//! limits. Each status request moves a batch one step on, and so does each listing (time passes
+//! for every batch of the account); listings come newest first, in pages (`limit`, OpenAI
+//! `after`, Anthropic `after_id`, `has_more`). Other jobs' batches can be added to the account
+//! ([`BatchFake::add_foreign`]); they are never billed to this run. It also answers synchronous
 //! `/chat/completions` (for `--finish-sync-after`). Answers are those of the chat fake:
 //! `expected_output` per item, usage from the prompt's length.
 
@@ -41,6 +44,8 @@ pub struct FakeBatch {
     pub status: String,
     pub cancelled: bool,
     pub created_at_s: f64,
+    /// Another job's batch on the same account.
+    pub foreign: bool,
 }
 
 impl FakeBatch {
@@ -67,6 +72,7 @@ struct State {
     max_requests: Option<usize>,
     uploads: usize,
     sync_requests: usize,
+    listings: usize,
     /// `(prompt, completion, cached)` tokens of every answer billed, by custom id (batch) or
     /// `sync-N` (synchronous).
     billed: Vec<(String, i64, i64, i64)>,
@@ -75,9 +81,10 @@ struct State {
 }
 
 impl State {
-    /// A provider bills each answered request once, however often its results are read.
-    fn bill(&mut self, id: &str, prompt: i64, completion: i64, cached: i64) {
-        if self.billed_ids.insert(id.to_owned()) {
+    /// A provider bills each answered request once, however often its results are read;
+    /// another job's requests are that job's bill.
+    fn bill(&mut self, batch: &FakeBatch, id: &str, prompt: i64, completion: i64, cached: i64) {
+        if !batch.foreign && self.billed_ids.insert(id.to_owned()) {
             self.billed.push((id.to_owned(), prompt, completion, cached));
         }
     }
@@ -115,8 +122,52 @@ impl BatchFake {
         state.max_requests = max_requests;
     }
 
+    /// This run's batches (not the other jobs' ones added with [`BatchFake::add_foreign`]).
     pub fn batches(&self) -> Vec<FakeBatch> {
-        self.state.lock().unwrap().batches.clone()
+        self.state.lock().unwrap().batches.iter().filter(|b| !b.foreign).cloned().collect()
+    }
+
+    /// Adds `count` batches of another job to the account, created now, each with `requests`
+    /// requests (custom ids `other-N-M`), OpenAI metadata `metadata`, already ended when `ended`.
+    pub fn add_foreign(&self, dialect: &'static str, count: usize, requests: usize, metadata: Value, ended: bool) {
+        let mut state = self.state.lock().unwrap();
+        for _ in 0..count {
+            state.next_id += 1;
+            let n = state.next_id;
+            let body = json!({ "model": "fake-model", "max_tokens": 10, "messages": [{ "role": "user", "content": "[]" }] });
+            let requests = (0..requests)
+                .map(|m| {
+                    let custom_id = format!("other-{n}-{m}");
+                    let line = if dialect == "openai" { json!({ "custom_id": custom_id, "method": "POST", "body": body }) } else { body.clone() };
+                    (custom_id, line)
+                })
+                .collect();
+            let batch = FakeBatch {
+                id: format!("{}_{n}", if dialect == "openai" { "batch" } else { "msgbatch" }),
+                dialect,
+                input_file_id: (dialect == "openai").then(|| format!("file-other-{n}")),
+                metadata: metadata.clone(),
+                requests,
+                fate: Fate::Complete,
+                step: if ended { 3 } else { 0 },
+                status: match (ended, dialect) {
+                    (true, "openai") => "completed",
+                    (true, _) => "ended",
+                    (false, "openai") => "validating",
+                    (false, _) => "in_progress",
+                }
+                .into(),
+                cancelled: false,
+                created_at_s: now_s(),
+                foreign: true,
+            };
+            state.batches.push(batch);
+        }
+    }
+
+    /// How many listing pages were read.
+    pub fn listings(&self) -> usize {
+        self.state.lock().unwrap().listings
     }
 
     pub fn uploads(&self) -> usize {
@@ -208,6 +259,7 @@ impl Responder {
             status: if dialect == "openai" { "validating" } else { "in_progress" }.into(),
             cancelled: false,
             created_at_s: now_s(),
+            foreign: false,
         };
         state.batches.push(batch.clone());
         batch
@@ -260,6 +312,33 @@ impl Responder {
         matches!(batch.status.as_str(), "completed" | "failed" | "expired" | "cancelled" | "ended")
     }
 
+    /// One page of the dialect's batches, newest first, after the batch `after` (when given):
+    /// every batch of the account moves one step on (time passes).
+    fn listing(&self, state: &mut State, request: &Request, dialect: &'static str) -> Value {
+        state.listings += 1;
+        for batch in state.batches.iter_mut().filter(|b| b.dialect == dialect && !Self::ended(b)) {
+            Self::advance(batch);
+        }
+        let query: HashMap<String, String> = request.url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(20).clamp(1, 100);
+        let after = query.get(if dialect == "openai" { "after" } else { "after_id" });
+        let newest_first: Vec<&FakeBatch> = state.batches.iter().rev().filter(|b| b.dialect == dialect).collect();
+        let start = match after {
+            Some(id) => newest_first.iter().position(|b| &b.id == id).map(|i| i + 1).unwrap_or(newest_first.len()),
+            None => 0,
+        };
+        let page: Vec<&FakeBatch> = newest_first.iter().skip(start).take(limit).copied().collect();
+        let data: Vec<Value> = page
+            .iter()
+            .map(|b| if dialect == "openai" { self.openai_status(state, b) } else { self.anthropic_status(state, b) })
+            .collect();
+        json!({
+            "object": "list", "data": data,
+            "first_id": page.first().map(|b| b.id.clone()), "last_id": page.last().map(|b| b.id.clone()),
+            "has_more": start + page.len() < newest_first.len(),
+        })
+    }
+
     fn openai_status(&self, state: &State, batch: &FakeBatch) -> Value {
         let ended = Self::ended(batch) && batch.status != "failed";
         let outcomes = if ended { Self::outcomes(state, batch) } else { Vec::new() };
@@ -267,6 +346,7 @@ impl Responder {
         json!({
             "id": batch.id, "object": "batch", "endpoint": "/v1/chat/completions",
             "input_file_id": batch.input_file_id, "status": batch.status, "metadata": batch.metadata,
+            "created_at": batch.created_at_s as i64,
             "output_file_id": if ended && completed > 0 { Some(format!("out-{}", batch.id)) } else { None },
             "error_file_id": if ended && completed < batch.requests.len() { Some(format!("err-{}", batch.id)) } else { None },
             "request_counts": { "total": batch.requests.len(), "completed": completed, "failed": if ended { batch.requests.len() - completed } else { 0 } },
@@ -297,7 +377,7 @@ impl Responder {
         for (i, (custom_id, body, answered)) in Self::outcomes(state, batch).into_iter().enumerate() {
             if answered && !errors {
                 let (content, p, c, k) = answer(&body["body"]);
-                state.bill(&custom_id, p, c, k);
+                state.bill(batch, &custom_id, p, c, k);
                 lines.push(json!({ "id": format!("req-{i}"), "custom_id": custom_id,
                     "response": { "status_code": 200, "request_id": format!("r{i}"), "body": chat_completion(&content, p, c, k) }, "error": null }));
             } else if !answered && errors {
@@ -321,7 +401,7 @@ impl Responder {
         for (i, (custom_id, params, answered)) in Self::outcomes(state, batch).into_iter().enumerate() {
             let line = if answered {
                 let (content, p, c, k) = answer(&params);
-                state.bill(&custom_id, p, c, k);
+                state.bill(batch, &custom_id, p, c, k);
                 json!({ "custom_id": custom_id, "result": { "type": "succeeded", "message": {
                     "id": format!("msg_{i}"), "type": "message", "role": "assistant",
                     "content": [{ "type": "text", "text": content }], "stop_reason": "end_turn",
@@ -353,7 +433,9 @@ impl Respond for Responder {
                 let (content, p, c, k) = answer(&body);
                 state.sync_requests += 1;
                 let id = format!("sync-{}", state.sync_requests);
-                state.bill(&id, p, c, k);
+                if state.billed_ids.insert(id.clone()) {
+                    state.billed.push((id, p, c, k));
+                }
                 ResponseTemplate::new(200).set_body_json(chat_completion(&content, p, c, k))
             }
             ("POST", ["files"]) => {
@@ -380,10 +462,7 @@ impl Respond for Responder {
                 let status = self.openai_status(&state, &batch);
                 ResponseTemplate::new(200).set_body_json(status)
             }
-            ("GET", ["batches"]) => {
-                let data: Vec<Value> = state.batches.iter().rev().filter(|b| b.dialect == "openai").map(|b| self.openai_status(&state, b)).collect();
-                ResponseTemplate::new(200).set_body_json(json!({ "object": "list", "data": data }))
-            }
+            ("GET", ["batches"]) => ResponseTemplate::new(200).set_body_json(self.listing(&mut state, request, "openai")),
             ("GET", ["batches", id]) => {
                 let Some(i) = state.batches.iter().position(|b| b.id == *id) else { return error(404, "no such batch") };
                 if !Self::ended(&state.batches[i]) {
@@ -423,11 +502,7 @@ impl Respond for Responder {
                 let status = self.anthropic_status(&state, &batch);
                 ResponseTemplate::new(200).set_body_json(status)
             }
-            ("GET", ["messages", "batches"]) => {
-                let data: Vec<Value> =
-                    state.batches.iter().rev().filter(|b| b.dialect == "anthropic").map(|b| self.anthropic_status(&state, b)).collect();
-                ResponseTemplate::new(200).set_body_json(json!({ "data": data, "has_more": false }))
-            }
+            ("GET", ["messages", "batches"]) => ResponseTemplate::new(200).set_body_json(self.listing(&mut state, request, "anthropic")),
             ("GET", ["messages", "batches", id]) => {
                 let Some(i) = state.batches.iter().position(|b| b.id == *id) else { return error(404, "no such batch") };
                 if !Self::ended(&state.batches[i]) {

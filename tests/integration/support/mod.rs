@@ -178,6 +178,16 @@ pub async fn run_json(fx: &Fixture, extra: &[&str]) -> (Output, serde_json::Valu
     run_json_with(fx, extra, &[]).await
 }
 
+/// A count read while a run may not have created the runner tables yet: 0 while the table is
+/// missing (SQLite "no such table", PostgreSQL 42P01); any other error fails the test.
+pub fn zero_while_missing(result: Result<i64, sqlx::Error>) -> i64 {
+    match result {
+        Ok(n) => n,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") || e.message().contains("no such table") => 0,
+        Err(e) => panic!("the count failed: {e}"),
+    }
+}
+
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }

@@ -92,9 +92,9 @@ max_attempts = 4
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&self.pool).await.unwrap()
     }
 
-    /// Like `scalar`, but 0 while the query fails (the runner tables are not there yet).
+    /// Like `scalar`, but 0 while the runner tables are not there yet; other errors fail.
     pub async fn scalar_or_zero(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&self.pool).await.unwrap_or(0)
+        super::zero_while_missing(sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&self.pool).await)
     }
 
     /// `(id, title, body, summary)` of every row.
