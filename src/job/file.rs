@@ -90,6 +90,8 @@ pub struct ModelFile {
     pub context_window: Option<u32>,
     pub max_tokens: Option<u32>,
     pub encoding: Option<String>,
+    /// The largest response body accepted, in bytes (default 8 MiB).
+    pub max_response_bytes: Option<u64>,
     // onnx
     pub path: Option<String>,
     pub tokenizer: Option<String>,
@@ -136,6 +138,10 @@ pub struct LimitsFile {
     /// After SIGINT/SIGTERM, how long in-flight calls may finish.
     #[serde(default = "default_grace")]
     pub grace_seconds: f64,
+    /// The longest wait a provider may ask for (`retry-after`, an exhausted limit's reset)
+    /// before the run stops instead of waiting.
+    #[serde(default = "default_max_retry_after")]
+    pub max_retry_after_s: f64,
 }
 
 impl Default for LimitsFile {
@@ -148,6 +154,7 @@ impl Default for LimitsFile {
             max_attempts: default_attempts(),
             lease_seconds: default_lease(),
             grace_seconds: default_grace(),
+            max_retry_after_s: default_max_retry_after(),
         }
     }
 }
@@ -171,6 +178,9 @@ fn default_attempts() -> u32 {
 }
 fn default_lease() -> f64 {
     60.0
+}
+fn default_max_retry_after() -> f64 {
+    3600.0
 }
 fn default_grace() -> f64 {
     30.0

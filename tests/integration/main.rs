@@ -8,6 +8,7 @@ mod batch;
 mod conformance;
 mod crash;
 mod dry_run;
+mod hostile;
 mod job_errors;
 mod ledger;
 mod llama;

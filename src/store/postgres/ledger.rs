@@ -126,15 +126,15 @@ async fn settle(store: &PgStore, tx: &mut Transaction<'static, Postgres>, batch:
         "UPDATE backfill_calls SET state = $1, latency_ms = $2, http_status = $3, outcome = $4, \
          prompt_tokens = $5, completion_tokens = $6, cached_tokens = $7, cost_picos = $8, cost_source = $9, \
          items_ok = $10, items_missing = $11, items_invalid = $12, items_rejected = $13, foreign_keys = $14, \
-         error = $15, content = $16 WHERE id = $17",
+         error = $15, content = $16, usage_flag = $17, repair = $18 WHERE id = $19",
     )
     .bind(if s.lost { "lost" } else { "settled" })
     .bind(s.latency_ms)
     .bind(s.http_status.map(i64::from))
     .bind(&s.outcome)
-    .bind(s.usage.prompt_tokens as i64)
-    .bind(s.usage.completion_tokens as i64)
-    .bind(s.usage.cached_tokens as i64)
+    .bind(db_count(s.usage.prompt_tokens))
+    .bind(db_count(s.usage.completion_tokens))
+    .bind(db_count(s.usage.cached_tokens))
     .bind(s.cost.0)
     .bind(&s.cost_source)
     .bind(s.items_ok as i64)
@@ -144,6 +144,8 @@ async fn settle(store: &PgStore, tx: &mut Transaction<'static, Postgres>, batch:
     .bind(s.foreign_keys as i64)
     .bind(&s.error)
     .bind(&s.content)
+    .bind(&s.usage_flag)
+    .bind(&s.repair)
     .bind(batch.call_id)
     .execute(&mut **tx)
     .await

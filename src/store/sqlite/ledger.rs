@@ -124,15 +124,15 @@ async fn settle(store: &SqliteStore, tx: &mut Transaction<'static, Sqlite>, batc
         "UPDATE backfill_calls SET state = ?, latency_ms = ?, http_status = ?, outcome = ?, \
          prompt_tokens = ?, completion_tokens = ?, cached_tokens = ?, cost_picos = ?, cost_source = ?, \
          items_ok = ?, items_missing = ?, items_invalid = ?, items_rejected = ?, foreign_keys = ?, \
-         error = ?, content = ? WHERE id = ?",
+         error = ?, content = ?, usage_flag = ?, repair = ? WHERE id = ?",
     )
     .bind(if s.lost { "lost" } else { "settled" })
     .bind(s.latency_ms)
     .bind(s.http_status.map(i64::from))
     .bind(&s.outcome)
-    .bind(s.usage.prompt_tokens as i64)
-    .bind(s.usage.completion_tokens as i64)
-    .bind(s.usage.cached_tokens as i64)
+    .bind(db_count(s.usage.prompt_tokens))
+    .bind(db_count(s.usage.completion_tokens))
+    .bind(db_count(s.usage.cached_tokens))
     .bind(s.cost.0)
     .bind(&s.cost_source)
     .bind(s.items_ok as i64)
@@ -142,6 +142,8 @@ async fn settle(store: &SqliteStore, tx: &mut Transaction<'static, Sqlite>, batc
     .bind(s.foreign_keys as i64)
     .bind(&s.error)
     .bind(&s.content)
+    .bind(&s.usage_flag)
+    .bind(&s.repair)
     .bind(batch.call_id)
     .execute(&mut **tx)
     .await
@@ -211,7 +213,7 @@ async fn fence(
 
 pub(super) async fn spend(store: &SqliteStore, run_id: i64) -> anyhow::Result<Spend> {
     let row: Option<(i64, i64, i64)> =
-        sqlx::query_as("SELECT spent_picos, reserved_picos, lost_picos FROM backfill_runs WHERE id = ?")
+        sqlx::query_as("SELECT CAST(spent_picos AS INTEGER), CAST(reserved_picos AS INTEGER), CAST(lost_picos AS INTEGER) FROM backfill_runs WHERE id = ?")
             .bind(run_id)
             .fetch_optional(&store.pool)
             .await
