@@ -7,7 +7,7 @@ use sqlx::{Sqlite, Transaction};
 
 use super::{SqliteStore, source};
 use crate::pricing::{Picos, Tier};
-use crate::store::{BatchWrite, ItemChange, ItemUpdate, LostCall, NewCall, Spend, Tables, WriteReport, now_ms};
+use crate::store::{db_count, BatchWrite, ItemChange, ItemUpdate, LostCall, NewCall, Spend, Tables, WriteReport, now_ms};
 
 pub(super) async fn reserve_call(store: &SqliteStore, call: &NewCall, cap: Option<Picos>) -> anyhow::Result<Option<i64>> {
     let mut tx = store.begin_write().await?;

@@ -22,11 +22,8 @@ pub struct Seen {
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
     /// `(id, title, body)` of each item in the prompt.
     pub items: Vec<(String, String, String)>,
-    /// The server's own base (`http://127.0.0.1:port`).
-    pub origin: String,
 }
 
 impl Seen {
@@ -111,13 +108,13 @@ impl Hostile {
         let script: Arc<Script> = Arc::new(script);
         let count = Arc::new(AtomicUsize::new(0));
         let task = {
-            let (log, origin) = (log.clone(), origin.clone());
+            let log = log.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((socket, _)) = listener.accept().await else { return };
-                    let (log, script, count, origin) = (log.clone(), script.clone(), count.clone(), origin.clone());
+                    let (log, script, count) = (log.clone(), script.clone(), count.clone());
                     tokio::spawn(async move {
-                        let _ = serve(socket, &log, script.as_ref(), &count, &origin).await;
+                        let _ = serve(socket, &log, script.as_ref(), &count).await;
                     });
                 }
             })
@@ -141,7 +138,7 @@ impl Drop for Hostile {
     }
 }
 
-async fn serve(mut socket: TcpStream, log: &Mutex<Vec<Seen>>, script: &Script, count: &AtomicUsize, origin: &str) -> std::io::Result<()> {
+async fn serve(mut socket: TcpStream, log: &Mutex<Vec<Seen>>, script: &Script, count: &AtomicUsize) -> std::io::Result<()> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -179,9 +176,7 @@ async fn serve(mut socket: TcpStream, log: &Mutex<Vec<Seen>>, script: &Script, c
         method,
         path,
         headers,
-        body,
         items: items_in(user),
-        origin: origin.to_owned(),
     };
     log.lock().unwrap().push(seen.clone());
     let reply = script(&seen);
