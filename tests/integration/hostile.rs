@@ -455,7 +455,7 @@ async fn unknown_status_codes_broken_text_and_null_content_are_retried() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn raw_newlines_trailing_commas_and_prose_braces_are_repaired_and_counted() {
-    let ran = run_case(Case::default(), |seen| {
+    let ran = run_case(Case { rows: 9, ..Case::default() }, |seen| {
         let entries: Vec<String> = seen
             .items
             .iter()
@@ -471,7 +471,7 @@ async fn raw_newlines_trailing_commas_and_prose_braces_are_repaired_and_counted(
     })
     .await;
     ran.verdict(0, "finished").await;
-    assert_eq!(ran.done().await, 6);
+    assert_eq!(ran.done().await, 9);
     let repaired = ran.summary["answers_repaired"].as_u64().unwrap();
     assert_eq!(repaired as usize, ran.calls().await.len(), "{}", ran.summary);
     let repairs: Vec<String> = ran.calls().await.into_iter().filter_map(|c| c.3).collect();
