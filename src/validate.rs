@@ -119,7 +119,6 @@ fn extract_object(content: &str, truncated: bool, ids: &[String], shape: &Output
             Some(value) => return Ok(found(value, json, Vec::new())),
             None => Malformed(format!("truncated before the first complete entry: {e}")),
         },
-        Err(e) if e.is_eof() => Malformed(format!("{e} ({})", excerpt(content))),
         Err(e) => Malformed(format!("{e} ({})", excerpt(content))),
     };
     let mut fallback = None;

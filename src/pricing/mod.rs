@@ -31,7 +31,7 @@ impl Picos {
     /// USD to picos when the amount is a finite, non-negative amount that fits; else `None`.
     pub fn checked_from_usd(usd: f64) -> Option<Self> {
         let picos = (usd * 1e12).round();
-        (picos.is_finite() && picos >= 0.0 && picos < i64::MAX as f64).then(|| Picos(picos as i64))
+        (picos.is_finite() && picos >= 0.0 && picos < i64::MAX as f64).then_some(Picos(picos as i64))
     }
 
     /// `self × factor`, saturating.

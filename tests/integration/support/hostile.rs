@@ -29,8 +29,11 @@ pub struct Seen {
 impl Seen {
     /// The answer a good provider gives: every item's expected output, keyed by id.
     pub fn good_content(&self) -> String {
-        let map: serde_json::Map<String, Value> =
-            self.items.iter().map(|(id, t, b)| (id.clone(), Value::String(expected_output(id, t, b)))).collect();
+        let map: serde_json::Map<String, Value> = self
+            .items
+            .iter()
+            .map(|(id, t, b)| (id.clone(), Value::String(expected_output(id, t, b))))
+            .collect();
         Value::Object(map).to_string()
     }
 }
@@ -40,11 +43,21 @@ impl Seen {
 pub enum Body {
     Bytes(Vec<u8>),
     /// `chunk` every `every`, `times` times, with no `content-length` (ended by closing).
-    Drip { chunk: Vec<u8>, every: Duration, times: usize },
+    Drip {
+        chunk: Vec<u8>,
+        every: Duration,
+        times: usize,
+    },
     /// Each part in turn, `every` apart, with no `content-length`.
-    Parts { parts: Vec<Vec<u8>>, every: Duration },
+    Parts {
+        parts: Vec<Vec<u8>>,
+        every: Duration,
+    },
     /// Announces `content-length: announced` and sends only `bytes`, then closes.
-    Short { bytes: Vec<u8>, announced: usize },
+    Short {
+        bytes: Vec<u8>,
+        announced: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -56,7 +69,11 @@ pub struct Reply {
 
 impl Reply {
     pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Reply {
-        Reply { status, headers: vec![("content-type".into(), "application/json".into())], body: Body::Bytes(body.into()) }
+        Reply {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Body::Bytes(body.into()),
+        }
     }
 
     pub fn json(status: u16, value: &Value) -> Reply {
@@ -102,7 +119,9 @@ impl Hostile {
     /// Starts the server; `script` answers every request.
     pub async fn start(script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Hostile {
         // Load the tokenizer the fake's helpers use now, not inside the first answer.
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a local port");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a local port");
         let origin = format!("http://{}", listener.local_addr().unwrap());
         let log = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Script> = Arc::new(script);
@@ -111,7 +130,9 @@ impl Hostile {
             let log = log.clone();
             tokio::spawn(async move {
                 loop {
-                    let Ok((socket, _)) = listener.accept().await else { return };
+                    let Ok((socket, _)) = listener.accept().await else {
+                        return;
+                    };
                     let (log, script, count) = (log.clone(), script.clone(), count.clone());
                     tokio::spawn(async move {
                         let _ = serve(socket, &log, script.as_ref(), &count).await;
@@ -138,7 +159,12 @@ impl Drop for Hostile {
     }
 }
 
-async fn serve(mut socket: TcpStream, log: &Mutex<Vec<Seen>>, script: &Script, count: &AtomicUsize) -> std::io::Result<()> {
+async fn serve(
+    mut socket: TcpStream,
+    log: &Mutex<Vec<Seen>>,
+    script: &Script,
+    count: &AtomicUsize,
+) -> std::io::Result<()> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -160,7 +186,11 @@ async fn serve(mut socket: TcpStream, log: &Mutex<Vec<Seen>>, script: &Script, c
         .filter_map(|line| line.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    let length: usize = headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
     let mut body = buffer[head_end..].to_vec();
     while body.len() < length {
         let n = socket.read(&mut chunk).await?;
@@ -170,7 +200,11 @@ async fn serve(mut socket: TcpStream, log: &Mutex<Vec<Seen>>, script: &Script, c
         body.extend_from_slice(&chunk[..n]);
     }
     let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let user = parsed["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("");
+    let user = parsed["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("");
     let seen = Seen {
         n: count.fetch_add(1, Ordering::SeqCst),
         method,
@@ -186,7 +220,11 @@ async fn serve(mut socket: TcpStream, log: &Mutex<Vec<Seen>>, script: &Script, c
     }
     match &reply.body {
         Body::Bytes(bytes) => {
-            if !reply.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-length")) {
+            if !reply
+                .headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            {
                 head.push_str(&format!("content-length: {}\r\n", bytes.len()));
             }
             head.push_str("\r\n");
@@ -195,7 +233,11 @@ async fn serve(mut socket: TcpStream, log: &Mutex<Vec<Seen>>, script: &Script, c
                 socket.write_all(part).await?;
             }
         }
-        Body::Drip { chunk, every, times } => {
+        Body::Drip {
+            chunk,
+            every,
+            times,
+        } => {
             head.push_str("\r\n");
             socket.write_all(head.as_bytes()).await?;
             for _ in 0..*times {
