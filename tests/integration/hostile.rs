@@ -886,3 +886,31 @@ async fn answers_for_other_rows_never_land() {
     ran.verdict(0, "finished").await;
     assert_eq!(ran.done().await, 6);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_report_read_a_ledger_that_overflowed_before_costs_were_checked() {
+    let ran = run_case(Case::default(), good).await;
+    ran.verdict(0, "finished").await;
+    // What an older version stored for `usage.cost = 1e308`: i64::MAX per call, and a spend
+    // that SQLite turned into a REAL when the sum overflowed.
+    let pool = ran.fx.pool().await;
+    sqlx::query("UPDATE backfill_calls SET cost_picos = 9223372036854775807")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE backfill_runs SET spent_picos = 1.8e19")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let job = ran.fx.job.to_str().unwrap();
+    let status = backfill_async(ran.fx.dir.path(), &["status", job, "--json"], &[]).await;
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    let status: Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert!(
+        status.to_string().contains("9223372"),
+        "the saturated spend shows: {status}"
+    );
+    let report = backfill_async(ran.fx.dir.path(), &["report", job], &[]).await;
+    assert_eq!(report.status.code(), Some(0), "{}", stderr(&report));
+}

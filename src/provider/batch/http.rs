@@ -119,3 +119,27 @@ impl Http {
         Self::json(&self.send(self.client.post(self.url(path)?).multipart(form)).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_goes_only_to_the_base_urls_origin() {
+        let http = Http::new("https://api.anthropic.com/v1/", Some(ApiKey::new("k".into())), Dialect::Anthropic, Duration::from_secs(5)).unwrap();
+        assert_eq!(http.url("/messages/batches").unwrap(), "https://api.anthropic.com/v1/messages/batches");
+        assert_eq!(http.url("https://api.anthropic.com/v1/messages/batches/b/results").unwrap(), "https://api.anthropic.com/v1/messages/batches/b/results");
+        for elsewhere in [
+            "https://evil.example/v1/messages/batches/b/results",
+            "http://api.anthropic.com/v1/results",
+            "https://api.anthropic.com:8443/v1/results",
+            "https://api.anthropic.com.evil.example/v1/results",
+            "https://user@evil.example/results?token=x",
+        ] {
+            let refused = http.url(elsewhere).unwrap_err();
+            assert!(matches!(refused, CallError::Redirected { .. }), "{elsewhere}");
+            assert!(refused.to_string().contains("never sent there"), "{refused}");
+            assert!(!refused.to_string().contains("token=x"), "{refused}");
+        }
+    }
+}

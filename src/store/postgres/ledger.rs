@@ -16,7 +16,7 @@ pub(super) async fn reserve_call(store: &PgStore, call: &NewCall, cap: Option<Pi
     // row as the previous reservation left it, so together they never pass the cap.
     let reserved = sqlx::query(
         "UPDATE backfill_runs SET reserved_picos = reserved_picos + $1, updated_at = $2 \
-         WHERE id = $3 AND ($4::bigint IS NULL OR spent_picos + reserved_picos + lost_picos + $1 <= $4::bigint)",
+         WHERE id = $3 AND ($4::bigint IS NULL OR spent_picos::numeric + reserved_picos + lost_picos + $1 <= $4::bigint)",
     )
     .bind(call.estimated.0)
     .bind(now_ms())
@@ -153,8 +153,9 @@ async fn settle(store: &PgStore, tx: &mut Transaction<'static, Postgres>, batch:
     let (from_reserved, from_lost) = if state == "lost" { (0, estimated) } else { (estimated, 0) };
     let (to_spent, to_lost) = if s.lost { (0, estimated) } else { (s.cost.0, 0) };
     sqlx::query(
+        // Spend saturates at i64::MAX instead of failing with "bigint out of range".
         "UPDATE backfill_runs SET reserved_picos = reserved_picos - $1, lost_picos = lost_picos - $2 + $3, \
-         spent_picos = spent_picos + $4, updated_at = $5 WHERE id = $6",
+         spent_picos = LEAST(spent_picos::numeric + $4, 9223372036854775807)::bigint, updated_at = $5 WHERE id = $6",
     )
     .bind(from_reserved)
     .bind(from_lost)

@@ -153,8 +153,10 @@ async fn settle(store: &SqliteStore, tx: &mut Transaction<'static, Sqlite>, batc
     let (from_reserved, from_lost) = if state == "lost" { (0, estimated) } else { (estimated, 0) };
     let (to_spent, to_lost) = if s.lost { (0, estimated) } else { (s.cost.0, 0) };
     sqlx::query(
-        "UPDATE backfill_runs SET reserved_picos = reserved_picos - ?, lost_picos = lost_picos - ? + ?, \
-         spent_picos = spent_picos + ?, updated_at = ? WHERE id = ?",
+        // Spend saturates at i64::MAX instead of turning into a REAL on overflow.
+        "UPDATE backfill_runs SET reserved_picos = reserved_picos - ?1, lost_picos = lost_picos - ?2 + ?3, \
+         spent_picos = CASE WHEN spent_picos > 9223372036854775807 - ?4 THEN 9223372036854775807 ELSE spent_picos + ?4 END, \
+         updated_at = ?5 WHERE id = ?6",
     )
     .bind(from_reserved)
     .bind(from_lost)
