@@ -396,6 +396,10 @@ async fn one_impossible_bill_among_good_ones_is_counted_not_fatal() {
     ran.verdict(0, "finished").await;
     assert_eq!(ran.done().await, 6);
     assert_eq!(ran.summary["usage_distrusted"], 1, "{}", ran.summary);
+    let job = ran.fx.job.to_str().unwrap();
+    let status = backfill_async(ran.fx.dir.path(), &["status", job, "--json"], &[]).await;
+    let status: Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert_eq!(status["calls"]["usage_distrusted"], 1, "{status}");
     let flagged: Vec<_> = ran
         .calls()
         .await
