@@ -918,3 +918,31 @@ async fn status_and_report_read_a_ledger_that_overflowed_before_costs_were_check
     let report = backfill_async(ran.fx.dir.path(), &["report", job], &[]).await;
     assert_eq!(report.status.code(), Some(0), "{}", stderr(&report));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_new_limits_refuse_nonsense_before_any_request() {
+    let provider = Hostile::start(good).await;
+    for (model, limits, key) in [
+        ("max_response_bytes = 10", "", "model.max_response_bytes"),
+        (
+            "max_response_bytes = 99999999999999",
+            "",
+            "model.max_response_bytes",
+        ),
+        ("", "max_retry_after_s = 0", "limits.max_retry_after_s"),
+        ("", "max_retry_after_s = 1e300", "limits.max_retry_after_s"),
+        ("", "max_retry_after_s = nan", "limits.max_retry_after_s"),
+    ] {
+        let fx = Fixture::new(3).await;
+        fx.write_job(&provider.base_url(), model, limits, "");
+        let (output, _) = run_json(&fx, &[]).await;
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{model}{limits}: {}",
+            stderr(&output)
+        );
+        assert!(stderr(&output).contains(key), "{}", stderr(&output));
+    }
+    assert!(provider.seen().is_empty(), "a request went out");
+}
