@@ -32,7 +32,7 @@ impl CostSource {
 
 /// What the request could have used, for judging the provider's figures: a token is at least
 /// one byte of the request, so a prompt cannot count more tokens than the request body has
-/// bytes (plus the chat framing), and an answer cannot be much longer than its `max_tokens`.
+/// bytes (plus the chat framing and a provider's own system prompt), and an answer cannot be much longer than its `max_tokens`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
     /// The most prompt tokens the request could hold (`None`: unknown, e.g. batch results).
@@ -47,7 +47,8 @@ impl Bounds {
     /// Bounds of a request `body_bytes` long that asked for at most `max_tokens` (0: unknown).
     pub fn of_request(body_bytes: usize, max_tokens: u64, context_window: u64) -> Self {
         Bounds {
-            prompt_tokens: (body_bytes > 0).then_some(body_bytes as u64 + 256),
+            // The slack covers chat framing and a system prompt some providers add themselves.
+            prompt_tokens: (body_bytes > 0).then_some(body_bytes as u64 + 1024),
             completion_tokens: (max_tokens > 0).then_some(max_tokens.saturating_mul(2).saturating_add(256)),
             context_window,
         }

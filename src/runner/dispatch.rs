@@ -442,7 +442,8 @@ impl Dispatcher {
                     format!(
                         "the provider reported impossible usage or cost on {} answers in a row (last: {flag}); \
                          its bills cannot be trusted, so the run stops (those calls are costed at their \
-                         reservations, see `status`); check model.base_url points at the provider you mean",
+                         reservations, see `status`); check that model.base_url points at the provider you \
+                         mean and, if it reports usage.cost, that the job's prices are not far below its own",
                         self.distrusted_in_a_row
                     )
                 });
