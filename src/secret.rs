@@ -46,43 +46,60 @@ impl DatabaseUrl {
     }
 
     /// The URL with any password replaced by `***`: in the user info, and in a `password=`
-    /// query parameter (PostgreSQL URLs accept both).
+    /// query parameter (PostgreSQL URLs accept both). See [`redact_url`].
     pub fn redacted(&self) -> String {
-        let redacted = self.redacted_userinfo();
-        match redacted.split_once('?') {
-            Some((base, query)) => {
-                let params: Vec<String> = query
-                    .split('&')
-                    .map(|param| match param.split_once('=') {
-                        Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-                        _ => param.to_owned(),
-                    })
-                    .collect();
-                format!("{base}?{}", params.join("&"))
-            }
-            None => redacted,
-        }
+        redact_url(&self.0)
     }
+}
 
-    fn redacted_userinfo(&self) -> String {
-        let Some(scheme_end) = self.0.find("://") else { return self.0.clone() };
-        let rest = &self.0[scheme_end + 3..];
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                let user = userinfo.split(':').next().unwrap_or("");
-                let has_password = userinfo.contains(':');
-                format!(
-                    "{}://{}{}{}",
-                    &self.0[..scheme_end],
-                    user,
-                    if has_password { ":***" } else { "" },
-                    &rest[at..]
-                )
-            }
-            None => self.0.clone(),
+/// A URL with its credentials hidden, found by parsing it (never by slicing): the password of
+/// the user info and any `password`, `key`, `token` or `secret` query parameter become `***`.
+/// A URL that does not parse, or whose path still holds an `@` (a password with a `/` in it
+/// ends the authority early), is shown as its scheme only.
+pub fn redact_url(text: &str) -> String {
+    let hidden = |scheme: &str| format!("{scheme}://(hidden: the URL does not parse)");
+    let Ok(mut url) = url::Url::parse(text) else {
+        let scheme = text.split("://").next().filter(|s| !s.is_empty() && s.len() < 20 && !s.contains(['@', '/', ':'])).unwrap_or("url");
+        return hidden(scheme);
+    };
+    if url.path().contains('@') || url.fragment().is_some_and(|f| f.contains('@')) {
+        return hidden(url.scheme());
+    }
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
+    }
+    if let Some(query) = url.query().map(str::to_owned) {
+        let secretish = |key: &str| {
+            let key = url::form_urlencoded::parse(key.as_bytes()).next().map(|(k, _)| k.to_ascii_lowercase()).unwrap_or_default();
+            ["password", "passwd", "key", "token", "secret"].iter().any(|s| key.contains(s))
+        };
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _)) if secretish(key) => format!("{key}=***"),
+                _ => param.to_owned(),
+            })
+            .collect();
+        url.set_query(Some(&params.join("&")));
+    }
+    url.to_string()
+}
+
+/// A URL reduced to what identifies a service and can be stored or shown: scheme, host, port
+/// and path, without user info, query or fragment. A URL that does not parse becomes a digest
+/// of itself (still one value per URL, never its text).
+pub fn public_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut url) if !url.path().contains('@') => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.set_fragment(None);
+            url.to_string().trim_end_matches('/').to_owned()
+        }
+        _ => {
+            use sha2::Digest;
+            format!("url-sha256:{}", hex::encode(&sha2::Sha256::digest(text.as_bytes())[..12]))
         }
     }
 }
@@ -114,6 +131,24 @@ mod tests {
     fn database_url_hides_a_password_query_parameter() {
         let url = DatabaseUrl::new("postgres://app@db/prod?sslmode=require&password=s3cret&options=-c%20x%3D1");
         assert_eq!(url.to_string(), "postgres://app@db/prod?sslmode=require&password=***&options=-c%20x%3D1");
+    }
+
+    #[test]
+    fn passwords_with_url_characters_never_show() {
+        for (url, secret) in [
+            ("postgres://app:pa/ss@db:5432/prod", "ss"),
+            ("postgres://app:12/s3cret@db/prod", "s3cret"),
+            ("postgres://app:p%3Fw%40rd@db/prod", "p%3Fw%40rd"),
+            ("postgres://app:p?w@db/prod", "w@db"),
+            ("postgres://app:p#w@db/prod", "w@db"),
+            ("https://user:s3cret@api.example/v1?api_key=k3y", "k3y"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} → {shown}");
+        }
+        assert_eq!(redact_url("https://user:s3cret@api.example/v1"), "https://user:***@api.example/v1");
+        assert_eq!(public_url("https://user:s3cret@api.example:8443/v1/?key=k"), "https://api.example:8443/v1");
+        assert!(public_url("postgres://app:pa/ss@db/prod").starts_with("url-sha256:"));
     }
 
     #[test]

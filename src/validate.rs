@@ -4,6 +4,12 @@
 //! `{"id": …}` objects and a single wrapping key are tolerated. Keys that are not ids of this
 //! batch are discarded and counted — an output is only ever attached to the id it was returned
 //! under. A truncated answer keeps its complete entries.
+//!
+//! A nearly-right answer is repaired when the repair is unambiguous, and the repair is
+//! reported: raw control characters (a literal newline) inside strings are escaped, commas
+//! before a closing `}` or `]` are dropped, and when the first `{` belongs to prose every later
+//! candidate object is tried. An id given twice with different values is invalid (which one
+//! is meant cannot be known).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -31,6 +37,8 @@ pub struct Validated {
     pub invalid: Vec<(usize, String)>,
     /// Keys that were not ids of this batch (discarded).
     pub foreign_keys: usize,
+    /// How the answer was repaired before it parsed, when it was.
+    pub repair: Option<String>,
 }
 
 /// The answer held no JSON object at all.
@@ -46,23 +54,36 @@ pub fn validate(
     shape: &OutputShape,
     truncated: bool,
 ) -> Result<Validated, Malformed> {
-    let object = extract_object(content, truncated)?;
-    let entries = unwrap_entries(object, ids, shape);
+    let found_json = extract_object(content, truncated, ids, shape)?;
+    let entries = unwrap_entries(found_json.value, ids, shape);
 
     let index: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
     let mut found: Vec<Option<Value>> = vec![None; ids.len()];
+    let mut twice: Vec<bool> = vec![false; ids.len()];
     let mut foreign_keys = 0;
     for (key, value) in entries {
         match index.get(key.trim()) {
-            Some(&i) => found[i] = Some(value),
+            Some(&i) => {
+                if found[i].as_ref().is_some_and(|earlier| *earlier != value) {
+                    twice[i] = true;
+                }
+                found[i] = Some(value);
+            }
             None => foreign_keys += 1,
         }
     }
-
-    let mut result = Validated { foreign_keys, ..Validated::default() };
+    // serde_json keeps the last of duplicate keys: look for them in the text itself.
+    for key in &found_json.duplicate_keys {
+        if let Some(&i) = index.get(key.trim()) {
+            twice[i] = true;
+        }
+    }
+    let repair = (!found_json.repairs.is_empty()).then(|| found_json.repairs.join(", "));
+    let mut result = Validated { foreign_keys, repair, ..Validated::default() };
     for (i, value) in found.into_iter().enumerate() {
         match value {
             None => result.missing.push(i),
+            Some(_) if twice[i] => result.invalid.push((i, "the answer gives this id more than once, with different values".into())),
             Some(value) => match item_output(value, shape) {
                 Ok(output) => result.outputs.push((i, output)),
                 Err(reason) => result.invalid.push((i, reason)),
@@ -72,20 +93,154 @@ pub fn validate(
     Ok(result)
 }
 
-/// Finds the answer's JSON value: inside a code fence if there is one, from the first `{` or `[`.
-fn extract_object(content: &str, truncated: bool) -> Result<Value, Malformed> {
+/// The answer's JSON value, how it was repaired, and the keys its top-level object repeats.
+struct FoundJson {
+    value: Value,
+    repairs: Vec<&'static str>,
+    duplicate_keys: Vec<String>,
+}
+
+/// At most this many `{`/`[` positions are tried as the start of the answer's object.
+const MAX_CANDIDATES: usize = 64;
+
+/// Finds the answer's JSON value: inside a code fence if there is one, from the first `{` or
+/// `[`; failing that, repaired (control characters, trailing commas) and from each later `{`
+/// or `[` in turn, preferring a value that holds an id of the batch.
+fn extract_object(content: &str, truncated: bool, ids: &[String], shape: &OutputShape) -> Result<FoundJson, Malformed> {
     let body = strip_fence(content);
-    let start = body
-        .find(['{', '['])
-        .ok_or_else(|| Malformed(format!("no JSON object in the answer ({})", excerpt(content))))?;
-    let json = &body[start..];
-    let mut stream = serde_json::Deserializer::from_str(json).into_iter::<Value>();
+    let starts: Vec<usize> = body.match_indices(['{', '[']).map(|(at, _)| at).take(MAX_CANDIDATES).collect();
+    let Some(&first) = starts.first() else {
+        return Err(Malformed(format!("no JSON object in the answer ({})", excerpt(content))));
+    };
+    let json = &body[first..];
+    let strict_error = match first_value(json) {
+        Ok(value) => return Ok(found(value, json, Vec::new())),
+        Err(e) if e.is_eof() && truncated => match parse_complete_prefix(json) {
+            Some(value) => return Ok(found(value, json, Vec::new())),
+            None => Malformed(format!("truncated before the first complete entry: {e}")),
+        },
+        Err(e) => Malformed(format!("{e} ({})", excerpt(content))),
+    };
+    let mut fallback = None;
+    for (n, &start) in starts.iter().enumerate() {
+        let raw = &body[start..];
+        let (clean, escaped, commas) = sanitize(raw);
+        let mut repairs = Vec::new();
+        if n > 0 {
+            repairs.push("object found after prose with braces");
+        }
+        if escaped {
+            repairs.push("raw control characters escaped");
+        }
+        if commas {
+            repairs.push("trailing commas dropped");
+        }
+        let parsed = match first_value(&clean) {
+            Ok(value) => Some(value),
+            Err(e) if e.is_eof() && truncated => parse_complete_prefix(&clean),
+            Err(_) => None,
+        };
+        let Some(value) = parsed else { continue };
+        if repairs.is_empty() {
+            // Parsed as it stands (a later candidate would have been marked): nothing repaired.
+            continue;
+        }
+        let holds_an_id = unwrap_entries(value.clone(), ids, shape).iter().any(|(key, _)| ids.iter().any(|id| id == key.trim()));
+        if holds_an_id {
+            return Ok(found(value, &clean, repairs));
+        }
+        fallback.get_or_insert((value, clean, repairs));
+    }
+    match fallback {
+        Some((value, text, repairs)) => Ok(found(value, &text, repairs)),
+        None => Err(strict_error),
+    }
+}
+
+fn found(value: Value, text: &str, repairs: Vec<&'static str>) -> FoundJson {
+    FoundJson { value, repairs, duplicate_keys: duplicate_top_level_keys(text) }
+}
+
+/// The first JSON value of `text` (anything after it is ignored).
+fn first_value(text: &str) -> Result<Value, serde_json::Error> {
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+    stream.next().unwrap_or_else(|| Err(serde::de::Error::custom("empty answer")))
+}
+
+/// Escapes raw control characters inside strings and drops commas before `}` or `]`; says
+/// whether it did either. Outside strings nothing else changes.
+fn sanitize(json: &str) -> (String, bool, bool) {
+    let mut out = String::with_capacity(json.len() + 16);
+    let (mut in_string, mut escaped) = (false, false);
+    let (mut controls, mut commas) = (false, false);
+    for (at, c) in json.char_indices() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                (false, c) if c < ' ' => {
+                    controls = true;
+                    match c {
+                        '\n' => out.push_str("\\n"),
+                        '\r' => out.push_str("\\r"),
+                        '\t' => out.push_str("\\t"),
+                        c => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            out.push(c);
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            ',' if json[at + 1..].trim_start().starts_with(['}', ']']) => {
+                commas = true;
+                continue;
+            }
+            _ => {}
+        }
+        out.push(c);
+    }
+    (out, controls, commas)
+}
+
+/// Keys the first JSON object of `text` holds more than once (serde_json keeps only the last).
+fn duplicate_top_level_keys(text: &str) -> Vec<String> {
+    struct Keys(Vec<String>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+                    let mut seen = std::collections::HashSet::new();
+                    let mut twice = Vec::new();
+                    while let Some(key) = map.next_key::<String>()? {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        if !seen.insert(key.clone()) {
+                            twice.push(key);
+                        }
+                    }
+                    Ok(Keys(twice))
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Keys, A::Error> {
+                    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                    Ok(Keys(Vec::new()))
+                }
+            }
+            deserializer.deserialize_any(Visit)
+        }
+    }
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Keys>();
     match stream.next() {
-        Some(Ok(value)) => Ok(value),
-        Some(Err(e)) if e.is_eof() && truncated => parse_complete_prefix(json)
-            .ok_or_else(|| Malformed(format!("truncated before the first complete entry: {e}"))),
-        Some(Err(e)) => Err(Malformed(format!("{e} ({})", excerpt(content)))),
-        None => Err(Malformed("empty answer".into())),
+        Some(Ok(Keys(twice))) => twice,
+        _ => Vec::new(),
     }
 }
 
@@ -280,6 +435,40 @@ mod tests {
         for bad in ["", "no json here", "{\"1\": ", "{'1': 'single quotes'}"] {
             assert!(validate(bad, &ids(&["1"]), &OutputShape::Text, false).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn raw_newlines_inside_strings_are_repaired_and_reported() {
+        let answer = "{\"1\": \"eerste regel\ntweede regel\", \"2\": \"tab\there\"}";
+        let v = validate(answer, &ids(&["1", "2"]), &OutputShape::Text, false).unwrap();
+        assert_eq!(text(&v, 0), "eerste regel\ntweede regel");
+        assert_eq!(text(&v, 1), "tab\there");
+        assert_eq!(v.repair.as_deref(), Some("raw control characters escaped"));
+    }
+
+    #[test]
+    fn trailing_commas_are_dropped_and_reported() {
+        let v = validate("{\"1\": \"a, b,\", \"2\": [\"x\",],}", &ids(&["1", "2"]), &OutputShape::Text, false).unwrap();
+        assert_eq!(text(&v, 0), "a, b,");
+        assert_eq!(v.repair.as_deref(), Some("trailing commas dropped"));
+    }
+
+    #[test]
+    fn an_object_after_braces_in_prose_is_found() {
+        let answer = "I read {each} motion. Result: {\"1\": \"een\", \"2\": \"twee\"} done {x}";
+        let v = validate(answer, &ids(&["1", "2"]), &OutputShape::Text, false).unwrap();
+        assert_eq!((text(&v, 0), text(&v, 1)), ("een", "twee"));
+        assert!(v.repair.unwrap().contains("after prose"));
+        // A clean answer reports no repair.
+        assert_eq!(validate("{\"1\": \"x\"}", &ids(&["1"]), &OutputShape::Text, false).unwrap().repair, None);
+    }
+
+    #[test]
+    fn an_id_given_twice_is_invalid_not_guessed() {
+        let v = validate(r#"{"1": "first", "2": "b", "1": "second"}"#, &ids(&["1", "2"]), &OutputShape::Text, false).unwrap();
+        assert_eq!(v.invalid.len(), 1);
+        assert_eq!(v.invalid[0].0, 0);
+        assert_eq!(text(&v, 1), "b");
     }
 
     #[test]

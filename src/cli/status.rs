@@ -108,6 +108,10 @@ struct CallsJson {
     possibly_billed: u64,
     by_outcome: std::collections::BTreeMap<String, u64>,
     items_per_second: Option<f64>,
+    /// Answers whose usage or cost could not be true, costed at their reservations.
+    usage_distrusted: u64,
+    /// Nearly-right answers repaired before validation.
+    answers_repaired: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -167,6 +171,8 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
             possibly_billed: r.calls.lost,
             by_outcome: r.calls.by_outcome.iter().cloned().collect(),
             items_per_second: span.map(|s| (r.counts.done + r.counts.failed + r.counts.rejected) as f64 / s),
+            usage_distrusted: r.calls.usage_distrusted,
+            answers_repaired: r.calls.answers_repaired,
         },
         workers: r
             .workers
@@ -249,6 +255,15 @@ pub(super) fn human(s: &StatusJson) -> String {
     if s.calls.total > 0 {
         let parts: Vec<String> = s.calls.by_outcome.iter().map(|(o, n)| format!("{o} {n}")).collect();
         out.push_str(&format!("  calls: {} ({})\n", s.calls.total, parts.join(", ")));
+    }
+    if s.calls.answers_repaired > 0 {
+        out.push_str(&format!("  answers repaired before validation: {}\n", s.calls.answers_repaired));
+    }
+    if s.calls.usage_distrusted > 0 {
+        out.push_str(&format!(
+            "  answers with impossible usage or cost: {} (costed at their reservations; see backfill_calls.usage_flag)\n",
+            s.calls.usage_distrusted
+        ));
     }
     if s.workers.len() > 1 {
         let attached = s.workers.iter().filter(|w| w.alive).count();

@@ -90,6 +90,8 @@ pub struct ModelFile {
     pub context_window: Option<u32>,
     pub max_tokens: Option<u32>,
     pub encoding: Option<String>,
+    /// The largest response body accepted, in bytes (default 8 MiB).
+    pub max_response_bytes: Option<u64>,
     // onnx
     pub path: Option<String>,
     pub tokenizer: Option<String>,
@@ -139,6 +141,10 @@ pub struct LimitsFile {
     /// A run that ends with more than this share of its items failed or rejected exits 6.
     #[serde(default = "default_max_failed_share")]
     pub max_failed_share: f64,
+    /// The longest wait a provider may ask for (`retry-after`, an exhausted limit's reset)
+    /// before the run stops instead of waiting.
+    #[serde(default = "default_max_retry_after")]
+    pub max_retry_after_s: f64,
 }
 
 impl Default for LimitsFile {
@@ -152,6 +158,7 @@ impl Default for LimitsFile {
             lease_seconds: default_lease(),
             grace_seconds: default_grace(),
             max_failed_share: default_max_failed_share(),
+            max_retry_after_s: default_max_retry_after(),
         }
     }
 }
@@ -175,6 +182,9 @@ fn default_attempts() -> u32 {
 }
 fn default_lease() -> f64 {
     60.0
+}
+fn default_max_retry_after() -> f64 {
+    3600.0
 }
 fn default_grace() -> f64 {
     30.0

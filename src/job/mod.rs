@@ -139,11 +139,16 @@ pub struct ChatModel {
     pub max_tokens: Option<u32>,
     /// tiktoken encoding used to count prompt tokens.
     pub encoding: String,
+    /// A response body longer than this is a failed call (`model.max_response_bytes`).
+    pub max_response_bytes: u64,
     pub template: String,
     pub system: Option<String>,
 }
 
 impl ChatModel {
+    /// `model.max_response_bytes` when the job does not set it.
+    pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 8 * 1024 * 1024;
+
     /// Model names in escalation order: the primary, then the fallbacks.
     pub fn tiers(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.name.as_str()).chain(self.fallback.iter().map(String::as_str))
@@ -198,6 +203,8 @@ pub struct Limits {
     pub grace: Duration,
     /// A finished run with a larger share of failed or rejected items exits 6.
     pub max_failed_share: f64,
+    /// A provider asking to wait longer than this stops the run (`limits.max_retry_after_s`).
+    pub max_retry_after: Duration,
 }
 
 /// A `{ start, min, max }` range.

@@ -415,7 +415,7 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
             usage("`model.base_url` is missing: set it (e.g. https://api.openai.com/v1) or set OPENAI_BASE_URL")
         })?;
     let parsed = reqwest::Url::parse(&base_url)
-        .map_err(|e| usage(format!("`model.base_url` = {base_url:?} is not a URL: {e}")))?;
+        .map_err(|e| usage(format!("`model.base_url` = {:?} is not a URL: {e}", crate::secret::redact_url(&base_url))))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(usage("`model.base_url` must start with http:// or https://"));
     }
@@ -467,6 +467,13 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
     }
     let encoding = m.encoding.clone().unwrap_or_else(|| crate::tokens::DEFAULT_ENCODING.into());
     check_encoding(&encoding, "model.encoding")?;
+    let max_response_bytes = m.max_response_bytes.unwrap_or(ChatModel::DEFAULT_MAX_RESPONSE_BYTES);
+    if !(1024..=1 << 32).contains(&max_response_bytes) {
+        return Err(usage(format!(
+            "`model.max_response_bytes` = {max_response_bytes}: it must be between 1024 and 4294967296 (4 GiB); \
+             the default is 8388608 (8 MiB)"
+        )));
+    }
     let prompt = file.prompt.as_ref().ok_or_else(|| {
         usage("`[prompt]` is missing: chat jobs need `template = \"prompts/….md\"` with {{items}} in it")
     })?;
@@ -505,6 +512,7 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
         context_window,
         max_tokens: m.max_tokens,
         encoding,
+        max_response_bytes,
         template,
         system,
     })
@@ -606,6 +614,12 @@ fn limits(file: &JobFile) -> anyhow::Result<Limits> {
     Range::between(5.0, MAX_SECONDS, "seconds").check("limits.lease_seconds", l.lease_seconds)?;
     Range::between(0.0, MAX_SECONDS, "seconds").check("limits.grace_seconds", l.grace_seconds)?;
     Range::between(0.0, 1.0, "(a share of the run's items)").check("limits.max_failed_share", l.max_failed_share)?;
+    if !(l.max_retry_after_s.is_finite() && (1.0..=30.0 * 86_400.0).contains(&l.max_retry_after_s)) {
+        return Err(usage(format!(
+            "`limits.max_retry_after_s` = {}: it must be between 1 and 2592000 seconds (30 days); the default is 3600",
+            l.max_retry_after_s
+        )));
+    }
     Ok(Limits {
         requests_per_minute: l.requests_per_minute,
         tokens_per_minute: l.tokens_per_minute,
@@ -615,6 +629,7 @@ fn limits(file: &JobFile) -> anyhow::Result<Limits> {
         lease: Duration::from_secs_f64(l.lease_seconds),
         grace: Duration::from_secs_f64(l.grace_seconds),
         max_failed_share: l.max_failed_share,
+        max_retry_after: Duration::from_secs_f64(l.max_retry_after_s),
     })
 }
 

@@ -22,8 +22,21 @@ pub struct Picos(pub i64);
 impl Picos {
     pub const ZERO: Picos = Picos(0);
 
+    /// USD to picos, rounded; NaN is zero and amounts beyond `i64` saturate (use
+    /// [`Picos::checked_from_usd`] for a figure that must be plausible).
     pub fn from_usd(usd: f64) -> Self {
         Picos((usd * 1e12).round() as i64)
+    }
+
+    /// USD to picos when the amount is a finite, non-negative amount that fits; else `None`.
+    pub fn checked_from_usd(usd: f64) -> Option<Self> {
+        let picos = (usd * 1e12).round();
+        (picos.is_finite() && picos >= 0.0 && picos < i64::MAX as f64).then_some(Picos(picos as i64))
+    }
+
+    /// `self × factor`, saturating.
+    pub fn saturating_mul(self, factor: i64) -> Picos {
+        Picos(self.0.saturating_mul(factor))
     }
 
     pub fn usd(self) -> f64 {
@@ -116,21 +129,23 @@ impl ModelPrice {
     pub const FREE: ModelPrice =
         ModelPrice { input: 0, output: 0, cached_input: 0, batch_input: 0, batch_output: 0, batch_known: false };
 
-    /// The exact cost of `usage`.
+    /// The exact cost of `usage`, computed in 128 bits: any token counts give a cost between
+    /// zero and `i64::MAX` picos (saturated), never a wrapped or negative one.
     pub fn cost(&self, usage: &Usage, tier: Tier) -> Picos {
-        let cached = usage.cached_tokens.min(usage.prompt_tokens) as i64;
-        let uncached = usage.prompt_tokens as i64 - cached;
-        let completion = usage.completion_tokens as i64;
+        let cached = i128::from(usage.cached_tokens.min(usage.prompt_tokens));
+        let uncached = i128::from(usage.prompt_tokens) - cached;
+        let completion = i128::from(usage.completion_tokens);
+        let price = |p: i64| i128::from(p.max(0));
         let picos = match tier {
-            Tier::Sync => uncached * self.input + cached * self.cached_input + completion * self.output,
+            Tier::Sync => uncached * price(self.input) + cached * price(self.cached_input) + completion * price(self.output),
             // Batch APIs bill cached input at the batch input price or lower; use the lower.
             Tier::Batch => {
-                uncached * self.batch_input
-                    + cached * self.cached_input.min(self.batch_input)
-                    + completion * self.batch_output
+                uncached * price(self.batch_input)
+                    + cached * price(self.cached_input.min(self.batch_input))
+                    + completion * price(self.batch_output)
             }
         };
-        Picos(picos)
+        Picos(i64::try_from(picos.max(0)).unwrap_or(i64::MAX))
     }
 
     /// An upper bound for a call with `prompt_tokens` in and at most `max_output` out.
@@ -170,6 +185,21 @@ mod tests {
         let p = price(2.0, 8.0);
         let u = Usage { prompt_tokens: 1000, completion_tokens: 0, cached_tokens: 400 };
         assert_eq!(p.cost(&u, Tier::Sync), Picos(600 * 2_000_000 + 400 * 500_000));
+    }
+
+    #[test]
+    fn huge_usage_saturates_and_is_never_negative() {
+        let p = price(0.15, 0.60);
+        let u = Usage { prompt_tokens: u64::MAX, completion_tokens: 15_372_286_728_092, cached_tokens: 0 };
+        assert_eq!(p.cost(&u, Tier::Sync), Picos(i64::MAX));
+        let u = Usage { prompt_tokens: 0, completion_tokens: 15_372_286_728_092, cached_tokens: 0 };
+        assert_eq!(p.cost(&u, Tier::Sync), Picos(i64::MAX), "15,372,286,728,092 × 600,000 picos passes i64");
+        let u = Usage { prompt_tokens: 0, completion_tokens: 15_000_000_000_000, cached_tokens: 0 };
+        assert_eq!(p.cost(&u, Tier::Sync), Picos(15_000_000_000_000 * 600_000));
+        assert_eq!(Picos::checked_from_usd(1e308), None);
+        assert_eq!(Picos::checked_from_usd(-0.01), None);
+        assert_eq!(Picos::checked_from_usd(f64::NAN), None);
+        assert_eq!(Picos::checked_from_usd(0.5), Some(Picos(500_000_000_000)));
     }
 
     #[test]

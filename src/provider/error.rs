@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use backfill_controller::{LONGEST_WAIT, seconds_to_duration};
+
 use super::RateHeaders;
 
 /// The provider's rate-limit answer.
@@ -30,6 +32,14 @@ pub enum CallError {
     /// A 4xx about the account or endpoint (401, 403, 404, quota): no call can succeed.
     #[error("the provider refuses every call (HTTP {status}): {message}")]
     Fatal { status: u16, message: String },
+    /// A redirect that was not followed (to another origin, or one turning the POST into a
+    /// GET): no call can succeed until model.base_url changes.
+    #[error("{message}")]
+    Redirected { message: String },
+    /// A 2xx body longer than `model.max_response_bytes`: not read further, retried like a bad
+    /// answer (the provider may have billed it).
+    #[error("the answer (HTTP {status}) is longer than model.max_response_bytes ({limit} bytes) and was not read further; raise model.max_response_bytes if answers this long are expected")]
+    TooLarge { limit: u64, status: u16 },
     /// A 2xx whose body is not a chat completion.
     #[error("bad answer (HTTP {status}): {reason}")]
     BadOutput { reason: String, status: u16, body: String },
@@ -37,6 +47,13 @@ pub enum CallError {
 
 impl CallError {
     pub fn from_transport(error: &reqwest::Error) -> Self {
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            if let Some(refused) = cause.downcast_ref::<super::RedirectRefused>() {
+                return CallError::Redirected { message: refused.0.clone() };
+            }
+            source = cause.source();
+        }
         let what = if error.is_connect() {
             "cannot connect"
         } else if error.is_body() || error.is_decode() {
@@ -44,8 +61,13 @@ impl CallError {
         } else {
             "request failed"
         };
-        // reqwest's message names the URL but never the headers, so the key cannot leak.
-        CallError::Transient { status: None, message: format!("{what}: {error}"), headers: Vec::new() }
+        // reqwest's message names the URL (shown without user info or query) but never the
+        // headers, so no credential leaks.
+        let mut text = error.to_string();
+        if let Some(url) = error.url() {
+            text = text.replace(url.as_str(), &super::shown_url(url));
+        }
+        CallError::Transient { status: None, message: format!("{what}: {text}"), headers: Vec::new() }
     }
 
     pub fn from_status(status: u16, headers: &RateHeaders, body: &str) -> Self {
@@ -77,9 +99,9 @@ impl CallError {
         match self {
             CallError::RateLimited(_) => Some(429),
             CallError::Transient { status, .. } => *status,
-            CallError::Timeout { .. } => None,
+            CallError::Timeout { .. } | CallError::Redirected { .. } => None,
             CallError::Rejected { status, .. } | CallError::Fatal { status, .. } => Some(*status),
-            CallError::BadOutput { status, .. } => Some(*status),
+            CallError::BadOutput { status, .. } | CallError::TooLarge { status, .. } => Some(*status),
         }
     }
 
@@ -91,6 +113,8 @@ impl CallError {
             CallError::Timeout { .. } => "timeout",
             CallError::Rejected { .. } => "rejected_request",
             CallError::Fatal { .. } => "fatal",
+            CallError::Redirected { .. } => "redirected",
+            CallError::TooLarge { .. } => "too_large",
             CallError::BadOutput { .. } => "bad_output",
         }
     }
@@ -116,19 +140,20 @@ fn provider_message(body: &str) -> String {
     if excerpt.trim().is_empty() { "(empty body)".into() } else { excerpt }
 }
 
-/// `retry-after-ms`, else `retry-after` in seconds or as an HTTP date.
+/// `retry-after-ms`, else `retry-after` in seconds or as an HTTP date. Absurd values
+/// (`1e20`, `99999999999999999999`) come back clamped to [`LONGEST_WAIT`], never as a panic:
+/// the caller compares the wait with `limits.max_retry_after_s`.
 pub fn parse_retry_after(headers: &RateHeaders) -> Option<Duration> {
-    let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.trim());
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
-        && ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
-        }
+    let get = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim());
+    if let Some(wait) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()).and_then(|ms| seconds_to_duration(ms / 1000.0)) {
+        return Some(wait);
+    }
     let value = get("retry-after")?;
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return seconds_to_duration(secs);
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO).min(LONGEST_WAIT))
 }
 
 #[cfg(test)]
@@ -155,6 +180,17 @@ mod tests {
         assert_eq!(parse_retry_after(&headers(&[("retry-after", "0.25")])), Some(Duration::from_millis(250)));
         assert_eq!(parse_retry_after(&headers(&[("retry-after", "soon")])), None);
         assert_eq!(parse_retry_after(&headers(&[("retry-after", "Thu, 01 Jan 1970 00:00:00 GMT")])), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn absurd_retry_after_values_clamp_instead_of_panicking() {
+        let longest = backfill_controller::LONGEST_WAIT;
+        assert_eq!(parse_retry_after(&headers(&[("retry-after", "1e20")])), Some(longest));
+        assert_eq!(parse_retry_after(&headers(&[("retry-after", "1e308")])), Some(longest));
+        assert_eq!(parse_retry_after(&headers(&[("retry-after-ms", "99999999999999999999")])), Some(longest));
+        assert_eq!(parse_retry_after(&headers(&[("retry-after", "1e999")])), None);
+        assert_eq!(parse_retry_after(&headers(&[("retry-after", "-5")])), None);
+        assert_eq!(parse_retry_after(&headers(&[("retry-after", "NaN")])), None);
     }
 
     #[test]

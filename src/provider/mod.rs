@@ -35,20 +35,25 @@ pub struct ChatClient {
     http: reqwest::Client,
     endpoint: reqwest::Url,
     api_key: Option<ApiKey>,
+    max_response_bytes: u64,
 }
 
 impl ChatClient {
     /// `base_url` is the API root (`…/v1`); the endpoint is `base_url/chat/completions`.
     /// `connect_timeout` bounds connection set-up; each call gets its own overall timeout.
-    pub fn new(base_url: &str, api_key: Option<ApiKey>, connect_timeout: Duration) -> anyhow::Result<Self> {
+    /// An answer longer than `max_response_bytes` is a failed call.
+    pub fn new(base_url: &str, api_key: Option<ApiKey>, connect_timeout: Duration, max_response_bytes: u64) -> anyhow::Result<Self> {
         let base = base_url.trim_end_matches('/');
         let endpoint = reqwest::Url::parse(&format!("{base}/chat/completions"))?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10).min(connect_timeout))
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("backfill/", env!("CARGO_PKG_VERSION")))
+            // Every request is a POST: a redirect that would turn it into a GET, or one to
+            // another origin (which would receive the prompt and the key), is refused.
+            .redirect(redirect_policy(&endpoint, true))
             .build()?;
-        Ok(Self { http, endpoint, api_key })
+        Ok(Self { http, endpoint, api_key, max_response_bytes })
     }
 
     pub fn endpoint(&self) -> &reqwest::Url {
@@ -59,6 +64,7 @@ impl ChatClient {
     /// outcome.
     pub async fn send(&self, body: &[u8], timeout: Duration) -> Result<Answer, CallError> {
         let started = Instant::now();
+        let limit = self.max_response_bytes;
         let exchange = async {
             let mut request = self
                 .http
@@ -68,15 +74,20 @@ impl ChatClient {
             if let Some(key) = &self.api_key {
                 request = request.bearer_auth(key.expose());
             }
-            let response = request.send().await?;
+            let response = request.send().await.map_err(|e| CallError::from_transport(&e))?;
             let status = response.status().as_u16();
             let headers = keep_headers(response.headers());
-            let text = response.text().await?;
-            Ok::<_, reqwest::Error>((status, headers, text))
+            let text = match read_limited(response, limit).await.map_err(|e| CallError::from_transport(&e))? {
+                Limited::Whole(text) => text,
+                // An error's body is only read for its message: what fits is enough.
+                Limited::Cut(prefix) if !(200..300).contains(&status) => prefix,
+                Limited::Cut(_) => return Err(CallError::TooLarge { limit, status }),
+            };
+            Ok::<_, CallError>((status, headers, text))
         };
         let (status, headers, text) = match tokio::time::timeout(timeout, exchange).await {
             Err(_) => return Err(CallError::Timeout { after: timeout }),
-            Ok(Err(e)) => return Err(CallError::from_transport(&e)),
+            Ok(Err(e)) => return Err(e),
             Ok(Ok(parts)) => parts,
         };
         let latency = started.elapsed();
@@ -90,6 +101,87 @@ impl ChatClient {
         })?;
         Ok(Answer { completion, body: text, status, latency, headers })
     }
+}
+
+/// A body read up to a limit.
+pub enum Limited {
+    Whole(String),
+    /// Longer than the limit: the first `limit` bytes (lossily decoded), the rest unread.
+    Cut(String),
+}
+
+/// Reads a response body chunk by chunk, stopping at `limit` bytes, so an endless or huge
+/// answer never sits in memory whole. (No response is decompressed: the client announces no
+/// `Accept-Encoding` and has no decoder, so the bytes counted are the bytes received.)
+pub async fn read_limited(mut response: reqwest::Response, limit: u64) -> Result<Limited, reqwest::Error> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let announced = response.content_length().and_then(|n| usize::try_from(n).ok());
+    let mut bytes = Vec::with_capacity(announced.unwrap_or(0).min(limit).min(1 << 20));
+    while let Some(chunk) = response.chunk().await? {
+        if bytes.len() + chunk.len() > limit {
+            let room = limit - bytes.len();
+            bytes.extend_from_slice(&chunk[..room]);
+            return Ok(Limited::Cut(String::from_utf8_lossy(&bytes).into_owned()));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(Limited::Whole(match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }))
+}
+
+/// Why a redirect was not followed; its message names where it pointed.
+#[derive(Debug)]
+pub struct RedirectRefused(pub String);
+
+impl std::fmt::Display for RedirectRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RedirectRefused {}
+
+/// A URL as it may be shown: scheme, host, port and path; no user info, query or fragment
+/// (they may carry credentials).
+pub fn shown_url(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.set_fragment(None);
+    shown.to_string()
+}
+
+/// Follows a redirect only to the same origin (scheme, host and port) as `base`, at most 10
+/// times; with `post_only`, never one (301, 302, 303) that would resend the request as a GET.
+pub fn redirect_policy(base: &reqwest::Url, post_only: bool) -> reqwest::redirect::Policy {
+    let origin = base.origin();
+    let shown_origin = origin.ascii_serialization();
+    reqwest::redirect::Policy::custom(move |attempt| {
+        let status = attempt.status().as_u16();
+        let target = shown_url(attempt.url());
+        if attempt.url().origin() != origin {
+            let why = format!(
+                "the provider redirected the request (HTTP {status}) to {target}, another host than \
+                 model.base_url's ({shown_origin}); the request (with the key and the rows) is not sent \
+                 there. If the provider moved, set model.base_url to the new address"
+            );
+            return attempt.error(RedirectRefused(why));
+        }
+        if post_only && matches!(status, 301..=303) {
+            let why = format!(
+                "the provider redirected the request (HTTP {status}) to {target}; following it would \
+                 resend the POST as a GET. Set model.base_url to the address it names"
+            );
+            return attempt.error(RedirectRefused(why));
+        }
+        if attempt.previous().len() >= 10 {
+            return attempt.error(RedirectRefused(format!("more than 10 redirects, the last to {target}")));
+        }
+        attempt.follow()
+    })
 }
 
 fn keep_headers(headers: &reqwest::header::HeaderMap) -> RateHeaders {

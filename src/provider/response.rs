@@ -13,6 +13,11 @@ pub struct Completion {
     pub usage: Option<Usage>,
     /// `usage.cost` in USD, when the provider reports it (OpenRouter does).
     pub reported_cost_usd: Option<f64>,
+    /// Why the body's usage cannot be true (a negative or fractional count, more cached
+    /// tokens than prompt tokens, a `usage.cost` that is not a non-negative number).
+    pub usage_problem: Option<String>,
+    /// The body had no choice at all (`choices: []`) but a usage: billed, with no answer.
+    pub no_choices: bool,
 }
 
 impl Completion {
@@ -24,11 +29,16 @@ impl Completion {
 
 pub fn parse_completion(body: &str) -> Result<Completion, String> {
     let value: Value = serde_json::from_str(body).map_err(|e| format!("the body is not JSON: {e}"))?;
-    let choice = value
-        .get("choices")
-        .and_then(|c| c.get(0))
-        .ok_or_else(|| "the body has no `choices`".to_string())?;
-    let message = choice.get("message");
+    if !value.is_object() {
+        return Err(format!("the body is JSON but not an object ({})", kind(&value)));
+    }
+    let usage_value = value.get("usage").filter(|u| u.is_object());
+    let choice = value.get("choices").and_then(|c| c.get(0));
+    let no_choices = choice.is_none();
+    if no_choices && usage_value.is_none() {
+        return Err("the body has no `choices`".to_string());
+    }
+    let message = choice.and_then(|c| c.get("message"));
     let content = message
         .and_then(|m| m.get("content"))
         .and_then(Value::as_str)
@@ -38,21 +48,53 @@ pub fn parse_completion(body: &str) -> Result<Completion, String> {
             Some(format!("(refusal) {refusal}"))
         })
         .unwrap_or_default();
-    let finish_reason = choice.get("finish_reason").and_then(Value::as_str).map(str::to_owned);
-    let usage = value.get("usage").filter(|u| u.is_object()).map(|u| {
-        let int = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
-        Usage {
-            prompt_tokens: int(u.get("prompt_tokens")),
-            completion_tokens: int(u.get("completion_tokens")),
-            cached_tokens: int(u.get("prompt_tokens_details").and_then(|d| d.get("cached_tokens"))),
+    let finish_reason = choice.and_then(|c| c.get("finish_reason")).and_then(Value::as_str).map(str::to_owned);
+    let mut problems = Vec::new();
+    let usage = usage_value.map(|u| {
+        let mut count = |name: &str, v: Option<&Value>| match v {
+            None | Some(Value::Null) => 0,
+            Some(v) => v.as_u64().unwrap_or_else(|| {
+                problems.push(format!("usage.{name} = {} is not a token count", excerpt(v)));
+                0
+            }),
+        };
+        let prompt_tokens = count("prompt_tokens", u.get("prompt_tokens"));
+        let completion_tokens = count("completion_tokens", u.get("completion_tokens"));
+        let cached_tokens =
+            count("prompt_tokens_details.cached_tokens", u.get("prompt_tokens_details").and_then(|d| d.get("cached_tokens")));
+        if cached_tokens > prompt_tokens {
+            problems.push(format!("{cached_tokens} cached tokens of {prompt_tokens} prompt tokens"));
         }
+        Usage { prompt_tokens, completion_tokens, cached_tokens }
     });
-    let reported_cost_usd = value
-        .get("usage")
-        .and_then(|u| u.get("cost"))
-        .and_then(Value::as_f64)
-        .filter(|c| c.is_finite() && *c >= 0.0);
-    Ok(Completion { content, finish_reason, usage, reported_cost_usd })
+    let reported_cost_usd = match usage_value.and_then(|u| u.get("cost")) {
+        None | Some(Value::Null) => None,
+        Some(cost) => match cost.as_f64() {
+            Some(usd) if usd.is_finite() && usd >= 0.0 => Some(usd),
+            _ => {
+                problems.push(format!("usage.cost = {} is not an amount of money", excerpt(cost)));
+                None
+            }
+        },
+    };
+    let usage_problem = (!problems.is_empty()).then(|| problems.join("; "));
+    Ok(Completion { content, finish_reason, usage, reported_cost_usd, usage_problem, no_choices })
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn excerpt(value: &Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() > 40 { format!("{}…", text.chars().take(40).collect::<String>()) } else { text }
 }
 
 #[cfg(test)]
@@ -68,6 +110,27 @@ mod tests {
         assert!(!c.truncated());
         assert_eq!(c.usage, Some(Usage { prompt_tokens: 120, completion_tokens: 30, cached_tokens: 64 }));
         assert_eq!(c.reported_cost_usd, Some(0.00042));
+        assert_eq!(c.usage_problem, None);
+    }
+
+    #[test]
+    fn impossible_usage_is_named_not_zeroed_silently() {
+        let c = parse_completion(r#"{"choices":[{"message":{"content":"{}"}}],"usage":{"prompt_tokens":-5,"completion_tokens":1.5}}"#).unwrap();
+        let problem = c.usage_problem.unwrap();
+        assert!(problem.contains("usage.prompt_tokens = -5") && problem.contains("usage.completion_tokens = 1.5"), "{problem}");
+        let c = parse_completion(r#"{"choices":[{"message":{"content":"{}"}}],"usage":{"prompt_tokens":5,"cost":-1}}"#).unwrap();
+        assert!(c.usage_problem.unwrap().contains("usage.cost = -1"));
+        let c = parse_completion(r#"{"choices":[{"message":{"content":"{}"}}],"usage":{"prompt_tokens":"12"}}"#).unwrap();
+        assert!(c.usage_problem.unwrap().contains("\"12\""));
+    }
+
+    #[test]
+    fn no_choices_with_usage_is_billed() {
+        let c = parse_completion(r#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":0}}"#).unwrap();
+        assert!(c.no_choices);
+        assert_eq!(c.usage.unwrap().prompt_tokens, 10);
+        assert!(parse_completion(r#"{"choices":[]}"#).is_err());
+        assert!(parse_completion("[1,2]").is_err());
     }
 
     #[test]

@@ -63,7 +63,7 @@ impl Timeline {
                 let at = &mut acc[index(end)];
                 at.items_done += u64::from(call.items_ok);
                 at.rate_limited += u64::from(call.outcome.as_deref() == Some("rate_limited"));
-                at.cost_picos += call.cost.0;
+                at.cost_picos = at.cost_picos.saturating_add(call.cost.0);
             }
             // Time in flight, spread over the buckets the call overlaps.
             let (start, stop) = (call.started_at, end.unwrap_or(last));
@@ -84,7 +84,7 @@ impl Timeline {
             .iter()
             .enumerate()
             .map(|(i, a)| {
-                cumulative += a.cost_picos;
+                cumulative = cumulative.saturating_add(a.cost_picos);
                 Bucket {
                     start_s: (i as i64 * width_s as i64) as f64,
                     requests: a.requests,

@@ -5,15 +5,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backfill_controller::{CompletedRequest, Observation, Outcome, Ticket, parse_rate_limit_headers};
+use backfill_controller::{CompletedRequest, Observation, Outcome, RateLimitInfo, Ticket, parse_rate_limit_headers};
 
 use super::context::RunContext;
 use super::policy::Setback;
-use crate::ledger::{CostSource, answered_cost};
+use crate::ledger::{Bounds, CostSource, answered_cost};
 use crate::pricing::{Picos, Tier};
 use crate::provider::{CallError, Completion, parse_completion};
 use crate::store::{BatchWrite, CallSettle, Claimed, ItemChange, ItemUpdate, OutputRecord, OutputValue, now_ms};
-use crate::validate::{Validated, validate};
+use crate::validate::{Malformed, Validated, validate};
 
 /// A call ready to go: its items, body and ledger row.
 #[derive(Debug)]
@@ -157,18 +157,38 @@ pub fn conclude(
         Ok((completion, headers)) => {
             result.observation.rate_limits = parse_rate_limit_headers(headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
             settle.http_status = Some(200);
-            let usage = completion.usage;
             let price = ctx.price(call.tier, &call.model);
-            let (cost, source) = if call.cached.is_some() && !call.replay {
-                (Picos::ZERO, CostSource::Cache)
+            if call.cached.is_some() && !call.replay {
+                settle.usage = completion.usage.unwrap_or_default();
+                settle.cost = Picos::ZERO;
+                settle.cost_source = CostSource::Cache.as_str().into();
             } else {
-                answered_cost(&price, call.billing, usage.as_ref(), completion.reported_cost_usd, call.estimate)
-            };
-            settle.usage = usage.unwrap_or_default();
-            settle.cost = cost;
-            settle.cost_source = source.as_str().into();
+                let max_tokens = call.resendable.map(|shape| u64::from(shape.max_tokens)).unwrap_or(0);
+                let bounds = Bounds::of_request(call.body.len(), max_tokens, u64::from(ctx.chat.context_window));
+                let costed = answered_cost(
+                    &price,
+                    call.billing,
+                    completion.usage.as_ref(),
+                    completion.reported_cost_usd,
+                    completion.usage_problem.as_deref(),
+                    call.estimate,
+                    &bounds,
+                );
+                if let Some(flag) = &costed.flag {
+                    tracing::warn!("the provider's usage cannot be true ({flag}): the call is costed at its reservation");
+                }
+                settle.usage = costed.usage;
+                settle.cost = costed.cost;
+                settle.cost_source = costed.source.as_str().into();
+                settle.usage_flag = costed.flag;
+            }
             let ids: Vec<String> = call.claimed.iter().map(|c| c.item.id.clone()).collect();
-            match validate(&completion.content, &ids, &ctx.shape, completion.truncated()) {
+            let validated = if completion.no_choices {
+                Err(Malformed("the answer has no `choices` (its usage is billed)".into()))
+            } else {
+                validate(&completion.content, &ids, &ctx.shape, completion.truncated())
+            };
+            match validated {
                 Err(malformed) => {
                     settle.outcome = "malformed".into();
                     settle.error = Some(malformed.to_string());
@@ -178,12 +198,13 @@ pub fn conclude(
                     result.observation.outcome = Outcome::Completed(CompletedRequest {
                         items_missing: batch_len as u32,
                         truncated: completion.truncated(),
-                        prompt_tokens: settle.usage.prompt_tokens as u32,
-                        completion_tokens: settle.usage.completion_tokens as u32,
+                        prompt_tokens: settle.usage.prompt_tokens.min(u64::from(u32::MAX)) as u32,
+                        completion_tokens: settle.usage.completion_tokens.min(u64::from(u32::MAX)) as u32,
                         ..CompletedRequest::default()
                     });
                 }
                 Ok(validated) => {
+                    settle.repair = validated.repair.clone();
                     let completed = apply_outputs(ctx, &call, &validated, now, &mut result.write.items, &mut settle);
                     if validated.foreign_keys > 0 {
                         settle.content = Some(completion.content.clone());
@@ -197,8 +218,8 @@ pub fn conclude(
                     result.succeeded = true;
                     result.observation.outcome = Outcome::Completed(CompletedRequest {
                         truncated: completion.truncated(),
-                        prompt_tokens: settle.usage.prompt_tokens as u32,
-                        completion_tokens: settle.usage.completion_tokens as u32,
+                        prompt_tokens: settle.usage.prompt_tokens.min(u64::from(u32::MAX)) as u32,
+                        completion_tokens: settle.usage.completion_tokens.min(u64::from(u32::MAX)) as u32,
                         ..completed
                     });
                 }
@@ -209,13 +230,28 @@ pub fn conclude(
             settle.outcome = error.outcome().into();
             settle.error = Some(error.to_string());
             settle.cost_source = CostSource::None.as_str().into();
+            let asked = match &error {
+                CallError::RateLimited(limit) => too_long_wait(&limit.headers, true, ctx.limits.max_retry_after),
+                CallError::Transient { status: Some(_), headers, .. } => too_long_wait(headers, false, ctx.limits.max_retry_after),
+                _ => None,
+            };
+            if let Some(why) = asked {
+                // Waiting that long is a stall, not a pause: stop the run, the items go back to
+                // the queue untouched, and nothing this long is learned or shared.
+                result.fatal = Some(why);
+                result.observation.outcome =
+                    if matches!(error, CallError::RateLimited(_)) { Outcome::RateLimited } else { Outcome::OtherError };
+                result.write.items = setback_all(&Setback::Released);
+                result.write.settle = settle;
+                return result;
+            }
             let (setback, observed) = match &error {
                 CallError::RateLimited(limit) => {
                     result.observation.rate_limits = parse_rate_limit_headers(limit.headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
                     if let Some(shape) = call.resendable.filter(|s| s.resends < MAX_RESENDS && call.cached.is_none()) {
                         // Retry-After plus up to a tenth of it again, so resends do not land together.
                         let wait = limit.retry_after.unwrap_or(Duration::from_secs(1));
-                        let after = wait + wait.mul_f64(0.1 * fastrand::f64());
+                        let after = wait.saturating_add(jitter(wait, 0.1 * fastrand::f64()));
                         result.observation.outcome = Outcome::RateLimited;
                         result.write.settle = settle;
                         result.resend = Some(Resend {
@@ -254,9 +290,14 @@ pub fn conclude(
                     result.refused = Some(error.to_string());
                     (Setback::Malformed(error.to_string()), Outcome::OtherError)
                 }
-                CallError::Fatal { .. } => {
+                CallError::Fatal { .. } | CallError::Redirected { .. } => {
                     result.fatal = Some(error.to_string());
                     (Setback::Released, Outcome::OtherError)
+                }
+                CallError::TooLarge { .. } => {
+                    // Answered and probably billed, but never kept: possibly billed.
+                    settle.lost = true;
+                    (Setback::Malformed(error.to_string()), Outcome::OtherError)
                 }
                 CallError::BadOutput { body, .. } => {
                     settle.content = Some(body.chars().take(4000).collect());
@@ -273,6 +314,53 @@ pub fn conclude(
     }
     result.write.settle = settle;
     result
+}
+
+/// `share` of `wait` (share in 0..=1), never overflowing.
+pub fn jitter(wait: Duration, share: f64) -> Duration {
+    Duration::try_from_secs_f64(wait.as_secs_f64() * share.clamp(0.0, 1.0)).unwrap_or(Duration::ZERO)
+}
+
+/// The wait a 429 (`rate_limited`) or a 5xx asks for — `retry-after-ms`/`retry-after`, or for
+/// a 429 the reset of an exhausted limit — when it is longer than `cap`: the message that stops
+/// the run, naming the header and its value.
+pub fn too_long_wait(headers: &[(String, String)], rate_limited: bool, cap: Duration) -> Option<String> {
+    let pairs = || headers.iter().map(|(a, b)| (a.as_str(), b.as_str()));
+    let info = parse_rate_limit_headers(pairs());
+    let wait = info.retry_after.or_else(|| if rate_limited { exhausted_reset(&info) } else { None })?;
+    if wait <= cap {
+        return None;
+    }
+    // The header that asks for it: the one that, parsed alone, asks for this wait.
+    let named = headers
+        .iter()
+        .find(|(name, value)| {
+            let alone = parse_rate_limit_headers([(name.as_str(), value.as_str())]);
+            let windows = [alone.requests, alone.tokens, alone.input_tokens, alone.output_tokens];
+            alone.retry_after == Some(wait) || windows.iter().any(|w| w.reset == Some(wait))
+        })
+        .map(|(name, value)| format!("`{name}: {value}`"))
+        .unwrap_or_else(|| "its rate-limit headers".into());
+    let shown = if wait >= backfill_controller::LONGEST_WAIT {
+        "more than 100 years".to_owned()
+    } else {
+        humantime::format_duration(Duration::from_secs(wait.as_secs())).to_string()
+    };
+    Some(format!(
+        "the provider asks to wait {shown} before the next request ({named}), longer than \
+         limits.max_retry_after_s = {}s; the items go back to the queue: run again with --resume \
+         later, or raise limits.max_retry_after_s",
+        cap.as_secs_f64()
+    ))
+}
+
+/// The reset of a limit the provider says is used up, if any.
+fn exhausted_reset(info: &RateLimitInfo) -> Option<Duration> {
+    [info.requests, info.tokens, info.input_tokens, info.output_tokens]
+        .iter()
+        .filter(|window| window.remaining == Some(0))
+        .filter_map(|window| window.reset)
+        .max()
 }
 
 /// Writes each returned output through post-processing into item updates; returns the
@@ -339,4 +427,71 @@ fn apply_outputs(
     }
     settle.foreign_keys = validated.foreign_keys as u32;
     counts
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const NAMES: &[&str] = &[
+        "retry-after",
+        "retry-after-ms",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-reset-tokens",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-limit-requests",
+        "anthropic-ratelimit-requests-reset",
+        "anthropic-ratelimit-tokens-remaining",
+        "date",
+    ];
+
+    /// Values a header may carry: numbers of any size, durations in units, dates, garbage.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<f64>().prop_map(|f| f.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<i64>().prop_map(|n| format!("{n}ms")),
+            "[0-9]{1,30}(\\.[0-9]{0,5})?(h|m|s|ms|us|ns|µs|d|)".prop_map(String::from),
+            "([0-9]{1,25}[hms]){1,4}".prop_map(String::from),
+            "[0-9]{1,6}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(Z|\\+[0-9]{2}:[0-9]{2})".prop_map(String::from),
+            Just("Thu, 01 Jan 1970 00:00:00 GMT".to_string()),
+            Just("Fri, 31 Dec 9999 23:59:59 GMT".to_string()),
+            "\\PC{0,20}".prop_map(String::from),
+            Just("1e308".to_string()),
+            Just("-1e308".to_string()),
+            Just("NaN".to_string()),
+            Just("inf".to_string()),
+        ]
+    }
+
+    fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
+        proptest::collection::vec((proptest::sample::select(NAMES).prop_map(String::from), value()), 0..6)
+    }
+
+    proptest! {
+        #[test]
+        fn no_rate_limit_header_panics_or_names_an_endless_wait(headers in headers(), cap_s in 1u64..2_592_000, share in 0.0f64..1.0) {
+            let info = parse_rate_limit_headers(headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+            let longest = backfill_controller::LONGEST_WAIT;
+            let windows = [info.requests, info.tokens, info.input_tokens, info.output_tokens];
+            for wait in info.retry_after.into_iter().chain(windows.iter().filter_map(|w| w.reset)) {
+                prop_assert!(wait <= longest);
+                // What the runner does with a wait: jitter, add, deadline in ms.
+                let after = wait.saturating_add(jitter(wait, share));
+                let _ = 0i64.saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
+                let _ = std::time::Instant::now() + after;
+            }
+            let cap = Duration::from_secs(cap_s);
+            for rate_limited in [true, false] {
+                let stop = too_long_wait(&headers, rate_limited, cap);
+                let asked = info.retry_after.or_else(|| if rate_limited { exhausted_reset(&info) } else { None });
+                prop_assert_eq!(stop.is_some(), asked.is_some_and(|w| w > cap), "{:?}", stop);
+            }
+            let retry_after = crate::provider::parse_retry_after(&headers);
+            prop_assert!(retry_after.is_none_or(|w| w <= longest));
+        }
+    }
 }

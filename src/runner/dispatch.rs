@@ -39,6 +39,9 @@ pub enum Stop {
 
 /// Failures seen before any call succeeded that mean no call ever will.
 const BREAKER_THRESHOLD: u32 = 5;
+/// Answers in a row whose usage or cost cannot be true: the provider's bills cannot be
+/// trusted, and the run stops.
+pub const DISTRUST_THRESHOLD: u32 = 3;
 /// How often the controller's state is saved for `--resume`.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
 /// The longest the loop sleeps without looking at the queue again.
@@ -61,6 +64,7 @@ pub struct Dispatcher {
     successes: u64,
     unreachable_in_a_row: u32,
     refused_in_a_row: u32,
+    distrusted_in_a_row: u32,
     last_snapshot: Instant,
     /// Since when the budget has refused every call (reservations of calls in flight may still
     /// settle below their estimates and make room).
@@ -112,6 +116,7 @@ impl Dispatcher {
             successes: 0,
             unreachable_in_a_row: 0,
             refused_in_a_row: 0,
+            distrusted_in_a_row: 0,
             last_snapshot: Instant::now(),
             budget_refused_since: None,
             resends: VecDeque::new(),
@@ -412,7 +417,7 @@ impl Dispatcher {
                     format!(
                         "cannot reach the provider at {} ({why}); check model.base_url (or OPENAI_BASE_URL) \
                          and that the server is running, then run again with --resume",
-                        self.ctx.client.endpoint()
+                        crate::provider::shown_url(self.ctx.client.endpoint())
                     )
                 });
             }
@@ -430,6 +435,23 @@ impl Dispatcher {
         }
         if let Some(why) = &concluded.fatal {
             self.fatal.get_or_insert_with(|| why.clone());
+        }
+        let settle = &concluded.write.settle;
+        if let Some(flag) = &settle.usage_flag {
+            self.distrusted_in_a_row += 1;
+            if self.distrusted_in_a_row >= DISTRUST_THRESHOLD {
+                self.fatal.get_or_insert_with(|| {
+                    format!(
+                        "the provider reported impossible usage or cost on {} answers in a row (last: {flag}); \
+                         its bills cannot be trusted, so the run stops (those calls are costed at their \
+                         reservations, see `status`); check that model.base_url points at the provider you \
+                         mean and, if it reports usage.cost, that the job's prices are not far below its own",
+                        self.distrusted_in_a_row
+                    )
+                });
+            }
+        } else if settle.http_status == Some(200) && settle.cost_source != "cache" {
+            self.distrusted_in_a_row = 0;
         }
         if let Some(hash) = &concluded.drop_cache
             && let Err(e) = self.ctx.store.cache_drop(hash).await {

@@ -159,9 +159,9 @@ fn context_for(
 ) -> anyhow::Result<RunContext> {
     let api_key = chat.api_key()?;
     if api_key.is_none() {
-        tracing::info!("{} is not set: calling {} without an API key", chat.api_key_env, chat.base_url);
+        tracing::info!("{} is not set: calling {} without an API key", chat.api_key_env, crate::secret::redact_url(&chat.base_url));
     }
-    let client = ChatClient::new(&chat.base_url, api_key, chat.request_timeout)?;
+    let client = ChatClient::new(&chat.base_url, api_key, chat.request_timeout, chat.max_response_bytes)?;
     let packer = Packer::new(
         &chat.template,
         chat.system.clone(),

@@ -74,7 +74,7 @@ impl RetryPolicy {
             attempts,
             tier,
             group_limit,
-            not_before: now + delay.as_millis() as i64,
+            not_before: now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
             error: error.clone(),
             reason: reason.clone(),
         };
@@ -82,7 +82,7 @@ impl RetryPolicy {
             Setback::Released => return retry(attempts, tier, None, Duration::ZERO),
             Setback::RateLimited { retry_after } => {
                 let wait = retry_after.unwrap_or(Duration::from_secs(1));
-                return retry(attempts, tier, None, wait + wait.mul_f64(0.1 * jitter));
+                return retry(attempts, tier, None, wait.saturating_add(super::call::jitter(wait, 0.1 * jitter)));
             }
             _ => {}
         }

@@ -27,6 +27,11 @@ pub struct Summary {
     pub elapsed_seconds: f64,
     pub items_per_second: f64,
     pub controller: ControllerSummary,
+    /// Answers whose reported usage or cost could not be true: each is costed at its
+    /// reservation and flagged in the ledger (`backfill_calls.usage_flag`).
+    pub usage_distrusted: u64,
+    /// Nearly-right answers repaired before validation (`backfill_calls.repair` says how).
+    pub answers_repaired: u64,
     /// Local-model runs: seconds the model computed in this invocation (its ledger rows cost
     /// nothing; time is what they take).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -111,6 +116,8 @@ impl Summary {
             elapsed_seconds,
             items_per_second: finished_here as f64 / elapsed_seconds.max(0.001),
             controller,
+            usage_distrusted: report.calls.usage_distrusted,
+            answers_repaired: report.calls.answers_repaired,
             compute_seconds: None,
             error,
         }
@@ -159,6 +166,15 @@ impl Summary {
                 "; {} cut at the end of the queue ({} items sent twice)",
                 plural(c.hedged_requests, "request", "requests"),
                 c.hedged_items
+            ));
+        }
+        if self.answers_repaired > 0 {
+            out.push_str(&format!("\n  {} answers repaired before validation (see backfill_calls.repair)", self.answers_repaired));
+        }
+        if self.usage_distrusted > 0 {
+            out.push_str(&format!(
+                "\n  {} answers with impossible usage or cost, costed at their reservations (see backfill_calls.usage_flag)",
+                self.usage_distrusted
             ));
         }
         if let Some(compute) = self.compute_seconds {

@@ -29,6 +29,29 @@ use crate::ident::Ident;
 use crate::pricing::Picos;
 use crate::secret::DatabaseUrl;
 
+/// A token count as a database integer: counts beyond `i64::MAX` are stored as `i64::MAX`
+/// (never wrapped to a negative number).
+pub fn db_count(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+/// An exact SQLite sum of an integer column that cannot fail: `SUM` raises "integer overflow"
+/// past `i64`, so the column is summed in two parts (billions and the rest, each far from
+/// overflowing) and recombined; a total beyond `i64` becomes a REAL, which `CAST` saturates to
+/// `i64::MAX`. `NULL` on no rows, like `SUM`. Values stored as REAL by an older overflow are
+/// read through `CAST` too.
+pub fn sqlite_sum(column: &str) -> String {
+    format!(
+        "CAST(SUM(CAST({column} AS INTEGER) / 1000000000) * 1000000000 + SUM(CAST({column} AS INTEGER) % 1000000000) AS INTEGER)"
+    )
+}
+
+/// A PostgreSQL sum of a `bigint` column as a `bigint` that cannot fail: `SUM` is `numeric`
+/// (exact); a total beyond `bigint` is clamped instead of raising "bigint out of range".
+pub fn pg_sum(column: &str) -> String {
+    format!("LEAST(GREATEST(SUM({column}), -9223372036854775808), 9223372036854775807)::bigint")
+}
+
 /// The job's tables as the store needs them.
 #[derive(Debug, Clone)]
 pub struct Tables {

@@ -166,6 +166,10 @@ pub struct CallSettle {
     /// No answer came back but the provider may have billed the call (timeout, dropped
     /// connection): the call stays "possibly billed" at its estimate instead of settling.
     pub lost: bool,
+    /// Why the provider's usage or cost was not trusted (the call is costed at its estimate).
+    pub usage_flag: Option<String>,
+    /// How a nearly-right answer was repaired before validation.
+    pub repair: Option<String>,
 }
 
 /// One value written into a target column.
@@ -316,6 +320,10 @@ pub struct CallStats {
     pub items_sent: u64,
     pub first_started_at: Option<i64>,
     pub last_finished_at: Option<i64>,
+    /// Calls whose reported usage or cost could not be true (costed at their reservation).
+    pub usage_distrusted: u64,
+    /// Answers repaired before validation (raw control characters, trailing commas, prose).
+    pub answers_repaired: u64,
 }
 
 /// A worker attached to a run.

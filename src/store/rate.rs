@@ -169,9 +169,11 @@ fn capacity(rate_per_second: f64) -> f64 {
     (rate_per_second * BURST.as_secs_f64()).max(1.0)
 }
 
-/// The account key of a chat model: whose limits the requests count against.
+/// The account key of a chat model: whose limits the requests count against. It is stored
+/// (`backfill_rate_buckets.account`), so it holds the base URL without any credential in it
+/// (user info, query) and the key's variable name, never the key.
 pub fn account_key(base_url: &str, api_key_env: &str, model: &str) -> String {
-    format!("{}|{api_key_env}|{model}", base_url.trim_end_matches('/'))
+    format!("{}|{api_key_env}|{model}", crate::secret::public_url(base_url.trim_end_matches('/')))
 }
 
 #[cfg(test)]
@@ -264,5 +266,7 @@ mod tests {
     fn account_keys_ignore_a_trailing_slash() {
         assert_eq!(account_key("http://h/v1/", "KEY", "m"), account_key("http://h/v1", "KEY", "m"));
         assert_ne!(account_key("http://h/v1", "KEY", "m"), account_key("http://h/v1", "KEY", "n"));
+        assert!(!account_key("https://u:s3cret@h/v1?token=t0k", "KEY", "m").contains("s3cret"));
+        assert!(!account_key("https://u:s3cret@h/v1?token=t0k", "KEY", "m").contains("t0k"));
     }
 }

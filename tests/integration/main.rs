@@ -9,6 +9,7 @@ mod conformance;
 mod crash;
 mod dry_run;
 mod exit_codes;
+mod hostile;
 mod job_errors;
 mod ledger;
 mod llama;

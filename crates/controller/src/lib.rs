@@ -68,5 +68,6 @@ pub use rate_limit_headers::{LimitWindow, RateLimitInfo, parse_rate_limit_header
 pub use rate_pacer::RateDimension;
 pub use rate_probe::ProbePhase;
 pub use status::{ControllerCounts, ControllerState, ControllerStatus};
+pub use time_formats::{LONGEST as LONGEST_WAIT, seconds_to_duration};
 pub use token_bucket::TokenBucket;
 pub use token_estimates::TokenEstimates;

@@ -152,7 +152,7 @@ fn parse_count(value: &str) -> Option<u64> {
         value
             .parse::<f64>()
             .ok()
-            .filter(|v| *v >= 0.0)
+            .filter(|v| v.is_finite() && *v >= 0.0)
             .map(|v| v as u64)
     })
 }

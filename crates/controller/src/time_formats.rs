@@ -44,9 +44,19 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
     seconds_to_duration(total_seconds)
 }
 
-/// Converts non-negative finite seconds to a `Duration`.
+/// The longest duration a header can name: anything longer (up to `1e308` seconds, or an
+/// overflowing sum of parts) is taken as this, so arithmetic on it (`now + wait`, jitter, an
+/// `Instant` deadline, milliseconds as `i64`) can never overflow, and a caller comparing it
+/// with a sane cap still sees that it is far too long.
+pub const LONGEST: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Converts non-negative finite seconds to a `Duration`, clamped to [`LONGEST`]. Negative
+/// and non-finite values (NaN, an overflow to infinity) are not durations.
 pub fn seconds_to_duration(seconds: f64) -> Option<Duration> {
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+    if !(seconds.is_finite() && seconds >= 0.0) {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(seconds).unwrap_or(LONGEST).min(LONGEST))
 }
 
 /// Parses an IMF-fixdate HTTP date ("Sun, 06 Nov 1994 08:49:37 GMT") to Unix seconds.
@@ -143,6 +153,17 @@ mod tests {
         assert_eq!(parse_go_duration("5 parsecs"), None);
         assert_eq!(parse_go_duration("ms"), None);
         assert_eq!(parse_go_duration("-3s"), None);
+    }
+
+    #[test]
+    fn huge_durations_clamp_instead_of_panicking() {
+        assert_eq!(parse_go_duration("99999999999999999999s"), Some(LONGEST));
+        assert_eq!(parse_go_duration("1e20"), Some(LONGEST));
+        assert_eq!(parse_go_duration("1e308"), Some(LONGEST));
+        assert_eq!(parse_go_duration("99999999999999999999h99999999999999999999h"), Some(LONGEST));
+        assert_eq!(seconds_to_duration(f64::INFINITY), None);
+        assert_eq!(seconds_to_duration(f64::NAN), None);
+        assert_eq!(seconds_to_duration(1e20 / 1000.0), Some(LONGEST));
     }
 
     #[test]

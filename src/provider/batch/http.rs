@@ -15,23 +15,48 @@ const ANTHROPIC_VERSION: &str = "2023-06-01";
 pub struct Http {
     client: reqwest::Client,
     base: String,
+    /// The base URL's origin: the only one credentials are ever sent to.
+    origin: reqwest::Url,
     api_key: Option<ApiKey>,
     dialect: Dialect,
 }
 
 impl Http {
     pub fn new(base_url: &str, api_key: Option<ApiKey>, dialect: Dialect, timeout: Duration) -> anyhow::Result<Self> {
+        let base = base_url.trim_end_matches('/').to_owned();
+        let origin = reqwest::Url::parse(&base)?;
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(timeout)
             .user_agent(concat!("backfill/", env!("CARGO_PKG_VERSION")))
+            .redirect(crate::provider::redirect_policy(&origin, false))
             .build()?;
-        Ok(Self { client, base: base_url.trim_end_matches('/').to_owned(), api_key, dialect })
+        Ok(Self { client, base, origin, api_key, dialect })
     }
 
-    /// `path` below the base URL (`/batches`), or a full URL the provider gave (`results_url`).
-    fn url(&self, path: &str) -> String {
-        if path.starts_with("http://") || path.starts_with("https://") { path.to_owned() } else { format!("{}{path}", self.base) }
+    /// `path` below the base URL (`/batches`), or a full URL the provider gave (`results_url`)
+    /// when it has the base URL's origin (scheme, host and port): the key is sent with every
+    /// request, so a URL elsewhere is refused, whatever the provider says.
+    fn url(&self, path: &str) -> Result<String, CallError> {
+        if !(path.starts_with("http://") || path.starts_with("https://")) {
+            return Ok(format!("{}{path}", self.base));
+        }
+        let url = reqwest::Url::parse(path).map_err(|e| CallError::BadOutput {
+            reason: format!("the batch API named a URL that does not parse ({e})"),
+            status: 200,
+            body: String::new(),
+        })?;
+        if url.origin() != self.origin.origin() {
+            return Err(CallError::Redirected {
+                message: format!(
+                    "the batch API named {} for the results, another host than model.base_url's ({}); \
+                     the key is never sent there. Download them yourself, or check model.base_url",
+                    crate::provider::shown_url(&url),
+                    self.origin.origin().ascii_serialization()
+                ),
+            });
+        }
+        Ok(url.to_string())
     }
 
     fn authorised(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -68,20 +93,20 @@ impl Http {
     }
 
     pub async fn get_json(&self, path: &str) -> Result<Value, CallError> {
-        Self::json(&self.send(self.client.get(self.url(path))).await?)
+        Self::json(&self.send(self.client.get(self.url(path)?)).await?)
     }
 
     pub async fn get_text(&self, path: &str) -> Result<String, CallError> {
-        self.send(self.client.get(self.url(path))).await
+        self.send(self.client.get(self.url(path)?)).await
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value, CallError> {
-        Self::json(&self.send(self.client.post(self.url(path)).json(body)).await?)
+        Self::json(&self.send(self.client.post(self.url(path)?).json(body)).await?)
     }
 
     /// A JSON body already serialised (large inline batches are not parsed twice).
     pub async fn post_raw_json(&self, path: &str, body: Vec<u8>) -> Result<Value, CallError> {
-        let request = self.client.post(self.url(path)).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        let request = self.client.post(self.url(path)?).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
         Self::json(&self.send(request).await?)
     }
 
@@ -91,6 +116,30 @@ impl Http {
             .mime_str("application/jsonl")
             .map_err(|e| CallError::from_transport(&e))?;
         let form = reqwest::multipart::Form::new().text("purpose", purpose.to_owned()).part("file", part);
-        Self::json(&self.send(self.client.post(self.url(path)).multipart(form)).await?)
+        Self::json(&self.send(self.client.post(self.url(path)?).multipart(form)).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_goes_only_to_the_base_urls_origin() {
+        let http = Http::new("https://api.anthropic.com/v1/", Some(ApiKey::new("k".into())), Dialect::Anthropic, Duration::from_secs(5)).unwrap();
+        assert_eq!(http.url("/messages/batches").unwrap(), "https://api.anthropic.com/v1/messages/batches");
+        assert_eq!(http.url("https://api.anthropic.com/v1/messages/batches/b/results").unwrap(), "https://api.anthropic.com/v1/messages/batches/b/results");
+        for elsewhere in [
+            "https://evil.example/v1/messages/batches/b/results",
+            "http://api.anthropic.com/v1/results",
+            "https://api.anthropic.com:8443/v1/results",
+            "https://api.anthropic.com.evil.example/v1/results",
+            "https://user@evil.example/results?token=x",
+        ] {
+            let refused = http.url(elsewhere).unwrap_err();
+            assert!(matches!(refused, CallError::Redirected { .. }), "{elsewhere}");
+            assert!(refused.to_string().contains("never sent there"), "{refused}");
+            assert!(!refused.to_string().contains("token=x"), "{refused}");
+        }
     }
 }

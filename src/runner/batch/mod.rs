@@ -87,7 +87,7 @@ impl BatchRunner {
             match step {
                 Ok(()) => self.api_failures = 0,
                 Err(e) => match e.downcast_ref::<CallError>() {
-                    Some(CallError::Fatal { .. }) | Some(CallError::Rejected { .. }) => {
+                    Some(CallError::Fatal { .. }) | Some(CallError::Rejected { .. }) | Some(CallError::Redirected { .. }) => {
                         return Ok(Stop::Failed(format!("the batch API refused: {e:#}")));
                     }
                     Some(_) if self.api_failures + 1 < API_FAILURES => {

@@ -8,7 +8,7 @@ use sqlx::{Postgres, Transaction};
 
 use super::{PgStore, source};
 use crate::pricing::{Picos, Tier};
-use crate::store::{BatchWrite, ItemChange, ItemUpdate, LostCall, NewCall, Spend, Tables, WriteReport, now_ms};
+use crate::store::{db_count, BatchWrite, ItemChange, ItemUpdate, LostCall, NewCall, Spend, Tables, WriteReport, now_ms};
 
 pub(super) async fn reserve_call(store: &PgStore, call: &NewCall, cap: Option<Picos>) -> anyhow::Result<Option<i64>> {
     let mut tx = store.begin().await?;
@@ -16,7 +16,7 @@ pub(super) async fn reserve_call(store: &PgStore, call: &NewCall, cap: Option<Pi
     // row as the previous reservation left it, so together they never pass the cap.
     let reserved = sqlx::query(
         "UPDATE backfill_runs SET reserved_picos = reserved_picos + $1, updated_at = $2 \
-         WHERE id = $3 AND ($4::bigint IS NULL OR spent_picos + reserved_picos + lost_picos + $1 <= $4::bigint)",
+         WHERE id = $3 AND ($4::bigint IS NULL OR spent_picos::numeric + reserved_picos + lost_picos + $1 <= $4::bigint)",
     )
     .bind(call.estimated.0)
     .bind(now_ms())
@@ -126,15 +126,15 @@ async fn settle(store: &PgStore, tx: &mut Transaction<'static, Postgres>, batch:
         "UPDATE backfill_calls SET state = $1, latency_ms = $2, http_status = $3, outcome = $4, \
          prompt_tokens = $5, completion_tokens = $6, cached_tokens = $7, cost_picos = $8, cost_source = $9, \
          items_ok = $10, items_missing = $11, items_invalid = $12, items_rejected = $13, foreign_keys = $14, \
-         error = $15, content = $16 WHERE id = $17",
+         error = $15, content = $16, usage_flag = $17, repair = $18 WHERE id = $19",
     )
     .bind(if s.lost { "lost" } else { "settled" })
     .bind(s.latency_ms)
     .bind(s.http_status.map(i64::from))
     .bind(&s.outcome)
-    .bind(s.usage.prompt_tokens as i64)
-    .bind(s.usage.completion_tokens as i64)
-    .bind(s.usage.cached_tokens as i64)
+    .bind(db_count(s.usage.prompt_tokens))
+    .bind(db_count(s.usage.completion_tokens))
+    .bind(db_count(s.usage.cached_tokens))
     .bind(s.cost.0)
     .bind(&s.cost_source)
     .bind(s.items_ok as i64)
@@ -144,6 +144,8 @@ async fn settle(store: &PgStore, tx: &mut Transaction<'static, Postgres>, batch:
     .bind(s.foreign_keys as i64)
     .bind(&s.error)
     .bind(&s.content)
+    .bind(&s.usage_flag)
+    .bind(&s.repair)
     .bind(batch.call_id)
     .execute(&mut **tx)
     .await
@@ -151,8 +153,9 @@ async fn settle(store: &PgStore, tx: &mut Transaction<'static, Postgres>, batch:
     let (from_reserved, from_lost) = if state == "lost" { (0, estimated) } else { (estimated, 0) };
     let (to_spent, to_lost) = if s.lost { (0, estimated) } else { (s.cost.0, 0) };
     sqlx::query(
+        // Spend saturates at i64::MAX instead of failing with "bigint out of range".
         "UPDATE backfill_runs SET reserved_picos = reserved_picos - $1, lost_picos = lost_picos - $2 + $3, \
-         spent_picos = spent_picos + $4, updated_at = $5 WHERE id = $6",
+         spent_picos = LEAST(spent_picos::numeric + $4, 9223372036854775807)::bigint, updated_at = $5 WHERE id = $6",
     )
     .bind(from_reserved)
     .bind(from_lost)

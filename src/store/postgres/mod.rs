@@ -41,6 +41,7 @@ pub(crate) use db_now_ms;
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "runner tables", include_str!("../../../migrations/postgres/0001_runner_tables.sql")),
     (2, "provider batches", include_str!("../../../migrations/postgres/0002_batches.sql")),
+    (3, "provider checks", include_str!("../../../migrations/postgres/0003_provider_checks.sql")),
 ];
 
 /// Serialises migrations of concurrent workers (an arbitrary constant advisory-lock key).
@@ -177,10 +178,12 @@ impl Store for PgStore {
 
     async fn output_tokens_per_item(&self, job: &str, model: &str) -> anyhow::Result<Option<f64>> {
         let (tokens, items): (Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT SUM(c.completion_tokens)::bigint, SUM(c.items_ok + c.items_rejected + c.items_invalid)::bigint \
+            sqlx::AssertSqlSafe(format!(
+            "SELECT {}, SUM(c.items_ok + c.items_rejected + c.items_invalid)::bigint \
              FROM backfill_calls c JOIN backfill_runs r ON r.id = c.run_id \
              WHERE r.job = $1 AND c.model = $2 AND c.state = 'settled' AND c.outcome IN ('ok', 'truncated')",
-        )
+            pg_sum("c.completion_tokens")
+        )))
         .bind(job)
         .bind(model)
         .fetch_one(&self.pool)

@@ -5,7 +5,7 @@ use sqlx::PgPool;
 use super::runs::run_from_row;
 use super::{PgStore, db_now_ms};
 use crate::pricing::Picos;
-use crate::store::{CallRow, CallStats, ItemCounts, JobTotals, ModelCost, RunRecord, StatusReport, WorkerRow};
+use crate::store::{pg_sum, CallRow, CallStats, ItemCounts, JobTotals, ModelCost, RunRecord, StatusReport, WorkerRow};
 
 pub(super) async fn item_counts(pool: &PgPool, run_id: i64) -> Result<ItemCounts, sqlx::Error> {
     let rows: Vec<(String, i64)> =
@@ -77,7 +77,30 @@ pub(super) async fn status(store: &PgStore, job: &str, run: Option<i64>) -> anyh
         .fetch_one(pool)
         .await
         .map_err(e)?;
+    // The columns of migration 3; a read-only `status` may look at a database no newer
+    // backfill has migrated yet.
+    let checked: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = current_schema() \
+         AND table_name = 'backfill_calls' AND column_name IN ('usage_flag', 'repair')",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(e)?;
+    let (usage_distrusted, answers_repaired): (i64, i64) = if checked == 2 {
+        sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE usage_flag IS NOT NULL), COUNT(*) FILTER (WHERE repair IS NOT NULL) \
+             FROM backfill_calls WHERE run_id = $1",
+        )
+        .bind(run_id)
+        .fetch_one(pool)
+        .await
+        .map_err(e)?
+    } else {
+        (0, 0)
+    };
     let calls = CallStats {
+        usage_distrusted: usage_distrusted as u64,
+        answers_repaired: answers_repaired as u64,
         total: total as u64,
         by_outcome: outcomes.into_iter().map(|(o, n)| (o, n as u64)).collect(),
         in_flight: in_flight as u64,
@@ -147,11 +170,15 @@ async fn model_costs(store: &PgStore, scope: Scope<'_>) -> anyhow::Result<Vec<Mo
         Scope::Job(_) => "r.job = $1",
     };
     let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT c.model, COUNT(*), SUM(c.prompt_tokens)::bigint, SUM(c.completion_tokens)::bigint, \
-         SUM(c.cached_tokens)::bigint, SUM(c.cost_picos)::bigint, COUNT(*) FILTER (WHERE c.cost_source = 'provider'), \
+        "SELECT c.model, COUNT(*), {prompt}, {completion}, \
+         {cached}, {cost}, COUNT(*) FILTER (WHERE c.cost_source = 'provider'), \
          COUNT(*) FILTER (WHERE c.cost_source = 'estimate') \
          FROM backfill_calls c JOIN backfill_runs r ON r.id = c.run_id \
-         WHERE {filter} AND c.state = 'settled' GROUP BY c.model ORDER BY c.model"
+         WHERE {filter} AND c.state = 'settled' GROUP BY c.model ORDER BY c.model",
+        prompt = pg_sum("c.prompt_tokens"),
+        completion = pg_sum("c.completion_tokens"),
+        cached = pg_sum("c.cached_tokens"),
+        cost = pg_sum("c.cost_picos"),
     )));
     let query = match scope {
         Scope::Run(id) => query.bind(id),
@@ -174,10 +201,11 @@ async fn model_costs(store: &PgStore, scope: Scope<'_>) -> anyhow::Result<Vec<Mo
 }
 
 async fn job_totals(store: &PgStore, job: &str) -> anyhow::Result<JobTotals> {
-    let (runs, spent, lost): (i64, i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), COALESCE(SUM(spent_picos), 0)::bigint, COALESCE(SUM(lost_picos), 0)::bigint \
-         FROM backfill_runs WHERE job = $1",
-    )
+    let (runs, spent, lost): (i64, i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*), COALESCE({}, 0), COALESCE({}, 0) FROM backfill_runs WHERE job = $1",
+        pg_sum("spent_picos"),
+        pg_sum("lost_picos")
+    )))
     .bind(job)
     .fetch_one(&store.pool)
     .await

@@ -7,7 +7,7 @@ use sqlx::{Sqlite, Transaction};
 
 use super::{SqliteStore, source};
 use crate::pricing::{Picos, Tier};
-use crate::store::{BatchWrite, ItemChange, ItemUpdate, LostCall, NewCall, Spend, Tables, WriteReport, now_ms};
+use crate::store::{db_count, BatchWrite, ItemChange, ItemUpdate, LostCall, NewCall, Spend, Tables, WriteReport, now_ms};
 
 pub(super) async fn reserve_call(store: &SqliteStore, call: &NewCall, cap: Option<Picos>) -> anyhow::Result<Option<i64>> {
     let mut tx = store.begin_write().await?;
@@ -124,15 +124,15 @@ async fn settle(store: &SqliteStore, tx: &mut Transaction<'static, Sqlite>, batc
         "UPDATE backfill_calls SET state = ?, latency_ms = ?, http_status = ?, outcome = ?, \
          prompt_tokens = ?, completion_tokens = ?, cached_tokens = ?, cost_picos = ?, cost_source = ?, \
          items_ok = ?, items_missing = ?, items_invalid = ?, items_rejected = ?, foreign_keys = ?, \
-         error = ?, content = ? WHERE id = ?",
+         error = ?, content = ?, usage_flag = ?, repair = ? WHERE id = ?",
     )
     .bind(if s.lost { "lost" } else { "settled" })
     .bind(s.latency_ms)
     .bind(s.http_status.map(i64::from))
     .bind(&s.outcome)
-    .bind(s.usage.prompt_tokens as i64)
-    .bind(s.usage.completion_tokens as i64)
-    .bind(s.usage.cached_tokens as i64)
+    .bind(db_count(s.usage.prompt_tokens))
+    .bind(db_count(s.usage.completion_tokens))
+    .bind(db_count(s.usage.cached_tokens))
     .bind(s.cost.0)
     .bind(&s.cost_source)
     .bind(s.items_ok as i64)
@@ -142,6 +142,8 @@ async fn settle(store: &SqliteStore, tx: &mut Transaction<'static, Sqlite>, batc
     .bind(s.foreign_keys as i64)
     .bind(&s.error)
     .bind(&s.content)
+    .bind(&s.usage_flag)
+    .bind(&s.repair)
     .bind(batch.call_id)
     .execute(&mut **tx)
     .await
@@ -151,8 +153,10 @@ async fn settle(store: &SqliteStore, tx: &mut Transaction<'static, Sqlite>, batc
     let (from_reserved, from_lost) = if state == "lost" { (0, estimated) } else { (estimated, 0) };
     let (to_spent, to_lost) = if s.lost { (0, estimated) } else { (s.cost.0, 0) };
     sqlx::query(
-        "UPDATE backfill_runs SET reserved_picos = reserved_picos - ?, lost_picos = lost_picos - ? + ?, \
-         spent_picos = spent_picos + ?, updated_at = ? WHERE id = ?",
+        // Spend saturates at i64::MAX instead of turning into a REAL on overflow.
+        "UPDATE backfill_runs SET reserved_picos = reserved_picos - ?1, lost_picos = lost_picos - ?2 + ?3, \
+         spent_picos = CASE WHEN spent_picos > 9223372036854775807 - ?4 THEN 9223372036854775807 ELSE spent_picos + ?4 END, \
+         updated_at = ?5 WHERE id = ?6",
     )
     .bind(from_reserved)
     .bind(from_lost)
@@ -211,7 +215,7 @@ async fn fence(
 
 pub(super) async fn spend(store: &SqliteStore, run_id: i64) -> anyhow::Result<Spend> {
     let row: Option<(i64, i64, i64)> =
-        sqlx::query_as("SELECT spent_picos, reserved_picos, lost_picos FROM backfill_runs WHERE id = ?")
+        sqlx::query_as("SELECT CAST(spent_picos AS INTEGER), CAST(reserved_picos AS INTEGER), CAST(lost_picos AS INTEGER) FROM backfill_runs WHERE id = ?")
             .bind(run_id)
             .fetch_optional(&store.pool)
             .await

@@ -38,6 +38,7 @@ fn busy_timeout() -> Duration {
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "runner tables", include_str!("../../../migrations/sqlite/0001_runner_tables.sql")),
     (2, "provider batches", include_str!("../../../migrations/sqlite/0002_batches.sql")),
+    (3, "provider checks", include_str!("../../../migrations/sqlite/0003_provider_checks.sql")),
 ];
 
 /// How ids of a run's source table are bound: as integers or as text.
@@ -218,10 +219,12 @@ impl Store for SqliteStore {
 
     async fn output_tokens_per_item(&self, job: &str, model: &str) -> anyhow::Result<Option<f64>> {
         let (tokens, items): (Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT SUM(c.completion_tokens), SUM(c.items_ok + c.items_rejected + c.items_invalid) \
+            sqlx::AssertSqlSafe(format!(
+            "SELECT {}, SUM(c.items_ok + c.items_rejected + c.items_invalid) \
              FROM backfill_calls c JOIN backfill_runs r ON r.id = c.run_id \
              WHERE r.job = ? AND c.model = ? AND c.state = 'settled' AND c.outcome IN ('ok', 'truncated')",
-        )
+            sqlite_sum("c.completion_tokens")
+        )))
         .bind(job)
         .bind(model)
         .fetch_one(&self.pool)

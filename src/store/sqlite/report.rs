@@ -5,7 +5,7 @@ use sqlx::SqlitePool;
 use super::SqliteStore;
 use super::runs::run_from_row;
 use crate::pricing::Picos;
-use crate::store::{CallRow, CallStats, ItemCounts, JobTotals, ModelCost, RunRecord, StatusReport, WorkerRow, now_ms};
+use crate::store::{sqlite_sum, CallRow, CallStats, ItemCounts, JobTotals, ModelCost, RunRecord, StatusReport, WorkerRow, now_ms};
 
 pub(super) async fn item_counts(pool: &SqlitePool, run_id: i64) -> Result<ItemCounts, sqlx::Error> {
     let rows: Vec<(String, i64)> =
@@ -77,7 +77,28 @@ pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> 
         .fetch_one(pool)
         .await
         .map_err(e)?;
+    // The columns of migration 3; a read-only `status` may look at a file no newer backfill
+    // has migrated yet.
+    let checked: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM pragma_table_info('backfill_calls') WHERE name IN ('usage_flag', 'repair')")
+            .fetch_one(pool)
+            .await
+            .map_err(e)?;
+    let (usage_distrusted, answers_repaired): (i64, i64) = if checked == 2 {
+        sqlx::query_as(
+            "SELECT COALESCE(SUM(usage_flag IS NOT NULL), 0), COALESCE(SUM(repair IS NOT NULL), 0) \
+             FROM backfill_calls WHERE run_id = ?",
+        )
+        .bind(run_id)
+        .fetch_one(pool)
+        .await
+        .map_err(e)?
+    } else {
+        (0, 0)
+    };
     let calls = CallStats {
+        usage_distrusted: usage_distrusted as u64,
+        answers_repaired: answers_repaired as u64,
         total: total as u64,
         by_outcome: outcomes.into_iter().map(|(o, n)| (o, n as u64)).collect(),
         in_flight: in_flight as u64,
@@ -147,10 +168,14 @@ async fn model_costs(store: &SqliteStore, scope: Scope<'_>) -> anyhow::Result<Ve
         Scope::Job(_) => "r.job = ?",
     };
     let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT c.model, COUNT(*), SUM(c.prompt_tokens), SUM(c.completion_tokens), SUM(c.cached_tokens), \
-         SUM(c.cost_picos), SUM(c.cost_source = 'provider'), SUM(c.cost_source = 'estimate') \
+        "SELECT c.model, COUNT(*), {prompt}, {completion}, {cached}, \
+         {cost}, SUM(c.cost_source = 'provider'), SUM(c.cost_source = 'estimate') \
          FROM backfill_calls c JOIN backfill_runs r ON r.id = c.run_id \
-         WHERE {filter} AND c.state = 'settled' GROUP BY c.model ORDER BY c.model"
+         WHERE {filter} AND c.state = 'settled' GROUP BY c.model ORDER BY c.model",
+        prompt = sqlite_sum("c.prompt_tokens"),
+        completion = sqlite_sum("c.completion_tokens"),
+        cached = sqlite_sum("c.cached_tokens"),
+        cost = sqlite_sum("c.cost_picos"),
     )));
     let query = match scope {
         Scope::Run(id) => query.bind(id),
@@ -173,9 +198,11 @@ async fn model_costs(store: &SqliteStore, scope: Scope<'_>) -> anyhow::Result<Ve
 }
 
 async fn job_totals(store: &SqliteStore, job: &str) -> anyhow::Result<JobTotals> {
-    let (runs, spent, lost): (i64, i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), COALESCE(SUM(spent_picos), 0), COALESCE(SUM(lost_picos), 0) FROM backfill_runs WHERE job = ?",
-    )
+    let (runs, spent, lost): (i64, i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*), COALESCE({}, 0), COALESCE({}, 0) FROM backfill_runs WHERE job = ?",
+        sqlite_sum("spent_picos"),
+        sqlite_sum("lost_picos")
+    )))
     .bind(job)
     .fetch_one(&store.pool)
     .await
@@ -191,7 +218,7 @@ type CallTuple = (i64, Option<i64>, i64, i64, Option<String>, Option<i64>, i64, 
 
 pub(super) async fn calls(store: &SqliteStore, run_id: i64) -> anyhow::Result<Vec<CallRow>> {
     let rows: Vec<CallTuple> = sqlx::query_as(
-        "SELECT started_at, latency_ms, items, items_ok, outcome, concurrency, cost_picos, model \
+        "SELECT started_at, latency_ms, items, items_ok, outcome, concurrency, CAST(cost_picos AS INTEGER), model \
          FROM backfill_calls WHERE run_id = ? ORDER BY started_at, id",
     )
     .bind(run_id)

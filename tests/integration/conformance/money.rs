@@ -15,7 +15,32 @@ conformance!(
     calls_of_a_dead_worker_are_lost_then_settled_from_the_cache,
     a_call_lost_without_an_answer_stays_possibly_billed,
     the_response_cache_keeps_answers_until_they_expire,
+    a_ledger_summing_past_i64_saturates_and_still_reports,
 );
+
+/// Costs near `i64::MAX` (stored by a provider's absurd figure before costs were checked):
+/// spend saturates instead of overflowing, the cap refuses instead of failing, and `status`
+/// sums the ledger.
+async fn a_ledger_summing_past_i64_saturates_and_still_reports(db: Arc<Db>) {
+    db.source_table("items", Ids::Integer, 4).await;
+    let t = tables("items");
+    let run = new_run(&db, &t, None).await;
+    let a = worker("a");
+    let claimed = db.store.claim(&t, run.id, &a, 4, LEASE).await.unwrap().items;
+    let huge = i64::MAX - 5;
+    for pair in claimed.chunks(2) {
+        let call = reserve(&db, run.id, &a, pair, 10).await;
+        db.store.write_batch(&t, &batch(run.id, call, settled(huge, 2), done_all(pair, "x"))).await.unwrap();
+    }
+    let spend = db.store.spend(run.id).await.unwrap();
+    assert_eq!(spend.spent, Picos(i64::MAX), "{}", db.backend);
+    let refused = db.store.reserve_call(&new_call(run.id, &a, &claimed[..1], 10, None), Some(Picos(1_000))).await.unwrap();
+    assert_eq!(refused, None, "{}: a saturated spend refuses, it does not fail", db.backend);
+    let report = db.store.status(&run.job, None).await.unwrap().expect("the run");
+    assert_eq!(report.models.iter().map(|m| m.cost).sum::<Picos>(), Picos(i64::MAX), "{}", db.backend);
+    assert_eq!(report.job_totals.spent, Picos(i64::MAX), "{}", db.backend);
+    assert!(db.store.calls(run.id).await.unwrap().iter().all(|c| c.cost.0 == huge));
+}
 
 async fn reservations_stop_at_the_cap_and_settling_frees_the_estimate(db: Arc<Db>) {
     db.source_table("items", Ids::Integer, 4).await;

@@ -3,6 +3,7 @@
 
 pub mod batch_fake;
 pub mod fake;
+pub mod hostile;
 pub mod limited;
 pub mod pg;
 
