@@ -99,8 +99,15 @@ async fn kill_nine_at_random_moments_then_resume_loses_nothing_and_pays_nothing_
     // Every request the provider saw is in the ledger exactly once (reserved before sending);
     // none is left reserved; money adds up.
     let records = fake.records();
-    let sent_calls = scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE outcome IS NULL OR outcome <> 'cached'").await;
-    assert_eq!(sent_calls as usize, records.len(), "ledger calls vs provider requests");
+    let sent_calls = scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE outcome IS NULL OR outcome <> 'cached'").await as usize;
+    // A kill between the reservation and the request leaves a call the provider never saw; it
+    // is kept as lost (possibly billed), never as spent.
+    let lost = scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE state = 'lost'").await as usize;
+    assert!(
+        records.len() <= sent_calls && sent_calls - records.len() <= lost,
+        "ledger calls {sent_calls} ({lost} lost) vs provider requests {}",
+        records.len()
+    );
     assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_calls WHERE state = 'reserved'").await, 0);
     assert_eq!(scalar(&fx, "SELECT reserved_picos FROM backfill_runs").await, 0);
     assert_eq!(
