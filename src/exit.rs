@@ -1,4 +1,4 @@
-//! Exit codes of the command line (DESIGN.md) and the error kinds that map onto them.
+//! Exit codes of the command line (README.md, "Exit codes") and the error kinds that map onto them.
 
 use std::fmt;
 

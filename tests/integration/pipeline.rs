@@ -1,5 +1,5 @@
-//! The walking pipeline against the scripted fake provider: every fault of DESIGN.md's
-//! validation rules, asserting rows, item states and the ledger.
+//! The walking pipeline against the scripted fake provider: every fault the answer validation
+//! handles (ARCHITECTURE.md, "Item lifecycle"), asserting rows, item states and the ledger.
 
 use std::time::Duration;
 

@@ -189,7 +189,7 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             out,
-            "  DESIGN.md's {DESIGN_PATTERN} alone would strip {} clean texts",
+            "  the bare pattern {DESIGN_PATTERN} alone would strip {} clean texts",
             fraction(strip.clean_stripped_by_design_pattern, strip.clean_texts)
         )?;
         for example in &strip.clean_stripped_examples {

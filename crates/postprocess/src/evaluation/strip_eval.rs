@@ -23,7 +23,8 @@ pub const METADATA_PATTERNS: [&str; 4] = [
     r"\s*\(R\d{4}\)",
 ];
 
-/// The pattern DESIGN.md shows, measured on its own against clean texts.
+/// The bare "(digits-digits)" pattern a first design of the strip rule used, measured on its own
+/// against clean texts.
 pub const DESIGN_PATTERN: &str = r"\(\d+-\d+\)";
 
 /// Results of the strip and normalisation scenarios.
