@@ -47,7 +47,11 @@ async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
         .execute(&pool)
         .await
         .unwrap();
-    std::fs::write(dir.path().join("prompt.md"), "Leg elke motie uit in één zin. Antwoord met een JSON-object met de id's als sleutels.\n{{items}}\n").unwrap();
+    std::fs::write(
+        dir.path().join("prompt.md"),
+        "Leg elke motie uit in één korte zin van hoogstens vijftien woorden. Antwoord met een JSON-object met de id's als sleutels.\n{{items}}\n",
+    )
+    .unwrap();
     let job = dir.path().join("job.toml");
     std::fs::write(
         &job,
@@ -76,7 +80,8 @@ input = 0.0
 output = 0.0
 [limits]
 items_per_request = {{ start = 2, min = 1, max = 2 }}
-max_attempts = 6
+max_attempts = 3
+max_failed_share = 1.0
 "#,
             db = db.display()
         ),

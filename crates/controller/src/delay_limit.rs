@@ -157,26 +157,26 @@ impl DelayLimit {
     }
 
     /// One completed request: sent in `generation` with `in_flight` requests in flight
-    /// (itself included), `items` items, ending after `latency`. Only requests sent at the
-    /// current limit while it held the dispatcher back count.
+    /// (itself included), `work` in items, ending after `latency`.
+    /// Only requests sent at the current limit while it held the dispatcher back count.
     pub fn on_completed(
         &mut self,
         now: Duration,
         generation: u64,
         in_flight: u32,
-        items: u32,
+        work: f64,
         latency: Duration,
     ) {
-        if items == 0 || generation != self.generation || in_flight < self.limit() {
+        if !(work > 0.0) || generation != self.generation || in_flight < self.limit() {
             return;
         }
         let level = self.limit();
         let sample = &mut self.accumulator;
         sample.samples += 1;
         sample.in_flight += f64::from(in_flight);
-        sample.items += f64::from(items);
+        sample.items += work;
         sample.latency_s += latency.as_secs_f64().max(1e-6);
-        let per_item = latency.as_secs_f64().max(1e-6) / f64::from(items);
+        let per_item = latency.as_secs_f64().max(1e-6) / work;
         sample.per_item += per_item;
         sample.per_item_squared += per_item * per_item;
         // Slow start judges after one round: a doubling is either clearly worth it or not.
@@ -386,7 +386,7 @@ mod tests {
             let level = limit.limit();
             let latency = latency(level, slots, 2.0, slowdown);
             now += latency / level;
-            limit.on_completed(now, limit.generation(), level, 10, latency);
+            limit.on_completed(now, limit.generation(), level, 10.0, latency);
         }
         limit
     }
@@ -427,9 +427,9 @@ mod tests {
         let generation = limit.generation();
         for _ in 0..100 {
             // Sent below the limit (something else held the dispatcher back)...
-            limit.on_completed(Duration::ZERO, generation, 3, 10, Duration::from_secs(1));
+            limit.on_completed(Duration::ZERO, generation, 3, 10.0, Duration::from_secs(1));
             // ...or before the limit last changed.
-            limit.on_completed(Duration::ZERO, generation + 1, 4, 10, Duration::from_secs(1));
+            limit.on_completed(Duration::ZERO, generation + 1, 4, 10.0, Duration::from_secs(1));
         }
         assert_eq!((limit.limit(), limit.probes()), (4, 0));
     }

@@ -87,8 +87,18 @@ impl Controller {
     ) {
         let shape = sent.shape;
         let items_sent = shape.items;
-        self.delay
-            .on_completed(now, sent.generation, sent.level, items_sent, latency);
+        // Retries split into groups smaller than the current size take another time per item:
+        // levels are compared on the requests of new work.
+        let small_retry = shape.retried_items >= items_sent && items_sent < self.batch.current();
+        if !small_retry {
+            self.delay.on_completed(
+                now,
+                sent.generation,
+                sent.level,
+                f64::from(items_sent),
+                latency,
+            );
+        }
         self.counts.requests_completed += 1;
         self.counts.items_valid += u64::from(completed.items_valid);
         self.counts.items_missing += u64::from(completed.items_missing);
