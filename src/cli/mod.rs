@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::exit::{Exit, exit_for_error, usage};
+use crate::exit::{Exit, exit_for_error, json_line, usage};
 use crate::job::{Job, LoadOptions};
 
 #[derive(Debug, Parser)]
@@ -137,14 +137,30 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { Exit::Usage.code() } else { 0 });
+            if !e.use_stderr() {
+                return ExitCode::from(0);
+            }
+            // `run … --json` with a flag clap refuses still owes its cron line.
+            let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+            if raw.get(1).is_some_and(|a| a == "run") && raw.iter().any(|a| a == "--json") {
+                json_line::arm(raw.get(2).map(|a| a.to_string_lossy().into_owned()).unwrap_or_default());
+                let message = e.render().to_string();
+                json_line::write(Exit::Usage, message.lines().next().unwrap_or_default().trim_start_matches("error: "));
+            }
+            return ExitCode::from(Exit::Usage.code());
         }
     };
+    if let Command::Run(args) = &cli.command
+        && args.json
+    {
+        json_line::arm(args.target.job.display().to_string());
+    }
     logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("backfill: cannot start the async runtime: {e}");
+            json_line::write(Exit::Error, &format!("cannot start the async runtime: {e}"));
             return ExitCode::from(Exit::Error.code());
         }
     };
@@ -152,7 +168,9 @@ pub fn main() -> ExitCode {
         Ok(exit) => ExitCode::from(exit.code()),
         Err(e) => {
             eprintln!("backfill: {e:#}");
-            ExitCode::from(exit_for_error(&e).code())
+            let exit = exit_for_error(&e);
+            json_line::write(exit, &format!("{e:#}"));
+            ExitCode::from(exit.code())
         }
     }
 }
@@ -200,6 +218,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
             database: None,
         },
     )?;
+    json_line::set_job(&job.name);
     if let Some(chat) = job.chat() {
         for model in chat.tiers().filter(|m| job.prices.origin(m) == Some(&crate::pricing::PriceOrigin::Unpriced)) {
             tracing::warn!(
@@ -262,6 +281,7 @@ fn check(args: CheckArgs) -> anyhow::Result<Exit> {
 
 /// Prints one JSON object on stdout; a closed pipe is not an error.
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    json_line::disarm();
     let text = serde_json::to_string(value)?;
     let mut out = std::io::stdout().lock();
     match writeln!(out, "{text}").and_then(|_| out.flush()) {

@@ -34,6 +34,7 @@ pub async fn attach(job: &Job, options: &RunOptions) -> anyhow::Result<Attached>
     let tables = Tables::from_job(job);
     store.inspect(&tables).await?;
     let run = find_or_create(job, options, store.as_ref(), &tables).await?;
+    crate::exit::json_line::set_run(run.id);
     let worker = Worker::current();
     match store.attach(run.id, &worker, job.limits.lease, !store.shares_runs()).await? {
         Attach::Attached(recovered) => {
