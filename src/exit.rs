@@ -112,14 +112,22 @@ pub mod json_line {
 
     /// Writes the short line if one is still owed (at most once per process).
     pub fn write(exit: Exit, error: &str) {
+        write_status(status_for(exit), exit, Some(error), None);
+    }
+
+    /// Writes the short line with this `status` (and a `message` when there is no error).
+    pub fn write_status(status: &str, exit: Exit, error: Option<&str>, message: Option<&str>) {
         let Some(p) = pending().take() else { return };
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "run_id": p.run_id,
             "job": p.job,
-            "status": status_for(exit),
+            "status": status,
             "exit_code": exit.code(),
             "error": error,
         });
+        if let Some(message) = message {
+            line["message"] = message.into();
+        }
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}").and_then(|_| out.flush());
     }

@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run a job (or --resume its unfinished run; --dry-run to estimate it).
     Run(RunArgs),
-    /// Show the latest run of a job: items by state, cost per model, workers.
+    /// Show the latest run of a job: items by state, cost per model, workers, the last 10 earlier runs.
     Status(StatusArgs),
     /// Report on a run: items, rejections, cost, throughput, the controller's path.
     Report(ReportArgs),
@@ -113,8 +113,12 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 struct StatusArgs {
     #[command(flatten)]
     target: DatabaseArgs,
+    /// Print the status as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// List every earlier run of the job (default: the last 10).
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -184,7 +188,7 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
         Command::Run(args) => run(args).await,
         Command::Status(args) => {
             let job = load(&args.target, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
-            status::status(&job, args.json).await
+            status::status(&job, args.json, args.all).await
         }
         Command::Report(args) => {
             let job = load(&args.target, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
@@ -255,11 +259,19 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         quiet: args.quiet,
         wait: args.wait,
         finish_sync_after: args.finish_sync_after,
+        max_usd: args.max_usd,
+        batch_api: args.batch_api,
     };
     let outcome = crate::runner::run(&job, &options, shutdown).await?;
-    eprintln!("{}", outcome.summary.human());
+    let Some(summary) = outcome.summary else {
+        let message = format!("nothing pending for job `{}` and no unfinished run: no run started", job.name);
+        eprintln!("backfill: {message}");
+        json_line::write_status("nothing_pending", outcome.exit, None, Some(&message));
+        return Ok(outcome.exit);
+    };
+    eprintln!("{}", summary.human());
     if args.json {
-        print_json(&outcome.summary)?;
+        print_json(&summary)?;
     }
     Ok(outcome.exit)
 }

@@ -27,6 +27,8 @@ pub(super) struct StatusJson {
     calls: CallsJson,
     workers: Vec<WorkerJson>,
     earlier_runs: Vec<EarlierRunJson>,
+    /// Earlier runs left out of `earlier_runs` (`status --all` lists every one).
+    earlier_runs_not_shown: u64,
     job_totals: JobTotalsJson,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     batches: Vec<BatchJson>,
@@ -192,6 +194,7 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
                 cost_usd: cost.usd(),
             })
             .collect(),
+        earlier_runs_not_shown: 0,
         job_totals: job_totals_json(&r.job_totals),
         batches: r
             .batches
@@ -234,7 +237,7 @@ pub(super) fn human(s: &StatusJson) -> String {
         out.push_str(&format!(", up to ${:.4} possibly billed ({} calls without an answer)", s.possibly_billed_usd, s.calls.possibly_billed));
     }
     if let Some(cap) = s.budget_usd {
-        out.push_str(&format!(" — cap ${cap:.2}"));
+        out.push_str(&format!(" — cap {}", crate::pricing::format_usd_cap(cap)));
     }
     out.push('\n');
     for m in &s.models {
@@ -281,6 +284,9 @@ pub(super) fn human(s: &StatusJson) -> String {
     }
     for r in &s.earlier_runs {
         out.push_str(&format!("  earlier run {} ({}), {}: {} items, ${:.4}\n", r.run_id, r.status, r.created_at, r.items, r.cost_usd));
+    }
+    if s.earlier_runs_not_shown > 0 {
+        out.push_str(&format!("  … and {} older runs (`status --all` lists every one)\n", s.earlier_runs_not_shown));
     }
     out.push_str(&job_totals_lines(&s.job_totals));
     out.trim_end().to_owned()
@@ -343,9 +349,14 @@ pub(super) async fn load(job: &Job, run: Option<i64>) -> anyhow::Result<(std::sy
     }
 }
 
-pub async fn status(job: &Job, json: bool) -> anyhow::Result<Exit> {
-    let (_, report) = load(job, None).await?;
-    let view = to_json(job, &report);
+pub async fn status(job: &Job, json: bool, all: bool) -> anyhow::Result<Exit> {
+    let (store, mut report) = load(job, None).await?;
+    if all {
+        report.history = store.history(&job.name, report.run.id, None).await?;
+    }
+    let mut view = to_json(job, &report);
+    // The latest run: every other run of the job is an earlier one.
+    view.earlier_runs_not_shown = report.job_totals.runs.saturating_sub(1 + report.history.len() as u64);
     if json {
         print_json(&view)?;
     } else {

@@ -115,3 +115,133 @@ async fn every_json_exit_writes_one_line_with_status_and_error() {
     assert_eq!(stdout(&quiet), "");
     assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_runs").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_with_nothing_pending_starts_no_run_and_status_shows_the_last_ten() {
+    let fx = Fixture::new(5).await;
+    let fake = FakeProvider::start(vec![], vec![], 172).await;
+    fx.write_job(&fake.base_url(), "", "", "");
+    let (first, summary) = run_json(&fx, &["--resume"]).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert_eq!(summary["items"]["done"], 5, "{summary}");
+
+    // Nothing pending, no unfinished run: exit 0, no run, and the line and stderr say so.
+    let (idle, line) = run_json(&fx, &["--resume"]).await;
+    assert_eq!(idle.status.code(), Some(0), "{}", stderr(&idle));
+    the_one_line(&idle);
+    assert_eq!(line["status"], "nothing_pending", "{line}");
+    assert_eq!(line["exit_code"], 0, "{line}");
+    assert_eq!(line["run_id"], Value::Null, "{line}");
+    assert_eq!(line["error"], Value::Null, "{line}");
+    assert!(stderr(&idle).contains("nothing pending"), "{}", stderr(&idle));
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_runs").await, 1, "an empty run was created");
+
+    // Twelve more nights with one row each: thirteen runs.
+    let pool = fx.pool().await;
+    for night in 0..12 {
+        sqlx::query("UPDATE items SET summary = NULL WHERE id = ?").bind(1 + night % 5).execute(&pool).await.unwrap();
+        let (output, summary) = run_json(&fx, &["--resume", "--no-cache"]).await;
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        assert_eq!(summary["items"]["total"], 1, "{summary}");
+    }
+    pool.close().await;
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_runs").await, 13);
+
+    let job = fx.job.to_str().unwrap();
+    let status = backfill_async(fx.dir.path(), &["status", job, "--json"], &[]).await;
+    let view: Value = serde_json::from_str(&stdout(&status)).unwrap();
+    let earlier = view["earlier_runs"].as_array().unwrap();
+    assert_eq!(earlier.len(), 10, "{view}");
+    assert_eq!(earlier[0]["run_id"], 12);
+    assert_eq!(earlier[9]["run_id"], 3);
+    assert_eq!(view["earlier_runs_not_shown"], 2, "{view}");
+    let text = backfill_async(fx.dir.path(), &["status", job], &[]).await;
+    assert_eq!(stdout(&text).matches("earlier run ").count(), 10, "{}", stdout(&text));
+    assert!(stdout(&text).contains("and 2 older runs (`status --all` lists every one)"), "{}", stdout(&text));
+
+    let all = backfill_async(fx.dir.path(), &["status", job, "--json", "--all"], &[]).await;
+    let view: Value = serde_json::from_str(&stdout(&all)).unwrap();
+    assert_eq!(view["earlier_runs"].as_array().unwrap().len(), 12, "{view}");
+    assert_eq!(view["earlier_runs_not_shown"], 0, "{view}");
+
+    // A report on an early run lists only the runs before it as earlier.
+    let report = backfill_async(fx.dir.path(), &["report", job, "--run", "2", "--json"], &[]).await;
+    assert_eq!(report.status.code(), Some(0), "{}", stderr(&report));
+    let view: Value = serde_json::from_str(&stdout(&report)).unwrap();
+    let ids: Vec<i64> = view["earlier_runs"].as_array().unwrap().iter().map(|r| r["run_id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, vec![1], "{view}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_keeps_the_cap_and_limit_the_run_started_with_unless_a_flag_changes_them() {
+    let fx = Fixture::new(40).await;
+    let fake = FakeProvider::start(vec![], vec![], 173).await;
+    fx.write_job(&fake.base_url(), "", "", "\n[budget]\nmax_usd = 5.0\n");
+
+    // A cap below one request's estimate: exit 3 at once, the cap shown as it is.
+    let (first, summary) = run_json(&fx, &["--limit", "30", "--max-usd", "0.00005"]).await;
+    assert_eq!(first.status.code(), Some(3), "{}", stderr(&first));
+    assert_eq!(summary["items"]["total"], 30, "{summary}");
+    assert_eq!(summary["budget_usd"], 0.00005, "{summary}");
+    assert!(stderr(&first).contains("of $0.00005 cap"), "{}", stderr(&first));
+
+    // A plain --resume keeps the cap (not the job file's $5) and the limit, and says so.
+    let (again, summary) = run_json(&fx, &["--resume"]).await;
+    assert_eq!(again.status.code(), Some(3), "{}", stderr(&again));
+    assert_eq!(summary["budget_usd"], 0.00005, "{summary}");
+    assert_eq!(summary["items"]["total"], 30, "{summary}");
+    assert!(stderr(&again).contains("kept what it was started with: budget cap $0.00005, mode sync, limit 30"), "{}", stderr(&again));
+    assert!(stderr(&again).contains("the job file's budget cap $5.00 is not applied"), "{}", stderr(&again));
+    assert_eq!(fake.records().len(), 0, "nothing may be sent past the cap");
+    let status = backfill_async(fx.dir.path(), &["status", fx.job.to_str().unwrap()], &[]).await;
+    assert!(stdout(&status).contains("cap $0.00005"), "{}", stdout(&status));
+
+    // Flags given again change them, and stderr says which.
+    let (changed, summary) = run_json(&fx, &["--resume", "--limit", "10", "--max-usd", "2"]).await;
+    assert_eq!(changed.status.code(), Some(0), "{}", stderr(&changed));
+    assert!(
+        stderr(&changed)
+            .contains("changed by this command: budget cap $2.00 (was $0.00005), limit 10 (was 30; the run now holds 10 items)"),
+        "{}",
+        stderr(&changed)
+    );
+    assert!(stderr(&changed).contains("kept what it was started with: mode sync"), "{}", stderr(&changed));
+    assert_eq!(summary["items"]["total"], 10, "{summary}");
+    assert_eq!(summary["items"]["done"], 10, "{summary}");
+    assert_eq!(summary["budget_usd"], 2.0, "{summary}");
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 10);
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_runs").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_larger_limit_on_resume_adds_pending_rows_to_the_run() {
+    let fx = Fixture::new(30).await;
+    let fake = FakeProvider::start(vec![], vec![], 174).await;
+    fx.write_job(&fake.base_url(), "", "", "");
+    let (first, _) = run_json(&fx, &["--limit", "10", "--max-usd", "0.00005"]).await;
+    assert_eq!(first.status.code(), Some(3), "{}", stderr(&first));
+    let (grown, summary) = run_json(&fx, &["--resume", "--limit", "25", "--max-usd", "1"]).await;
+    assert_eq!(grown.status.code(), Some(0), "{}", stderr(&grown));
+    assert!(stderr(&grown).contains("limit 25 (was 10; the run now holds 25 items)"), "{}", stderr(&grown));
+    assert_eq!(summary["items"]["done"], 25, "{summary}");
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 25);
+    assert_eq!(scalar(&fx, "SELECT COUNT(DISTINCT seq) FROM backfill_items").await, 25);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_started_with_batch_api_resumes_in_batch_mode() {
+    use crate::support::batch_fake::BatchFake;
+    let fx = Fixture::new(30).await;
+    let fake = BatchFake::start().await;
+    // The job file says nothing of batch mode: only the flag does.
+    fx.write_job(&fake.base_url(), "batch_poll_s = 0.05", "", "");
+    let (first, summary) = run_json(&fx, &["--batch-api", "--wait", "0"]).await;
+    assert_eq!(first.status.code(), Some(5), "{}", stderr(&first));
+    assert_eq!(summary["status"], "waiting", "{summary}");
+    let (resumed, summary) = run_json(&fx, &["--resume"]).await;
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert!(stderr(&resumed).contains("kept what it was started with: budget cap none, mode batch"), "{}", stderr(&resumed));
+    assert_eq!(summary["items"]["done"], 30, "{summary}");
+    assert_eq!(fake.batches().len(), 1, "the resume collects the batch, it does not submit again");
+    assert_eq!(fake.sync_requests(), 0, "a batch run resumed without --batch-api went synchronous");
+}
