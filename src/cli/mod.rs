@@ -231,7 +231,11 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
             );
         }
     }
-    if (args.wait.is_some() || args.finish_sync_after.is_some()) && job.chat().is_none_or(|c| c.mode != crate::job::Mode::Batch) {
+    // A resumed run goes in the mode it was started with, which only the run knows.
+    if (args.wait.is_some() || args.finish_sync_after.is_some())
+        && !args.resume
+        && job.chat().is_none_or(|c| c.mode != crate::job::Mode::Batch)
+    {
         return Err(usage("--wait and --finish-sync-after are for batch mode: set `model.mode = \"batch\"` or pass --batch-api"));
     }
     if let (true, crate::job::Processor::Onnx(model)) = (args.dry_run, &job.processor) {

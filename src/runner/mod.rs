@@ -87,6 +87,9 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
     // The run's own cap and mode, which a resume keeps.
     let job = &attached.job;
     let Processor::Chat(chat) = &job.processor else { unreachable!("a chat job stays a chat job") };
+    if chat.mode != crate::job::Mode::Batch && (options.wait.is_some() || options.finish_sync_after.is_some()) {
+        tracing::warn!("run {}: --wait and --finish-sync-after are ignored, the run is synchronous (--batch-api moves it to batches)", run.id);
+    }
 
     let ctx = Arc::new(context_for(job, chat, store.clone(), run.id, check)?);
     let controller = controller_for(job, chat, &run)?;

@@ -238,7 +238,8 @@ async fn a_run_started_with_batch_api_resumes_in_batch_mode() {
     let (first, summary) = run_json(&fx, &["--batch-api", "--wait", "0"]).await;
     assert_eq!(first.status.code(), Some(5), "{}", stderr(&first));
     assert_eq!(summary["status"], "waiting", "{summary}");
-    let (resumed, summary) = run_json(&fx, &["--resume"]).await;
+    // `--wait` with a plain resume: the run's mode decides (the job file says sync).
+    let (resumed, summary) = run_json(&fx, &["--resume", "--wait", "1h"]).await;
     assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
     assert!(stderr(&resumed).contains("kept what it was started with: budget cap none, mode batch"), "{}", stderr(&resumed));
     assert_eq!(summary["items"]["done"], 30, "{summary}");
