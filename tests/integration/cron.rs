@@ -246,3 +246,63 @@ async fn a_run_started_with_batch_api_resumes_in_batch_mode() {
     assert_eq!(fake.batches().len(), 1, "the resume collects the batch, it does not submit again");
     assert_eq!(fake.sync_requests(), 0, "a batch run resumed without --batch-api went synchronous");
 }
+
+/// Seconds of an ETA as the log line writes it (`45s`, `2m 09s`, `1h 02m`).
+fn eta_seconds(text: &str) -> f64 {
+    let mut total = 0.0;
+    for part in text.split_whitespace() {
+        let (number, unit) = part.split_at(part.len() - 1);
+        let n: f64 = number.parse().unwrap_or_else(|_| panic!("not an ETA: {text}"));
+        total += n * match unit {
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => panic!("not an ETA: {text}"),
+        };
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cron_log_line_after_a_resume_carries_an_eta_at_this_invocations_pace() {
+    let fx = Fixture::new(150).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 175, (400, 400)).await;
+    fx.write_job(
+        &fake.base_url(),
+        "request_timeout_s = 30",
+        "items_per_request = { start = 2, min = 2, max = 2 }\nconcurrency = { start = 1, min = 1, max = 1 }",
+        "",
+    );
+    // The first night is interrupted after about 30 items.
+    let first = spawn_run(&fx, &[]);
+    until_requests(&fake, 15).await;
+    signal(&first, "INT");
+    let first = wait(first).await;
+    assert_eq!(first.status.code(), Some(4), "{}", stderr(&first));
+    let before = scalar(&fx, "SELECT COUNT(*) FROM backfill_items WHERE state = 'done'").await;
+    assert!(before >= 25, "{before}");
+
+    // The resume, without a terminal: a progress line every 10 s on stderr.
+    let job = fx.job.to_str().unwrap();
+    let resumed = backfill_async(fx.dir.path(), &["run", job, "--resume", "--json"], &[]).await;
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    let summary: Value = serde_json::from_str(stdout(&resumed).trim()).unwrap();
+    let log = stderr(&resumed);
+    let line = log.lines().find(|l| l.contains(" items/s, ETA ")).unwrap_or_else(|| panic!("no progress line with an ETA:\n{log}"));
+    // "… N/150 items (0 failed, 0 rejected), R items/s, ETA E, …"
+    let counts = line.split(" items (").next().unwrap().rsplit(' ').next().unwrap();
+    let (done, total) = counts.split_once('/').unwrap();
+    let (done, total): (f64, f64) = (done.parse().unwrap(), total.parse().unwrap());
+    let rate: f64 = line.split(" items/s").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    let eta = eta_seconds(line.split("ETA ").nth(1).unwrap().split(',').next().unwrap());
+    assert_eq!(total, 150.0, "{line}");
+    assert!(done > before as f64, "{line}");
+    // At this invocation's pace (items finished here per second), not the run's count from 0.
+    let here = (total - done) / rate;
+    assert!((eta - here).abs() <= 1.5, "ETA {eta}s, expected {here:.1}s at this invocation's pace: {line}");
+    let from_zero = (total - done) / (done / 10.0);
+    assert!((eta - from_zero).abs() > 2.0, "the ETA counts the earlier night's items: {line}");
+    // And it came true: the line is written at 10 s; the run ended about ETA later.
+    let actual = summary["elapsed_seconds"].as_f64().unwrap() - 10.0;
+    assert!((actual - eta).abs() <= 0.35 * eta + 2.0, "ETA {eta}s at 10 s, the run took {actual:.1}s more: {line}");
+}
