@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::print_json;
-use super::time::format_ms;
+use super::time::{readable, rfc3339_ms};
 use crate::exit::{Exit, usage};
 use crate::job::Job;
 use crate::store::{JobTotals, ModelCost, RunStatus, StatusReport, Store};
@@ -145,8 +145,8 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
         job: job.name.clone(),
         run_id: r.run.id,
         status: r.run.status.as_str().into(),
-        created_at: format_ms(r.run.created_at),
-        updated_at: format_ms(r.run.updated_at),
+        created_at: rfc3339_ms(r.run.created_at),
+        updated_at: rfc3339_ms(r.run.updated_at),
         last_error: r.run.last_error.clone(),
         items: ItemsJson {
             total: r.counts.total(),
@@ -176,8 +176,8 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
             .map(|w| WorkerJson {
                 worker: w.worker.clone(),
                 alive: w.alive,
-                attached_at: format_ms(w.attached_at),
-                last_heartbeat: format_ms(w.heartbeat_at),
+                attached_at: rfc3339_ms(w.attached_at),
+                last_heartbeat: rfc3339_ms(w.heartbeat_at),
                 items_done: w.items_done,
                 share_of_done: w.items_done as f64 / r.counts.done.max(1) as f64,
                 calls: w.calls,
@@ -189,7 +189,7 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
             .map(|(run, cost)| EarlierRunJson {
                 run_id: run.id,
                 status: run.status.as_str().into(),
-                created_at: format_ms(run.created_at),
+                created_at: rfc3339_ms(run.created_at),
                 items: run.total_items,
                 cost_usd: cost.usd(),
             })
@@ -208,8 +208,8 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
                 requests: b.requests,
                 completed: b.completed,
                 failed: b.failed,
-                submitted_at: b.submitted_at.map(format_ms),
-                ended_at: b.ended_at.map(format_ms),
+                submitted_at: b.submitted_at.map(rfc3339_ms),
+                ended_at: b.ended_at.map(rfc3339_ms),
                 error: b.error.clone(),
             })
             .collect(),
@@ -219,7 +219,11 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
 pub(super) fn human(s: &StatusJson) -> String {
     let mut out = format!(
         "job {} — run {} ({}), started {}, updated {}\n",
-        s.job, s.run_id, s.status, s.created_at, s.updated_at
+        s.job,
+        s.run_id,
+        s.status,
+        readable(&s.created_at),
+        readable(&s.updated_at)
     );
     if let Some(error) = &s.last_error {
         out.push_str(&format!("  last error: {error}\n"));
@@ -265,7 +269,7 @@ pub(super) fn human(s: &StatusJson) -> String {
             w.items_done,
             w.share_of_done * 100.0,
             w.calls,
-            w.last_heartbeat
+            readable(&w.last_heartbeat)
         ));
     }
     for b in &s.batches {
@@ -283,7 +287,7 @@ pub(super) fn human(s: &StatusJson) -> String {
         ));
     }
     for r in &s.earlier_runs {
-        out.push_str(&format!("  earlier run {} ({}), {}: {} items, ${:.4}\n", r.run_id, r.status, r.created_at, r.items, r.cost_usd));
+        out.push_str(&format!("  earlier run {} ({}), {}: {} items, ${:.4}\n", r.run_id, r.status, readable(&r.created_at), r.items, r.cost_usd));
     }
     if s.earlier_runs_not_shown > 0 {
         out.push_str(&format!("  … and {} older runs (`status --all` lists every one)\n", s.earlier_runs_not_shown));

@@ -155,9 +155,28 @@ async fn resume_with_nothing_pending_starts_no_run_and_status_shows_the_last_ten
     assert_eq!(earlier[0]["run_id"], 12);
     assert_eq!(earlier[9]["run_id"], 3);
     assert_eq!(view["earlier_runs_not_shown"], 2, "{view}");
+    // Times in JSON are RFC 3339 (UTC, `Z`); the text shows them for people.
+    let rfc3339 = |v: &Value| {
+        let t = v.as_str().unwrap_or_else(|| panic!("no time: {v}"));
+        let b = t.as_bytes();
+        assert!(
+            t.len() == 20 && b[4] == b'-' && b[7] == b'-' && b[10] == b'T' && b[13] == b':' && b[16] == b':' && t.ends_with('Z'),
+            "not RFC 3339: {t}"
+        );
+    };
+    rfc3339(&view["created_at"]);
+    rfc3339(&view["updated_at"]);
+    rfc3339(&earlier[0]["created_at"]);
+    rfc3339(&view["workers"][0]["attached_at"]);
+    rfc3339(&view["workers"][0]["last_heartbeat"]);
     let text = backfill_async(fx.dir.path(), &["status", job], &[]).await;
     assert_eq!(stdout(&text).matches("earlier run ").count(), 10, "{}", stdout(&text));
     assert!(stdout(&text).contains("and 2 older runs (`status --all` lists every one)"), "{}", stdout(&text));
+    assert!(
+        stdout(&text).contains(&format!("started {} UTC", view["created_at"].as_str().unwrap().trim_end_matches('Z').replace('T', " "))),
+        "{}",
+        stdout(&text)
+    );
 
     let all = backfill_async(fx.dir.path(), &["status", job, "--json", "--all"], &[]).await;
     let view: Value = serde_json::from_str(&stdout(&all)).unwrap();
