@@ -325,3 +325,46 @@ async fn the_cron_log_line_after_a_resume_carries_an_eta_at_this_invocations_pac
     let actual = summary["elapsed_seconds"].as_f64().unwrap() - 10.0;
     assert!((actual - eta).abs() <= 0.35 * eta + 2.0, "ETA {eta}s at 10 s, the run took {actual:.1}s more: {line}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_postgresql_a_resume_keeps_and_changes_the_limit_and_an_idle_night_starts_no_run() {
+    let Some(fx) = crate::support::pg::PgFixture::new(module_path!(), 12).await else { return };
+    let fake = FakeProvider::start(vec![], vec![], 176).await;
+    fx.write_job(&fake.base_url(), "", "");
+    let job = fx.job.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", job, "--json", "--quiet"];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let dir = fx.dir.path().to_path_buf();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let output = backfill_async(&dir, &args, &[]).await;
+            let line: Value = serde_json::from_str(stdout(&output).trim()).unwrap_or(Value::Null);
+            (output, line)
+        }
+    };
+    let (first, summary) = run(&["--limit", "4", "--max-usd", "0.00005"]).await;
+    assert_eq!(first.status.code(), Some(3), "{}", stderr(&first));
+    assert_eq!(summary["items"]["total"], 4, "{summary}");
+    let (kept, summary) = run(&["--resume"]).await;
+    assert_eq!(kept.status.code(), Some(3), "{}", stderr(&kept));
+    assert!(stderr(&kept).contains("kept what it was started with: budget cap $0.00005, mode sync, limit 4"), "{}", stderr(&kept));
+    assert_eq!(summary["budget_usd"], 0.00005, "{summary}");
+    let (grown, summary) = run(&["--resume", "--limit", "12", "--max-usd", "1"]).await;
+    assert_eq!(grown.status.code(), Some(0), "{}", stderr(&grown));
+    assert!(stderr(&grown).contains("limit 12 (was 4; the run now holds 12 items)"), "{}", stderr(&grown));
+    assert_eq!(summary["items"]["done"], 12, "{summary}");
+    let (idle, line) = run(&["--resume"]).await;
+    assert_eq!(idle.status.code(), Some(0), "{}", stderr(&idle));
+    assert_eq!(line["status"], "nothing_pending", "{line}");
+    let runs: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {}.backfill_runs", fx.schema)))
+        .fetch_one(&fx.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1);
+    let status = backfill_async(fx.dir.path(), &["status", job, "--json"], &[]).await;
+    let view: Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert_eq!(view["earlier_runs"].as_array().unwrap().len(), 0, "{view}");
+    assert_eq!(view["run_id"], 1, "{view}");
+}
