@@ -54,3 +54,81 @@ pub fn exit_for_error(error: &anyhow::Error) -> Exit {
         Exit::Error
     }
 }
+
+/// `run --json`: the one JSON line every exit writes on stdout, so a cron job's JSON Lines file
+/// has a line for every night. The summary is that line when the run gets that far; a refusal,
+/// an error before or outside the run, and an abort by a second signal write the short form
+/// `{run_id, job, status, exit_code, error}` here instead.
+pub mod json_line {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use super::Exit;
+
+    struct Pending {
+        job: String,
+        run_id: Option<i64>,
+    }
+
+    /// `Some` while a `--json` command still owes its line.
+    static PENDING: Mutex<Option<Pending>> = Mutex::new(None);
+
+    fn pending() -> std::sync::MutexGuard<'static, Option<Pending>> {
+        PENDING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// This command owes a JSON line on every exit; `job` names it until the job file is read.
+    pub fn arm(job: impl Into<String>) {
+        *pending() = Some(Pending { job: job.into(), run_id: None });
+    }
+
+    /// The job's name, once the job file is read.
+    pub fn set_job(name: &str) {
+        if let Some(p) = pending().as_mut() {
+            p.job = name.to_owned();
+        }
+    }
+
+    /// The run the command works on, once it is known.
+    pub fn set_run(id: i64) {
+        if let Some(p) = pending().as_mut() {
+            p.run_id = Some(id);
+        }
+    }
+
+    /// The line is about to be written by its owner (the summary): nothing more to write.
+    pub fn disarm() {
+        pending().take();
+    }
+
+    /// `refused` for exit 2, `aborted` for exit 4 (a second signal), `error` otherwise.
+    pub fn status_for(exit: Exit) -> &'static str {
+        match exit {
+            Exit::Usage => "refused",
+            Exit::Interrupted => "aborted",
+            _ => "error",
+        }
+    }
+
+    /// Writes the short line if one is still owed (at most once per process).
+    pub fn write(exit: Exit, error: &str) {
+        write_status(status_for(exit), exit, Some(error), None);
+    }
+
+    /// Writes the short line with this `status` (and a `message` when there is no error).
+    pub fn write_status(status: &str, exit: Exit, error: Option<&str>, message: Option<&str>) {
+        let Some(p) = pending().take() else { return };
+        let mut line = serde_json::json!({
+            "run_id": p.run_id,
+            "job": p.job,
+            "status": status,
+            "exit_code": exit.code(),
+            "error": error,
+        });
+        if let Some(message) = message {
+            line["message"] = message.into();
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+    }
+}

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::exit::{Exit, exit_for_error, usage};
+use crate::exit::{Exit, exit_for_error, json_line, usage};
 use crate::job::{Job, LoadOptions};
 
 #[derive(Debug, Parser)]
@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run a job (or --resume its unfinished run; --dry-run to estimate it).
     Run(RunArgs),
-    /// Show the latest run of a job: items by state, cost per model, workers.
+    /// Show the latest run of a job: items by state, cost per model, workers, the last 10 earlier runs.
     Status(StatusArgs),
     /// Report on a run: items, rejections, cost, throughput, the controller's path.
     Report(ReportArgs),
@@ -113,8 +113,12 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 struct StatusArgs {
     #[command(flatten)]
     target: DatabaseArgs,
+    /// Print the status as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// List every earlier run of the job (default: the last 10).
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -137,14 +141,30 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { Exit::Usage.code() } else { 0 });
+            if !e.use_stderr() {
+                return ExitCode::from(0);
+            }
+            // `run … --json` with a flag clap refuses still owes its cron line.
+            let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+            if raw.get(1).is_some_and(|a| a == "run") && raw.iter().any(|a| a == "--json") {
+                json_line::arm(raw.get(2).map(|a| a.to_string_lossy().into_owned()).unwrap_or_default());
+                let message = e.render().to_string();
+                json_line::write(Exit::Usage, message.lines().next().unwrap_or_default().trim_start_matches("error: "));
+            }
+            return ExitCode::from(Exit::Usage.code());
         }
     };
+    if let Command::Run(args) = &cli.command
+        && args.json
+    {
+        json_line::arm(args.target.job.display().to_string());
+    }
     logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("backfill: cannot start the async runtime: {e}");
+            json_line::write(Exit::Error, &format!("cannot start the async runtime: {e}"));
             return ExitCode::from(Exit::Error.code());
         }
     };
@@ -152,7 +172,9 @@ pub fn main() -> ExitCode {
         Ok(exit) => ExitCode::from(exit.code()),
         Err(e) => {
             eprintln!("backfill: {e:#}");
-            ExitCode::from(exit_for_error(&e).code())
+            let exit = exit_for_error(&e);
+            json_line::write(exit, &format!("{e:#}"));
+            ExitCode::from(exit.code())
         }
     }
 }
@@ -166,7 +188,7 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
         Command::Run(args) => run(args).await,
         Command::Status(args) => {
             let job = load(&args.target, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
-            status::status(&job, args.json).await
+            status::status(&job, args.json, args.all).await
         }
         Command::Report(args) => {
             let job = load(&args.target, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
@@ -200,6 +222,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
             database: None,
         },
     )?;
+    json_line::set_job(&job.name);
     if let Some(chat) = job.chat() {
         for model in chat.tiers().filter(|m| job.prices.origin(m) == Some(&crate::pricing::PriceOrigin::Unpriced)) {
             tracing::warn!(
@@ -208,7 +231,11 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
             );
         }
     }
-    if (args.wait.is_some() || args.finish_sync_after.is_some()) && job.chat().is_none_or(|c| c.mode != crate::job::Mode::Batch) {
+    // A resumed run goes in the mode it was started with, which only the run knows.
+    if (args.wait.is_some() || args.finish_sync_after.is_some())
+        && !args.resume
+        && job.chat().is_none_or(|c| c.mode != crate::job::Mode::Batch)
+    {
         return Err(usage("--wait and --finish-sync-after are for batch mode: set `model.mode = \"batch\"` or pass --batch-api"));
     }
     if let (true, crate::job::Processor::Onnx(model)) = (args.dry_run, &job.processor) {
@@ -236,11 +263,19 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         quiet: args.quiet,
         wait: args.wait,
         finish_sync_after: args.finish_sync_after,
+        max_usd: args.max_usd,
+        batch_api: args.batch_api,
     };
     let outcome = crate::runner::run(&job, &options, shutdown).await?;
-    eprintln!("{}", outcome.summary.human());
+    let Some(summary) = outcome.summary else {
+        let message = format!("nothing pending for job `{}` and no unfinished run: no run started", job.name);
+        eprintln!("backfill: {message}");
+        json_line::write_status("nothing_pending", outcome.exit, None, Some(&message));
+        return Ok(outcome.exit);
+    };
+    eprintln!("{}", summary.human());
     if args.json {
-        print_json(&outcome.summary)?;
+        print_json(&summary)?;
     }
     Ok(outcome.exit)
 }
@@ -262,6 +297,7 @@ fn check(args: CheckArgs) -> anyhow::Result<Exit> {
 
 /// Prints one JSON object on stdout; a closed pipe is not an error.
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    json_line::disarm();
     let text = serde_json::to_string(value)?;
     let mut out = std::io::stdout().lock();
     match writeln!(out, "{text}").and_then(|_| out.flush()) {

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::print_json;
-use super::time::format_ms;
+use super::time::{readable, rfc3339_ms};
 use crate::exit::{Exit, usage};
 use crate::job::Job;
 use crate::store::{JobTotals, ModelCost, RunStatus, StatusReport, Store};
@@ -27,6 +27,8 @@ pub(super) struct StatusJson {
     calls: CallsJson,
     workers: Vec<WorkerJson>,
     earlier_runs: Vec<EarlierRunJson>,
+    /// Earlier runs left out of `earlier_runs` (`status --all` lists every one).
+    earlier_runs_not_shown: u64,
     job_totals: JobTotalsJson,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     batches: Vec<BatchJson>,
@@ -147,8 +149,8 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
         job: job.name.clone(),
         run_id: r.run.id,
         status: r.run.status.as_str().into(),
-        created_at: format_ms(r.run.created_at),
-        updated_at: format_ms(r.run.updated_at),
+        created_at: rfc3339_ms(r.run.created_at),
+        updated_at: rfc3339_ms(r.run.updated_at),
         last_error: r.run.last_error.clone(),
         items: ItemsJson {
             total: r.counts.total(),
@@ -180,8 +182,8 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
             .map(|w| WorkerJson {
                 worker: w.worker.clone(),
                 alive: w.alive,
-                attached_at: format_ms(w.attached_at),
-                last_heartbeat: format_ms(w.heartbeat_at),
+                attached_at: rfc3339_ms(w.attached_at),
+                last_heartbeat: rfc3339_ms(w.heartbeat_at),
                 items_done: w.items_done,
                 share_of_done: w.items_done as f64 / r.counts.done.max(1) as f64,
                 calls: w.calls,
@@ -193,11 +195,12 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
             .map(|(run, cost)| EarlierRunJson {
                 run_id: run.id,
                 status: run.status.as_str().into(),
-                created_at: format_ms(run.created_at),
+                created_at: rfc3339_ms(run.created_at),
                 items: run.total_items,
                 cost_usd: cost.usd(),
             })
             .collect(),
+        earlier_runs_not_shown: 0,
         job_totals: job_totals_json(&r.job_totals),
         batches: r
             .batches
@@ -211,8 +214,8 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
                 requests: b.requests,
                 completed: b.completed,
                 failed: b.failed,
-                submitted_at: b.submitted_at.map(format_ms),
-                ended_at: b.ended_at.map(format_ms),
+                submitted_at: b.submitted_at.map(rfc3339_ms),
+                ended_at: b.ended_at.map(rfc3339_ms),
                 error: b.error.clone(),
             })
             .collect(),
@@ -222,7 +225,11 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
 pub(super) fn human(s: &StatusJson) -> String {
     let mut out = format!(
         "job {} — run {} ({}), started {}, updated {}\n",
-        s.job, s.run_id, s.status, s.created_at, s.updated_at
+        s.job,
+        s.run_id,
+        s.status,
+        readable(&s.created_at),
+        readable(&s.updated_at)
     );
     if let Some(error) = &s.last_error {
         out.push_str(&format!("  last error: {error}\n"));
@@ -240,7 +247,7 @@ pub(super) fn human(s: &StatusJson) -> String {
         out.push_str(&format!(", up to ${:.4} possibly billed ({} calls without an answer)", s.possibly_billed_usd, s.calls.possibly_billed));
     }
     if let Some(cap) = s.budget_usd {
-        out.push_str(&format!(" — cap ${cap:.2}"));
+        out.push_str(&format!(" — cap {}", crate::pricing::format_usd_cap(cap)));
     }
     out.push('\n');
     for m in &s.models {
@@ -277,7 +284,7 @@ pub(super) fn human(s: &StatusJson) -> String {
             w.items_done,
             w.share_of_done * 100.0,
             w.calls,
-            w.last_heartbeat
+            readable(&w.last_heartbeat)
         ));
     }
     for b in &s.batches {
@@ -295,7 +302,10 @@ pub(super) fn human(s: &StatusJson) -> String {
         ));
     }
     for r in &s.earlier_runs {
-        out.push_str(&format!("  earlier run {} ({}), {}: {} items, ${:.4}\n", r.run_id, r.status, r.created_at, r.items, r.cost_usd));
+        out.push_str(&format!("  earlier run {} ({}), {}: {} items, ${:.4}\n", r.run_id, r.status, readable(&r.created_at), r.items, r.cost_usd));
+    }
+    if s.earlier_runs_not_shown > 0 {
+        out.push_str(&format!("  … and {} older runs (`status --all` lists every one)\n", s.earlier_runs_not_shown));
     }
     out.push_str(&job_totals_lines(&s.job_totals));
     out.trim_end().to_owned()
@@ -358,9 +368,14 @@ pub(super) async fn load(job: &Job, run: Option<i64>) -> anyhow::Result<(std::sy
     }
 }
 
-pub async fn status(job: &Job, json: bool) -> anyhow::Result<Exit> {
-    let (_, report) = load(job, None).await?;
-    let view = to_json(job, &report);
+pub async fn status(job: &Job, json: bool, all: bool) -> anyhow::Result<Exit> {
+    let (store, mut report) = load(job, None).await?;
+    if all {
+        report.history = store.history(&job.name, report.run.id, None).await?;
+    }
+    let mut view = to_json(job, &report);
+    // The latest run: every other run of the job is an earlier one.
+    view.earlier_runs_not_shown = report.job_totals.runs.saturating_sub(1 + report.history.len() as u64);
     if json {
         print_json(&view)?;
     } else {

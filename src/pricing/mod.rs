@@ -70,6 +70,16 @@ impl std::iter::Sum for Picos {
     }
 }
 
+/// A budget cap for people: cents from a cent up ("$5.00"), and below a cent as many places as
+/// it takes ("$0.005", not "$0.00").
+pub fn format_usd_cap(usd: f64) -> String {
+    if usd >= 0.01 || usd <= 0.0 {
+        return format!("${usd:.2}");
+    }
+    let text = format!("{usd:.8}");
+    format!("${}", text.trim_end_matches('0'))
+}
+
 impl fmt::Display for Picos {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "${:.4}", self.usd())

@@ -15,11 +15,13 @@ use super::RunOptions;
 use super::dispatch::Stop;
 use super::progress::Progress;
 use crate::exit::{Exit, usage};
-use crate::job::Job;
+use crate::job::{Job, Mode};
 use crate::store::{Attach, Created, NewRun, RunRecord, RunStatus, StatusReport, Store, Tables, Worker};
 
-/// A run this process is attached to.
+/// A run this process is attached to, with the settings it keeps (`job` as this process
+/// runs it: the run's budget cap and mode in place of the job file's).
 pub struct Attached {
+    pub job: Job,
     pub store: Arc<dyn Store>,
     pub tables: Tables,
     pub run: RunRecord,
@@ -27,13 +29,18 @@ pub struct Attached {
     pub lease: Duration,
 }
 
-/// Opens the store, checks the job's tables, finds or creates the run and attaches to it.
-pub async fn attach(job: &Job, options: &RunOptions) -> anyhow::Result<Attached> {
+/// Opens the store, checks the job's tables, finds or creates the run and attaches to it;
+/// `None` when `--resume` found no unfinished run and nothing pending (no run is created).
+pub async fn attach(job: &Job, options: &RunOptions) -> anyhow::Result<Option<Attached>> {
     let store = crate::store::open(&job.database).await?;
     store.migrate().await?;
     let tables = Tables::from_job(job);
     store.inspect(&tables).await?;
-    let run = find_or_create(job, options, store.as_ref(), &tables).await?;
+    let Some(run) = find_or_create(job, options, store.as_ref(), &tables).await? else {
+        return Ok(None);
+    };
+    let job = with_run_settings(job, &run);
+    crate::exit::json_line::set_run(run.id);
     let worker = Worker::current();
     match store.attach(run.id, &worker, job.limits.lease, !store.shares_runs()).await? {
         Attach::Attached(recovered) => {
@@ -55,10 +62,30 @@ pub async fn attach(job: &Job, options: &RunOptions) -> anyhow::Result<Attached>
             )));
         }
     }
-    Ok(Attached { store, tables, run, worker, lease: job.limits.lease })
+    let lease = job.limits.lease;
+    Ok(Some(Attached { job, store, tables, run, worker, lease }))
 }
 
-async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tables: &Tables) -> anyhow::Result<RunRecord> {
+/// The job as this run goes: the run's budget cap and mode (as started, or as a flag of this
+/// resume changed them) in place of the job file's.
+fn with_run_settings(job: &Job, run: &RunRecord) -> Job {
+    let mut job = job.clone();
+    job.budget_usd = run.max_usd;
+    if let (crate::job::Processor::Chat(chat), Some(mode)) = (&mut job.processor, run.mode.as_deref()) {
+        chat.mode = if mode == "batch" { Mode::Batch } else { Mode::Sync };
+    }
+    job
+}
+
+fn mode_name(job: &Job) -> Option<&'static str> {
+    job.chat().map(|chat| if chat.mode == Mode::Batch { "batch" } else { "sync" })
+}
+
+fn cap_text(cap: Option<f64>) -> String {
+    cap.map(crate::pricing::format_usd_cap).unwrap_or_else(|| "none".into())
+}
+
+async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tables: &Tables) -> anyhow::Result<Option<RunRecord>> {
     let new = NewRun {
         job: job.name.clone(),
         target: format!(
@@ -68,6 +95,8 @@ async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tabl
         ),
         limit: options.limit,
         max_usd: job.budget_usd,
+        mode: mode_name(job).map(str::to_owned),
+        skip_if_empty: options.resume,
     };
     match store.create_run(&new, tables).await? {
         Created::New(run) => {
@@ -75,21 +104,69 @@ async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tabl
                 tracing::info!("no unfinished run of `{}` to resume: started run {}", job.name, run.id);
             }
             tracing::info!("run {}: {} items queued", run.id, run.total_items);
-            Ok(run)
+            Ok(Some(run))
         }
+        Created::NothingPending => Ok(None),
         Created::Existing(mut run) if options.resume => {
             tracing::info!("resuming run {} ({})", run.id, run.status.as_str());
-            if run.max_usd != job.budget_usd {
-                tracing::info!(
-                    "run {}: budget cap {} (was {})",
-                    run.id,
-                    job.budget_usd.map(|c| format!("${c:.2}")).unwrap_or_else(|| "none".into()),
-                    run.max_usd.map(|c| format!("${c:.2}")).unwrap_or_else(|| "none".into())
-                );
-                store.set_budget(run.id, job.budget_usd).await?;
-                run.max_usd = job.budget_usd;
+            let (mut kept, mut changed) = (Vec::new(), Vec::new());
+            // The budget cap: the run's, unless --max-usd changes it.
+            match options.max_usd {
+                Some(cap) if run.max_usd != Some(cap) => {
+                    changed.push(format!("budget cap {} (was {})", cap_text(Some(cap)), cap_text(run.max_usd)));
+                    store.set_budget(run.id, Some(cap)).await?;
+                    run.max_usd = Some(cap);
+                }
+                _ => {
+                    kept.push(format!("budget cap {}", cap_text(run.max_usd)));
+                    if options.max_usd.is_none() && job.budget_usd != run.max_usd {
+                        tracing::info!(
+                            "run {}: the job file's budget cap {} is not applied to a resumed run; pass --max-usd to change the cap",
+                            run.id,
+                            cap_text(job.budget_usd)
+                        );
+                    }
+                }
             }
-            Ok(run)
+            // The mode: the run's, unless --batch-api moves a synchronous run to the batch API.
+            match (run.mode.as_deref(), mode_name(job)) {
+                (Some("sync"), Some("batch")) if options.batch_api => {
+                    changed.push("mode batch (was sync)".to_owned());
+                    store.set_mode(run.id, "batch").await?;
+                    run.mode = Some("batch".into());
+                }
+                (Some(mode), _) => kept.push(format!("mode {mode}")),
+                // A run from before runs kept their mode goes as this command says, from now on.
+                (None, Some(mode)) => {
+                    store.set_mode(run.id, mode).await?;
+                    run.mode = Some(mode.to_owned());
+                }
+                (None, None) => {}
+            }
+            // The limit: the run's items, unless --limit changes how many it holds.
+            match options.limit {
+                Some(limit) if run.limit != Some(limit) => {
+                    let total = store.set_limit(tables, run.id, limit).await?;
+                    changed.push(format!(
+                        "limit {limit} (was {}; the run now holds {total} items)",
+                        run.limit.map(|l| l.to_string()).unwrap_or_else(|| "none".into())
+                    ));
+                    run.limit = Some(limit);
+                    run.total_items = total;
+                }
+                _ => kept.push(format!("limit {}", run.limit.map(|l| l.to_string()).unwrap_or_else(|| "none".into()))),
+            }
+            if !kept.is_empty() {
+                tracing::info!(
+                    "run {}: kept what it was started with: {} (--max-usd, --batch-api, --limit change them)",
+                    run.id,
+                    kept.join(", ")
+                );
+            }
+            if !changed.is_empty() {
+                tracing::info!("run {}: changed by this command: {}", run.id, changed.join(", "));
+            }
+            Ok(Some(run))
         }
         Created::Existing(run) => Err(usage(format!(
             "job `{}` has an unfinished run {} ({}, started {}); continue it with `backfill run {} --resume`, \

@@ -46,13 +46,24 @@ pub struct RunOptions {
     pub wait: Option<Duration>,
     /// Batch mode: after this run age, finish through the synchronous API.
     pub finish_sync_after: Option<Duration>,
+    /// `--max-usd` as given (a resumed run keeps its own cap without it).
+    pub max_usd: Option<f64>,
+    /// `--batch-api` was given (moves a resumed synchronous run to the batch API).
+    pub batch_api: bool,
 }
 
-/// How a run ended: the summary and the exit code.
+/// How a run ended: the summary (`None`: `--resume` found nothing pending and started no run)
+/// and the exit code.
 #[derive(Debug)]
 pub struct RunOutcome {
-    pub summary: Summary,
+    pub summary: Option<Summary>,
     pub exit: Exit,
+}
+
+impl RunOutcome {
+    fn nothing_pending() -> RunOutcome {
+        RunOutcome { summary: None, exit: Exit::Finished }
+    }
 }
 
 /// Runs a job: a chat job here, a local-model job through [`local::run`].
@@ -68,8 +79,17 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
         Some(p) => Some(p),
         None => None,
     };
-    let attached = Arc::new(lifecycle::attach(job, options).await?);
+    let Some(attached) = lifecycle::attach(job, options).await? else {
+        return Ok(RunOutcome::nothing_pending());
+    };
+    let attached = Arc::new(attached);
     let (store, run) = (attached.store.clone(), attached.run.clone());
+    // The run's own cap and mode, which a resume keeps.
+    let job = &attached.job;
+    let Processor::Chat(chat) = &job.processor else { unreachable!("a chat job stays a chat job") };
+    if chat.mode != crate::job::Mode::Batch && (options.wait.is_some() || options.finish_sync_after.is_some()) {
+        tracing::warn!("run {}: --wait and --finish-sync-after are ignored, the run is synchronous (--batch-api moves it to batches)", run.id);
+    }
 
     let ctx = Arc::new(context_for(job, chat, store.clone(), run.id, check)?);
     let controller = controller_for(job, chat, &run)?;
@@ -133,7 +153,7 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
     );
     // A run that drained its own share while other workers still hold items is not finished
     // yet; this worker's part is.
-    Ok(RunOutcome { summary, exit })
+    Ok(RunOutcome { summary: Some(summary), exit })
 }
 
 /// Batch mode: the provider's batch API instead of synchronous calls.

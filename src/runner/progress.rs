@@ -82,9 +82,22 @@ impl Progress {
         self.done.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed) + self.rejected.load(Ordering::Relaxed)
     }
 
-    /// One line for people: counts, rate, money, and the controller's choices.
+    /// The time left at this invocation's pace: items still open over the items this process
+    /// finished per second (not the run's count from 0, which a resume would inflate); `None`
+    /// before this process has finished an item.
+    pub fn eta(&self, elapsed: Duration) -> Option<Duration> {
+        let here = self.finished_here.load(Ordering::Relaxed);
+        if here == 0 || elapsed.is_zero() {
+            return None;
+        }
+        let left = self.total.load(Ordering::Relaxed).saturating_sub(self.terminal());
+        Some(Duration::from_secs_f64(left as f64 * elapsed.as_secs_f64() / here as f64))
+    }
+
+    /// One line for people: counts, rate, time left, money, and the controller's choices.
     pub fn line(&self, elapsed: Duration) -> String {
         let rate = self.finished_here.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64().max(0.001);
+        let eta = self.eta(elapsed).map(format_eta).unwrap_or_else(|| "unknown".into());
         let money = match self.cap {
             Some(cap) => format!("{} of {}", self.spent(), cap),
             None => self.spent().to_string(),
@@ -111,16 +124,27 @@ impl Progress {
             })
             .unwrap_or_default();
         format!(
-            "{}/{} items ({} failed, {} rejected), {:.2} items/s, {}, {} requests{}",
+            "{}/{} items ({} failed, {} rejected), {:.2} items/s, ETA {}, {}, {} requests{}",
             self.terminal(),
             self.total.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
             self.rejected.load(Ordering::Relaxed),
             rate,
+            eta,
             money,
             self.requests.load(Ordering::Relaxed),
             controller
         )
+    }
+}
+
+/// `45s`, `2m 09s`, `1h 02m`.
+pub fn format_eta(left: Duration) -> String {
+    let secs = left.as_secs_f64().round() as u64;
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m {:02}s", secs / 60, secs % 60),
+        _ => format!("{}h {:02}m", secs / 3600, secs % 3600 / 60),
     }
 }
 
@@ -133,8 +157,9 @@ pub async fn report(progress: std::sync::Arc<Progress>, stop: CancellationToken,
     }
     if std::io::stderr().is_terminal() {
         let bar = ProgressBar::with_draw_target(Some(progress.total.load(Ordering::Relaxed)), ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template("{bar:30} {pos}/{len} eta {eta} | {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        // The ETA is in the message: indicatif's own would count a resumed run's items as
+        // done in the first tick.
+        let style = ProgressStyle::with_template("{bar:30} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
         crate::cli::logging::set_bar(Some(bar.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -158,5 +183,29 @@ pub async fn report(progress: std::sync::Arc<Progress>, stop: CancellationToken,
                 _ = stop.cancelled() => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_eta_of_a_resumed_run_is_at_this_invocations_pace() {
+        // 600 of 1,000 items were done before; this process finished 100 in 50 s (2/s).
+        let progress = Progress::new(1_000, 700, 0, 0, Picos::ZERO, None);
+        progress.finished_here.store(100, Ordering::Relaxed);
+        assert_eq!(progress.eta(Duration::from_secs(50)), Some(Duration::from_secs(150)));
+        assert!(progress.line(Duration::from_secs(50)).contains("2.00 items/s, ETA 2m 30s"), "{}", progress.line(Duration::from_secs(50)));
+        progress.finished_here.store(0, Ordering::Relaxed);
+        assert_eq!(progress.eta(Duration::from_secs(50)), None);
+        assert!(progress.line(Duration::from_secs(50)).contains("ETA unknown"));
+    }
+
+    #[test]
+    fn etas_read_as_seconds_minutes_or_hours() {
+        assert_eq!(format_eta(Duration::from_secs(45)), "45s");
+        assert_eq!(format_eta(Duration::from_secs(129)), "2m 09s");
+        assert_eq!(format_eta(Duration::from_secs(3720)), "1h 02m");
     }
 }

@@ -23,7 +23,9 @@ pub fn install() -> std::io::Result<CancellationToken> {
             _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
         }
-        eprintln!("backfill: second signal, aborting; leased items return to the queue when their lease expires or on --resume");
+        let why = "second signal, aborting; leased items return to the queue when their lease expires or on --resume";
+        eprintln!("backfill: {why}");
+        crate::exit::json_line::write(Exit::Interrupted, why);
         std::process::exit(i32::from(Exit::Interrupted.code()));
     });
     Ok(token)

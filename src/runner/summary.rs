@@ -145,7 +145,7 @@ impl Summary {
             out.push_str(&format!(" (+ up to ${:.4} possibly billed)", self.possibly_billed_usd));
         }
         if let Some(cap) = self.budget_usd {
-            out.push_str(&format!(" of ${cap:.2} cap"));
+            out.push_str(&format!(" of {} cap", crate::pricing::format_usd_cap(cap)));
         }
         let c = &self.controller;
         out.push_str(&format!(

@@ -51,6 +51,8 @@ pub fn sqlite_sum(column: &str) -> String {
 pub fn pg_sum(column: &str) -> String {
     format!("LEAST(GREATEST(SUM({column}), -9223372036854775808), 9223372036854775807)::bigint")
 }
+/// How many earlier runs `status` and `report` show (`status --all`: every one).
+pub const HISTORY: u64 = 10;
 
 /// The job's tables as the store needs them.
 #[derive(Debug, Clone)]
@@ -133,6 +135,16 @@ pub trait Store: Send + Sync {
 
     /// Records the budget cap a run continues under (`--resume` with another `--max-usd`).
     async fn set_budget(&self, run_id: i64, max_usd: Option<f64>) -> anyhow::Result<()>;
+
+    /// Changes the run's `--limit` (a resume with `--limit`): never-attempted pending items
+    /// leave it from its end, or pending source rows join it; returns its items after.
+    async fn set_limit(&self, tables: &Tables, run_id: i64, limit: u64) -> anyhow::Result<u64>;
+
+    /// Changes the run's mode (`sync` or `batch`).
+    async fn set_mode(&self, run_id: i64, mode: &str) -> anyhow::Result<()>;
+
+    /// Runs of the job before `before`, newest first, with their spend (`limit`: at most that many).
+    async fn history(&self, job: &str, before: i64, limit: Option<u64>) -> anyhow::Result<Vec<(RunRecord, Picos)>>;
 
     /// Leases up to `max_items` ready items of one tier and reads their source rows.
     async fn claim(&self, tables: &Tables, run_id: i64, worker: &Worker, max_items: usize, lease: Duration) -> anyhow::Result<Claim>;

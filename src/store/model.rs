@@ -71,15 +71,24 @@ pub struct RunRecord {
     pub finished_at: Option<i64>,
     pub controller_state: Option<String>,
     pub last_error: Option<String>,
+    /// `sync` or `batch` as the run was started (`None`: a local-model run, or a run from
+    /// before runs kept their mode).
+    pub mode: Option<String>,
+    /// The `--limit` the run was started with (or changed to on a resume).
+    pub limit: Option<u64>,
 }
 
 /// A run to create.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewRun {
     pub job: String,
     pub target: String,
     pub limit: Option<u64>,
     pub max_usd: Option<f64>,
+    /// `sync` or `batch` (chat runs).
+    pub mode: Option<String>,
+    /// Create no run when nothing is pending (`run --resume`).
+    pub skip_if_empty: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +96,8 @@ pub enum Created {
     New(RunRecord),
     /// An unfinished run of the job already exists.
     Existing(RunRecord),
+    /// No unfinished run, nothing pending, and `skip_if_empty`: no run was created.
+    NothingPending,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -7,6 +7,7 @@ mod budget;
 mod batch;
 mod conformance;
 mod crash;
+mod cron;
 mod dry_run;
 mod exit_codes;
 mod hostile;

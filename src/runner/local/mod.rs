@@ -40,7 +40,10 @@ pub async fn run(job: &Job, model: &OnnxModel, options: &RunOptions, shutdown: C
     let started = Instant::now();
     // A bad model or tokenizer stops the run before it touches the database.
     let processor = crate::local_model::load(model).await?;
-    let attached = Arc::new(lifecycle::attach(job, options).await?);
+    let Some(attached) = lifecycle::attach(job, options).await? else {
+        return Ok(RunOutcome::nothing_pending());
+    };
+    let attached = Arc::new(attached);
     let store = attached.store.clone();
     let counts = store.item_counts(attached.run.id).await?;
     let progress = Arc::new(Progress::new(counts.total(), counts.done, counts.failed, counts.rejected, Picos::ZERO, None));
@@ -90,7 +93,7 @@ pub async fn run(job: &Job, model: &OnnxModel, options: &RunOptions, shutdown: C
     };
     let mut summary = Summary::from_report(&report, exit, elapsed, progress.finished_here.load(Ordering::Relaxed), controller, error);
     summary.compute_seconds = Some(compute.as_secs_f64());
-    Ok(RunOutcome { summary, exit })
+    Ok(RunOutcome { summary: Some(summary), exit })
 }
 
 /// The loop's state: what it needs from the job, and what it counted.

@@ -5,7 +5,7 @@ use sqlx::PgPool;
 use super::runs::run_from_row;
 use super::{PgStore, db_now_ms};
 use crate::pricing::Picos;
-use crate::store::{pg_sum, CallRow, CallStats, ItemCounts, JobTotals, ModelCost, RunRecord, StatusReport, WorkerRow};
+use crate::store::{pg_sum, HISTORY, CallRow, CallStats, ItemCounts, JobTotals, ModelCost, RunRecord, StatusReport, WorkerRow};
 
 pub(super) async fn item_counts(pool: &PgPool, run_id: i64) -> Result<ItemCounts, sqlx::Error> {
     let rows: Vec<(String, i64)> =
@@ -31,20 +31,16 @@ pub(super) async fn item_counts(pool: &PgPool, run_id: i64) -> Result<ItemCounts
 pub(super) async fn status(store: &PgStore, job: &str, run: Option<i64>) -> anyhow::Result<Option<StatusReport>> {
     let pool = &store.pool;
     let e = |e| store.err(e);
-    let columns = "id, job, status, target, total_items, max_usd, created_at, updated_at, finished_at, \
-                   controller_state, last_error";
-    let all = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {columns} FROM backfill_runs WHERE job = $1 ORDER BY id DESC LIMIT 50"
+    let columns = super::runs::RUN_COLUMNS;
+    let chosen = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {columns} FROM backfill_runs WHERE job = $1 AND ($2 IS NULL OR id = $2) ORDER BY id DESC LIMIT 1"
     )))
     .bind(job)
-    .fetch_all(pool)
+    .bind(run)
+    .fetch_optional(pool)
     .await
     .map_err(e)?;
-    let runs: Vec<RunRecord> = all.iter().map(run_from_row).collect::<Result<_, _>>().map_err(e)?;
-    let chosen = match run {
-        Some(id) => runs.iter().find(|r| r.id == id).cloned(),
-        None => runs.first().cloned(),
-    };
+    let chosen: Option<RunRecord> = chosen.as_ref().map(run_from_row).transpose().map_err(e)?;
     let Some(chosen) = chosen else { return Ok(None) };
     let run_id = chosen.id;
 
@@ -132,10 +128,7 @@ pub(super) async fn status(store: &PgStore, job: &str, run: Option<i64>) -> anyh
         })
         .collect();
     let job_totals = job_totals(store, job).await?;
-    let mut history = Vec::new();
-    for r in runs.iter().filter(|r| r.id != run_id).take(10) {
-        history.push((r.clone(), super::ledger::spend(store, r.id).await?.spent));
-    }
+    let history = history(store, job, run_id, Some(HISTORY)).await?;
     Ok(Some(StatusReport {
         run: chosen,
         counts,
@@ -152,6 +145,16 @@ pub(super) async fn status(store: &PgStore, job: &str, run: Option<i64>) -> anyh
         job_totals,
         batches: super::batches::batches(store, run_id).await?,
     }))
+}
+
+/// Runs of the job before `before`, newest first, with what each spent (`limit`: at most that many).
+pub(super) async fn history(store: &PgStore, job: &str, before: i64, limit: Option<u64>) -> anyhow::Result<Vec<(RunRecord, Picos)>> {
+    let mut history = Vec::new();
+    for r in super::runs::earlier_runs(store, job, before, limit).await? {
+        let spent = super::ledger::spend(store, r.id).await?.spent;
+        history.push((r, spent));
+    }
+    Ok(history)
 }
 
 /// model, calls, prompt, completion and cached tokens, cost, provider-costed, estimate-costed.

@@ -10,8 +10,8 @@ use sqlx::{Postgres, Row, Transaction};
 use super::{PgStore, db_now_ms, source};
 use crate::store::{Attach, Created, NewRun, Recovered, RunRecord, RunStatus, Tables, Worker, now_ms};
 
-const RUN_COLUMNS: &str = "id, job, status, target, total_items, max_usd, created_at, updated_at, \
-                           finished_at, controller_state, last_error";
+pub(super) const RUN_COLUMNS: &str = "id, job, status, target, total_items, max_usd, created_at, updated_at, \
+                                      finished_at, controller_state, last_error, mode, item_limit";
 
 pub(super) fn run_from_row(row: &PgRow) -> Result<RunRecord, sqlx::Error> {
     Ok(RunRecord {
@@ -26,6 +26,8 @@ pub(super) fn run_from_row(row: &PgRow) -> Result<RunRecord, sqlx::Error> {
         finished_at: row.try_get("finished_at")?,
         controller_state: row.try_get("controller_state")?,
         last_error: row.try_get("last_error")?,
+        mode: row.try_get("mode")?,
+        limit: row.try_get::<Option<i64>, _>("item_limit")?.map(|l| l.max(0) as u64),
     })
 }
 
@@ -62,18 +64,24 @@ pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -
     }
     let now = now_ms();
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO backfill_runs (job, status, target, id_kind, total_items, max_usd, created_at, updated_at) \
-         VALUES ($1, 'running', $2, $3, 0, $4, $5, $5) RETURNING id",
+        "INSERT INTO backfill_runs (job, status, target, id_kind, total_items, max_usd, mode, item_limit, created_at, updated_at) \
+         VALUES ($1, 'running', $2, $3, 0, $4, $5, $6, $7, $7) RETURNING id",
     )
     .bind(&new.job)
     .bind(&new.target)
     .bind(&id_type)
     .bind(new.max_usd)
+    .bind(&new.mode)
+    .bind(new.limit.map(|l| l as i64))
     .bind(now)
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| store.err(e))?;
     let total = source::enqueue(&mut tx, tables, id, new.limit, now).await.map_err(|e| store.err(e))?;
+    if total == 0 && new.skip_if_empty {
+        // Dropping the transaction rolls the run back: nothing pending makes no run.
+        return Ok(Created::NothingPending);
+    }
     let sql = format!("UPDATE backfill_runs SET total_items = $1 WHERE id = $2 RETURNING {RUN_COLUMNS}");
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(total as i64)
@@ -337,4 +345,87 @@ pub(super) async fn set_status(
     .map_err(|e| store.err(e))?;
     tx.commit().await.map_err(|e| store.err(e))?;
     Ok(status)
+}
+
+/// Changes a run's `--limit` on a resume: pending items never attempted leave the run from its
+/// end while it holds more than `limit`; pending source rows not in the run join it while it
+/// holds fewer. Returns the run's items after the change.
+pub(super) async fn set_limit(store: &PgStore, tables: &Tables, run_id: i64, limit: u64) -> anyhow::Result<u64> {
+    let mut tx = store.begin().await?;
+    let e = |e| store.err(e);
+    // Serialise with claims of other workers on the run.
+    sqlx::query("SELECT id FROM backfill_runs WHERE id = $1 FOR UPDATE").bind(run_id).execute(&mut *tx).await.map_err(e)?;
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM backfill_items WHERE run_id = $1")
+        .bind(run_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(e)?;
+    let limit = limit.min(i64::MAX as u64) as i64;
+    if total > limit {
+        sqlx::query(
+            "DELETE FROM backfill_items WHERE run_id = $1 AND item_id IN (SELECT item_id FROM backfill_items \
+             WHERE run_id = $1 AND state = 'pending' AND attempts = 0 AND tier = 0 ORDER BY seq DESC LIMIT $2 \
+             FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(run_id)
+        .bind(total - limit)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+    } else if total < limit {
+        let sql = format!(
+            "INSERT INTO backfill_items (run_id, item_id, seq, state, updated_at) \
+             SELECT $1, q.id::text, (SELECT COALESCE(MAX(seq), 0) FROM backfill_items WHERE run_id = $1) \
+             + ROW_NUMBER() OVER (ORDER BY q.id), 'pending', $2 \
+             FROM (SELECT {id} AS id FROM {table} WHERE ({pending}) AND {id} IS NOT NULL \
+             AND {id}::text NOT IN (SELECT item_id FROM backfill_items WHERE run_id = $1) ORDER BY {id} LIMIT $3) q",
+            id = tables.id,
+            table = tables.table,
+            pending = tables.pending
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(run_id)
+            .bind(now_ms())
+            .bind(limit - total)
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+    }
+    let total: i64 = sqlx::query_scalar(
+        "UPDATE backfill_runs SET item_limit = $1, updated_at = $2, \
+         total_items = (SELECT COUNT(*) FROM backfill_items WHERE run_id = $3) WHERE id = $3 RETURNING total_items",
+    )
+    .bind(limit)
+    .bind(now_ms())
+    .bind(run_id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(e)?;
+    tx.commit().await.map_err(e)?;
+    Ok(total.max(0) as u64)
+}
+
+/// Records the run's mode (`sync` or `batch`).
+pub(super) async fn set_mode(store: &PgStore, run_id: i64, mode: &str) -> anyhow::Result<()> {
+    sqlx::query("UPDATE backfill_runs SET mode = $1, updated_at = $2 WHERE id = $3")
+        .bind(mode)
+        .bind(now_ms())
+        .bind(run_id)
+        .execute(&store.pool)
+        .await
+        .map_err(|e| store.err(e))?;
+    Ok(())
+}
+
+/// Runs of the job before `before`, newest first (`limit`: at most that many).
+pub(super) async fn earlier_runs(store: &PgStore, job: &str, before: i64, limit: Option<u64>) -> anyhow::Result<Vec<RunRecord>> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = $1 AND id < $2 ORDER BY id DESC LIMIT $3");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(job)
+        .bind(before)
+        .bind(limit.map(|l| l.min(i64::MAX as u64) as i64))
+        .fetch_all(&store.pool)
+        .await
+        .map_err(|e| store.err(e))?;
+    rows.iter().map(run_from_row).collect::<Result<_, _>>().map_err(|e| store.err(e))
 }

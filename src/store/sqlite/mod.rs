@@ -39,6 +39,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "runner tables", include_str!("../../../migrations/sqlite/0001_runner_tables.sql")),
     (2, "provider batches", include_str!("../../../migrations/sqlite/0002_batches.sql")),
     (3, "provider checks", include_str!("../../../migrations/sqlite/0003_provider_checks.sql")),
+    (4, "run settings", include_str!("../../../migrations/sqlite/0004_run_settings.sql")),
 ];
 
 /// How ids of a run's source table are bound: as integers or as text.
@@ -284,6 +285,18 @@ impl Store for SqliteStore {
             .await
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    async fn set_limit(&self, tables: &Tables, run_id: i64, limit: u64) -> anyhow::Result<u64> {
+        runs::set_limit(self, tables, run_id, limit).await
+    }
+
+    async fn set_mode(&self, run_id: i64, mode: &str) -> anyhow::Result<()> {
+        runs::set_mode(self, run_id, mode).await
+    }
+
+    async fn history(&self, job: &str, before: i64, limit: Option<u64>) -> anyhow::Result<Vec<(RunRecord, Picos)>> {
+        report::history(self, job, before, limit).await
     }
 
     async fn set_budget(&self, run_id: i64, max_usd: Option<f64>) -> anyhow::Result<()> {

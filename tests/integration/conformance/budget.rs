@@ -22,10 +22,11 @@ async fn reservations_under_random_costs_stay_within_the_cap_plus_overruns(db: A
         db.source_table(&table, Ids::Integer, 1).await;
         let t = tables(&table);
         db.store.migrate().await.unwrap();
-        let new = backfill::store::NewRun { job: format!("budget-{seed}"), target: "summary".into(), limit: None, max_usd: Some(0.2) };
+        let new = backfill::store::NewRun { job: format!("budget-{seed}"), target: "summary".into(), limit: None, max_usd: Some(0.2), ..Default::default() };
         let run = match db.store.create_run(&new, &t).await.unwrap() {
             backfill::store::Created::New(run) => run,
             backfill::store::Created::Existing(run) => panic!("run {} existed", run.id),
+            backfill::store::Created::NothingPending => panic!("nothing pending"),
         };
         reservations_hold_the_cap(&db, t, run.id, Picos::from_usd(0.2), seed, 16).await;
     }

@@ -67,10 +67,11 @@ pub const LEASE: Duration = Duration::from_secs(60);
 /// Migrates and creates a run of `tables`, which must be new.
 pub async fn new_run(db: &Db, tables: &Tables, limit: Option<u64>) -> RunRecord {
     db.store.migrate().await.unwrap();
-    let new = NewRun { job: "conformance".into(), target: "summary".into(), limit, max_usd: None };
+    let new = NewRun { job: "conformance".into(), target: "summary".into(), limit, max_usd: None, ..Default::default() };
     match db.store.create_run(&new, tables).await.unwrap() {
         Created::New(run) => run,
         Created::Existing(run) => panic!("{}: run {} already existed", db.backend, run.id),
+        Created::NothingPending => panic!("{}: nothing pending", db.backend),
     }
 }
 

@@ -34,7 +34,7 @@ async fn create_run_enqueues_pending_ids_in_order_and_one_run_at_a_time(db: Arc<
     assert_eq!(ids, ["1", "3", "4", "6"], "{}", db.backend);
     assert_eq!(claim.items[0].item.fields[0], ("title".to_string(), serde_json::json!("Motie 1")));
     // A second run of the job is refused while this one is unfinished.
-    let again = NewRun { job: "conformance".into(), target: "summary".into(), limit: None, max_usd: None };
+    let again = NewRun { job: "conformance".into(), target: "summary".into(), limit: None, max_usd: None, ..Default::default() };
     assert!(matches!(db.store.create_run(&again, &t).await.unwrap(), Created::Existing(r) if r.id == run.id));
     assert_eq!(db.store.latest_run("conformance").await.unwrap().unwrap().id, run.id);
     assert!(db.store.runner_tables_exist().await.unwrap());
