@@ -12,6 +12,10 @@ use crate::secret::ApiKey;
 /// Anthropic's API version header value.
 const ANTHROPIC_VERSION: &str = "2023-06-01";
 
+/// The longest body a batch API answer may have (a results file of a full batch included); a
+/// longer one is not read further and the step fails, naming the limit.
+pub const BATCH_BODY_LIMIT: u64 = 1 << 30;
+
 pub struct Http {
     client: reqwest::Client,
     base: String,
@@ -68,6 +72,7 @@ impl Http {
         }
     }
 
+    /// Sends one request and reads its body, at most `BATCH_BODY_LIMIT` bytes.
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<String, CallError> {
         let response = self.authorised(request).send().await.map_err(|e| CallError::from_transport(&e))?;
         let status = response.status().as_u16();
@@ -77,7 +82,18 @@ impl Http {
             .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .filter(|(n, _)| n.starts_with("retry-after") || n.contains("ratelimit"))
             .collect();
-        let text = response.text().await.map_err(|e| CallError::from_transport(&e))?;
+        let text = match crate::provider::read_limited(response, BATCH_BODY_LIMIT).await.map_err(|e| CallError::from_transport(&e))? {
+            crate::provider::Limited::Whole(text) => text,
+            // An error's body is only read for its message: what fits is enough.
+            crate::provider::Limited::Cut(prefix) if !(200..300).contains(&status) => prefix,
+            crate::provider::Limited::Cut(prefix) => {
+                return Err(CallError::BadOutput {
+                    reason: format!("the batch API's answer is longer than {BATCH_BODY_LIMIT} bytes and was not read further"),
+                    status,
+                    body: prefix.chars().take(2000).collect(),
+                });
+            }
+        };
         if !(200..300).contains(&status) {
             return Err(CallError::from_status(status, &headers, &text));
         }
