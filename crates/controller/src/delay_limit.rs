@@ -167,7 +167,7 @@ impl DelayLimit {
         work: f64,
         latency: Duration,
     ) {
-        if !(work > 0.0) || generation != self.generation || in_flight < self.limit() {
+        if work.is_nan() || work <= 0.0 || generation != self.generation || in_flight < self.limit() {
             return;
         }
         let level = self.limit();
