@@ -86,13 +86,7 @@ fn reference(
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let status = Command::new(python)
         .arg(repository_root().join("scripts/onnx/reference_embeddings.py"))
-        .args([
-            "embed",
-            "--threads",
-            "2",
-            "--max-length",
-            &MAX_LENGTH.to_string(),
-        ])
+        .args(["embed", "--threads", "2", "--max-length", &MAX_LENGTH.to_string()])
         .arg("--model")
         .arg(model)
         .arg("--tokenizer")
