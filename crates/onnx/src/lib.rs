@@ -22,14 +22,16 @@ pub mod pooling;
 pub mod processor;
 pub mod tokenize;
 
-pub use batch_plan::{Batch, BatchPolicy, PlanSummary, plan_batches, summarise_plan};
-pub use config::{ClassScores, OnnxConfig, OutputKind, Pooling};
+pub use batch_plan::{
+    Batch, BatchPolicy, PlanSummary, plan_batches, spread_over_threads, summarise_plan,
+};
+pub use config::{ClassScores, FASTEST_PASS_TOKENS, OnnxConfig, OutputKind, Pooling};
 pub use embedding_format::{
     EmbeddingDecodeError, embedding_from_f32le, embedding_to_f32le, embedding_to_json,
 };
 pub use error::{LoadError, RunError};
 pub use output::Output;
-pub use processor::OnnxProcessor;
+pub use processor::{OnnxProcessor, Tokenized};
 
 #[cfg(test)]
 mod thread_safety {

@@ -9,7 +9,9 @@
 //! symbolic (plus 40 ms per pass before constant folding), 0.67 with the length bound, 0.48
 //! with both bound. The batch planner keeps shapes few (lengths in steps of
 //! `length_bucket`, power-of-two row counts); each plan costs about a second to compile and
-//! holds its own packed copy of the weights.
+//! holds its own packed copy of the weights, so the cache keeps at most [`MAX_PLANS`] of
+//! them and drops the least recently used beyond that: memory stays flat however varied the
+//! lengths of a long run.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -18,6 +20,10 @@ use tract_onnx::prelude::*;
 
 /// A compiled plan, or why it could not be compiled.
 type PlanSlot = Arc<OnceLock<Result<Arc<TypedRunnableModel>, String>>>;
+
+/// The most plans kept at once. With the default settings (passes of 256 padded tokens,
+/// `max_length` 256, `length_bucket` 32, power-of-two row counts) a job meets 15 shapes.
+pub const MAX_PLANS: usize = 16;
 
 /// The plans of one model, by padded length.
 #[derive(Debug)]
@@ -29,7 +35,14 @@ pub struct PlanCache {
     sequence: Option<Symbol>,
     /// Guarded by a Mutex only for the map itself; each slot's OnceLock lets different
     /// lengths compile on different threads at once, and the same length compile once.
-    plans: Mutex<HashMap<(usize, usize), PlanSlot>>,
+    plans: Mutex<Plans>,
+}
+
+/// The plans by shape, each with when it was last asked for.
+#[derive(Debug, Default)]
+struct Plans {
+    slots: HashMap<(usize, usize), (PlanSlot, u64)>,
+    clock: u64,
 }
 
 impl PlanCache {
@@ -38,7 +51,7 @@ impl PlanCache {
             symbolic,
             batch,
             sequence,
-            plans: Mutex::new(HashMap::new()),
+            plans: Mutex::new(Plans::default()),
         }
     }
 
@@ -61,7 +74,23 @@ impl PlanCache {
                 .plans
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            plans.entry(key).or_default().clone()
+            plans.clock += 1;
+            let now = plans.clock;
+            let (slot, used) = plans.slots.entry(key).or_default();
+            *used = now;
+            let slot = slot.clone();
+            if plans.slots.len() > MAX_PLANS {
+                // Threads running an evicted plan keep it alive until they finish with it.
+                let oldest = plans
+                    .slots
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(key, _)| *key);
+                if let Some(oldest) = oldest {
+                    plans.slots.remove(&oldest);
+                }
+            }
+            slot
         };
         slot.get_or_init(|| {
             self.compile(key.0, key.1)
@@ -70,15 +99,16 @@ impl PlanCache {
         .clone()
     }
 
-    /// How many plans have been compiled (for logs and benchmarks).
+    /// How many compiled plans the cache holds (for logs and benchmarks).
     pub fn compiled_plans(&self) -> usize {
         let plans = self
             .plans
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         plans
+            .slots
             .values()
-            .filter(|slot| matches!(slot.get(), Some(Ok(_))))
+            .filter(|(slot, _)| matches!(slot.get(), Some(Ok(_))))
             .count()
     }
 

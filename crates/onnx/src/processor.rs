@@ -1,12 +1,15 @@
 //! The local-model processor: texts in, one [`Output`] per text out. Tokenises, plans
-//! batches by padded-token budget, and runs them on `threads` threads, each with its own
-//! model state, longest batches first so the threads finish together.
+//! forward passes of the fastest size within the `max_batch_tokens` bound, splits them until
+//! every thread has one, and runs them on `threads` threads, each with its own model state,
+//! longest passes first so the threads finish together.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use crate::batch_plan::{Batch, BatchPolicy, PlanSummary, plan_batches, summarise_plan};
-use crate::config::{OnnxConfig, OutputKind};
+use crate::batch_plan::{
+    Batch, BatchPolicy, PlanSummary, plan_batches, spread_over_threads, summarise_plan,
+};
+use crate::config::{FASTEST_PASS_TOKENS, OnnxConfig, OutputKind};
 use crate::error::{LoadError, RunError};
 use crate::model::{CLASSIFICATION_OUTPUT_NAMES, EMBEDDING_OUTPUT_NAMES, OnnxModel};
 use crate::output::{Output, OutputSettings, outputs_of_batch};
@@ -48,7 +51,7 @@ impl OnnxProcessor {
                 labels: config.labels.clone(),
             },
             policy: BatchPolicy {
-                max_batch_tokens: config.max_batch_tokens,
+                max_batch_tokens: pass_tokens(config),
                 sort_window: config.sort_window,
                 length_bucket: config.length_bucket,
                 max_length: config.max_length,
@@ -65,6 +68,11 @@ impl OnnxProcessor {
         self.output_width
     }
 
+    /// The padded tokens of one forward pass: the fastest size within `max_batch_tokens`.
+    pub fn pass_tokens(&self) -> usize {
+        self.policy.max_batch_tokens
+    }
+
     /// How many per-length plans have been compiled so far (see [`crate::plan_cache`]).
     pub fn compiled_plans(&self) -> usize {
         self.model.compiled_plans()
@@ -72,14 +80,38 @@ impl OnnxProcessor {
 
     /// One output per text, in order. Fails as a whole if any batch fails.
     pub fn process(&self, texts: &[String]) -> Result<Vec<Output>, RunError> {
-        let tokenized = self.tokenize_all(texts)?;
+        self.process_tokenized(&self.tokenize(texts)?)
+    }
+
+    /// Tokenise `texts` (on `threads` threads) for [`process_tokenized`]: a caller can
+    /// prepare the next texts while the model computes the current ones.
+    ///
+    /// [`process_tokenized`]: OnnxProcessor::process_tokenized
+    pub fn tokenize(&self, texts: &[String]) -> Result<Tokenized, RunError> {
+        Ok(Tokenized(self.tokenize_all(texts)?))
+    }
+
+    /// One output per tokenised text, in order; the same as [`process`] on the texts.
+    ///
+    /// [`process`]: OnnxProcessor::process
+    pub fn process_tokenized(&self, tokenized: &Tokenized) -> Result<Vec<Output>, RunError> {
+        let tokenized = &tokenized.0;
         let lengths: Vec<usize> = tokenized.iter().map(TokenizedText::len).collect();
-        let mut batches = plan_batches(&lengths, &self.policy);
+        let batches = self.plan(&lengths);
         tracing::debug!(summary = ?summarise_plan(&lengths, &batches), threads = self.threads, "onnx batch plan");
-        // Longest-processing first, so no thread is left with a big batch at the end.
-        batches.sort_by_key(|batch| std::cmp::Reverse(batch.padded_tokens()));
-        let outputs = self.run_batches(&tokenized, &batches)?;
-        Ok(outputs)
+        self.run_batches(tokenized, &batches)
+    }
+
+    /// The forward passes for rows of `lengths`: cut at the pass size, then split until
+    /// every thread has one, longest-processing first so no thread is left with a big pass
+    /// at the end.
+    fn plan(&self, lengths: &[usize]) -> Vec<Batch> {
+        spread_over_threads(
+            plan_batches(lengths, &self.policy),
+            self.threads,
+            lengths,
+            &self.policy,
+        )
     }
 
     /// Token counts of `texts` after truncation (special tokens included): for dry runs and
@@ -92,13 +124,15 @@ impl OnnxProcessor {
             .collect())
     }
 
+    /// The forward passes `process` would run for `texts`, longest first.
+    pub fn plan_passes(&self, texts: &[String]) -> Result<Vec<Batch>, RunError> {
+        Ok(self.plan(&self.token_counts(texts)?))
+    }
+
     /// The batches `process` would run for `texts`, summarised.
     pub fn plan_summary(&self, texts: &[String]) -> Result<PlanSummary, RunError> {
         let lengths = self.token_counts(texts)?;
-        Ok(summarise_plan(
-            &lengths,
-            &plan_batches(&lengths, &self.policy),
-        ))
+        Ok(summarise_plan(&lengths, &self.plan(&lengths)))
     }
 
     fn tokenize_all(&self, texts: &[String]) -> Result<Vec<TokenizedText>, RunError> {
@@ -255,6 +289,36 @@ impl OnnxProcessor {
     }
 }
 
+/// Texts tokenised by [`OnnxProcessor::tokenize`].
+#[derive(Clone, Debug)]
+pub struct Tokenized(Vec<TokenizedText>);
+
+impl Tokenized {
+    /// Rows.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Each row's token count after truncation (special tokens included).
+    pub fn token_counts(&self) -> Vec<usize> {
+        self.0.iter().map(TokenizedText::len).collect()
+    }
+}
+
+/// The padded tokens of one forward pass: `pass_tokens` or the measured optimum, within the
+/// `max_batch_tokens` bound.
+fn pass_tokens(config: &OnnxConfig) -> usize {
+    config
+        .pass_tokens
+        .unwrap_or(FASTEST_PASS_TOKENS)
+        .min(config.max_batch_tokens)
+        .max(1)
+}
+
 fn check_settings(config: &OnnxConfig) -> Result<(), LoadError> {
     let invalid =
         |key: &'static str, message: String| Err(LoadError::InvalidSetting { key, message });
@@ -264,6 +328,9 @@ fn check_settings(config: &OnnxConfig) -> Result<(), LoadError> {
     if config.max_batch_tokens == 0 {
         // Below max_length is fine: a row longer than the budget runs in a batch of its own.
         return invalid("max_batch_tokens", "must be at least 1 token".into());
+    }
+    if config.pass_tokens == Some(0) {
+        return invalid("pass_tokens", "must be at least 1 token".into());
     }
     if config.threads == 0 {
         return invalid("threads", "must be at least 1".into());

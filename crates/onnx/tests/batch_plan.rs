@@ -2,7 +2,8 @@
 //! row counts, length buckets.
 
 use backfill_onnx::batch_plan::{
-    Batch, BatchPolicy, PlanSummary, bucketed_length, plan_batches, summarise_plan,
+    Batch, BatchPolicy, PlanSummary, bucketed_length, plan_batches, spread_over_threads,
+    summarise_plan,
 };
 
 fn policy(max_batch_tokens: usize, sort_window: usize) -> BatchPolicy {
@@ -240,4 +241,68 @@ fn summary_counts_rows_and_tokens() {
         }
     );
     assert_eq!(summary.fill_ratio(), 0.75);
+}
+
+#[test]
+fn passes_are_split_until_every_thread_has_one() {
+    let token_lengths = [8, 8, 8, 8, 8, 8, 8, 8];
+    let policy = policy(64, 100);
+    let batches = plan_batches(&token_lengths, &policy);
+    assert_eq!(batches.len(), 1);
+    let spread = spread_over_threads(batches, 2, &token_lengths, &policy);
+    assert_eq!(
+        spread.iter().map(|b| b.indices.len()).collect::<Vec<_>>(),
+        [4, 4]
+    );
+    let spread = spread_over_threads(spread, 3, &token_lengths, &policy);
+    assert_eq!(spread.len(), 3);
+    let mut rows: Vec<usize> = spread.iter().flat_map(|b| b.indices.clone()).collect();
+    rows.sort();
+    assert_eq!(rows, (0..8).collect::<Vec<_>>());
+    assert!(spread.iter().all(|b| b.indices.len().is_power_of_two()));
+    // One row cannot be split: fewer passes than threads.
+    let alone = spread_over_threads(plan_batches(&[5], &policy), 4, &[5], &policy);
+    assert_eq!(alone.len(), 1);
+}
+
+#[test]
+fn split_halves_are_padded_to_their_own_longest_row() {
+    let token_lengths = [30, 30, 4, 4];
+    let policy = policy(120, 10);
+    let spread = spread_over_threads(
+        plan_batches(&token_lengths, &policy),
+        2,
+        &token_lengths,
+        &policy,
+    );
+    assert_eq!(
+        spread
+            .iter()
+            .map(|b| (b.indices.len(), b.padded_length))
+            .collect::<Vec<_>>(),
+        [(2, 30), (2, 4)]
+    );
+}
+
+#[test]
+fn long_max_lengths_still_give_few_distinct_padded_lengths() {
+    let policy = BatchPolicy {
+        max_batch_tokens: 1 << 20,
+        sort_window: 1,
+        length_bucket: 32,
+        max_length: 8192,
+    };
+    let mut distinct: Vec<usize> = (1..=8192)
+        .map(|length| bucketed_length(length, &policy))
+        .collect();
+    assert!(
+        (1..=8192).all(|length| {
+            let padded = bucketed_length(length, &policy);
+            padded >= length && padded - length < 32.max(length / 8)
+        }),
+        "never below the row, less than a bucket or 12.5 % of padding"
+    );
+    distinct.dedup();
+    // 32..256 in steps of 32, then 8 per doubling up to 8192.
+    assert!(distinct.len() <= 8 + 8 * 5, "{} lengths", distinct.len());
 }

@@ -387,3 +387,125 @@ fn run_errors_are_displayable() {
         "the model failed on a batch of 2 rows × 8 tokens: boom"
     );
 }
+
+#[test]
+fn a_batch_above_the_pass_size_is_split_with_outputs_equal_to_one_pass() {
+    // 32 rows: one power-of-two pass when the pass size allows it.
+    let texts = many_texts()[..32].to_vec();
+    let mut one_pass_config = embedder_config();
+    one_pass_config.max_batch_tokens = 1 << 20;
+    one_pass_config.pass_tokens = Some(1 << 20);
+    one_pass_config.threads = 1;
+    let one_pass = OnnxProcessor::load(&one_pass_config).unwrap();
+    assert_eq!(one_pass.plan_passes(&texts).unwrap().len(), 1);
+
+    let mut split_config = one_pass_config.clone();
+    split_config.pass_tokens = Some(24);
+    split_config.threads = 2;
+    let split = OnnxProcessor::load(&split_config).unwrap();
+    let passes = split.plan_passes(&texts).unwrap();
+    assert!(passes.len() > 2, "{} passes", passes.len());
+    let longest_row = split
+        .token_counts(&texts)
+        .unwrap()
+        .into_iter()
+        .max()
+        .unwrap();
+    assert!(
+        passes
+            .iter()
+            .all(|pass| pass.padded_tokens() <= 24 || pass.indices.len() == 1),
+        "a pass above the pass size holds one row"
+    );
+    assert!(
+        passes
+            .iter()
+            .all(|pass| pass.padded_length <= longest_row.max(24))
+    );
+
+    let together = embeddings(&one_pass.process(&texts).unwrap());
+    let in_passes = embeddings(&split.process(&texts).unwrap());
+    for (index, (left, right)) in together.iter().zip(&in_passes).enumerate() {
+        assert_close(left, right, 1e-6, &format!("text {index}"));
+    }
+}
+
+#[test]
+fn the_memory_bound_is_never_exceeded_and_caps_the_pass_size() {
+    let texts = many_texts();
+    let longest_row = OnnxProcessor::load(&embedder_config())
+        .unwrap()
+        .token_counts(&texts)
+        .unwrap()
+        .into_iter()
+        .max()
+        .unwrap();
+    for bound in [longest_row, 32, 64, 256, 8192] {
+        let bound = bound.max(longest_row);
+        let mut config = embedder_config();
+        config.max_batch_tokens = bound;
+        config.pass_tokens = None;
+        let processor = OnnxProcessor::load(&config).unwrap();
+        assert_eq!(
+            processor.pass_tokens(),
+            bound.min(backfill_onnx::FASTEST_PASS_TOKENS)
+        );
+        for pass in processor.plan_passes(&texts).unwrap() {
+            assert!(
+                pass.padded_tokens() <= bound,
+                "bound {bound}: a pass of {} × {}",
+                pass.indices.len(),
+                pass.padded_length
+            );
+        }
+        assert_eq!(processor.process(&texts).unwrap().len(), texts.len());
+    }
+}
+
+#[test]
+fn every_thread_gets_a_pass_when_there_are_rows_enough() {
+    let mut config = embedder_config();
+    config.max_batch_tokens = 8192;
+    config.pass_tokens = Some(8192);
+    config.threads = 2;
+    let processor = OnnxProcessor::load(&config).unwrap();
+    let texts = many_texts();
+    assert!(processor.plan_passes(&texts).unwrap().len() >= 2);
+    let two = vec!["motie kamer".to_string(), "de regering".to_string()];
+    assert_eq!(processor.plan_passes(&two).unwrap().len(), 2);
+}
+
+#[test]
+fn compiled_plans_stay_bounded_over_many_shapes() {
+    let mut config = embedder_config();
+    config.length_bucket = 1;
+    config.max_batch_tokens = 4096;
+    config.pass_tokens = Some(4096);
+    config.threads = 1;
+    let processor = OnnxProcessor::load(&config).unwrap();
+    let words: Vec<&str> = "de het een en van in op motie kamer regering verzoekt wonen zorg"
+        .split(' ')
+        .collect();
+    let mut most = 0;
+    let mut shapes = std::collections::HashSet::new();
+    for length in 0..config.max_length {
+        let text = words
+            .iter()
+            .cycle()
+            .take(length)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for rows in [1, 2, 4] {
+            let texts = vec![text.clone(); rows];
+            for pass in processor.plan_passes(&texts).unwrap() {
+                shapes.insert((pass.indices.len(), pass.padded_length));
+            }
+            processor.process(&texts).unwrap();
+            most = most.max(processor.compiled_plans());
+        }
+    }
+    let cap = backfill_onnx::plan_cache::MAX_PLANS;
+    assert!(shapes.len() > cap, "the texts meet {} shapes", shapes.len());
+    assert_eq!(most, cap, "the cache filled up to its cap and no further");
+}

@@ -3,10 +3,12 @@
 //! progress, signals, summary), with the model computing on this machine instead of a provider
 //! answering.
 //!
-//! One loop: claim a batch of items, render each row through `model.input`, run the model on
-//! the batch in `spawn_blocking` (the processor uses `model.threads` threads itself, so one
-//! batch computes at a time), and hand the outputs to the writer, which writes them while the
-//! next batch computes. The ledger records every batch as a call that costs nothing: its
+//! One loop: claim a batch of items, render each row through `model.input` and tokenise it,
+//! run the model on the batch in `spawn_blocking` (the processor uses `model.threads` threads
+//! itself, so one batch computes at a time), and hand the outputs to the writer, which writes
+//! them while the next batch computes. While a batch computes, the next one is claimed,
+//! rendered and tokenised, so the model never waits for the database or the tokenizer; on a
+//! shutdown that next batch goes back to the queue untouched. The ledger records every batch as a call that costs nothing: its
 //! duration, items and tokens, so `status` and `report` show time instead of money.
 
 mod outputs;
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use backfill_onnx::{OnnxProcessor, Output};
+use backfill_onnx::{OnnxProcessor, Output, RunError, Tokenized};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -123,42 +125,92 @@ struct Computed {
     batch_error: Option<String>,
 }
 
+/// A claimed batch ready to compute: its items, their texts and the texts tokenised.
+struct Prepared {
+    claimed: Vec<Claimed>,
+    texts: Vec<String>,
+    tokenized: Result<Tokenized, RunError>,
+}
+
+/// What a claim found.
+enum Next {
+    Batch(Prepared),
+    /// Nothing ready now: look again after this long.
+    Wait(Duration),
+    Drained,
+}
+
 impl LocalRunner {
     async fn run(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Stop> {
-        let a = self.attached.clone();
+        let mut next: Option<Prepared> = None;
         loop {
             if let Some(why) = self.progress.writer_failure() {
+                self.release_prepared(next.take()).await?;
                 return Ok(Stop::Failed(why));
             }
             if shutdown.is_cancelled() {
+                self.release_prepared(next.take()).await?;
                 return Ok(Stop::Interrupted);
             }
-            let claim = a.store.claim(&a.tables, a.run.id, &a.worker, self.batch_items, a.lease).await?;
-            if claim.vanished > 0 {
-                self.progress.failed.fetch_add(claim.vanished, Ordering::Relaxed);
-            }
-            if claim.items.is_empty() {
-                if claim.leased == 0 && claim.next_ready_at.is_none() {
-                    return Ok(Stop::Drained);
-                }
-                // Items are with the writer, another worker, or in backoff: look again soon.
-                let wait = claim.next_ready_at.map_or(IDLE_POLL, |at| Duration::from_millis((at - now_ms()).clamp(1, 200) as u64));
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.cancelled() => return Ok(Stop::Interrupted),
-                }
-                continue;
-            }
-            if !self.batch(claim.items, shutdown).await? {
+            let prepared = match next.take() {
+                Some(prepared) => prepared,
+                None => match self.claim_next().await? {
+                    Next::Batch(prepared) => prepared,
+                    Next::Drained => return Ok(Stop::Drained),
+                    Next::Wait(wait) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.cancelled() => return Ok(Stop::Interrupted),
+                        }
+                        continue;
+                    }
+                },
+            };
+            let (computed, prefetched) = self.batch(prepared, shutdown).await?;
+            next = prefetched;
+            if !computed {
+                self.release_prepared(next.take()).await?;
                 return Ok(Stop::Interrupted);
             }
         }
     }
 
-    /// Computes one claimed batch and queues its write. False when a shutdown outlasted the
-    /// grace period: the batch's items went back to the queue.
-    async fn batch(&mut self, claimed: Vec<Claimed>, shutdown: &CancellationToken) -> anyhow::Result<bool> {
-        let a = self.attached.clone();
+    /// Claims the next batch, renders and tokenises it (off the async threads).
+    async fn claim_next(&self) -> anyhow::Result<Next> {
+        let a = &self.attached;
+        let claim = a.store.claim(&a.tables, a.run.id, &a.worker, self.batch_items, a.lease).await?;
+        if claim.vanished > 0 {
+            self.progress.failed.fetch_add(claim.vanished, Ordering::Relaxed);
+        }
+        if claim.items.is_empty() {
+            if claim.leased == 0 && claim.next_ready_at.is_none() {
+                return Ok(Next::Drained);
+            }
+            // Items are with the writer, another worker, or in backoff: look again soon.
+            let wait = claim.next_ready_at.map_or(IDLE_POLL, |at| Duration::from_millis((at - now_ms()).clamp(1, 200) as u64));
+            return Ok(Next::Wait(wait));
+        }
+        let texts: Vec<String> = claim.items.iter().map(|c| crate::local_model::render(&self.template, &c.item)).collect();
+        let processor = self.processor.clone();
+        let (texts, tokenized) = tokio::task::spawn_blocking(move || {
+            let tokenized = processor.tokenize(&texts);
+            (texts, tokenized)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the tokenizer's thread failed: {e}"))?;
+        Ok(Next::Batch(Prepared { claimed: claim.items, texts, tokenized }))
+    }
+
+    /// Returns a batch claimed ahead to the queue untouched (no attempt counted), recorded
+    /// as an interrupted call.
+    async fn release_prepared(&self, prepared: Option<Prepared>) -> anyhow::Result<()> {
+        let Some(prepared) = prepared else { return Ok(()) };
+        let call_id = self.reserve(&prepared.claimed).await?;
+        self.release(&prepared.claimed, call_id).await
+    }
+
+    async fn reserve(&self, claimed: &[Claimed]) -> anyhow::Result<i64> {
+        let a = &self.attached;
         let call = NewCall {
             run_id: a.run.id,
             worker: a.worker.id.clone(),
@@ -170,28 +222,73 @@ impl LocalRunner {
             estimated: Picos::ZERO,
             started_at: now_ms(),
         };
-        let call_id = a.store.reserve_call(&call, None).await?.ok_or_else(|| anyhow::anyhow!("the ledger refused a call that costs nothing"))?;
+        a.store.reserve_call(&call, None).await?.ok_or_else(|| anyhow::anyhow!("the ledger refused a call that costs nothing"))
+    }
+
+    async fn release(&self, claimed: &[Claimed], call_id: i64) -> anyhow::Result<()> {
+        let now = now_ms();
+        let items = claimed
+            .iter()
+            .map(|c| ItemUpdate { lease: c.lease.clone(), change: self.policy.next(&Setback::Released, c.attempts, c.tier, claimed.len(), now, 0.0), output: None })
+            .collect();
+        let settle = CallSettle { outcome: "interrupted".into(), cost_source: "none".into(), ..CallSettle::default() };
+        self.send(BatchWrite { run_id: self.attached.run.id, call_id, settle, items }).await
+    }
+
+    /// Computes one prepared batch and queues its write, claiming and preparing the next
+    /// batch meanwhile (not once a shutdown has begun). False when a shutdown outlasted the
+    /// grace period: the batch's items went back to the queue.
+    async fn batch(&mut self, prepared: Prepared, shutdown: &CancellationToken) -> anyhow::Result<(bool, Option<Prepared>)> {
+        let a = self.attached.clone();
+        let call_id = self.reserve(&prepared.claimed).await?;
         self.progress.requests.fetch_add(1, Ordering::Relaxed);
-        let texts: Vec<String> = claimed.iter().map(|c| crate::local_model::render(&self.template, &c.item)).collect();
+        let Prepared { claimed, texts, tokenized } = prepared;
         let processor = self.processor.clone();
-        let mut task = tokio::task::spawn_blocking(move || compute(&processor, &texts));
-        let joined = tokio::select! {
-            joined = &mut task => joined,
-            _ = shutdown.cancelled() => tokio::select! {
-                joined = &mut task => joined,
-                _ = tokio::time::sleep(self.grace) => {
-                    tracing::warn!("the batch in progress did not finish within the grace period: its items go back to the queue");
-                    let now = now_ms();
-                    let items = claimed.iter().map(|c| ItemUpdate {
-                        lease: c.lease.clone(),
-                        change: self.policy.next(&Setback::Released, c.attempts, c.tier, claimed.len(), now, 0.0),
-                        output: None,
-                    }).collect();
-                    let settle = CallSettle { outcome: "interrupted".into(), cost_source: "none".into(), ..CallSettle::default() };
-                    self.send(BatchWrite { run_id: a.run.id, call_id, settle, items }).await?;
-                    return Ok(false);
+        let mut task = tokio::task::spawn_blocking(move || compute(&processor, &texts, tokenized));
+        let mut prefetched: Option<Prepared> = None;
+        let joined = {
+            // Claim ahead only while the batch computes and no shutdown has begun.
+            let prefetch = async {
+                if shutdown.is_cancelled() {
+                    return Ok(None);
                 }
-            },
+                match self.claim_next().await? {
+                    Next::Batch(next) => Ok(Some(next)),
+                    Next::Wait(_) | Next::Drained => Ok::<_, anyhow::Error>(None),
+                }
+            };
+            tokio::pin!(prefetch);
+            let mut prefetch_done = false;
+            loop {
+                tokio::select! {
+                    joined = &mut task => {
+                        // A claim under way holds its items' leases: finish it (it is quick)
+                        // rather than drop it and strand them.
+                        if !prefetch_done {
+                            prefetched = (&mut prefetch).await?;
+                        }
+                        break joined;
+                    }
+                    next = &mut prefetch, if !prefetch_done => {
+                        prefetch_done = true;
+                        prefetched = next?;
+                    }
+                    _ = shutdown.cancelled() => {
+                        // A claim under way is finished first (it is quick), then released.
+                        if !prefetch_done {
+                            prefetched = (&mut prefetch).await?;
+                        }
+                        tokio::select! {
+                            joined = &mut task => break joined,
+                            _ = tokio::time::sleep(self.grace) => {
+                                tracing::warn!("the batch in progress did not finish within the grace period: its items go back to the queue");
+                                self.release(&claimed, call_id).await?;
+                                return Ok((false, prefetched));
+                            }
+                        }
+                    }
+                }
+            }
         };
         let computed = joined.map_err(|e| anyhow::anyhow!("the model's thread failed: {e}"))?;
         self.batches += 1;
@@ -220,7 +317,7 @@ impl LocalRunner {
         }
         settle.outcome = if settle.items_invalid == 0 { "ok" } else { "model_error" }.into();
         self.send(BatchWrite { run_id: a.run.id, call_id, settle, items }).await?;
-        Ok(true)
+        Ok((true, prefetched))
     }
 
     async fn send(&self, batch: BatchWrite) -> anyhow::Result<()> {
@@ -228,12 +325,12 @@ impl LocalRunner {
     }
 }
 
-/// Runs the model on a batch; when the batch fails as a whole, on each text alone, so one bad
-/// row fails by itself and the others still get their output.
-fn compute(processor: &OnnxProcessor, texts: &[String]) -> Computed {
+/// Runs the model on a tokenised batch; when the batch fails as a whole, on each text alone,
+/// so one bad row fails by itself and the others still get their output.
+fn compute(processor: &OnnxProcessor, texts: &[String], tokenized: Result<Tokenized, RunError>) -> Computed {
     let started = Instant::now();
-    let tokens = processor.token_counts(texts).map(|counts| counts.iter().sum::<usize>() as u64).unwrap_or(0);
-    let (results, batch_error) = match processor.process(texts) {
+    let tokens = tokenized.as_ref().map(|t| t.token_counts().iter().sum::<usize>() as u64).unwrap_or(0);
+    let (results, batch_error) = match tokenized.and_then(|tokenized| processor.process_tokenized(&tokenized)) {
         Ok(outputs) => (outputs.into_iter().map(Ok).collect(), None),
         Err(e) if texts.len() == 1 => (vec![Err(e.to_string())], Some(e.to_string())),
         Err(e) => {
