@@ -48,6 +48,8 @@ printf '%s motions, all-MiniLM-L6-v2 int8, max_length 256, threads %s, %s\n' "$i
 printf '| max_batch_tokens | backfill items/s | CPU/wall | peak RSS | onnxruntime items/s (best config) | peak RSS | ratio |\n'
 printf '|---|---|---|---|---|---|---|\n'
 for budget in default 1024 8192 32768; do
+    # A fresh copy, without the previous run's -wal/-shm files (SQLite would apply them to it).
+    rm -f "$work/motions.db" "$work/motions.db-wal" "$work/motions.db-shm"
     cp "$work/fresh.db" "$work/motions.db"
     bound_line=""
     [ "$budget" = default ] || bound_line="max_batch_tokens = $budget"
