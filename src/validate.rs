@@ -365,7 +365,8 @@ fn item_output(value: Value, shape: &OutputShape) -> Result<ItemOutput, String> 
     }
 }
 
-fn kind(value: &Value) -> &'static str {
+/// What a JSON value is, for messages ("a string", "an array").
+pub(crate) fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -3,6 +3,7 @@
 use serde_json::Value;
 
 use crate::pricing::Usage;
+use crate::validate::kind;
 
 /// What the runner needs from a completion.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,17 +80,6 @@ pub fn parse_completion(body: &str) -> Result<Completion, String> {
     };
     let usage_problem = (!problems.is_empty()).then(|| problems.join("; "));
     Ok(Completion { content, finish_reason, usage, reported_cost_usd, usage_problem, no_choices })
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 fn excerpt(value: &Value) -> String {
