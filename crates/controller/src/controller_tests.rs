@@ -220,22 +220,7 @@ fn end_of_queue_cuts_only_old_requests_and_only_when_nothing_waits() {
     let mut controller = controller();
     let mut now = Duration::ZERO;
     // 100 requests of 10 items: a hedge budget of 2 % is 20 items, two requests.
-    for _ in 0..100 {
-        let ticket = loop {
-            now += seconds(0.1);
-            if let Some(ticket) = try_send(&mut controller, now) {
-                break ticket;
-            }
-        };
-        finish(
-            &mut controller,
-            now + seconds(2.0),
-            ticket,
-            completed(10),
-            RateLimitInfo::default(),
-        );
-        now += seconds(2.0);
-    }
+    now = one_at_a_time(&mut controller, now, 100);
     let old = try_send(&mut controller, now).unwrap();
     let young = try_send(&mut controller, now + seconds(9.0)).unwrap();
     let idle = PipelineLoad {
@@ -281,22 +266,7 @@ fn end_of_queue_cuts_only_old_requests_and_only_when_nothing_waits() {
 fn end_of_queue_cuts_stay_within_the_hedge_budget() {
     let mut controller = controller();
     let mut now = Duration::ZERO;
-    for _ in 0..50 {
-        let ticket = loop {
-            now += seconds(0.1);
-            if let Some(ticket) = try_send(&mut controller, now) {
-                break ticket;
-            }
-        };
-        finish(
-            &mut controller,
-            now + seconds(2.0),
-            ticket,
-            completed(10),
-            RateLimitInfo::default(),
-        );
-        now += seconds(2.0);
-    }
+    now = one_at_a_time(&mut controller, now, 50);
     let first = try_send(&mut controller, now).unwrap();
     let second = try_send(&mut controller, now).unwrap();
     let idle = PipelineLoad {
@@ -390,4 +360,26 @@ fn a_snapshot_of_another_version_is_ignored() {
     let restored =
         Controller::restore(ControllerConfig::with_defaults(), state, Duration::ZERO).unwrap();
     assert_eq!(restored.counts().requests_sent, 0);
+}
+
+/// Sends and completes `requests` requests of 10 items one after another, 2 s each, from
+/// `now`; returns the time after the last.
+fn one_at_a_time(controller: &mut Controller, mut now: Duration, requests: usize) -> Duration {
+    for _ in 0..requests {
+        let ticket = loop {
+            now += seconds(0.1);
+            if let Some(ticket) = try_send(controller, now) {
+                break ticket;
+            }
+        };
+        finish(
+            controller,
+            now + seconds(2.0),
+            ticket,
+            completed(10),
+            RateLimitInfo::default(),
+        );
+        now += seconds(2.0);
+    }
+    now
 }
