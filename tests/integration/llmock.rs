@@ -27,8 +27,10 @@ async fn llmock_finds_nothing_against_backfill_under_random_429s() {
     let http = reqwest::Client::new();
     http.post(format!("{url}/_llmock/reset")).send().await.unwrap().error_for_status().unwrap();
 
+    // At most 3 items per request: at least 40 calls, so that llmock's random 20 % draws a fault
+    // on all but about one run in 7,000 (0.8^40).
     let fx = Fixture::new(120).await;
-    fx.write_job(&format!("{url}/v1"), "", "items_per_request = { start = 5, min = 1, max = 10 }", "");
+    fx.write_job(&format!("{url}/v1"), "", "items_per_request = { start = 2, min = 1, max = 3 }", "");
     let output = backfill_async(fx.dir.path(), &["run", fx.job.to_str().unwrap(), "--json", "--quiet"], &[("OPENAI_API_KEY", "sk-llmock")]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let summary: Value = serde_json::from_str(&stdout(&output)).unwrap();
