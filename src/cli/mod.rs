@@ -16,11 +16,36 @@ use crate::exit::{Exit, exit_for_error, json_line, usage};
 use crate::job::{Job, LoadOptions};
 
 #[derive(Debug, Parser)]
-#[command(name = "backfill", version, about = "Resumable batch backfills of a database column with an LLM or a local model")]
+#[command(
+    name = "backfill",
+    version,
+    about = "Resumable batch backfills of a database column with an LLM or a local model",
+    after_help = AFTER_HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+const AFTER_HELP: &str = "\
+Examples:
+  backfill run jobs/motions_nl.toml --dry-run     what the run would send and cost
+  backfill run jobs/motions_nl.toml --max-usd 5   run it, stopping at $5
+  backfill run jobs/motions_nl.toml --resume      continue after a crash or a stop
+  backfill status jobs/motions_nl.toml            items by state, cost, workers
+  backfill report jobs/motions_nl.toml --chart run.svg
+  echo 'Een tekst.' | backfill check jobs/motions_nl.toml
+
+Exit codes:
+  0 finished   1 error   2 bad usage or job file, nothing sent   3 budget cap reached
+  4 interrupted (SIGINT/SIGTERM)   5 batch mode: still waiting for the provider
+  6 finished with too many failures (`check`: the rules reject the text)
+
+Environment:
+  OPENAI_API_KEY (or the job's model.api_key_env)  the provider's key
+  ${VAR} / ${VAR:-default} in the job file  any variable, expanded when the job loads
+  RUST_LOG  log filter (default: info for backfill), e.g. RUST_LOG=backfill=debug
+  NO_COLOR  logs without colour";
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -32,7 +57,7 @@ enum Command {
     Report(ReportArgs),
     /// Give up the unfinished run of a job, so `run` can start a new one.
     Abandon(DatabaseArgs),
-    /// Try the job's post-processing rules on a text read from stdin.
+    /// Try the job's post-processing rules on a text read from stdin (exit 6 when they reject it).
     Check(CheckArgs),
 }
 
@@ -128,6 +153,7 @@ struct ReportArgs {
     /// The run to report on (default: the latest).
     #[arg(long, value_name = "ID")]
     run: Option<i64>,
+    /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
     /// Draw items/s, items per request, concurrency, 429s and cumulative cost over time into
@@ -287,12 +313,14 @@ fn check(args: CheckArgs) -> anyhow::Result<Exit> {
     };
     let mut text = String::new();
     std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+    let outcome = rules.process(&text);
     if args.json {
-        print_json(&rules.process(&text))?;
+        print_json(&outcome)?;
     } else {
-        print!("{}", rules.explain(&text));
+        print!("{}", rules.render_account(&text, &outcome));
     }
-    Ok(Exit::Finished)
+    // A run would reject this text: the exit status says so, for scripts.
+    Ok(if outcome.rejections.is_empty() { Exit::Finished } else { Exit::Failures })
 }
 
 /// Prints one JSON object on stdout; a closed pipe is not an error.

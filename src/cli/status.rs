@@ -26,6 +26,8 @@ pub(super) struct StatusJson {
     rejected_by_reason: std::collections::BTreeMap<String, u64>,
     calls: CallsJson,
     workers: Vec<WorkerJson>,
+    /// Workers attached and not proven gone: 0 for a run left "running" by a process that died.
+    live_workers: u64,
     earlier_runs: Vec<EarlierRunJson>,
     /// Earlier runs left out of `earlier_runs` (`status --all` lists every one).
     earlier_runs_not_shown: u64,
@@ -138,6 +140,20 @@ struct EarlierRunJson {
 }
 
 pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
+    // A worker whose lease has not run out yet may still be gone: a process on this machine
+    // that no longer runs (killed, or stopped by a second signal) is shown as gone at once,
+    // by the same rule `abandon` applies.
+    let me = crate::store::Worker::current();
+    let alive: Vec<bool> = r.workers.iter().map(|w| w.alive && !me.proves_gone(&w.worker)).collect();
+    // An unfinished run nobody works on: its calls in flight will never be settled by their
+    // process, and the next `--resume` counts them as possibly billed; say so now.
+    let orphaned = r.run.status == RunStatus::Running && !alive.contains(&true);
+    let (in_flight, in_flight_usd) = if orphaned { (0, 0.0) } else { (r.calls.in_flight, r.spend.reserved.usd()) };
+    let (lost, lost_usd) = if orphaned {
+        (r.calls.lost + r.calls.in_flight, r.spend.lost.usd() + r.spend.reserved.usd())
+    } else {
+        (r.calls.lost, r.spend.lost.usd())
+    };
     let reasons = |state: &str| {
         r.reasons.iter().filter(|(s, _, _)| s == state).map(|(_, reason, n)| (reason.clone(), *n)).collect()
     };
@@ -148,7 +164,7 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
     StatusJson {
         job: job.name.clone(),
         run_id: r.run.id,
-        status: r.run.status.as_str().into(),
+        status: if orphaned { "interrupted".into() } else { r.run.status.as_str().into() },
         created_at: rfc3339_ms(r.run.created_at),
         updated_at: rfc3339_ms(r.run.updated_at),
         last_error: r.run.last_error.clone(),
@@ -161,16 +177,16 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
             rejected: r.counts.rejected,
         },
         cost_usd: r.spend.spent.usd(),
-        in_flight_usd: r.spend.reserved.usd(),
-        possibly_billed_usd: r.spend.lost.usd(),
+        in_flight_usd,
+        possibly_billed_usd: lost_usd,
         budget_usd: r.run.max_usd.or(job.budget_usd),
         models: r.models.iter().map(model_json).collect(),
         failed_by_reason: reasons("failed"),
         rejected_by_reason: reasons("rejected"),
         calls: CallsJson {
             total: r.calls.total,
-            in_flight: r.calls.in_flight,
-            possibly_billed: r.calls.lost,
+            in_flight,
+            possibly_billed: lost,
             by_outcome: r.calls.by_outcome.iter().cloned().collect(),
             items_per_second: span.map(|s| (r.counts.done + r.counts.failed + r.counts.rejected) as f64 / s),
             usage_distrusted: r.calls.usage_distrusted,
@@ -179,9 +195,10 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
         workers: r
             .workers
             .iter()
-            .map(|w| WorkerJson {
+            .zip(&alive)
+            .map(|(w, alive)| WorkerJson {
                 worker: w.worker.clone(),
-                alive: w.alive,
+                alive: *alive,
                 attached_at: rfc3339_ms(w.attached_at),
                 last_heartbeat: rfc3339_ms(w.heartbeat_at),
                 items_done: w.items_done,
@@ -189,6 +206,7 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
                 calls: w.calls,
             })
             .collect(),
+        live_workers: alive.iter().filter(|a| **a).count() as u64,
         earlier_runs: r
             .history
             .iter()
@@ -233,6 +251,9 @@ pub(super) fn human(s: &StatusJson) -> String {
     );
     if let Some(error) = &s.last_error {
         out.push_str(&format!("  last error: {error}\n"));
+    }
+    if s.status == "interrupted" && s.live_workers == 0 && s.last_error.is_none() {
+        out.push_str("  no process works on this run (its last one is gone); `backfill run --resume` continues it\n");
     }
     let i = &s.items;
     out.push_str(&format!(

@@ -136,8 +136,12 @@ fn build(path: &Path, dir: &Path, file: JobFile, options: &LoadOptions) -> anyho
                 if options.allow_unpriced {
                     prices.insert_unpriced(model);
                 } else {
+                    let hint = prices
+                        .closest(model)
+                        .map(|name| format!("did you mean `{name}`? Or "))
+                        .unwrap_or_default();
                     return Err(usage(format!(
-                        "no price for model `{model}`: add [pricing.\"{model}\"] with `input` and \
+                        "no price for model `{model}`: {hint}add [pricing.\"{model}\"] with `input` and \
                          `output` (USD per million tokens), or list a price file that has it in \
                          `prices = [...]`, or pass --allow-unpriced to run it uncosted"
                     )));

@@ -105,6 +105,17 @@ impl PriceTable {
         self.models.get(model).map(|e| &e.origin)
     }
 
+    /// The priced model closest to `model` when it is a likely misspelling of it (at most two
+    /// edits, and fewer than a third of the name).
+    pub fn closest(&self, model: &str) -> Option<&str> {
+        self.models
+            .keys()
+            .map(|name| (strsim::damerau_levenshtein(model, name), name))
+            .filter(|(distance, name)| *distance <= 2 && *distance * 3 < name.chars().count().max(3))
+            .min()
+            .map(|(_, name)| name.as_str())
+    }
+
     /// Prices a model that has none as free (`--allow-unpriced`).
     pub fn insert_unpriced(&mut self, model: &str) {
         let entry = Entry { price: ModelPrice::FREE, encoding: None, origin: PriceOrigin::Unpriced };
@@ -126,6 +137,25 @@ mod tests {
 
     /// Every price file shipped in prices/ loads, names its pricing page and date, and prices
     /// batch calls below sync ones.
+    #[test]
+    fn a_name_one_edit_from_a_priced_model_is_suggested() {
+        let mut inline = BTreeMap::new();
+        let price = |input: f64| PriceFile {
+            input,
+            output: input,
+            cached_input: None,
+            batch_input: None,
+            batch_output: None,
+            encoding: None,
+        };
+        inline.insert("gpt-4o-mini".to_owned(), price(0.15));
+        inline.insert("gpt-4o".to_owned(), price(2.5));
+        let table = PriceTable::load(&[], &inline).unwrap();
+        assert_eq!(table.closest("gpt-4o-mnii"), Some("gpt-4o-mini"));
+        assert_eq!(table.closest("gpt-4p"), Some("gpt-4o"));
+        assert_eq!(table.closest("claude-3-haiku"), None);
+    }
+
     #[test]
     fn shipped_price_files_load_with_source_and_date() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("prices");

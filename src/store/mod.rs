@@ -31,6 +31,14 @@ use crate::secret::DatabaseUrl;
 
 /// A token count as a database integer: counts beyond `i64::MAX` are stored as `i64::MAX`
 /// (never wrapped to a negative number).
+/// "it has tables a, b" for a message about a table that does not exist.
+fn existing_tables(names: &[String]) -> String {
+    match names {
+        [] => "it has no tables".into(),
+        names => format!("it has tables: {}", names.join(", ")),
+    }
+}
+
 pub fn db_count(count: u64) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
 }

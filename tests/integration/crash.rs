@@ -1,4 +1,4 @@
-//! Crash safety (DESIGN invariant 2 and the budget's "possibly billed"): `kill -9` at random
+//! Crash safety (no row lost, nothing paid twice, and the budget's "possibly billed"): `kill -9` at random
 //! moments and `--resume`; SIGINT and SIGTERM; the single-owner lock; a locked, read-only or
 //! full database.
 
@@ -224,6 +224,18 @@ async fn abandon_lets_a_new_run_start() {
     assert!(stderr(&refused).contains("being worked on") && stderr(&refused).contains("stop it first"), "{}", stderr(&refused));
     child.kill().unwrap();
     child.wait().unwrap();
+    // `status` tells at once that nobody works on the run any more, though the dead process's
+    // lease has not run out: no live worker, no call in flight, its calls possibly billed.
+    let status = backfill_async(fx.dir.path(), &["status", fx.job.to_str().unwrap(), "--json"], &[]).await;
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    let status: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert_eq!(status["status"], "interrupted", "{status}");
+    assert_eq!(status["live_workers"], 0, "{status}");
+    assert_eq!(status["workers"][0]["alive"], false, "{status}");
+    assert_eq!(status["calls"]["in_flight"], 0, "{status}");
+    assert!(status["calls"]["possibly_billed"].as_u64().unwrap() >= 1, "{status}");
+    let human = backfill_async(fx.dir.path(), &["status", fx.job.to_str().unwrap()], &[]).await;
+    assert!(stdout(&human).contains("`backfill run --resume` continues it"), "{}", stdout(&human));
     let abandoned = backfill_async(fx.dir.path(), &["abandon", fx.job.to_str().unwrap()], &[]).await;
     assert_eq!(abandoned.status.code(), Some(0), "{}", stderr(&abandoned));
     // The killed process's calls in flight count as possibly billed; nothing stays leased.

@@ -1,4 +1,5 @@
-//! Exit codes a cron job can trust: a run with too many failed items exits 6 naming the reasons;
+//! Exit codes a cron job can trust: a run with too many failed items exits 6 naming the reasons
+//! (and `check` exits 6 when the rules reject its text);
 //! a job naming a key variable that is unset, or a value out of its range, exits 2 before
 //! anything is sent or written.
 
@@ -133,4 +134,37 @@ async fn finite_but_huge_values_are_refused_with_the_key_and_the_range() {
         assert!(err.contains(named) && !err.contains("panicked"), "{args:?}: {err}");
     }
     assert_eq!(runs(&fx).await, 0);
+}
+
+/// `check` on a text read from stdin: `JOB`'s post-processing rules say what a run would do.
+fn check(fx: &Fixture, text: &str, json: bool) -> std::process::Output {
+    use std::io::Write;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_backfill"));
+    command.current_dir(fx.dir.path()).args(["check", fx.job.to_str().unwrap()]);
+    if json {
+        command.arg("--json");
+    }
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_exits_6_when_the_rules_reject_the_text() {
+    let fx = Fixture::new(1).await;
+    fx.write_job("http://127.0.0.1:9/v1", "", "", "[postprocess]\nmax_chars = 40\n");
+    let kept = check(&fx, "Een korte uitleg.", false);
+    assert_eq!(kept.status.code(), Some(0), "{}", stderr(&kept));
+    let rejected = check(&fx, "Een uitleg die veel te lang is voor de regel van deze job.", false);
+    assert_eq!(rejected.status.code(), Some(6), "{}{}", stdout(&rejected), stderr(&rejected));
+    assert!(stdout(&rejected).contains("too_long"), "{}", stdout(&rejected));
+    let json = check(&fx, "Een uitleg die veel te lang is voor de regel van deze job.", true);
+    assert_eq!(json.status.code(), Some(6), "{}", stderr(&json));
+    let outcome: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
+    assert_eq!(outcome["rejections"].as_array().map(Vec::len), Some(1), "{outcome}");
 }

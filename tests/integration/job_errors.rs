@@ -1,4 +1,4 @@
-//! Invariant 4 for job files: a bad job gives exit 2 and a message naming the key and the fix,
+//! Bad job files: a bad job gives exit 2 and a message naming the key and the fix,
 //! before anything is sent or written.
 
 use crate::support::*;
@@ -39,6 +39,25 @@ async fn a_model_without_a_price_stops_before_any_call() {
     let (code, err) = run_bad(&fx, &job);
     assert_eq!(code, Some(2));
     assert!(err.contains("no price for model `fake-model`") && err.contains("--allow-unpriced"), "{err}");
+}
+
+#[tokio::test]
+async fn a_model_name_one_edit_from_a_priced_one_gets_a_suggestion() {
+    let fx = Fixture::new(1).await;
+    let job = good_job(&fx).replace("name = \"fake-model\"", "name = \"fake-modle\"");
+    assert!(job.contains("fake-modle"), "{job}");
+    let (code, err) = run_bad(&fx, &job);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no price for model `fake-modle`: did you mean `fake-model`?"), "{err}");
+}
+
+#[tokio::test]
+async fn a_table_that_does_not_exist_is_named_with_the_tables_that_do() {
+    let fx = Fixture::new(1).await;
+    let job = good_job(&fx).replace("table = \"items\"", "table = \"itmes\"");
+    let (code, err) = run_bad(&fx, &job);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("table itmes does not exist") && err.contains("it has tables: items"), "{err}");
 }
 
 #[tokio::test]

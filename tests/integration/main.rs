@@ -1,5 +1,6 @@
 //! Integration tests: the real `backfill` binary against real SQLite files, an in-process fake
-//! provider scripted for faults, and (where available) the real peers of ../shared/PEERS.md.
+//! provider scripted for faults, and the real peers (PostgreSQL, llama.cpp, llmock) that
+//! scripts/test.sh starts.
 
 mod support;
 

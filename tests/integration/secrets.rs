@@ -1,4 +1,4 @@
-//! Invariant 5: the API key never appears in output, logs or the database.
+//! Secrets: the API key never appears in output, logs or the database.
 
 use crate::support::*;
 

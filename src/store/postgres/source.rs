@@ -58,11 +58,21 @@ pub(super) async fn inspect(store: &PgStore, tables: &Tables) -> anyhow::Result<
             .fetch_one(&store.pool)
             .await
             .map_err(|e| store.err(e))?;
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT CASE WHEN table_schema = ANY (current_schemas(false)) THEN table_name \
+             ELSE table_schema || '.' || table_name END FROM information_schema.tables \
+             WHERE table_schema NOT IN ('pg_catalog', 'information_schema') AND table_name NOT LIKE 'backfill\\_%' \
+             AND table_name NOT LIKE '\\_sqlx%' ORDER BY 1 LIMIT 50",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .map_err(|e| store.err(e))?;
         return Err(usage(format!(
-            "`source.table`: table {} does not exist in {} (schemas searched: {schema}); check the name, write \
+            "`source.table`: table {} does not exist in {} (schemas searched: {schema}; {}); check the name, write \
              it as schema.table, or set the search_path in the URL",
             tables.table.raw(),
-            store.server
+            store.server,
+            super::super::existing_tables(&names)
         )));
     }
     let names: Vec<&str> = existing.iter().map(|(name, _)| name.as_str()).collect();

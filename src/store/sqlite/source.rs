@@ -26,10 +26,19 @@ pub(super) async fn inspect(store: &SqliteStore, tables: &Tables) -> anyhow::Res
         .await
         .map_err(|e| store.err(e))?;
     if existing.is_empty() {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view') \
+             AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE 'backfill\\_%' ESCAPE '\\' \
+             AND name NOT LIKE '\\_sqlx%' ESCAPE '\\' ORDER BY name LIMIT 50",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .map_err(|e| store.err(e))?;
         return Err(usage(format!(
-            "`source.table`: table {} does not exist in {}; check the name and the database",
+            "`source.table`: table {} does not exist in {} ({}); check the name and the database",
             tables.table.raw(),
-            store.path.display()
+            store.path.display(),
+            super::super::existing_tables(&names)
         )));
     }
     let mut wanted = vec![("source.id", &tables.id)];
