@@ -13,6 +13,7 @@ pub mod ident;
 pub mod job;
 pub mod ledger;
 pub mod local_model;
+pub mod metrics;
 pub mod packer;
 pub mod postprocess;
 pub mod pricing;
