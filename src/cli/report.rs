@@ -13,9 +13,8 @@ use crate::job::Job;
 use crate::report::{Timeline, render_svg};
 use crate::store::{CallRow, StatusReport};
 
-/// Rows of the controller's path in the text report; the chart and `--json` get finer buckets.
-const TEXT_BUCKETS: usize = 24;
-const CHART_BUCKETS: usize = 240;
+/// Buckets of the controller's path: the same ones in the text, the chart and `--json`.
+const BUCKETS: usize = 48;
 
 #[derive(Debug, Serialize)]
 struct ReportJson {
@@ -65,6 +64,7 @@ fn throughput(calls: &[CallRow], report: &StatusReport) -> Throughput {
 pub async fn report(job: &Job, run: Option<i64>, json: bool, chart: Option<&Path>) -> anyhow::Result<Exit> {
     let (store, report) = load(job, run).await?;
     let calls = store.calls(report.run.id).await?;
+    let timeline = Timeline::from_calls(&calls, BUCKETS);
     let status = to_json(job, &report);
     let throughput = throughput(&calls, &report);
     let chart_written = match chart {
@@ -78,7 +78,7 @@ pub async fn report(job: &Job, run: Option<i64>, json: bool, chart: Option<&Path
                 report.counts.total(),
                 report.spend.spent.usd()
             );
-            let svg = render_svg(&Timeline::from_calls(&calls, CHART_BUCKETS), &title)
+            let svg = render_svg(&timeline, &title)
                 .map_err(|e| usage(format!("--chart: {e:#}")))?;
             std::fs::write(path, svg).map_err(|e| usage(format!("--chart: cannot write {}: {e}", path.display())))?;
             eprintln!("chart of run {} written to {}", report.run.id, path.display());
@@ -87,12 +87,11 @@ pub async fn report(job: &Job, run: Option<i64>, json: bool, chart: Option<&Path
         None => None,
     };
     if json {
-        let timeline = Timeline::from_calls(&calls, CHART_BUCKETS);
         print_json(&ReportJson { status, throughput, timeline, chart: chart_written })?;
     } else {
         let mut out = human(&status);
         out.push_str(&throughput_lines(&throughput));
-        out.push_str(&path_table(&Timeline::from_calls(&calls, TEXT_BUCKETS)));
+        out.push_str(&path_table(&timeline));
         println!("{}", out.trim_end());
     }
     Ok(Exit::Finished)
@@ -115,17 +114,26 @@ fn path_table(timeline: &Timeline) -> String {
     if timeline.buckets.is_empty() {
         return "  controller's path: no calls yet\n".into();
     }
+    let by_clock = timeline.reads_by_clock();
     let mut out = format!(
-        "  controller's path (buckets of {} s):\n  {:>8} {:>6} {:>9} {:>6} {:>9} {:>8} {:>5} {:>12}\n",
-        timeline.bucket_seconds, "t (s)", "req", "items/req", "limit", "in flight", "items/s", "429", "cost so far"
+        "  controller's path (buckets of {}, as in the chart):\n  {:>8} {:>6} {:>9} {:>6} {:>9} {:>8} {:>5} {:>12}\n",
+        crate::report::chart::bucket_width(timeline.bucket_seconds),
+        if by_clock { "UTC" } else { "t (s)" },
+        "req",
+        "items/req",
+        "limit",
+        "in flight",
+        "items/s",
+        "429",
+        "cost so far"
     );
     for b in &timeline.buckets {
         if b.requests == 0 && b.items_done == 0 && b.in_flight < 0.01 {
             continue;
         }
         out.push_str(&format!(
-            "  {:>8.0} {:>6} {:>9} {:>6} {:>9.1} {:>8.2} {:>5} {:>12}\n",
-            b.start_s,
+            "  {:>8} {:>6} {:>9} {:>6} {:>9.1} {:>8.2} {:>5} {:>12}\n",
+            if by_clock { timeline.clock(b.start_s) } else { format!("{:.0}", b.start_s) },
             b.requests,
             b.items_per_request.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
             b.concurrency_limit.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),

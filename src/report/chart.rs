@@ -16,13 +16,14 @@ pub const SERIES: &[(&str, RGBColor)] = &[
     ("cumulative cost (USD)", RGBColor(0x8c, 0x56, 0x4b)),
 ];
 
-/// Panels: a caption and the series (by index into [`SERIES`]) it holds.
-const PANELS: &[(&str, &[usize])] = &[
-    ("items/s", &[0]),
-    ("items per request", &[1]),
-    ("concurrency: limit and calls in flight", &[2, 3]),
-    ("429s per bucket", &[4]),
-    ("cumulative cost (USD)", &[5]),
+/// Panels: a caption, the series (by index into [`SERIES`]) it holds, and whether it counts
+/// whole things (its axis then has whole-number ticks).
+const PANELS: &[(&str, &[usize], bool)] = &[
+    ("items/s", &[0], false),
+    ("items per request", &[1], true),
+    ("concurrency: limit and calls in flight", &[2, 3], true),
+    ("429s per bucket", &[4], true),
+    ("cumulative cost (USD)", &[5], false),
 ];
 
 const WIDTH: u32 = 960;
@@ -58,11 +59,23 @@ pub fn render_svg(timeline: &Timeline, title: &str) -> anyhow::Result<String> {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_error)?;
         let root = root.titled(title, ("sans-serif", 20)).map_err(draw_error)?;
-        let x_max = (timeline.buckets.len() as u64 * timeline.bucket_seconds) as f64;
-        for (area, (caption, series)) in root.split_evenly((PANELS.len(), 1)).iter().zip(PANELS) {
+        let x_max = timeline.span_seconds() as f64;
+        let x_desc = if timeline.reads_by_clock() {
+            format!("time (UTC; buckets of {})", bucket_width(timeline.bucket_seconds))
+        } else {
+            format!("seconds (buckets of {})", bucket_width(timeline.bucket_seconds))
+        };
+        let x_label = |v: &f64| if timeline.reads_by_clock() { timeline.clock(*v) } else { format!("{v:.0}") };
+        for (area, (caption, series, counts)) in root.split_evenly((PANELS.len(), 1)).iter().zip(PANELS) {
             let lines: Vec<Vec<(f64, f64)>> = series.iter().map(|s| points(&timeline.buckets, *s)).collect();
             let y_max = lines.iter().flatten().map(|p| p.1).fold(0.0f64, f64::max);
-            let y_max = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
+            let y_max = match (*counts, y_max > 0.0) {
+                // Whole numbers: the axis ends on one, with a tick on each when there are few.
+                (true, _) => (y_max * 1.1).ceil().max(1.0),
+                (false, true) => y_max * 1.1,
+                (false, false) => 1.0,
+            };
+            let y_labels = if *counts && y_max <= 10.0 { y_max as usize + 1 } else { 10 };
             let mut chart = ChartBuilder::on(area)
                 .caption(*caption, ("sans-serif", 15))
                 .margin(8)
@@ -72,9 +85,10 @@ pub fn render_svg(timeline: &Timeline, title: &str) -> anyhow::Result<String> {
                 .map_err(draw_error)?;
             chart
                 .configure_mesh()
-                .x_desc(format!("seconds (buckets of {} s)", timeline.bucket_seconds))
-                .x_label_formatter(&|v| format!("{v:.0}"))
-                .y_label_formatter(&|v| label(*v, y_max))
+                .x_desc(x_desc.as_str())
+                .x_label_formatter(&x_label)
+                .y_labels(y_labels)
+                .y_label_formatter(&|v| if *counts { format!("{v:.0}") } else { label(*v, y_max) })
                 .light_line_style(WHITE)
                 .draw()
                 .map_err(draw_error)?;
@@ -97,6 +111,15 @@ pub fn render_svg(timeline: &Timeline, title: &str) -> anyhow::Result<String> {
         root.present().map_err(draw_error)?;
     }
     Ok(svg)
+}
+
+/// "30 s", "5 min", "2 h".
+pub fn bucket_width(seconds: u64) -> String {
+    match seconds {
+        s if s >= 3600 && s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
 }
 
 /// Axis labels with as many decimals as the scale needs (costs can be fractions of a cent).

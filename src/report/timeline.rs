@@ -32,6 +32,9 @@ pub struct Bucket {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Timeline {
+    /// When the run's first call started (Unix milliseconds): bucket `start_s` counts from it.
+    #[serde(skip)]
+    pub first_call_ms: i64,
     pub bucket_seconds: u64,
     pub buckets: Vec<Bucket>,
 }
@@ -40,7 +43,7 @@ impl Timeline {
     /// At most `max_buckets` buckets of a round width over the span of `calls`.
     pub fn from_calls(calls: &[CallRow], max_buckets: usize) -> Timeline {
         let Some(first) = calls.iter().map(|c| c.started_at).min() else {
-            return Timeline { bucket_seconds: 1, buckets: Vec::new() };
+            return Timeline { first_call_ms: 0, bucket_seconds: 1, buckets: Vec::new() };
         };
         let ends: Vec<Option<i64>> = calls.iter().map(|c| c.latency_ms.map(|l| c.started_at + l.max(0))).collect();
         let last = calls.iter().zip(&ends).map(|(c, e)| e.unwrap_or(c.started_at)).max().unwrap_or(first);
@@ -98,9 +101,33 @@ impl Timeline {
                 }
             })
             .collect();
-        Timeline { bucket_seconds: width_s, buckets }
+        Timeline { first_call_ms: first, bucket_seconds: width_s, buckets }
     }
 }
+
+impl Timeline {
+    /// The whole span, in seconds.
+    pub fn span_seconds(&self) -> u64 {
+        self.buckets.len() as u64 * self.bucket_seconds
+    }
+
+    /// Long runs are read by the clock (an overnight run from 01:00), short ones in seconds.
+    pub fn reads_by_clock(&self) -> bool {
+        self.span_seconds() >= CLOCK_FROM_SECONDS
+    }
+
+    /// The UTC clock time `seconds` after the first call: `HH:MM`, or `HH:MM:SS` for buckets
+    /// under a minute.
+    pub fn clock(&self, seconds: f64) -> String {
+        let at = self.first_call_ms + (seconds * 1000.0) as i64;
+        let seconds_of_day = at.div_euclid(1000).rem_euclid(86_400);
+        let (h, m, s) = (seconds_of_day / 3600, seconds_of_day / 60 % 60, seconds_of_day % 60);
+        if self.bucket_seconds < 60 { format!("{h:02}:{m:02}:{s:02}") } else { format!("{h:02}:{m:02}") }
+    }
+}
+
+/// From this span on, times are shown as clock times.
+const CLOCK_FROM_SECONDS: u64 = 15 * 60;
 
 #[derive(Debug, Clone, Default)]
 struct Acc {
@@ -164,6 +191,18 @@ mod tests {
         assert_eq!(t.bucket_seconds, 120);
         assert_eq!(t.buckets.iter().map(|b| b.requests).sum::<u64>(), 1000);
         assert_eq!(t.buckets.iter().map(|b| b.items_done).sum::<u64>(), 10_000);
+    }
+
+    #[test]
+    fn long_runs_read_by_the_clock() {
+        // 1,000,000 ms after the epoch is 00:16:40 UTC.
+        let short = Timeline::from_calls(&[call(0.0, Some(1.0), 1, 1, "ok", 1, 1)], 10);
+        assert!(!short.reads_by_clock());
+        let calls: Vec<CallRow> = (0..100).map(|i| call(i as f64 * 360.0, Some(3.0), 10, 10, "ok", 4, 1)).collect();
+        let night = Timeline::from_calls(&calls, 48);
+        assert!(night.reads_by_clock());
+        assert_eq!(night.clock(0.0), "00:16");
+        assert_eq!(night.clock(3600.0), "01:16");
     }
 
     #[test]

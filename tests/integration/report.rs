@@ -79,6 +79,15 @@ async fn the_report_follows_the_run_over_time_and_charts_every_series() {
     let human = backfill_async(fx.dir.path(), &["report", &job], &[]).await;
     let human = stdout(&human);
     assert!(human.contains("throughput:") && human.contains("controller's path"), "{human}");
+    // The same buckets as the chart and the JSON.
+    let width = backfill::report::chart::bucket_width(report["timeline"]["bucket_seconds"].as_u64().unwrap());
+    assert!(human.contains(&format!("(buckets of {width}, as in the chart)")), "{human}");
+    let rows = human.lines().skip_while(|l| !l.contains("controller's path")).skip(2).filter(|l| !l.trim().is_empty()).count();
+    let busy = buckets
+        .iter()
+        .filter(|b| b["requests"].as_u64() > Some(0) || b["items_done"].as_u64() > Some(0) || b["in_flight"].as_f64() >= Some(0.01))
+        .count();
+    assert_eq!(rows, busy, "{human}");
     assert!(human.contains("job total over 1 run"), "{human}");
     // `status` stays the short view.
     let status = stdout(&backfill_async(fx.dir.path(), &["status", &job], &[]).await);
