@@ -106,7 +106,7 @@ pub trait Store: Send + Sync {
     async fn inspect(&self, tables: &Tables) -> anyhow::Result<SourceInfo>;
 
     /// Reads up to `limit` pending rows (for a dry run; writes nothing).
-    async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<crate::packer::Item>>;
+    async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<Item>>;
 
     async fn latest_run(&self, job: &str) -> anyhow::Result<Option<RunRecord>>;
 

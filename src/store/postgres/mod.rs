@@ -27,7 +27,6 @@ use sqlx::{ConnectOptions, Connection};
 pub use error::Server;
 
 use super::*;
-use crate::packer::Item;
 
 /// The database clock as Unix milliseconds: every lease, heartbeat and rate bucket is timed
 /// by it, so workers on machines whose clocks disagree still agree on expiry.

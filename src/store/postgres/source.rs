@@ -13,8 +13,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use super::PgStore;
 use crate::exit::usage;
 use crate::ident::Ident;
-use crate::packer::Item;
-use crate::store::{OutputValue, SourceInfo, Tables};
+use crate::store::{Item, OutputValue, SourceInfo, Tables};
 
 /// `(column, SQL type)` of a table, in column order; empty when the table does not exist.
 async fn catalogue_columns(store: &PgStore, table: &Ident) -> anyhow::Result<Vec<(String, String)>> {

@@ -20,7 +20,6 @@ use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::*;
-use crate::packer::Item;
 
 /// How long a statement waits for another writer before failing with "database is locked",
 /// unless `BACKFILL_BUSY_TIMEOUT_S` says otherwise.
