@@ -116,7 +116,7 @@ pub(super) async fn batch_input(store: &PgStore, batch_id: i64) -> anyhow::Resul
 }
 
 pub(super) async fn hold(store: &PgStore, run_id: i64, leases: &[Lease], owner: &str) -> anyhow::Result<u64> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     let now = now_ms();
     let mut held = 0;
     for lease in leases {

@@ -11,7 +11,7 @@ use crate::pricing::{Picos, Tier};
 use crate::store::{db_count, BatchWrite, ItemChange, ItemUpdate, LostCall, NewCall, Spend, Tables, WriteReport, now_ms};
 
 pub(super) async fn reserve_call(store: &PgStore, call: &NewCall, cap: Option<Picos>) -> anyhow::Result<Option<i64>> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     // Concurrent reservations queue on the run's row; PostgreSQL re-checks the condition on the
     // row as the previous reservation left it, so together they never pass the cap.
     let reserved = sqlx::query(
@@ -55,8 +55,8 @@ pub(super) async fn reserve_call(store: &PgStore, call: &NewCall, cap: Option<Pi
 }
 
 pub(super) async fn write_batch(store: &PgStore, tables: &Tables, batch: &BatchWrite) -> anyhow::Result<WriteReport> {
-    let id_type = store.id_type(batch.run_id).await?;
-    let mut tx = store.begin().await?;
+    let kind = store.id_kind(batch.run_id).await?;
+    let mut tx = store.begin_write().await?;
     settle(store, &mut tx, batch).await?;
     let now = now_ms();
     let mut report = WriteReport::default();
@@ -67,7 +67,7 @@ pub(super) async fn write_batch(store: &PgStore, tables: &Tables, batch: &BatchW
         }
         let mut status = update.output.as_ref().map(|o| o.status.clone());
         if let ItemChange::Done { values } = &update.change {
-            let wrote = source::write_target(store, &mut tx, tables, &id_type, &update.lease.item_id, values).await?;
+            let wrote = source::write_target(store, &mut tx, tables, &kind, &update.lease.item_id, values).await?;
             if wrote {
                 report.written += 1;
             } else {

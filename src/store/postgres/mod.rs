@@ -37,6 +37,10 @@ macro_rules! db_now_ms {
 }
 pub(crate) use db_now_ms;
 
+/// How ids of a run's source table are bound: as text cast to the id column's SQL type
+/// (`integer`, `uuid`, `text`, …), stored with the run.
+pub(crate) type IdKind = String;
+
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "runner tables", include_str!("../../../migrations/postgres/0001_runner_tables.sql")),
     (2, "provider batches", include_str!("../../../migrations/postgres/0002_batches.sql")),
@@ -53,8 +57,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct PgStore {
     pool: PgPool,
     server: Server,
-    /// The id column's SQL type per run, read once: runs never change it.
-    id_types: Mutex<HashMap<i64, String>>,
+    /// Id kind per run, read once: runs never change it.
+    id_kinds: Mutex<HashMap<i64, IdKind>>,
     /// Column name → SQL type per table (as written in the job), read once per process.
     column_types: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
@@ -85,7 +89,7 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(|e| error::database_error(e, &server))?;
-        Ok(Self { pool, server, id_types: Mutex::new(HashMap::new()), column_types: Mutex::new(HashMap::new()) })
+        Ok(Self { pool, server, id_kinds: Mutex::new(HashMap::new()), column_types: Mutex::new(HashMap::new()) })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -96,12 +100,12 @@ impl PgStore {
         error::database_error(e, &self.server)
     }
 
-    async fn begin(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    async fn begin_write(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         self.pool.begin().await.map_err(|e| self.err(e))
     }
 
-    async fn id_type(&self, run_id: i64) -> anyhow::Result<String> {
-        if let Some(kind) = self.id_types.lock().expect("id type cache").get(&run_id) {
+    async fn id_kind(&self, run_id: i64) -> anyhow::Result<IdKind> {
+        if let Some(kind) = self.id_kinds.lock().expect("id kind cache").get(&run_id) {
             return Ok(kind.clone());
         }
         let kind: String = sqlx::query_scalar("SELECT id_kind FROM backfill_runs WHERE id = $1")
@@ -109,7 +113,7 @@ impl PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(|e| self.err(e))?;
-        self.id_types.lock().expect("id type cache").insert(run_id, kind.clone());
+        self.id_kinds.lock().expect("id kind cache").insert(run_id, kind.clone());
         Ok(kind)
     }
 }
@@ -125,7 +129,7 @@ impl Store for PgStore {
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MIGRATION_LOCK)
             .execute(&mut *tx)
@@ -220,7 +224,7 @@ impl Store for PgStore {
     }
 
     async fn recover(&self, run_id: i64) -> anyhow::Result<Recovered> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_write().await?;
         let recovered = runs::recover(self, &mut tx, run_id, &Worker::current()).await?;
         tx.commit().await.map_err(|e| self.err(e))?;
         Ok(recovered)

@@ -42,8 +42,8 @@ pub(super) async fn latest_run(store: &PgStore, job: &str) -> anyhow::Result<Opt
 }
 
 pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -> anyhow::Result<Created> {
-    let id_type = source::id_type(store, tables).await?;
-    let mut tx = store.begin().await?;
+    let kind = source::id_kind(store, tables).await?;
+    let mut tx = store.begin_write().await?;
     // Workers of one job starting at the same moment queue here, so only one creates the run.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('backfill run of ' || $1, 0))")
         .bind(&new.job)
@@ -69,7 +69,7 @@ pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -
     )
     .bind(&new.job)
     .bind(&new.target)
-    .bind(&id_type)
+    .bind(&kind)
     .bind(new.max_usd)
     .bind(&new.mode)
     .bind(new.limit.map(|l| l as i64))
@@ -91,7 +91,7 @@ pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -
         .map_err(|e| store.err(e))?;
     let run = run_from_row(&row).map_err(|e| store.err(e))?;
     tx.commit().await.map_err(|e| store.err(e))?;
-    store.id_types.lock().expect("id type cache").insert(id, id_type);
+    store.id_kinds.lock().expect("id kind cache").insert(id, kind);
     Ok(Created::New(run))
 }
 
@@ -102,7 +102,7 @@ pub(super) async fn attach(
     lease: Duration,
     exclusive: bool,
 ) -> anyhow::Result<Attach> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     // Attachments of one run are serialised by the run's row lock.
     let now: i64 = sqlx::query_scalar(concat!("SELECT ", db_now_ms!(), " FROM backfill_runs WHERE id = $1 FOR UPDATE"))
         .bind(run_id)
@@ -245,7 +245,7 @@ pub(super) async fn recover(
 /// lease ran out during a pause) attaches again: the items it lost have new tokens, so its
 /// late writes for them are fenced off, and it carries on with new claims.
 pub(super) async fn heartbeat(store: &PgStore, run_id: i64, worker: &Worker, lease: Duration) -> anyhow::Result<bool> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     upsert_worker(store, &mut tx, run_id, worker, lease).await?;
     sqlx::query(concat!(
         "UPDATE backfill_items SET lease_expires_at = ",
@@ -263,7 +263,7 @@ pub(super) async fn heartbeat(store: &PgStore, run_id: i64, worker: &Worker, lea
 }
 
 pub(super) async fn detach(store: &PgStore, run_id: i64, worker: &Worker) -> anyhow::Result<()> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     sqlx::query(concat!("UPDATE backfill_workers SET detached_at = ", db_now_ms!(), " WHERE run_id = $1 AND worker = $2"))
         .bind(run_id)
         .bind(&worker.id)
@@ -312,7 +312,7 @@ pub(super) async fn set_status(
     status: RunStatus,
     error: Option<&str>,
 ) -> anyhow::Result<RunStatus> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     let (open, live_workers): (i64, i64) = sqlx::query_as(concat!(
         "SELECT (SELECT COUNT(*) FROM backfill_items WHERE run_id = $1 AND state IN ('pending', 'leased')), \
          (SELECT COUNT(*) FROM backfill_workers WHERE run_id = $1 AND detached_at IS NULL AND expires_at > ",
@@ -351,7 +351,7 @@ pub(super) async fn set_status(
 /// end while it holds more than `limit`; pending source rows not in the run join it while it
 /// holds fewer. Returns the run's items after the change.
 pub(super) async fn set_limit(store: &PgStore, tables: &Tables, run_id: i64, limit: u64) -> anyhow::Result<u64> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     let e = |e| store.err(e);
     // Serialise with claims of other workers on the run.
     sqlx::query("SELECT id FROM backfill_runs WHERE id = $1 FOR UPDATE").bind(run_id).execute(&mut *tx).await.map_err(e)?;

@@ -10,7 +10,7 @@
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::PgStore;
+use super::{IdKind, PgStore};
 use crate::exit::usage;
 use crate::ident::Ident;
 use crate::store::{Item, OutputValue, SourceInfo, Tables};
@@ -105,7 +105,7 @@ pub(super) async fn pending_rows(store: &PgStore, tables: &Tables, limit: Option
 }
 
 /// The id column's SQL type, stored with the run.
-pub(super) async fn id_type(store: &PgStore, tables: &Tables) -> anyhow::Result<String> {
+pub(super) async fn id_kind(store: &PgStore, tables: &Tables) -> anyhow::Result<IdKind> {
     column_type(store, &tables.table, &tables.id).await
 }
 

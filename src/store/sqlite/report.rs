@@ -216,11 +216,11 @@ async fn job_totals(store: &SqliteStore, job: &str) -> anyhow::Result<JobTotals>
 
 /// worker, attached, heartbeat, expires, detached, items done, calls.
 type WorkerTuple = (String, i64, i64, i64, Option<i64>, i64, i64);
-/// started, latency, items, items ok, outcome, concurrency, cost, model.
-type CallTuple = (i64, Option<i64>, i64, i64, Option<String>, Option<i64>, i64, String);
+/// `started_at, latency_ms, items, items_ok, outcome, concurrency, cost_picos, model`.
+type LedgerRow = (i64, Option<i64>, i64, i64, Option<String>, Option<i64>, i64, String);
 
 pub(super) async fn calls(store: &SqliteStore, run_id: i64) -> anyhow::Result<Vec<CallRow>> {
-    let rows: Vec<CallTuple> = sqlx::query_as(
+    let rows: Vec<LedgerRow> = sqlx::query_as(
         "SELECT started_at, latency_ms, items, items_ok, outcome, concurrency, CAST(cost_picos AS INTEGER), model \
          FROM backfill_calls WHERE run_id = ? ORDER BY started_at, id",
     )
