@@ -4,35 +4,8 @@
 //! line, and `{{count}}` the number of items. Substitution is a single pass over the template,
 //! so text inside a row that looks like a placeholder is never expanded.
 
-use serde_json::Value;
-
+use crate::store::Item;
 use crate::tokens::TokenCounter;
-
-/// One row as the model sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Item {
-    /// The row's id, as text (the key the model must answer under).
-    pub id: String,
-    /// `(column, value)` in the job's column order.
-    pub fields: Vec<(String, Value)>,
-}
-
-impl Item {
-    /// The item as one line of JSON: `{"id": "…", "col": …}`.
-    pub fn to_json_line(&self) -> String {
-        let mut line = String::with_capacity(64);
-        line.push_str("{\"id\":");
-        line.push_str(&serde_json::to_string(&self.id).expect("string serialises"));
-        for (key, value) in &self.fields {
-            line.push(',');
-            line.push_str(&serde_json::to_string(key).expect("string serialises"));
-            line.push(':');
-            line.push_str(&serde_json::to_string(value).expect("JSON value serialises"));
-        }
-        line.push('}');
-        line
-    }
-}
 
 /// A rendered request: the prompt, its size, and the output budget.
 #[derive(Debug, Clone, PartialEq)]
@@ -181,6 +154,8 @@ fn parse_template(template: &str) -> Vec<Piece> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
     use serde_json::json;
 

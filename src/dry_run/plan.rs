@@ -2,7 +2,8 @@
 //! tokenizer. Pure and CPU-bound: the pending rows are split into chunks on request boundaries
 //! and counted on several threads.
 
-use crate::packer::{Item, Packer};
+use crate::packer::Packer;
+use crate::store::Item;
 use crate::tokens::TokenCounter;
 
 /// What the requests add up to.

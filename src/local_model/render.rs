@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::packer::Item;
+use crate::store::Item;
 
 /// The names inside `{{…}}` in `template`, in order (trimmed; duplicates kept).
 pub fn placeholders(template: &str) -> Vec<&str> {

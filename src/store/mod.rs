@@ -92,8 +92,10 @@ impl Tables {
     }
 }
 
+/// The whole store: every part below, behind one `Arc<dyn Store>` chosen by `store::open`.
+/// Methods of the parts can be called on a `dyn Store` without importing them.
 #[async_trait]
-pub trait Store: Send + Sync {
+pub trait Store: Source + Runs + Queue + Ledger + Cache + Batches + Reports + SharedRate {
     /// "sqlite" or "postgres".
     fn backend(&self) -> &'static str;
 
@@ -105,17 +107,22 @@ pub trait Store: Send + Sync {
 
     /// Whether the runner tables exist (read-only commands never create them).
     async fn runner_tables_exist(&self) -> anyhow::Result<bool>;
+}
 
-    /// Output tokens per returned item, measured over the job's answered calls of `model`.
-    async fn output_tokens_per_item(&self, job: &str, model: &str) -> anyhow::Result<Option<f64>>;
-
+/// The job's own tables: checked, and read for a dry run.
+#[async_trait]
+pub trait Source: Send + Sync {
     /// Checks that the source and target tables and columns exist and the pending predicate
     /// runs; returns how many rows are pending.
     async fn inspect(&self, tables: &Tables) -> anyhow::Result<SourceInfo>;
 
     /// Reads up to `limit` pending rows (for a dry run; writes nothing).
-    async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<crate::packer::Item>>;
+    async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<Item>>;
+}
 
+/// Runs and the workers attached to them.
+#[async_trait]
+pub trait Runs: Send + Sync {
     async fn latest_run(&self, job: &str) -> anyhow::Result<Option<RunRecord>>;
 
     /// Creates a run and enqueues the pending ids (at most `limit`) in one transaction — unless
@@ -150,10 +157,11 @@ pub trait Store: Send + Sync {
 
     /// Changes the run's mode (`sync` or `batch`).
     async fn set_mode(&self, run_id: i64, mode: &str) -> anyhow::Result<()>;
+}
 
-    /// Runs of the job before `before`, newest first, with their spend (`limit`: at most that many).
-    async fn history(&self, job: &str, before: i64, limit: Option<u64>) -> anyhow::Result<Vec<(RunRecord, Picos)>>;
-
+/// The work queue: items leased under a fencing token.
+#[async_trait]
+pub trait Queue: Send + Sync {
     /// Leases up to `max_items` ready items of one tier and reads their source rows.
     async fn claim(&self, tables: &Tables, run_id: i64, worker: &Worker, max_items: usize, lease: Duration) -> anyhow::Result<Claim>;
 
@@ -162,7 +170,11 @@ pub trait Store: Send + Sync {
 
     /// Returns leased items to the queue untouched (no attempt counted).
     async fn release(&self, run_id: i64, leases: &[Lease]) -> anyhow::Result<()>;
+}
 
+/// The money path: calls reserved against the cap, and the write that settles them.
+#[async_trait]
+pub trait Ledger: Send + Sync {
     /// Records a call about to be sent, reserving its estimated cost against the cap.
     /// `None` when the reservation would pass the cap.
     async fn reserve_call(&self, call: &NewCall, cap: Option<Picos>) -> anyhow::Result<Option<i64>>;
@@ -174,30 +186,21 @@ pub trait Store: Send + Sync {
     /// The run's money: settled, reserved for calls in flight, and lost in crashes.
     async fn spend(&self, run_id: i64) -> anyhow::Result<Spend>;
 
+    /// Calls of the run that were in flight when their worker died, with an answer in the cache.
+    async fn lost_calls(&self, run_id: i64) -> anyhow::Result<Vec<LostCall>>;
+}
+
+/// The response cache, keyed by the request's hash.
+#[async_trait]
+pub trait Cache: Send + Sync {
     async fn cache_get(&self, hash: &str) -> anyhow::Result<Option<String>>;
     async fn cache_put(&self, hash: &str, model: &str, body: &str, ttl: Duration) -> anyhow::Result<()>;
     async fn cache_drop(&self, hash: &str) -> anyhow::Result<()>;
+}
 
-    /// Calls of the run that were in flight when their worker died, with an answer in the cache.
-    async fn lost_calls(&self, run_id: i64) -> anyhow::Result<Vec<LostCall>>;
-
-    async fn item_counts(&self, run_id: i64) -> anyhow::Result<ItemCounts>;
-
-    /// Everything `status` and `report` show about a job's runs.
-    async fn status(&self, job: &str, run: Option<i64>) -> anyhow::Result<Option<StatusReport>>;
-
-    /// Ledger rows of a run in time order (for the report's chart).
-    async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>>;
-
-    /// Takes one request's cost from the provider account's rate, shared by every worker that
-    /// uses the account (see `store::rate`): zero when it may go now, else how long to wait
-    /// first (nothing is taken then; `take.correction` is applied either way). A store that
-    /// does not share runs grants everything: its one process paces itself.
-    async fn take_rate(&self, take: &RateTake) -> anyhow::Result<Duration>;
-
-    /// Publishes what a response said about the account: announced limits, a 429's pause.
-    async fn report_rate(&self, account: &str, caps: &RateCaps, report: &RateReport) -> anyhow::Result<()>;
-
+/// Provider batches of a run, the items they hold and the ledger rows of their requests.
+#[async_trait]
+pub trait Batches: Send + Sync {
     /// Records a new provider batch of the run, in phase `preparing`.
     async fn create_batch(&self, run_id: i64, dialect: &str) -> anyhow::Result<BatchRecord>;
 
@@ -222,6 +225,36 @@ pub trait Store: Send + Sync {
 
     /// Ledger rows recorded under `owner` (`NewCall::worker`), in id order.
     async fn calls_of(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<OwnedCall>>;
+}
+
+/// What `status`, `report` and the dry run read: counts, history, ledger rows.
+#[async_trait]
+pub trait Reports: Send + Sync {
+    async fn item_counts(&self, run_id: i64) -> anyhow::Result<ItemCounts>;
+
+    /// Everything `status` and `report` show about a job's runs.
+    async fn status(&self, job: &str, run: Option<i64>) -> anyhow::Result<Option<StatusReport>>;
+
+    /// Runs of the job before `before`, newest first, with their spend (`limit`: at most that many).
+    async fn history(&self, job: &str, before: i64, limit: Option<u64>) -> anyhow::Result<Vec<(RunRecord, Picos)>>;
+
+    /// Ledger rows of a run in time order (for the report's chart).
+    async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>>;
+
+    /// Output tokens per returned item, measured over the job's answered calls of `model`.
+    async fn output_tokens_per_item(&self, job: &str, model: &str) -> anyhow::Result<Option<f64>>;
+}
+
+/// The provider account's rate, shared by every worker that uses the account (see `store::rate`).
+#[async_trait]
+pub trait SharedRate: Send + Sync {
+    /// Takes one request's cost from the account's rate: zero when it may go now, else how
+    /// long to wait first (nothing is taken then; `take.correction` is applied either way). A
+    /// store that does not share runs grants everything: its one process paces itself.
+    async fn take_rate(&self, take: &RateTake) -> anyhow::Result<Duration>;
+
+    /// Publishes what a response said about the account: announced limits, a 429's pause.
+    async fn report_rate(&self, account: &str, caps: &RateCaps, report: &RateReport) -> anyhow::Result<()>;
 }
 
 /// Opens the store for reading only (`status`, `report`, `run --dry-run`): on SQLite the file

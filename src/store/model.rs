@@ -1,7 +1,34 @@
 //! The data the store takes and returns.
 
-use crate::packer::Item;
+use serde_json::Value;
+
 use crate::pricing::{Picos, Tier, Usage};
+
+/// One row as the model sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    /// The row's id, as text (the key the model must answer under).
+    pub id: String,
+    /// `(column, value)` in the job's column order.
+    pub fields: Vec<(String, Value)>,
+}
+
+impl Item {
+    /// The item as one line of JSON: `{"id": "…", "col": …}`.
+    pub fn to_json_line(&self) -> String {
+        let mut line = String::with_capacity(64);
+        line.push_str("{\"id\":");
+        line.push_str(&serde_json::to_string(&self.id).expect("string serialises"));
+        for (key, value) in &self.fields {
+            line.push(',');
+            line.push_str(&serde_json::to_string(key).expect("string serialises"));
+            line.push(':');
+            line.push_str(&serde_json::to_string(value).expect("JSON value serialises"));
+        }
+        line.push('}');
+        line
+    }
+}
 
 /// What the source looks like at run start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::BatchRunner;
 use super::submit::{call_id_of, custom_id_prefix};
 use crate::ledger::CostSource;
-use crate::packer::Item;
+use crate::store::Item;
 use crate::pricing::{Picos, Tier};
 use crate::provider::batch::RequestResult;
 use crate::provider::{CallError, parse_completion};

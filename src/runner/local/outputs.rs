@@ -68,7 +68,7 @@ pub fn model_failed(claimed: &Claimed, error: &str) -> ItemUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packer::Item;
+    use crate::store::Item;
     use crate::store::Lease;
 
     fn layout(keys: &[&str], format: TargetFormat) -> OutputLayout {

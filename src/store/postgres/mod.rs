@@ -5,14 +5,13 @@
 //!
 //! Runtime `query`/`query_as` only; no compile-time macros, no `sqlx::Any`.
 
-mod batches;
 mod error;
-mod ledger;
 mod queue;
 mod rate;
-mod report;
 mod runs;
 mod source;
+#[path = "../sql/mod.rs"]
+mod sql;
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -27,7 +26,6 @@ use sqlx::{ConnectOptions, Connection};
 pub use error::Server;
 
 use super::*;
-use crate::packer::Item;
 
 /// The database clock as Unix milliseconds: every lease, heartbeat and rate bucket is timed
 /// by it, so workers on machines whose clocks disagree still agree on expiry.
@@ -37,6 +35,51 @@ macro_rules! db_now_ms {
     };
 }
 pub(crate) use db_now_ms;
+
+/// The store the shared statements (`store/sql/`) are compiled for here, and its driver.
+type Backend = PgStore;
+type Db = sqlx::Postgres;
+type DbRow = sqlx::postgres::PgRow;
+type Tx = sqlx::Transaction<'static, Db>;
+
+/// How ids of a run's source table are bound: as text cast to the id column's SQL type
+/// (`integer`, `uuid`, `text`, …), stored with the run.
+pub(crate) type IdKind = String;
+
+/// Where PostgreSQL's SQL differs from SQLite's in the shared statements.
+mod dialect {
+    /// An exact sum of a `bigint` column that cannot fail (`store::pg_sum`).
+    pub(super) fn sum(column: &str) -> String {
+        crate::store::pg_sum(column)
+    }
+
+    /// A column in a sum that must not overflow: `numeric`, instead of "bigint out of range".
+    pub(super) fn wide(column: &str) -> String {
+        format!("{column}::numeric")
+    }
+
+    /// `column + param`, saturating at `i64::MAX` instead of failing with "bigint out of range".
+    pub(super) fn saturating_add(column: &str, param: &str) -> String {
+        format!("LEAST({column}::numeric + {param}, 9223372036854775807)::bigint")
+    }
+
+    /// Appended to a read that the rest of the write transaction relies on: locks the row
+    /// against other workers until the transaction ends.
+    pub(super) const LOCK_ROW: &str = " FOR UPDATE";
+
+    /// Now, as Unix milliseconds on the database's clock, which every worker shares.
+    pub(super) const NOW_MS: &str = super::db_now_ms!();
+
+    /// The bound `LIMIT` that means none.
+    pub(super) const NO_LIMIT: Option<i64> = None;
+
+    /// Expired cache entries are swept on one cache write in this many: every worker writes here.
+    pub(super) const CACHE_SWEEP_EVERY: u32 = 64;
+
+    /// How many of the ledger columns of migration 3 exist.
+    pub(super) const COUNT_CHECK_COLUMNS: &str = "SELECT COUNT(*) FROM information_schema.columns \
+        WHERE table_schema = current_schema() AND table_name = 'backfill_calls' AND column_name IN ('usage_flag', 'repair')";
+}
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "runner tables", include_str!("../../../migrations/postgres/0001_runner_tables.sql")),
@@ -54,8 +97,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct PgStore {
     pool: PgPool,
     server: Server,
-    /// The id column's SQL type per run, read once: runs never change it.
-    id_types: Mutex<HashMap<i64, String>>,
+    /// Id kind per run, read once: runs never change it.
+    id_kinds: Mutex<HashMap<i64, IdKind>>,
     /// Column name → SQL type per table (as written in the job), read once per process.
     column_types: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
@@ -86,7 +129,7 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(|e| error::database_error(e, &server))?;
-        Ok(Self { pool, server, id_types: Mutex::new(HashMap::new()), column_types: Mutex::new(HashMap::new()) })
+        Ok(Self { pool, server, id_kinds: Mutex::new(HashMap::new()), column_types: Mutex::new(HashMap::new()) })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -97,12 +140,12 @@ impl PgStore {
         error::database_error(e, &self.server)
     }
 
-    async fn begin(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    async fn begin_write(&self) -> anyhow::Result<Tx> {
         self.pool.begin().await.map_err(|e| self.err(e))
     }
 
-    async fn id_type(&self, run_id: i64) -> anyhow::Result<String> {
-        if let Some(kind) = self.id_types.lock().expect("id type cache").get(&run_id) {
+    async fn id_kind(&self, run_id: i64) -> anyhow::Result<IdKind> {
+        if let Some(kind) = self.id_kinds.lock().expect("id kind cache").get(&run_id) {
             return Ok(kind.clone());
         }
         let kind: String = sqlx::query_scalar("SELECT id_kind FROM backfill_runs WHERE id = $1")
@@ -110,8 +153,20 @@ impl PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(|e| self.err(e))?;
-        self.id_types.lock().expect("id type cache").insert(run_id, kind.clone());
+        self.id_kinds.lock().expect("id kind cache").insert(run_id, kind.clone());
         Ok(kind)
+    }
+
+    /// Writes one item's outputs; false when the target already held a value or the row is gone.
+    async fn write_target(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        kind: &IdKind,
+        id: &str,
+        values: &[(String, OutputValue)],
+    ) -> anyhow::Result<bool> {
+        source::write_target(self, tx, tables, kind, id, values).await
     }
 }
 
@@ -126,7 +181,7 @@ impl Store for PgStore {
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MIGRATION_LOCK)
             .execute(&mut *tx)
@@ -176,188 +231,15 @@ impl Store for PgStore {
             .await
             .map_err(|e| self.err(e))
     }
+}
 
-    async fn output_tokens_per_item(&self, job: &str, model: &str) -> anyhow::Result<Option<f64>> {
-        let (tokens, items): (Option<i64>, Option<i64>) = sqlx::query_as(
-            sqlx::AssertSqlSafe(format!(
-            "SELECT {}, SUM(c.items_ok + c.items_rejected + c.items_invalid)::bigint \
-             FROM backfill_calls c JOIN backfill_runs r ON r.id = c.run_id \
-             WHERE r.job = $1 AND c.model = $2 AND c.state = 'settled' AND c.outcome IN ('ok', 'truncated')",
-            pg_sum("c.completion_tokens")
-        )))
-        .bind(job)
-        .bind(model)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
-        Ok(match (tokens, items) {
-            (Some(t), Some(i)) if i > 0 && t > 0 => Some(t as f64 / i as f64),
-            _ => None,
-        })
-    }
-
-    async fn inspect(&self, tables: &Tables) -> anyhow::Result<SourceInfo> {
-        source::inspect(self, tables).await
-    }
-
-    async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<Item>> {
-        source::pending_rows(self, tables, limit).await
-    }
-
-    async fn latest_run(&self, job: &str) -> anyhow::Result<Option<RunRecord>> {
-        runs::latest_run(self, job).await
-    }
-
-    async fn create_run(&self, new: &NewRun, tables: &Tables) -> anyhow::Result<Created> {
-        runs::create_run(self, new, tables).await
-    }
-
-    async fn attach(&self, run_id: i64, worker: &Worker, lease: Duration, exclusive: bool) -> anyhow::Result<Attach> {
-        runs::attach(self, run_id, worker, lease, exclusive).await
-    }
-
-    async fn heartbeat(&self, run_id: i64, worker: &Worker, lease: Duration) -> anyhow::Result<bool> {
-        runs::heartbeat(self, run_id, worker, lease).await
-    }
-
-    async fn recover(&self, run_id: i64) -> anyhow::Result<Recovered> {
-        let mut tx = self.begin().await?;
-        let recovered = runs::recover(self, &mut tx, run_id, &Worker::current()).await?;
-        tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(recovered)
-    }
-
-    async fn detach(&self, run_id: i64, worker: &Worker) -> anyhow::Result<()> {
-        runs::detach(self, run_id, worker).await
-    }
-
-    async fn set_status(&self, run_id: i64, status: RunStatus, error: Option<&str>) -> anyhow::Result<RunStatus> {
-        runs::set_status(self, run_id, status, error).await
-    }
-
-    async fn save_controller_state(&self, run_id: i64, state: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE backfill_runs SET controller_state = $1, updated_at = $2 WHERE id = $3")
-            .bind(state)
-            .bind(now_ms())
-            .bind(run_id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(())
-    }
-
-    async fn set_limit(&self, tables: &Tables, run_id: i64, limit: u64) -> anyhow::Result<u64> {
-        runs::set_limit(self, tables, run_id, limit).await
-    }
-
-    async fn set_mode(&self, run_id: i64, mode: &str) -> anyhow::Result<()> {
-        runs::set_mode(self, run_id, mode).await
-    }
-
-    async fn history(&self, job: &str, before: i64, limit: Option<u64>) -> anyhow::Result<Vec<(RunRecord, Picos)>> {
-        report::history(self, job, before, limit).await
-    }
-
-    async fn set_budget(&self, run_id: i64, max_usd: Option<f64>) -> anyhow::Result<()> {
-        sqlx::query("UPDATE backfill_runs SET max_usd = $1, updated_at = $2 WHERE id = $3")
-            .bind(max_usd)
-            .bind(now_ms())
-            .bind(run_id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(())
-    }
-
-    async fn claim(&self, tables: &Tables, run_id: i64, worker: &Worker, max_items: usize, lease: Duration) -> anyhow::Result<Claim> {
-        queue::claim(self, tables, run_id, worker, max_items, lease).await
-    }
-
-    async fn claim_ids(&self, tables: &Tables, run_id: i64, worker: &Worker, ids: &[String], lease: Duration) -> anyhow::Result<Option<Vec<Claimed>>> {
-        queue::claim_ids(self, tables, run_id, worker, ids, lease).await
-    }
-
-    async fn release(&self, run_id: i64, leases: &[Lease]) -> anyhow::Result<()> {
-        queue::release(self, run_id, leases).await
-    }
-
-    async fn reserve_call(&self, call: &NewCall, cap: Option<Picos>) -> anyhow::Result<Option<i64>> {
-        ledger::reserve_call(self, call, cap).await
-    }
-
-    async fn write_batch(&self, tables: &Tables, batch: &BatchWrite) -> anyhow::Result<WriteReport> {
-        ledger::write_batch(self, tables, batch).await
-    }
-
-    async fn spend(&self, run_id: i64) -> anyhow::Result<Spend> {
-        ledger::spend(self, run_id).await
-    }
-
-    async fn cache_get(&self, hash: &str) -> anyhow::Result<Option<String>> {
-        ledger::cache_get(self, hash).await
-    }
-
-    async fn cache_put(&self, hash: &str, model: &str, body: &str, ttl: Duration) -> anyhow::Result<()> {
-        ledger::cache_put(self, hash, model, body, ttl).await
-    }
-
-    async fn cache_drop(&self, hash: &str) -> anyhow::Result<()> {
-        ledger::cache_drop(self, hash).await
-    }
-
-    async fn lost_calls(&self, run_id: i64) -> anyhow::Result<Vec<LostCall>> {
-        ledger::lost_calls(self, run_id).await
-    }
-
-    async fn item_counts(&self, run_id: i64) -> anyhow::Result<ItemCounts> {
-        report::item_counts(&self.pool, run_id).await.map_err(|e| self.err(e))
-    }
-
-    async fn status(&self, job: &str, run: Option<i64>) -> anyhow::Result<Option<StatusReport>> {
-        report::status(self, job, run).await
-    }
-
-    async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>> {
-        report::calls(self, run_id).await
-    }
-
+#[async_trait]
+impl SharedRate for PgStore {
     async fn take_rate(&self, take: &RateTake) -> anyhow::Result<Duration> {
         rate::take(self, take).await.context("taking from the shared rate limit")
     }
 
     async fn report_rate(&self, account: &str, caps: &RateCaps, report: &RateReport) -> anyhow::Result<()> {
         rate::report(self, account, caps, report).await.context("reporting to the shared rate limit")
-    }
-
-    async fn create_batch(&self, run_id: i64, dialect: &str) -> anyhow::Result<BatchRecord> {
-        batches::create_batch(self, run_id, dialect).await
-    }
-
-    async fn update_batch(&self, batch: &BatchRecord) -> anyhow::Result<()> {
-        batches::update_batch(self, batch).await
-    }
-
-    async fn batches(&self, run_id: i64) -> anyhow::Result<Vec<BatchRecord>> {
-        batches::batches(self, run_id).await
-    }
-
-    async fn set_batch_input(&self, batch_id: i64, jsonl: Option<&[u8]>) -> anyhow::Result<()> {
-        batches::set_batch_input(self, batch_id, jsonl).await
-    }
-
-    async fn batch_input(&self, batch_id: i64) -> anyhow::Result<Option<Vec<u8>>> {
-        batches::batch_input(self, batch_id).await
-    }
-
-    async fn hold(&self, run_id: i64, leases: &[Lease], owner: &str) -> anyhow::Result<u64> {
-        batches::hold(self, run_id, leases, owner).await
-    }
-
-    async fn held(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<HeldItem>> {
-        batches::held(self, run_id, owner).await
-    }
-
-    async fn calls_of(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<OwnedCall>> {
-        batches::calls_of(self, run_id, owner).await
     }
 }

@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{PgStore, db_now_ms, source};
-use crate::packer::Item;
-use crate::store::{Claim, Claimed, Lease, Tables, Worker, now_ms};
+use crate::store::{Claim, Claimed, Item, Lease, Tables, Worker, now_ms};
 
 /// A random positive fencing token for one claim.
 fn new_token() -> i64 {
@@ -21,8 +20,8 @@ pub(super) async fn claim(
     max_items: usize,
     lease: Duration,
 ) -> anyhow::Result<Claim> {
-    let id_type = store.id_type(run_id).await?;
-    let mut tx = store.begin().await?;
+    let kind = store.id_kind(run_id).await?;
+    let mut tx = store.begin_write().await?;
     // Fallback tiers first (they are few and late), then queue order. Rows another worker is
     // claiming right now are skipped, not waited for.
     let candidates: Vec<(String, i64, i64, Option<i64>)> = sqlx::query_as(concat!(
@@ -86,7 +85,7 @@ pub(super) async fn claim(
     .execute(&mut *tx)
     .await
     .map_err(|e| store.err(e))?;
-    let mut rows: HashMap<String, Item> = source::rows_by_id(&mut tx, tables, &id_type, &ids)
+    let mut rows: HashMap<String, Item> = source::rows_by_id(&mut tx, tables, &kind, &ids)
         .await
         .map_err(|e| e.context(format!("reading rows of {}", tables.table.raw())))?
         .into_iter()
@@ -134,8 +133,8 @@ pub(super) async fn claim_ids(
     ids: &[String],
     lease: Duration,
 ) -> anyhow::Result<Option<Vec<Claimed>>> {
-    let id_type = store.id_type(run_id).await?;
-    let mut tx = store.begin().await?;
+    let kind = store.id_kind(run_id).await?;
+    let mut tx = store.begin_write().await?;
     let token = new_token();
     let meta: Vec<(String, i64, i64)> = sqlx::query_as(concat!(
         "UPDATE backfill_items SET state = 'leased', lease_owner = $1, lease_token = $2, \
@@ -158,7 +157,7 @@ pub(super) async fn claim_ids(
         tx.rollback().await.map_err(|e| store.err(e))?;
         return Ok(None);
     }
-    let mut rows: HashMap<String, Item> = source::rows_by_id(&mut tx, tables, &id_type, ids)
+    let mut rows: HashMap<String, Item> = source::rows_by_id(&mut tx, tables, &kind, ids)
         .await?
         .into_iter()
         .map(|item| (item.id.clone(), item))

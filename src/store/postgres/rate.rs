@@ -66,7 +66,7 @@ async fn save(
 }
 
 pub(super) async fn take(store: &PgStore, take: &RateTake) -> anyhow::Result<Duration> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     let (mut state, now) = lock(store, &mut tx, &take.account).await?;
     let wait = state.take(now, take);
     save(store, &mut tx, &take.account, &state, &take.caps, wait.is_zero(), false).await?;
@@ -75,7 +75,7 @@ pub(super) async fn take(store: &PgStore, take: &RateTake) -> anyhow::Result<Dur
 }
 
 pub(super) async fn report(store: &PgStore, account: &str, caps: &RateCaps, report: &RateReport) -> anyhow::Result<()> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     let (mut state, now) = lock(store, &mut tx, account).await?;
     state.report(now, caps, report);
     save(store, &mut tx, account, &state, caps, false, report.rate_limited).await?;

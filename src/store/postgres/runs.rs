@@ -4,46 +4,15 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::PgRow;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 
+use super::sql::runs::{RUN_COLUMNS, run_from_row};
 use super::{PgStore, db_now_ms, source};
-use crate::store::{Attach, Created, NewRun, Recovered, RunRecord, RunStatus, Tables, Worker, now_ms};
-
-pub(super) const RUN_COLUMNS: &str = "id, job, status, target, total_items, max_usd, created_at, updated_at, \
-                                      finished_at, controller_state, last_error, mode, item_limit";
-
-pub(super) fn run_from_row(row: &PgRow) -> Result<RunRecord, sqlx::Error> {
-    Ok(RunRecord {
-        id: row.try_get("id")?,
-        job: row.try_get("job")?,
-        status: RunStatus::parse(&row.try_get::<String, _>("status")?),
-        target: row.try_get("target")?,
-        total_items: row.try_get::<i64, _>("total_items")?.max(0) as u64,
-        max_usd: row.try_get("max_usd")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        finished_at: row.try_get("finished_at")?,
-        controller_state: row.try_get("controller_state")?,
-        last_error: row.try_get("last_error")?,
-        mode: row.try_get("mode")?,
-        limit: row.try_get::<Option<i64>, _>("item_limit")?.map(|l| l.max(0) as u64),
-    })
-}
-
-pub(super) async fn latest_run(store: &PgStore, job: &str) -> anyhow::Result<Option<RunRecord>> {
-    let sql = format!("SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = $1 ORDER BY id DESC LIMIT 1");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(job)
-        .fetch_optional(&store.pool)
-        .await
-        .map_err(|e| store.err(e))?;
-    row.as_ref().map(run_from_row).transpose().map_err(|e| store.err(e))
-}
+use crate::store::{Attach, Created, NewRun, Recovered, RunStatus, Tables, Worker, now_ms};
 
 pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -> anyhow::Result<Created> {
-    let id_type = source::id_type(store, tables).await?;
-    let mut tx = store.begin().await?;
+    let kind = source::id_kind(store, tables).await?;
+    let mut tx = store.begin_write().await?;
     // Workers of one job starting at the same moment queue here, so only one creates the run.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('backfill run of ' || $1, 0))")
         .bind(&new.job)
@@ -69,7 +38,7 @@ pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -
     )
     .bind(&new.job)
     .bind(&new.target)
-    .bind(&id_type)
+    .bind(&kind)
     .bind(new.max_usd)
     .bind(&new.mode)
     .bind(new.limit.map(|l| l as i64))
@@ -91,7 +60,7 @@ pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -
         .map_err(|e| store.err(e))?;
     let run = run_from_row(&row).map_err(|e| store.err(e))?;
     tx.commit().await.map_err(|e| store.err(e))?;
-    store.id_types.lock().expect("id type cache").insert(id, id_type);
+    store.id_kinds.lock().expect("id kind cache").insert(id, kind);
     Ok(Created::New(run))
 }
 
@@ -102,7 +71,7 @@ pub(super) async fn attach(
     lease: Duration,
     exclusive: bool,
 ) -> anyhow::Result<Attach> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     // Attachments of one run are serialised by the run's row lock.
     let now: i64 = sqlx::query_scalar(concat!("SELECT ", db_now_ms!(), " FROM backfill_runs WHERE id = $1 FOR UPDATE"))
         .bind(run_id)
@@ -245,7 +214,7 @@ pub(super) async fn recover(
 /// lease ran out during a pause) attaches again: the items it lost have new tokens, so its
 /// late writes for them are fenced off, and it carries on with new claims.
 pub(super) async fn heartbeat(store: &PgStore, run_id: i64, worker: &Worker, lease: Duration) -> anyhow::Result<bool> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     upsert_worker(store, &mut tx, run_id, worker, lease).await?;
     sqlx::query(concat!(
         "UPDATE backfill_items SET lease_expires_at = ",
@@ -263,7 +232,7 @@ pub(super) async fn heartbeat(store: &PgStore, run_id: i64, worker: &Worker, lea
 }
 
 pub(super) async fn detach(store: &PgStore, run_id: i64, worker: &Worker) -> anyhow::Result<()> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     sqlx::query(concat!("UPDATE backfill_workers SET detached_at = ", db_now_ms!(), " WHERE run_id = $1 AND worker = $2"))
         .bind(run_id)
         .bind(&worker.id)
@@ -312,7 +281,7 @@ pub(super) async fn set_status(
     status: RunStatus,
     error: Option<&str>,
 ) -> anyhow::Result<RunStatus> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     let (open, live_workers): (i64, i64) = sqlx::query_as(concat!(
         "SELECT (SELECT COUNT(*) FROM backfill_items WHERE run_id = $1 AND state IN ('pending', 'leased')), \
          (SELECT COUNT(*) FROM backfill_workers WHERE run_id = $1 AND detached_at IS NULL AND expires_at > ",
@@ -351,7 +320,7 @@ pub(super) async fn set_status(
 /// end while it holds more than `limit`; pending source rows not in the run join it while it
 /// holds fewer. Returns the run's items after the change.
 pub(super) async fn set_limit(store: &PgStore, tables: &Tables, run_id: i64, limit: u64) -> anyhow::Result<u64> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_write().await?;
     let e = |e| store.err(e);
     // Serialise with claims of other workers on the run.
     sqlx::query("SELECT id FROM backfill_runs WHERE id = $1 FOR UPDATE").bind(run_id).execute(&mut *tx).await.map_err(e)?;
@@ -403,29 +372,4 @@ pub(super) async fn set_limit(store: &PgStore, tables: &Tables, run_id: i64, lim
     .map_err(e)?;
     tx.commit().await.map_err(e)?;
     Ok(total.max(0) as u64)
-}
-
-/// Records the run's mode (`sync` or `batch`).
-pub(super) async fn set_mode(store: &PgStore, run_id: i64, mode: &str) -> anyhow::Result<()> {
-    sqlx::query("UPDATE backfill_runs SET mode = $1, updated_at = $2 WHERE id = $3")
-        .bind(mode)
-        .bind(now_ms())
-        .bind(run_id)
-        .execute(&store.pool)
-        .await
-        .map_err(|e| store.err(e))?;
-    Ok(())
-}
-
-/// Runs of the job before `before`, newest first (`limit`: at most that many).
-pub(super) async fn earlier_runs(store: &PgStore, job: &str, before: i64, limit: Option<u64>) -> anyhow::Result<Vec<RunRecord>> {
-    let sql = format!("SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = $1 AND id < $2 ORDER BY id DESC LIMIT $3");
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(job)
-        .bind(before)
-        .bind(limit.map(|l| l.min(i64::MAX as u64) as i64))
-        .fetch_all(&store.pool)
-        .await
-        .map_err(|e| store.err(e))?;
-    rows.iter().map(run_from_row).collect::<Result<_, _>>().map_err(|e| store.err(e))
 }

@@ -10,11 +10,10 @@
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::PgStore;
+use super::{IdKind, PgStore};
 use crate::exit::usage;
 use crate::ident::Ident;
-use crate::packer::Item;
-use crate::store::{OutputValue, SourceInfo, Tables};
+use crate::store::{Item, OutputValue, SourceInfo, Tables};
 
 /// `(column, SQL type)` of a table, in column order; empty when the table does not exist.
 async fn catalogue_columns(store: &PgStore, table: &Ident) -> anyhow::Result<Vec<(String, String)>> {
@@ -116,7 +115,7 @@ pub(super) async fn pending_rows(store: &PgStore, tables: &Tables, limit: Option
 }
 
 /// The id column's SQL type, stored with the run.
-pub(super) async fn id_type(store: &PgStore, tables: &Tables) -> anyhow::Result<String> {
+pub(super) async fn id_kind(store: &PgStore, tables: &Tables) -> anyhow::Result<IdKind> {
     column_type(store, &tables.table, &tables.id).await
 }
 

@@ -1,12 +1,11 @@
 //! The SQLite store: WAL, a busy timeout, and `BEGIN IMMEDIATE` for every write transaction so
 //! writers queue on the database lock instead of failing on a lock upgrade.
 
-mod batches;
-mod ledger;
 mod queue;
-mod report;
 mod runs;
 mod source;
+#[path = "../sql/mod.rs"]
+mod sql;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,7 +19,49 @@ use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::*;
-use crate::packer::Item;
+
+/// The store the shared statements (`store/sql/`) are compiled for here, and its driver.
+type Backend = SqliteStore;
+type Db = sqlx::Sqlite;
+type DbRow = sqlx::sqlite::SqliteRow;
+type Tx = sqlx::Transaction<'static, Db>;
+
+/// Where SQLite's SQL differs from PostgreSQL's in the shared statements.
+mod dialect {
+    /// An exact sum of an integer column that cannot fail (`store::sqlite_sum`).
+    pub(super) fn sum(column: &str) -> String {
+        crate::store::sqlite_sum(column)
+    }
+
+    /// A column in a sum that must not overflow: SQLite turns an overflowing sum into a REAL.
+    pub(super) fn wide(column: &str) -> String {
+        column.to_owned()
+    }
+
+    /// `column + param`, saturating at `i64::MAX` instead of turning into a REAL.
+    pub(super) fn saturating_add(column: &str, param: &str) -> String {
+        format!(
+            "CASE WHEN {column} > 9223372036854775807 - {param} THEN 9223372036854775807 ELSE {column} + {param} END"
+        )
+    }
+
+    /// Appended to a read that the rest of the write transaction relies on: nothing, since
+    /// `BEGIN IMMEDIATE` already holds the one write lock.
+    pub(super) const LOCK_ROW: &str = "";
+
+    /// Now, as Unix milliseconds.
+    pub(super) const NOW_MS: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+
+    /// The bound `LIMIT` that means none.
+    pub(super) const NO_LIMIT: Option<i64> = Some(-1);
+
+    /// Expired cache entries are swept on every cache write (one process writes the cache).
+    pub(super) const CACHE_SWEEP_EVERY: u32 = 1;
+
+    /// How many of the ledger columns of migration 3 exist.
+    pub(super) const COUNT_CHECK_COLUMNS: &str =
+        "SELECT COUNT(*) FROM pragma_table_info('backfill_calls') WHERE name IN ('usage_flag', 'repair')";
+}
 
 /// How long a statement waits for another writer before failing with "database is locked",
 /// unless `BACKFILL_BUSY_TIMEOUT_S` says otherwise.
@@ -122,6 +163,18 @@ impl SqliteStore {
         self.id_kinds.lock().expect("id kind cache").insert(run_id, kind);
         Ok(kind)
     }
+
+    /// Writes one item's outputs; false when the target already held a value or the row is gone.
+    async fn write_target(
+        &self,
+        tx: &mut Tx,
+        tables: &Tables,
+        kind: &IdKind,
+        id: &str,
+        values: &[(String, OutputValue)],
+    ) -> anyhow::Result<bool> {
+        source::write_target(tx, tables, *kind, id, values).await.map_err(|e| self.err(e))
+    }
 }
 
 /// Turns a driver error into a message that names the cause and the fix.
@@ -217,189 +270,16 @@ impl Store for SqliteStore {
         .map_err(|e| self.err(e))?;
         Ok(n > 0)
     }
+}
 
-    async fn output_tokens_per_item(&self, job: &str, model: &str) -> anyhow::Result<Option<f64>> {
-        let (tokens, items): (Option<i64>, Option<i64>) = sqlx::query_as(
-            sqlx::AssertSqlSafe(format!(
-            "SELECT {}, SUM(c.items_ok + c.items_rejected + c.items_invalid) \
-             FROM backfill_calls c JOIN backfill_runs r ON r.id = c.run_id \
-             WHERE r.job = ? AND c.model = ? AND c.state = 'settled' AND c.outcome IN ('ok', 'truncated')",
-            sqlite_sum("c.completion_tokens")
-        )))
-        .bind(job)
-        .bind(model)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
-        Ok(match (tokens, items) {
-            (Some(t), Some(i)) if i > 0 && t > 0 => Some(t as f64 / i as f64),
-            _ => None,
-        })
-    }
-
-    async fn inspect(&self, tables: &Tables) -> anyhow::Result<SourceInfo> {
-        source::inspect(self, tables).await
-    }
-
-    async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<Item>> {
-        source::pending_rows(self, tables, limit).await
-    }
-
-    async fn latest_run(&self, job: &str) -> anyhow::Result<Option<RunRecord>> {
-        runs::latest_run(self, job).await
-    }
-
-    async fn create_run(&self, new: &NewRun, tables: &Tables) -> anyhow::Result<Created> {
-        runs::create_run(self, new, tables).await
-    }
-
-    async fn attach(&self, run_id: i64, worker: &Worker, lease: Duration, exclusive: bool) -> anyhow::Result<Attach> {
-        runs::attach(self, run_id, worker, lease, exclusive).await
-    }
-
-    async fn heartbeat(&self, run_id: i64, worker: &Worker, lease: Duration) -> anyhow::Result<bool> {
-        runs::heartbeat(self, run_id, worker, lease).await
-    }
-
-    async fn recover(&self, run_id: i64) -> anyhow::Result<Recovered> {
-        let mut tx = self.begin_write().await?;
-        let recovered = runs::recover(self, &mut tx, run_id, &Worker::current()).await?;
-        tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(recovered)
-    }
-
-    async fn detach(&self, run_id: i64, worker: &Worker) -> anyhow::Result<()> {
-        runs::detach(self, run_id, worker).await
-    }
-
-    async fn set_status(&self, run_id: i64, status: RunStatus, error: Option<&str>) -> anyhow::Result<RunStatus> {
-        runs::set_status(self, run_id, status, error).await
-    }
-
-    async fn save_controller_state(&self, run_id: i64, state: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE backfill_runs SET controller_state = ?, updated_at = ? WHERE id = ?")
-            .bind(state)
-            .bind(now_ms())
-            .bind(run_id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(())
-    }
-
-    async fn set_limit(&self, tables: &Tables, run_id: i64, limit: u64) -> anyhow::Result<u64> {
-        runs::set_limit(self, tables, run_id, limit).await
-    }
-
-    async fn set_mode(&self, run_id: i64, mode: &str) -> anyhow::Result<()> {
-        runs::set_mode(self, run_id, mode).await
-    }
-
-    async fn history(&self, job: &str, before: i64, limit: Option<u64>) -> anyhow::Result<Vec<(RunRecord, Picos)>> {
-        report::history(self, job, before, limit).await
-    }
-
-    async fn set_budget(&self, run_id: i64, max_usd: Option<f64>) -> anyhow::Result<()> {
-        sqlx::query("UPDATE backfill_runs SET max_usd = ?, updated_at = ? WHERE id = ?")
-            .bind(max_usd)
-            .bind(now_ms())
-            .bind(run_id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(())
-    }
-
-    async fn claim(&self, tables: &Tables, run_id: i64, worker: &Worker, max_items: usize, lease: Duration) -> anyhow::Result<Claim> {
-        queue::claim(self, tables, run_id, worker, max_items, lease).await
-    }
-
-    async fn claim_ids(&self, tables: &Tables, run_id: i64, worker: &Worker, ids: &[String], lease: Duration) -> anyhow::Result<Option<Vec<Claimed>>> {
-        queue::claim_ids(self, tables, run_id, worker, ids, lease).await
-    }
-
-    async fn release(&self, run_id: i64, leases: &[Lease]) -> anyhow::Result<()> {
-        queue::release(self, run_id, leases).await
-    }
-
-    async fn reserve_call(&self, call: &NewCall, cap: Option<Picos>) -> anyhow::Result<Option<i64>> {
-        ledger::reserve_call(self, call, cap).await
-    }
-
-    async fn write_batch(&self, tables: &Tables, batch: &BatchWrite) -> anyhow::Result<WriteReport> {
-        ledger::write_batch(self, tables, batch).await
-    }
-
-    async fn spend(&self, run_id: i64) -> anyhow::Result<Spend> {
-        ledger::spend(self, run_id).await
-    }
-
-    async fn cache_get(&self, hash: &str) -> anyhow::Result<Option<String>> {
-        ledger::cache_get(self, hash).await
-    }
-
-    async fn cache_put(&self, hash: &str, model: &str, body: &str, ttl: Duration) -> anyhow::Result<()> {
-        ledger::cache_put(self, hash, model, body, ttl).await
-    }
-
-    async fn cache_drop(&self, hash: &str) -> anyhow::Result<()> {
-        ledger::cache_drop(self, hash).await
-    }
-
-    async fn lost_calls(&self, run_id: i64) -> anyhow::Result<Vec<LostCall>> {
-        ledger::lost_calls(self, run_id).await
-    }
-
-    async fn item_counts(&self, run_id: i64) -> anyhow::Result<ItemCounts> {
-        report::item_counts(&self.pool, run_id).await.map_err(|e| self.err(e))
-    }
-
-    async fn status(&self, job: &str, run: Option<i64>) -> anyhow::Result<Option<StatusReport>> {
-        report::status(self, job, run).await
-    }
-
-    async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>> {
-        report::calls(self, run_id).await
-    }
-
-    /// One process owns a SQLite run and its controller paces it: nothing to share.
+/// One process owns a SQLite run and its controller paces it: nothing to share.
+#[async_trait]
+impl SharedRate for SqliteStore {
     async fn take_rate(&self, _take: &RateTake) -> anyhow::Result<Duration> {
         Ok(Duration::ZERO)
     }
 
     async fn report_rate(&self, _account: &str, _caps: &RateCaps, _report: &RateReport) -> anyhow::Result<()> {
         Ok(())
-    }
-
-    async fn create_batch(&self, run_id: i64, dialect: &str) -> anyhow::Result<BatchRecord> {
-        batches::create_batch(self, run_id, dialect).await
-    }
-
-    async fn update_batch(&self, batch: &BatchRecord) -> anyhow::Result<()> {
-        batches::update_batch(self, batch).await
-    }
-
-    async fn batches(&self, run_id: i64) -> anyhow::Result<Vec<BatchRecord>> {
-        batches::batches(self, run_id).await
-    }
-
-    async fn set_batch_input(&self, batch_id: i64, jsonl: Option<&[u8]>) -> anyhow::Result<()> {
-        batches::set_batch_input(self, batch_id, jsonl).await
-    }
-
-    async fn batch_input(&self, batch_id: i64) -> anyhow::Result<Option<Vec<u8>>> {
-        batches::batch_input(self, batch_id).await
-    }
-
-    async fn hold(&self, run_id: i64, leases: &[Lease], owner: &str) -> anyhow::Result<u64> {
-        batches::hold(self, run_id, leases, owner).await
-    }
-
-    async fn held(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<HeldItem>> {
-        batches::held(self, run_id, owner).await
-    }
-
-    async fn calls_of(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<OwnedCall>> {
-        batches::calls_of(self, run_id, owner).await
     }
 }

@@ -4,8 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{SqliteStore, source};
-use crate::packer::Item;
-use crate::store::{Claim, Claimed, Lease, Tables, Worker, now_ms};
+use crate::store::{Claim, Claimed, Item, Lease, Tables, Worker, now_ms};
 
 /// A random positive fencing token for one claim.
 fn new_token() -> i64 {

@@ -3,42 +3,11 @@
 
 use std::time::Duration;
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 
+use super::sql::runs::{RUN_COLUMNS, run_from_row};
 use super::{SqliteStore, source};
-use crate::store::{Attach, Created, NewRun, Recovered, RunRecord, RunStatus, Tables, Worker, now_ms};
-
-pub(super) const RUN_COLUMNS: &str = "id, job, status, target, total_items, max_usd, created_at, updated_at, \
-                                      finished_at, controller_state, last_error, mode, item_limit";
-
-pub(super) fn run_from_row(row: &SqliteRow) -> Result<RunRecord, sqlx::Error> {
-    Ok(RunRecord {
-        id: row.try_get("id")?,
-        job: row.try_get("job")?,
-        status: RunStatus::parse(&row.try_get::<String, _>("status")?),
-        target: row.try_get("target")?,
-        total_items: row.try_get::<i64, _>("total_items")?.max(0) as u64,
-        max_usd: row.try_get("max_usd")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        finished_at: row.try_get("finished_at")?,
-        controller_state: row.try_get("controller_state")?,
-        last_error: row.try_get("last_error")?,
-        mode: row.try_get("mode")?,
-        limit: row.try_get::<Option<i64>, _>("item_limit")?.map(|l| l.max(0) as u64),
-    })
-}
-
-pub(super) async fn latest_run(store: &SqliteStore, job: &str) -> anyhow::Result<Option<RunRecord>> {
-    let sql = format!("SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = ? ORDER BY id DESC LIMIT 1");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(job)
-        .fetch_optional(&store.pool)
-        .await
-        .map_err(|e| store.err(e))?;
-    row.as_ref().map(run_from_row).transpose().map_err(|e| store.err(e))
-}
+use crate::store::{Attach, Created, NewRun, Recovered, RunStatus, Tables, Worker, now_ms};
 
 pub(super) async fn create_run(store: &SqliteStore, new: &NewRun, tables: &Tables) -> anyhow::Result<Created> {
     let mut tx = store.begin_write().await?;
@@ -432,29 +401,4 @@ pub(super) async fn set_limit(store: &SqliteStore, tables: &Tables, run_id: i64,
     .map_err(e)?;
     tx.commit().await.map_err(e)?;
     Ok(total.max(0) as u64)
-}
-
-/// Records the run's mode (`sync` or `batch`).
-pub(super) async fn set_mode(store: &SqliteStore, run_id: i64, mode: &str) -> anyhow::Result<()> {
-    sqlx::query("UPDATE backfill_runs SET mode = ?, updated_at = ? WHERE id = ?")
-        .bind(mode)
-        .bind(now_ms())
-        .bind(run_id)
-        .execute(&store.pool)
-        .await
-        .map_err(|e| store.err(e))?;
-    Ok(())
-}
-
-/// Runs of the job before `before`, newest first (`limit`: at most that many), with their spend.
-pub(super) async fn earlier_runs(store: &SqliteStore, job: &str, before: i64, limit: Option<u64>) -> anyhow::Result<Vec<RunRecord>> {
-    let sql = format!("SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = ? AND id < ? ORDER BY id DESC LIMIT ?");
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(job)
-        .bind(before)
-        .bind(limit.map(|l| l.min(i64::MAX as u64) as i64).unwrap_or(-1))
-        .fetch_all(&store.pool)
-        .await
-        .map_err(|e| store.err(e))?;
-    rows.iter().map(run_from_row).collect::<Result<_, _>>().map_err(|e| store.err(e))
 }

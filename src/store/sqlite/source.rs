@@ -7,8 +7,7 @@ use sqlx::{AssertSqlSafe, Row, SqliteConnection, TypeInfo, ValueRef};
 
 use super::{IdKind, SqliteStore};
 use crate::exit::usage;
-use crate::packer::Item;
-use crate::store::{OutputValue, SourceInfo, Tables};
+use crate::store::{Item, OutputValue, SourceInfo, Tables};
 
 fn select_list(tables: &Tables) -> String {
     let mut list = vec![tables.id.to_string()];
