@@ -2,7 +2,7 @@
 //! tokenizer. Pure and CPU-bound: the pending rows are split into chunks on request boundaries
 //! and counted on several threads.
 
-use crate::packer::{Item, Packer};
+use crate::pipeline::pack::{Item, Packer};
 use crate::tokens::TokenCounter;
 
 /// What the requests add up to.

@@ -5,6 +5,7 @@ use std::time::Duration;
 use backfill_controller::{LONGEST_WAIT, seconds_to_duration};
 
 use super::RateHeaders;
+use crate::ledger::CallOutcome;
 
 /// The provider's rate-limit answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,17 +106,17 @@ impl CallError {
         }
     }
 
-    /// The short outcome name recorded in the ledger.
-    pub fn outcome(&self) -> &'static str {
+    /// The outcome recorded in the ledger.
+    pub fn outcome(&self) -> CallOutcome {
         match self {
-            CallError::RateLimited(_) => "rate_limited",
-            CallError::Transient { .. } => "transient",
-            CallError::Timeout { .. } => "timeout",
-            CallError::Rejected { .. } => "rejected_request",
-            CallError::Fatal { .. } => "fatal",
-            CallError::Redirected { .. } => "redirected",
-            CallError::TooLarge { .. } => "too_large",
-            CallError::BadOutput { .. } => "bad_output",
+            CallError::RateLimited(_) => CallOutcome::RateLimited,
+            CallError::Transient { .. } => CallOutcome::Transient,
+            CallError::Timeout { .. } => CallOutcome::Timeout,
+            CallError::Rejected { .. } => CallOutcome::RejectedRequest,
+            CallError::Fatal { .. } => CallOutcome::Fatal,
+            CallError::Redirected { .. } => CallOutcome::Redirected,
+            CallError::TooLarge { .. } => CallOutcome::TooLarge,
+            CallError::BadOutput { .. } => CallOutcome::BadOutput,
         }
     }
 }

@@ -19,7 +19,9 @@ const WRITE_TRIES: u32 = 4;
 pub async fn write_all(
     store: Arc<dyn Store>,
     tables: Tables,
+    // Bounded by `WRITE_QUEUE` at the sender; ends when every sender is dropped.
     mut batches: mpsc::Receiver<BatchWrite>,
+    // Notified after each write, so a dispatcher waiting for room looks again at once.
     written: Arc<Notify>,
     progress: Arc<Progress>,
 ) {
