@@ -41,7 +41,7 @@ pub enum CallOutcome {
     Truncated,
     /// Answered with nothing that maps back to the items.
     Malformed,
-    /// The provider's errors, by class (`provider::CallError`).
+    /// The provider's errors, by class (`provider::CallError`, mapped by the runner).
     RateLimited,
     Transient,
     Timeout,

@@ -5,7 +5,6 @@ use std::time::Duration;
 use backfill_controller::{LONGEST_WAIT, seconds_to_duration};
 
 use super::RateHeaders;
-use crate::ledger::CallOutcome;
 
 /// The provider's rate-limit answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,20 +102,6 @@ impl CallError {
             CallError::Timeout { .. } | CallError::Redirected { .. } => None,
             CallError::Rejected { status, .. } | CallError::Fatal { status, .. } => Some(*status),
             CallError::BadOutput { status, .. } | CallError::TooLarge { status, .. } => Some(*status),
-        }
-    }
-
-    /// The outcome recorded in the ledger.
-    pub fn outcome(&self) -> CallOutcome {
-        match self {
-            CallError::RateLimited(_) => CallOutcome::RateLimited,
-            CallError::Transient { .. } => CallOutcome::Transient,
-            CallError::Timeout { .. } => CallOutcome::Timeout,
-            CallError::Rejected { .. } => CallOutcome::RejectedRequest,
-            CallError::Fatal { .. } => CallOutcome::Fatal,
-            CallError::Redirected { .. } => CallOutcome::Redirected,
-            CallError::TooLarge { .. } => CallOutcome::TooLarge,
-            CallError::BadOutput { .. } => CallOutcome::BadOutput,
         }
     }
 }

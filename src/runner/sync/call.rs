@@ -262,7 +262,7 @@ pub fn conclude(
         }
         Err(error) => {
             settle.http_status = error.http_status();
-            call_outcome = error.outcome();
+            call_outcome = error_outcome(&error);
             settle.error = Some(error.to_string());
             cost_source = CostSource::None;
             let asked = match &error {
@@ -342,6 +342,20 @@ pub fn conclude(
     result.write.settle = seal(settle, call_outcome, cost_source);
     result.cost_source = cost_source;
     result
+}
+
+/// The ledger's outcome for a call that failed.
+fn error_outcome(error: &CallError) -> CallOutcome {
+    match error {
+        CallError::RateLimited(_) => CallOutcome::RateLimited,
+        CallError::Transient { .. } => CallOutcome::Transient,
+        CallError::Timeout { .. } => CallOutcome::Timeout,
+        CallError::Rejected { .. } => CallOutcome::RejectedRequest,
+        CallError::Fatal { .. } => CallOutcome::Fatal,
+        CallError::Redirected { .. } => CallOutcome::Redirected,
+        CallError::TooLarge { .. } => CallOutcome::TooLarge,
+        CallError::BadOutput { .. } => CallOutcome::BadOutput,
+    }
 }
 
 /// The settlement with its outcome and cost source as the ledger spells them.

@@ -2,7 +2,7 @@
 //! cost, and spawns the call; hands every finished call to the writer. It owns the
 //! controller, so every decision and observation goes through one place.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -12,7 +12,9 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::call::{Answer, Call, Concluded, Request, Verdict, execute};
+use super::breaker::{Breaker, Finished};
+use super::call::{Answer, Call, Concluded, Request, execute};
+use super::resends::Resends;
 use super::shared_rate::SharedRate;
 use crate::runner::context::RunContext;
 use crate::runner::progress::Progress;
@@ -21,11 +23,6 @@ use crate::ledger::CostSource;
 use crate::pricing::Picos;
 use crate::store::{BatchWrite, NewCall, now_ms};
 
-/// Failures seen before any call succeeded that mean no call ever will.
-const BREAKER_THRESHOLD: u32 = 5;
-/// Answers in a row whose usage or cost cannot be true: the provider's bills cannot be
-/// trusted, and the run stops.
-pub const DISTRUST_THRESHOLD: u32 = 3;
 /// How often the controller's state is saved for `--resume`.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
 /// The longest the loop sleeps without looking at the queue again.
@@ -49,16 +46,14 @@ pub struct Dispatcher {
     cuts: HashMap<Ticket, CancellationToken>,
     /// The provider account's rate, shared with other workers of the run (PostgreSQL).
     shared_rate: SharedRate,
-    successes: u64,
-    unreachable_in_a_row: u32,
-    refused_in_a_row: u32,
-    distrusted_in_a_row: u32,
+    /// Stops the run when no call will ever succeed or the provider's bills cannot be trusted.
+    breaker: Breaker,
     last_snapshot: Instant,
     /// Since when the budget has refused every call (reservations of calls in flight may still
     /// settle below their estimates and make room).
     budget_refused_since: Option<Instant>,
     /// Rate-limited requests to send again unchanged, with when.
-    resends: VecDeque<(Duration, Request)>,
+    resends: Resends,
 }
 
 enum Dispatched {
@@ -89,13 +84,10 @@ impl Dispatcher {
             fatal: None,
             cuts: HashMap::new(),
             shared_rate,
-            successes: 0,
-            unreachable_in_a_row: 0,
-            refused_in_a_row: 0,
-            distrusted_in_a_row: 0,
+            breaker: Breaker::default(),
             last_snapshot: Instant::now(),
             budget_refused_since: None,
-            resends: VecDeque::new(),
+            resends: Resends::default(),
         }
     }
 
@@ -232,13 +224,12 @@ impl Dispatcher {
     /// Sends a rate-limited request again, unchanged, once its wait is over.
     async fn resend(&mut self) -> anyhow::Result<Option<Dispatched>> {
         let now = self.now();
-        let Some(index) = self.resends.iter().position(|(at, _)| *at <= now) else {
+        let Some((at, mut request)) = self.resends.take_due(now) else {
             return Ok(None);
         };
-        let (at, mut request) = self.resends.remove(index).expect("index in range");
         let ctx = self.ctx.clone();
         if let Some(wait) = self.shared_rate.take(ctx.store.as_ref(), request.claimed.len() as u32, request.max_tokens).await? {
-            self.resends.push_back((at, request));
+            self.resends.push(at, request);
             return Ok(Some(Dispatched::Paced(wait)));
         }
         self.progress.retries.fetch_add(request.claimed.len() as u64, Ordering::Relaxed);
@@ -311,7 +302,7 @@ impl Dispatcher {
     /// Rate-limited requests still waiting to go out again: their items back to the queue
     /// untouched (the run is stopping).
     async fn release_resends(&mut self) -> anyhow::Result<()> {
-        let leases: Vec<_> = self.resends.drain(..).flat_map(|(_, request)| request.claimed.into_iter().map(|c| c.lease)).collect();
+        let leases: Vec<_> = self.resends.drain().flat_map(|request| request.claimed.into_iter().map(|c| c.lease)).collect();
         if !leases.is_empty() {
             self.ctx.store.release(self.ctx.run_id, &leases).await?;
         }
@@ -321,12 +312,12 @@ impl Dispatcher {
     /// Items of rate-limited requests waiting to go out again whose wait is over.
     fn resend_items_due(&self) -> usize {
         let now = self.now();
-        self.resends.iter().filter(|(at, _)| *at <= now).map(|(_, r)| r.claimed.len()).sum()
+        self.resends.items_due(now)
     }
 
     /// When the next rate-limited request may go out again.
     fn next_resend(&self) -> Option<Duration> {
-        self.resends.iter().map(|(at, _)| *at).min()
+        self.resends.next_at()
     }
 
     /// Takes one finished call: tells the controller, trips the breaker, queues the write.
@@ -338,7 +329,7 @@ impl Dispatcher {
         };
         let mut concluded = concluded;
         if let Some((after, request)) = concluded.resend.take() {
-            self.resends.push_back((self.now() + after, request));
+            self.resends.push(self.now() + after, request);
         }
         if let Some(ticket) = concluded.ticket {
             self.cuts.remove(&ticket);
@@ -346,56 +337,13 @@ impl Dispatcher {
             self.shared_rate.learn(self.ctx.store.as_ref(), &observation.outcome, &observation.rate_limits).await;
             self.controller.on_outcome(self.now(), ticket, concluded.observation);
         }
-        match &concluded.verdict {
-            Verdict::Succeeded => {
-                self.successes += 1;
-                self.unreachable_in_a_row = 0;
-                self.refused_in_a_row = 0;
-            }
-            Verdict::Unreachable(why) => {
-                self.unreachable_in_a_row += 1;
-                if self.successes == 0 && self.unreachable_in_a_row >= BREAKER_THRESHOLD {
-                    self.fatal.get_or_insert_with(|| {
-                        format!(
-                            "cannot reach the provider at {} ({why}); check model.base_url (or OPENAI_BASE_URL) \
-                             and that the server is running, then run again with --resume",
-                            crate::provider::shown_url(self.ctx.client.endpoint())
-                        )
-                    });
-                }
-            }
-            Verdict::Refused(why) => {
-                self.refused_in_a_row += 1;
-                if self.successes == 0 && self.refused_in_a_row >= BREAKER_THRESHOLD {
-                    self.fatal.get_or_insert_with(|| {
-                        format!(
-                            "the provider refuses the requests: {why}; check model.name and \
-                             model.structured_output (not every server supports every mode), then run again with --resume"
-                        )
-                    });
-                }
-            }
-            Verdict::Fatal(why) => {
-                self.fatal.get_or_insert_with(|| why.clone());
-            }
-            Verdict::Failed => {}
-        }
-        let settle = &concluded.write.settle;
-        if let Some(flag) = &settle.usage_flag {
-            self.distrusted_in_a_row += 1;
-            if self.distrusted_in_a_row >= DISTRUST_THRESHOLD {
-                self.fatal.get_or_insert_with(|| {
-                    format!(
-                        "the provider reported impossible usage or cost on {} answers in a row (last: {flag}); \
-                         its bills cannot be trusted, so the run stops (those calls are costed at their \
-                         reservations, see `status`); check that model.base_url points at the provider you \
-                         mean and, if it reports usage.cost, that the job's prices are not far below its own",
-                        self.distrusted_in_a_row
-                    )
-                });
-            }
-        } else if settle.http_status == Some(200) && concluded.cost_source != CostSource::Cache {
-            self.distrusted_in_a_row = 0;
+        let finished = Finished {
+            verdict: &concluded.verdict,
+            usage_flag: concluded.write.settle.usage_flag.as_deref(),
+            billed_answer: concluded.write.settle.http_status == Some(200) && concluded.cost_source != CostSource::Cache,
+        };
+        if let Some(why) = self.breaker.observe(&finished, || crate::provider::shown_url(self.ctx.client.endpoint())) {
+            self.fatal.get_or_insert(why);
         }
         if let Some(hash) = &concluded.drop_cache
             && let Err(e) = self.ctx.store.cache_drop(hash).await {

@@ -3,8 +3,10 @@
 //! it, validates and post-processes the answer and concludes it into one write. Before it
 //! dispatches, calls a crash left answered in the response cache are settled from it.
 
+mod breaker;
 mod call;
 mod dispatch;
+mod resends;
 mod shared_rate;
 
 use std::sync::Arc;
