@@ -69,20 +69,26 @@ impl RunOutcome {
 /// run's mode (which a resume keeps).
 pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -> anyhow::Result<RunOutcome> {
     let started = Instant::now();
-    match &job.processor {
+    // Everything that can be checked without the database and the network comes first: the
+    // key variable and the post-processing rules; a bad model or tokenizer.
+    let ready = match &job.processor {
         Processor::Chat(chat) => {
-            // Everything that can be checked without the database and the network comes first.
             chat.api_key()?;
             let check: Option<Arc<dyn OutputCheck>> = match crate::pipeline::postprocess::build(job)? {
                 Some(p) => Some(p),
                 None => None,
             };
-            let Some(attached) = lifecycle::attach(job, options).await? else {
-                return Ok(RunOutcome::nothing_pending());
-            };
-            // The run's own cap and mode, which a resume keeps.
-            let job = &attached.job;
-            let Processor::Chat(chat) = &job.processor else { unreachable!("a chat job stays a chat job") };
+            Ready::Chat(check)
+        }
+        Processor::Onnx(model) => Ready::Local(crate::local_model::load(model).await?),
+    };
+    let Some(attached) = lifecycle::attach(job, options).await? else {
+        return Ok(RunOutcome::nothing_pending());
+    };
+    // The run's own cap and mode, which a resume keeps.
+    let job = &attached.job;
+    match (ready, &job.processor) {
+        (Ready::Chat(check), Processor::Chat(chat)) => {
             if chat.mode != Mode::Batch && (options.wait.is_some() || options.finish_sync_after.is_some()) {
                 tracing::warn!(
                     "run {}: --wait and --finish-sync-after are ignored, the run is synchronous (--batch-api moves it to batches)",
@@ -99,17 +105,20 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
                 Mode::Sync => session.drive(engine, shutdown).await,
             }
         }
-        Processor::Onnx(model) => {
-            // A bad model or tokenizer stops the run before it touches the database.
-            let processor = crate::local_model::load(model).await?;
-            let Some(attached) = lifecycle::attach(job, options).await? else {
-                return Ok(RunOutcome::nothing_pending());
-            };
+        (Ready::Local(processor), Processor::Onnx(model)) => {
+            let model = model.clone();
             let session = Session::open(attached, None, options.quiet, started).await?;
-            let engine = local::LocalEngine::new(processor, model, &session);
+            let engine = local::LocalEngine::new(processor, &model, &session);
             session.drive(engine, shutdown).await
         }
+        _ => unreachable!("a run keeps its job's processor"),
     }
+}
+
+/// What was checked before the run is touched, by processor.
+enum Ready {
+    Chat(Option<Arc<dyn OutputCheck>>),
+    Local(Arc<backfill_onnx::OnnxProcessor>),
 }
 
 fn context_for(
