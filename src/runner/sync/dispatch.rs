@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::{Breaker, Finished};
+use super::budget::BudgetWait;
 use super::call::{Answer, Call, Concluded, Request, execute};
 use super::resends::Resends;
 use super::shared_rate::SharedRate;
@@ -49,9 +50,8 @@ pub struct Dispatcher {
     /// Stops the run when no call will ever succeed or the provider's bills cannot be trusted.
     breaker: Breaker,
     last_snapshot: Instant,
-    /// Since when the budget has refused every call (reservations of calls in flight may still
-    /// settle below their estimates and make room).
-    budget_refused_since: Option<Instant>,
+    /// The wait at the budget cap.
+    budget: BudgetWait,
     /// Rate-limited requests to send again unchanged, with when.
     resends: Resends,
 }
@@ -86,7 +86,7 @@ impl Dispatcher {
             shared_rate,
             breaker: Breaker::default(),
             last_snapshot: Instant::now(),
-            budget_refused_since: None,
+            budget: BudgetWait::default(),
             resends: Resends::default(),
         }
     }
@@ -128,7 +128,7 @@ impl Dispatcher {
                     };
                     match dispatched {
                         Dispatched::Sent => {
-                            self.budget_refused_since = None;
+                            self.budget.sent();
                             continue;
                         }
                         Dispatched::Budget => {
@@ -183,16 +183,14 @@ impl Dispatcher {
         Ok(stop)
     }
 
-    /// The cap refused a call. Calls still in flight (here, or waiting for the writer, or of
-    /// other workers) settle at their actual cost, usually below the estimate they reserved, and
-    /// may make room: stop only when nothing is reserved any more (or after a lease's time).
+    /// The cap refused a call: whether the run stops at the cap (see [`BudgetWait`]).
     async fn budget_exhausted(&mut self) -> anyhow::Result<bool> {
-        let since = *self.budget_refused_since.get_or_insert_with(Instant::now);
+        self.budget.refused(Instant::now());
         if !self.tasks.is_empty() {
             return Ok(false);
         }
         let spend = self.ctx.store.spend(self.ctx.run_id).await?;
-        Ok(spend.reserved == Picos::ZERO || since.elapsed() > self.ctx.lease)
+        Ok(self.budget.exhausted(Instant::now(), spend.reserved, self.ctx.lease))
     }
 
     async fn dispatch(&mut self, items: u32, max_tokens: u32, timeout: Duration) -> anyhow::Result<Dispatched> {

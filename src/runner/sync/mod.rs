@@ -4,6 +4,7 @@
 //! dispatches, calls a crash left answered in the response cache are settled from it.
 
 mod breaker;
+mod budget;
 mod call;
 mod dispatch;
 mod resends;
