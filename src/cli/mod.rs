@@ -1,10 +1,8 @@
 //! The command line: raw flags (clap), turned into a validated job and options, dispatched to
 //! one command, with every error printed once (with its causes) and mapped to an exit code.
 
-pub mod logging;
 mod report;
 mod status;
-pub mod time;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -185,7 +183,7 @@ pub fn main() -> ExitCode {
     {
         json_line::arm(args.target.job.display().to_string());
     }
-    logging::init();
+    crate::logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -308,7 +306,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
 
 fn check(args: CheckArgs) -> anyhow::Result<Exit> {
     let job = Job::load(&args.job, &LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
-    let Some(rules) = crate::postprocess::build(&job)? else {
+    let Some(rules) = crate::pipeline::postprocess::build(&job)? else {
         return Err(usage(format!("job file {} has no [postprocess] rules to try", args.job.display())));
     };
     let mut text = String::new();
