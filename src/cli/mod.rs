@@ -116,6 +116,12 @@ struct RunArgs {
     /// and send the rest through the synchronous API, so a deadline is met.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     finish_sync_after: Option<std::time::Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics while the run goes (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
+    /// Write the run's Prometheus metrics to PATH when it ends (node_exporter's textfile collector).
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
 }
 
 /// The longest `--wait` / `--finish-sync-after`: a year (batches end within a day).
@@ -289,6 +295,8 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         finish_sync_after: args.finish_sync_after,
         max_usd: args.max_usd,
         batch_api: args.batch_api,
+        metrics_addr: args.metrics_addr,
+        metrics_file: args.metrics_file,
     };
     let outcome = crate::runner::run(&job, &options, shutdown).await?;
     let Some(summary) = outcome.summary else {

@@ -49,6 +49,10 @@ pub struct RunOptions {
     pub max_usd: Option<f64>,
     /// `--batch-api` was given (moves a resumed synchronous run to the batch API).
     pub batch_api: bool,
+    /// `--metrics-addr`: serve Prometheus metrics there while the run goes.
+    pub metrics_addr: Option<String>,
+    /// `--metrics-file`: write the same metrics there when the run ends.
+    pub metrics_file: Option<std::path::PathBuf>,
 }
 
 /// How a run ended: the summary (`None`: `--resume` found nothing pending and started no run)
@@ -82,6 +86,7 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
         }
         Processor::Onnx(model) => Ready::Local(crate::local_model::load(model).await?),
     };
+    let exporter = crate::metrics::prepare(options.metrics_addr.as_deref(), options.metrics_file.as_deref()).await?;
     let Some(attached) = lifecycle::attach(job, options).await? else {
         return Ok(RunOutcome::nothing_pending());
     };
@@ -98,7 +103,7 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
             let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check)?);
             let controller = sync::controller_for(&ctx, &attached.run)?;
             let mode = chat.mode;
-            let session = Session::open(attached, ctx.cap, options.quiet, started).await?;
+            let session = Session::open(attached, ctx.cap, options.quiet, started, exporter).await?;
             let engine = sync::SyncEngine::new(ctx.clone(), controller, &session);
             match mode {
                 Mode::Batch => session.drive(batch::BatchEngine::new(ctx, engine, options), shutdown).await,
@@ -107,7 +112,7 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
         }
         (Ready::Local(processor), Processor::Onnx(model)) => {
             let model = model.clone();
-            let session = Session::open(attached, None, options.quiet, started).await?;
+            let session = Session::open(attached, None, options.quiet, started, exporter).await?;
             let engine = local::LocalEngine::new(processor, &model, &session);
             session.drive(engine, shutdown).await
         }
