@@ -145,6 +145,10 @@ pub struct LimitsFile {
     /// before the run stops instead of waiting.
     #[serde(default = "default_max_retry_after")]
     pub max_retry_after_s: f64,
+    /// How long the provider may stay unreachable (connection refused, no route) before the
+    /// run stops; its items wait, attempts untouched. 0: stop at once.
+    #[serde(default = "default_outage_window")]
+    pub outage_window_s: f64,
 }
 
 impl Default for LimitsFile {
@@ -159,6 +163,7 @@ impl Default for LimitsFile {
             grace_seconds: default_grace(),
             max_failed_share: default_max_failed_share(),
             max_retry_after_s: default_max_retry_after(),
+            outage_window_s: default_outage_window(),
         }
     }
 }
@@ -185,6 +190,9 @@ fn default_lease() -> f64 {
 }
 fn default_max_retry_after() -> f64 {
     3600.0
+}
+fn default_outage_window() -> f64 {
+    300.0
 }
 fn default_grace() -> f64 {
     30.0

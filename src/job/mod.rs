@@ -205,6 +205,9 @@ pub struct Limits {
     pub max_failed_share: f64,
     /// A provider asking to wait longer than this stops the run (`limits.max_retry_after_s`).
     pub max_retry_after: Duration,
+    /// How long an unreachable provider is waited for before the run stops
+    /// (`limits.outage_window_s`).
+    pub outage_window: Duration,
 }
 
 /// A `{ start, min, max }` range.

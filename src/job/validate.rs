@@ -631,6 +631,7 @@ fn limits(file: &JobFile) -> anyhow::Result<Limits> {
     Range::between(5.0, MAX_SECONDS, "seconds").check("limits.lease_seconds", l.lease_seconds)?;
     Range::between(0.0, MAX_SECONDS, "seconds").check("limits.grace_seconds", l.grace_seconds)?;
     Range::between(0.0, 1.0, "(a share of the run's items)").check("limits.max_failed_share", l.max_failed_share)?;
+    Range::between(0.0, MAX_SECONDS, "seconds").check("limits.outage_window_s", l.outage_window_s)?;
     if !(l.max_retry_after_s.is_finite() && (1.0..=30.0 * 86_400.0).contains(&l.max_retry_after_s)) {
         return Err(usage(format!(
             "`limits.max_retry_after_s` = {}: it must be between 1 and 2592000 seconds (30 days); the default is 3600",
@@ -647,6 +648,7 @@ fn limits(file: &JobFile) -> anyhow::Result<Limits> {
         grace: Duration::from_secs_f64(l.grace_seconds),
         max_failed_share: l.max_failed_share,
         max_retry_after: Duration::from_secs_f64(l.max_retry_after_s),
+        outage_window: Duration::from_secs_f64(l.outage_window_s),
     })
 }
 

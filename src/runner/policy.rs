@@ -14,8 +14,11 @@ use crate::store::ItemChange;
 pub enum Setback {
     /// HTTP 429: wait for the provider, no attempt counted.
     RateLimited { retry_after: Option<Duration> },
-    /// 5xx, connection failure.
+    /// 5xx, a connection that broke.
     Transient(String),
+    /// The provider could not be reached at all (an outage): no attempt counted, the items
+    /// wait `wait`.
+    Unreachable { message: String, wait: Duration },
     Timeout(String),
     /// The whole answer was not a JSON object, or the request was refused as too large.
     Malformed(String),
@@ -34,6 +37,7 @@ impl Setback {
         match self {
             Setback::RateLimited { .. } => "rate_limited",
             Setback::Transient(_) => "transient",
+            Setback::Unreachable { .. } => "unreachable",
             Setback::Timeout(_) => "timeout",
             Setback::Malformed(_) => "malformed",
             Setback::Missing => "missing",
@@ -46,6 +50,7 @@ impl Setback {
     fn message(&self) -> String {
         match self {
             Setback::RateLimited { .. } => "rate limited by the provider".into(),
+            Setback::Unreachable { message, .. } => message.clone(),
             Setback::Transient(m) | Setback::Timeout(m) | Setback::Malformed(m) | Setback::Invalid(m) => m.clone(),
             Setback::Missing => "the answer did not contain this item's id".into(),
             Setback::Rejected { detail, .. } => detail.clone(),
@@ -83,6 +88,9 @@ impl RetryPolicy {
             Setback::RateLimited { retry_after } => {
                 let wait = retry_after.unwrap_or(Duration::from_secs(1));
                 return retry(attempts, tier, None, wait.saturating_add(self::jitter(wait, 0.1 * jitter)));
+            }
+            Setback::Unreachable { wait, .. } => {
+                return retry(attempts, tier, None, wait.saturating_add(self::jitter(*wait, 0.2 * jitter)));
             }
             _ => {}
         }

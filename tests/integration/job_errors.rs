@@ -113,11 +113,41 @@ async fn a_missing_database_file_is_named() {
 #[tokio::test]
 async fn an_unreachable_provider_stops_the_run_with_a_clear_message_and_loses_nothing() {
     let fx = Fixture::new(5).await;
-    fx.write_job("http://127.0.0.1:9/v1", "", "", "");
+    // No outage is ridden out: the run stops as soon as the breaker has seen enough.
+    fx.write_job("http://127.0.0.1:9/v1", "", "outage_window_s = 0", "");
     let output = backfill(fx.dir.path(), &["run", fx.job.to_str().unwrap(), "--quiet"], &[]);
     let err = stderr(&output);
     assert_eq!(output.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot reach the provider") && err.contains("--resume"), "{err}");
     let states = fx.item_states().await;
-    assert!(states.iter().all(|(_, s, attempts, _)| s == "pending" && *attempts < 4), "{states:?}");
+    assert!(states.iter().all(|(_, s, attempts, _)| s == "pending" && *attempts == 0), "{states:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_outage_is_ridden_out_and_the_run_finishes_when_it_is_back() {
+    let fx = Fixture::new(12).await;
+    // A port nobody listens on yet: the provider is down when the run starts.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    // Two items a request: six requests fail at once, enough for the breaker to call it an outage.
+    fx.write_job(&format!("http://127.0.0.1:{port}/v1"), "", "outage_window_s = 120\nitems_per_request = { start = 2, min = 1, max = 2 }", "");
+    let job = fx.job.to_str().unwrap().to_owned();
+    let dir = fx.dir.path().to_path_buf();
+    let run = tokio::task::spawn_blocking(move || backfill(&dir, &["run", &job, "--json", "--quiet"], &[]));
+    // The provider comes up on that port after some seconds.
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is still free");
+    let fake = FakeProvider::start_on(listener, 77).await;
+    let output = run.await.unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{err}");
+    assert!(err.contains("riding out the outage for up to 120 s"), "{err}");
+    assert!(err.contains("answers again after an outage of"), "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(summary["items"]["done"], 12, "{summary}");
+    assert!(!fake.records().is_empty());
+    // The outage cost the items no attempt.
+    let states = fx.item_states().await;
+    assert!(states.iter().all(|(_, s, _, _)| s == "done"), "{states:?}");
 }

@@ -1,7 +1,10 @@
 //! The dispatcher's breakers, pure: from the verdicts and bills of finished calls, whether the
 //! run must stop because no call will ever succeed (the provider cannot be reached, or refuses
 //! every request, before any call succeeded) or because the provider's bills cannot be trusted
-//! (impossible usage or cost on several answers in a row).
+//! (impossible usage or cost on several answers in a row). A provider that cannot be reached is
+//! an outage ridden out for `limits.outage_window_s` before the run stops.
+
+use std::time::Duration;
 
 use super::call::Verdict;
 
@@ -27,13 +30,40 @@ pub struct Breaker {
     unreachable_in_a_row: u32,
     refused_in_a_row: u32,
     distrusted_in_a_row: u32,
+    /// How long the provider may stay unreachable before the run stops.
+    outage_window: Duration,
+    /// When the current run of unreachable calls began (on the caller's clock).
+    outage_since: Option<Duration>,
+    /// What the log should say now about an outage, once (taken by [`Breaker::take_notice`]).
+    notice: Option<String>,
 }
 
 impl Breaker {
-    /// Counts one finished call; the message that stops the run when a breaker trips
+    pub fn new(outage_window: Duration) -> Breaker {
+        Breaker { outage_window, ..Breaker::default() }
+    }
+
+    /// A line for the log about an outage that began or ended, once.
+    pub fn take_notice(&mut self) -> Option<String> {
+        self.notice.take()
+    }
+
+    /// Counts one finished call at `now`; the message that stops the run when a breaker trips
     /// (`endpoint` names the provider in it).
-    pub fn observe(&mut self, call: &Finished, endpoint: impl FnOnce() -> String) -> Option<String> {
+    pub fn observe(&mut self, now: Duration, call: &Finished, endpoint: impl FnOnce() -> String) -> Option<String> {
         let mut fatal = None;
+        if !matches!(call.verdict, Verdict::Unreachable(_)) {
+            // Any answer, even a refusal, ends an outage.
+            if let Some(since) = self.outage_since.take()
+                && self.unreachable_in_a_row >= BREAKER_THRESHOLD
+            {
+                self.notice = Some(format!(
+                    "the provider answers again after an outage of {:.0} s; the waiting items go out again",
+                    now.saturating_sub(since).as_secs_f64()
+                ));
+            }
+            self.unreachable_in_a_row = 0;
+        }
         match call.verdict {
             Verdict::Succeeded => {
                 self.successes += 1;
@@ -42,11 +72,23 @@ impl Breaker {
             }
             Verdict::Unreachable(why) => {
                 self.unreachable_in_a_row += 1;
-                if self.successes == 0 && self.unreachable_in_a_row >= BREAKER_THRESHOLD {
+                let since = *self.outage_since.get_or_insert(now);
+                let lasted = now.saturating_sub(since);
+                if self.unreachable_in_a_row >= BREAKER_THRESHOLD && lasted >= self.outage_window {
                     fatal = Some(format!(
-                        "cannot reach the provider at {} ({why}); check model.base_url (or OPENAI_BASE_URL) \
-                         and that the server is running, then run again with --resume",
-                        endpoint()
+                        "cannot reach the provider at {} ({why}) for {:.0} s (limits.outage_window_s = {:.0}); \
+                         check model.base_url (or OPENAI_BASE_URL) and that the server is running, then run \
+                         again with --resume",
+                        endpoint(),
+                        lasted.as_secs_f64(),
+                        self.outage_window.as_secs_f64()
+                    ));
+                } else if self.unreachable_in_a_row == BREAKER_THRESHOLD {
+                    self.notice = Some(format!(
+                        "cannot reach the provider at {} ({why}): riding out the outage for up to {:.0} s \
+                         (limits.outage_window_s); the items wait, their attempts untouched",
+                        endpoint(),
+                        self.outage_window.as_secs_f64()
                     ));
                 }
             }
@@ -89,44 +131,65 @@ mod tests {
     }
 
     #[test]
-    fn an_unreachable_provider_trips_only_before_any_success() {
-        let mut breaker = Breaker::default();
+    fn an_unreachable_provider_trips_after_the_window_and_any_answer_ends_the_streak() {
+        let mut breaker = Breaker::new(Duration::ZERO);
         let down = Verdict::Unreachable("connection refused".into());
         for _ in 1..BREAKER_THRESHOLD {
-            assert_eq!(breaker.observe(&finished(&down), || "http://x/v1".to_string()), None);
+            assert_eq!(breaker.observe(Duration::ZERO, &finished(&down), || "http://x/v1".to_string()), None);
         }
-        let stop = breaker.observe(&finished(&down), || "http://x/v1".to_string()).expect("trips");
+        let stop = breaker.observe(Duration::ZERO, &finished(&down), || "http://x/v1".to_string()).expect("trips");
         assert!(stop.contains("cannot reach the provider at http://x/v1"), "{stop}");
 
-        let mut breaker = Breaker::default();
-        breaker.observe(&finished(&Verdict::Succeeded), || "e".to_string());
+        let mut breaker = Breaker::new(Duration::ZERO);
+        breaker.observe(Duration::ZERO, &finished(&Verdict::Succeeded), || "e".to_string());
         for _ in 0..3 * BREAKER_THRESHOLD {
-            assert_eq!(breaker.observe(&finished(&down), || "e".to_string()), None);
-            assert_eq!(breaker.observe(&finished(&Verdict::Refused("400".into())), || "e".to_string()), None);
+            assert_eq!(breaker.observe(Duration::ZERO, &finished(&down), || "e".to_string()), None);
+            assert_eq!(breaker.observe(Duration::ZERO, &finished(&Verdict::Refused("400".into())), || "e".to_string()), None);
         }
     }
 
     #[test]
+    fn an_outage_is_ridden_out_for_its_window_and_its_end_is_told() {
+        let mut breaker = Breaker::new(Duration::from_secs(60));
+        let down = Verdict::Unreachable("connection refused".into());
+        let at = |s: u64| Duration::from_secs(s);
+        for s in 0..BREAKER_THRESHOLD as u64 {
+            assert_eq!(breaker.observe(at(s * 10), &finished(&down), || "http://x/v1".to_string()), None);
+        }
+        assert!(breaker.take_notice().is_some_and(|n| n.contains("riding out the outage for up to 60 s")));
+        assert_eq!(breaker.observe(at(59), &finished(&down), || "e".to_string()), None);
+        // Back before the window ran out: the run goes on, and the log says so.
+        assert_eq!(breaker.observe(at(61), &finished(&Verdict::Succeeded), || "e".to_string()), None);
+        assert!(breaker.take_notice().is_some_and(|n| n.contains("answers again after an outage of 61 s")));
+        // A second outage that outlasts the window stops the run, naming it.
+        for s in 100..100 + BREAKER_THRESHOLD as u64 {
+            assert_eq!(breaker.observe(at(s), &finished(&down), || "e".to_string()), None);
+        }
+        let stop = breaker.observe(at(161), &finished(&down), || "http://x/v1".to_string()).expect("trips");
+        assert!(stop.contains("cannot reach the provider at http://x/v1") && stop.contains("for 61 s"), "{stop}");
+    }
+
+    #[test]
     fn distrusted_bills_trip_when_in_a_row_and_a_trusted_one_resets_the_count() {
-        let mut breaker = Breaker::default();
+        let mut breaker = Breaker::new(Duration::ZERO);
         let ok = Verdict::Succeeded;
         let flagged = Finished { verdict: &ok, usage_flag: Some("usage beyond the request"), billed_answer: true };
         for _ in 1..DISTRUST_THRESHOLD {
-            assert_eq!(breaker.observe(&flagged, || "e".to_string()), None);
+            assert_eq!(breaker.observe(Duration::ZERO, &flagged, || "e".to_string()), None);
         }
-        assert_eq!(breaker.observe(&finished(&ok), || "e".to_string()), None);
+        assert_eq!(breaker.observe(Duration::ZERO, &finished(&ok), || "e".to_string()), None);
         for _ in 1..DISTRUST_THRESHOLD {
-            assert_eq!(breaker.observe(&flagged, || "e".to_string()), None);
+            assert_eq!(breaker.observe(Duration::ZERO, &flagged, || "e".to_string()), None);
         }
         // A cached answer is no bill: it does not reset the count.
-        assert_eq!(breaker.observe(&Finished { verdict: &ok, usage_flag: None, billed_answer: false }, || "e".to_string()), None);
-        let stop = breaker.observe(&flagged, || "e".to_string()).expect("trips");
+        assert_eq!(breaker.observe(Duration::ZERO, &Finished { verdict: &ok, usage_flag: None, billed_answer: false }, || "e".to_string()), None);
+        let stop = breaker.observe(Duration::ZERO, &flagged, || "e".to_string()).expect("trips");
         assert!(stop.contains("3 answers in a row"), "{stop}");
     }
 
     #[test]
     fn a_fatal_verdict_stops_at_once() {
-        let mut breaker = Breaker::default();
-        assert_eq!(breaker.observe(&finished(&Verdict::Fatal("401".into())), || "e".to_string()), Some("401".into()));
+        let mut breaker = Breaker::new(Duration::ZERO);
+        assert_eq!(breaker.observe(Duration::ZERO, &finished(&Verdict::Fatal("401".into())), || "e".to_string()), Some("401".into()));
     }
 }

@@ -20,6 +20,10 @@ use crate::pipeline::answers::{Malformed, Validated, validate};
 /// One request, from packing to its conclusion: the items it carries (leased to this worker
 /// while it is out), what it asks and how it is billed. It goes whole from the packer to the
 /// call task and, after a 429, back to the dispatcher to go out again unchanged.
+/// How long the items of a call that could not reach the provider wait before they go out
+/// again (with jitter): an outage is polled, not hammered.
+pub const OUTAGE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug)]
 pub struct Request {
     pub claimed: Vec<Claimed>,
@@ -307,11 +311,14 @@ pub fn conclude(
                 }
                 CallError::Transient { status: None, message, .. } => {
                     if message.starts_with("cannot connect") {
+                        // Nothing reached the provider: an outage, not the items' fault. They
+                        // wait and go out again; the breaker decides how long that may last.
                         result.verdict = Verdict::Unreachable(error.to_string());
+                        (Setback::Unreachable { message: error.to_string(), wait: OUTAGE_RETRY }, Outcome::OtherError)
                     } else {
                         settle.lost = true;
+                        (Setback::Transient(error.to_string()), Outcome::OtherError)
                     }
-                    (Setback::Transient(error.to_string()), Outcome::OtherError)
                 }
                 CallError::Rejected { .. } => {
                     result.verdict = Verdict::Refused(error.to_string());

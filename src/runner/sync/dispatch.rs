@@ -73,6 +73,7 @@ impl Dispatcher {
         progress: Arc<Progress>,
     ) -> Self {
         let shared_rate = SharedRate::new(ctx.store.as_ref(), &ctx.chat, &ctx.limits);
+        let breaker = Breaker::new(ctx.limits.outage_window);
         Dispatcher {
             ctx,
             controller,
@@ -84,7 +85,7 @@ impl Dispatcher {
             fatal: None,
             cuts: HashMap::new(),
             shared_rate,
-            breaker: Breaker::default(),
+            breaker,
             last_snapshot: Instant::now(),
             budget: BudgetWait::default(),
             resends: Resends::default(),
@@ -340,8 +341,11 @@ impl Dispatcher {
             usage_flag: concluded.write.settle.usage_flag.as_deref(),
             billed_answer: concluded.write.settle.http_status == Some(200) && concluded.cost_source != CostSource::Cache,
         };
-        if let Some(why) = self.breaker.observe(&finished, || crate::provider::shown_url(self.ctx.client.endpoint())) {
+        if let Some(why) = self.breaker.observe(self.now(), &finished, || crate::provider::shown_url(self.ctx.client.endpoint())) {
             self.fatal.get_or_insert(why);
+        }
+        if let Some(notice) = self.breaker.take_notice() {
+            tracing::warn!("{notice}");
         }
         if let Some(hash) = &concluded.drop_cache
             && let Err(e) = self.ctx.store.cache_drop(hash).await {

@@ -95,10 +95,29 @@ impl FakeProvider {
 
     /// Like [`FakeProvider::start`], with every answer delayed by `latency_ms` (uniform range).
     pub async fn start_with_latency(first: Vec<Reply>, random: Vec<(f64, Reply)>, seed: u64, latency_ms: (u64, u64)) -> FakeProvider {
+        Self::start_with(None, first, random, seed, latency_ms).await
+    }
+
+    /// Like [`FakeProvider::start`], listening on `listener` (a provider that comes up on a
+    /// known port, after an outage).
+    pub async fn start_on(listener: std::net::TcpListener, seed: u64) -> FakeProvider {
+        Self::start_with(Some(listener), vec![], vec![], seed, (0, 0)).await
+    }
+
+    async fn start_with(
+        listener: Option<std::net::TcpListener>,
+        first: Vec<Reply>,
+        random: Vec<(f64, Reply)>,
+        seed: u64,
+        latency_ms: (u64, u64),
+    ) -> FakeProvider {
         // Load the tokenizer now, not inside the first answer (it takes a while in debug builds
         // and would delay that answer past short client timeouts).
         tokio::task::spawn_blocking(|| counter().count("warm")).await.expect("the tokenizer loads");
-        let server = MockServer::start().await;
+        let server = match listener {
+            Some(listener) => MockServer::builder().listener(listener).start().await,
+            None => MockServer::start().await,
+        };
         let state = Arc::new(State {
             script: Mutex::new(Script { queue: first.into(), random, rng: Some(fastrand::Rng::with_seed(seed)) }),
             log: Mutex::new(Vec::new()),
