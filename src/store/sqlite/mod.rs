@@ -40,6 +40,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "provider batches", include_str!("../../../migrations/sqlite/0002_batches.sql")),
     (3, "provider checks", include_str!("../../../migrations/sqlite/0003_provider_checks.sql")),
     (4, "run settings", include_str!("../../../migrations/sqlite/0004_run_settings.sql")),
+    (5, "item counts", include_str!("../../../migrations/sqlite/0005_item_counts.sql")),
 ];
 
 /// How ids of a run's source table are bound: as integers or as text.

@@ -8,24 +8,7 @@ use crate::pricing::Picos;
 use crate::store::{sqlite_sum, HISTORY, CallRow, CallStats, ItemCounts, JobTotals, ModelCost, RunRecord, StatusReport, WorkerRow, now_ms};
 
 pub(super) async fn item_counts(pool: &SqlitePool, run_id: i64) -> Result<ItemCounts, sqlx::Error> {
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, COUNT(*) FROM backfill_items WHERE run_id = ? GROUP BY state")
-            .bind(run_id)
-            .fetch_all(pool)
-            .await?;
-    let mut counts = ItemCounts::default();
-    for (state, n) in rows {
-        let n = n.max(0) as u64;
-        match state.as_str() {
-            "pending" => counts.pending = n,
-            "leased" => counts.leased = n,
-            "done" => counts.done = n,
-            "failed" => counts.failed = n,
-            "rejected" => counts.rejected = n,
-            _ => {}
-        }
-    }
-    Ok(counts)
+    super::queue::counts(&mut *pool.acquire().await?, run_id).await
 }
 
 pub(super) async fn status(store: &SqliteStore, job: &str, run: Option<i64>) -> anyhow::Result<Option<StatusReport>> {
