@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::stream::BoxStream;
 
 pub use model::*;
 pub use rate::{RateCaps, RateCost, RateReport, RateTake};
@@ -105,8 +106,10 @@ pub trait Store: Send + Sync {
     /// runs; returns how many rows are pending.
     async fn inspect(&self, tables: &Tables) -> anyhow::Result<SourceInfo>;
 
-    /// Reads up to `limit` pending rows (for a dry run; writes nothing).
-    async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<crate::packer::Item>>;
+    /// Streams up to `limit` pending rows in id order (for a dry run; writes nothing). Rows are
+    /// read as the stream is consumed, so a reader that keeps a bounded number of them holds
+    /// bounded memory whatever the table's size.
+    fn pending_rows<'a>(&'a self, tables: &'a Tables, limit: Option<u64>) -> BoxStream<'a, anyhow::Result<crate::packer::Item>>;
 
     async fn latest_run(&self, job: &str) -> anyhow::Result<Option<RunRecord>>;
 

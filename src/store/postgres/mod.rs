@@ -201,8 +201,8 @@ impl Store for PgStore {
         source::inspect(self, tables).await
     }
 
-    async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<Item>> {
-        source::pending_rows(self, tables, limit).await
+    fn pending_rows<'a>(&'a self, tables: &'a Tables, limit: Option<u64>) -> BoxStream<'a, anyhow::Result<Item>> {
+        source::pending_rows(self, tables, limit)
     }
 
     async fn latest_run(&self, job: &str) -> anyhow::Result<Option<RunRecord>> {
