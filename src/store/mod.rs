@@ -13,7 +13,8 @@ pub mod sqlite;
 mod worker;
 
 /// A statement slower than this is logged as a warning (sqlx's default, 1 s, fills a healthy
-/// run's log with waits that mean nothing); faster ones are not logged.
+/// run's log with waits that mean nothing); faster ones are not logged. So is a wait for a
+/// pooled connection (sqlx's default: 2 s).
 pub(crate) const SLOW_STATEMENT: std::time::Duration = std::time::Duration::from_secs(10);
 
 use std::sync::Arc;

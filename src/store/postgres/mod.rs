@@ -84,6 +84,9 @@ impl PgStore {
             .max_connections(8)
             .min_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // sqlx warns of a wait for a connection past 2 s: as with statements, only past the
+            // wait that means trouble.
+            .acquire_slow_threshold(super::SLOW_STATEMENT)
             .connect_with(options)
             .await
             .map_err(|e| error::database_error(e, &server))?;

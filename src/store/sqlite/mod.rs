@@ -92,6 +92,9 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(busy_timeout() + Duration::from_secs(5))
+            // sqlx warns of a wait for a connection past 2 s: as with statements, only past the
+            // wait that means trouble.
+            .acquire_slow_threshold(super::SLOW_STATEMENT)
             .connect_with(options)
             .await
             .map_err(|e| database_error(e, &path))?;
