@@ -21,6 +21,7 @@
 #   scripts/bench-scale.sh                       # 10000 100000 1000000
 #   scripts/bench-scale.sh 10000 100000          # other sizes
 #   ITEMS=2000 BENCH_PG= scripts/bench-scale.sh  # fewer items, SQLite only
+#   BENCH_BACKENDS=postgres scripts/bench-scale.sh  # one store only (sqlite or postgres)
 #
 # BACKFILL_BIN runs another build of backfill (the fake provider is built here either way).
 # Databases are kept in BENCH_DIR (default target/bench-scale) and copied fresh for every size.
@@ -41,7 +42,9 @@ BIN="${BACKFILL_BIN:-$TARGET/release/backfill}"
 FAKE="$TARGET/release/examples/fake_provider"
 
 backends=(sqlite)
-if [ -n "$PG" ] && command -v psql >/dev/null && psql "$PG" -Atqc 'SELECT 1' >/dev/null 2>&1; then
+if [ -n "${BENCH_BACKENDS:-}" ]; then
+  read -r -a backends <<< "$BENCH_BACKENDS"
+elif [ -n "$PG" ] && command -v psql >/dev/null && psql "$PG" -Atqc 'SELECT 1' >/dev/null 2>&1; then
   backends+=(postgres)
 else
   echo "PostgreSQL not reachable at ${PG:-(BENCH_PG empty)}: SQLite only" >&2
@@ -112,7 +115,8 @@ def pg_table(n):
         # A fresh start: no runner tables, no outputs.
         psql(f"DO $$ DECLARE t text; BEGIN FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = '{schema}' "
              f"AND tablename LIKE 'backfill%' LOOP EXECUTE format('DROP TABLE {schema}.%I CASCADE', t); END LOOP; END $$; "
-             f"UPDATE {schema}.docs SET summary = NULL WHERE summary IS NOT NULL; VACUUM ANALYZE {schema}.docs")
+             f"UPDATE {schema}.docs SET summary = NULL WHERE summary IS NOT NULL")
+        psql(f"VACUUM ANALYZE {schema}.docs")
     return url, f"{schema}.docs"
 
 def job_file(url, table):
