@@ -92,6 +92,12 @@ pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -
     let run = run_from_row(&row).map_err(|e| store.err(e))?;
     tx.commit().await.map_err(|e| store.err(e))?;
     store.id_types.lock().expect("id type cache").insert(id, id_type);
+    // The planner must know the queue's size now, not at autovacuum's next visit: with the
+    // statistics of an empty table it sorts every pending item for each claim instead of
+    // walking the queue index in claim order.
+    if let Err(e) = sqlx::query("ANALYZE backfill_items").execute(&store.pool).await {
+        tracing::debug!("ANALYZE backfill_items after enqueueing: {e}");
+    }
     Ok(Created::New(run))
 }
 
