@@ -61,7 +61,11 @@ impl SqliteStore {
     pub async fn open(url: &DatabaseUrl) -> anyhow::Result<Self> {
         let options = Self::options(url)?
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal);
+            .synchronous(SqliteSynchronous::Normal)
+            // SQLite's default page cache (2 MB) holds the top of a small table's B-trees but
+            // not of a million-row queue and source: 8 MB per connection keeps their upper
+            // levels in memory.
+            .pragma("cache_size", "-8192");
         // The pool is small: SQLite has one writer at a time; a few connections let reads
         // (status, claims' row fetches) proceed beside a write.
         Self::connect(options, 4).await
