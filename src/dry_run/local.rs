@@ -2,6 +2,7 @@
 //! the model's forward passes and tokens — no cost, a local model costs time only — and the
 //! time it would take, measured on a short sample of the pending rows. Nothing is written.
 
+use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::exit::usage;
@@ -10,6 +11,9 @@ use crate::store::Tables;
 
 /// Rows the model runs on to time the estimate (after one untimed pass that compiles plans).
 const SAMPLE_ROWS: usize = 16;
+
+/// Rows rendered and counted together (rounded to whole batches).
+const CHUNK_ROWS: usize = 4096;
 
 /// What `--dry-run` prints for a local-model job (`--json`: this object).
 #[derive(Debug, Clone, Serialize)]
@@ -50,37 +54,69 @@ pub async fn estimate(job: &Job, model: &OnnxModel, limit: Option<u64>) -> anyho
     let loading = tokio::spawn(async move { crate::local_model::load(&owned).await });
     let store = crate::store::open_read_only(&job.database).await?;
     let tables = Tables::from_job(job);
-    store.inspect(&tables).await?;
-    let rows = store.pending_rows(&tables, limit).await?;
+    let pending = store.inspect(&tables).await?.pending;
+    let expected = limit.map_or(pending, |l| l.min(pending)) as usize;
     let processor = loading.await??;
-    let texts: Vec<String> = rows.iter().map(|row| crate::local_model::render(&model.input, row)).collect();
     let per_batch = job.limits.items_per_request.start.max(1) as usize;
     let max_length = model.max_length as usize;
-    let counted = processor.clone();
-    let planned = tokio::task::spawn_blocking(move || -> anyhow::Result<Planned> {
-        let (mut tokens, mut padded, mut passes, mut truncated) = (0u64, 0u64, 0u64, 0u64);
-        for chunk in texts.chunks(per_batch) {
-            let lengths = counted.token_counts(chunk).map_err(|e| usage(e.to_string()))?;
-            tokens += lengths.iter().sum::<usize>() as u64;
-            truncated += lengths.iter().filter(|&&n| n >= max_length).count() as u64;
-            let plan = counted.plan_summary(chunk).map_err(|e| usage(e.to_string()))?;
-            padded += plan.padded_tokens as u64;
-            passes += plan.batches as u64;
+    // The rows stream in chunks of whole batches, rendered and counted one chunk at a time, so
+    // memory holds one chunk whatever the table's size; the timing sample is a spread of the
+    // rows, taken as they pass.
+    let chunk = (CHUNK_ROWS / per_batch).max(1) * per_batch;
+    let step = (expected / SAMPLE_ROWS).max(1);
+    let mut rows = store.pending_rows(&tables, limit);
+    let mut planned = Planned { tokens: 0, padded: 0, passes: 0, truncated: 0, timed: None };
+    let mut sample: Vec<String> = Vec::new();
+    let mut seen = 0usize;
+    loop {
+        let mut texts = Vec::with_capacity(chunk);
+        while texts.len() < chunk {
+            match rows.next().await {
+                Some(row) => texts.push(crate::local_model::render(&model.input, &row?)),
+                None => break,
+            }
         }
+        if texts.is_empty() {
+            break;
+        }
+        for (i, text) in texts.iter().enumerate() {
+            if (seen + i).is_multiple_of(step) && sample.len() < SAMPLE_ROWS {
+                sample.push(text.clone());
+            }
+        }
+        seen += texts.len();
+        let counted = processor.clone();
+        let (tokens, padded, passes, truncated) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64, u64, u64)> {
+            let (mut tokens, mut padded, mut passes, mut truncated) = (0u64, 0u64, 0u64, 0u64);
+            for chunk in texts.chunks(per_batch) {
+                let lengths = counted.token_counts(chunk).map_err(|e| usage(e.to_string()))?;
+                tokens += lengths.iter().sum::<usize>() as u64;
+                truncated += lengths.iter().filter(|&&n| n >= max_length).count() as u64;
+                let plan = counted.plan_summary(chunk).map_err(|e| usage(e.to_string()))?;
+                padded += plan.padded_tokens as u64;
+                passes += plan.batches as u64;
+            }
+            Ok((tokens, padded, passes, truncated))
+        })
+        .await??;
+        planned.tokens += tokens;
+        planned.padded += padded;
+        planned.passes += passes;
+        planned.truncated += truncated;
+    }
+    drop(rows);
+    let counted = processor.clone();
+    planned.timed = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<(u64, f64, u64)>> {
         // A spread of the pending rows, run twice: the first pass compiles the plans.
-        let step = (texts.len() / SAMPLE_ROWS).max(1);
-        let sample: Vec<String> = texts.iter().step_by(step).take(SAMPLE_ROWS).cloned().collect();
-        let timed = if sample.is_empty() {
-            None
-        } else {
-            counted.process(&sample).map_err(|e| anyhow::anyhow!("the model failed on the sample: {e}"))?;
-            let started = std::time::Instant::now();
-            counted.process(&sample).map_err(|e| anyhow::anyhow!("the model failed on the sample: {e}"))?;
-            let seconds = started.elapsed().as_secs_f64();
-            let sample_padded = counted.plan_summary(&sample).map(|p| p.padded_tokens as u64).unwrap_or(0);
-            Some((sample.len() as u64, seconds, sample_padded))
-        };
-        Ok(Planned { tokens, padded, passes, truncated, timed })
+        if sample.is_empty() {
+            return Ok(None);
+        }
+        counted.process(&sample).map_err(|e| anyhow::anyhow!("the model failed on the sample: {e}"))?;
+        let started = std::time::Instant::now();
+        counted.process(&sample).map_err(|e| anyhow::anyhow!("the model failed on the sample: {e}"))?;
+        let seconds = started.elapsed().as_secs_f64();
+        let sample_padded = counted.plan_summary(&sample).map(|p| p.padded_tokens as u64).unwrap_or(0);
+        Ok(Some((sample.len() as u64, seconds, sample_padded)))
     })
     .await??;
     let Planned { tokens: input_tokens, padded: padded_tokens, passes: forward_passes, truncated: truncated_items, timed } = planned;
@@ -88,8 +124,8 @@ pub async fn estimate(job: &Job, model: &OnnxModel, limit: Option<u64>) -> anyho
     Ok(LocalEstimate {
         job: job.name.clone(),
         model: crate::local_model::ledger_name(model),
-        pending_items: rows.len() as u64,
-        batches: rows.len().div_ceil(per_batch) as u64,
+        pending_items: seen as u64,
+        batches: seen.div_ceil(per_batch) as u64,
         items_per_batch: per_batch as u32,
         forward_passes,
         input_tokens,

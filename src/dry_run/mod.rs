@@ -11,6 +11,9 @@ mod plan;
 mod view;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
 
 use serde::Serialize;
 
@@ -23,6 +26,10 @@ use crate::pipeline::pack::Packer;
 use crate::pricing::{ModelPrice, Tier, Usage};
 use crate::store::Tables;
 use crate::tokens::TokenCounter;
+
+/// Rows counted together (rounded to whole requests): memory holds two such chunks, one read
+/// while the other is counted.
+const CHUNK_ROWS: usize = 8192;
 
 /// What `--dry-run` prints (`--json`: this object).
 #[derive(Debug, Clone, Serialize)]
@@ -66,29 +73,53 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
     let store = crate::store::open_read_only(&job.database).await?;
     let tables = Tables::from_job(job);
     store.inspect(&tables).await?;
-    let rows = store.pending_rows(&tables, limit).await?;
-    let read = started.elapsed();
     let measured = if store.runner_tables_exist().await? { store.output_tokens_per_item(&job.name, &chat.name).await? } else { None };
 
     let counter = loading.await??;
-    let packer = Packer::new(&chat.template, chat.system.clone(), counter, chat.context_window, chat.max_tokens);
-    let shape = if job.target.is_object() {
+    let packer = Arc::new(Packer::new(&chat.template, chat.system.clone(), counter, chat.context_window, chat.max_tokens));
+    let shape = Arc::new(if job.target.is_object() {
         AnswerShape::Object(job.target.outputs.iter().filter_map(|(k, _)| k.clone()).collect())
     } else {
         AnswerShape::Text
-    };
+    });
     let items_per_request = job.limits.items_per_request.start;
     // The packer sizes requests by the output budget the runner starts with.
     let budget_per_item = f64::from(chat.max_output_tokens_per_item);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
-    let planned = tokio::task::spawn_blocking(move || {
-        plan(&packer, counter, &shape, &rows, items_per_request as usize, budget_per_item, threads)
-    })
-    .await?;
+    // The rows stream in chunks of whole requests: one chunk is counted on every core while the
+    // next is read, so memory holds two chunks whatever the table's size.
+    let per_request = items_per_request.max(1) as usize;
+    let chunk = (CHUNK_ROWS / per_request).max(threads) * per_request;
+    let mut rows = store.pending_rows(&tables, limit);
+    let mut planned = Planned::default();
+    let mut counting: Option<tokio::task::JoinHandle<Planned>> = None;
+    let mut read = std::time::Duration::ZERO;
+    loop {
+        let reading = std::time::Instant::now();
+        let mut part = Vec::with_capacity(chunk);
+        while part.len() < chunk {
+            match rows.next().await {
+                Some(row) => part.push(row?),
+                None => break,
+            }
+        }
+        read += reading.elapsed();
+        if let Some(previous) = counting.take() {
+            planned += previous.await?;
+        }
+        if part.is_empty() {
+            break;
+        }
+        let (packer, shape) = (packer.clone(), shape.clone());
+        counting = Some(tokio::task::spawn_blocking(move || {
+            plan(&packer, counter, &shape, &part, per_request, budget_per_item, threads)
+        }));
+    }
+    drop(rows);
     tracing::debug!(
         rows = planned.items,
         read_s = read.as_secs_f64(),
-        counted_s = (started.elapsed() - read).as_secs_f64(),
+        total_s = started.elapsed().as_secs_f64(),
         threads,
         "dry run: pending rows read and their requests counted"
     );

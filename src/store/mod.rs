@@ -13,13 +13,15 @@ pub mod sqlite;
 mod worker;
 
 /// A statement slower than this is logged as a warning (sqlx's default, 1 s, fills a healthy
-/// run's log with waits that mean nothing); faster ones are not logged.
+/// run's log with waits that mean nothing); faster ones are not logged. So is a wait for a
+/// pooled connection (sqlx's default: 2 s).
 pub(crate) const SLOW_STATEMENT: std::time::Duration = std::time::Duration::from_secs(10);
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::stream::BoxStream;
 
 pub use model::*;
 pub use rate::{RateCaps, RateCost, RateReport, RateTake};
@@ -116,8 +118,10 @@ pub trait Source: Send + Sync {
     /// runs; returns how many rows are pending.
     async fn inspect(&self, tables: &Tables) -> anyhow::Result<SourceInfo>;
 
-    /// Reads up to `limit` pending rows (for a dry run; writes nothing).
-    async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<Item>>;
+    /// Streams up to `limit` pending rows in id order (for a dry run; writes nothing). Rows are
+    /// read as the stream is consumed, so a reader that keeps a bounded number of them holds
+    /// bounded memory whatever the table's size.
+    fn pending_rows<'a>(&'a self, tables: &'a Tables, limit: Option<u64>) -> BoxStream<'a, anyhow::Result<Item>>;
 }
 
 /// Runs and the workers attached to them.

@@ -86,6 +86,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "provider batches", include_str!("../../../migrations/postgres/0002_batches.sql")),
     (3, "provider checks", include_str!("../../../migrations/postgres/0003_provider_checks.sql")),
     (4, "run settings", include_str!("../../../migrations/postgres/0004_run_settings.sql")),
+    (5, "item counts", include_str!("../../../migrations/postgres/0005_item_counts.sql")),
 ];
 
 /// Serialises migrations of concurrent workers (an arbitrary constant advisory-lock key).
@@ -126,6 +127,9 @@ impl PgStore {
             .max_connections(8)
             .min_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // sqlx warns of a wait for a connection past 2 s: as with statements, only past the
+            // wait that means trouble.
+            .acquire_slow_threshold(super::SLOW_STATEMENT)
             .connect_with(options)
             .await
             .map_err(|e| error::database_error(e, &server))?;

@@ -4,8 +4,54 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use sqlx::PgConnection;
+
 use super::{PgStore, db_now_ms, source};
-use crate::store::{Claim, Claimed, Item, Lease, Tables, Worker, now_ms};
+use crate::store::{Claim, Claimed, Item, ItemCounts, Lease, Tables, Worker, now_ms};
+
+/// The run's items by state, from the counters that statement triggers keep in every
+/// transaction that changes items (migration 5): a sum over one row per database connection
+/// that changed the run, whatever the queue's size. A database without them (a read-only
+/// `status` of runner tables an older backfill made) is counted instead.
+pub(super) async fn counts(conn: &mut PgConnection, run_id: i64) -> Result<ItemCounts, sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('backfill_item_counts') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return recount(conn, run_id).await;
+    }
+    let (pending, leased, done, failed, rejected): (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(SUM(pending), 0)::bigint, COALESCE(SUM(leased), 0)::bigint, COALESCE(SUM(done), 0)::bigint, \
+         COALESCE(SUM(failed), 0)::bigint, COALESCE(SUM(rejected), 0)::bigint FROM backfill_item_counts WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let n = |v: i64| v.max(0) as u64;
+    Ok(ItemCounts { pending: n(pending), leased: n(leased), done: n(done), failed: n(failed), rejected: n(rejected) })
+}
+
+/// The run's items by state, counted item by item (what the counters must always equal).
+pub(super) async fn recount(conn: &mut PgConnection, run_id: i64) -> Result<ItemCounts, sqlx::Error> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, COUNT(*) FROM backfill_items WHERE run_id = $1 GROUP BY state")
+            .bind(run_id)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut counts = ItemCounts::default();
+    for (state, n) in rows {
+        let n = n.max(0) as u64;
+        match state.as_str() {
+            "pending" => counts.pending = n,
+            "leased" => counts.leased = n,
+            "done" => counts.done = n,
+            "failed" => counts.failed = n,
+            "rejected" => counts.rejected = n,
+            _ => {}
+        }
+    }
+    Ok(counts)
+}
 
 /// A random positive fencing token for one claim.
 fn new_token() -> i64 {
@@ -37,17 +83,19 @@ pub(super) async fn claim(
     .map_err(|e| store.err(e))?;
 
     if candidates.is_empty() {
-        let (next_ready_at, leased): (Option<i64>, i64) = sqlx::query_as(
-            "SELECT MIN(not_before) FILTER (WHERE state = 'pending'), COUNT(*) FILTER (WHERE state = 'leased') \
-             FROM backfill_items WHERE run_id = $1 AND state IN ('pending', 'leased')",
-        )
-        .bind(run_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| store.err(e))?;
+        // Nothing is ready (or what is, another worker is claiming right now): the pending items
+        // wait out a backoff, few whatever the queue's size. The leased ones are counted by the
+        // run's counters.
+        let next_ready_at: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(not_before) FROM backfill_items WHERE run_id = $1 AND state = 'pending'")
+                .bind(run_id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| store.err(e))?;
+        let leased = counts(&mut tx, run_id).await.map_err(|e| store.err(e))?.leased;
         tx.commit().await.map_err(|e| store.err(e))?;
         // Pending items locked by another worker's claim in progress count as in flight.
-        return Ok(Claim { next_ready_at, leased: leased.max(0) as u64, ..Claim::default() });
+        return Ok(Claim { next_ready_at, leased, ..Claim::default() });
     }
 
     // One tier per batch, and no larger than the smallest group limit of its items.

@@ -61,6 +61,12 @@ pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -
     let run = run_from_row(&row).map_err(|e| store.err(e))?;
     tx.commit().await.map_err(|e| store.err(e))?;
     store.id_kinds.lock().expect("id kind cache").insert(id, kind);
+    // The planner must know the queue's size now, not at autovacuum's next visit: with the
+    // statistics of an empty table it sorts every pending item for each claim instead of
+    // walking the queue index in claim order.
+    if let Err(e) = sqlx::query("ANALYZE backfill_items").execute(&store.pool).await {
+        tracing::debug!("ANALYZE backfill_items after enqueueing: {e}");
+    }
     Ok(Created::New(run))
 }
 
@@ -282,9 +288,8 @@ pub(super) async fn set_status(
     error: Option<&str>,
 ) -> anyhow::Result<RunStatus> {
     let mut tx = store.begin_write().await?;
-    let (open, live_workers): (i64, i64) = sqlx::query_as(concat!(
-        "SELECT (SELECT COUNT(*) FROM backfill_items WHERE run_id = $1 AND state IN ('pending', 'leased')), \
-         (SELECT COUNT(*) FROM backfill_workers WHERE run_id = $1 AND detached_at IS NULL AND expires_at > ",
+    let live_workers: i64 = sqlx::query_scalar(concat!(
+        "SELECT (SELECT COUNT(*) FROM backfill_workers WHERE run_id = $1 AND detached_at IS NULL AND expires_at > ",
         db_now_ms!(),
         ") FROM backfill_runs WHERE id = $1 FOR UPDATE"
     ))
@@ -292,6 +297,7 @@ pub(super) async fn set_status(
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| store.err(e))?;
+    let open = super::queue::counts(&mut tx, run_id).await.map_err(|e| store.err(e))?.open();
     let status = match status {
         RunStatus::Finished if open > 0 => RunStatus::Running,
         RunStatus::Interrupted | RunStatus::Failed if live_workers > 1 && open > 0 => RunStatus::Running,
@@ -324,11 +330,7 @@ pub(super) async fn set_limit(store: &PgStore, tables: &Tables, run_id: i64, lim
     let e = |e| store.err(e);
     // Serialise with claims of other workers on the run.
     sqlx::query("SELECT id FROM backfill_runs WHERE id = $1 FOR UPDATE").bind(run_id).execute(&mut *tx).await.map_err(e)?;
-    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM backfill_items WHERE run_id = $1")
-        .bind(run_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(e)?;
+    let total = super::queue::counts(&mut tx, run_id).await.map_err(e)?.total().min(i64::MAX as u64) as i64;
     let limit = limit.min(i64::MAX as u64) as i64;
     if total > limit {
         sqlx::query(
@@ -360,16 +362,15 @@ pub(super) async fn set_limit(store: &PgStore, tables: &Tables, run_id: i64, lim
             .await
             .map_err(e)?;
     }
-    let total: i64 = sqlx::query_scalar(
-        "UPDATE backfill_runs SET item_limit = $1, updated_at = $2, \
-         total_items = (SELECT COUNT(*) FROM backfill_items WHERE run_id = $3) WHERE id = $3 RETURNING total_items",
-    )
-    .bind(limit)
-    .bind(now_ms())
-    .bind(run_id)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(e)?;
+    let total = super::queue::counts(&mut tx, run_id).await.map_err(e)?.total().min(i64::MAX as u64) as i64;
+    sqlx::query("UPDATE backfill_runs SET item_limit = $1, updated_at = $2, total_items = $3 WHERE id = $4")
+        .bind(limit)
+        .bind(now_ms())
+        .bind(total)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
     tx.commit().await.map_err(e)?;
     Ok(total.max(0) as u64)
 }

@@ -7,6 +7,8 @@
 //! without a driver type per column. Outputs are cast to the target column's type, so a text,
 //! jsonb, numeric, bytea or pgvector `vector` column takes them.
 
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgConnection};
 
@@ -99,7 +101,8 @@ pub(super) async fn inspect(store: &PgStore, tables: &Tables) -> anyhow::Result<
     Ok(SourceInfo { pending: pending.max(0) as u64 })
 }
 
-pub(super) async fn pending_rows(store: &PgStore, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<Item>> {
+pub(super) fn pending_rows<'a>(store: &'a PgStore, tables: &'a Tables, limit: Option<u64>) -> BoxStream<'a, anyhow::Result<Item>> {
+    use sqlx::Row;
     let sql = format!(
         "SELECT {} FROM {} WHERE ({}) AND {} IS NOT NULL ORDER BY {} LIMIT $1",
         select_list(tables),
@@ -108,10 +111,16 @@ pub(super) async fn pending_rows(store: &PgStore, tables: &Tables, limit: Option
         tables.id,
         tables.id
     );
-    let rows: Vec<Vec<Option<String>>> = fetch_text_rows(&store.pool, sql, None, tables.columns.len() + 1, limit.map(|l| l as i64))
-        .await
-        .map_err(|e| store.err(e))?;
-    rows.into_iter().map(|row| item_from_texts(row, tables)).collect()
+    let width = tables.columns.len() + 1;
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(limit.map(|l| l.min(i64::MAX as u64) as i64))
+        .fetch(&store.pool)
+        .map(move |row| {
+            let row = row.map_err(|e| store.err(e))?;
+            let texts = (0..width).map(|i| row.try_get::<Option<String>, _>(i)).collect::<Result<Vec<_>, _>>().map_err(|e| store.err(e))?;
+            item_from_texts(texts, tables)
+        })
+        .boxed()
 }
 
 /// The id column's SQL type, stored with the run.

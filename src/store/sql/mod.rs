@@ -17,6 +17,7 @@ pub(super) mod runs;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::stream::BoxStream;
 
 use super::{Backend, Db, DbRow, Tx, dialect, queue, source};
 use crate::store::{Claim, Claimed, Item, Lease, Queue, Source, SourceInfo, Tables, Worker};
@@ -27,8 +28,8 @@ impl Source for Backend {
         source::inspect(self, tables).await
     }
 
-    async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<Item>> {
-        source::pending_rows(self, tables, limit).await
+    fn pending_rows<'a>(&'a self, tables: &'a Tables, limit: Option<u64>) -> BoxStream<'a, anyhow::Result<Item>> {
+        source::pending_rows(self, tables, limit)
     }
 }
 

@@ -24,25 +24,9 @@ enum Scope<'a> {
 #[async_trait]
 impl Reports for Backend {
     async fn item_counts(&self, run_id: i64) -> anyhow::Result<ItemCounts> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) FROM backfill_items WHERE run_id = $1 GROUP BY state")
-                .bind(run_id)
-                .fetch_all(self.pool())
-                .await
-                .map_err(|e| self.err(e))?;
-        let mut counts = ItemCounts::default();
-        for (state, n) in rows {
-            let n = n.max(0) as u64;
-            match state.as_str() {
-                "pending" => counts.pending = n,
-                "leased" => counts.leased = n,
-                "done" => counts.done = n,
-                "failed" => counts.failed = n,
-                "rejected" => counts.rejected = n,
-                _ => {}
-            }
-        }
-        Ok(counts)
+        // The counters the queue keeps (O(1)), not a count of the queue.
+        let mut conn = self.pool().acquire().await.map_err(|e| self.err(e))?;
+        super::queue::counts(&mut conn, run_id).await.map_err(|e| self.err(e))
     }
 
     async fn status(&self, job: &str, run: Option<i64>) -> anyhow::Result<Option<StatusReport>> {

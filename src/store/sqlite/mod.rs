@@ -81,6 +81,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "provider batches", include_str!("../../../migrations/sqlite/0002_batches.sql")),
     (3, "provider checks", include_str!("../../../migrations/sqlite/0003_provider_checks.sql")),
     (4, "run settings", include_str!("../../../migrations/sqlite/0004_run_settings.sql")),
+    (5, "item counts", include_str!("../../../migrations/sqlite/0005_item_counts.sql")),
 ];
 
 /// How ids of a run's source table are bound: as integers or as text.
@@ -101,7 +102,11 @@ impl SqliteStore {
     pub async fn open(url: &DatabaseUrl) -> anyhow::Result<Self> {
         let options = Self::options(url)?
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal);
+            .synchronous(SqliteSynchronous::Normal)
+            // SQLite's default page cache (2 MB) holds the top of a small table's B-trees but
+            // not of a million-row queue and source: 8 MB per connection keeps their upper
+            // levels in memory.
+            .pragma("cache_size", "-8192");
         // The pool is small: SQLite has one writer at a time; a few connections let reads
         // (status, claims' row fetches) proceed beside a write.
         Self::connect(options, 4).await
@@ -132,6 +137,9 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(busy_timeout() + Duration::from_secs(5))
+            // sqlx warns of a wait for a connection past 2 s: as with statements, only past the
+            // wait that means trouble.
+            .acquire_slow_threshold(super::SLOW_STATEMENT)
             .connect_with(options)
             .await
             .map_err(|e| database_error(e, &path))?;

@@ -3,8 +3,52 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use sqlx::SqliteConnection;
+
 use super::{SqliteStore, source};
-use crate::store::{Claim, Claimed, Item, Lease, Tables, Worker, now_ms};
+use crate::store::{Claim, Claimed, Item, ItemCounts, Lease, Tables, Worker, now_ms};
+
+/// The run's items by state, from the counters that triggers keep in every transaction that
+/// changes an item (migration 5): one row, whatever the queue's size. A database without them
+/// (a read-only `status` of a file an older backfill made) is counted instead.
+pub(super) async fn counts(conn: &mut SqliteConnection, run_id: i64) -> Result<ItemCounts, sqlx::Error> {
+    let row: Result<Option<(i64, i64, i64, i64, i64)>, sqlx::Error> =
+        sqlx::query_as("SELECT pending, leased, done, failed, rejected FROM backfill_item_counts WHERE run_id = ?")
+            .bind(run_id)
+            .fetch_optional(&mut *conn)
+            .await;
+    let n = |v: i64| v.max(0) as u64;
+    match row {
+        Ok(Some((pending, leased, done, failed, rejected))) => {
+            Ok(ItemCounts { pending: n(pending), leased: n(leased), done: n(done), failed: n(failed), rejected: n(rejected) })
+        }
+        Ok(None) => Ok(ItemCounts::default()),
+        Err(e) if e.to_string().contains("no such table") => recount(conn, run_id).await,
+        Err(e) => Err(e),
+    }
+}
+
+/// The run's items by state, counted item by item (what the counters must always equal).
+pub(super) async fn recount(conn: &mut SqliteConnection, run_id: i64) -> Result<ItemCounts, sqlx::Error> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, COUNT(*) FROM backfill_items WHERE run_id = ? GROUP BY state")
+            .bind(run_id)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut counts = ItemCounts::default();
+    for (state, n) in rows {
+        let n = n.max(0) as u64;
+        match state.as_str() {
+            "pending" => counts.pending = n,
+            "leased" => counts.leased = n,
+            "done" => counts.done = n,
+            "failed" => counts.failed = n,
+            "rejected" => counts.rejected = n,
+            _ => {}
+        }
+    }
+    Ok(counts)
+}
 
 /// A random positive fencing token for one claim.
 fn new_token() -> i64 {
@@ -36,17 +80,17 @@ pub(super) async fn claim(
     .map_err(|e| store.err(e))?;
 
     if candidates.is_empty() {
-        let (next_ready_at, leased): (Option<i64>, i64) = sqlx::query_as(
-            "SELECT MIN(CASE WHEN state = 'pending' THEN not_before END), \
-             COALESCE(SUM(state = 'leased'), 0) FROM backfill_items \
-             WHERE run_id = ? AND state IN ('pending', 'leased')",
-        )
-        .bind(run_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| store.err(e))?;
+        // Nothing is ready, so every pending item waits out a backoff: few, whatever the queue's
+        // size. The leased ones are counted by the run's counters.
+        let next_ready_at: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(not_before) FROM backfill_items WHERE run_id = ? AND state = 'pending'")
+                .bind(run_id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| store.err(e))?;
+        let leased = counts(&mut tx, run_id).await.map_err(|e| store.err(e))?.leased;
         tx.commit().await.map_err(|e| store.err(e))?;
-        return Ok(Claim { next_ready_at, leased: leased.max(0) as u64, ..Claim::default() });
+        return Ok(Claim { next_ready_at, leased, ..Claim::default() });
     }
 
     // One tier per batch, and no larger than the smallest group limit of its items (items whose

@@ -319,13 +319,7 @@ pub(super) async fn set_status(
 ) -> anyhow::Result<RunStatus> {
     let mut tx = store.begin_write().await?;
     let now = now_ms();
-    let open: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM backfill_items WHERE run_id = ? AND state IN ('pending', 'leased')",
-    )
-    .bind(run_id)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(|e| store.err(e))?;
+    let open = super::queue::counts(&mut tx, run_id).await.map_err(|e| store.err(e))?.open();
     let status = if status == RunStatus::Finished && open > 0 { RunStatus::Running } else { status };
     let finished_at = matches!(status, RunStatus::Finished | RunStatus::Abandoned).then_some(now);
     sqlx::query(
@@ -350,11 +344,7 @@ pub(super) async fn set_status(
 pub(super) async fn set_limit(store: &SqliteStore, tables: &Tables, run_id: i64, limit: u64) -> anyhow::Result<u64> {
     let mut tx = store.begin_write().await?;
     let e = |e| store.err(e);
-    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM backfill_items WHERE run_id = ?")
-        .bind(run_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(e)?;
+    let total = super::queue::counts(&mut tx, run_id).await.map_err(e)?.total().min(i64::MAX as u64) as i64;
     let limit = limit.min(i64::MAX as u64) as i64;
     if total > limit {
         sqlx::query(
@@ -388,17 +378,15 @@ pub(super) async fn set_limit(store: &SqliteStore, tables: &Tables, run_id: i64,
             .await
             .map_err(e)?;
     }
-    let total: i64 = sqlx::query_scalar(
-        "UPDATE backfill_runs SET item_limit = ?, updated_at = ?, \
-         total_items = (SELECT COUNT(*) FROM backfill_items WHERE run_id = ?) WHERE id = ? RETURNING total_items",
-    )
-    .bind(limit)
-    .bind(now_ms())
-    .bind(run_id)
-    .bind(run_id)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(e)?;
+    let total = super::queue::counts(&mut tx, run_id).await.map_err(e)?.total().min(i64::MAX as u64) as i64;
+    sqlx::query("UPDATE backfill_runs SET item_limit = ?, updated_at = ?, total_items = ? WHERE id = ?")
+        .bind(limit)
+        .bind(now_ms())
+        .bind(total)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
     tx.commit().await.map_err(e)?;
     Ok(total.max(0) as u64)
 }

@@ -1,6 +1,8 @@
 //! The job's own tables in SQLite: checking them, reading rows, enqueueing pending ids and
 //! writing outputs.
 
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use serde_json::Value;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row, SqliteConnection, TypeInfo, ValueRef};
@@ -69,7 +71,7 @@ pub(super) async fn inspect(store: &SqliteStore, tables: &Tables) -> anyhow::Res
     Ok(SourceInfo { pending: pending.max(0) as u64 })
 }
 
-pub(super) async fn pending_rows(store: &SqliteStore, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<Item>> {
+pub(super) fn pending_rows<'a>(store: &'a SqliteStore, tables: &'a Tables, limit: Option<u64>) -> BoxStream<'a, anyhow::Result<Item>> {
     let sql = format!(
         "SELECT {} FROM {} WHERE ({}) AND {} IS NOT NULL ORDER BY {} LIMIT ?",
         select_list(tables),
@@ -78,12 +80,11 @@ pub(super) async fn pending_rows(store: &SqliteStore, tables: &Tables, limit: Op
         tables.id,
         tables.id
     );
-    let rows = sqlx::query(AssertSqlSafe(sql))
-        .bind(limit.map(|l| l as i64).unwrap_or(-1))
-        .fetch_all(&store.pool)
-        .await
-        .map_err(|e| store.err(e))?;
-    rows.iter().map(|row| item_from_row(row, tables)).collect()
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(limit.map(|l| l.min(i64::MAX as u64) as i64).unwrap_or(-1))
+        .fetch(&store.pool)
+        .map(move |row| row.map_err(|e| store.err(e)).and_then(|row| item_from_row(&row, tables)))
+        .boxed()
 }
 
 /// Whether every pending id is an integer (then ids are bound as integers).

@@ -4,6 +4,7 @@
 
 mod batches;
 mod budget;
+mod counts;
 pub mod harness;
 mod money;
 mod queue;
