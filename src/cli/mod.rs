@@ -1,7 +1,11 @@
 //! The command line: raw flags (clap), turned into a validated job and options, dispatched to
 //! one command, with every error printed once (with its causes) and mapped to an exit code.
 
+mod batches;
+mod failures;
+mod init;
 pub mod logging;
+mod ops;
 mod report;
 mod status;
 pub mod time;
@@ -59,6 +63,12 @@ enum Command {
     Abandon(DatabaseArgs),
     /// Try the job's post-processing rules on a text read from stdin (exit 6 when they reject it).
     Check(CheckArgs),
+    /// List the failed and rejected items of a run with their reasons, errors and raw answers.
+    Failures(ops::FailuresArgs),
+    /// Write a commented job file and prompt template from a table's columns.
+    Init(ops::InitArgs),
+    /// List a run's provider batches (batch mode), or --cancel the unfinished ones.
+    Batches(ops::BatchesArgs),
 }
 
 #[derive(Debug, Args)]
@@ -221,6 +231,9 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             report::report(&job, args.run, args.json, args.chart.as_deref()).await
         }
         Command::Check(args) => check(args),
+        Command::Failures(args) => ops::failures(args).await,
+        Command::Init(args) => ops::init(args).await,
+        Command::Batches(args) => ops::batches(args).await,
         Command::Abandon(args) => {
             let job = load(&args, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
             status::abandon(&job).await

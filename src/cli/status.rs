@@ -6,7 +6,7 @@ use super::print_json;
 use super::time::{readable, rfc3339_ms};
 use crate::exit::{Exit, usage};
 use crate::job::Job;
-use crate::store::{JobTotals, ModelCost, RunStatus, StatusReport, Store};
+use crate::store::{BatchRecord, JobTotals, ModelCost, RunStatus, StatusReport, Store};
 
 #[derive(Debug, Serialize)]
 pub(super) struct StatusJson {
@@ -45,7 +45,7 @@ struct JobTotalsJson {
 }
 
 #[derive(Debug, Serialize)]
-struct BatchJson {
+pub(super) struct BatchJson {
     id: i64,
     provider_batch_id: Option<String>,
     dialect: String,
@@ -220,24 +220,41 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
             .collect(),
         earlier_runs_not_shown: 0,
         job_totals: job_totals_json(&r.job_totals),
-        batches: r
-            .batches
-            .iter()
-            .map(|b| BatchJson {
-                id: b.id,
-                provider_batch_id: b.provider_batch_id.clone(),
-                dialect: b.dialect.clone(),
-                phase: b.phase.as_str().into(),
-                provider_status: b.provider_status.clone(),
-                requests: b.requests,
-                completed: b.completed,
-                failed: b.failed,
-                submitted_at: b.submitted_at.map(rfc3339_ms),
-                ended_at: b.ended_at.map(rfc3339_ms),
-                error: b.error.clone(),
-            })
-            .collect(),
+        batches: r.batches.iter().map(batch_json).collect(),
     }
+}
+
+/// A provider batch as `status` and `batches` show it.
+pub(super) fn batch_json(b: &BatchRecord) -> BatchJson {
+    BatchJson {
+        id: b.id,
+        provider_batch_id: b.provider_batch_id.clone(),
+        dialect: b.dialect.clone(),
+        phase: b.phase.as_str().into(),
+        provider_status: b.provider_status.clone(),
+        requests: b.requests,
+        completed: b.completed,
+        failed: b.failed,
+        submitted_at: b.submitted_at.map(rfc3339_ms),
+        ended_at: b.ended_at.map(rfc3339_ms),
+        error: b.error.clone(),
+    }
+}
+
+/// One line for a provider batch: where it stands at the provider and what it holds.
+pub(super) fn batch_line(b: &BatchJson) -> String {
+    format!(
+        "batch {} ({} {}): {}{}, {} requests, {} completed, {} failed{}",
+        b.id,
+        b.dialect,
+        b.provider_batch_id.as_deref().unwrap_or("not created"),
+        b.phase,
+        b.provider_status.as_deref().map(|p| format!(" / {p}")).unwrap_or_default(),
+        b.requests,
+        b.completed,
+        b.failed,
+        b.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default(),
+    )
 }
 
 pub(super) fn human(s: &StatusJson) -> String {
@@ -309,18 +326,7 @@ pub(super) fn human(s: &StatusJson) -> String {
         ));
     }
     for b in &s.batches {
-        out.push_str(&format!(
-            "  batch {} ({} {}): {}{}, {} requests, {} completed, {} failed{}\n",
-            b.id,
-            b.dialect,
-            b.provider_batch_id.as_deref().unwrap_or("not created"),
-            b.phase,
-            b.provider_status.as_deref().map(|p| format!(" / {p}")).unwrap_or_default(),
-            b.requests,
-            b.completed,
-            b.failed,
-            b.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default(),
-        ));
+        out.push_str(&format!("  {}\n", batch_line(b)));
     }
     for r in &s.earlier_runs {
         out.push_str(&format!("  earlier run {} ({}), {}: {} items, ${:.4}\n", r.run_id, r.status, readable(&r.created_at), r.items, r.cost_usd));
@@ -368,7 +374,7 @@ fn job_totals_lines(t: &JobTotalsJson) -> String {
     out
 }
 
-async fn open_existing(job: &Job, write: bool) -> anyhow::Result<Option<std::sync::Arc<dyn Store>>> {
+pub(super) async fn open_existing(job: &Job, write: bool) -> anyhow::Result<Option<std::sync::Arc<dyn Store>>> {
     let store = if write { crate::store::open(&job.database).await? } else { crate::store::open_read_only(&job.database).await? };
     Ok(if store.runner_tables_exist().await? { Some(store) } else { None })
 }

@@ -19,7 +19,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{Backend, Db, DbRow, Tx, dialect, queue, source};
-use crate::store::{Claim, Claimed, Item, Lease, Queue, Source, SourceInfo, Tables, Worker};
+use crate::ident::Ident;
+use crate::store::{Claim, Claimed, ColumnShape, Item, Lease, Queue, Source, SourceInfo, Tables, Worker};
 
 #[async_trait]
 impl Source for Backend {
@@ -29,6 +30,10 @@ impl Source for Backend {
 
     async fn pending_rows(&self, tables: &Tables, limit: Option<u64>) -> anyhow::Result<Vec<Item>> {
         source::pending_rows(self, tables, limit).await
+    }
+
+    async fn describe(&self, table: &Ident) -> anyhow::Result<Vec<ColumnShape>> {
+        source::describe(self, table).await
     }
 }
 
