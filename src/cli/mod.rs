@@ -39,6 +39,9 @@ Examples:
   backfill status jobs/motions_nl.toml            items by state, cost, workers
   backfill report jobs/motions_nl.toml --chart run.svg
   echo 'Een tekst.' | backfill check jobs/motions_nl.toml
+  backfill failures jobs/motions_nl.toml          failed and rejected items, with the answers
+  backfill batches jobs/motions_nl.toml --cancel  cancel the run's unfinished provider batches
+  backfill init --database sqlite://data.db --table notes --column summary
 
 Exit codes:
   0 finished   1 error   2 bad usage or job file, nothing sent   3 budget cap reached
