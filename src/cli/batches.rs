@@ -3,9 +3,8 @@
 
 use serde::Serialize;
 
-use super::failures::chosen_run;
 use super::print_json;
-use super::status::{BatchJson, batch_json, batch_line};
+use super::status::{BatchJson, batch_json, batch_line, chosen_run};
 use super::time::format_ms;
 use crate::exit::{Exit, usage};
 use crate::job::Job;

@@ -6,11 +6,11 @@ use std::io::Write;
 use serde::Serialize;
 
 use super::print_json;
-use super::status::open_existing;
+use super::status::chosen_run;
 use super::time::{readable, rfc3339_ms};
 use crate::exit::{Exit, usage};
 use crate::job::Job;
-use crate::store::{FailureRow, RunRecord, Store};
+use crate::store::{FailureRow, RunRecord};
 
 /// How many items the text shows without `--limit`.
 const TEXT_LIMIT: u64 = 20;
@@ -87,22 +87,6 @@ fn item_json(job: &Job, run_id: i64, row: FailureRow) -> ItemJson {
             call_id: a.call_id,
             at: rfc3339_ms(a.created_at),
         }),
-    }
-}
-
-/// The run asked for (the latest by default) in a store that has runner tables.
-pub(super) async fn chosen_run(job: &Job, run: Option<i64>, write: bool) -> anyhow::Result<(std::sync::Arc<dyn Store>, RunRecord)> {
-    let store = open_existing(job, write).await?;
-    let found = match &store {
-        Some(store) => store.find_run(&job.name, run).await?,
-        None => None,
-    };
-    match (store, found) {
-        (Some(store), Some(found)) => Ok((store, found)),
-        _ => Err(usage(match run {
-            Some(id) => format!("job `{}` has no run {id}", job.name),
-            None => format!("job `{}` has no runs yet in {}; start one with `backfill run`", job.name, job.database),
-        })),
     }
 }
 

@@ -6,7 +6,7 @@ use super::print_json;
 use super::time::{readable, rfc3339_ms};
 use crate::exit::{Exit, usage};
 use crate::job::Job;
-use crate::store::{BatchRecord, JobTotals, ModelCost, RunStatus, StatusReport, Store};
+use crate::store::{BatchRecord, JobTotals, ModelCost, RunRecord, RunStatus, StatusReport, Store};
 
 #[derive(Debug, Serialize)]
 pub(super) struct StatusJson {
@@ -374,25 +374,34 @@ fn job_totals_lines(t: &JobTotalsJson) -> String {
     out
 }
 
-pub(super) async fn open_existing(job: &Job, write: bool) -> anyhow::Result<Option<std::sync::Arc<dyn Store>>> {
+async fn open_existing(job: &Job, write: bool) -> anyhow::Result<Option<std::sync::Arc<dyn Store>>> {
     let store = if write { crate::store::open(&job.database).await? } else { crate::store::open_read_only(&job.database).await? };
     Ok(if store.runner_tables_exist().await? { Some(store) } else { None })
 }
 
-/// The store (read-only) and what it says about a run of the job (the latest by default).
-pub(super) async fn load(job: &Job, run: Option<i64>) -> anyhow::Result<(std::sync::Arc<dyn Store>, StatusReport)> {
-    let store = open_existing(job, false).await?;
-    let report = match &store {
-        Some(store) => store.status(&job.name, run).await?,
+/// The run asked for (the latest by default) in a store that has runner tables; read-only
+/// unless `write`.
+pub(super) async fn chosen_run(job: &Job, run: Option<i64>, write: bool) -> anyhow::Result<(std::sync::Arc<dyn Store>, RunRecord)> {
+    let store = open_existing(job, write).await?;
+    let found = match &store {
+        Some(store) => store.find_run(&job.name, run).await?,
         None => None,
     };
-    match (store, report) {
-        (Some(store), Some(report)) => Ok((store, report)),
+    match (store, found) {
+        (Some(store), Some(found)) => Ok((store, found)),
         _ => Err(usage(match run {
             Some(id) => format!("job `{}` has no run {id}", job.name),
             None => format!("job `{}` has no runs yet in {}; start one with `backfill run`", job.name, job.database),
         })),
     }
+}
+
+/// The store (read-only) and what it says about a run of the job (the latest by default).
+pub(super) async fn load(job: &Job, run: Option<i64>) -> anyhow::Result<(std::sync::Arc<dyn Store>, StatusReport)> {
+    let (store, found) = chosen_run(job, run, false).await?;
+    let report = store.status(&job.name, Some(found.id)).await?;
+    let report = report.ok_or_else(|| usage(format!("job `{}` has no run {}", job.name, found.id)))?;
+    Ok((store, report))
 }
 
 pub async fn status(job: &Job, json: bool, all: bool) -> anyhow::Result<Exit> {
