@@ -70,7 +70,9 @@ pub mod json_line {
         run_id: Option<i64>,
     }
 
-    /// `Some` while a `--json` command still owes its line.
+    /// `Some` while a `--json` command still owes its line. A mutex because the line is owed
+    /// by whichever comes first — the summary, the error path or the second-signal abort on
+    /// the signal task — and must be written once.
     static PENDING: Mutex<Option<Pending>> = Mutex::new(None);
 
     fn pending() -> std::sync::MutexGuard<'static, Option<Pending>> {

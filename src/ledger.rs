@@ -30,6 +30,83 @@ impl CostSource {
     }
 }
 
+/// How a call ended, as recorded in the ledger's `outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// Answered and validated.
+    Ok,
+    /// Answered from the response cache.
+    Cached,
+    /// Answered, cut short by `max_tokens`; its complete entries were kept.
+    Truncated,
+    /// Answered with nothing that maps back to the items.
+    Malformed,
+    /// The provider's errors, by class (`provider::CallError`, mapped by the runner).
+    RateLimited,
+    Transient,
+    Timeout,
+    RejectedRequest,
+    Fatal,
+    Redirected,
+    TooLarge,
+    BadOutput,
+    /// Stopped before it ended: its items went back to the queue untouched.
+    Interrupted,
+    /// A local model failed on some of the items.
+    ModelError,
+    /// A request of a provider batch that the provider could not run.
+    BatchError,
+    /// A request of a provider batch that never ran (expired, cancelled).
+    NotRun,
+    /// A request of a provider batch discarded before the provider had it.
+    NotSent,
+}
+
+impl CallOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::Cached => "cached",
+            CallOutcome::Truncated => "truncated",
+            CallOutcome::Malformed => "malformed",
+            CallOutcome::RateLimited => "rate_limited",
+            CallOutcome::Transient => "transient",
+            CallOutcome::Timeout => "timeout",
+            CallOutcome::RejectedRequest => "rejected_request",
+            CallOutcome::Fatal => "fatal",
+            CallOutcome::Redirected => "redirected",
+            CallOutcome::TooLarge => "too_large",
+            CallOutcome::BadOutput => "bad_output",
+            CallOutcome::Interrupted => "interrupted",
+            CallOutcome::ModelError => "model_error",
+            CallOutcome::BatchError => "batch_error",
+            CallOutcome::NotRun => "not_run",
+            CallOutcome::NotSent => "not_sent",
+        }
+    }
+}
+
+/// What became of one item's output, as recorded in `backfill_outputs.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStatus {
+    /// Written to the target column.
+    Written,
+    /// Refused by post-processing.
+    Rejected,
+    /// Not a valid value for the target.
+    Invalid,
+}
+
+impl OutputStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStatus::Written => "written",
+            OutputStatus::Rejected => "rejected",
+            OutputStatus::Invalid => "invalid",
+        }
+    }
+}
+
 /// What the request could have used, for judging the provider's figures: a token is at least
 /// one byte of the request, so a prompt cannot count more tokens than the request body has
 /// bytes (plus the chat framing and a provider's own system prompt), and an answer cannot be much longer than its `max_tokens`.

@@ -4,7 +4,7 @@
 //! [`Snapshot`] of the run taken at that moment.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -30,7 +30,7 @@ pub struct Snapshot {
     /// Items sent again after a failed attempt or in a request re-sent after a 429.
     pub retries: u64,
     pub in_flight: u64,
-    /// Tokens by kind (input, output, cached) of this process's answered calls.
+    /// Tokens by kind (input, output, cached) of the run's calls, from the ledger.
     pub tokens: Vec<(&'static str, u64)>,
     /// Money spent by the run, by model.
     pub cost_usd_by_model: Vec<(String, f64)>,
@@ -83,7 +83,7 @@ pub fn render(snapshot: &Snapshot) -> String {
     for (kind, n) in &snapshot.tokens {
         tokens.get_or_create(&labels(snapshot, &[("kind", kind)])).inc_by(*n);
     }
-    registry.register("tokens", "Tokens of this process's answered calls, by kind", tokens);
+    registry.register("tokens", "Tokens of the run's calls, by kind", tokens);
 
     let cost = gauge_f64();
     for (model, usd) in &snapshot.cost_usd_by_model {
@@ -130,6 +130,36 @@ pub fn write_file(path: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&temporary);
             anyhow::anyhow!("--metrics-file {}: cannot write it: {e}", path.display())
         })
+}
+
+/// Where a run's metrics go: `--metrics-addr` (already bound) and `--metrics-file`.
+#[derive(Debug)]
+pub struct Exporter {
+    pub listener: Option<TcpListener>,
+    pub file: Option<PathBuf>,
+}
+
+/// Checks `--metrics-addr` and `--metrics-file` before the run is touched: the address is
+/// bound and the file's folder exists, or the command stops with exit 2.
+pub async fn prepare(addr: Option<&str>, file: Option<&Path>) -> anyhow::Result<Option<Exporter>> {
+    if addr.is_none() && file.is_none() {
+        return Ok(None);
+    }
+    if let Some(file) = file {
+        let folder = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !folder.is_dir() {
+            return Err(usage(format!(
+                "--metrics-file {}: the folder {} does not exist; create it or name another file",
+                file.display(),
+                folder.display()
+            )));
+        }
+    }
+    let listener = match addr {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    Ok(Some(Exporter { listener, file: file.map(Path::to_path_buf) }))
 }
 
 /// Binds `--metrics-addr` before the run starts, so that a taken or bad address is a usage

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::print_json;
 use super::status::{BatchJson, batch_json, batch_line, chosen_run};
-use super::time::format_ms;
+use crate::time::format_ms;
 use crate::exit::{Exit, usage};
 use crate::job::Job;
 use crate::provider::batch::BatchApi;

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::print_json;
 use super::status::chosen_run;
-use super::time::{readable, rfc3339_ms};
+use crate::time::{readable, rfc3339_ms};
 use crate::exit::{Exit, usage};
 use crate::job::Job;
 use crate::store::{FailureRow, RunRecord};

@@ -4,11 +4,9 @@
 mod batches;
 mod failures;
 mod init;
-pub mod logging;
 mod ops;
 mod report;
 mod status;
-pub mod time;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -131,6 +129,12 @@ struct RunArgs {
     /// and send the rest through the synchronous API, so a deadline is met.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     finish_sync_after: Option<std::time::Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics while the run goes (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
+    /// Write the run's Prometheus metrics to PATH when it ends (node_exporter's textfile collector).
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
 }
 
 /// The longest `--wait` / `--finish-sync-after`: a year (batches end within a day).
@@ -198,7 +202,7 @@ pub fn main() -> ExitCode {
     {
         json_line::arm(args.target.job.display().to_string());
     }
-    logging::init();
+    crate::logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -307,6 +311,8 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         finish_sync_after: args.finish_sync_after,
         max_usd: args.max_usd,
         batch_api: args.batch_api,
+        metrics_addr: args.metrics_addr,
+        metrics_file: args.metrics_file,
     };
     let outcome = crate::runner::run(&job, &options, shutdown).await?;
     let Some(summary) = outcome.summary else {
@@ -324,7 +330,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
 
 fn check(args: CheckArgs) -> anyhow::Result<Exit> {
     let job = Job::load(&args.job, &LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
-    let Some(rules) = crate::postprocess::build(&job)? else {
+    let Some(rules) = crate::pipeline::postprocess::build(&job)? else {
         return Err(usage(format!("job file {} has no [postprocess] rules to try", args.job.display())));
     };
     let mut text = String::new();

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::print_json;
-use super::time::{readable, rfc3339_ms};
+use crate::time::{readable, rfc3339_ms};
 use crate::exit::{Exit, usage};
 use crate::job::Job;
 use crate::store::{BatchRecord, JobTotals, ModelCost, RunRecord, RunStatus, StatusReport, Store};

@@ -19,7 +19,7 @@ pub use plan::{AnswerShape, Planned, plan};
 
 use crate::exit::usage;
 use crate::job::{Job, Mode};
-use crate::packer::Packer;
+use crate::pipeline::pack::Packer;
 use crate::pricing::{ModelPrice, Tier, Usage};
 use crate::store::Tables;
 use crate::tokens::TokenCounter;

@@ -2,7 +2,7 @@
 //! tokenizer. Pure and CPU-bound: the pending rows are split into chunks on request boundaries
 //! and counted on several threads.
 
-use crate::packer::Packer;
+use crate::pipeline::pack::Packer;
 use crate::store::Item;
 use crate::tokens::TokenCounter;
 

@@ -578,9 +578,22 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
     Ok(OnnxModel { path, tokenizer, input, output, pooling, max_length, max_batch_tokens, threads })
 }
 
+/// The names inside `{{…}}` in `template`, in order (trimmed; duplicates kept).
+fn placeholders(template: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        let after = &rest[open + 2..];
+        let Some(close) = after.find("}}") else { break };
+        names.push(after[..close].trim());
+        rest = &after[close + 2..];
+    }
+    names
+}
+
 /// Every `{{name}}` of a local model's `input` is a source column (or the id).
 fn check_input_template(input: &str, source: &Source) -> anyhow::Result<()> {
-    let names = crate::local_model::placeholders(input);
+    let names = placeholders(input);
     if names.is_empty() {
         return Err(usage(format!(
             "`model.input` = {input:?} names no column: write the text the model sees, e.g. \"{{{{title}}}}\\n{{{{text}}}}\""
@@ -642,5 +655,15 @@ fn check_encoding(encoding: &str, key: &str) -> anyhow::Result<()> {
         Ok(())
     } else {
         Err(usage(format!("`{key}` = {encoding:?}: use one of {}", crate::tokens::ENCODINGS.join(", "))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_listed_trimmed() {
+        assert_eq!(placeholders("{{title}}\n{{ text }} {{"), vec!["title", "text"]);
     }
 }

@@ -8,7 +8,7 @@ mod render;
 
 use std::sync::Arc;
 
-pub use render::{placeholders, render};
+pub use render::render;
 
 use backfill_onnx::{OnnxConfig, OnnxProcessor};
 

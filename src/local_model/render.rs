@@ -1,22 +1,9 @@
 //! The `input` template of a local-model job: `{{column}}` placeholders replaced by the row's
-//! values. Pure.
+//! values (the job checks the names, `job::validate`). Pure.
 
 use serde_json::Value;
 
 use crate::store::Item;
-
-/// The names inside `{{…}}` in `template`, in order (trimmed; duplicates kept).
-pub fn placeholders(template: &str) -> Vec<&str> {
-    let mut names = Vec::new();
-    let mut rest = template;
-    while let Some(open) = rest.find("{{") {
-        let after = &rest[open + 2..];
-        let Some(close) = after.find("}}") else { break };
-        names.push(after[..close].trim());
-        rest = &after[close + 2..];
-    }
-    names
-}
 
 /// The row's text: each `{{column}}` replaced by its value (`{{id}}` by the id). Text goes in
 /// as it is, NULL as nothing, numbers and booleans as written, anything else as JSON.
@@ -69,10 +56,5 @@ mod tests {
     #[test]
     fn values_are_not_rendered_again_and_unclosed_braces_stay() {
         assert_eq!(render("a {{title}} b {{ c", &item()), "a Motie {{x}} b {{ c");
-    }
-
-    #[test]
-    fn placeholders_are_listed_trimmed() {
-        assert_eq!(placeholders("{{title}}\n{{ text }} {{"), vec!["title", "text"]);
     }
 }

@@ -104,20 +104,6 @@ impl CallError {
             CallError::BadOutput { status, .. } | CallError::TooLarge { status, .. } => Some(*status),
         }
     }
-
-    /// The short outcome name recorded in the ledger.
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            CallError::RateLimited(_) => "rate_limited",
-            CallError::Transient { .. } => "transient",
-            CallError::Timeout { .. } => "timeout",
-            CallError::Rejected { .. } => "rejected_request",
-            CallError::Fatal { .. } => "fatal",
-            CallError::Redirected { .. } => "redirected",
-            CallError::TooLarge { .. } => "too_large",
-            CallError::BadOutput { .. } => "bad_output",
-        }
-    }
 }
 
 /// The `error.message` (and `error.code`) of an OpenAI-style error body, else an excerpt.

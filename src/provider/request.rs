@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::job::StructuredOutput;
-use crate::validate::OutputShape;
+use crate::pipeline::answers::OutputShape;
 
 /// A chat request, serialised in a fixed field order so its hash is stable.
 #[derive(Debug, Clone, Serialize)]

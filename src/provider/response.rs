@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use crate::pricing::Usage;
-use crate::validate::kind;
+use crate::pipeline::answers::kind;
 
 /// What the runner needs from a completion.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,18 +4,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::job::{CacheSettings, ChatModel, Job, Limits};
-use crate::packer::Packer;
+use crate::pipeline::pack::Packer;
+use crate::pipeline::postprocess::OutputCheck;
 use crate::pricing::{ModelPrice, Picos, Tier};
-use crate::provider::ChatClient;
-use crate::store::{Store, Tables, Worker};
-use crate::validate::{ItemOutput, OutputShape};
+use crate::provider::{ChatClient, ChatRequest, request_body, response_format};
+use crate::store::{Claimed, Store, Tables, Worker};
+use crate::pipeline::answers::{ItemOutput, OutputShape};
 
 use super::policy::RetryPolicy;
-
-/// Checks (and may rewrite) one output text; `Err((reason, detail))` rejects it.
-pub trait OutputCheck: Send + Sync {
-    fn check(&self, text: &str) -> Result<(String, Option<serde_json::Value>), (String, String)>;
-}
+use super::sync::Request;
 
 /// The shared, read-only state of one run in this process.
 pub struct RunContext {
@@ -29,7 +26,8 @@ pub struct RunContext {
     pub shape: OutputShape,
     /// Prices of the primary model and the fallbacks, in tier order.
     pub prices: Vec<ModelPrice>,
-    pub price_tier: Tier,
+    /// The price column synchronous calls are billed at.
+    pub price_column: Tier,
     pub policy: RetryPolicy,
     pub check: Option<Arc<dyn OutputCheck>>,
     pub cache: CacheSettings,
@@ -41,6 +39,15 @@ pub struct RunContext {
     /// `[limits] items_per_request.start`: the request size where no controller chooses one
     /// (batch mode).
     pub items_per_request: usize,
+}
+
+/// A request packed from claimed items.
+pub struct Packed {
+    pub request: Request,
+    /// What its body says (a provider batch writes it into its own line format).
+    pub chat: ChatRequest,
+    /// The claimed items that did not fit, still leased.
+    pub rest: Vec<Claimed>,
 }
 
 /// Post-processed values to write, `(output key, text)`, and the changes made (JSON).
@@ -77,7 +84,7 @@ impl RunContext {
             packer,
             shape,
             prices,
-            price_tier: Tier::Sync,
+            price_column: Tier::Sync,
             policy: RetryPolicy {
                 max_attempts: job.limits.max_attempts,
                 tiers: chat.tiers().count() as u32,
@@ -94,17 +101,41 @@ impl RunContext {
         }
     }
 
-    pub fn chat_items_per_request(&self) -> usize {
-        self.items_per_request
-    }
-
     /// The model of a tier (0 = `model.name`, k = `model.fallback[k-1]`).
     pub fn model(&self, tier: u32) -> &str {
         self.chat.tiers().nth(tier as usize).unwrap_or(&self.chat.name)
     }
 
-    pub fn price(&self, tier: u32, _model: &str) -> ModelPrice {
-        self.prices.get(tier as usize).copied().unwrap_or(ModelPrice::FREE)
+    /// The price of a step of the fallback chain, as [`RunContext::model`] names its model.
+    pub fn price(&self, fallback: u32) -> ModelPrice {
+        self.prices.get(fallback as usize).copied().unwrap_or(ModelPrice::FREE)
+    }
+
+    /// Packs the longest prefix of `claimed` (all at one step of the fallback chain) that fits
+    /// into one request; the items left out come back in `rest`, still leased.
+    pub fn pack(&self, mut claimed: Vec<Claimed>, output_tokens_per_item: f64, price_column: Tier) -> Packed {
+        let fallback = claimed[0].tier;
+        let model = self.model(fallback).to_owned();
+        let rows: Vec<_> = claimed.iter().map(|c| c.item.clone()).collect();
+        let packed = self.packer.pack(&rows, output_tokens_per_item);
+        let rest = if packed.items < claimed.len() { claimed.split_off(packed.items) } else { Vec::new() };
+        let ids: Vec<String> = claimed.iter().map(|c| c.item.id.clone()).collect();
+        let format = response_format(self.chat.structured_output, &ids, &self.shape);
+        let chat = ChatRequest::new(&model, packed.system.as_deref(), packed.user, self.chat.temperature, packed.max_tokens, format);
+        let (body, hash) = request_body(&chat);
+        let request = Request {
+            claimed,
+            fallback,
+            model,
+            body,
+            hash,
+            prompt_tokens: packed.prompt_tokens,
+            max_tokens: packed.max_tokens,
+            timeout: Duration::ZERO,
+            price_column,
+            resends: 0,
+        };
+        Packed { request, chat, rest }
     }
 
     /// Runs the post-processing rules over every text of an output: the values to write and

@@ -2,8 +2,8 @@
 //! continue it with `--resume`), attach this process as its worker (refusing while another
 //! process holds a SQLite run), heartbeat the leases while it works, and record how it ended.
 //!
-//! The chat runner ([`super::run`]) and the local-model runner ([`super::local`]) both go
-//! through here; only the work between attaching and ending differs.
+//! [`super::run`] attaches; the harness ([`super::session`]) heartbeats and ends, the same for
+//! every engine.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::RunOptions;
-use super::dispatch::Stop;
+use super::session::Stop;
 use super::progress::Progress;
 use crate::exit::{Exit, usage};
 use crate::job::{Job, Mode};
@@ -174,7 +174,7 @@ async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tabl
             job.name,
             run.id,
             run.status.as_str(),
-            crate::cli::time::format_ms(run.created_at),
+            crate::time::format_ms(run.created_at),
             job.path.display(),
             job.path.display()
         ))),

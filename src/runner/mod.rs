@@ -1,39 +1,38 @@
-//! A run, end to end: find or create the run, attach this process as a worker, start the
-//! writer, reporter and heartbeat tasks, replay calls a crash left answered in the cache,
-//! dispatch until the queue drains or something stops the run, then record how it ended.
+//! A run, end to end: the job's checks that need neither the database nor the network, the
+//! run found or created and attached (`lifecycle.rs`), the harness started (`session.rs`), and
+//! one engine chosen — synchronous calls (`sync/`), provider batches (`batch/`) or a local
+//! model (`local/`) — to work the queue off until it drains or something stops the run.
 
 mod batch;
-mod call;
 pub mod context;
-mod dispatch;
 mod lifecycle;
 mod local;
 pub mod policy;
 pub mod progress;
-mod shared_rate;
+mod session;
 mod signals;
 pub mod summary;
+mod sync;
 mod writer;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use backfill_controller::{Controller, ControllerConfig, ControllerState, StartMinMax};
-use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-pub use context::{OutputCheck, RunContext};
-pub use dispatch::Stop;
+pub use context::RunContext;
+pub use session::Stop;
 pub use signals::install as install_signals;
 pub use summary::Summary;
 
-use crate::exit::{Exit, usage};
-use crate::job::{ChatModel, Job, Processor};
-use crate::packer::Packer;
+use crate::exit::Exit;
+use crate::job::{ChatModel, Job, Mode, Processor};
+use crate::pipeline::pack::Packer;
+use crate::pipeline::postprocess::OutputCheck;
 use crate::provider::ChatClient;
-use crate::store::{RunRecord, Store};
+use crate::store::Store;
 use crate::tokens::TokenCounter;
+use session::Session;
 
 /// How `run` was asked to go.
 #[derive(Debug, Clone, Default)]
@@ -50,6 +49,10 @@ pub struct RunOptions {
     pub max_usd: Option<f64>,
     /// `--batch-api` was given (moves a resumed synchronous run to the batch API).
     pub batch_api: bool,
+    /// `--metrics-addr`: serve Prometheus metrics there while the run goes.
+    pub metrics_addr: Option<String>,
+    /// `--metrics-file`: write the same metrics there when the run ends.
+    pub metrics_file: Option<std::path::PathBuf>,
 }
 
 /// How a run ended: the summary (`None`: `--resume` found nothing pending and started no run)
@@ -66,108 +69,61 @@ impl RunOutcome {
     }
 }
 
-/// Runs a job: a chat job here, a local-model job through [`local::run`].
+/// Runs a job. The engine is chosen here, once: by the processor, and for a chat job by the
+/// run's mode (which a resume keeps).
 pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -> anyhow::Result<RunOutcome> {
     let started = Instant::now();
-    let chat = match &job.processor {
-        Processor::Chat(chat) => chat,
-        Processor::Onnx(model) => return local::run(job, model, options, shutdown).await,
+    // Everything that can be checked without the database and the network comes first: the
+    // key variable and the post-processing rules; a bad model or tokenizer.
+    let ready = match &job.processor {
+        Processor::Chat(chat) => {
+            chat.api_key()?;
+            let check: Option<Arc<dyn OutputCheck>> = match crate::pipeline::postprocess::build(job)? {
+                Some(p) => Some(p),
+                None => None,
+            };
+            Ready::Chat(check)
+        }
+        Processor::Onnx(model) => Ready::Local(crate::local_model::load(model).await?),
     };
-    // Everything that can be checked without the database and the network comes first.
-    chat.api_key()?;
-    let check: Option<Arc<dyn OutputCheck>> = match crate::postprocess::build(job)? {
-        Some(p) => Some(p),
-        None => None,
-    };
+    let exporter = crate::metrics::prepare(options.metrics_addr.as_deref(), options.metrics_file.as_deref()).await?;
     let Some(attached) = lifecycle::attach(job, options).await? else {
         return Ok(RunOutcome::nothing_pending());
     };
-    let attached = Arc::new(attached);
-    let (store, run) = (attached.store.clone(), attached.run.clone());
     // The run's own cap and mode, which a resume keeps.
     let job = &attached.job;
-    let Processor::Chat(chat) = &job.processor else { unreachable!("a chat job stays a chat job") };
-    if chat.mode != crate::job::Mode::Batch && (options.wait.is_some() || options.finish_sync_after.is_some()) {
-        tracing::warn!("run {}: --wait and --finish-sync-after are ignored, the run is synchronous (--batch-api moves it to batches)", run.id);
-    }
-
-    let ctx = Arc::new(context_for(job, chat, store.clone(), run.id, check)?);
-    let controller = controller_for(job, chat, &run)?;
-    let counts = store.item_counts(run.id).await?;
-    let spend = store.spend(run.id).await?;
-    let progress = Arc::new(progress::Progress::new(counts.total(), counts.done, counts.failed, counts.rejected, spend.spent, ctx.cap));
-    progress.queued.store(counts.pending as usize, Ordering::Relaxed);
-
-    let (write_tx, write_rx) = mpsc::channel(writer::WRITE_QUEUE);
-    let written = Arc::new(Notify::new());
-    let writer = tokio::spawn(writer::write_all(store.clone(), ctx.tables.clone(), write_rx, written.clone(), progress.clone()));
-    let background = CancellationToken::new();
-    let reporter = tokio::spawn(progress::report(progress.clone(), background.clone(), options.quiet));
-    let heartbeat = tokio::spawn(lifecycle::keep_alive(attached.clone(), progress.clone(), background.clone()));
-
-    let mut dispatcher = dispatch::Dispatcher::new(ctx.clone(), controller, write_tx, written, progress.clone());
-    let stop = match replay_lost_calls(&ctx, &mut dispatcher).await {
-        Ok(()) if chat.mode == crate::job::Mode::Batch => match run_batches(&ctx, &progress, &run, options, &shutdown).await {
-            // Past the deadline of --finish-sync-after: the rest goes out synchronously.
-            Ok(Stop::FinishSync) => {
-                tracing::info!("finishing the run through the synchronous API (--finish-sync-after)");
-                dispatcher.run(&shutdown).await
+    match (ready, &job.processor) {
+        (Ready::Chat(check), Processor::Chat(chat)) => {
+            if chat.mode != Mode::Batch && (options.wait.is_some() || options.finish_sync_after.is_some()) {
+                tracing::warn!(
+                    "run {}: --wait and --finish-sync-after are ignored, the run is synchronous (--batch-api moves it to batches)",
+                    attached.run.id
+                );
             }
-            other => other,
-        },
-        Ok(()) => dispatcher.run(&shutdown).await,
-        Err(e) => Err(e),
-    };
-    let controller_status = dispatcher.controller.status();
-    drop(dispatcher);
-    let _ = writer.await;
-    background.cancel();
-    let _ = reporter.await;
-    let _ = heartbeat.await;
-
-    let stop = lifecycle::settle_stop(stop, &progress);
-    let (report, exit, error) = lifecycle::end(&attached, job, &stop).await?;
-    let counts = controller_status.counts;
-    let requests_here = progress.requests.load(Ordering::Relaxed);
-    let controller = summary::ControllerSummary {
-        requests: requests_here,
-        requests_per_second: requests_here as f64 / started.elapsed().as_secs_f64().max(0.001),
-        requests_per_second_limit: Some(controller_status.requests_per_second).filter(|rate| rate.is_finite()),
-        max_in_flight: counts.max_in_flight,
-        concurrency_limit: controller_status.concurrency_limit,
-        items_per_request: if counts.requests_sent == 0 { 0.0 } else { counts.items_sent as f64 / counts.requests_sent as f64 },
-        items_per_request_limit: controller_status.items_per_request,
-        rate_limited: counts.rate_limited,
-        timeouts: counts.timed_out.saturating_sub(counts.hedged_requests),
-        hedged_requests: counts.hedged_requests,
-        hedged_items: counts.hedged_items,
-        retries: progress.retries.load(Ordering::Relaxed),
-    };
-    let summary = Summary::from_report(
-        &report,
-        exit,
-        started.elapsed().as_secs_f64(),
-        progress.finished_here.load(Ordering::Relaxed),
-        controller,
-        error,
-    );
-    // A run that drained its own share while other workers still hold items is not finished
-    // yet; this worker's part is.
-    Ok(RunOutcome { summary: Some(summary), exit })
+            let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check)?);
+            let controller = sync::controller_for(&ctx, &attached.run)?;
+            let mode = chat.mode;
+            let session = Session::open(attached, ctx.cap, options.quiet, started, exporter).await?;
+            let engine = sync::SyncEngine::new(ctx.clone(), controller, &session);
+            match mode {
+                Mode::Batch => session.drive(batch::BatchEngine::new(ctx, engine, options), shutdown).await,
+                Mode::Sync => session.drive(engine, shutdown).await,
+            }
+        }
+        (Ready::Local(processor), Processor::Onnx(model)) => {
+            let model = model.clone();
+            let session = Session::open(attached, None, options.quiet, started, exporter).await?;
+            let engine = local::LocalEngine::new(processor, &model, &session);
+            session.drive(engine, shutdown).await
+        }
+        _ => unreachable!("a run keeps its job's processor"),
+    }
 }
 
-/// Batch mode: the provider's batch API instead of synchronous calls.
-async fn run_batches(
-    ctx: &Arc<RunContext>,
-    progress: &Arc<progress::Progress>,
-    run: &RunRecord,
-    options: &RunOptions,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Stop> {
-    let chat = &ctx.chat;
-    let api_key = chat.api_key()?;
-    let api = crate::provider::batch::client(chat.batch.dialect, &chat.base_url, api_key, chat.batch.limits)?;
-    batch::BatchRunner::new(ctx.clone(), api, progress.clone(), run.clone()).run(options, shutdown).await
+/// What was checked before the run is touched, by processor.
+enum Ready {
+    Chat(Option<Arc<dyn OutputCheck>>),
+    Local(Arc<backfill_onnx::OnnxProcessor>),
 }
 
 fn context_for(
@@ -190,70 +146,4 @@ fn context_for(
         chat.max_tokens,
     );
     Ok(RunContext::new(job, chat, store, run_id, client, packer, check))
-}
-
-fn controller_for(job: &Job, chat: &ChatModel, run: &RunRecord) -> anyhow::Result<Controller> {
-    let limits = &job.limits;
-    let config = ControllerConfig {
-        requests_per_minute: limits.requests_per_minute,
-        tokens_per_minute: limits.tokens_per_minute,
-        items_per_request: StartMinMax::new(limits.items_per_request.start, limits.items_per_request.min, limits.items_per_request.max),
-        concurrency: StartMinMax::new(limits.concurrency.start, limits.concurrency.min, limits.concurrency.max),
-        initial_output_tokens_per_item: chat.max_output_tokens_per_item,
-        context_window_tokens: Some(chat.context_window),
-        request_timeout: chat.request_timeout.max(Duration::from_secs(1)),
-        seed: fastrand::u64(..),
-    };
-    let restored = run
-        .controller_state
-        .as_deref()
-        .and_then(|s| serde_json::from_str::<ControllerState>(s).ok())
-        .map(|state| Controller::restore(config.clone(), state, Duration::ZERO));
-    let controller = match restored {
-        Some(Ok(controller)) => {
-            tracing::info!("controller resumed from the run's saved state");
-            controller
-        }
-        _ => Controller::new(config, Duration::ZERO).map_err(|e| usage(e.to_string()))?,
-    };
-    Ok(controller)
-}
-
-/// Calls lost in a crash whose answer had reached the cache are settled from it: their items
-/// get the answer they were billed for, and nothing is paid twice.
-async fn replay_lost_calls(ctx: &Arc<RunContext>, dispatcher: &mut dispatch::Dispatcher) -> anyhow::Result<()> {
-    if !ctx.cache.enabled {
-        return Ok(());
-    }
-    for lost in ctx.store.lost_calls(ctx.run_id).await? {
-        let Some(claimed) = ctx.store.claim_ids(&ctx.tables, ctx.run_id, &ctx.worker, &lost.item_ids, ctx.lease).await? else {
-            continue;
-        };
-        let Some(body) = ctx.store.cache_get(&lost.request_hash).await? else {
-            let leases: Vec<_> = claimed.into_iter().map(|c| c.lease).collect();
-            ctx.store.release(ctx.run_id, &leases).await?;
-            continue;
-        };
-        tracing::info!(call = lost.call_id, items = claimed.len(), "settling a call lost in a crash from its cached answer");
-        let tier = claimed.first().map(|c| c.tier).unwrap_or(0);
-        let prepared = call::PreparedCall {
-            call_id: lost.call_id,
-            ticket: None,
-            claimed,
-            tier,
-            model: lost.model,
-            body: Vec::new(),
-            hash: lost.request_hash,
-            estimate: lost.estimated,
-            cached: Some(body),
-            replay: true,
-            timeout: ctx.chat.request_timeout,
-            cut: CancellationToken::new(),
-            billing: ctx.price_tier,
-            resendable: None,
-        };
-        let concluded = call::execute(ctx.clone(), prepared).await;
-        dispatcher.finish(Ok(concluded)).await?;
-    }
-    Ok(())
 }

@@ -82,7 +82,7 @@ impl RetryPolicy {
             Setback::Released => return retry(attempts, tier, None, Duration::ZERO),
             Setback::RateLimited { retry_after } => {
                 let wait = retry_after.unwrap_or(Duration::from_secs(1));
-                return retry(attempts, tier, None, wait.saturating_add(super::call::jitter(wait, 0.1 * jitter)));
+                return retry(attempts, tier, None, wait.saturating_add(self::jitter(wait, 0.1 * jitter)));
             }
             _ => {}
         }
@@ -118,6 +118,11 @@ impl RetryPolicy {
         let exp = self.base_backoff.saturating_mul(1u32 << (attempt.saturating_sub(1)).min(16));
         exp.min(self.max_backoff).mul_f64(0.5 + 0.5 * jitter)
     }
+}
+
+/// `share` of `wait` (share in 0..=1), never overflowing.
+pub fn jitter(wait: Duration, share: f64) -> Duration {
+    Duration::try_from_secs_f64(wait.as_secs_f64() * share.clamp(0.0, 1.0)).unwrap_or(Duration::ZERO)
 }
 
 #[cfg(test)]

@@ -31,7 +31,11 @@ pub struct Progress {
     spent: AtomicI64,
     reserved: AtomicI64,
     pub cap: Option<Picos>,
+    /// The controller's latest status, set by the dispatcher, read by the reporter. A mutex
+    /// because the status is not one atomic value; held only to copy it.
     controller: Mutex<Option<ControllerStatus>>,
+    /// Why the writer (or the heartbeat) gave up, set once, read by every engine's loop to
+    /// stop. A mutex for the same reason; held only to copy it.
     writer_failure: Mutex<Option<String>>,
 }
 
@@ -161,7 +165,7 @@ pub async fn report(progress: std::sync::Arc<Progress>, stop: CancellationToken,
         // done in the first tick.
         let style = ProgressStyle::with_template("{bar:30} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
-        crate::cli::logging::set_bar(Some(bar.clone()));
+        crate::logging::set_bar(Some(bar.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
@@ -173,7 +177,7 @@ pub async fn report(progress: std::sync::Arc<Progress>, stop: CancellationToken,
             bar.set_message(progress.line(started.elapsed()));
         }
         bar.finish_and_clear();
-        crate::cli::logging::set_bar(None);
+        crate::logging::set_bar(None);
     } else {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         tick.tick().await;

@@ -1,4 +1,5 @@
-//! The writer: one database transaction per finished batch, in arrival order. A bounded
+//! The writer: one database transaction per finished request (a call's settlement and its
+//! items' changes: the store's `BatchWrite`), in arrival order. A bounded
 //! channel in front of it holds back the dispatcher when the database falls behind.
 
 use std::sync::Arc;
@@ -19,13 +20,15 @@ const WRITE_TRIES: u32 = 4;
 pub async fn write_all(
     store: Arc<dyn Store>,
     tables: Tables,
-    mut batches: mpsc::Receiver<BatchWrite>,
+    // Bounded by `WRITE_QUEUE` at the sender; ends when every sender is dropped.
+    mut writes: mpsc::Receiver<BatchWrite>,
+    // Notified after each write, so a dispatcher waiting for room looks again at once.
     written: Arc<Notify>,
     progress: Arc<Progress>,
 ) {
-    while let Some(batch) = batches.recv().await {
-        if write_one(store.as_ref(), &tables, &batch, &progress).await.is_none() {
-            // The database is gone: stop taking batches; their items stay leased and return to
+    while let Some(write) = writes.recv().await {
+        if write_one(store.as_ref(), &tables, &write, &progress).await.is_none() {
+            // The database is gone: stop taking writes; their items stay leased and return to
             // the queue when the lease expires (or at once on --resume).
             written.notify_waiters();
             return;
@@ -34,13 +37,13 @@ pub async fn write_all(
     }
 }
 
-/// Writes one batch (retrying a failed write a few times) and counts it in the progress.
+/// Writes one request's outcome (retrying a failed write a few times) and counts it in the progress.
 /// `None` when the database kept failing: the run must stop (the reason is in `progress`).
-pub async fn write_one(store: &dyn Store, tables: &Tables, batch: &BatchWrite, progress: &Progress) -> Option<WriteReport> {
+pub async fn write_one(store: &dyn Store, tables: &Tables, write: &BatchWrite, progress: &Progress) -> Option<WriteReport> {
     let mut tries = 0;
     let report = loop {
         tries += 1;
-        match store.write_batch(tables, batch).await {
+        match store.write_batch(tables, write).await {
             Ok(report) => break report,
             Err(e) if tries < WRITE_TRIES => {
                 tracing::warn!("writing a batch failed (try {tries} of {WRITE_TRIES}): {e:#}");
@@ -52,9 +55,9 @@ pub async fn write_one(store: &dyn Store, tables: &Tables, batch: &BatchWrite, p
             }
         }
     };
-    progress.add_spent(if batch.settle.lost { crate::pricing::Picos::ZERO } else { batch.settle.cost });
+    progress.add_spent(if write.settle.lost { crate::pricing::Picos::ZERO } else { write.settle.cost });
     let mut finished = 0;
-    for update in &batch.items {
+    for update in &write.items {
         let counter = match update.change {
             ItemChange::Done { .. } => &progress.done,
             ItemChange::Failed { .. } => &progress.failed,

@@ -55,6 +55,7 @@ struct Pieces {
     counts: [FxHashMap<Box<str>, u32>; 4],
 }
 
+// Per thread, so the dry run's threads and the call tasks count without a lock between them.
 thread_local! {
     static PIECES: RefCell<Pieces> = RefCell::new(Pieces::default());
 }

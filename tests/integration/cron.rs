@@ -368,3 +368,60 @@ async fn on_postgresql_a_resume_keeps_and_changes_the_limit_and_an_idle_night_st
     assert_eq!(view["earlier_runs"].as_array().unwrap().len(), 0, "{view}");
     assert_eq!(view["run_id"], 1, "{view}");
 }
+
+/// A free port on the loopback (bound, then let go for the run to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_served_while_the_run_goes_and_written_when_it_ends() {
+    let fx = Fixture::new(40).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 181, (300, 300)).await;
+    fx.write_job(&fake.base_url(), "", "concurrency = { start = 1, min = 1, max = 1 }\nitems_per_request = { start = 4, min = 4, max = 4 }", "");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let file = fx.dir.path().join("backfill.prom");
+    let child = spawn_run(&fx, &["--json", "--metrics-addr", &addr, "--metrics-file", file.to_str().unwrap()]);
+    until_requests(&fake, 3).await;
+    // A scrape while the run goes: the run's items by state and the requests answered so far.
+    let mut scraped = String::new();
+    for _ in 0..100 {
+        match reqwest::get(format!("http://{addr}/metrics")).await {
+            Ok(response) if response.status().is_success() => {
+                scraped = response.text().await.unwrap();
+                if scraped.contains("backfill_cost_usd{") {
+                    break;
+                }
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(scraped.contains("backfill_items{job=\"test-job\",run=\"1\",state=\"done\"}"), "{scraped}");
+    assert!(scraped.contains("backfill_requests_total{job=\"test-job\",run=\"1\",outcome=\"answered\"}"), "{scraped}");
+    assert!(scraped.contains("backfill_controller_limit{job=\"test-job\",run=\"1\",limit=\"concurrency\"} 1"), "{scraped}");
+    let output = wait(child).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let summary = the_one_line(&output);
+
+    // The file at the end holds the night's final figures, equal to the summary's.
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("backfill_items{job=\"test-job\",run=\"1\",state=\"done\"} 40"), "{text}");
+    let cost: f64 = text
+        .lines()
+        .find(|l| l.starts_with("backfill_cost_usd{job=\"test-job\",run=\"1\",model=\"fake-model\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no cost line in {text}"));
+    assert!((cost - summary["cost_usd"].as_f64().unwrap()).abs() < 1e-12, "{cost} vs {summary}");
+    let requests = fake.records().len();
+    assert!(text.contains(&format!("outcome=\"answered\"}} {requests}")), "{requests} requests:\n{text}");
+
+    // A taken address is refused before the run is touched.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let refused = backfill_async(fx.dir.path(), &["run", fx.job.to_str().unwrap(), "--metrics-addr", &taken], &[]).await;
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("--metrics-addr") && stderr(&refused).contains("choose another port"), "{}", stderr(&refused));
+}

@@ -10,12 +10,12 @@ use serde_json::json;
 
 use super::BatchRunner;
 use super::submit::{call_id_of, custom_id_prefix};
-use crate::ledger::CostSource;
+use crate::ledger::{CallOutcome, CostSource};
 use crate::store::Item;
 use crate::pricing::{Picos, Tier};
 use crate::provider::batch::RequestResult;
 use crate::provider::{CallError, parse_completion};
-use crate::runner::call::{PreparedCall, conclude};
+use crate::runner::sync::{Answer, Call, Request, conclude};
 use crate::runner::policy::Setback;
 use crate::store::failpoint::crash;
 use crate::store::{BatchPhase, BatchRecord, BatchWrite, CallSettle, Claimed, HeldItem, ItemUpdate, OwnedCall, now_ms};
@@ -59,7 +59,7 @@ impl BatchRunner {
             };
             for call in open {
                 let write = self.result_write(&call, results.get(&call.call_id), &held, latency, &not_run);
-                if super::super::writer::write_one(self.ctx.store.as_ref(), &self.ctx.tables, &write, &self.progress).await.is_none() {
+                if crate::runner::writer::write_one(self.ctx.store.as_ref(), &self.ctx.tables, &write, &self.progress).await.is_none() {
                     anyhow::bail!("{}", self.progress.writer_failure().unwrap_or_default());
                 }
                 self.written.insert(call.call_id);
@@ -93,29 +93,14 @@ impl BatchRunner {
                 item: Item { id: h.lease.item_id.clone(), fields: Vec::new() },
             })
             .collect();
-        let tier = claimed.first().map(|c| c.tier).unwrap_or(0);
         match result {
             Some(RequestResult::Answered { body }) => {
-                let prepared = PreparedCall {
-                    call_id: call.call_id,
-                    ticket: None,
-                    claimed,
-                    tier,
-                    model: call.model.clone(),
-                    body: Vec::new(),
-                    hash: call.request_hash.clone().unwrap_or_default(),
-                    estimate: call.estimated,
-                    cached: None,
-                    replay: false,
-                    timeout: Duration::ZERO,
-                    cut: tokio_util::sync::CancellationToken::new(),
-                    billing: Tier::Batch,
-                    resendable: None,
-                };
+                let request = Request::from_ledger(claimed, call.model.clone(), call.request_hash.clone().unwrap_or_default(), Tier::Batch);
+                let answered = Call { call_id: call.call_id, ticket: None, estimate: call.estimated, answer: Answer::Batch, request };
                 let outcome = parse_completion(body)
                     .map(|completion| (completion, Vec::new()))
                     .map_err(|reason| CallError::BadOutput { reason, status: 200, body: body.clone() });
-                conclude(ctx, prepared, outcome, latency).write
+                conclude(ctx, answered, outcome, latency).write
             }
             Some(RequestResult::Failed { status, message }) => {
                 // A request the provider could not run: not billed. A client error is retried
@@ -124,14 +109,14 @@ impl BatchRunner {
                     Some(400..=499) if *status != Some(429) => Setback::Malformed(message.clone()),
                     _ => Setback::Transient(message.clone()),
                 };
-                self.setback_write(call, &claimed, &setback, "batch_error", *status, message)
+                self.setback_write(call, &claimed, &setback, CallOutcome::BatchError, *status, message)
             }
-            Some(RequestResult::NotRun { why }) => self.setback_write(call, &claimed, &Setback::Released, "not_run", None, why),
-            None => self.setback_write(call, &claimed, &Setback::Released, "not_run", None, not_run),
+            Some(RequestResult::NotRun { why }) => self.setback_write(call, &claimed, &Setback::Released, CallOutcome::NotRun, None, why),
+            None => self.setback_write(call, &claimed, &Setback::Released, CallOutcome::NotRun, None, not_run),
         }
     }
 
-    fn setback_write(&self, call: &OwnedCall, claimed: &[Claimed], setback: &Setback, outcome: &str, status: Option<u16>, why: &str) -> BatchWrite {
+    fn setback_write(&self, call: &OwnedCall, claimed: &[Claimed], setback: &Setback, outcome: CallOutcome, status: Option<u16>, why: &str) -> BatchWrite {
         let now = now_ms();
         let items = claimed
             .iter()
@@ -146,11 +131,11 @@ impl BatchRunner {
             call_id: call.call_id,
             settle: CallSettle {
                 http_status: status,
-                outcome: outcome.into(),
+                outcome: outcome.as_str().into(),
                 cost: Picos::ZERO,
                 cost_source: CostSource::None.as_str().into(),
                 error: Some(format!("{why} (call {})", call.call_id)),
-                content: Some(json!({ "batch_result": outcome, "detail": why }).to_string()),
+                content: Some(json!({ "batch_result": outcome.as_str(), "detail": why }).to_string()),
                 ..CallSettle::default()
             },
             items,

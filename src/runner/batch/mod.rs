@@ -25,10 +25,13 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::context::RunContext;
-use super::dispatch::Stop;
-use super::progress::Progress;
+use backfill_controller::ControllerStatus;
+
 use super::RunOptions;
+use super::context::RunContext;
+use super::progress::Progress;
+use super::session::{Engine, Figures, Session, Stop};
+use super::sync::SyncEngine;
 use crate::provider::batch::BatchApi;
 use crate::provider::CallError;
 use crate::store::{BatchPhase, BatchRecord, RunRecord, now_ms};
@@ -38,8 +41,50 @@ const IDLE: Duration = Duration::from_secs(5);
 /// How often in a row a batch API call may fail transiently before the run stops.
 const API_FAILURES: u32 = 8;
 
+/// Batch mode: the run's provider batches, then — past `--finish-sync-after` — the
+/// synchronous engine for the rest. The synchronous engine also settles, first, calls a crash
+/// left answered in the response cache.
+pub struct BatchEngine {
+    ctx: Arc<RunContext>,
+    sync: SyncEngine,
+    options: RunOptions,
+}
+
+impl BatchEngine {
+    pub fn new(ctx: Arc<RunContext>, sync: SyncEngine, options: &RunOptions) -> BatchEngine {
+        BatchEngine { ctx, sync, options: options.clone() }
+    }
+}
+
+impl Engine for BatchEngine {
+    type Tally = ControllerStatus;
+
+    async fn work(&mut self, session: &Session, shutdown: &CancellationToken) -> anyhow::Result<Stop> {
+        self.sync.replay_lost_calls().await?;
+        let chat = &self.ctx.chat;
+        let api = crate::provider::batch::client(chat.batch.dialect, &chat.base_url, chat.api_key()?, chat.batch.limits)?;
+        let mut batches = BatchRunner::new(self.ctx.clone(), api, session.progress.clone(), session.attached.run.clone());
+        match batches.run(&self.options, shutdown).await? {
+            // Past the deadline of --finish-sync-after: the rest goes out synchronously.
+            Stop::FinishSync => {
+                tracing::info!("finishing the run through the synchronous API (--finish-sync-after)");
+                self.sync.dispatch(shutdown).await
+            }
+            stop => Ok(stop),
+        }
+    }
+
+    fn end(self) -> ControllerStatus {
+        self.sync.end()
+    }
+
+    fn figures(status: ControllerStatus, progress: &Progress) -> Figures {
+        SyncEngine::figures(status, progress)
+    }
+}
+
 /// Drives a run's provider batches until the queue drains or something stops the run.
-pub struct BatchRunner {
+struct BatchRunner {
     ctx: Arc<RunContext>,
     api: Box<dyn BatchApi>,
     progress: Arc<Progress>,
@@ -55,7 +100,7 @@ pub struct BatchRunner {
 }
 
 impl BatchRunner {
-    pub fn new(ctx: Arc<RunContext>, api: Box<dyn BatchApi>, progress: Arc<Progress>, run: RunRecord) -> Self {
+    fn new(ctx: Arc<RunContext>, api: Box<dyn BatchApi>, progress: Arc<Progress>, run: RunRecord) -> Self {
         BatchRunner {
             ctx,
             api,
@@ -72,7 +117,7 @@ impl BatchRunner {
     /// batches, the wait ends with batches still at the provider (`Waiting`), the
     /// `--finish-sync-after` deadline hands the rest to the synchronous path (`FinishSync`),
     /// or a signal (`Interrupted`: the provider goes on; `--resume` collects).
-    pub async fn run(&mut self, options: &RunOptions, shutdown: &CancellationToken) -> anyhow::Result<Stop> {
+    async fn run(&mut self, options: &RunOptions, shutdown: &CancellationToken) -> anyhow::Result<Stop> {
         let started = Instant::now();
         let deadline = options.finish_sync_after.map(|d| self.run.created_at + d.as_millis() as i64);
         loop {

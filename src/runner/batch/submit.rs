@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use crate::pricing::Tier;
 use crate::provider::batch::{Found, Wanted};
-use crate::provider::{ChatRequest, request_body, response_format};
 use crate::store::{BatchPhase, BatchRecord, Claimed, ItemChange, ItemUpdate, NewCall, now_ms};
 use crate::store::failpoint::crash;
 
@@ -41,7 +40,7 @@ impl BatchRunner {
     /// nothing to submit (or the budget allows no more).
     pub(super) async fn submit(&mut self) -> anyhow::Result<bool> {
         let ctx = self.ctx.clone();
-        let per_request = ctx.chat_items_per_request();
+        let per_request = ctx.items_per_request;
         let first = ctx.store.claim(&ctx.tables, ctx.run_id, &ctx.worker, per_request, ctx.lease).await?;
         if first.items.is_empty() {
             return Ok(false);
@@ -55,43 +54,37 @@ impl BatchRunner {
         let mut requests = 0u64;
         let mut next = Some(first.items);
         while requests < limits.max_requests as u64 {
-            let mut claimed = match next.take() {
+            let claimed = match next.take() {
                 Some(items) => items,
                 None => ctx.store.claim(&ctx.tables, ctx.run_id, &ctx.worker, per_request, ctx.lease).await?.items,
             };
             if claimed.is_empty() {
                 break;
             }
-            let tier = claimed[0].tier;
-            let model = ctx.model(tier).to_owned();
-            let rows: Vec<_> = claimed.iter().map(|c| c.item.clone()).collect();
-            let packed = ctx.packer.pack(&rows, f64::from(ctx.chat.max_output_tokens_per_item));
-            if packed.items < claimed.len() {
-                let rest: Vec<_> = claimed.split_off(packed.items).into_iter().map(|c| c.lease).collect();
-                ctx.store.release(ctx.run_id, &rest).await?;
+            let packed = ctx.pack(claimed, f64::from(ctx.chat.max_output_tokens_per_item), Tier::Batch);
+            if !packed.rest.is_empty() {
+                ctx.store.release(ctx.run_id, &packed.rest.into_iter().map(|c| c.lease).collect::<Vec<_>>()).await?;
             }
-            let ids: Vec<String> = claimed.iter().map(|c| c.item.id.clone()).collect();
-            let format = response_format(ctx.chat.structured_output, &ids, &ctx.shape);
-            let request = ChatRequest::new(&model, packed.system.as_deref(), packed.user, ctx.chat.temperature, packed.max_tokens, format);
-            let size = self.api.line(LONGEST_CUSTOM_ID, &request).len() + 1;
+            let (request, chat) = (packed.request, packed.chat);
+            let size = self.api.line(LONGEST_CUSTOM_ID, &chat).len() + 1;
             if requests > 0 && jsonl.len() + size > limits.max_bytes {
                 // Full: these items wait for the next batch.
-                ctx.store.release(ctx.run_id, &claimed.into_iter().map(|c| c.lease).collect::<Vec<_>>()).await?;
+                ctx.store.release(ctx.run_id, &request.claimed.into_iter().map(|c| c.lease).collect::<Vec<_>>()).await?;
                 break;
             }
-            let (_, hash) = request_body(&request);
-            let estimate = ctx.price(tier, &model).estimate(packed.prompt_tokens * 11 / 10, u64::from(packed.max_tokens), Tier::Batch);
+            let estimate = ctx.price(request.fallback).estimate(request.prompt_tokens * 11 / 10, u64::from(request.max_tokens), Tier::Batch);
             let call = NewCall {
                 run_id: ctx.run_id,
                 worker: owner.clone(),
-                model,
+                model: request.model,
                 price_tier: Tier::Batch,
-                request_hash: Some(hash),
-                item_ids: ids,
+                request_hash: Some(request.hash),
+                item_ids: request.claimed.iter().map(|c| c.item.id.clone()).collect(),
                 concurrency: 0,
                 estimated: estimate,
                 started_at: now_ms(),
             };
+            let claimed = request.claimed;
             let Some(call_id) = ctx.store.reserve_call(&call, ctx.cap).await? else {
                 ctx.store.release(ctx.run_id, &claimed.into_iter().map(|c| c.lease).collect::<Vec<_>>()).await?;
                 tracing::info!("the budget cap allows no more requests: no more batches are prepared");
@@ -99,7 +92,7 @@ impl BatchRunner {
                 break;
             };
             self.progress.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            jsonl.extend_from_slice(self.api.line(&custom_id(&prefix, call_id), &request).as_bytes());
+            jsonl.extend_from_slice(self.api.line(&custom_id(&prefix, call_id), &chat).as_bytes());
             jsonl.push(b'\n');
             leases.extend(claimed.into_iter().map(|c: Claimed| c.lease));
             requests += 1;
@@ -242,14 +235,14 @@ impl BatchRunner {
                 run_id: self.ctx.run_id,
                 call_id: call.call_id,
                 settle: crate::store::CallSettle {
-                    outcome: "not_sent".into(),
+                    outcome: crate::ledger::CallOutcome::NotSent.as_str().into(),
                     cost_source: crate::ledger::CostSource::None.as_str().into(),
                     error: Some(why.to_owned()),
                     ..Default::default()
                 },
                 items,
             };
-            if super::super::writer::write_one(self.ctx.store.as_ref(), &self.ctx.tables, &write, &self.progress).await.is_none() {
+            if crate::runner::writer::write_one(self.ctx.store.as_ref(), &self.ctx.tables, &write, &self.progress).await.is_none() {
                 anyhow::bail!("{}", self.progress.writer_failure().unwrap_or_default());
             }
         }

@@ -1,7 +1,7 @@
-//! The local-model runner (`[model] kind = "onnx"`): the same run lifecycle as the chat runner
-//! (find or create, `--resume`, attach, lease, heartbeat, one writer transaction per batch,
-//! progress, signals, summary), with the model computing on this machine instead of a provider
-//! answering.
+//! The local-model engine (`[model] kind = "onnx"`): under the same harness as the chat
+//! engines (`session.rs`: find or create, `--resume`, attach, lease, heartbeat, one writer
+//! transaction per claim, progress, signals, summary), with the model computing on this machine
+//! instead of a provider answering.
 //!
 //! One loop: claim a batch of items, render each row through `model.input` and tokenise it,
 //! run the model on the batch in `spawn_blocking` (the processor uses `model.threads` threads
@@ -18,16 +18,16 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use backfill_onnx::{OnnxProcessor, Output, RunError, Tokenized};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::dispatch::Stop;
-use super::lifecycle::{self, Attached};
+use super::lifecycle::Attached;
 use super::policy::{RetryPolicy, Setback};
-use super::progress::{self, Progress};
-use super::summary::{ControllerSummary, Summary};
-use super::{RunOptions, RunOutcome, writer};
-use crate::job::{Job, OnnxModel};
+use super::progress::Progress;
+use super::session::{Engine, Figures, Session, Stop};
+use super::summary::ControllerSummary;
+use crate::job::OnnxModel;
+use crate::ledger::{CallOutcome, CostSource};
 use crate::pricing::{Picos, Tier, Usage};
 use crate::store::{BatchWrite, CallSettle, Claimed, ItemUpdate, NewCall, now_ms};
 
@@ -37,82 +37,78 @@ pub use outputs::OutputLayout;
 /// remaining items.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 
-/// Runs a local-model job.
-pub async fn run(job: &Job, model: &OnnxModel, options: &RunOptions, shutdown: CancellationToken) -> anyhow::Result<RunOutcome> {
-    let started = Instant::now();
-    // A bad model or tokenizer stops the run before it touches the database.
-    let processor = crate::local_model::load(model).await?;
-    let Some(attached) = lifecycle::attach(job, options).await? else {
-        return Ok(RunOutcome::nothing_pending());
-    };
-    let attached = Arc::new(attached);
-    let store = attached.store.clone();
-    let counts = store.item_counts(attached.run.id).await?;
-    let progress = Arc::new(Progress::new(counts.total(), counts.done, counts.failed, counts.rejected, Picos::ZERO, None));
-    progress.queued.store(counts.pending as usize, Ordering::Relaxed);
-
-    // Bounded: when the database falls behind, the model waits instead of piling up outputs.
-    let (write_tx, write_rx) = mpsc::channel(writer::WRITE_QUEUE);
-    let writer = tokio::spawn(writer::write_all(store.clone(), attached.tables.clone(), write_rx, Arc::new(Notify::new()), progress.clone()));
-    let background = CancellationToken::new();
-    let reporter = tokio::spawn(progress::report(progress.clone(), background.clone(), options.quiet));
-    let heartbeat = tokio::spawn(lifecycle::keep_alive(attached.clone(), progress.clone(), background.clone()));
-
-    let mut local = LocalRunner {
-        attached: attached.clone(),
-        processor,
-        layout: OutputLayout { keys: attached.tables.outputs.iter().map(|(key, _)| key.clone()).collect(), format: job.target.format },
-        template: model.input.clone(),
-        model_name: crate::local_model::ledger_name(model),
-        batch_items: job.limits.items_per_request.start.max(1) as usize,
-        grace: job.limits.grace,
-        policy: RetryPolicy { max_attempts: job.limits.max_attempts, tiers: 1, base_backoff: Duration::ZERO, max_backoff: Duration::ZERO },
-        progress: progress.clone(),
-        writer: write_tx,
-        batches: 0,
-        compute: Duration::ZERO,
-    };
-    let stop = local.run(&shutdown).await;
-    let (batches, compute, batch_items) = (local.batches, local.compute, local.batch_items);
-    drop(local);
-    let _ = writer.await;
-    background.cancel();
-    let _ = reporter.await;
-    let _ = heartbeat.await;
-
-    let stop = lifecycle::settle_stop(stop, &progress);
-    let (report, exit, error) = lifecycle::end(&attached, job, &stop).await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    let controller = ControllerSummary {
-        items_per_request: if batches == 0 { 0.0 } else { progress.finished_here.load(Ordering::Relaxed) as f64 / batches as f64 },
-        items_per_request_limit: batch_items as u32,
-        max_in_flight: u64::from(batches > 0),
-        concurrency_limit: 1,
-        requests_per_second: batches as f64 / elapsed.max(0.001),
-        requests: batches,
-        retries: progress.retries.load(Ordering::Relaxed),
-        ..ControllerSummary::default()
-    };
-    let mut summary = Summary::from_report(&report, exit, elapsed, progress.finished_here.load(Ordering::Relaxed), controller, error);
-    summary.compute_seconds = Some(compute.as_secs_f64());
-    Ok(RunOutcome { summary: Some(summary), exit })
-}
-
-/// The loop's state: what it needs from the job, and what it counted.
-struct LocalRunner {
+/// The local-model engine: the loop's state, what it needs from the job, and what it counted.
+pub struct LocalEngine {
     attached: Arc<Attached>,
     processor: Arc<OnnxProcessor>,
     layout: OutputLayout,
     template: String,
     model_name: String,
-    batch_items: usize,
+    claim_items: usize,
     grace: Duration,
     policy: RetryPolicy,
     progress: Arc<Progress>,
+    /// Into the writer task. Bounded: when the database falls behind, the model waits instead
+    /// of piling up outputs; the writer commits one claim while the next computes.
     writer: mpsc::Sender<BatchWrite>,
     /// Batches computed in this invocation, and the time the model spent on them.
-    batches: u64,
+    claims: u64,
     compute: Duration,
+}
+
+/// What the local engine counted, for the summary.
+pub struct LocalTally {
+    claims: u64,
+    compute: Duration,
+    claim_items: usize,
+}
+
+impl LocalEngine {
+    /// The engine for a loaded model (`crate::local_model::load`, before the run is attached,
+    /// so a bad model stops the run before it touches the database).
+    pub fn new(processor: Arc<OnnxProcessor>, model: &OnnxModel, session: &Session) -> LocalEngine {
+        let attached = session.attached.clone();
+        let job = &attached.job;
+        LocalEngine {
+            processor,
+            layout: OutputLayout { keys: attached.tables.outputs.iter().map(|(key, _)| key.clone()).collect(), format: job.target.format },
+            template: model.input.clone(),
+            model_name: crate::local_model::ledger_name(model),
+            claim_items: job.limits.items_per_request.start.max(1) as usize,
+            grace: job.limits.grace,
+            policy: RetryPolicy { max_attempts: job.limits.max_attempts, tiers: 1, base_backoff: Duration::ZERO, max_backoff: Duration::ZERO },
+            progress: session.progress.clone(),
+            writer: session.writer(),
+            claims: 0,
+            compute: Duration::ZERO,
+            attached,
+        }
+    }
+}
+
+impl Engine for LocalEngine {
+    type Tally = LocalTally;
+
+    async fn work(&mut self, _session: &Session, shutdown: &CancellationToken) -> anyhow::Result<Stop> {
+        self.run(shutdown).await
+    }
+
+    fn end(self) -> LocalTally {
+        LocalTally { claims: self.claims, compute: self.compute, claim_items: self.claim_items }
+    }
+
+    fn figures(tally: LocalTally, progress: &Progress) -> Figures {
+        let LocalTally { claims, compute, claim_items } = tally;
+        let controller = ControllerSummary {
+            items_per_request: if claims == 0 { 0.0 } else { progress.finished_here.load(Ordering::Relaxed) as f64 / claims as f64 },
+            items_per_request_limit: claim_items as u32,
+            max_in_flight: u64::from(claims > 0),
+            concurrency_limit: 1,
+            requests: claims,
+            ..ControllerSummary::default()
+        };
+        Figures { controller, compute: Some(compute) }
+    }
 }
 
 /// What the model made of one batch.
@@ -122,7 +118,7 @@ struct Computed {
     tokens: u64,
     elapsed: Duration,
     /// Why the batch as a whole failed (its items were then run one by one).
-    batch_error: Option<String>,
+    whole_error: Option<String>,
 }
 
 /// A claimed batch ready to compute: its items, their texts and the texts tokenised.
@@ -140,7 +136,7 @@ enum Next {
     Drained,
 }
 
-impl LocalRunner {
+impl LocalEngine {
     async fn run(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Stop> {
         let mut next: Option<Prepared> = None;
         loop {
@@ -166,7 +162,7 @@ impl LocalRunner {
                     }
                 },
             };
-            let (computed, prefetched) = self.batch(prepared, shutdown).await?;
+            let (computed, prefetched) = self.compute_claim(prepared, shutdown).await?;
             next = prefetched;
             if !computed {
                 self.release_prepared(next.take()).await?;
@@ -178,7 +174,7 @@ impl LocalRunner {
     /// Claims the next batch, renders and tokenises it (off the async threads).
     async fn claim_next(&self) -> anyhow::Result<Next> {
         let a = &self.attached;
-        let claim = a.store.claim(&a.tables, a.run.id, &a.worker, self.batch_items, a.lease).await?;
+        let claim = a.store.claim(&a.tables, a.run.id, &a.worker, self.claim_items, a.lease).await?;
         if claim.vanished > 0 {
             self.progress.failed.fetch_add(claim.vanished, Ordering::Relaxed);
         }
@@ -231,14 +227,18 @@ impl LocalRunner {
             .iter()
             .map(|c| ItemUpdate { lease: c.lease.clone(), change: self.policy.next(&Setback::Released, c.attempts, c.tier, claimed.len(), now, 0.0), output: None })
             .collect();
-        let settle = CallSettle { outcome: "interrupted".into(), cost_source: "none".into(), ..CallSettle::default() };
+        let settle = CallSettle {
+            outcome: CallOutcome::Interrupted.as_str().into(),
+            cost_source: CostSource::None.as_str().into(),
+            ..CallSettle::default()
+        };
         self.send(BatchWrite { run_id: self.attached.run.id, call_id, settle, items }).await
     }
 
     /// Computes one prepared batch and queues its write, claiming and preparing the next
     /// batch meanwhile (not once a shutdown has begun). False when a shutdown outlasted the
     /// grace period: the batch's items went back to the queue.
-    async fn batch(&mut self, prepared: Prepared, shutdown: &CancellationToken) -> anyhow::Result<(bool, Option<Prepared>)> {
+    async fn compute_claim(&mut self, prepared: Prepared, shutdown: &CancellationToken) -> anyhow::Result<(bool, Option<Prepared>)> {
         let a = self.attached.clone();
         let call_id = self.reserve(&prepared.claimed).await?;
         self.progress.requests.fetch_add(1, Ordering::Relaxed);
@@ -291,14 +291,14 @@ impl LocalRunner {
             }
         };
         let computed = joined.map_err(|e| anyhow::anyhow!("the model's thread failed: {e}"))?;
-        self.batches += 1;
+        self.claims += 1;
         self.compute += computed.elapsed;
         let mut settle = CallSettle {
             latency_ms: Some(computed.elapsed.as_millis() as i64),
             usage: Usage { prompt_tokens: computed.tokens, completion_tokens: 0, cached_tokens: 0 },
             cost: Picos::ZERO,
-            cost_source: "none".into(),
-            error: computed.batch_error.clone(),
+            cost_source: CostSource::None.as_str().into(),
+            error: computed.whole_error.clone(),
             ..CallSettle::default()
         };
         let mut items = Vec::with_capacity(claimed.len());
@@ -315,7 +315,7 @@ impl LocalRunner {
                 }
             }
         }
-        settle.outcome = if settle.items_invalid == 0 { "ok" } else { "model_error" }.into();
+        settle.outcome = if settle.items_invalid == 0 { CallOutcome::Ok } else { CallOutcome::ModelError }.as_str().into();
         self.send(BatchWrite { run_id: a.run.id, call_id, settle, items }).await?;
         Ok((true, prefetched))
     }
@@ -330,7 +330,7 @@ impl LocalRunner {
 fn compute(processor: &OnnxProcessor, texts: &[String], tokenized: Result<Tokenized, RunError>) -> Computed {
     let started = Instant::now();
     let tokens = tokenized.as_ref().map(|t| t.token_counts().iter().sum::<usize>() as u64).unwrap_or(0);
-    let (results, batch_error) = match tokenized.and_then(|tokenized| processor.process_tokenized(&tokenized)) {
+    let (results, whole_error) = match tokenized.and_then(|tokenized| processor.process_tokenized(&tokenized)) {
         Ok(outputs) => (outputs.into_iter().map(Ok).collect(), None),
         Err(e) if texts.len() == 1 => (vec![Err(e.to_string())], Some(e.to_string())),
         Err(e) => {
@@ -346,5 +346,5 @@ fn compute(processor: &OnnxProcessor, texts: &[String], tokenized: Result<Tokeni
             (one_by_one, Some(e.to_string()))
         }
     };
-    Computed { results, tokens, elapsed: started.elapsed(), batch_error }
+    Computed { results, tokens, elapsed: started.elapsed(), whole_error }
 }

@@ -5,6 +5,7 @@
 use backfill_onnx::{Output, embedding_to_f32le, embedding_to_json};
 
 use crate::job::TargetFormat;
+use crate::ledger::OutputStatus;
 use crate::store::{Claimed, ItemChange, ItemUpdate, OutputRecord, OutputValue};
 
 /// How outputs go into the target: the table's output keys and the embedding format.
@@ -47,7 +48,7 @@ impl OutputLayout {
         let record = match output {
             Output::Classification { label, probability } => {
                 let raw = serde_json::json!({ "label": label, "probability": probability }).to_string();
-                Some(OutputRecord { status: "written".into(), raw: Some(raw.clone()), final_json: Some(raw), detail: None })
+                Some(OutputRecord { status: OutputStatus::Written.as_str().into(), raw: Some(raw.clone()), final_json: Some(raw), detail: None })
             }
             Output::Embedding(_) => None,
         };
@@ -61,7 +62,7 @@ pub fn model_failed(claimed: &Claimed, error: &str) -> ItemUpdate {
     ItemUpdate {
         lease: claimed.lease.clone(),
         change: ItemChange::Failed { attempts: claimed.attempts + 1, error: error.to_owned(), reason: "model_error".into() },
-        output: Some(OutputRecord { status: "invalid".into(), raw: None, final_json: None, detail: Some(error.to_owned()) }),
+        output: Some(OutputRecord { status: OutputStatus::Invalid.as_str().into(), raw: None, final_json: None, detail: Some(error.to_owned()) }),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default: info for backfill,
 //! warn for libraries), without colour when `NO_COLOR` is set or stderr is not a terminal.
-//! While a progress bar is drawn, log lines are printed above it.
+//! While a progress bar is drawn, log lines are printed above it: the command line sets the
+//! logging up, the runner's reporter sets and clears the bar.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;

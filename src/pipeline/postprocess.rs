@@ -1,5 +1,5 @@
 //! Post-processing of outputs, configured by the job's `[postprocess]` table: the rules live
-//! in `backfill-postprocess`; this module adapts them to the runner.
+//! in `backfill-postprocess`; this module adapts them to the runner's [`OutputCheck`].
 
 use std::sync::Arc;
 
@@ -7,7 +7,11 @@ use backfill_postprocess::Postprocessor;
 
 use crate::exit::usage;
 use crate::job::Job;
-use crate::runner::OutputCheck;
+
+/// Checks (and may rewrite) one output text; `Err((reason, detail))` rejects it.
+pub trait OutputCheck: Send + Sync {
+    fn check(&self, text: &str) -> Result<(String, Option<serde_json::Value>), (String, String)>;
+}
 
 /// The job's post-processor, if it has a `[postprocess]` table. Errors (a missing typo file,
 /// a bad regex) are usage errors naming the key.

@@ -2,7 +2,7 @@
 //! cost, and spawns the call; hands every finished call to the writer. It owns the
 //! controller, so every decision and observation goes through one place.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -12,36 +12,18 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::call::{Concluded, PreparedCall, Resend, Resendable, execute};
-use super::context::RunContext;
-use super::progress::Progress;
+use super::breaker::{Breaker, Finished};
+use super::budget::BudgetWait;
+use super::call::{Answer, Call, Concluded, Request, execute};
+use super::resends::Resends;
 use super::shared_rate::SharedRate;
-use crate::pricing::{Picos, Tier};
-use crate::provider::{ChatRequest, request_body, response_format};
-use crate::store::{BatchWrite, Claimed, NewCall, now_ms};
+use crate::runner::context::RunContext;
+use crate::runner::progress::Progress;
+use crate::runner::session::Stop;
+use crate::ledger::CostSource;
+use crate::pricing::Picos;
+use crate::store::{BatchWrite, NewCall, now_ms};
 
-/// Why dispatching stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stop {
-    /// Every item is done, failed or rejected.
-    Drained,
-    /// SIGINT/SIGTERM.
-    Interrupted,
-    /// The next call would pass the budget cap.
-    Budget,
-    /// The provider refuses every call, cannot be reached, or the database failed.
-    Failed(String),
-    /// Batch mode: the wait ended with batches still at the provider.
-    Waiting,
-    /// Batch mode: past `--finish-sync-after`, the rest goes through the synchronous path.
-    FinishSync,
-}
-
-/// Failures seen before any call succeeded that mean no call ever will.
-const BREAKER_THRESHOLD: u32 = 5;
-/// Answers in a row whose usage or cost cannot be true: the provider's bills cannot be
-/// trusted, and the run stops.
-pub const DISTRUST_THRESHOLD: u32 = 3;
 /// How often the controller's state is saved for `--resume`.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
 /// The longest the loop sleeps without looking at the queue again.
@@ -52,8 +34,12 @@ pub struct Dispatcher {
     pub controller: Controller,
     pub clock: Instant,
     pub tasks: JoinSet<Concluded>,
+    /// Finished calls' writes, into the writer task. Bounded: when the database falls behind,
+    /// the dispatcher waits here, and so sends nothing new, instead of piling up answers.
     pub writer: mpsc::Sender<BatchWrite>,
-    /// Signalled by the writer after each batch it wrote.
+    /// Notified by the writer after each write: a dispatcher waiting with nothing in flight
+    /// (the budget refused, the queue looked empty) looks again at once, since a write may have
+    /// freed money or returned items to the queue.
     pub written: Arc<Notify>,
     pub progress: Arc<Progress>,
     pub fatal: Option<String>,
@@ -61,28 +47,13 @@ pub struct Dispatcher {
     cuts: HashMap<Ticket, CancellationToken>,
     /// The provider account's rate, shared with other workers of the run (PostgreSQL).
     shared_rate: SharedRate,
-    successes: u64,
-    unreachable_in_a_row: u32,
-    refused_in_a_row: u32,
-    distrusted_in_a_row: u32,
+    /// Stops the run when no call will ever succeed or the provider's bills cannot be trusted.
+    breaker: Breaker,
     last_snapshot: Instant,
-    /// Since when the budget has refused every call (reservations of calls in flight may still
-    /// settle below their estimates and make room).
-    budget_refused_since: Option<Instant>,
+    /// The wait at the budget cap.
+    budget: BudgetWait,
     /// Rate-limited requests to send again unchanged, with when.
-    resends: VecDeque<(Duration, Resend)>,
-}
-
-/// A packed request, ready to reserve and send.
-struct Packet {
-    claimed: Vec<Claimed>,
-    tier: u32,
-    model: String,
-    body: Vec<u8>,
-    hash: String,
-    timeout: Duration,
-    billing: Tier,
-    shape: Resendable,
+    resends: Resends,
 }
 
 enum Dispatched {
@@ -113,13 +84,10 @@ impl Dispatcher {
             fatal: None,
             cuts: HashMap::new(),
             shared_rate,
-            successes: 0,
-            unreachable_in_a_row: 0,
-            refused_in_a_row: 0,
-            distrusted_in_a_row: 0,
+            breaker: Breaker::default(),
             last_snapshot: Instant::now(),
-            budget_refused_since: None,
-            resends: VecDeque::new(),
+            budget: BudgetWait::default(),
+            resends: Resends::default(),
         }
     }
 
@@ -160,7 +128,7 @@ impl Dispatcher {
                     };
                     match dispatched {
                         Dispatched::Sent => {
-                            self.budget_refused_since = None;
+                            self.budget.sent();
                             continue;
                         }
                         Dispatched::Budget => {
@@ -209,22 +177,20 @@ impl Dispatcher {
             }
         };
         self.progress.set_controller(self.controller.status());
-        self.drain(&stop, shutdown).await?;
+        self.drain(&stop).await?;
         self.release_resends().await?;
         self.maybe_snapshot_now().await;
         Ok(stop)
     }
 
-    /// The cap refused a call. Calls still in flight (here, or waiting for the writer, or of
-    /// other workers) settle at their actual cost, usually below the estimate they reserved, and
-    /// may make room: stop only when nothing is reserved any more (or after a lease's time).
+    /// The cap refused a call: whether the run stops at the cap (see [`BudgetWait`]).
     async fn budget_exhausted(&mut self) -> anyhow::Result<bool> {
-        let since = *self.budget_refused_since.get_or_insert_with(Instant::now);
+        self.budget.refused(Instant::now());
         if !self.tasks.is_empty() {
             return Ok(false);
         }
         let spend = self.ctx.store.spend(self.ctx.run_id).await?;
-        Ok(spend.reserved == Picos::ZERO || since.elapsed() > self.ctx.lease)
+        Ok(self.budget.exhausted(Instant::now(), spend.reserved, self.ctx.lease))
     }
 
     async fn dispatch(&mut self, items: u32, max_tokens: u32, timeout: Duration) -> anyhow::Result<Dispatched> {
@@ -240,84 +206,57 @@ impl Dispatcher {
             self.shared_rate.unused();
             return Ok(Dispatched::Empty { next_ready_at: claim.next_ready_at, leased: claim.leased });
         }
-        let mut claimed = claim.items;
-        let tier = claimed[0].tier;
-        let model = ctx.model(tier).to_owned();
-        let rows: Vec<_> = claimed.iter().map(|c| c.item.clone()).collect();
         let per_item = f64::from(max_tokens) / f64::from(items.max(1));
-        let packed = ctx.packer.pack(&rows, per_item);
-        self.shared_rate.packed(packed.items, packed.prompt_tokens, packed.prompt_tokens + u64::from(packed.max_tokens));
-        if packed.items < claimed.len() {
-            let rest: Vec<_> = claimed.split_off(packed.items).into_iter().map(|c| c.lease).collect();
+        let packed = ctx.pack(claim.items, per_item, ctx.price_column);
+        let mut request = packed.request;
+        self.shared_rate.packed(request.claimed.len(), request.prompt_tokens, request.prompt_tokens + u64::from(request.max_tokens));
+        if !packed.rest.is_empty() {
+            let rest: Vec<_> = packed.rest.into_iter().map(|c| c.lease).collect();
             ctx.store.release(ctx.run_id, &rest).await?;
         }
-        let ids: Vec<String> = claimed.iter().map(|c| c.item.id.clone()).collect();
-        let format = response_format(ctx.chat.structured_output, &ids, &ctx.shape);
-        let request = ChatRequest::new(&model, packed.system.as_deref(), packed.user, ctx.chat.temperature, packed.max_tokens, format);
-        let (body, hash) = request_body(&request);
-        let cached = if ctx.cache.enabled { ctx.store.cache_get(&hash).await? } else { None };
-        let packet = Packet {
-            claimed,
-            tier,
-            model,
-            body,
-            hash,
-            // The controller bounds it: request_timeout_s, plus time for our own requests ahead.
-            timeout,
-            billing: ctx.price_tier,
-            shape: Resendable { prompt_tokens: packed.prompt_tokens, max_tokens: packed.max_tokens, resends: 0 },
-        };
-        self.send(packet, cached).await
+        let cached = if ctx.cache.enabled { ctx.store.cache_get(&request.hash).await? } else { None };
+        request.timeout = timeout;
+        self.send(request, cached).await
     }
 
     /// Sends a rate-limited request again, unchanged, once its wait is over.
     async fn resend(&mut self) -> anyhow::Result<Option<Dispatched>> {
         let now = self.now();
-        let Some(index) = self.resends.iter().position(|(at, _)| *at <= now) else {
+        let Some((at, mut request)) = self.resends.take_due(now) else {
             return Ok(None);
         };
-        let (at, resend) = self.resends.remove(index).expect("index in range");
         let ctx = self.ctx.clone();
-        if let Some(wait) = self.shared_rate.take(ctx.store.as_ref(), resend.claimed.len() as u32, resend.shape.max_tokens).await? {
-            self.resends.push_back((at, resend));
+        if let Some(wait) = self.shared_rate.take(ctx.store.as_ref(), request.claimed.len() as u32, request.max_tokens).await? {
+            self.resends.push(at, request);
             return Ok(Some(Dispatched::Paced(wait)));
         }
-        self.progress.retries.fetch_add(resend.claimed.len() as u64, Ordering::Relaxed);
-        self.shared_rate.packed(resend.claimed.len(), resend.shape.prompt_tokens, resend.shape.prompt_tokens + u64::from(resend.shape.max_tokens));
-        let packet = Packet {
-            claimed: resend.claimed,
-            tier: resend.tier,
-            model: resend.model,
-            body: resend.body,
-            hash: resend.hash,
-            timeout: resend.timeout,
-            billing: resend.billing,
-            shape: Resendable { resends: resend.shape.resends + 1, ..resend.shape },
-        };
-        self.send(packet, None).await.map(Some)
+        self.progress.retries.fetch_add(request.claimed.len() as u64, Ordering::Relaxed);
+        self.shared_rate.packed(request.claimed.len(), request.prompt_tokens, request.prompt_tokens + u64::from(request.max_tokens));
+        request.resends += 1;
+        self.send(request, None).await.map(Some)
     }
 
     /// Reserves a packed request's cost in the ledger, tells the controller, and spawns the call.
-    async fn send(&mut self, packet: Packet, cached: Option<String>) -> anyhow::Result<Dispatched> {
+    async fn send(&mut self, request: Request, cached: Option<String>) -> anyhow::Result<Dispatched> {
         let ctx = self.ctx.clone();
-        let Packet { claimed, tier, model, body, hash, timeout, billing, shape } = packet;
         // The tokenizer may not be the model's own: reserve a tenth more input than counted.
-        let estimate = ctx.price(tier, &model).estimate(shape.prompt_tokens * 11 / 10, u64::from(shape.max_tokens), billing);
+        let estimate =
+            ctx.price(request.fallback).estimate(request.prompt_tokens * 11 / 10, u64::from(request.max_tokens), request.price_column);
         let status = self.controller.status();
         let call = NewCall {
             run_id: ctx.run_id,
             worker: ctx.worker.id.clone(),
-            model: model.clone(),
-            price_tier: billing,
-            request_hash: Some(hash.clone()),
-            item_ids: claimed.iter().map(|c| c.item.id.clone()).collect(),
+            model: request.model.clone(),
+            price_tier: request.price_column,
+            request_hash: Some(request.hash.clone()),
+            item_ids: request.claimed.iter().map(|c| c.item.id.clone()).collect(),
             concurrency: status.concurrency_limit,
             estimated: if cached.is_some() { Picos::ZERO } else { estimate },
             started_at: now_ms(),
         };
         let Some(call_id) = ctx.store.reserve_call(&call, ctx.cap).await? else {
             self.shared_rate.unused();
-            let leases: Vec<_> = claimed.into_iter().map(|c| c.lease).collect();
+            let leases: Vec<_> = request.claimed.into_iter().map(|c| c.lease).collect();
             ctx.store.release(ctx.run_id, &leases).await?;
             return Ok(Dispatched::Budget);
         };
@@ -327,13 +266,14 @@ impl Dispatcher {
             self.shared_rate.sent();
         }
         let ticket = cached.is_none().then(|| {
+            let claimed = &request.claimed;
             self.controller.on_sent(
                 self.now(),
                 RequestShape {
                     items: claimed.len() as u32,
-                    prompt_tokens: shape.prompt_tokens.min(u64::from(u32::MAX)) as u32,
-                    max_tokens: shape.max_tokens,
-                    retried_items: if shape.resends > 0 {
+                    prompt_tokens: request.prompt_tokens.min(u64::from(u32::MAX)) as u32,
+                    max_tokens: request.max_tokens,
+                    retried_items: if request.resends > 0 {
                         claimed.len() as u32
                     } else {
                         claimed.iter().filter(|c| c.attempts > 0).count() as u32
@@ -343,34 +283,24 @@ impl Dispatcher {
         });
         self.progress.requests.fetch_add(1, Ordering::Relaxed);
         self.progress.reserve(call.estimated);
-        let cut = CancellationToken::new();
-        if let Some(ticket) = ticket {
-            self.cuts.insert(ticket, cut.clone());
-        }
-        let prepared = PreparedCall {
-            call_id,
-            ticket,
-            tier,
-            model,
-            claimed,
-            body,
-            hash,
-            estimate: call.estimated,
-            resendable: cached.is_none().then_some(shape),
-            cached,
-            replay: false,
-            timeout,
-            cut,
-            billing,
+        let answer = match cached {
+            Some(body) => Answer::Cached(body),
+            None => {
+                let cut = CancellationToken::new();
+                if let Some(ticket) = ticket {
+                    self.cuts.insert(ticket, cut.clone());
+                }
+                Answer::Provider { cut }
+            }
         };
-        self.tasks.spawn(execute(ctx, prepared));
+        self.tasks.spawn(execute(ctx, Call { call_id, ticket, estimate: call.estimated, answer, request }));
         Ok(Dispatched::Sent)
     }
 
     /// Rate-limited requests still waiting to go out again: their items back to the queue
     /// untouched (the run is stopping).
     async fn release_resends(&mut self) -> anyhow::Result<()> {
-        let leases: Vec<_> = self.resends.drain(..).flat_map(|(_, r)| r.claimed.into_iter().map(|c| c.lease)).collect();
+        let leases: Vec<_> = self.resends.drain().flat_map(|request| request.claimed.into_iter().map(|c| c.lease)).collect();
         if !leases.is_empty() {
             self.ctx.store.release(self.ctx.run_id, &leases).await?;
         }
@@ -380,12 +310,12 @@ impl Dispatcher {
     /// Items of rate-limited requests waiting to go out again whose wait is over.
     fn resend_items_due(&self) -> usize {
         let now = self.now();
-        self.resends.iter().filter(|(at, _)| *at <= now).map(|(_, r)| r.claimed.len()).sum()
+        self.resends.items_due(now)
     }
 
     /// When the next rate-limited request may go out again.
     fn next_resend(&self) -> Option<Duration> {
-        self.resends.iter().map(|(at, _)| *at).min()
+        self.resends.next_at()
     }
 
     /// Takes one finished call: tells the controller, trips the breaker, queues the write.
@@ -396,8 +326,8 @@ impl Dispatcher {
             Err(e) => anyhow::bail!("a call task failed: {e}"),
         };
         let mut concluded = concluded;
-        if let Some(resend) = concluded.resend.take() {
-            self.resends.push_back((self.now() + resend.after, resend));
+        if let Some((after, request)) = concluded.resend.take() {
+            self.resends.push(self.now() + after, request);
         }
         if let Some(ticket) = concluded.ticket {
             self.cuts.remove(&ticket);
@@ -405,53 +335,13 @@ impl Dispatcher {
             self.shared_rate.learn(self.ctx.store.as_ref(), &observation.outcome, &observation.rate_limits).await;
             self.controller.on_outcome(self.now(), ticket, concluded.observation);
         }
-        if concluded.succeeded {
-            self.successes += 1;
-            self.unreachable_in_a_row = 0;
-            self.refused_in_a_row = 0;
-        }
-        if let Some(why) = &concluded.unreachable {
-            self.unreachable_in_a_row += 1;
-            if self.successes == 0 && self.unreachable_in_a_row >= BREAKER_THRESHOLD {
-                self.fatal.get_or_insert_with(|| {
-                    format!(
-                        "cannot reach the provider at {} ({why}); check model.base_url (or OPENAI_BASE_URL) \
-                         and that the server is running, then run again with --resume",
-                        crate::provider::shown_url(self.ctx.client.endpoint())
-                    )
-                });
-            }
-        }
-        if let Some(why) = &concluded.refused {
-            self.refused_in_a_row += 1;
-            if self.successes == 0 && self.refused_in_a_row >= BREAKER_THRESHOLD {
-                self.fatal.get_or_insert_with(|| {
-                    format!(
-                        "the provider refuses the requests: {why}; check model.name and \
-                         model.structured_output (not every server supports every mode), then run again with --resume"
-                    )
-                });
-            }
-        }
-        if let Some(why) = &concluded.fatal {
-            self.fatal.get_or_insert_with(|| why.clone());
-        }
-        let settle = &concluded.write.settle;
-        if let Some(flag) = &settle.usage_flag {
-            self.distrusted_in_a_row += 1;
-            if self.distrusted_in_a_row >= DISTRUST_THRESHOLD {
-                self.fatal.get_or_insert_with(|| {
-                    format!(
-                        "the provider reported impossible usage or cost on {} answers in a row (last: {flag}); \
-                         its bills cannot be trusted, so the run stops (those calls are costed at their \
-                         reservations, see `status`); check that model.base_url points at the provider you \
-                         mean and, if it reports usage.cost, that the job's prices are not far below its own",
-                        self.distrusted_in_a_row
-                    )
-                });
-            }
-        } else if settle.http_status == Some(200) && settle.cost_source != "cache" {
-            self.distrusted_in_a_row = 0;
+        let finished = Finished {
+            verdict: &concluded.verdict,
+            usage_flag: concluded.write.settle.usage_flag.as_deref(),
+            billed_answer: concluded.write.settle.http_status == Some(200) && concluded.cost_source != CostSource::Cache,
+        };
+        if let Some(why) = self.breaker.observe(&finished, || crate::provider::shown_url(self.ctx.client.endpoint())) {
+            self.fatal.get_or_insert(why);
         }
         if let Some(hash) = &concluded.drop_cache
             && let Err(e) = self.ctx.store.cache_drop(hash).await {
@@ -486,7 +376,9 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn drain(&mut self, stop: &Stop, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    /// Lets the calls in flight finish and takes their writes: within the grace period when
+    /// the run stops on a signal or a failure, else for as long as they take.
+    async fn drain(&mut self, stop: &Stop) -> anyhow::Result<()> {
         let grace = match stop {
             Stop::Interrupted | Stop::Failed(_) => Some(self.ctx.grace),
             _ => None,
@@ -516,7 +408,6 @@ impl Dispatcher {
                 self.finish(joined).await?;
             }
         }
-        let _ = shutdown;
         Ok(())
     }
 

@@ -7,68 +7,102 @@ use std::time::{Duration, Instant};
 
 use backfill_controller::{CompletedRequest, Observation, Outcome, RateLimitInfo, Ticket, parse_rate_limit_headers};
 
-use super::context::RunContext;
-use super::policy::Setback;
-use crate::ledger::{Bounds, CostSource, answered_cost};
+use crate::runner::context::RunContext;
+use crate::runner::policy::{Setback, jitter};
+use tokio_util::sync::CancellationToken;
+
+use crate::ledger::{Bounds, CallOutcome, CostSource, OutputStatus, answered_cost};
 use crate::pricing::{Picos, Tier};
 use crate::provider::{CallError, Completion, parse_completion};
 use crate::store::{BatchWrite, CallSettle, Claimed, ItemChange, ItemUpdate, OutputRecord, OutputValue, now_ms};
-use crate::validate::{Malformed, Validated, validate};
+use crate::pipeline::answers::{Malformed, Validated, validate};
 
-/// A call ready to go: its items, body and ledger row.
+/// One request, from packing to its conclusion: the items it carries (leased to this worker
+/// while it is out), what it asks and how it is billed. It goes whole from the packer to the
+/// call task and, after a 429, back to the dispatcher to go out again unchanged.
 #[derive(Debug)]
-pub struct PreparedCall {
-    pub call_id: i64,
-    /// `None` when the controller was not told (answers from the cache).
-    pub ticket: Option<Ticket>,
+pub struct Request {
     pub claimed: Vec<Claimed>,
-    pub tier: u32,
+    /// Where its items are on the fallback chain (0 = `model.name`, k = `model.fallback[k-1]`).
+    pub fallback: u32,
     pub model: String,
+    /// The body as sent; empty for a request known only by its ledger row (a call lost in a
+    /// crash, a request of a provider batch).
     pub body: Vec<u8>,
     pub hash: String,
-    pub estimate: Picos,
-    /// The cached answer, when the same request was answered before.
-    pub cached: Option<String>,
-    /// Settling a call lost in a crash from its cached answer: it was billed.
-    pub replay: bool,
+    /// Prompt tokens as counted here, and the answer's `max_tokens` (0 when not known).
+    pub prompt_tokens: u64,
+    pub max_tokens: u32,
+    /// The controller bounds it: `request_timeout_s`, plus time for our own requests ahead.
     pub timeout: Duration,
-    /// Cancelled when the controller cuts the call at the end of the queue.
-    pub cut: tokio_util::sync::CancellationToken,
-    /// The price column the call is billed at (the batch API's is lower).
-    pub billing: Tier,
-    /// Set for calls that go out again unchanged after a 429 (`None`: cache replays and
-    /// batch results).
-    pub resendable: Option<Resendable>,
+    /// The price column it is billed at (the batch API's is lower).
+    pub price_column: Tier,
+    /// How many times it has gone out again after a 429.
+    pub resends: u32,
+}
+
+impl Request {
+    /// A request known only by its ledger row: its items (as held now), model and hash.
+    pub fn from_ledger(claimed: Vec<Claimed>, model: String, hash: String, price_column: Tier) -> Request {
+        let fallback = claimed.first().map(|c| c.tier).unwrap_or(0);
+        Request {
+            claimed,
+            fallback,
+            model,
+            body: Vec::new(),
+            hash,
+            prompt_tokens: 0,
+            max_tokens: 0,
+            timeout: Duration::ZERO,
+            price_column,
+            resends: 0,
+        }
+    }
+}
+
+/// Where a call's answer comes from.
+#[derive(Debug)]
+pub enum Answer {
+    /// The provider, now; `cut` is cancelled when the controller cuts the call at the end of
+    /// the queue.
+    Provider { cut: CancellationToken },
+    /// The response cache: the same request was answered before, and nothing is billed.
+    Cached(String),
+    /// The response cache, for a call lost in a crash: it was billed.
+    Replayed(String),
+    /// A provider batch's result line, collected by the batch engine.
+    Batch,
+}
+
+/// A request reserved in the ledger, on its way to an answer.
+#[derive(Debug)]
+pub struct Call {
+    pub call_id: i64,
+    /// `None` when the controller was not told (answers from the cache, batch results).
+    pub ticket: Option<Ticket>,
+    /// The estimate reserved for it.
+    pub estimate: Picos,
+    pub answer: Answer,
+    pub request: Request,
 }
 
 /// How many times a rate-limited request goes out again unchanged before its items return to
 /// the queue to be packed anew.
 pub const MAX_RESENDS: u32 = 3;
 
-/// The shape of a request that may go out again unchanged.
-#[derive(Debug, Clone, Copy)]
-pub struct Resendable {
-    pub prompt_tokens: u64,
-    pub max_tokens: u32,
-    /// How many times it has gone out again already.
-    pub resends: u32,
-}
-
-/// A rate-limited request to send again, unchanged (same items, still leased to this worker;
-/// same body), once the provider's Retry-After has passed: a 429 says nothing about the
-/// request, and the identical body keeps the provider's prompt cache and the response cache
-/// working.
-#[derive(Debug)]
-pub struct Resend {
-    pub after: Duration,
-    pub claimed: Vec<Claimed>,
-    pub tier: u32,
-    pub model: String,
-    pub body: Vec<u8>,
-    pub hash: String,
-    pub billing: Tier,
-    pub timeout: Duration,
-    pub shape: Resendable,
+/// What a finished call says about the provider, for the dispatcher's breakers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Answered, and the answer was usable.
+    Succeeded,
+    /// The provider could not be reached at all (for the circuit breaker).
+    Unreachable(String),
+    /// The request itself was refused (4xx) — repeated, it means a bad job setting.
+    Refused(String),
+    /// Nothing more can succeed: stop the run with this message.
+    Fatal(String),
+    /// Any other failure: the items' own retries deal with it.
+    Failed,
 }
 
 /// What the dispatcher does with a finished call.
@@ -77,34 +111,34 @@ pub struct Concluded {
     pub ticket: Option<Ticket>,
     pub observation: Observation,
     pub write: BatchWrite,
-    /// The provider refuses every call: stop the run with this message.
-    pub fatal: Option<String>,
-    /// The provider could not be reached at all (for the circuit breaker).
-    pub unreachable: Option<String>,
-    /// The request itself was refused (4xx) — repeated, it means a bad job setting.
-    pub refused: Option<String>,
-    pub succeeded: bool,
+    pub verdict: Verdict,
+    /// Where the call's cost came from (also in `write.settle`, as the ledger spells it).
+    pub cost_source: CostSource,
     /// The estimate reserved for the call.
     pub estimate: Picos,
     /// Not every item got an output: an identical request must not be served from the cache.
     pub drop_cache: Option<String>,
-    /// Rate-limited: the same request goes out again after this wait; its items stay leased.
-    pub resend: Option<Resend>,
+    /// Rate-limited (a 429 says nothing about the request): the same request goes out again,
+    /// unchanged, after this wait — its items still leased, its identical body keeping the
+    /// provider's prompt cache and the response cache working.
+    pub resend: Option<(Duration, Request)>,
 }
 
-pub async fn execute(ctx: Arc<RunContext>, call: PreparedCall) -> Concluded {
+pub async fn execute(ctx: Arc<RunContext>, call: Call) -> Concluded {
     let started = Instant::now();
-    let outcome = match &call.cached {
-        Some(body) => parse_completion(body)
+    let request = &call.request;
+    let outcome = match &call.answer {
+        Answer::Cached(body) | Answer::Replayed(body) => parse_completion(body)
             .map(|completion| (completion, Vec::new()))
             .map_err(|reason| CallError::BadOutput { reason, status: 200, body: body.clone() }),
-        None => match tokio::select! {
-            sent = ctx.client.send(&call.body, call.timeout) => sent,
-            _ = call.cut.cancelled() => Err(CallError::Timeout { after: started.elapsed() }),
+        Answer::Batch => unreachable!("a provider batch's results are concluded by the batch engine"),
+        Answer::Provider { cut } => match tokio::select! {
+            sent = ctx.client.send(&request.body, request.timeout) => sent,
+            _ = cut.cancelled() => Err(CallError::Timeout { after: started.elapsed() }),
         } {
             Ok(answer) => {
                 if ctx.cache.enabled
-                    && let Err(e) = ctx.store.cache_put(&call.hash, &call.model, &answer.body, ctx.cache.ttl).await {
+                    && let Err(e) = ctx.store.cache_put(&request.hash, &request.model, &answer.body, ctx.cache.ttl).await {
                         tracing::warn!("could not store the answer in the response cache: {e:#}");
                     }
                 Ok((answer.completion, answer.headers))
@@ -120,34 +154,37 @@ pub async fn execute(ctx: Arc<RunContext>, call: PreparedCall) -> Concluded {
 /// dispatcher must know (breaker, fatal errors, cache).
 pub fn conclude(
     ctx: &RunContext,
-    call: PreparedCall,
+    call: Call,
     outcome: Result<(Completion, Vec<(String, String)>), CallError>,
     latency: Duration,
 ) -> Concluded {
     let now = now_ms();
-    let batch_len = call.claimed.len();
+    let Call { call_id, ticket, estimate, answer, request } = call;
+    let from_cache = matches!(answer, Answer::Cached(_) | Answer::Replayed(_));
+    let request_len = request.claimed.len();
     let mut settle = CallSettle {
         latency_ms: Some(latency.as_millis() as i64),
         ..CallSettle::default()
     };
     let mut result = Concluded {
-        ticket: call.ticket,
+        ticket,
         observation: Observation::new(latency, Outcome::OtherError, Default::default()),
-        write: BatchWrite { run_id: ctx.run_id, call_id: call.call_id, settle: CallSettle::default(), items: Vec::new() },
-        fatal: None,
-        unreachable: None,
-        refused: None,
-        succeeded: false,
+        write: BatchWrite { run_id: ctx.run_id, call_id, settle: CallSettle::default(), items: Vec::new() },
+        verdict: Verdict::Failed,
+        cost_source: CostSource::None,
         drop_cache: None,
-        estimate: call.estimate,
+        estimate,
         resend: None,
     };
+    // Recorded in the settlement, as the ledger spells them, once the call is concluded.
+    let call_outcome: CallOutcome;
+    let cost_source: CostSource;
     let setback_all = |setback: &Setback| -> Vec<ItemUpdate> {
-        call.claimed
+        request.claimed
             .iter()
             .map(|c| ItemUpdate {
                 lease: c.lease.clone(),
-                change: ctx.policy.next(setback, c.attempts, c.tier, batch_len, now, fastrand::f64()),
+                change: ctx.policy.next(setback, c.attempts, c.tier, request_len, now, fastrand::f64()),
                 output: None,
             })
             .collect()
@@ -157,21 +194,20 @@ pub fn conclude(
         Ok((completion, headers)) => {
             result.observation.rate_limits = parse_rate_limit_headers(headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
             settle.http_status = Some(200);
-            let price = ctx.price(call.tier, &call.model);
-            if call.cached.is_some() && !call.replay {
+            let price = ctx.price(request.fallback);
+            if matches!(answer, Answer::Cached(_)) {
                 settle.usage = completion.usage.unwrap_or_default();
                 settle.cost = Picos::ZERO;
-                settle.cost_source = CostSource::Cache.as_str().into();
+                cost_source = CostSource::Cache;
             } else {
-                let max_tokens = call.resendable.map(|shape| u64::from(shape.max_tokens)).unwrap_or(0);
-                let bounds = Bounds::of_request(call.body.len(), max_tokens, u64::from(ctx.chat.context_window));
+                let bounds = Bounds::of_request(request.body.len(), u64::from(request.max_tokens), u64::from(ctx.chat.context_window));
                 let costed = answered_cost(
                     &price,
-                    call.billing,
+                    request.price_column,
                     completion.usage.as_ref(),
                     completion.reported_cost_usd,
                     completion.usage_problem.as_deref(),
-                    call.estimate,
+                    estimate,
                     &bounds,
                 );
                 if let Some(flag) = &costed.flag {
@@ -179,10 +215,10 @@ pub fn conclude(
                 }
                 settle.usage = costed.usage;
                 settle.cost = costed.cost;
-                settle.cost_source = costed.source.as_str().into();
+                cost_source = costed.source;
                 settle.usage_flag = costed.flag;
             }
-            let ids: Vec<String> = call.claimed.iter().map(|c| c.item.id.clone()).collect();
+            let ids: Vec<String> = request.claimed.iter().map(|c| c.item.id.clone()).collect();
             let validated = if completion.no_choices {
                 Err(Malformed("the answer has no `choices` (its usage is billed)".into()))
             } else {
@@ -190,13 +226,13 @@ pub fn conclude(
             };
             match validated {
                 Err(malformed) => {
-                    settle.outcome = "malformed".into();
+                    call_outcome = CallOutcome::Malformed;
                     settle.error = Some(malformed.to_string());
                     settle.content = Some(completion.content.clone());
-                    settle.items_invalid = batch_len as u32;
+                    settle.items_invalid = request_len as u32;
                     result.write.items = setback_all(&Setback::Malformed(malformed.to_string()));
                     result.observation.outcome = Outcome::Completed(CompletedRequest {
-                        items_missing: batch_len as u32,
+                        items_missing: request_len as u32,
                         truncated: completion.truncated(),
                         prompt_tokens: settle.usage.prompt_tokens.min(u64::from(u32::MAX)) as u32,
                         completion_tokens: settle.usage.completion_tokens.min(u64::from(u32::MAX)) as u32,
@@ -205,17 +241,16 @@ pub fn conclude(
                 }
                 Ok(validated) => {
                     settle.repair = validated.repair.clone();
-                    let completed = apply_outputs(ctx, &call, &validated, now, &mut result.write.items, &mut settle);
+                    let completed = apply_outputs(ctx, &request.claimed, &validated, now, &mut result.write.items, &mut settle);
                     if validated.foreign_keys > 0 {
                         settle.content = Some(completion.content.clone());
                     }
-                    settle.outcome = match (call.cached.is_some(), call.replay, completion.truncated()) {
-                        (true, false, _) => "cached",
-                        (_, _, true) => "truncated",
-                        _ => "ok",
-                    }
-                    .into();
-                    result.succeeded = true;
+                    call_outcome = match (&answer, completion.truncated()) {
+                        (Answer::Cached(_), _) => CallOutcome::Cached,
+                        (_, true) => CallOutcome::Truncated,
+                        _ => CallOutcome::Ok,
+                    };
+                    result.verdict = Verdict::Succeeded;
                     result.observation.outcome = Outcome::Completed(CompletedRequest {
                         truncated: completion.truncated(),
                         prompt_tokens: settle.usage.prompt_tokens.min(u64::from(u32::MAX)) as u32,
@@ -227,9 +262,9 @@ pub fn conclude(
         }
         Err(error) => {
             settle.http_status = error.http_status();
-            settle.outcome = error.outcome().into();
+            call_outcome = error_outcome(&error);
             settle.error = Some(error.to_string());
-            settle.cost_source = CostSource::None.as_str().into();
+            cost_source = CostSource::None;
             let asked = match &error {
                 CallError::RateLimited(limit) => too_long_wait(&limit.headers, true, ctx.limits.max_retry_after),
                 CallError::Transient { status: Some(_), headers, .. } => too_long_wait(headers, false, ctx.limits.max_retry_after),
@@ -238,33 +273,25 @@ pub fn conclude(
             if let Some(why) = asked {
                 // Waiting that long is a stall, not a pause: stop the run, the items go back to
                 // the queue untouched, and nothing this long is learned or shared.
-                result.fatal = Some(why);
+                result.verdict = Verdict::Fatal(why);
                 result.observation.outcome =
                     if matches!(error, CallError::RateLimited(_)) { Outcome::RateLimited } else { Outcome::OtherError };
                 result.write.items = setback_all(&Setback::Released);
-                result.write.settle = settle;
+                result.write.settle = seal(settle, call_outcome, cost_source);
+                result.cost_source = cost_source;
                 return result;
             }
             let (setback, observed) = match &error {
                 CallError::RateLimited(limit) => {
                     result.observation.rate_limits = parse_rate_limit_headers(limit.headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
-                    if let Some(shape) = call.resendable.filter(|s| s.resends < MAX_RESENDS && call.cached.is_none()) {
+                    if matches!(answer, Answer::Provider { .. }) && request.resends < MAX_RESENDS {
                         // Retry-After plus up to a tenth of it again, so resends do not land together.
                         let wait = limit.retry_after.unwrap_or(Duration::from_secs(1));
                         let after = wait.saturating_add(jitter(wait, 0.1 * fastrand::f64()));
                         result.observation.outcome = Outcome::RateLimited;
-                        result.write.settle = settle;
-                        result.resend = Some(Resend {
-                            after,
-                            claimed: call.claimed,
-                            tier: call.tier,
-                            model: call.model,
-                            body: call.body,
-                            hash: call.hash,
-                            billing: call.billing,
-                            timeout: call.timeout,
-                            shape,
-                        });
+                        result.write.settle = seal(settle, call_outcome, cost_source);
+                        result.cost_source = cost_source;
+                        result.resend = Some((after, request));
                         return result;
                     }
                     (Setback::RateLimited { retry_after: limit.retry_after }, Outcome::RateLimited)
@@ -280,18 +307,18 @@ pub fn conclude(
                 }
                 CallError::Transient { status: None, message, .. } => {
                     if message.starts_with("cannot connect") {
-                        result.unreachable = Some(error.to_string());
+                        result.verdict = Verdict::Unreachable(error.to_string());
                     } else {
                         settle.lost = true;
                     }
                     (Setback::Transient(error.to_string()), Outcome::OtherError)
                 }
                 CallError::Rejected { .. } => {
-                    result.refused = Some(error.to_string());
+                    result.verdict = Verdict::Refused(error.to_string());
                     (Setback::Malformed(error.to_string()), Outcome::OtherError)
                 }
                 CallError::Fatal { .. } | CallError::Redirected { .. } => {
-                    result.fatal = Some(error.to_string());
+                    result.verdict = Verdict::Fatal(error.to_string());
                     (Setback::Released, Outcome::OtherError)
                 }
                 CallError::TooLarge { .. } => {
@@ -309,16 +336,31 @@ pub fn conclude(
         }
     }
     let all_done = result.write.items.iter().all(|u| matches!(u.change, ItemChange::Done { .. }));
-    if !all_done && (call.cached.is_some() || settle.http_status == Some(200)) {
-        result.drop_cache = Some(call.hash.clone());
+    if !all_done && (from_cache || settle.http_status == Some(200)) {
+        result.drop_cache = Some(request.hash.clone());
     }
-    result.write.settle = settle;
+    result.write.settle = seal(settle, call_outcome, cost_source);
+    result.cost_source = cost_source;
     result
 }
 
-/// `share` of `wait` (share in 0..=1), never overflowing.
-pub fn jitter(wait: Duration, share: f64) -> Duration {
-    Duration::try_from_secs_f64(wait.as_secs_f64() * share.clamp(0.0, 1.0)).unwrap_or(Duration::ZERO)
+/// The ledger's outcome for a call that failed.
+fn error_outcome(error: &CallError) -> CallOutcome {
+    match error {
+        CallError::RateLimited(_) => CallOutcome::RateLimited,
+        CallError::Transient { .. } => CallOutcome::Transient,
+        CallError::Timeout { .. } => CallOutcome::Timeout,
+        CallError::Rejected { .. } => CallOutcome::RejectedRequest,
+        CallError::Fatal { .. } => CallOutcome::Fatal,
+        CallError::Redirected { .. } => CallOutcome::Redirected,
+        CallError::TooLarge { .. } => CallOutcome::TooLarge,
+        CallError::BadOutput { .. } => CallOutcome::BadOutput,
+    }
+}
+
+/// The settlement with its outcome and cost source as the ledger spells them.
+fn seal(settle: CallSettle, outcome: CallOutcome, cost_source: CostSource) -> CallSettle {
+    CallSettle { outcome: outcome.as_str().into(), cost_source: cost_source.as_str().into(), ..settle }
 }
 
 /// The wait a 429 (`rate_limited`) or a 5xx asks for — `retry-after-ms`/`retry-after`, or for
@@ -367,18 +409,18 @@ fn exhausted_reset(info: &RateLimitInfo) -> Option<Duration> {
 /// per-item counts for the controller.
 fn apply_outputs(
     ctx: &RunContext,
-    call: &PreparedCall,
+    claimed: &[Claimed],
     validated: &Validated,
     now: i64,
     updates: &mut Vec<ItemUpdate>,
     settle: &mut CallSettle,
 ) -> CompletedRequest {
-    let batch_len = call.claimed.len();
+    let request_len = claimed.len();
     let mut counts = CompletedRequest::default();
-    let next = |c: &Claimed, setback: &Setback| ctx.policy.next(setback, c.attempts, c.tier, batch_len, now, fastrand::f64());
+    let next = |c: &Claimed, setback: &Setback| ctx.policy.next(setback, c.attempts, c.tier, request_len, now, fastrand::f64());
 
     for (index, output) in &validated.outputs {
-        let claimed = &call.claimed[*index];
+        let claimed = &claimed[*index];
         let raw = serde_json::to_string(output).expect("outputs serialise");
         match ctx.check_output(output) {
             Ok((values, changes)) => {
@@ -389,7 +431,7 @@ fn apply_outputs(
                 updates.push(ItemUpdate {
                     lease: claimed.lease.clone(),
                     change: ItemChange::Done { values: values.into_iter().map(|(k, v)| (k, OutputValue::Text(v))).collect() },
-                    output: Some(OutputRecord { status: "written".into(), raw: Some(raw), final_json: Some(final_json), detail: changes }),
+                    output: Some(OutputRecord { status: OutputStatus::Written.as_str().into(), raw: Some(raw), final_json: Some(final_json), detail: changes }),
                 });
             }
             Err((reason, detail)) => {
@@ -400,7 +442,7 @@ fn apply_outputs(
                     lease: claimed.lease.clone(),
                     change: next(claimed, &setback),
                     output: Some(OutputRecord {
-                        status: "rejected".into(),
+                        status: OutputStatus::Rejected.as_str().into(),
                         raw: Some(raw),
                         final_json: None,
                         detail: Some(serde_json::json!({ "reason": reason, "detail": detail }).to_string()),
@@ -410,17 +452,17 @@ fn apply_outputs(
         }
     }
     for (index, why) in &validated.invalid {
-        let claimed = &call.claimed[*index];
+        let claimed = &claimed[*index];
         counts.items_missing += 1;
         settle.items_invalid += 1;
         updates.push(ItemUpdate {
             lease: claimed.lease.clone(),
             change: next(claimed, &Setback::Invalid(why.clone())),
-            output: Some(OutputRecord { status: "invalid".into(), raw: None, final_json: None, detail: Some(why.clone()) }),
+            output: Some(OutputRecord { status: OutputStatus::Invalid.as_str().into(), raw: None, final_json: None, detail: Some(why.clone()) }),
         });
     }
     for index in &validated.missing {
-        let claimed = &call.claimed[*index];
+        let claimed = &claimed[*index];
         counts.items_missing += 1;
         settle.items_missing += 1;
         updates.push(ItemUpdate { lease: claimed.lease.clone(), change: next(claimed, &Setback::Missing), output: None });
