@@ -1,6 +1,10 @@
 //! The command line: raw flags (clap), turned into a validated job and options, dispatched to
 //! one command, with every error printed once (with its causes) and mapped to an exit code.
 
+mod batches;
+mod failures;
+mod init;
+mod ops;
 mod report;
 mod status;
 
@@ -33,6 +37,9 @@ Examples:
   backfill status jobs/motions_nl.toml            items by state, cost, workers
   backfill report jobs/motions_nl.toml --chart run.svg
   echo 'Een tekst.' | backfill check jobs/motions_nl.toml
+  backfill failures jobs/motions_nl.toml          failed and rejected items, with the answers
+  backfill batches jobs/motions_nl.toml --cancel  cancel the run's unfinished provider batches
+  backfill init --database sqlite://data.db --table notes --column summary
 
 Exit codes:
   0 finished   1 error   2 bad usage or job file, nothing sent   3 budget cap reached
@@ -57,6 +64,12 @@ enum Command {
     Abandon(DatabaseArgs),
     /// Try the job's post-processing rules on a text read from stdin (exit 6 when they reject it).
     Check(CheckArgs),
+    /// List the failed and rejected items of a run with their reasons, errors and raw answers.
+    Failures(ops::FailuresArgs),
+    /// Write a commented job file and prompt template from a table's columns.
+    Init(ops::InitArgs),
+    /// List a run's provider batches (batch mode), or --cancel the unfinished ones.
+    Batches(ops::BatchesArgs),
 }
 
 #[derive(Debug, Args)]
@@ -225,6 +238,9 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             report::report(&job, args.run, args.json, args.chart.as_deref()).await
         }
         Command::Check(args) => check(args),
+        Command::Failures(args) => ops::failures(args).await,
+        Command::Init(args) => ops::init(args).await,
+        Command::Batches(args) => ops::batches(args).await,
         Command::Abandon(args) => {
             let job = load(&args, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
             status::abandon(&job).await

@@ -6,7 +6,7 @@ use super::print_json;
 use crate::time::{readable, rfc3339_ms};
 use crate::exit::{Exit, usage};
 use crate::job::Job;
-use crate::store::{JobTotals, ModelCost, RunStatus, StatusReport, Store};
+use crate::store::{BatchRecord, JobTotals, ModelCost, RunRecord, RunStatus, StatusReport, Store};
 
 #[derive(Debug, Serialize)]
 pub(super) struct StatusJson {
@@ -45,7 +45,7 @@ struct JobTotalsJson {
 }
 
 #[derive(Debug, Serialize)]
-struct BatchJson {
+pub(super) struct BatchJson {
     id: i64,
     provider_batch_id: Option<String>,
     dialect: String,
@@ -220,24 +220,41 @@ pub(super) fn to_json(job: &Job, r: &StatusReport) -> StatusJson {
             .collect(),
         earlier_runs_not_shown: 0,
         job_totals: job_totals_json(&r.job_totals),
-        batches: r
-            .batches
-            .iter()
-            .map(|b| BatchJson {
-                id: b.id,
-                provider_batch_id: b.provider_batch_id.clone(),
-                dialect: b.dialect.clone(),
-                phase: b.phase.as_str().into(),
-                provider_status: b.provider_status.clone(),
-                requests: b.requests,
-                completed: b.completed,
-                failed: b.failed,
-                submitted_at: b.submitted_at.map(rfc3339_ms),
-                ended_at: b.ended_at.map(rfc3339_ms),
-                error: b.error.clone(),
-            })
-            .collect(),
+        batches: r.batches.iter().map(batch_json).collect(),
     }
+}
+
+/// A provider batch as `status` and `batches` show it.
+pub(super) fn batch_json(b: &BatchRecord) -> BatchJson {
+    BatchJson {
+        id: b.id,
+        provider_batch_id: b.provider_batch_id.clone(),
+        dialect: b.dialect.clone(),
+        phase: b.phase.as_str().into(),
+        provider_status: b.provider_status.clone(),
+        requests: b.requests,
+        completed: b.completed,
+        failed: b.failed,
+        submitted_at: b.submitted_at.map(rfc3339_ms),
+        ended_at: b.ended_at.map(rfc3339_ms),
+        error: b.error.clone(),
+    }
+}
+
+/// One line for a provider batch: where it stands at the provider and what it holds.
+pub(super) fn batch_line(b: &BatchJson) -> String {
+    format!(
+        "batch {} ({} {}): {}{}, {} requests, {} completed, {} failed{}",
+        b.id,
+        b.dialect,
+        b.provider_batch_id.as_deref().unwrap_or("not created"),
+        b.phase,
+        b.provider_status.as_deref().map(|p| format!(" / {p}")).unwrap_or_default(),
+        b.requests,
+        b.completed,
+        b.failed,
+        b.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default(),
+    )
 }
 
 pub(super) fn human(s: &StatusJson) -> String {
@@ -309,18 +326,7 @@ pub(super) fn human(s: &StatusJson) -> String {
         ));
     }
     for b in &s.batches {
-        out.push_str(&format!(
-            "  batch {} ({} {}): {}{}, {} requests, {} completed, {} failed{}\n",
-            b.id,
-            b.dialect,
-            b.provider_batch_id.as_deref().unwrap_or("not created"),
-            b.phase,
-            b.provider_status.as_deref().map(|p| format!(" / {p}")).unwrap_or_default(),
-            b.requests,
-            b.completed,
-            b.failed,
-            b.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default(),
-        ));
+        out.push_str(&format!("  {}\n", batch_line(b)));
     }
     for r in &s.earlier_runs {
         out.push_str(&format!("  earlier run {} ({}), {}: {} items, ${:.4}\n", r.run_id, r.status, readable(&r.created_at), r.items, r.cost_usd));
@@ -373,20 +379,29 @@ async fn open_existing(job: &Job, write: bool) -> anyhow::Result<Option<std::syn
     Ok(if store.runner_tables_exist().await? { Some(store) } else { None })
 }
 
-/// The store (read-only) and what it says about a run of the job (the latest by default).
-pub(super) async fn load(job: &Job, run: Option<i64>) -> anyhow::Result<(std::sync::Arc<dyn Store>, StatusReport)> {
-    let store = open_existing(job, false).await?;
-    let report = match &store {
-        Some(store) => store.status(&job.name, run).await?,
+/// The run asked for (the latest by default) in a store that has runner tables; read-only
+/// unless `write`.
+pub(super) async fn chosen_run(job: &Job, run: Option<i64>, write: bool) -> anyhow::Result<(std::sync::Arc<dyn Store>, RunRecord)> {
+    let store = open_existing(job, write).await?;
+    let found = match &store {
+        Some(store) => store.find_run(&job.name, run).await?,
         None => None,
     };
-    match (store, report) {
-        (Some(store), Some(report)) => Ok((store, report)),
+    match (store, found) {
+        (Some(store), Some(found)) => Ok((store, found)),
         _ => Err(usage(match run {
             Some(id) => format!("job `{}` has no run {id}", job.name),
             None => format!("job `{}` has no runs yet in {}; start one with `backfill run`", job.name, job.database),
         })),
     }
+}
+
+/// The store (read-only) and what it says about a run of the job (the latest by default).
+pub(super) async fn load(job: &Job, run: Option<i64>) -> anyhow::Result<(std::sync::Arc<dyn Store>, StatusReport)> {
+    let (store, found) = chosen_run(job, run, false).await?;
+    let report = store.status(&job.name, Some(found.id)).await?;
+    let report = report.ok_or_else(|| usage(format!("job `{}` has no run {}", job.name, found.id)))?;
+    Ok((store, report))
 }
 
 pub async fn status(job: &Job, json: bool, all: bool) -> anyhow::Result<Exit> {

@@ -16,6 +16,7 @@ use crate::pricing::PriceTable;
 use crate::secret::DatabaseUrl;
 
 pub use validate::LoadOptions;
+pub(crate) use validate::database_url;
 
 /// A validated job.
 #[derive(Debug, Clone)]

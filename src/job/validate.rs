@@ -192,7 +192,7 @@ fn resolve(dir: &Path, relative: &str, key: &str) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn database_url(dir: &Path, cli: Option<&str>, job: Option<&str>) -> anyhow::Result<DatabaseUrl> {
+pub(crate) fn database_url(dir: &Path, cli: Option<&str>, job: Option<&str>) -> anyhow::Result<DatabaseUrl> {
     let (raw, key) = match (cli, job) {
         (Some(url), _) => (url, "--database"),
         (None, Some(url)) => (url, "source.database"),

@@ -122,6 +122,10 @@ pub trait Source: Send + Sync {
     /// read as the stream is consumed, so a reader that keeps a bounded number of them holds
     /// bounded memory whatever the table's size.
     fn pending_rows<'a>(&'a self, tables: &'a Tables, limit: Option<u64>) -> BoxStream<'a, anyhow::Result<Item>>;
+
+    /// The columns of a table in their order (`backfill init`); a table that does not exist
+    /// is a usage error naming the tables that do.
+    async fn describe(&self, table: &Ident) -> anyhow::Result<Vec<ColumnShape>>;
 }
 
 /// Runs and the workers attached to them.
@@ -229,6 +233,12 @@ pub trait Batches: Send + Sync {
 
     /// Ledger rows recorded under `owner` (`NewCall::worker`), in id order.
     async fn calls_of(&self, run_id: i64, owner: &str) -> anyhow::Result<Vec<OwnedCall>>;
+
+    /// Records what an operator asked of a submitted batch (`backfill batches --cancel`) and
+    /// what the provider then said, and has the run poll it at once; only these columns
+    /// change, so a runner working on the batch meanwhile loses nothing. False when the batch
+    /// is no longer `submitted`.
+    async fn note_batch(&self, batch_id: i64, note: &BatchNote) -> anyhow::Result<bool>;
 }
 
 /// What `status`, `report` and the dry run read: counts, history, ledger rows.
@@ -241,6 +251,13 @@ pub trait Reports: Send + Sync {
 
     /// Runs of the job before `before`, newest first, with their spend (`limit`: at most that many).
     async fn history(&self, job: &str, before: i64, limit: Option<u64>) -> anyhow::Result<Vec<(RunRecord, Picos)>>;
+
+    /// The run `run` of the job, or its latest run.
+    async fn find_run(&self, job: &str, run: Option<i64>) -> anyhow::Result<Option<RunRecord>>;
+
+    /// Failed and rejected items of a run (`state`: only those), in queue order, at most
+    /// `limit`, each with its last stored answer.
+    async fn failures(&self, run_id: i64, state: Option<&str>, limit: Option<u64>) -> anyhow::Result<Vec<FailureRow>>;
 
     /// Ledger rows of a run in time order (for the report's chart).
     async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>>;

@@ -516,3 +516,65 @@ pub struct HeldItem {
     pub attempts: u32,
     pub tier: u32,
 }
+
+/// A failed or rejected item of a run, with what the store kept about it (`backfill failures`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailureRow {
+    pub item_id: String,
+    /// failed | rejected
+    pub state: String,
+    /// The short code of the last failure (`malformed`, `too_long`, …).
+    pub reason: Option<String>,
+    /// The stored error message of the last failure.
+    pub error: Option<String>,
+    pub attempts: u32,
+    /// The model tier the item was last on (0 = `model.name`, k = `model.fallback[k-1]`).
+    pub tier: u32,
+    pub updated_at: i64,
+    /// The last answer stored for the item (`backfill_outputs`), with its status and the model
+    /// of the call that returned it.
+    pub answer: Option<StoredAnswer>,
+}
+
+/// An item's answer as `backfill_outputs` keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAnswer {
+    /// written | skipped | rejected | invalid
+    pub status: String,
+    pub raw: Option<String>,
+    /// Post-processing changes or reasons (JSON).
+    pub detail: Option<String>,
+    pub call_id: i64,
+    pub model: Option<String>,
+    pub created_at: i64,
+}
+
+/// One column of a table as the database describes it (`backfill init`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnShape {
+    pub name: String,
+    /// The declared type as the database spells it (`TEXT`, `character varying(200)`, …).
+    pub sql_type: String,
+    /// Part of the table's primary key.
+    pub primary_key: bool,
+}
+
+impl ColumnShape {
+    /// Whether the column holds text a prompt can quote: SQLite's text affinity (a declared
+    /// type containing CHAR, CLOB or TEXT) or PostgreSQL's character types.
+    pub fn is_text(&self) -> bool {
+        let t = self.sql_type.to_ascii_lowercase();
+        ["char", "clob", "text"].iter().any(|k| t.contains(k))
+    }
+}
+
+/// What an operator's request did to a submitted batch (see `Batches::note_batch`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BatchNote {
+    /// The provider's status word after the request, when it could be read.
+    pub provider_status: Option<String>,
+    pub completed: Option<u64>,
+    pub failed: Option<u64>,
+    /// Recorded as the batch's `error`: what was asked and how it went.
+    pub note: String,
+}

@@ -14,6 +14,7 @@ mod exit_codes;
 mod hostile;
 mod job_errors;
 mod ledger;
+mod operator;
 mod llama;
 mod llmock;
 mod local;

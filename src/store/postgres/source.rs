@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use super::{IdKind, PgStore};
 use crate::exit::usage;
 use crate::ident::Ident;
-use crate::store::{Item, OutputValue, SourceInfo, Tables};
+use crate::store::{ColumnShape, Item, OutputValue, SourceInfo, Tables};
 
 /// `(column, SQL type)` of a table, in column order; empty when the table does not exist.
 async fn catalogue_columns(store: &PgStore, table: &Ident) -> anyhow::Result<Vec<(String, String)>> {
@@ -55,26 +55,7 @@ fn select_list(tables: &Tables) -> String {
 pub(super) async fn inspect(store: &PgStore, tables: &Tables) -> anyhow::Result<SourceInfo> {
     let existing = catalogue_columns(store, &tables.table).await?;
     if existing.is_empty() {
-        let schema: String = sqlx::query_scalar("SELECT current_schemas(false)::text")
-            .fetch_one(&store.pool)
-            .await
-            .map_err(|e| store.err(e))?;
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT CASE WHEN table_schema = ANY (current_schemas(false)) THEN table_name \
-             ELSE table_schema || '.' || table_name END FROM information_schema.tables \
-             WHERE table_schema NOT IN ('pg_catalog', 'information_schema') AND table_name NOT LIKE 'backfill\\_%' \
-             AND table_name NOT LIKE '\\_sqlx%' ORDER BY 1 LIMIT 50",
-        )
-        .fetch_all(&store.pool)
-        .await
-        .map_err(|e| store.err(e))?;
-        return Err(usage(format!(
-            "`source.table`: table {} does not exist in {} (schemas searched: {schema}; {}); check the name, write \
-             it as schema.table, or set the search_path in the URL",
-            tables.table.raw(),
-            store.server,
-            super::super::existing_tables(&names)
-        )));
+        return Err(no_such_table(store, "`source.table`", &tables.table).await?);
     }
     let names: Vec<&str> = existing.iter().map(|(name, _)| name.as_str()).collect();
     let mut wanted = vec![("source.id", &tables.id)];
@@ -99,6 +80,49 @@ pub(super) async fn inspect(store: &PgStore, tables: &Tables) -> anyhow::Result<
         usage(format!("`source.pending`: PostgreSQL rejected the condition {:?}: {message}", tables.pending))
     })?;
     Ok(SourceInfo { pending: pending.max(0) as u64 })
+}
+
+/// "table T does not exist in SERVER (schemas searched: …; it has tables: …)", for the key or
+/// flag that named it.
+async fn no_such_table(store: &PgStore, named_by: &str, table: &Ident) -> anyhow::Result<anyhow::Error> {
+    let schema: String =
+        sqlx::query_scalar("SELECT current_schemas(false)::text").fetch_one(&store.pool).await.map_err(|e| store.err(e))?;
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT CASE WHEN table_schema = ANY (current_schemas(false)) THEN table_name \
+         ELSE table_schema || '.' || table_name END FROM information_schema.tables \
+         WHERE table_schema NOT IN ('pg_catalog', 'information_schema') AND table_name NOT LIKE 'backfill\\_%' \
+         AND table_name NOT LIKE '\\_sqlx%' ORDER BY 1 LIMIT 50",
+    )
+    .fetch_all(&store.pool)
+    .await
+    .map_err(|e| store.err(e))?;
+    Ok(usage(format!(
+        "{named_by}: table {} does not exist in {} (schemas searched: {schema}; {}); check the name, write \
+         it as schema.table, or set the search_path in the URL",
+        table.raw(),
+        store.server,
+        super::super::existing_tables(&names)
+    )))
+}
+
+/// The table's columns in order, with their types and primary key, from the catalogue.
+pub(super) async fn describe(store: &PgStore, table: &Ident) -> anyhow::Result<Vec<ColumnShape>> {
+    let columns = catalogue_columns(store, table).await?;
+    if columns.is_empty() {
+        return Err(no_such_table(store, "--table", table).await?);
+    }
+    let key: Vec<String> = sqlx::query_scalar(
+        "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+         WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+    )
+    .bind(table.to_string())
+    .fetch_all(&store.pool)
+    .await
+    .map_err(|e| store.err(e))?;
+    Ok(columns
+        .into_iter()
+        .map(|(name, sql_type)| ColumnShape { primary_key: key.contains(&name), name, sql_type })
+        .collect())
 }
 
 pub(super) fn pending_rows<'a>(store: &'a PgStore, tables: &'a Tables, limit: Option<u64>) -> BoxStream<'a, anyhow::Result<Item>> {

@@ -6,7 +6,7 @@ use sqlx::Row;
 
 use super::{Backend, DbRow};
 use crate::pricing::Picos;
-use crate::store::{BatchPhase, BatchRecord, Batches, HeldItem, Lease, OwnedCall, now_ms};
+use crate::store::{BatchNote, BatchPhase, BatchRecord, Batches, HeldItem, Lease, OwnedCall, now_ms};
 
 const BATCH_COLUMNS: &str = "id, run_id, dialect, phase, provider_status, input_file_id, provider_batch_id, \
                              output_file_id, error_file_id, results_url, requests, bytes, completed, failed, \
@@ -182,5 +182,24 @@ impl Batches for Backend {
                 })
             })
             .collect()
+    }
+
+    async fn note_batch(&self, batch_id: i64, note: &BatchNote) -> anyhow::Result<bool> {
+        let now = now_ms();
+        let noted = sqlx::query(
+            "UPDATE backfill_batches SET provider_status = COALESCE($1, provider_status), \
+             completed = COALESCE($2, completed), failed = COALESCE($3, failed), error = $4, \
+             next_poll_at = $5, updated_at = $5 WHERE id = $6 AND phase = 'submitted'",
+        )
+        .bind(&note.provider_status)
+        .bind(note.completed.map(|n| n as i64))
+        .bind(note.failed.map(|n| n as i64))
+        .bind(&note.note)
+        .bind(now)
+        .bind(batch_id)
+        .execute(self.pool())
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(noted.rows_affected() == 1)
     }
 }

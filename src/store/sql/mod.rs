@@ -20,7 +20,8 @@ use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
 use super::{Backend, Db, DbRow, Tx, dialect, queue, source};
-use crate::store::{Claim, Claimed, Item, Lease, Queue, Source, SourceInfo, Tables, Worker};
+use crate::ident::Ident;
+use crate::store::{Claim, Claimed, ColumnShape, Item, Lease, Queue, Source, SourceInfo, Tables, Worker};
 
 #[async_trait]
 impl Source for Backend {
@@ -30,6 +31,10 @@ impl Source for Backend {
 
     fn pending_rows<'a>(&'a self, tables: &'a Tables, limit: Option<u64>) -> BoxStream<'a, anyhow::Result<Item>> {
         source::pending_rows(self, tables, limit)
+    }
+
+    async fn describe(&self, table: &Ident) -> anyhow::Result<Vec<ColumnShape>> {
+        source::describe(self, table).await
     }
 }
 

@@ -6,14 +6,31 @@ use super::runs::{RUN_COLUMNS, earlier_runs, run_from_row};
 use super::{Backend, dialect};
 use crate::pricing::Picos;
 use crate::store::{
-    Batches, CallRow, CallStats, HISTORY, ItemCounts, JobTotals, Ledger, ModelCost, Reports, RunRecord, StatusReport,
-    WorkerRow,
+    Batches, CallRow, CallStats, FailureRow, HISTORY, ItemCounts, JobTotals, Ledger, ModelCost, Reports, RunRecord,
+    StatusReport, StoredAnswer, WorkerRow,
 };
 
 /// model, calls, prompt, completion and cached tokens, cost, provider-costed, estimate-costed.
 type ModelRow = (String, i64, i64, i64, i64, i64, i64, i64);
 /// `started_at, latency_ms, items, items_ok, outcome, concurrency, cost_picos, model`.
 type LedgerRow = (i64, Option<i64>, i64, i64, Option<String>, Option<i64>, i64, String);
+/// An item's `item_id, state, reason, last_error, attempts, tier, updated_at`, then its last
+/// output's `status, raw, detail, call_id, created_at` and that call's `model`.
+type FailureSql = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+);
 
 /// Which calls a total covers.
 enum Scope<'a> {
@@ -32,16 +49,7 @@ impl Reports for Backend {
     async fn status(&self, job: &str, run: Option<i64>) -> anyhow::Result<Option<StatusReport>> {
         let pool = self.pool();
         let e = |e| self.err(e);
-        let chosen = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = $1 AND ($2 IS NULL OR id = $2) ORDER BY id DESC LIMIT 1"
-        )))
-        .bind(job)
-        .bind(run)
-        .fetch_optional(pool)
-        .await
-        .map_err(e)?;
-        let chosen: Option<RunRecord> = chosen.as_ref().map(run_from_row).transpose().map_err(e)?;
-        let Some(chosen) = chosen else { return Ok(None) };
+        let Some(chosen) = self.find_run(job, run).await? else { return Ok(None) };
         let run_id = chosen.id;
 
         let counts = self.item_counts(run_id).await?;
@@ -148,6 +156,59 @@ impl Reports for Backend {
             history.push((r, spent));
         }
         Ok(history)
+    }
+
+    async fn find_run(&self, job: &str, run: Option<i64>) -> anyhow::Result<Option<RunRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = $1 AND ($2 IS NULL OR id = $2) ORDER BY id DESC LIMIT 1"
+        )))
+        .bind(job)
+        .bind(run)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| self.err(e))?;
+        row.as_ref().map(run_from_row).transpose().map_err(|e| self.err(e))
+    }
+
+    async fn failures(&self, run_id: i64, state: Option<&str>, limit: Option<u64>) -> anyhow::Result<Vec<FailureRow>> {
+        let rows: Vec<FailureSql> = sqlx::query_as(
+            "SELECT i.item_id, i.state, i.reason, i.last_error, i.attempts, i.tier, i.updated_at, \
+             o.status, o.raw, o.detail, o.call_id, o.created_at, c.model \
+             FROM backfill_items i \
+             LEFT JOIN backfill_outputs o ON o.id = \
+               (SELECT MAX(l.id) FROM backfill_outputs l WHERE l.run_id = i.run_id AND l.item_id = i.item_id) \
+             LEFT JOIN backfill_calls c ON c.id = o.call_id \
+             WHERE i.run_id = $1 AND i.state IN ('failed', 'rejected') AND ($2 IS NULL OR i.state = $2) \
+             ORDER BY i.seq LIMIT $3",
+        )
+        .bind(run_id)
+        .bind(state)
+        .bind(limit.map(|l| l.min(i64::MAX as u64) as i64).or(dialect::NO_LIMIT))
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(item_id, state, reason, error, attempts, tier, updated_at, status, raw, detail, call_id, created_at, model)| {
+                FailureRow {
+                    item_id,
+                    state,
+                    reason,
+                    error,
+                    attempts: attempts.clamp(0, u32::MAX as i64) as u32,
+                    tier: tier.clamp(0, u32::MAX as i64) as u32,
+                    updated_at,
+                    answer: status.map(|status| StoredAnswer {
+                        status,
+                        raw,
+                        detail,
+                        call_id: call_id.unwrap_or_default(),
+                        model,
+                        created_at: created_at.unwrap_or_default(),
+                    }),
+                }
+            })
+            .collect())
     }
 
     async fn calls(&self, run_id: i64) -> anyhow::Result<Vec<CallRow>> {

@@ -9,7 +9,8 @@ use sqlx::{AssertSqlSafe, Row, SqliteConnection, TypeInfo, ValueRef};
 
 use super::{IdKind, SqliteStore};
 use crate::exit::usage;
-use crate::store::{Item, OutputValue, SourceInfo, Tables};
+use crate::ident::Ident;
+use crate::store::{ColumnShape, Item, OutputValue, SourceInfo, Tables};
 
 fn select_list(tables: &Tables) -> String {
     let mut list = vec![tables.id.to_string()];
@@ -27,20 +28,7 @@ pub(super) async fn inspect(store: &SqliteStore, tables: &Tables) -> anyhow::Res
         .await
         .map_err(|e| store.err(e))?;
     if existing.is_empty() {
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view') \
-             AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE 'backfill\\_%' ESCAPE '\\' \
-             AND name NOT LIKE '\\_sqlx%' ESCAPE '\\' ORDER BY name LIMIT 50",
-        )
-        .fetch_all(&store.pool)
-        .await
-        .map_err(|e| store.err(e))?;
-        return Err(usage(format!(
-            "`source.table`: table {} does not exist in {} ({}); check the name and the database",
-            tables.table.raw(),
-            store.path.display(),
-            super::super::existing_tables(&names)
-        )));
+        return Err(no_such_table(store, "`source.table`", &tables.table).await);
     }
     let mut wanted = vec![("source.id", &tables.id)];
     wanted.extend(tables.columns.iter().map(|c| ("source.columns", c)));
@@ -69,6 +57,40 @@ pub(super) async fn inspect(store: &SqliteStore, tables: &Tables) -> anyhow::Res
             ))
         })?;
     Ok(SourceInfo { pending: pending.max(0) as u64 })
+}
+
+/// "table T does not exist in DB (it has tables: …)", for the key or flag that named it.
+async fn no_such_table(store: &SqliteStore, named_by: &str, table: &Ident) -> anyhow::Error {
+    let names: Result<Vec<String>, _> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view') \
+         AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE 'backfill\\_%' ESCAPE '\\' \
+         AND name NOT LIKE '\\_sqlx%' ESCAPE '\\' ORDER BY name LIMIT 50",
+    )
+    .fetch_all(&store.pool)
+    .await;
+    match names {
+        Ok(names) => usage(format!(
+            "{named_by}: table {} does not exist in {} ({}); check the name and the database",
+            table.raw(),
+            store.path.display(),
+            super::super::existing_tables(&names)
+        )),
+        Err(e) => store.err(e),
+    }
+}
+
+/// The table's columns in order, with their declared types and primary key.
+pub(super) async fn describe(store: &SqliteStore, table: &Ident) -> anyhow::Result<Vec<ColumnShape>> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as("SELECT name, type, pk FROM pragma_table_info(?, ?) ORDER BY cid")
+        .bind(table.name())
+        .bind(table.schema().unwrap_or("main"))
+        .fetch_all(&store.pool)
+        .await
+        .map_err(|e| store.err(e))?;
+    if rows.is_empty() {
+        return Err(no_such_table(store, "--table", table).await);
+    }
+    Ok(rows.into_iter().map(|(name, sql_type, pk)| ColumnShape { name, sql_type, primary_key: pk > 0 }).collect())
 }
 
 pub(super) fn pending_rows<'a>(store: &'a SqliteStore, tables: &'a Tables, limit: Option<u64>) -> BoxStream<'a, anyhow::Result<Item>> {
