@@ -22,4 +22,5 @@ pub mod runner;
 pub mod secret;
 pub mod store;
 pub mod tokens;
+pub mod trial;
 pub mod validate;

@@ -34,6 +34,36 @@ enum Command {
     Abandon(DatabaseArgs),
     /// Try the job's post-processing rules on a text read from stdin.
     Check(CheckArgs),
+    /// Compare models on a seeded sample of pending rows with the job's prompt, rules and
+    /// prices; writes nothing to the target column (the calls are paid and in the ledger).
+    Trial(TrialArgs),
+}
+
+#[derive(Debug, Args)]
+struct TrialArgs {
+    #[command(flatten)]
+    target: DatabaseArgs,
+    /// The models to compare, comma-separated (default: the job's `model.name`).
+    #[arg(long, value_name = "A,B,C", value_delimiter = ',')]
+    models: Vec<String>,
+    /// How many pending rows to sample, spread over input lengths.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    sample: usize,
+    /// The sample's seed: the same seed draws the same rows.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    seed: u64,
+    /// Also write one self-contained HTML page: the summary and every row beside each answer.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// Print the trial as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Budget cap in USD for the trial's calls (overrides `budget.max_usd`).
+    #[arg(long, value_name = "USD")]
+    max_usd: Option<f64>,
+    /// Try models that have no price (their cost counts as zero).
+    #[arg(long)]
+    allow_unpriced: bool,
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +225,7 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             report::report(&job, args.run, args.json, args.chart.as_deref()).await
         }
         Command::Check(args) => check(args),
+        Command::Trial(args) => trial(args).await,
         Command::Abandon(args) => {
             let job = load(&args, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
             status::abandon(&job).await
@@ -243,7 +274,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         if args.json {
             print_json(&estimate)?;
         } else {
-            eprintln!("{}", estimate.human());
+            print_text(&estimate.human());
         }
         return Ok(Exit::Finished);
     }
@@ -252,7 +283,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         if args.json {
             print_json(&estimate)?;
         } else {
-            eprintln!("{}", estimate.human());
+            print_text(&estimate.human());
         }
         return Ok(Exit::Finished);
     }
@@ -280,6 +311,29 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
     Ok(outcome.exit)
 }
 
+async fn trial(args: TrialArgs) -> anyhow::Result<Exit> {
+    if let Some(max) = args.max_usd
+        && !(max.is_finite() && max > 0.0)
+    {
+        return Err(usage("--max-usd must be a positive number of USD"));
+    }
+    let job = load(&args.target, LoadOptions { max_usd: args.max_usd, allow_unpriced: args.allow_unpriced, ..LoadOptions::default() })?;
+    let models: Vec<String> = args.models.iter().map(|m| m.trim().to_owned()).filter(|m| !m.is_empty()).collect();
+    let options = crate::trial::TrialOptions { models, sample: args.sample, seed: args.seed, allow_unpriced: args.allow_unpriced };
+    let (trial, exit) = crate::trial::trial(&job, &options).await?;
+    if let Some(path) = &args.html {
+        std::fs::write(path, crate::trial::html::page(&trial))
+            .map_err(|e| anyhow::anyhow!("cannot write the trial page {}: {e}", path.display()))?;
+    }
+    if args.json {
+        print_json(&trial)?;
+    } else {
+        let page = args.html.as_ref().map(|path| format!("\n  page: {}", path.display())).unwrap_or_default();
+        print_text(&format!("{}{page}", trial.human()));
+    }
+    Ok(exit)
+}
+
 fn check(args: CheckArgs) -> anyhow::Result<Exit> {
     let job = Job::load(&args.job, &LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
     let Some(rules) = crate::postprocess::build(&job)? else {
@@ -293,6 +347,13 @@ fn check(args: CheckArgs) -> anyhow::Result<Exit> {
         print!("{}", rules.explain(&text));
     }
     Ok(Exit::Finished)
+}
+
+/// Prints a report for people on stdout (it is the command's output: `> file` keeps it); a
+/// closed pipe is not an error.
+fn print_text(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|_| out.flush());
 }
 
 /// Prints one JSON object on stdout; a closed pipe is not an error.

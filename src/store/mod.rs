@@ -51,6 +51,25 @@ pub fn sqlite_sum(column: &str) -> String {
 pub fn pg_sum(column: &str) -> String {
     format!("LEAST(GREATEST(SUM({column}), -9223372036854775808), 9223372036854775807)::bigint")
 }
+/// A [`Measured`] from its row: `(run, job, calls, items, answered, ok, completion tokens,
+/// first start, last end, controller state)`.
+#[allow(clippy::type_complexity)]
+fn measured_from(row: (i64, String, i64, i64, i64, i64, i64, i64, i64, Option<String>)) -> Measured {
+    let count = |n: i64| n.max(0) as u64;
+    Measured {
+        run_id: row.0,
+        job: row.1,
+        calls: count(row.2),
+        items: count(row.3),
+        items_answered: count(row.4),
+        items_ok: count(row.5),
+        completion_tokens: count(row.6),
+        first_started_at: row.7,
+        last_ended_at: row.8,
+        controller_state: row.9,
+    }
+}
+
 /// How many earlier runs `status` and `report` show (`status --all`: every one).
 pub const HISTORY: u64 = 10;
 
@@ -100,6 +119,10 @@ pub trait Store: Send + Sync {
 
     /// Output tokens per returned item, measured over the job's answered calls of `model`.
     async fn output_tokens_per_item(&self, job: &str, model: &str) -> anyhow::Result<Option<f64>>;
+
+    /// What the latest run among `jobs` (a job's runs and its trials) that has answered calls
+    /// of `model` measured over those calls; `None` when no such run exists.
+    async fn latest_measure(&self, jobs: [&str; 2], model: &str) -> anyhow::Result<Option<Measured>>;
 
     /// Checks that the source and target tables and columns exist and the pending predicate
     /// runs; returns how many rows are pending.

@@ -5,7 +5,7 @@
 
 use crate::support::*;
 
-fn llama_url() -> Option<String> {
+pub(crate) fn llama_url() -> Option<String> {
     match std::env::var("BACKFILL_LLAMA_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var("CI").as_deref() == Ok("true") => {

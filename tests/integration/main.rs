@@ -22,4 +22,5 @@ mod postgres;
 mod postprocess;
 mod secrets;
 mod storage_faults;
+mod trial;
 mod workers;
