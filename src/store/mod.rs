@@ -51,10 +51,31 @@ pub fn sqlite_sum(column: &str) -> String {
 pub fn pg_sum(column: &str) -> String {
     format!("LEAST(GREATEST(SUM({column}), -9223372036854775808), 9223372036854775807)::bigint")
 }
-/// A [`Measured`] from its row: `(run, job, calls, items, answered, ok, completion tokens,
-/// first start, last end, controller state)`.
-#[allow(clippy::type_complexity)]
-fn measured_from(row: (i64, String, i64, i64, i64, i64, i64, i64, i64, Option<String>)) -> Measured {
+/// The row of [`Store::latest_measure`]: `(run, job, calls, items, answered, ok, completion
+/// tokens, first start, last end, controller state)`.
+type MeasuredRow = (i64, String, i64, i64, i64, i64, i64, i64, i64, Option<String>);
+
+/// The query of [`Store::latest_measure`] in a backend's integer sum and placeholders (the two
+/// job names, the model): the answered calls of the model in the latest run of either job.
+fn latest_measure_sql(sum: fn(&str) -> String, [job, trial, model]: [&str; 3]) -> String {
+    format!(
+        "SELECT c.run_id, r.job, COUNT(*), {}, {}, {}, {}, MIN(c.started_at), MAX(c.started_at + COALESCE(c.latency_ms, 0)), \
+         r.controller_state \
+         FROM backfill_calls c JOIN backfill_runs r ON r.id = c.run_id \
+         WHERE c.run_id = (SELECT MAX(l.run_id) FROM backfill_calls l JOIN backfill_runs lr ON lr.id = l.run_id \
+                           WHERE lr.job IN ({job}, {trial}) AND l.model = {model} AND l.state = 'settled' \
+                           AND l.outcome IN ('ok', 'truncated')) \
+         AND c.model = {model} AND c.state = 'settled' AND c.outcome IN ('ok', 'truncated') \
+         GROUP BY c.run_id, r.job, r.controller_state",
+        sum("c.items"),
+        sum("c.items_ok + c.items_rejected + c.items_invalid"),
+        sum("c.items_ok"),
+        sum("c.completion_tokens"),
+    )
+}
+
+/// A [`Measured`] from its row.
+fn measured_from(row: MeasuredRow) -> Measured {
     let count = |n: i64| n.max(0) as u64;
     Measured {
         run_id: row.0,

@@ -285,57 +285,16 @@ async fn a_dry_run_after_a_trial_predicts_the_real_run_within_10_percent() {
 async fn a_trial_of_the_real_llama_server_judges_every_sampled_row_and_writes_nothing() {
     let Some(url) = crate::llama::llama_url() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("motions.db");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let status = std::process::Command::new("python3")
-        .arg(root.join("scripts/make-motions-db.py"))
-        .arg(root.join("data/motions_sample.jsonl"))
-        .arg(&db)
-        .status()
+    let db = crate::llama::motions_db(dir.path()).await;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+    sqlx::query("DELETE FROM motions WHERE id NOT IN (SELECT id FROM motions ORDER BY length(text) LIMIT 40)")
+        .execute(&pool)
+        .await
         .unwrap();
-    assert!(status.success());
-    std::fs::write(
-        dir.path().join("prompt.md"),
-        "Leg elke motie uit in één korte zin van hoogstens vijftien woorden. Antwoord met een JSON-object met de id's als sleutels.\n{{items}}\n",
-    )
-    .unwrap();
-    let job = dir.path().join("job.toml");
-    std::fs::write(
-        &job,
-        format!(
-            r#"name = "llama-trial"
-[source]
-database = "sqlite://{db}"
-table = "motions"
-id = "id"
-columns = ["title"]
-pending = "explanation IS NULL"
-[target]
-column = "explanation"
-[prompt]
-template = "prompt.md"
-[model]
-base_url = "{url}"
-name = "smollm2-135m"
-structured_output = "json_object_schema"
-max_output_tokens_per_item = 60
-temperature = 0.0
-request_timeout_s = 300
-context_window = 4096
-[pricing.smollm2-135m]
-input = 0.0
-output = 0.0
-[limits]
-items_per_request = {{ start = 2, min = 1, max = 2 }}
-concurrency = {{ start = 2, min = 1, max = 2 }}
-[postprocess]
-script = "Latin"
-min_chars = 10
-"#,
-            db = db.display()
-        ),
-    )
-    .unwrap();
+    pool.close().await;
+    let tail = "[limits]\nitems_per_request = { start = 2, min = 1, max = 2 }\nconcurrency = { start = 2, min = 1, max = 2 }\n\
+                [postprocess]\nscript = \"Latin\"\nmin_chars = 10\n";
+    let job = crate::llama::motions_job(dir.path(), &db, &url, "llama-trial", tail);
     let page = dir.path().join("trial.html");
     let output = backfill_async(
         dir.path(),

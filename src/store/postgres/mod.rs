@@ -197,21 +197,8 @@ impl Store for PgStore {
     }
 
     async fn latest_measure(&self, jobs: [&str; 2], model: &str) -> anyhow::Result<Option<Measured>> {
-        let sql = format!(
-            "SELECT c.run_id, r.job, COUNT(*), {}, {}, {}, {}, MIN(c.started_at), MAX(c.started_at + COALESCE(c.latency_ms, 0)), \
-             r.controller_state \
-             FROM backfill_calls c JOIN backfill_runs r ON r.id = c.run_id \
-             WHERE c.run_id = (SELECT MAX(l.run_id) FROM backfill_calls l JOIN backfill_runs lr ON lr.id = l.run_id \
-                               WHERE lr.job IN ($1, $2) AND l.model = $3 AND l.state = 'settled' AND l.outcome IN ('ok', 'truncated')) \
-             AND c.model = $3 AND c.state = 'settled' AND c.outcome IN ('ok', 'truncated') \
-             GROUP BY c.run_id, r.job, r.controller_state",
-            pg_sum("c.items"),
-            pg_sum("c.items_ok + c.items_rejected + c.items_invalid"),
-            pg_sum("c.items_ok"),
-            pg_sum("c.completion_tokens"),
-        );
-        type Row = (i64, String, i64, i64, i64, i64, i64, i64, i64, Option<String>);
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let sql = latest_measure_sql(pg_sum, ["$1", "$2", "$3"]);
+        let row: Option<MeasuredRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(jobs[0])
             .bind(jobs[1])
             .bind(model)
