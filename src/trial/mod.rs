@@ -251,7 +251,16 @@ pub async fn trial(job: &Job, options: &TrialOptions) -> anyhow::Result<(Trial, 
         .zip(answers)
         .map(|(item, answers)| SampledRow { id: item.id.clone(), input: shown_fields(item), answers })
         .collect();
-    let exit = if stopped.is_some() { Exit::Budget } else { Exit::Finished };
+    // A provider that answered no request of any model: the table says why, the exit says so.
+    let answered = reports.iter().any(|r| r.latency_p50_s.is_some());
+    let exit = match (&stopped, answered) {
+        (Some(_), _) => Exit::Budget,
+        (None, false) if !requests.is_empty() => {
+            tracing::error!("no request of the trial was answered: see each row's reason (`--html`, `--json`)");
+            Exit::Error
+        }
+        (None, _) => Exit::Finished,
+    };
     Ok((
         Trial {
             job: job.name.clone(),
