@@ -208,6 +208,15 @@ async fn two_models_are_ranked_by_the_jobs_rules_and_nothing_is_written() {
     // The trial is not a run of the job: `status` does not show it.
     let status = backfill_async(fx.dir.path(), &["status", fx.job.to_str().unwrap(), "--json"], &[]).await;
     assert!(!stdout(&status).contains("test-job:trial"), "{}", stdout(&status));
+
+    // For people: the table on stdout, best first.
+    let job = fx.job.to_str().unwrap();
+    let table = backfill_async(fx.dir.path(), &["trial", job, "--models", "fake-mixed,fake-nl", "--sample", "20", "--seed", "3"], &[]).await;
+    assert_eq!(table.status.code(), Some(0), "{}", stderr(&table));
+    let text = stdout(&table);
+    eprintln!("{text}");
+    assert!(text.contains("best by the job's rules: fake-nl (20 of 20 answers valid)"), "{text}");
+    assert!(text.contains("fake-mixed: rejected by rule: foreign_words"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
