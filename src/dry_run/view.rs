@@ -23,12 +23,13 @@ impl Estimate {
             if self.calibrated { "measured on the latest trial or run" } else { "model.expected_output_tokens_per_item + JSON" },
         );
         match (&self.cost_range_usd, self.batch_cost_usd) {
-            (Some([low, high]), _) => out.push_str(&format!(
+            (Some([low, high]), batch) => out.push_str(&format!(
                 "  estimated cost: not measured yet: between ${low:.4} and ${high:.4}{} (answers from empty to \
-                 model.max_output_tokens_per_item); ${:.4} if they take model.expected_output_tokens_per_item. \
+                 model.max_output_tokens_per_item); ${:.4} sync{} if they take model.expected_output_tokens_per_item. \
                  `backfill trial JOB` measures them on a sample\n",
                 if self.mode == "batch" { " at batch prices" } else { "" },
-                self.estimated_cost_usd,
+                self.sync_cost_usd,
+                batch.map(|b| format!(" | ${b:.4} batch API")).unwrap_or_default(),
             )),
             (None, Some(batch)) => out.push_str(&format!(
                 "  estimated cost: ${:.4} sync | ${:.4} batch API{}\n",
