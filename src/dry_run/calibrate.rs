@@ -39,7 +39,7 @@ impl Calibration {
             })
             .unwrap_or((None, None));
         Some(Calibration {
-            source: if measured.job.ends_with(crate::trial::TRIAL_SUFFIX) { "trial" } else { "run" }.into(),
+            source: if measured.job.ends_with(crate::job::TRIAL_SUFFIX) { "trial" } else { "run" }.into(),
             run_id: measured.run_id,
             output_tokens_per_item: measured.completion_tokens as f64 / measured.items_answered as f64,
             items_per_request: measured.items as f64 / measured.calls as f64,

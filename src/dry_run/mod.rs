@@ -97,7 +97,7 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
     let rows = store.pending_rows(&tables, limit).await?;
     let read = started.elapsed();
     let measured = if store.runner_tables_exist().await? {
-        let trials = crate::trial::trial_job(&job.name);
+        let trials = crate::job::trial_job(&job.name);
         store.latest_measure([job.name.as_str(), trials.as_str()], &chat.name).await?
     } else {
         None

@@ -375,7 +375,7 @@ pub struct StatusReport {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Measured {
     pub run_id: i64,
-    /// The run's job name (a trial's ends in [`crate::trial::TRIAL_SUFFIX`]).
+    /// The run's job name (a trial's ends in [`crate::job::TRIAL_SUFFIX`]).
     pub job: String,
     pub calls: u64,
     /// Items sent in those calls.

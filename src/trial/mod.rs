@@ -32,15 +32,10 @@ use crate::store::{BatchWrite, CallSettle, Created, NewCall, NewRun, RunStatus, 
 use crate::tokens::TokenCounter;
 use crate::validate::{OutputShape, validate};
 
-/// The job name a trial's run and ledger rows are recorded under: `<job>:trial`.
-pub const TRIAL_SUFFIX: &str = ":trial";
+pub use crate::job::{TRIAL_SUFFIX, trial_job};
 
 /// How many times a rate-limited trial request goes out again after the provider's wait.
 const RESENDS: u32 = 3;
-
-pub fn trial_job(job: &str) -> String {
-    format!("{job}{TRIAL_SUFFIX}")
-}
 
 /// What `backfill trial` was asked.
 #[derive(Debug, Clone)]
