@@ -24,3 +24,4 @@ pub mod secret;
 pub mod store;
 pub mod time;
 pub mod tokens;
+pub mod trial;

@@ -40,6 +40,7 @@ Examples:
   backfill failures jobs/motions_nl.toml          failed and rejected items, with the answers
   backfill batches jobs/motions_nl.toml --cancel  cancel the run's unfinished provider batches
   backfill init --database sqlite://data.db --table notes --column summary
+  backfill trial jobs/motions_nl.toml --models a,b --html trial.html   compare models on 20 rows
 
 Exit codes:
   0 finished   1 error   2 bad usage or job file, nothing sent   3 budget cap reached
@@ -70,6 +71,36 @@ enum Command {
     Init(ops::InitArgs),
     /// List a run's provider batches (batch mode), or --cancel the unfinished ones.
     Batches(ops::BatchesArgs),
+    /// Compare models on a seeded sample of pending rows with the job's prompt, rules and
+    /// prices; writes nothing to the target column (the calls are paid and in the ledger).
+    Trial(TrialArgs),
+}
+
+#[derive(Debug, Args)]
+struct TrialArgs {
+    #[command(flatten)]
+    target: DatabaseArgs,
+    /// The models to compare, comma-separated (default: the job's `model.name`).
+    #[arg(long, value_name = "A,B,C", value_delimiter = ',')]
+    models: Vec<String>,
+    /// How many pending rows to sample, spread over input lengths.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    sample: usize,
+    /// The sample's seed: the same seed draws the same rows.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    seed: u64,
+    /// Also write one self-contained HTML page: the summary and every row beside each answer.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// Print the trial as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Budget cap in USD for the trial's calls (overrides `budget.max_usd`).
+    #[arg(long, value_name = "USD")]
+    max_usd: Option<f64>,
+    /// Try models that have no price (their cost counts as zero).
+    #[arg(long)]
+    allow_unpriced: bool,
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +272,7 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
         Command::Failures(args) => ops::failures(args).await,
         Command::Init(args) => ops::init(args).await,
         Command::Batches(args) => ops::batches(args).await,
+        Command::Trial(args) => trial(args).await,
         Command::Abandon(args) => {
             let job = load(&args, LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
             status::abandon(&job).await
@@ -289,7 +321,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         if args.json {
             print_json(&estimate)?;
         } else {
-            eprintln!("{}", estimate.human());
+            print_text(&estimate.human());
         }
         return Ok(Exit::Finished);
     }
@@ -298,7 +330,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         if args.json {
             print_json(&estimate)?;
         } else {
-            eprintln!("{}", estimate.human());
+            print_text(&estimate.human());
         }
         return Ok(Exit::Finished);
     }
@@ -328,6 +360,29 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
     Ok(outcome.exit)
 }
 
+async fn trial(args: TrialArgs) -> anyhow::Result<Exit> {
+    if let Some(max) = args.max_usd
+        && !(max.is_finite() && max > 0.0)
+    {
+        return Err(usage("--max-usd must be a positive number of USD"));
+    }
+    let job = load(&args.target, LoadOptions { max_usd: args.max_usd, allow_unpriced: args.allow_unpriced, ..LoadOptions::default() })?;
+    let models: Vec<String> = args.models.iter().map(|m| m.trim().to_owned()).filter(|m| !m.is_empty()).collect();
+    let options = crate::trial::TrialOptions { models, sample: args.sample, seed: args.seed, allow_unpriced: args.allow_unpriced };
+    let (trial, exit) = crate::trial::trial(&job, &options).await?;
+    if let Some(path) = &args.html {
+        std::fs::write(path, crate::trial::html::page(&trial))
+            .map_err(|e| anyhow::anyhow!("cannot write the trial page {}: {e}", path.display()))?;
+    }
+    if args.json {
+        print_json(&trial)?;
+    } else {
+        let page = args.html.as_ref().map(|path| format!("\n  page: {}", path.display())).unwrap_or_default();
+        print_text(&format!("{}{page}", trial.human()));
+    }
+    Ok(exit)
+}
+
 fn check(args: CheckArgs) -> anyhow::Result<Exit> {
     let job = Job::load(&args.job, &LoadOptions { allow_unpriced: true, ..LoadOptions::default() })?;
     let Some(rules) = crate::pipeline::postprocess::build(&job)? else {
@@ -343,6 +398,13 @@ fn check(args: CheckArgs) -> anyhow::Result<Exit> {
     }
     // A run would reject this text: the exit status says so, for scripts.
     Ok(if outcome.rejections.is_empty() { Exit::Finished } else { Exit::Failures })
+}
+
+/// Prints a report for people on stdout (it is the command's output: `> file` keeps it); a
+/// closed pipe is not an error.
+fn print_text(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|_| out.flush());
 }
 
 /// Prints one JSON object on stdout; a closed pipe is not an error.

@@ -5,7 +5,14 @@
 //! Input tokens are counted on the rendered prompts. Output tokens are the answers' JSON
 //! structure (counted) plus `model.expected_output_tokens_per_item` per item — or, once earlier
 //! runs of the job exist, the output tokens per item they measured (JSON included).
+//!
+//! Calibration comes from the latest trial or run of the job and model (`calibrate.rs`):
+//! output tokens per item, items per request and the pace it measured. Without one, the cost is
+//! a range from the job's bounds (answers from empty to `max_output_tokens_per_item`). The
+//! estimate is compared with the budget cap, and everything the run validates before it sends
+//! (the API key variable, the post-processing rules and their lexicons) is validated here too.
 
+mod calibrate;
 pub mod local;
 mod plan;
 mod view;
@@ -17,8 +24,10 @@ use futures_util::StreamExt;
 
 use serde::Serialize;
 
+pub use calibrate::Calibration;
 pub use local::LocalEstimate;
 pub use plan::{AnswerShape, Planned, plan};
+pub use view::humanize;
 
 use crate::exit::usage;
 use crate::job::{Job, Mode};
@@ -48,6 +57,18 @@ pub struct Estimate {
     pub output_tokens_per_item: f64,
     /// True when `output_tokens_per_item` was measured on earlier runs of the job.
     pub calibrated: bool,
+    /// What the latest trial or run of the job and model measured, when there is one.
+    pub calibration: Option<Calibration>,
+    /// Without calibration: the cost at sync prices of answers from empty (the JSON structure
+    /// alone) to `model.max_output_tokens_per_item` each; `estimated_cost_usd` then assumes
+    /// `model.expected_output_tokens_per_item`, an assumption, not a measurement.
+    pub cost_range_usd: Option<[f64; 2]>,
+    /// The budget cap the run would have (`--max-usd` or `[budget] max_usd`).
+    pub budget_usd: Option<f64>,
+    /// The estimate is above the cap: the run would stop there (exit 3).
+    pub over_budget: bool,
+    /// The top of the range is above the cap: the run may stop there.
+    pub may_pass_budget: bool,
     pub estimated_cost_usd: f64,
     /// The same requests at synchronous prices.
     pub sync_cost_usd: f64,
@@ -58,14 +79,21 @@ pub struct Estimate {
     pub prices: String,
     /// How long the job's rate limits make the run take at the least; `None` without limits.
     pub estimated_seconds: Option<f64>,
-    /// Which limit sets `estimated_seconds`: "requests_per_minute" or "tokens_per_minute".
+    /// Which limit sets `estimated_seconds`: "requests_per_minute" or "tokens_per_minute" (the
+    /// job's), "announced_requests_per_minute" or "announced_tokens_per_minute" (the provider's,
+    /// to the latest run).
     pub limited_by: Option<String>,
+    /// The duration at the pace the latest trial or run measured (`calibration.items_per_second`).
+    pub measured_seconds: Option<f64>,
 }
 
 pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate> {
     let chat = job
         .chat()
         .ok_or_else(|| usage("--dry-run estimates chat jobs; local-model jobs cost compute time only"))?;
+    // What the run refuses before it sends anything, the dry run refuses too (exit 2).
+    chat.api_key()?;
+    crate::pipeline::postprocess::build(job)?;
     let started = std::time::Instant::now();
     // Loading the encoding takes a moment: do it while the rows are read.
     let encoding = chat.encoding.clone();
@@ -73,7 +101,13 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
     let store = crate::store::open_read_only(&job.database).await?;
     let tables = Tables::from_job(job);
     store.inspect(&tables).await?;
-    let measured = if store.runner_tables_exist().await? { store.output_tokens_per_item(&job.name, &chat.name).await? } else { None };
+    let measured = if store.runner_tables_exist().await? {
+        let trials = crate::job::trial_job(&job.name);
+        store.latest_measure([job.name.as_str(), trials.as_str()], &chat.name).await?
+    } else {
+        None
+    };
+    let calibration = measured.as_ref().and_then(Calibration::from_measured);
 
     let counter = loading.await??;
     let packer = Arc::new(Packer::new(&chat.template, chat.system.clone(), counter, chat.context_window, chat.max_tokens));
@@ -82,7 +116,12 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
     } else {
         AnswerShape::Text
     });
-    let items_per_request = job.limits.items_per_request.start;
+    // The request size the latest trial or run reached (its controller grows it), else the start.
+    let bounds = job.limits.items_per_request;
+    let items_per_request = match &calibration {
+        Some(c) => (c.items_per_request.round() as u32).clamp(bounds.min.max(1), bounds.max.max(1)),
+        None => bounds.start,
+    };
     // The packer sizes requests by the output budget the runner starts with.
     let budget_per_item = f64::from(chat.max_output_tokens_per_item);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
@@ -124,24 +163,37 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
         "dry run: pending rows read and their requests counted"
     );
 
-    let (output_tokens, per_item) = match measured {
-        Some(per_item) => ((per_item * planned.items as f64).round() as u64, per_item),
+    let expected = |per_item_text: u64| planned.skeleton_tokens + per_item_text * planned.items;
+    let (output_tokens, per_item) = match &calibration {
+        Some(c) => ((c.output_tokens_per_item * planned.items as f64).round() as u64, c.output_tokens_per_item),
         None => {
-            let text = u64::from(chat.expected_output_tokens_per_item) * planned.items;
-            let total = planned.skeleton_tokens + text;
+            let total = expected(u64::from(chat.expected_output_tokens_per_item));
             (total, if planned.items > 0 { total as f64 / planned.items as f64 } else { 0.0 })
         }
     };
     let price = job.prices.get(&chat.name).copied().unwrap_or(ModelPrice::FREE);
-    let usage = Usage { prompt_tokens: planned.prompt_tokens, completion_tokens: output_tokens, cached_tokens: 0 };
-    let sync = price.cost(&usage, Tier::Sync);
-    let batch = price.batch_known.then(|| price.cost(&usage, Tier::Batch));
-    let chosen = match chat.mode {
-        Mode::Batch => price.cost(&usage, Tier::Batch),
-        Mode::Sync => sync,
+    let tier = if chat.mode == Mode::Batch { Tier::Batch } else { Tier::Sync };
+    let cost_of = |output_tokens: u64, tier: Tier| {
+        price.cost(&Usage { prompt_tokens: planned.prompt_tokens, completion_tokens: output_tokens, cached_tokens: 0 }, tier)
     };
+    let sync = cost_of(output_tokens, Tier::Sync);
+    let batch = price.batch_known.then(|| cost_of(output_tokens, Tier::Batch));
+    let chosen = cost_of(output_tokens, tier);
+    let cost_range = calibration.is_none().then(|| {
+        [cost_of(expected(0), tier).usd(), cost_of(expected(u64::from(chat.max_output_tokens_per_item)), tier).usd()]
+    });
+    let rpm = job.limits.requests_per_minute.map(|r| (r, "requests_per_minute"));
+    let rpm = rpm.or(calibration.as_ref().and_then(|c| c.announced_requests_per_minute).map(|r| (r, "announced_requests_per_minute")));
+    let tpm = job.limits.tokens_per_minute.map(|t| (t, "tokens_per_minute"));
+    let tpm = tpm.or(calibration.as_ref().and_then(|c| c.announced_tokens_per_minute).map(|t| (t, "announced_tokens_per_minute")));
     let (estimated_seconds, limited_by) =
-        rate_limited_seconds(planned.requests, planned.prompt_tokens + output_tokens, job.limits.requests_per_minute, job.limits.tokens_per_minute);
+        rate_limited_seconds(planned.requests, planned.prompt_tokens + output_tokens, rpm.map(|r| r.0), tpm.map(|t| t.0));
+    let limited_by = limited_by.map(|by| {
+        let named = if by == "requests_per_minute" { rpm.map(|r| r.1) } else { tpm.map(|t| t.1) };
+        named.map(str::to_owned).unwrap_or(by)
+    });
+    let measured_seconds = calibration.as_ref().and_then(|c| c.items_per_second).map(|rate| planned.items as f64 / rate);
+    let budget = job.budget_usd;
     Ok(Estimate {
         job: job.name.clone(),
         model: chat.name.clone(),
@@ -152,7 +204,12 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
         input_tokens: planned.prompt_tokens,
         output_tokens,
         output_tokens_per_item: per_item,
-        calibrated: measured.is_some(),
+        calibrated: calibration.is_some(),
+        calibration,
+        cost_range_usd: cost_range,
+        budget_usd: budget,
+        over_budget: budget.is_some_and(|cap| chosen.usd() > cap),
+        may_pass_budget: budget.is_some_and(|cap| cost_range.map_or(chosen.usd(), |r| r[1]) > cap),
         estimated_cost_usd: chosen.usd(),
         sync_cost_usd: sync.usd(),
         batch_cost_usd: batch.map(|b| b.usd()),
@@ -160,6 +217,7 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
         prices: job.prices.origin(&chat.name).map(|o| o.describe()).unwrap_or_else(|| "no price".into()),
         estimated_seconds,
         limited_by,
+        measured_seconds,
     })
 }
 

@@ -226,6 +226,14 @@ pub struct CacheSettings {
     pub ttl: Duration,
 }
 
+/// The job name a trial of a job (`backfill trial`) records its run and ledger rows under:
+/// `<job>:trial`, so the job's own runs never see it and the dry run can learn from it.
+pub const TRIAL_SUFFIX: &str = ":trial";
+
+pub fn trial_job(job: &str) -> String {
+    format!("{job}{TRIAL_SUFFIX}")
+}
+
 impl Job {
     /// Reads and validates a job file.
     pub fn load(path: &Path, options: &LoadOptions) -> anyhow::Result<Job> {

@@ -141,19 +141,26 @@ impl RunContext {
     /// Runs the post-processing rules over every text of an output: the values to write and
     /// the changes made, or the first rejection.
     pub fn check_output(&self, output: &ItemOutput) -> Result<Checked, Refusal> {
-        let Some(check) = &self.check else {
-            return Ok((output.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), None));
-        };
-        let mut values = Vec::with_capacity(output.len());
-        let mut changes = serde_json::Map::new();
-        for (key, text) in output {
-            let (final_text, change) = check.check(text)?;
-            if let Some(change) = change {
-                changes.insert(key.clone(), change);
-            }
-            values.push((key.clone(), final_text));
-        }
-        let changes = (!changes.is_empty()).then(|| serde_json::Value::Object(changes).to_string());
-        Ok((values, changes))
+        check_output(self.check.as_deref(), output)
     }
+}
+
+/// Runs the post-processing rules (`None`: none) over every text of an output: the values to
+/// write and the changes made, or the first rejection. A run and `backfill trial` judge
+/// answers through this one function.
+pub fn check_output(check: Option<&dyn OutputCheck>, output: &ItemOutput) -> Result<Checked, Refusal> {
+    let Some(check) = check else {
+        return Ok((output.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), None));
+    };
+    let mut values = Vec::with_capacity(output.len());
+    let mut changes = serde_json::Map::new();
+    for (key, text) in output {
+        let (final_text, change) = check.check(text)?;
+        if let Some(change) = change {
+            changes.insert(key.clone(), change);
+        }
+        values.push((key.clone(), final_text));
+    }
+    let changes = (!changes.is_empty()).then(|| serde_json::Value::Object(changes).to_string());
+    Ok((values, changes))
 }

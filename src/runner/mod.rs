@@ -24,6 +24,7 @@ pub use context::RunContext;
 pub use session::Stop;
 pub use signals::install as install_signals;
 pub use summary::Summary;
+pub(crate) use sync::error_outcome;
 
 use crate::exit::Exit;
 use crate::job::{ChatModel, Job, Mode, Processor};

@@ -264,6 +264,10 @@ pub trait Reports: Send + Sync {
 
     /// Output tokens per returned item, measured over the job's answered calls of `model`.
     async fn output_tokens_per_item(&self, job: &str, model: &str) -> anyhow::Result<Option<f64>>;
+
+    /// What the latest run among `jobs` (a job's runs and its trials) that has answered calls
+    /// of `model` measured over those calls; `None` when no such run exists.
+    async fn latest_measure(&self, jobs: [&str; 2], model: &str) -> anyhow::Result<Option<Measured>>;
 }
 
 /// The provider account's rate, shared by every worker that uses the account (see `store::rate`).

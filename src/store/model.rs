@@ -397,6 +397,27 @@ pub struct StatusReport {
     pub batches: Vec<BatchRecord>,
 }
 
+/// The answered calls (`ok`, `truncated`) of one model in one run, summed: what the dry run
+/// calibrates its estimate with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    pub run_id: i64,
+    /// The run's job name (a trial's ends in [`crate::job::TRIAL_SUFFIX`]).
+    pub job: String,
+    pub calls: u64,
+    /// Items sent in those calls.
+    pub items: u64,
+    /// Items the answers held (valid, invalid or rejected).
+    pub items_answered: u64,
+    pub items_ok: u64,
+    pub completion_tokens: u64,
+    /// When the first call started and the last one ended (Unix ms).
+    pub first_started_at: i64,
+    pub last_ended_at: i64,
+    /// The run's saved controller state (JSON), with the limits the provider announced.
+    pub controller_state: Option<String>,
+}
+
 /// One ledger row, for charts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallRow {

@@ -132,3 +132,46 @@ async fn after_a_run_the_dry_run_calibrates_output_tokens_from_the_ledger() {
     assert!(error < 0.10, "the calibrated dry run said ${predicted:.6}, the run cost ${actual:.6}");
     assert!(relative_error(naive, actual) > 0.10, "the outputs were not long enough to need calibration");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dry_run_reports_on_stdout_and_warns_when_the_estimate_passes_the_cap() {
+    let fx = Fixture::new(200).await;
+    let fake = FakeProvider::start(vec![], vec![], 33).await;
+    fx.write_job(&fake.base_url(), "expected_output_tokens_per_item = 40", "", "");
+    let job = fx.job.to_str().unwrap().to_owned();
+    // The report is the command's output: `--dry-run > estimate.txt` keeps it.
+    let output = backfill_async(fx.dir.path(), &["run", &job, "--dry-run", "--max-usd", "0.0001"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("dry run of test-job") && text.contains("estimated cost"), "{text}");
+    assert!(text.contains("warning: the estimate") && text.contains("over the budget cap $0.0001"), "{text}");
+    // Not measured yet: a range from the job's bounds, and the way to measure.
+    assert!(text.contains("between $") && text.contains("backfill trial"), "{text}");
+    let estimate = dry_run(&fx, &["--max-usd", "0.0001"]).await;
+    assert_eq!((estimate["over_budget"].as_bool(), estimate["budget_usd"].as_f64()), (Some(true), Some(0.0001)), "{estimate}");
+    let roomy = dry_run(&fx, &["--max-usd", "100"]).await;
+    assert_eq!((roomy["over_budget"].as_bool(), roomy["may_pass_budget"].as_bool()), (Some(false), Some(false)), "{roomy}");
+
+    // After a run, the duration comes from the pace it measured.
+    real_run(&fx, &["--limit", "100"]).await;
+    let output = backfill_async(fx.dir.path(), &["run", &job, "--dry-run"], &[]).await;
+    let text = stdout(&output);
+    assert!(text.contains("at the pace run") && !text.contains("duration: unknown"), "{text}");
+    let estimate = dry_run(&fx, &[]).await;
+    assert_eq!(estimate["calibration"]["source"], "run", "{estimate}");
+    assert!(estimate["measured_seconds"].as_f64().is_some_and(|s| s > 0.0), "{estimate}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_lexicon_fails_the_dry_run_as_it_fails_the_run() {
+    let fx = Fixture::new(10).await;
+    let fake = FakeProvider::start(vec![], vec![], 34).await;
+    fx.write_job(&fake.base_url(), "", "", "[postprocess]\nlanguage = \"nl\"\nlexicon_dir = \"no-such-dir\"\n");
+    let job = fx.job.to_str().unwrap().to_owned();
+    let dry = backfill_async(fx.dir.path(), &["run", &job, "--dry-run"], &[]).await;
+    let run = backfill_async(fx.dir.path(), &["run", &job, "--quiet"], &[]).await;
+    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+    assert_eq!(dry.status.code(), Some(2), "the dry run passed a job the run refuses: {}", stdout(&dry));
+    assert!(stderr(&dry).contains("postprocess"), "{}", stderr(&dry));
+    assert!(fake.records().is_empty());
+}

@@ -5,7 +5,7 @@
 
 use crate::support::*;
 
-fn llama_url() -> Option<String> {
+pub(crate) fn llama_url() -> Option<String> {
     match std::env::var("BACKFILL_LLAMA_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var("CI").as_deref() == Ok("true") => {
@@ -18,45 +18,33 @@ fn llama_url() -> Option<String> {
     }
 }
 
-/// A small run of real motions against llama.cpp's `llama-server` with two slots and a queue,
-/// with no `[limits]` caps on concurrency: backfill finds the server's pace instead of filling
-/// its queue. After the start, no more than 4 requests are in flight; no request times out
-/// and none is cut (so no item is computed twice); after the start, the median call takes at
-/// most twice the server's own time for a call (from its log); and every item gets an output or fails for a
-/// reason other than time.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
-    let Some(url) = llama_url() else { return };
-    let log = std::env::var("BACKFILL_LLAMA_LOG").ok().filter(|path| !path.is_empty());
-    if log.is_none() && std::env::var("CI").as_deref() == Ok("true") {
-        panic!("BACKFILL_LLAMA_LOG is not set: run the tests with scripts/test.sh");
-    }
-    let log_start = log.as_ref().map(|path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0));
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("motions.db");
-    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/motions_sample.jsonl");
+/// `motions.db` in `dir`, built from the motions shipped in `data/`.
+pub(crate) async fn motions_db(dir: &std::path::Path) -> std::path::PathBuf {
+    let db = dir.join("motions.db");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let status = std::process::Command::new("python3")
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-motions-db.py"))
-        .arg(&sample)
+        .arg(root.join("scripts/make-motions-db.py"))
+        .arg(root.join("data/motions_sample.jsonl"))
         .arg(&db)
         .status()
         .unwrap();
     assert!(status.success());
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
-    sqlx::query("DELETE FROM motions WHERE id NOT IN (SELECT id FROM motions ORDER BY length(text) LIMIT 12)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    db
+}
+
+/// A job explaining the motions of `db` in one short Dutch sentence each on the llama.cpp
+/// server at `url`, with `tail` (`[limits]`, `[postprocess]`) appended; returns its path.
+pub(crate) fn motions_job(dir: &std::path::Path, db: &std::path::Path, url: &str, name: &str, tail: &str) -> std::path::PathBuf {
     std::fs::write(
-        dir.path().join("prompt.md"),
+        dir.join("prompt.md"),
         "Leg elke motie uit in één korte zin van hoogstens vijftien woorden. Antwoord met een JSON-object met de id's als sleutels.\n{{items}}\n",
     )
     .unwrap();
-    let job = dir.path().join("job.toml");
+    let job = dir.join("job.toml");
     std::fs::write(
         &job,
         format!(
-            r#"name = "llama-slots"
+            r#"name = "{name}"
 [source]
 database = "sqlite://{db}"
 table = "motions"
@@ -78,15 +66,36 @@ context_window = 4096
 [pricing.smollm2-135m]
 input = 0.0
 output = 0.0
-[limits]
-items_per_request = {{ start = 2, min = 1, max = 2 }}
-max_attempts = 3
-max_failed_share = 1.0
-"#,
+{tail}"#,
             db = db.display()
         ),
     )
     .unwrap();
+    job
+}
+
+/// A small run of real motions against llama.cpp's `llama-server` with two slots and a queue,
+/// with no `[limits]` caps on concurrency: backfill finds the server's pace instead of filling
+/// its queue. After the start, no more than 4 requests are in flight; no request times out
+/// and none is cut (so no item is computed twice); after the start, the median call takes at
+/// most twice the server's own time for a call (from its log); and every item gets an output or fails for a
+/// reason other than time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
+    let Some(url) = llama_url() else { return };
+    let log = std::env::var("BACKFILL_LLAMA_LOG").ok().filter(|path| !path.is_empty());
+    if log.is_none() && std::env::var("CI").as_deref() == Ok("true") {
+        panic!("BACKFILL_LLAMA_LOG is not set: run the tests with scripts/test.sh");
+    }
+    let log_start = log.as_ref().map(|path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0));
+    let dir = tempfile::tempdir().unwrap();
+    let db = motions_db(dir.path()).await;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+    sqlx::query("DELETE FROM motions WHERE id NOT IN (SELECT id FROM motions ORDER BY length(text) LIMIT 12)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let job = motions_job(dir.path(), &db, &url, "llama-slots", "[limits]\nitems_per_request = { start = 2, min = 1, max = 2 }\nmax_attempts = 3\nmax_failed_share = 1.0\n");
     let output = backfill_async(dir.path(), &["run", job.to_str().unwrap(), "--json", "--quiet"], &[]).await;
     let summary: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&output)));
     assert_eq!(summary["items"]["total"], 12, "{summary}");

@@ -24,4 +24,5 @@ mod postgres;
 mod postprocess;
 mod secrets;
 mod storage_faults;
+mod trial;
 mod workers;

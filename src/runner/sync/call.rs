@@ -352,7 +352,7 @@ pub fn conclude(
 }
 
 /// The ledger's outcome for a call that failed.
-fn error_outcome(error: &CallError) -> CallOutcome {
+pub(crate) fn error_outcome(error: &CallError) -> CallOutcome {
     match error {
         CallError::RateLimited(_) => CallOutcome::RateLimited,
         CallError::Transient { .. } => CallOutcome::Transient,

@@ -6,6 +6,7 @@
 mod breaker;
 mod budget;
 mod call;
+pub(crate) use call::error_outcome;
 mod dispatch;
 mod resends;
 mod shared_rate;

@@ -6,7 +6,7 @@ use super::runs::{RUN_COLUMNS, earlier_runs, run_from_row};
 use super::{Backend, dialect};
 use crate::pricing::Picos;
 use crate::store::{
-    Batches, CallRow, CallStats, FailureRow, HISTORY, ItemCounts, JobTotals, Ledger, ModelCost, Reports, RunRecord,
+    Batches, CallRow, CallStats, FailureRow, HISTORY, ItemCounts, JobTotals, Ledger, Measured, ModelCost, Reports, RunRecord,
     StatusReport, StoredAnswer, WorkerRow,
 };
 
@@ -252,7 +252,49 @@ impl Reports for Backend {
             _ => None,
         })
     }
+
+    async fn latest_measure(&self, jobs: [&str; 2], model: &str) -> anyhow::Result<Option<Measured>> {
+        // The answered calls of the model in the latest run of either job that has any.
+        let sql = format!(
+            "SELECT c.run_id, r.job, COUNT(*), {}, {}, {}, {}, MIN(c.started_at), \
+             MAX(c.started_at + COALESCE(c.latency_ms, 0)), r.controller_state \
+             FROM backfill_calls c JOIN backfill_runs r ON r.id = c.run_id \
+             WHERE c.run_id = (SELECT MAX(l.run_id) FROM backfill_calls l JOIN backfill_runs lr ON lr.id = l.run_id \
+                               WHERE lr.job IN ($1, $2) AND l.model = $3 AND l.state = 'settled' \
+                               AND l.outcome IN ('ok', 'truncated')) \
+             AND c.model = $3 AND c.state = 'settled' AND c.outcome IN ('ok', 'truncated') \
+             GROUP BY c.run_id, r.job, r.controller_state",
+            dialect::sum("c.items"),
+            dialect::sum("c.items_ok + c.items_rejected + c.items_invalid"),
+            dialect::sum("c.items_ok"),
+            dialect::sum("c.completion_tokens"),
+        );
+        let row: Option<MeasuredRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(jobs[0])
+            .bind(jobs[1])
+            .bind(model)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(|e| self.err(e))?;
+        let count = |n: i64| n.max(0) as u64;
+        Ok(row.map(|row| Measured {
+            run_id: row.0,
+            job: row.1,
+            calls: count(row.2),
+            items: count(row.3),
+            items_answered: count(row.4),
+            items_ok: count(row.5),
+            completion_tokens: count(row.6),
+            first_started_at: row.7,
+            last_ended_at: row.8,
+            controller_state: row.9,
+        }))
+    }
 }
+
+/// The row of [`Reports::latest_measure`]: run, job, calls, items, answered, ok, completion
+/// tokens, first start, last end, controller state.
+type MeasuredRow = (i64, String, i64, i64, i64, i64, i64, i64, i64, Option<String>);
 
 /// Cost and tokens per model over the settled calls of a run or of all a job's runs.
 async fn model_costs(store: &Backend, scope: Scope<'_>) -> anyhow::Result<Vec<ModelCost>> {

@@ -13,6 +13,7 @@ conformance!(
     status_shows_counts_money_calls_and_each_workers_share,
     finished_only_sticks_when_nothing_is_open,
     inspect_names_a_missing_table_or_column_and_a_bad_predicate,
+    the_latest_run_or_trial_of_a_job_measures_its_model,
 );
 
 async fn status_shows_counts_money_calls_and_each_workers_share(db: Arc<Db>) {
@@ -80,4 +81,44 @@ async fn inspect_names_a_missing_table_or_column_and_a_bad_predicate(db: Arc<Db>
     t.pending = "summary IS NUL".into();
     let message = usage(db.store.inspect(&t).await.unwrap_err());
     assert!(message.contains("`source.pending`"), "{}: {message}", db.backend);
+}
+
+async fn the_latest_run_or_trial_of_a_job_measures_its_model(db: Arc<Db>) {
+    db.source_table("items", Ids::Integer, 4).await;
+    let t = tables("items");
+    let run = new_run(&db, &t, None).await;
+    let w = worker("a");
+    db.store.attach(run.id, &w, LEASE, false).await.unwrap();
+    let claimed = db.store.claim(&t, run.id, &w, 4, LEASE).await.unwrap().items;
+    let call = reserve(&db, run.id, &w, &claimed, 1000).await;
+    db.store.write_batch(&t, &batch(run.id, call, settled(300, 4), done_all(&claimed, "a"))).await.unwrap();
+    let jobs = ["conformance", "conformance:trial"];
+    let m = db.store.latest_measure(jobs, "m").await.unwrap().expect("the run measured m");
+    assert_eq!((m.run_id, m.calls, m.items, m.items_answered, m.items_ok, m.completion_tokens), (run.id, 1, 4, 4, 4, 40), "{}", db.backend);
+    assert!(m.last_ended_at >= m.first_started_at + 120, "{m:?}");
+    assert_eq!(db.store.latest_measure(jobs, "another-model").await.unwrap(), None, "per model");
+
+    // A later trial — a run of its own under `<job>:trial`, holding no items — is the latest.
+    let new = NewRun { job: "conformance:trial".into(), target: "t".into(), limit: Some(0), ..Default::default() };
+    let trial = match db.store.create_run(&new, &t).await.unwrap() {
+        Created::New(trial) => trial,
+        other => panic!("{}: {other:?}", db.backend),
+    };
+    assert_eq!(trial.total_items, 0);
+    let call = NewCall { item_ids: vec!["1".into(), "2".into()], ..new_call(trial.id, &w, &[], 10, None) };
+    let call = db.store.reserve_call(&call, None).await.unwrap().expect("no cap");
+    let settle = CallSettle {
+        usage: backfill::pricing::Usage { prompt_tokens: 50, completion_tokens: 90, cached_tokens: 0 },
+        items_rejected: 1,
+        ..settled(20, 1)
+    };
+    db.store.write_batch(&t, &batch(trial.id, call, settle, Vec::new())).await.unwrap();
+    let m = db.store.latest_measure(jobs, "m").await.unwrap().expect("the trial measured m");
+    assert_eq!(
+        (m.run_id, m.job.as_str(), m.items, m.items_answered, m.items_ok, m.completion_tokens),
+        (trial.id, "conformance:trial", 2, 2, 1, 90),
+        "{}",
+        db.backend
+    );
+    assert_eq!(db.store.item_counts(trial.id).await.unwrap().total(), 0, "a trial holds no items");
 }
