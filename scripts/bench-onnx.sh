@@ -4,27 +4,35 @@
 # {default, 1024, 8192, 32768}, the release `backfill run` as a user runs it (whole process:
 # load, claim, tokenise, compute, write) and onnxruntime's best configuration at the same
 # budget, with items/s, the ratio and peak RSS of each.
-#   scripts/bench-onnx.sh [--items 1000] [--threads 2]
+#   scripts/bench-onnx.sh [--items 1000] [--threads 2] [--baseline path/to/backfill]
+# --baseline: also run another backfill binary (e.g. a build of an earlier commit) at each
+# budget, in the same run, so that a before/after comparison shares the machine's load.
+# --dev: the dev build (tract and tokenizers are optimised in it too; about 2/3 of release
+# speed), when a release build would take too long.
 # The processor alone: cargo run --release --example bench_onnx -p backfill-onnx (crates/onnx).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 items=1000
 threads=2
+baseline=""
+profile=release
 while [ $# -gt 0 ]; do
     case "$1" in
         --items) items="$2"; shift 2 ;;
         --threads) threads="$2"; shift 2 ;;
-        *) echo "bench-onnx: unknown argument $1 (use --items N --threads N)" >&2; exit 2 ;;
+        --baseline) baseline="$(realpath "$2")"; shift 2 ;;
+        --dev) profile=debug; shift ;;
+        *) echo "bench-onnx: unknown argument $1 (use --items N --threads N --baseline BIN)" >&2; exit 2 ;;
     esac
 done
 eval "$(scripts/fetch-models.sh)"
 eval "$(scripts/onnx/setup-venv.sh)"
 motions="${BACKFILL_MOTIONS:-../shared/data/motions/tk_moties_fulltext.jsonl}"
 [ -f "$motions" ] || { echo "bench-onnx: $motions is missing: set BACKFILL_MOTIONS to the motions JSONL" >&2; exit 2; }
-cargo build --quiet --release --bin backfill
+if [ "$profile" = release ]; then cargo build --quiet --release --bin backfill; else cargo build --quiet --bin backfill; fi
 target_dir="$(cargo metadata --format-version 1 --no-deps \
     | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
-backfill="$target_dir/release/backfill"
+backfill="$target_dir/$profile/backfill"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -44,10 +52,16 @@ EOF
 measure() { /usr/bin/time -f '%M %e %U %S' -o "$work/time" "$@" >"$work/out" 2>"$work/err" \
     || { cat "$work/err" >&2; exit 1; }; }
 
-printf '%s motions, all-MiniLM-L6-v2 int8, max_length 256, threads %s, %s\n' "$items" "$threads" "$(date -u +%FT%TZ)"
+printf '%s motions, all-MiniLM-L6-v2 int8, max_length 256, threads %s, %s build, %s\n' "$items" "$threads" "$profile" "$(date -u +%FT%TZ)"
+printf 'load average %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf '| max_batch_tokens | backfill items/s | CPU/wall | peak RSS | onnxruntime items/s (best config) | peak RSS | ratio |\n'
 printf '|---|---|---|---|---|---|---|\n'
+runs=("this build:$backfill")
+[ -z "$baseline" ] || runs=("baseline:$baseline" "${runs[@]}")
 for budget in default 1024 8192 32768; do
+for run in "${runs[@]}"; do
+    label="${run%%:*}"
+    binary="${run#*:}"
     # A fresh copy, without the previous run's -wal/-shm files (SQLite would apply them to it).
     rm -f "$work/motions.db" "$work/motions.db-wal" "$work/motions.db-shm"
     cp "$work/fresh.db" "$work/motions.db"
@@ -75,7 +89,7 @@ threads = $threads
 [limits]
 items_per_request = { start = 64, min = 1, max = 64 }
 EOF
-    measure "$backfill" run "$work/job.toml" --limit "$items" --json --quiet
+    measure "$binary" run "$work/job.toml" --limit "$items" --json --quiet
     read -r rss wall user sys <"$work/time"
     done_items="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["items"]["done"])' "$work/out" 2>/dev/null \
         || sqlite3 "$work/motions.db" 'SELECT count(*) FROM motions WHERE embedding IS NOT NULL' 2>/dev/null || echo "$items")"
@@ -84,7 +98,9 @@ EOF
         --tokenizer "$BACKFILL_MINILM_TOKENIZER" --input "$work/texts.jsonl" --threads "$threads" \
         --max-length 256 --max-batch-tokens "$ort_budget" --rounds 1
     read -r ort_rss _ _ _ <"$work/time"
-    python3 - "$budget" "$done_items" "$wall" "$user" "$sys" "$rss" "$ort_rss" "$work/out" <<'EOF'
+    shown="$budget"
+    [ -z "$baseline" ] || shown="$budget ($label)"
+    python3 - "$shown" "$done_items" "$wall" "$user" "$sys" "$rss" "$ort_rss" "$work/out" <<'EOF'
 import json, sys
 budget, done, wall, user, sys_s, rss, ort_rss, out = sys.argv[1:]
 done, wall = int(done), float(wall)
@@ -94,6 +110,7 @@ theirs = best["items"] / best["seconds"]
 print(f"| {budget} | {ours:.1f} | {(float(user) + float(sys_s)) / wall:.2f} | {int(rss) / 1024:.0f} MB "
       f"| {theirs:.1f} ({best['name']}) | {int(ort_rss) / 1024:.0f} MB | {ours / theirs:.2f}× |")
 EOF
+done
 done
 echo "backfill: the whole process (load, claim, tokenise, compute, write) over its wall time;"
 echo "onnxruntime: its best configuration's compute time only (no load, no database)."

@@ -4,7 +4,7 @@
 //! two onnxruntime configurations.
 //!
 //! Flags: --items N (1000) --threads N (2) --rounds N (3) --max-batch-tokens N (256)
-//!        --length-bucket N (32) --max-length N (256)
+//!        --length-bucket N (32) --max-length N (256) --pass-tokens N (probed)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +19,8 @@ struct Settings {
     max_batch_tokens: usize,
     length_bucket: usize,
     max_length: usize,
+    /// 0: probed (or read from the cache).
+    pass_tokens: usize,
 }
 
 fn flag(arguments: &[String], name: &str, default: usize) -> usize {
@@ -108,6 +110,7 @@ fn main() {
         max_batch_tokens: flag(&arguments, "--max-batch-tokens", 256),
         length_bucket: flag(&arguments, "--length-bucket", 32),
         max_length: flag(&arguments, "--max-length", 256),
+        pass_tokens: flag(&arguments, "--pass-tokens", 0),
     };
     let models = required_env("BACKFILL_MODELS_DIR", "eval \"$(scripts/fetch-models.sh)\"");
     let python = required_env("BACKFILL_PY", "eval \"$(scripts/onnx/setup-venv.sh)\"");
@@ -133,6 +136,7 @@ fn main() {
     config.max_batch_tokens = settings.max_batch_tokens;
     config.length_bucket = settings.length_bucket;
     config.max_length = settings.max_length;
+    config.pass_tokens = (settings.pass_tokens > 0).then_some(settings.pass_tokens);
     let started = Instant::now();
     let processor = OnnxProcessor::load(&config).expect("the model loads");
     let load_seconds = started.elapsed().as_secs_f64();
@@ -169,7 +173,8 @@ fn main() {
         settings.rounds
     );
     println!(
-        "plan: {} batches, {} real tokens, {} padded ({:.1}% real), length bucket {}",
+        "plan: passes of {} tokens, {} batches, {} real tokens, {} padded ({:.1}% real), length bucket {}",
+        processor.pass_tokens(),
         plan.batches,
         plan.real_tokens,
         plan.padded_tokens,

@@ -3,13 +3,8 @@
 
 use std::path::PathBuf;
 
-/// The padded tokens of the fastest forward pass under tract, measured on all-MiniLM-L6-v2
-/// (one thread, 2-core machine): small passes win because a pass's activations stay in cache
-/// and a single long row keeps the attention-mask add a SIMD unicast add. 4 × 256 tokens took
-/// 1.3-1.6× the time per token of 1 × 256, while 8 × 32 took 0.7× the time per token of
-/// 1 × 32; end to end, 1,000 motions ran at 31.0 items/s with passes of 256 tokens and 8.4
-/// with passes of up to 8192 (one core busy, a plan compiled per shape). So passes hold at
-/// most 256 padded tokens: one long row, or short rows grouped up to 256.
+/// The pass size used when the probe could time none of its sizes (see
+/// [`crate::pass_size`]): the fastest measured on all-MiniLM-L6-v2 on a 2-core machine.
 pub const FASTEST_PASS_TOKENS: usize = 256;
 
 /// What the model's output becomes for each row.
@@ -61,11 +56,13 @@ pub struct OnnxConfig {
     pub max_length: usize,
     /// `max_batch_tokens`: a bound on memory: no forward pass holds more than this many
     /// padded tokens (rows × padded length; a row longer than the bound still runs alone).
-    /// Within it the processor runs passes of the size that is fastest under tract
-    /// ([`FASTEST_PASS_TOKENS`], or `pass_tokens`), so raising the bound never slows a run.
+    /// Within it the processor runs passes of the size that is fastest under tract for this
+    /// model, machine and thread count (probed at load and cached, see [`crate::pass_size`]),
+    /// or `pass_tokens`, so raising the bound never slows a run.
     pub max_batch_tokens: usize,
-    /// The padded tokens of one forward pass, within `max_batch_tokens`; `None`: the
-    /// measured optimum [`FASTEST_PASS_TOKENS`]. Not a job-file key: for tests and benchmarks.
+    /// The padded tokens of one forward pass, within `max_batch_tokens`; `None`: the fastest
+    /// of [`crate::pass_size::PASS_TOKEN_CANDIDATES`], probed at load or read from the cache.
+    /// Not a job-file key: for tests and benchmarks.
     pub pass_tokens: Option<usize>,
     /// `length_bucket`: padded lengths are rounded up to a multiple of this many tokens; each
     /// distinct padded length compiles its own plan (about a second, once).

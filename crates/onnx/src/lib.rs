@@ -17,6 +17,7 @@ pub mod error;
 pub mod model;
 pub mod output;
 pub mod padded_batch;
+pub mod pass_size;
 pub mod plan_cache;
 pub mod pooling;
 pub mod processor;

@@ -3,8 +3,9 @@
 //! every thread has one, and runs them on `threads` threads, each with its own model state,
 //! longest passes first so the threads finish together.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex};
+use std::time::Instant;
 
 use crate::batch_plan::{
     Batch, BatchPolicy, PlanSummary, plan_batches, spread_over_threads, summarise_plan,
@@ -14,6 +15,7 @@ use crate::error::{LoadError, RunError};
 use crate::model::{CLASSIFICATION_OUTPUT_NAMES, EMBEDDING_OUTPUT_NAMES, OnnxModel};
 use crate::output::{Output, OutputSettings, outputs_of_batch};
 use crate::padded_batch::PaddedBatch;
+use crate::pass_size::{self, ProbeKey, Timings};
 use crate::tokenize::{TextTokenizer, TokenizedText};
 
 /// A loaded model job. `Send + Sync`: share it (e.g. in an `Arc`) and call [`process`]
@@ -51,7 +53,7 @@ impl OnnxProcessor {
                 labels: config.labels.clone(),
             },
             policy: BatchPolicy {
-                max_batch_tokens: pass_tokens(config),
+                max_batch_tokens: config.max_batch_tokens,
                 sort_window: config.sort_window,
                 length_bucket: config.length_bucket,
                 max_length: config.max_length,
@@ -60,7 +62,121 @@ impl OnnxProcessor {
             output_width: 0,
         };
         processor.output_width = processor.test_run(config.max_length)?;
+        processor.policy.max_batch_tokens = match config.pass_tokens {
+            Some(forced) => forced.min(config.max_batch_tokens),
+            None => processor.choose_pass_tokens(config),
+        };
         Ok(processor)
+    }
+
+    /// The fastest pass size within `max_batch_tokens`: from the timings cached for this
+    /// model file and thread count, else from a probe (whose timings are then cached).
+    fn choose_pass_tokens(&self, config: &OnnxConfig) -> usize {
+        let candidates = pass_size::candidates_within(config.max_batch_tokens);
+        if candidates.len() < 2 {
+            // Below the smallest candidate the bound is the pass size; at a single candidate
+            // there is nothing to compare.
+            return candidates.first().copied().unwrap_or(config.max_batch_tokens);
+        }
+        let row_length = pass_size::PROBE_ROW_LENGTH.min(config.max_length);
+        let key = ProbeKey::of(&config.model_path, self.threads, row_length);
+        let file = pass_size::cache_file();
+        let mut timings = match (&file, &key) {
+            (Some(file), Some(key)) => pass_size::read_cached(file, key),
+            _ => Timings::new(),
+        };
+        if let Some(size) = pass_size::fastest(&timings, &candidates) {
+            tracing::info!(pass_tokens = size, ?timings, file = ?file, "onnx pass size from the cache");
+            return size;
+        }
+        let missing: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|size| !timings.contains_key(size))
+            .collect();
+        let started = Instant::now();
+        timings.extend(self.probe(&missing, row_length));
+        let chosen = pass_size::fastest(&timings, &candidates)
+            .or_else(|| {
+                // Over budget before every size was timed: the fastest of those timed.
+                let timed: Vec<usize> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|size| timings.contains_key(size))
+                    .collect();
+                pass_size::fastest(&timings, &timed)
+            })
+            .unwrap_or(FASTEST_PASS_TOKENS.min(config.max_batch_tokens));
+        let microseconds_per_token: Vec<(usize, f64)> = timings
+            .iter()
+            .map(|(size, seconds)| (*size, (seconds * 1e7).round() / 10.0))
+            .collect();
+        tracing::info!(
+            pass_tokens = chosen,
+            ?microseconds_per_token,
+            row_length,
+            threads = self.threads,
+            probe_seconds = started.elapsed().as_secs_f64(),
+            "onnx pass size probed"
+        );
+        if let (Some(file), Some(key)) = (&file, &key)
+            && let Err(error) = pass_size::store(file, key, &timings)
+        {
+            tracing::warn!(%error, file = %file.display(), "could not keep the onnx pass size");
+        }
+        chosen
+    }
+
+    /// Seconds per padded token of passes of each of `sizes` (smallest first), on synthetic
+    /// rows of `row_length` tokens, all threads running passes at once; stops trying larger
+    /// sizes once [`pass_size::PROBE_BUDGET_SECONDS`] have passed.
+    fn probe(&self, sizes: &[usize], row_length: usize) -> Timings {
+        let started = Instant::now();
+        let row = TokenizedText {
+            token_ids: vec![self.tokenizer.pad_token_id(); row_length],
+            token_type_ids: vec![0; row_length],
+        };
+        let mut timings = Timings::new();
+        for size in sizes {
+            if started.elapsed().as_secs_f64() > pass_size::PROBE_BUDGET_SECONDS {
+                break;
+            }
+            let rows = (size / row_length).max(1);
+            let padded = PaddedBatch::new(&vec![&row; rows], row_length, self.tokenizer.pad_token_id());
+            let passes = (pass_size::PROBE_TOKENS_PER_THREAD / padded.rows / row_length).max(1);
+            let barrier = Barrier::new(self.threads);
+            let run = || -> Result<(Instant, Instant), RunError> {
+                let mut state = self.model.new_state();
+                // Compiles the plan (once for all threads) and warms the caches: not timed.
+                self.model.run(&mut state, &padded)?;
+                barrier.wait();
+                let begun = Instant::now();
+                for _ in 0..passes {
+                    self.model.run(&mut state, &padded)?;
+                }
+                Ok((begun, Instant::now()))
+            };
+            let spans: Result<Vec<_>, RunError> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..self.threads).map(|_| scope.spawn(run)).collect();
+                handles
+                    .into_iter()
+                    .map(|handle| handle.join().map_err(panic_error)?)
+                    .collect()
+            });
+            let Ok(spans) = spans else {
+                tracing::warn!(pass_tokens = size, "the onnx pass-size probe failed on this size");
+                continue;
+            };
+            let (Some(begun), Some(ended)) = (
+                spans.iter().map(|span| span.0).min(),
+                spans.iter().map(|span| span.1).max(),
+            ) else {
+                continue;
+            };
+            let tokens = (self.threads * passes * padded.rows * padded.padded_length) as f64;
+            timings.insert(*size, (ended - begun).as_secs_f64() / tokens);
+        }
+        timings
     }
 
     /// Embedding dimension, or the number of classes.
@@ -307,16 +423,6 @@ impl Tokenized {
     pub fn token_counts(&self) -> Vec<usize> {
         self.0.iter().map(TokenizedText::len).collect()
     }
-}
-
-/// The padded tokens of one forward pass: `pass_tokens` or the measured optimum, within the
-/// `max_batch_tokens` bound.
-fn pass_tokens(config: &OnnxConfig) -> usize {
-    config
-        .pass_tokens
-        .unwrap_or(FASTEST_PASS_TOKENS)
-        .min(config.max_batch_tokens)
-        .max(1)
 }
 
 fn check_settings(config: &OnnxConfig) -> Result<(), LoadError> {
