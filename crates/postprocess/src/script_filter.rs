@@ -12,7 +12,7 @@
 use unicode_script::{Script, UnicodeScript};
 
 use crate::outcome::Change;
-use crate::script_fragments::cut_fragments;
+use crate::script_fragments::{Vote, cut_fragments};
 
 /// The compiled script rule.
 #[derive(Debug, Clone)]
@@ -21,14 +21,6 @@ pub struct ScriptFilter {
     max_foreign_share: f64,
     cut_fragments: bool,
     latin_expected: bool,
-}
-
-/// How one character votes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Vote {
-    Expected,
-    Foreign(Script),
-    Neutral,
 }
 
 impl ScriptFilter {

@@ -8,7 +8,15 @@
 use unicode_script::{Script, UnicodeScript};
 
 use crate::outcome::Change;
-use crate::script_filter::Vote;
+
+/// How one character votes: a letter of an expected script, of another one, or neither.
+/// The script rule (`script_filter`) casts the votes; this module cuts by them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Vote {
+    Expected,
+    Foreign(Script),
+    Neutral,
+}
 
 /// True when the lone foreign letter at `position` is a Greek letter used as a symbol, or
 /// sits inside a word (`β-glucanen`, a Cyrillic `А` in `Аmsterdam`): it stays.
