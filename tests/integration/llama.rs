@@ -1,9 +1,13 @@
-//! End to end against the real llama.cpp server of PEERS.md (SmolLM2-135M): the request carries
+//! End to end against the real llama.cpp server (`llama-server`, SmolLM2-135M): the request carries
 //! a schema forcing exactly the batch's ids, and every item of a small run of real motions gets
 //! an output. The tiny model writes poor Dutch, so the test checks structure, not content.
 //! `scripts/test.sh` starts the server and sets BACKFILL_LLAMA_URL.
 
 use crate::support::*;
+
+/// One test at a time on the shared server: its two slots are what the tests measure against,
+/// and a second client would queue ours behind its requests.
+pub(crate) static SERVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub(crate) fn llama_url() -> Option<String> {
     match std::env::var("BACKFILL_LLAMA_URL") {
@@ -83,6 +87,7 @@ output = 0.0
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
     let Some(url) = llama_url() else { return };
+    let _server = SERVER.lock().await;
     let log = std::env::var("BACKFILL_LLAMA_LOG").ok().filter(|path| !path.is_empty());
     if log.is_none() && std::env::var("CI").as_deref() == Ok("true") {
         panic!("BACKFILL_LLAMA_LOG is not set: run the tests with scripts/test.sh");

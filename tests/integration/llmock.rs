@@ -1,4 +1,4 @@
-//! Against llmock (PEERS.md), a mock provider with real rate-limit behaviour: 60 requests/min
+//! Against llmock (a Python package), a mock provider with real rate-limit behaviour: 60 requests/min
 //! and 20% of requests answered 429 at random. Its resilience verdict judges how the client
 //! reacted to every fault (Retry-After honoured, backoff, no retry storms, no giving up), and
 //! must find nothing — no error and no warning. `scripts/test.sh` starts llmock with those

@@ -293,6 +293,7 @@ async fn a_dry_run_after_a_trial_predicts_the_real_run_within_10_percent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trial_of_the_real_llama_server_judges_every_sampled_row_and_writes_nothing() {
     let Some(url) = crate::llama::llama_url() else { return };
+    let _server = crate::llama::SERVER.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let db = crate::llama::motions_db(dir.path()).await;
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
