@@ -41,6 +41,29 @@ fn existing_tables(names: &[String]) -> String {
     }
 }
 
+/// The items one claim takes from its ready candidates `(id, attempts, tier, group limit)`, in
+/// claim order: one tier per batch (the first candidate's), and no more than the smallest group
+/// limit among them (items whose batches kept coming back malformed go in smaller batches).
+pub(crate) fn pick_batch(candidates: Vec<(String, i64, i64, Option<i64>)>, max_items: usize) -> Vec<(String, i64, i64)> {
+    let Some(tier) = candidates.first().map(|c| c.2) else { return Vec::new() };
+    let mut chosen = Vec::new();
+    let mut limit = max_items.max(1);
+    for (id, attempts, item_tier, group_limit) in candidates {
+        if item_tier != tier {
+            continue;
+        }
+        if let Some(g) = group_limit {
+            limit = limit.min(g.max(1) as usize);
+        }
+        if chosen.len() >= limit {
+            break;
+        }
+        chosen.push((id, attempts, item_tier));
+    }
+    chosen.truncate(limit);
+    chosen
+}
+
 pub fn db_count(count: u64) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
 }

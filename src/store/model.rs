@@ -313,6 +313,23 @@ pub struct ItemCounts {
 }
 
 impl ItemCounts {
+    /// From `(state, count)` rows, as a `GROUP BY state` over the queue gives them.
+    pub fn from_states(rows: Vec<(String, i64)>) -> ItemCounts {
+        let mut counts = ItemCounts::default();
+        for (state, n) in rows {
+            let n = n.max(0) as u64;
+            match state.as_str() {
+                "pending" => counts.pending = n,
+                "leased" => counts.leased = n,
+                "done" => counts.done = n,
+                "failed" => counts.failed = n,
+                "rejected" => counts.rejected = n,
+                _ => {}
+            }
+        }
+        counts
+    }
+
     pub fn total(&self) -> u64 {
         self.pending + self.leased + self.done + self.failed + self.rejected
     }

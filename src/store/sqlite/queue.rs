@@ -35,19 +35,7 @@ pub(super) async fn recount(conn: &mut SqliteConnection, run_id: i64) -> Result<
             .bind(run_id)
             .fetch_all(&mut *conn)
             .await?;
-    let mut counts = ItemCounts::default();
-    for (state, n) in rows {
-        let n = n.max(0) as u64;
-        match state.as_str() {
-            "pending" => counts.pending = n,
-            "leased" => counts.leased = n,
-            "done" => counts.done = n,
-            "failed" => counts.failed = n,
-            "rejected" => counts.rejected = n,
-            _ => {}
-        }
-    }
-    Ok(counts)
+    Ok(ItemCounts::from_states(rows))
 }
 
 /// A random positive fencing token for one claim.
@@ -93,24 +81,7 @@ pub(super) async fn claim(
         return Ok(Claim { next_ready_at, leased, ..Claim::default() });
     }
 
-    // One tier per batch, and no larger than the smallest group limit of its items (items whose
-    // batches kept coming back malformed are sent in smaller batches).
-    let tier = candidates[0].2;
-    let mut chosen = Vec::new();
-    let mut limit = max_items.max(1);
-    for (id, attempts, item_tier, group_limit) in candidates {
-        if item_tier != tier {
-            continue;
-        }
-        if let Some(g) = group_limit {
-            limit = limit.min(g.max(1) as usize);
-        }
-        if chosen.len() >= limit {
-            break;
-        }
-        chosen.push((id, attempts, item_tier));
-    }
-    chosen.truncate(limit);
+    let chosen = crate::store::pick_batch(candidates, max_items);
 
     let token = new_token();
     let expires = now + lease.as_millis() as i64;
