@@ -142,6 +142,40 @@ impl Progress {
     }
 }
 
+impl Progress {
+    /// The bar's message: the same figures as [`Progress::line`], shortest form, most wanted
+    /// first, so that on a narrow terminal the bar cuts its tail and stays on one line.
+    pub fn bar_line(&self, elapsed: Duration) -> String {
+        let rate = self.finished_here.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64().max(0.001);
+        let eta = self.eta(elapsed).map(format_eta).unwrap_or_else(|| "?".into());
+        let mut parts = vec![
+            format!("{}/{}", self.terminal(), self.total.load(Ordering::Relaxed)),
+            format!("{rate:.1}/s"),
+            format!("ETA {eta}"),
+            match self.cap {
+                Some(cap) => format!("{}/{}", self.spent(), cap),
+                None => self.spent().to_string(),
+            },
+        ];
+        if let Some(c) = self.controller() {
+            let sent_per_second = self.requests.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64().max(0.001);
+            parts.push(format!("{}/{} in flight", self.in_flight.load(Ordering::Relaxed), c.concurrency_limit));
+            parts.push(format!("{sent_per_second:.1} req/s"));
+            parts.push(format!("{}/req", c.items_per_request));
+            if c.counts.rate_limited > 0 {
+                parts.push(format!("{}×429", c.counts.rate_limited));
+            }
+        }
+        for (count, what) in [(&self.failed, "failed"), (&self.rejected, "rejected")] {
+            let n = count.load(Ordering::Relaxed);
+            if n > 0 {
+                parts.push(format!("{n} {what}"));
+            }
+        }
+        parts.join(" · ")
+    }
+}
+
 /// `45s`, `2m 09s`, `1h 02m`.
 pub fn format_eta(left: Duration) -> String {
     let secs = left.as_secs_f64().round() as u64;
@@ -163,7 +197,9 @@ pub async fn report(progress: std::sync::Arc<Progress>, stop: CancellationToken,
         let bar = ProgressBar::with_draw_target(Some(progress.total.load(Ordering::Relaxed)), ProgressDrawTarget::stderr());
         // The ETA is in the message: indicatif's own would count a resumed run's items as
         // done in the first tick.
-        let style = ProgressStyle::with_template("{bar:30} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
+        // `wide_msg` fits the message to the terminal's width (cutting its tail), so the bar
+        // stays one line on an 80-column terminal; the count is in the message, not repeated.
+        let style = ProgressStyle::with_template("{bar:20} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
         crate::logging::set_bar(Some(bar.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -174,7 +210,7 @@ pub async fn report(progress: std::sync::Arc<Progress>, stop: CancellationToken,
             }
             bar.set_length(progress.total.load(Ordering::Relaxed));
             bar.set_position(progress.terminal());
-            bar.set_message(progress.line(started.elapsed()));
+            bar.set_message(progress.bar_line(started.elapsed()));
         }
         bar.finish_and_clear();
         crate::logging::set_bar(None);
@@ -204,6 +240,17 @@ mod tests {
         progress.finished_here.store(0, Ordering::Relaxed);
         assert_eq!(progress.eta(Duration::from_secs(50)), None);
         assert!(progress.line(Duration::from_secs(50)).contains("ETA unknown"));
+    }
+
+    #[test]
+    fn the_bar_line_puts_count_pace_time_and_money_first_and_fits_80_columns_without_the_tail() {
+        let progress = Progress::new(1_000, 700, 3, 0, Picos::ZERO, Some(Picos::from_usd(5.0)));
+        progress.finished_here.store(100, Ordering::Relaxed);
+        let line = progress.bar_line(Duration::from_secs(50));
+        assert!(line.starts_with("703/1000 · 2.0/s · ETA 2m 29s · $0.0000/$5.0000"), "{line}");
+        assert!(line.ends_with("3 failed"), "{line}");
+        // Without the controller's figures, the line and a 20-column bar fit 80 columns.
+        assert!(20 + 1 + line.chars().count() <= 80, "{} columns: {line}", line.chars().count());
     }
 
     #[test]
