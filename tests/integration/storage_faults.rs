@@ -139,6 +139,35 @@ async fn a_database_locked_by_another_program_stops_the_run_clearly_and_resume_f
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_lock_held_for_a_while_is_waited_for_and_said_in_the_log() {
+    let rows = 40;
+    let fx = Fixture::new(rows).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 63, (100, 200)).await;
+    fx.write_job(&fake.base_url(), "", "concurrency = { start = 2, min = 1, max = 2 }", "");
+    let job = fx.job.to_str().unwrap().to_owned();
+    let dir = fx.dir.path().to_path_buf();
+    let child = tokio::task::spawn_blocking(move || backfill(&dir, &["run", &job, "--quiet"], &[]));
+    for _ in 0..400 {
+        if fake.records().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Another program holds the write lock for 6 s, well within the busy timeout, then lets go.
+    let mut other = SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(&fx.db)).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut other).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    other.close().await.unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(120), child).await.expect("the run ends").unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{err}");
+    assert!(err.contains("waiting for the write lock of") && err.contains("source.db"), "{err}");
+    assert!(err.contains("got the write lock of"), "{err}");
+    assert_all_written_once(&fx, rows).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_read_only_database_is_named_with_the_fix_and_nothing_changes() {
     let rows = 30;
     let mut fx = Fixture::new(rows).await;

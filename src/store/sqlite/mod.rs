@@ -67,6 +67,9 @@ mod dialect {
 /// unless `BACKFILL_BUSY_TIMEOUT_S` says otherwise.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a wait for the write lock goes unreported.
+const LOCK_WAIT_NOTICE: Duration = Duration::from_secs(3);
+
 fn busy_timeout() -> Duration {
     std::env::var("BACKFILL_BUSY_TIMEOUT_S")
         .ok()
@@ -151,7 +154,28 @@ impl SqliteStore {
     }
 
     async fn begin_write(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(|e| database_error(e, &self.path))
+        let begin = self.pool.begin_with("BEGIN IMMEDIATE");
+        tokio::pin!(begin);
+        // SQLite waits for the write lock silently (up to the busy timeout): say what the run
+        // waits on once it has waited long enough to be noticed.
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            result = &mut begin => result,
+            _ = tokio::time::sleep(LOCK_WAIT_NOTICE) => {
+                tracing::warn!(
+                    "waiting for the write lock of {}: another program holds it (an open transaction, \
+                     a backup, a DB browser); the run goes on when it is released, or stops after {:.0} s",
+                    self.path.display(),
+                    busy_timeout().as_secs_f64()
+                );
+                let result = begin.await;
+                if result.is_ok() {
+                    tracing::info!("got the write lock of {} after {:.1} s", self.path.display(), started.elapsed().as_secs_f64());
+                }
+                result
+            }
+        };
+        result.map_err(|e| database_error(e, &self.path))
     }
 
     fn err(&self, e: sqlx::Error) -> anyhow::Error {
