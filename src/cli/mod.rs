@@ -166,6 +166,16 @@ struct RunArgs {
     /// Write the run's Prometheus metrics to PATH when it ends (node_exporter's textfile collector).
     #[arg(long, value_name = "PATH")]
     metrics_file: Option<PathBuf>,
+    /// A new run over only the pending rows that also match this SQL predicate
+    /// (e.g. "created_at > '2026-01-01'"), on top of the job's `source.pending`.
+    #[arg(long = "where", value_name = "SQL", conflicts_with = "resume")]
+    where_sql: Option<String>,
+    /// A new run over only the pending rows whose ids are listed in FILE (one per line).
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+    ids: Option<PathBuf>,
+    /// A new run over only the rows that failed or were rejected in the job's latest run.
+    #[arg(long, conflicts_with = "resume")]
+    retry_failed: bool,
 }
 
 /// The longest `--wait` / `--finish-sync-after`: a year (batches end within a day).
@@ -301,6 +311,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         },
     )?;
     json_line::set_job(&job.name);
+    let job = narrowed(job, &args).await?;
     if let Some(chat) = job.chat() {
         for model in chat.tiers().filter(|m| job.prices.origin(m) == Some(&crate::pricing::PriceOrigin::Unpriced)) {
             tracing::warn!(
@@ -381,6 +392,51 @@ async fn trial(args: TrialArgs) -> anyhow::Result<Exit> {
         print_text(&format!("{}{page}", trial.human()));
     }
     Ok(exit)
+}
+
+/// The job with its pending predicate narrowed by `--where`, `--ids` and `--retry-failed`: a
+/// new run enqueues only the rows that match both.
+async fn narrowed(mut job: Job, args: &RunArgs) -> anyhow::Result<Job> {
+    let mut extra = Vec::new();
+    if let Some(sql) = &args.where_sql {
+        if sql.trim().is_empty() || sql.contains(';') {
+            return Err(usage("--where: write one SQL predicate over the source table's columns, without `;`"));
+        }
+        extra.push(sql.clone());
+    }
+    let id = format!("{}.{}", job.source.table, job.source.id);
+    if let Some(file) = &args.ids {
+        let text = std::fs::read_to_string(file).map_err(|e| usage(format!("--ids {}: cannot read it: {e}", file.display())))?;
+        let ids: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .map(|line| format!("'{}'", line.replace('\'', "''")))
+            .collect();
+        if ids.is_empty() {
+            return Err(usage(format!("--ids {}: the file lists no id (one per line)", file.display())));
+        }
+        extra.push(format!("CAST({id} AS TEXT) IN ({})", ids.join(", ")));
+    }
+    if args.retry_failed {
+        let (_, latest) = status::chosen_run(&job, None, false).await?;
+        if latest.status.is_unfinished() {
+            return Err(usage(format!(
+                "--retry-failed starts a new run over the failed rows of the latest one, but run {} of job `{}` is \
+                 unfinished: continue it with --resume, or give it up with `backfill abandon`",
+                latest.id, job.name
+            )));
+        }
+        extra.push(format!(
+            "CAST({id} AS TEXT) IN (SELECT item_id FROM backfill_items WHERE run_id = {} AND state IN ('failed', 'rejected'))",
+            latest.id
+        ));
+    }
+    if !extra.is_empty() {
+        let narrowed: Vec<String> = std::iter::once(job.source.pending.clone()).chain(extra).map(|p| format!("({p})")).collect();
+        job.source.pending = narrowed.join(" AND ");
+    }
+    Ok(job)
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<Exit> {

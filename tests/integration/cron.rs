@@ -425,3 +425,42 @@ async fn metrics_are_served_while_the_run_goes_and_written_when_it_ends() {
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
     assert!(stderr(&refused).contains("--metrics-addr") && stderr(&refused).contains("choose another port"), "{}", stderr(&refused));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn where_ids_and_retry_failed_start_runs_over_just_those_rows() {
+    let fx = Fixture::new(30).await;
+    // Every answer leaves out the last item of its request, and an item gets one attempt: the
+    // first run fails some rows.
+    let dropping = FakeProvider::start(vec![], vec![(1.0, Reply::DropIds(1))], 191).await;
+    fx.write_job(&dropping.base_url(), "", "max_attempts = 1\nmax_failed_share = 1.0\nitems_per_request = { start = 5, min = 5, max = 5 }", "");
+    let job = fx.job.to_str().unwrap().to_owned();
+
+    // --where: only ids up to 10.
+    let (output, summary) = run_json_with(&fx, &["--where", "id <= 10"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(summary["items"]["total"], 10, "{summary}");
+    let failed = summary["items"]["failed"].as_u64().unwrap();
+    assert!(failed > 0 && summary["items"]["done"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL AND id > 10").await, 0);
+
+    // --retry-failed: a new run over exactly the rows that failed, against a provider that answers.
+    let good = FakeProvider::start(vec![], vec![], 192).await;
+    fx.write_job(&good.base_url(), "", "max_attempts = 1\nitems_per_request = { start = 5, min = 5, max = 5 }", "");
+    let (output, summary) = run_json_with(&fx, &["--retry-failed"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(summary["items"]["total"].as_u64(), Some(failed), "{summary}");
+    assert_eq!(summary["items"]["done"].as_u64(), Some(failed), "{summary}");
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL AND id <= 10").await, 10);
+
+    // --ids FILE: just the listed ids.
+    let list = fx.dir.path().join("ids.txt");
+    std::fs::write(&list, "21\n22\n\n23\n").unwrap();
+    let (output, summary) = run_json_with(&fx, &["--ids", list.to_str().unwrap()], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(summary["items"]["total"], 3, "{summary}");
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 13);
+
+    // They start new runs: with --resume they are refused.
+    let refused = backfill_async(fx.dir.path(), &["run", &job, "--resume", "--where", "id > 1"], &[]).await;
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+}
