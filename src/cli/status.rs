@@ -5,6 +5,7 @@ use serde::Serialize;
 use super::print_json;
 use crate::time::{readable, rfc3339_ms};
 use crate::exit::{Exit, usage};
+use crate::runner::summary::plural;
 use crate::job::Job;
 use crate::store::{BatchRecord, JobTotals, ModelCost, RunRecord, RunStatus, StatusReport, Store};
 
@@ -299,7 +300,7 @@ pub(super) fn human(s: &StatusJson) -> String {
     }
     if s.calls.total > 0 {
         let parts: Vec<String> = s.calls.by_outcome.iter().map(|(o, n)| format!("{o} {n}")).collect();
-        out.push_str(&format!("  calls: {} ({})\n", s.calls.total, parts.join(", ")));
+        out.push_str(&format!("  {} in all ({})\n", plural(s.calls.total, "call", "calls"), parts.join(", ")));
     }
     if s.calls.answers_repaired > 0 {
         out.push_str(&format!("  answers repaired before validation: {}\n", s.calls.answers_repaired));
@@ -316,12 +317,12 @@ pub(super) fn human(s: &StatusJson) -> String {
     }
     for w in &s.workers {
         out.push_str(&format!(
-            "  worker {}: {}, {} items done ({:.0}%), {} calls, last heartbeat {}\n",
+            "  worker {}: {}, {} items done ({:.0}%), {}, last heartbeat {}\n",
             w.worker,
             if w.alive { "attached" } else { "gone" },
             w.items_done,
             w.share_of_done * 100.0,
-            w.calls,
+            plural(w.calls, "call", "calls"),
             readable(&w.last_heartbeat)
         ));
     }
@@ -349,9 +350,9 @@ fn model_line(m: &ModelJson) -> String {
         sources.push(format!("{} without usage, at their estimate", m.estimate_costed_calls));
     }
     format!(
-        "  {}: {} calls, {} input / {} output tokens ({} cached), ${:.4}{}\n",
+        "  {}: {} answered, {} input / {} output tokens ({} cached), ${:.4}{}\n",
         m.model,
-        m.calls,
+        plural(m.calls, "call", "calls"),
         m.input_tokens,
         m.output_tokens,
         m.cached_tokens,

@@ -127,7 +127,7 @@ impl Summary {
     pub fn human(&self) -> String {
         let mut out = format!(
             "run {} of {}: {}\n  items: {} done, {} failed, {} rejected, {} pending (of {})\n  \
-             calls: {}, tokens in {} / out {}, cost ${:.4}",
+             {}, tokens in {} / out {}, cost ${:.4}",
             self.run_id,
             self.job,
             self.status,
@@ -136,7 +136,7 @@ impl Summary {
             self.items.rejected,
             self.items.pending,
             self.items.total,
-            self.requests,
+            plural(self.requests, "call", "calls"),
             self.tokens.input,
             self.tokens.output,
             self.cost_usd,
@@ -191,6 +191,7 @@ impl Summary {
 }
 
 /// "1 request", "2 requests".
-fn plural(count: u64, one: &str, many: &str) -> String {
+/// "1 request", "2 requests".
+pub fn plural(count: u64, one: &str, many: &str) -> String {
     format!("{count} {}", if count == 1 { one } else { many })
 }
