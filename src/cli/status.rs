@@ -350,7 +350,7 @@ fn model_line(m: &ModelJson) -> String {
         sources.push(format!("{} without usage, at their estimate", m.estimate_costed_calls));
     }
     format!(
-        "  {}: {} answered, {} input / {} output tokens ({} cached), ${:.4}{}\n",
+        "  {}: {} settled, {} input / {} output tokens ({} cached), ${:.4}{}\n",
         m.model,
         plural(m.calls, "call", "calls"),
         m.input_tokens,
