@@ -464,3 +464,29 @@ async fn where_ids_and_retry_failed_start_runs_over_just_those_rows() {
     let refused = backfill_async(fx.dir.path(), &["run", &job, "--resume", "--where", "id > 1"], &[]).await;
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_an_80_column_terminal_the_bar_stays_on_one_line() {
+    let fx = Fixture::new(60).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 201, (250, 350)).await;
+    fx.write_job(&fake.base_url(), "", "concurrency = { start = 1, min = 1, max = 1 }\nitems_per_request = { start = 2, min = 2, max = 2 }", "");
+    // `script` gives the binary a terminal of 80 columns (util-linux, on every Debian machine).
+    let command = format!("stty cols 80 rows 24; exec {} run {} --max-usd 5", env!("CARGO_BIN_EXE_backfill"), fx.job.display());
+    let dir = fx.dir.path().to_path_buf();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("script").args(["-qec", &command, "/dev/null"]).current_dir(dir).env("NO_COLOR", "1").output()
+    })
+    .await
+    .unwrap()
+    .expect("script (util-linux) runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+    let screen = String::from_utf8_lossy(&output.stdout);
+    let escapes = regex::Regex::new(r"\x1b\[[0-9;?]*[A-Za-z]").unwrap();
+    let plain = escapes.replace_all(&screen, "");
+    let bars: Vec<&str> = plain.split(['\r', '\n']).filter(|line| line.contains("/60")).collect();
+    assert!(!bars.is_empty(), "no progress bar drawn:\n{plain}");
+    for bar in &bars {
+        assert!(bar.trim_end().chars().count() <= 80, "{} columns: {bar:?}", bar.trim_end().chars().count());
+        assert_eq!(bar.matches("/60").count(), 1, "the count once: {bar:?}");
+    }
+}
