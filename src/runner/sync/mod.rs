@@ -8,6 +8,8 @@ mod budget;
 mod call;
 pub(crate) use call::error_outcome;
 mod dispatch;
+#[cfg(test)]
+mod dispatch_tests;
 mod resends;
 mod shared_rate;
 
