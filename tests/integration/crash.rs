@@ -45,16 +45,6 @@ async fn scalar_or_zero(fx: &Fixture, sql: &str) -> i64 {
 }
 
 /// Waits until the run has sent at least `calls` requests (the fake saw them).
-async fn until_requests(fake: &FakeProvider, calls: usize) {
-    for _ in 0..400 {
-        if fake.records().len() >= calls {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the run never sent {calls} requests");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_nine_at_random_moments_then_resume_loses_nothing_and_pays_nothing_twice() {
     let rows = 240;

@@ -28,16 +28,6 @@ async fn wait(child: Child) -> std::process::Output {
     tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap()
 }
 
-async fn until_requests(fake: &FakeProvider, calls: usize) {
-    for _ in 0..400 {
-        if fake.records().len() >= calls {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the run never sent {calls} requests");
-}
-
 async fn scalar(fx: &Fixture, sql: &str) -> i64 {
     let pool = fx.pool().await;
     let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&pool).await.unwrap();

@@ -147,12 +147,7 @@ async fn a_lock_held_for_a_while_is_waited_for_and_said_in_the_log() {
     let job = fx.job.to_str().unwrap().to_owned();
     let dir = fx.dir.path().to_path_buf();
     let child = tokio::task::spawn_blocking(move || backfill(&dir, &["run", &job, "--quiet"], &[]));
-    for _ in 0..400 {
-        if fake.records().len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    until_requests(&fake, 2).await;
     // Another program holds the write lock for 6 s, well within the busy timeout, then lets go.
     let mut other = SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(&fx.db)).await.unwrap();
     sqlx::query("BEGIN EXCLUSIVE").execute(&mut other).await.unwrap();

@@ -150,6 +150,17 @@ pub fn backfill(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     command.output().expect("the backfill binary runs")
 }
 
+/// Waits (up to 10 s) until the fake provider has received `calls` requests.
+pub async fn until_requests(fake: &FakeProvider, calls: usize) {
+    for _ in 0..400 {
+        if fake.records().len() >= calls {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the run never sent {calls} requests");
+}
+
 /// Runs the binary off the async runtime (the fake provider lives on it).
 pub async fn backfill_async(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let dir = dir.to_path_buf();
