@@ -390,7 +390,8 @@ async fn local_sigint_records_the_batch_in_progress_and_exits_4_and_a_second_pro
     let rows = 200;
     let fx = local_fixture(rows).await;
     write_job(&fx, "column = \"vector\"\nformat = \"f32le\"", "vector IS NULL", &tiny_model("tiny_embedder.onnx", ""), "items_per_request = { start = 10, min = 1, max = 10 }");
-    let child = spawn_slow(&fx, 100);
+    // 300 ms a write: 20 writes take 6 s, so the refused second process and the signal land mid-run.
+    let child = spawn_slow(&fx, 300);
     for _ in 0..400 {
         if count(&fx, "SELECT COUNT(*) FROM items WHERE vector IS NOT NULL").await >= 20 {
             break;
