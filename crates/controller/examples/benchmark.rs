@@ -5,7 +5,10 @@
 //! ```text
 //! cargo run --release --example benchmark --manifest-path crates/controller/Cargo.toml [NAME_FILTER] [--timeline]
 //! ```
-//! `--timeline` adds, per scenario, the adaptive run's valid items/s per 10 s window.
+//! `--timeline` adds, per scenario, the adaptive run's valid items/s per 10 s window and the
+//! most requests in flight × the largest request per window; with `BENCHMARK_SENDS=1` also
+//! every request sent (time, items, requests in flight). `BENCHMARK_SEED_OFFSET=1000` runs the
+//! scenarios at another of the seeds the scenario tests use.
 
 use std::path::Path;
 
@@ -34,11 +37,20 @@ fn main() {
     println!(
         "| scenario | policy | items/s (whole run) | steady items/s | ceiling | steady/ceiling | 429 share | converge s | duration ratio | timeouts | 503s | items/request | max in flight | queue wait ÷ service | computed twice | steady vs fixed rule | whole run vs fixed client |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for path in paths {
         let text = std::fs::read_to_string(&path).expect("scenario file");
-        let scenario: Scenario =
+        let mut scenario: Scenario =
             toml::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+        // BENCHMARK_SEED_OFFSET=1000 runs a scenario at another of the tests' seeds.
+        if let Some(offset) = std::env::var("BENCHMARK_SEED_OFFSET")
+            .ok()
+            .and_then(|offset| offset.parse::<u64>().ok())
+        {
+            scenario.seed += offset;
+        }
         if filter.is_some_and(|filter| !scenario.name.contains(filter.as_str())) {
             continue;
         }
@@ -54,9 +66,9 @@ fn main() {
             let mut client = FixedClient::new(&config, slots);
             evaluate(&scenario, &simulate(&scenario, &mut client))
         });
-        let against_client = fixed_client.as_ref().map(|client| {
-            adaptive.overall_items_per_second / client.overall_items_per_second
-        });
+        let against_client = fixed_client
+            .as_ref()
+            .map(|client| adaptive.overall_items_per_second / client.overall_items_per_second);
         print_row(&scenario.name, &adaptive, Some(speedup), against_client);
         print_row(&scenario.name, &fixed, None, None);
         if let Some(client) = &fixed_client {
@@ -72,6 +84,27 @@ fn main() {
                 .map(|items| format!("{:.0}", f64::from(*items) / 10.0))
                 .collect();
             eprintln!("{} items/s per 10 s: {}", scenario.name, rates.join(" "));
+            // Per window: the most requests in flight at a send, and the largest request.
+            let mut shapes = vec![(0usize, 0u32); windows.len()];
+            for (at, items, in_flight) in &adaptive_log.sends {
+                if let Some(shape) = shapes.get_mut((*at / 10.0) as usize) {
+                    *shape = (shape.0.max(*in_flight), shape.1.max(*items));
+                }
+            }
+            let shapes: Vec<String> = shapes
+                .iter()
+                .map(|(in_flight, items)| format!("{in_flight}x{items}"))
+                .collect();
+            eprintln!(
+                "{} in flight x items per 10 s: {}",
+                scenario.name,
+                shapes.join(" ")
+            );
+            if std::env::var_os("BENCHMARK_SENDS").is_some() {
+                for (at, items, in_flight) in &adaptive_log.sends {
+                    eprintln!("send {at:.2} {items} {in_flight}");
+                }
+            }
             eprintln!("{} final status: {:?}", scenario.name, controller.status());
         }
     }

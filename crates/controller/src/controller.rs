@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::batch_sizer::BatchSizer;
 use crate::concurrency_limit::ConcurrencyLimit;
-use crate::delay_limit::DelayLimit;
 use crate::config::{ConfigError, ControllerConfig};
+use crate::delay_limit::DelayLimit;
 use crate::latency_window::LatencyWindow;
 use crate::protocol::{Decision, PipelineLoad, RequestShape, Ticket};
 use crate::rate_pacer::{ALL_DIMENSIONS, RateDimension, RatePacer, request_costs};
@@ -31,6 +31,10 @@ pub(crate) struct InFlight {
     pub cut_at_end_of_queue: bool,
     /// The delay limit's generation and the requests in flight (itself included) when sent.
     pub generation: u64,
+    /// Whether every request in flight when this one was sent was sent in the same
+    /// generation: a request sent behind older ones waits for them at a server that queues,
+    /// and measures the previous level as much as its own.
+    pub clean: bool,
     pub level: u32,
 }
 
@@ -153,13 +157,19 @@ impl Controller {
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
         let level = u32::try_from(self.in_flight.len() + 1).unwrap_or(u32::MAX);
+        let generation = self.delay.generation();
+        let clean = self
+            .in_flight
+            .values()
+            .all(|earlier| earlier.generation == generation);
         self.in_flight.insert(
             ticket,
             InFlight {
                 sent_at: now,
                 shape,
                 cut_at_end_of_queue: false,
-                generation: self.delay.generation(),
+                generation,
+                clean,
                 level,
             },
         );
@@ -227,6 +237,12 @@ impl Controller {
         } else {
             paced
         }
+    }
+
+    /// Whether the server behaves as one that queues: it never refused with a 429, announced
+    /// no rate limits, and the delay limit is what bounds the requests in flight (`limit`).
+    pub(crate) fn queueing_server(&self, limit: u32) -> bool {
+        self.delay_limit_applies() && self.counts.rate_limited == 0 && self.delay.limit() <= limit
     }
 
     /// Whether the delay limit binds: not once the provider has announced rate limits.

@@ -12,14 +12,18 @@
 //! The limit therefore measures `X` at one level for at least one round of requests sent at that
 //! level, then tries another level and keeps it only if the throughput gained per added request
 //! is at least `GAIN_TO_KEEP` of what one request delivered before (the marginal gain; 1 is a
-//! server with free slots, 0 is pure queueing). It starts by doubling (slow start) while requests
-//! scale almost perfectly, climbs by small steps after that, and after a failed step holds the
-//! level for a while, then probes again alternately above and below it, so a server that gains
-//! or loses slots is followed and the baseline is measured afresh (as Envoy's adaptive
-//! concurrency filter re-measures its minimum latency).
+//! server with free slots, 0 is pure queueing). It starts by doubling (slow start), each
+//! doubling judged after one round of requests at the new level, for as long as each doubling
+//! is kept; it climbs by small steps after that, and after a failed step holds the level for a
+//! while, then probes again alternately above and below it, so a server that gains or loses
+//! slots is followed and the baseline is measured afresh (as Envoy's adaptive concurrency
+//! filter re-measures its minimum latency). Until a probe has failed the level is not yet
+//! bracketed (`searching`): the controller keeps requests at their first size meanwhile, so
+//! each round is short and the search quick.
 //!
 //! Only requests sent while this limit was what held the dispatcher back are measured: when the
-//! provider's rate or the job's caps bind first, the level is not ours to learn.
+//! provider's rate or the job's caps bind first, the level is not ours to learn. A change of
+//! request size starts the level's measurement afresh, so no measurement mixes two sizes.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -29,10 +33,8 @@ use crate::config::StartMinMax;
 /// A step is kept when each added request delivers at least this share of what one request
 /// delivered at the lower level (and a lower level is kept when the higher did not).
 const GAIN_TO_KEEP: f64 = 0.3;
-/// Slow start multiplies the level by this while no queue shows...
+/// Slow start multiplies the level by this while each step is kept.
 const SLOW_START_FACTOR: u32 = 2;
-/// ...and goes on while the marginal gain stays at least this.
-const SLOW_START_GAIN: f64 = 0.75;
 /// Requests measured at one level, at least, and per request in flight.
 const MIN_SAMPLES: u32 = 4;
 const SAMPLES_PER_LEVEL: u32 = 2;
@@ -45,6 +47,9 @@ const LATENCY_RISE: f64 = 1.05;
 const NOISE_ERRORS: f64 = 2.0;
 /// Latency per item this far over the baseline shows requests waiting or slowing each other.
 const QUEUE_INFLATION: f64 = 1.25;
+/// The settled level's latency per item moving by this factor (beyond the noise) between two
+/// measurements shows that the server changed.
+const SERVER_CHANGE: f64 = 1.25;
 /// Measurements the baseline (the lowest latency per item) is taken over.
 const BASELINE_WINDOW: Duration = Duration::from_secs(600);
 const BASELINE_MEASUREMENTS: usize = 64;
@@ -104,6 +109,13 @@ pub struct DelayLimit {
     probes: u64,
     /// Failed probes in a row (the hold doubles with each).
     failed_probes: u32,
+    /// Whether a probe has failed yet: the best level lies between two measured ones.
+    bracketed: bool,
+    /// The measurement the settled level was last judged on (when it was settled or held).
+    judged: Option<Measured>,
+    /// Latency per item of the first request answered that was sent with no other of ours in
+    /// flight: the server's unloaded pace, before any level is measured.
+    first_alone: Option<f64>,
     /// Recent measurements' latency per item, for the baseline.
     baseline: VecDeque<(Duration, f64)>,
 }
@@ -124,6 +136,9 @@ impl DelayLimit {
             accumulator: Accumulator::default(),
             probes: 0,
             failed_probes: 0,
+            bracketed: false,
+            judged: None,
+            first_alone: None,
             baseline: VecDeque::new(),
         }
     }
@@ -132,7 +147,6 @@ impl DelayLimit {
     pub fn limit(&self) -> u32 {
         self.probe.unwrap_or(self.settled)
     }
-
 
     /// The level believed best (the limit between probes).
     pub fn settled(&self) -> u32 {
@@ -144,6 +158,12 @@ impl DelayLimit {
     pub fn parallelism(&self) -> Option<f64> {
         let reference = self.reference?;
         Some((reference.items_per_second * self.baseline()?).max(1.0))
+    }
+
+    /// Whether the limit is still looking for the server's capacity: no probe has failed
+    /// yet, so the level has not been bracketed, and the maximum is not reached.
+    pub fn searching(&self) -> bool {
+        !self.bracketed && self.limit() < self.range.max
     }
 
     pub fn generation(&self) -> u64 {
@@ -167,7 +187,15 @@ impl DelayLimit {
         work: f64,
         latency: Duration,
     ) {
-        if work.is_nan() || work <= 0.0 || generation != self.generation || in_flight < self.limit() {
+        if work.is_nan() || work <= 0.0 {
+            return;
+        }
+        if in_flight == 1 && self.first_alone.is_none() {
+            let per_item = latency.as_secs_f64().max(1e-6) / work;
+            self.first_alone = Some(per_item);
+            self.baseline.push_back((now, per_item));
+        }
+        if generation != self.generation || in_flight < self.limit() {
             return;
         }
         let level = self.limit();
@@ -180,7 +208,11 @@ impl DelayLimit {
         sample.per_item += per_item;
         sample.per_item_squared += per_item * per_item;
         // Slow start judges after one round: a doubling is either clearly worth it or not.
-        let per_level = if self.slow_start { 0 } else { SAMPLES_PER_LEVEL };
+        let per_level = if self.slow_start {
+            1
+        } else {
+            SAMPLES_PER_LEVEL
+        };
         if sample.samples < MIN_SAMPLES.max(per_level * level) {
             return;
         }
@@ -221,12 +253,41 @@ impl DelayLimit {
     /// Latency per item over the baseline: 1 unloaded, more when requests wait or slow
     /// each other.
     fn inflation(&self, measured: Measured) -> f64 {
-        self.baseline()
-            .map_or(1.0, |baseline| measured.seconds_per_item / baseline.max(1e-9))
+        self.baseline().map_or(1.0, |baseline| {
+            measured.seconds_per_item / baseline.max(1e-9)
+        })
     }
 
     fn decide(&mut self, now: Duration, measured: Measured) {
+        if self.reference.is_none() && self.probe.is_none() && self.probes == 0 {
+            self.first_probe(measured);
+            return;
+        }
         let Some(probe) = self.probe else {
+            // The server changed (restarted with fewer or more slots, other clients came or
+            // went) when the settled level's latency per item moved clearly since it was last
+            // measured: the hold ends, and the probe goes the way the latency points.
+            if let Some(previous) = self
+                .judged
+                .filter(|previous| previous.level == measured.level)
+            {
+                let noise = NOISE_ERRORS * previous.relative_error.hypot(measured.relative_error);
+                let ratio = measured.seconds_per_item / previous.seconds_per_item.max(1e-12);
+                if ratio > SERVER_CHANGE + noise || ratio < 1.0 / (SERVER_CHANGE + noise) {
+                    tracing::debug!(
+                        ratio,
+                        "latency per item moved at the settled level: probing now"
+                    );
+                    self.hold_until = now;
+                    self.failed_probes = 0;
+                    self.next_direction = if ratio > 1.0 {
+                        Direction::Down
+                    } else {
+                        Direction::Up
+                    };
+                    self.judged = Some(measured);
+                }
+            }
             self.reference = Some(measured);
             if now >= self.hold_until {
                 self.start_probe(false);
@@ -251,8 +312,7 @@ impl DelayLimit {
         // Latency that did not rise with concurrency is no sign of a queue, whatever the
         // noise in the throughput says (a hosted API answers as fast at any concurrency).
         let noise = NOISE_ERRORS * low.relative_error.hypot(high.relative_error);
-        let latency_rose =
-            high.seconds_per_item > (LATENCY_RISE + noise) * low.seconds_per_item;
+        let latency_rose = high.seconds_per_item > (LATENCY_RISE + noise) * low.seconds_per_item;
         tracing::debug!(
             from = self.settled,
             to = probe,
@@ -265,16 +325,15 @@ impl DelayLimit {
         let higher_pays = gain >= GAIN_TO_KEEP || !latency_rose;
         if probe > self.settled {
             if higher_pays {
-                if gain < SLOW_START_GAIN && latency_rose {
-                    self.slow_start = false;
-                }
                 self.settle(probe, measured);
                 self.next_direction = Direction::Up;
                 self.start_probe(false);
             } else {
                 self.slow_start = false;
                 self.next_direction = Direction::Down;
-                self.back_to_settled(now, Some(measured));
+                // A settled level that shows a queue itself is probed below at once.
+                let hold = (!self.shows_queue(reference)).then_some(measured);
+                self.back_to_settled(now, hold);
             }
         } else if !higher_pays {
             // The lower level delivers as much: keep it and look lower still.
@@ -301,12 +360,15 @@ impl DelayLimit {
         self.settled = level;
         self.probe = None;
         self.reference = Some(measured);
+        self.judged = Some(measured);
     }
 
     /// Returns to the settled level; holds there for a while when `hold_on` is given (a
     /// measurement whose latency sets the hold), else probes again after one measurement.
     fn back_to_settled(&mut self, now: Duration, hold_on: Option<Measured>) {
         self.probe = None;
+        self.bracketed = true;
+        self.judged = self.reference;
         self.failed_probes = self.failed_probes.saturating_add(1);
         let backoff = f64::from(1u32 << self.failed_probes.min(5).saturating_sub(1));
         self.hold_until = match hold_on {
@@ -317,6 +379,47 @@ impl DelayLimit {
             None => now,
         };
         self.bump();
+    }
+
+    /// The first measurement, at the start level, set against the first request's unloaded
+    /// latency: requests that took `inflation` times longer per item waited behind each other,
+    /// so the server serves about `level / inflation` at once, and that level is tried next
+    /// (Vegas's estimate of the queue). Without a queue, slow start doubles at once.
+    fn first_probe(&mut self, measured: Measured) {
+        self.reference = Some(measured);
+        let inflation = self.first_alone.map_or(f64::NAN, |alone| {
+            measured.seconds_per_item / alone.max(1e-12)
+        });
+        if inflation >= QUEUE_INFLATION + NOISE_ERRORS * measured.relative_error {
+            let served = (f64::from(measured.level) / inflation).ceil() as u32;
+            let target = self
+                .range
+                .clamp(served.min(measured.level.saturating_sub(1)));
+            if target < measured.level {
+                self.probe = Some(target);
+                self.probes += 1;
+                self.next_direction = Direction::Down;
+                tracing::debug!(
+                    from = measured.level,
+                    to = target,
+                    inflation,
+                    "concurrency probe"
+                );
+                self.bump();
+                return;
+            }
+        }
+        self.next_direction = if inflation.is_nan() {
+            Direction::Down
+        } else {
+            Direction::Up
+        };
+        self.start_probe(false);
+    }
+
+    /// Whether a measurement's latency per item is clearly above the unloaded pace.
+    fn shows_queue(&self, measured: Measured) -> bool {
+        self.inflation(measured) >= QUEUE_INFLATION + NOISE_ERRORS * measured.relative_error
     }
 
     /// Tries another level: `after_a_kept_step_down` continues downward.
@@ -331,9 +434,9 @@ impl DelayLimit {
         let can_go_up = level < self.range.max;
         // Below the settled level only when its latency shows a queue (or once, at the
         // start): a server that answers as fast at any concurrency is never probed down.
-        let queued = self.reference.is_some_and(|reference| {
-            self.inflation(reference) >= QUEUE_INFLATION + NOISE_ERRORS * reference.relative_error
-        });
+        let queued = self
+            .reference
+            .is_some_and(|reference| self.shows_queue(reference));
         let can_go_down = level > self.range.min
             && (after_a_kept_step_down || queued || (self.slow_start && self.probes == 0));
         let target = match self.next_direction {
@@ -351,6 +454,12 @@ impl DelayLimit {
             }
             _ => self.probe = None,
         }
+        self.bump();
+    }
+
+    /// Requests changed size: what was measured at the current level mixed two sizes, so
+    /// the level is measured again with requests of the new size only.
+    pub fn on_size_change(&mut self) {
         self.bump();
     }
 
@@ -421,6 +530,68 @@ mod tests {
         assert_eq!(limit.settled(), 64);
     }
 
+    /// Feeds `count` requests of 10 items sent at the current limit with this latency.
+    fn feed(limit: &mut DelayLimit, now: &mut Duration, count: u32, latency: Duration) {
+        for _ in 0..count {
+            let level = limit.limit();
+            *now += latency / level;
+            limit.on_completed(*now, limit.generation(), level, 10.0, latency);
+        }
+    }
+
+    #[test]
+    fn the_first_measurement_jumps_to_what_a_queueing_server_serves() {
+        // The first request, sent alone, took 1 s; at 4 in flight each took 4 s: one slot.
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        let mut now = Duration::from_secs(1);
+        limit.on_completed(now, limit.generation(), 1, 10.0, Duration::from_secs(1));
+        feed(&mut limit, &mut now, 4, Duration::from_secs(4));
+        assert_eq!(limit.limit(), 1);
+        // Two slots: 2 s each at 4 in flight.
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        limit.on_completed(now, limit.generation(), 1, 10.0, Duration::from_secs(1));
+        feed(&mut limit, &mut now, 4, Duration::from_secs(2));
+        assert_eq!(limit.limit(), 2);
+    }
+
+    #[test]
+    fn without_a_queue_slow_start_doubles_at_once() {
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        let mut now = Duration::from_secs(1);
+        limit.on_completed(now, limit.generation(), 1, 10.0, Duration::from_secs(1));
+        feed(&mut limit, &mut now, 4, Duration::from_secs(1));
+        assert_eq!(limit.limit(), 8);
+        assert!(limit.searching());
+    }
+
+    #[test]
+    fn a_server_that_loses_slots_is_probed_below_without_waiting_out_the_hold() {
+        let mut limit = settle_on(4, 0.0, StartMinMax::new(4, 1, 64));
+        // Run until the limit holds at its settled level after a failed probe.
+        let mut now = Duration::from_secs(100_000);
+        for _ in 0..1000 {
+            if limit.probe.is_none() && limit.hold_until > now + Duration::from_secs(60) {
+                break;
+            }
+            let level = limit.limit();
+            feed(&mut limit, &mut now, 1, latency(level, 4, 2.0, 0.0));
+        }
+        let (settled, hold_until) = (limit.settled(), limit.hold_until);
+        assert!(
+            hold_until > now + Duration::from_secs(60),
+            "no hold reached"
+        );
+        // The server restarts with 2 slots: latency at the settled level doubles, and the
+        // limit goes below it before the hold would have ended.
+        let mut lowest = settled;
+        while now < hold_until - Duration::from_secs(30) {
+            let level = limit.limit();
+            feed(&mut limit, &mut now, 1, latency(level, 2, 2.0, 0.0));
+            lowest = lowest.min(limit.settled());
+        }
+        assert_eq!(lowest, 2, "from {settled}, on 2 slots");
+    }
+
     #[test]
     fn samples_from_another_level_or_generation_do_not_count() {
         let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
@@ -429,7 +600,13 @@ mod tests {
             // Sent below the limit (something else held the dispatcher back)...
             limit.on_completed(Duration::ZERO, generation, 3, 10.0, Duration::from_secs(1));
             // ...or before the limit last changed.
-            limit.on_completed(Duration::ZERO, generation + 1, 4, 10.0, Duration::from_secs(1));
+            limit.on_completed(
+                Duration::ZERO,
+                generation + 1,
+                4,
+                10.0,
+                Duration::from_secs(1),
+            );
         }
         assert_eq!((limit.limit(), limit.probes()), (4, 0));
     }

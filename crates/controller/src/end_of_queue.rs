@@ -18,6 +18,10 @@ const END_OF_QUEUE_CUT_P90S: f64 = 1.0;
 /// computed twice. At most this share of the items sent so far is sent again that way.
 const HEDGE_BUDGET_SHARE: f64 = 0.02;
 
+/// On a server that queues, the requests in flight hold at most 1 / `TAIL_ROUNDS` of the
+/// items left.
+const TAIL_ROUNDS: f64 = 4.0;
+
 impl Controller {
     /// Requests the dispatcher should abandon now, reporting each as `Outcome::TimedOut` so
     /// its items go back to the queue and are sent again at once. Only when no item waits
@@ -143,6 +147,16 @@ impl Controller {
         };
         let spread_over = f64::from(free).min(starts_per_latency);
         let queued = load.queued_items.min(u32::MAX as usize) as f64;
+        // On a server that queues (no 429 yet, the delay limit binds), the requests in
+        // flight hold at most 1 / `TAIL_ROUNDS` of the items left, so the run's last round
+        // (all of them finishing while fewer and fewer run) stays short; there a smaller
+        // request costs little throughput.
+        let size = if self.queueing_server(limit) {
+            let tail = (queued / (f64::from(limit) * TAIL_ROUNDS)).ceil() as u32;
+            tail.clamp(self.config.items_per_request.min, size)
+        } else {
+            size
+        };
         if queued >= spread_over * f64::from(size) {
             return size;
         }

@@ -90,7 +90,7 @@ impl Controller {
         // Retries split into groups smaller than the current size take another time per item:
         // levels are compared on the requests of new work.
         let small_retry = shape.retried_items >= items_sent && items_sent < self.batch.current();
-        if !small_retry {
+        if !small_retry && sent.clean {
             self.delay.on_completed(
                 now,
                 sent.generation,
@@ -129,7 +129,15 @@ impl Controller {
             );
             pacer.request_rate(costs) * f64::from(items)
         };
+        // While the delay limit still searches a queueing server's capacity, requests keep
+        // their size: small requests come back sooner, so each level is measured sooner.
+        let searching = self.delay.searching()
+            && self.queueing_server(self.concurrency_limit_for(self.batch.current()));
+        let size_before = self.batch.current();
         self.batch.record(now, items_sent, failed, |from, to| {
+            if searching {
+                return 0.0;
+            }
             let (before, after) = (items_per_second(from), items_per_second(to));
             if before.is_finite() && after.is_finite() && before > 0.0 {
                 after / before - 1.0
@@ -137,6 +145,9 @@ impl Controller {
                 f64::from(to) / f64::from(from) - 1.0
             }
         });
+        if self.batch.current() != size_before {
+            self.delay.on_size_change();
+        }
     }
 
     fn on_rate_limited(&mut self, now: Duration, sent_at: Duration, info: &RateLimitInfo) {

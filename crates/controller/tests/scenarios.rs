@@ -55,6 +55,12 @@ fn misses_at_seed(scenario: &Scenario) -> Vec<String> {
             report.steady_ratio
         ));
     }
+    if let Some(minimum) = expect.min_whole_run_ratio {
+        let ratio = report.overall_items_per_second / report.ceiling_items_per_second;
+        if ratio < minimum {
+            misses.push(format!("whole-run ratio {ratio:.3} < {minimum}"));
+        }
+    }
     if let Some(maximum) = expect.max_rate_limited_share
         && report.rate_limited_share > maximum
     {
@@ -86,7 +92,10 @@ fn misses_at_seed(scenario: &Scenario) -> Vec<String> {
         ));
     }
     if let Some(minimum) = expect.min_ratio_to_fixed_slots {
-        let slots = scenario.provider.slots.expect("a fixed client needs the server's slots");
+        let slots = scenario
+            .provider
+            .slots
+            .expect("a fixed client needs the server's slots");
         let mut fixed_client = FixedClient::new(&config, slots);
         let fixed = evaluate(scenario, &simulate(scenario, &mut fixed_client));
         let ratio = report.overall_items_per_second / fixed.overall_items_per_second;
@@ -158,6 +167,7 @@ macro_rules! scenario_tests {
 }
 
 scenario_tests!(
+    announced_3000_items,
     rpm_bound,
     tpm_bound,
     latency_bound,

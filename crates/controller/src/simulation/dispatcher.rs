@@ -42,6 +42,8 @@ pub struct RunLog {
     /// Items the server computed for requests the client had cut or timed out (and so sent
     /// again): computed twice.
     pub computed_twice_items: u64,
+    /// `(time, items, requests in flight with it)` of every request sent.
+    pub sends: Vec<(f64, u32, usize)>,
 }
 
 struct Pending {
@@ -90,6 +92,7 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
         service_s: 0.0,
         computed_answers: 0,
         computed_twice_items: 0,
+        sends: Vec::new(),
     };
     let mut done = 0usize;
     let mut sequence = 0u64;
@@ -202,6 +205,7 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                         },
                     );
                     log.requests += 1;
+                    log.sends.push((now, take as u32, pending.len()));
                     log.max_in_flight = log.max_in_flight.max(pending.len());
                 }
                 Decision::Wait { until } => break until.map(|until| until.as_secs_f64()),

@@ -111,6 +111,8 @@ pub struct WorkloadSpec {
 pub struct Expectations {
     /// Steady items/s over the ceiling, at least.
     pub min_steady_ratio: Option<f64>,
+    /// Whole-run items/s (first send to last answer) over the ceiling, at least.
+    pub min_whole_run_ratio: Option<f64>,
     /// 429 answers over requests sent, at most.
     pub max_rate_limited_share: Option<f64>,
     /// Whole-run duration over items ÷ steady items/s, at most.
