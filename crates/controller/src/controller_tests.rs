@@ -219,8 +219,9 @@ fn a_lone_timeout_does_not_cut_concurrency_but_a_cluster_does() {
 fn end_of_queue_cuts_only_old_requests_and_only_when_nothing_waits() {
     let mut controller = controller();
     let mut now = Duration::ZERO;
-    // 100 requests of 10 items: a hedge budget of 2 % is 20 items, two requests.
-    now = one_at_a_time(&mut controller, now, 100);
+    // 200 requests of 10 items to a server that never refused: a hedge budget of 1 % is 20
+    // items, two requests.
+    now = one_at_a_time(&mut controller, now, 200);
     let old = try_send(&mut controller, now).unwrap();
     let young = try_send(&mut controller, now + seconds(9.0)).unwrap();
     let idle = PipelineLoad {
@@ -266,14 +267,15 @@ fn end_of_queue_cuts_only_old_requests_and_only_when_nothing_waits() {
 fn end_of_queue_cuts_stay_within_the_hedge_budget() {
     let mut controller = controller();
     let mut now = Duration::ZERO;
-    now = one_at_a_time(&mut controller, now, 50);
+    now = one_at_a_time(&mut controller, now, 100);
     let first = try_send(&mut controller, now).unwrap();
     let second = try_send(&mut controller, now).unwrap();
     let idle = PipelineLoad {
         in_flight: 2,
         queued_items: 0,
     };
-    // Both are overdue; the budget (10 of 520 items sent) allows one of them.
+    // Both are overdue; the budget (10 of 1,020 items sent, 1 % on a server that never
+    // refused) allows one of them.
     let cut = controller.requests_to_cut(now + seconds(30.0), idle);
     assert_eq!(cut.len(), 1, "{cut:?}");
     assert!(cut == vec![first] || cut == vec![second]);

@@ -14,13 +14,13 @@ const MINIMUM_TIMEOUT: Duration = Duration::from_secs(5);
 const END_OF_QUEUE_SMALLEST_SHARE: u32 = 4;
 /// At the end of the queue, requests older than this many p90 latencies are cut and resent.
 const END_OF_QUEUE_CUT_P90S: f64 = 1.0;
-/// Cut requests are hedges: a server that queues still computes them, so their items are
-/// computed twice. At most this share of the items sent so far is sent again that way.
+/// Cut requests are hedges: the provider still computes them (and a hosted API bills them),
+/// so their items are computed twice. At most this share of the items sent so far is sent
+/// again that way...
 const HEDGE_BUDGET_SHARE: f64 = 0.02;
-
-/// On a server that queues, the requests in flight hold at most 1 / `TAIL_ROUNDS` of the
-/// items left.
-const TAIL_ROUNDS: f64 = 4.0;
+/// ...and at most this share on a server that queues, where the copy also waits behind the
+/// request it hedges and its short last round leaves hedges little to win.
+const HEDGE_BUDGET_SHARE_QUEUEING: f64 = 0.01;
 
 impl Controller {
     /// Requests the dispatcher should abandon now, reporting each as `Outcome::TimedOut` so
@@ -100,7 +100,12 @@ impl Controller {
 
     /// Items that may still be sent twice by end-of-queue cuts.
     fn hedge_budget_left(&self) -> u64 {
-        let budget = (HEDGE_BUDGET_SHARE * self.counts.items_sent as f64).floor() as u64;
+        let share = if self.queueing_server(self.concurrency_limit_for(self.batch.current())) {
+            HEDGE_BUDGET_SHARE_QUEUEING
+        } else {
+            HEDGE_BUDGET_SHARE
+        };
+        let budget = (share * self.counts.items_sent as f64).floor() as u64;
         budget.saturating_sub(self.counts.hedged_items)
     }
 
@@ -147,15 +152,18 @@ impl Controller {
         };
         let spread_over = f64::from(free).min(starts_per_latency);
         let queued = load.queued_items.min(u32::MAX as usize) as f64;
-        // On a server that queues (no 429 yet, the delay limit binds), the requests in
-        // flight hold at most 1 / `TAIL_ROUNDS` of the items left, so the run's last round
-        // (all of them finishing while fewer and fewer run) stays short; there a smaller
-        // request costs little throughput.
-        let size = if self.queueing_server(limit) {
-            let tail = (queued / (f64::from(limit) * TAIL_ROUNDS)).ceil() as u32;
-            tail.clamp(self.config.items_per_request.min, size)
-        } else {
-            size
+        // On a server that queues (no 429 yet, the delay limit binds), the run's last round
+        // (every request in flight finishing while fewer and fewer run) costs about half the
+        // items in flight, `limit · n / 2`, and each request its fixed latency, `fixed ÷
+        // per_item` items' worth: the run's time over the `queued` items left is least at
+        // n = √(2 · queued · fixed ÷ (per_item · limit)).
+        let size = match self.latency.model() {
+            Some(model) if self.queueing_server(limit) && model.per_item > 0.0 => {
+                let fixed_items = model.fixed / model.per_item;
+                let best = (2.0 * queued * fixed_items / f64::from(limit)).sqrt().ceil();
+                (best.min(f64::from(u32::MAX)) as u32).clamp(self.config.items_per_request.min, size)
+            }
+            _ => size,
         };
         if queued >= spread_over * f64::from(size) {
             return size;
