@@ -384,7 +384,7 @@ impl DelayLimit {
     /// The first measurement, at the start level, set against the first request's unloaded
     /// latency: requests that took `inflation` times longer per item waited behind each other,
     /// so the server serves about `level / inflation` at once, and that level is tried next
-    /// (Vegas's estimate of the queue). Without a queue, slow start doubles at once.
+    /// (Vegas's estimate of the queue).
     fn first_probe(&mut self, measured: Measured) {
         self.reference = Some(measured);
         let inflation = self.first_alone.map_or(f64::NAN, |alone| {
@@ -409,11 +409,10 @@ impl DelayLimit {
                 return;
             }
         }
-        self.next_direction = if inflation.is_nan() {
-            Direction::Down
-        } else {
-            Direction::Up
-        };
+        // Otherwise half the start level is tried first: a server with fewer slots than the
+        // start shows there at once, and one answer sent alone is too uneven a measure (an
+        // LLM's output lengths vary) to skip that on its word.
+        self.next_direction = Direction::Down;
         self.start_probe(false);
     }
 
@@ -555,12 +554,12 @@ mod tests {
     }
 
     #[test]
-    fn without_a_queue_slow_start_doubles_at_once() {
+    fn without_a_clear_queue_the_first_probe_halves_the_start_level() {
         let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
         let mut now = Duration::from_secs(1);
         limit.on_completed(now, limit.generation(), 1, 10.0, Duration::from_secs(1));
         feed(&mut limit, &mut now, 4, Duration::from_secs(1));
-        assert_eq!(limit.limit(), 8);
+        assert_eq!(limit.limit(), 2);
         assert!(limit.searching());
     }
 
