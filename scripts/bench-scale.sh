@@ -308,7 +308,8 @@ finally:
     fake.wait()
     if any(n >= BIG for n in sizes) and not os.environ.get("BENCH_KEEP"):
         for name in os.listdir(WORK):
-            if re.fullmatch(r"(work\.db|rows-\d{7,}\.db)(-wal|-shm|\.tmp)?", name):
+            m = re.fullmatch(r"(work|rows-(\d+))\.db(-wal|-shm|\.tmp)?", name)
+            if m and (m.group(2) is None or int(m.group(2)) >= BIG):
                 os.remove(os.path.join(WORK, name))
 
 stamp = time.strftime("%Y-%m-%dT%H%M%S")
