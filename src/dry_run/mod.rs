@@ -100,7 +100,7 @@ pub async fn estimate(job: &Job, limit: Option<u64>) -> anyhow::Result<Estimate>
     let loading = tokio::task::spawn_blocking(move || TokenCounter::new(&encoding));
     let store = crate::store::open_read_only(&job.database).await?;
     let tables = Tables::from_job(job);
-    store.inspect(&tables).await?;
+    store.check(&tables).await?;
     let measured = if store.runner_tables_exist().await? {
         let trials = crate::job::trial_job(&job.name);
         store.latest_measure([job.name.as_str(), trials.as_str()], &chat.name).await?

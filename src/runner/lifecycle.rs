@@ -35,7 +35,7 @@ pub async fn attach(job: &Job, options: &RunOptions) -> anyhow::Result<Option<At
     let store = crate::store::open(&job.database).await?;
     store.migrate().await?;
     let tables = Tables::from_job(job);
-    store.inspect(&tables).await?;
+    store.check(&tables).await?;
     let Some(run) = find_or_create(job, options, store.as_ref(), &tables).await? else {
         return Ok(None);
     };

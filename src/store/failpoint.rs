@@ -7,6 +7,7 @@
 //! - `BACKFILL_FAILPOINT_CRASH=batch_after_upload` (or `name:N` for the N-th time the point is
 //!   reached) aborts the process at the named point, as `kill -9` would, without running any
 //!   destructor or flushing anything.
+//! - `BACKFILL_ENQUEUE_CHUNK=50` enqueues a new run's ids 50 per chunk (`store::enqueue_chunk`).
 
 #[cfg(feature = "failpoints")]
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,18 @@ pub async fn pause(_point: &str) {}
 
 #[cfg(not(feature = "failpoints"))]
 pub fn crash(_point: &str) {}
+
+#[cfg(not(feature = "failpoints"))]
+pub fn number(_var: &str) -> Option<u64> {
+    None
+}
+
+/// A number from the environment (`BACKFILL_ENQUEUE_CHUNK=50` makes small tables enqueue in
+/// several chunks).
+#[cfg(feature = "failpoints")]
+pub fn number(var: &str) -> Option<u64> {
+    std::env::var(var).ok()?.parse().ok()
+}
 
 #[cfg(feature = "failpoints")]
 pub async fn pause(point: &str) {

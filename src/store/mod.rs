@@ -20,6 +20,52 @@ pub(crate) const SLOW_STATEMENT: std::time::Duration = std::time::Duration::from
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Ids enqueued per chunk: one statement and one short transaction each, so a table of millions
+/// of rows never holds a statement, the SQLite write lock or PostgreSQL's creation lock for
+/// long (about 0.1 s a chunk).
+const ENQUEUE_CHUNK: u64 = 10_000;
+
+/// How long a process enqueueing a run counts as alive without finishing another chunk; past
+/// it, another process takes the enqueue over from where it stopped.
+pub(crate) const ENQUEUE_LEASE: Duration = Duration::from_secs(30);
+
+/// How often a process that finds another one enqueueing the run looks again.
+pub(crate) const ENQUEUE_POLL: Duration = Duration::from_millis(200);
+
+/// One `create_run` call enqueueing a run, as recorded in the run's `enqueue_owner`: a number
+/// unique in this process, then the process's worker id, so two calls in one process never take
+/// each other for the same enqueue, and a call of a process that provably stopped is gone at once.
+pub(crate) struct Enqueuer {
+    pub token: String,
+    worker: Worker,
+}
+
+impl Enqueuer {
+    pub(crate) fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let worker = Worker::current();
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Enqueuer { token: format!("{n} {}", worker.id), worker }
+    }
+
+    /// Whether another call may still be enqueueing the run: it is recorded as `owner`, its
+    /// lease (`expires_at`) has not run out and its process is not provably gone.
+    pub(crate) fn other_alive(&self, owner: Option<&str>, expires_at: Option<i64>, now: i64) -> bool {
+        let Some(owner) = owner else { return false };
+        let process = owner.split_once(' ').map(|(_, id)| id).unwrap_or(owner);
+        owner != self.token && expires_at.unwrap_or(0) > now && !self.worker.proves_gone(process)
+    }
+
+    pub(crate) fn expires_at(now: i64) -> i64 {
+        now + ENQUEUE_LEASE.as_millis() as i64
+    }
+}
+
+/// The chunk size: `ENQUEUE_CHUNK`, or `BACKFILL_ENQUEUE_CHUNK` in builds with test hooks.
+pub(crate) fn enqueue_chunk() -> u64 {
+    failpoint::number("BACKFILL_ENQUEUE_CHUNK").filter(|n| *n > 0).unwrap_or(ENQUEUE_CHUNK)
+}
+
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
@@ -141,6 +187,11 @@ pub trait Source: Send + Sync {
     /// runs; returns how many rows are pending.
     async fn inspect(&self, tables: &Tables) -> anyhow::Result<SourceInfo>;
 
+    /// What `inspect` checks, without counting the pending rows (which reads the whole table).
+    async fn check(&self, tables: &Tables) -> anyhow::Result<()> {
+        self.inspect(tables).await.map(|_| ())
+    }
+
     /// Streams up to `limit` pending rows in id order (for a dry run; writes nothing). Rows are
     /// read as the stream is consumed, so a reader that keeps a bounded number of them holds
     /// bounded memory whatever the table's size.
@@ -156,8 +207,11 @@ pub trait Source: Send + Sync {
 pub trait Runs: Send + Sync {
     async fn latest_run(&self, job: &str) -> anyhow::Result<Option<RunRecord>>;
 
-    /// Creates a run and enqueues the pending ids (at most `limit`) in one transaction — unless
-    /// an unfinished run of the job exists, which is returned instead.
+    /// Creates a run and enqueues the pending ids (at most `limit`) — unless an unfinished run
+    /// of the job exists, which is returned instead. The ids go in chunks of `ENQUEUE_CHUNK`,
+    /// one short transaction each, the first with the run; a run whose enqueue another process
+    /// is doing is waited for, one whose enqueuer stopped is enqueued on from where it stopped
+    /// (and returned as new: nobody worked on it yet).
     async fn create_run(&self, new: &NewRun, tables: &Tables) -> anyhow::Result<Created>;
 
     /// Attaches a worker to a run. With `exclusive`, refuses while another live worker is

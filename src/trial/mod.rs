@@ -194,7 +194,7 @@ pub async fn trial(job: &Job, options: &TrialOptions) -> anyhow::Result<(Trial, 
     let store = crate::store::open(&job.database).await?;
     store.migrate().await?;
     let tables = Tables::from_job(job);
-    store.inspect(&tables).await?;
+    store.check(&tables).await?;
     let (pending, sample) = sample_pending(store.as_ref(), &tables, options.sample, options.seed).await?;
     let counter = TokenCounter::new(&chat.encoding)?;
     let packer = Packer::new(&chat.template, chat.system.clone(), counter, chat.context_window, chat.max_tokens);

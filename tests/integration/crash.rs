@@ -238,6 +238,47 @@ async fn abandon_lets_a_new_run_start() {
     assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 20);
 }
 
+/// A run's ids are enqueued a chunk a transaction; a process killed between two chunks leaves a
+/// run half enqueued, which the next `run` (with or without `--resume`) enqueues on from where
+/// it stopped: one run, every pending row in it once, in id order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kill_during_the_enqueue_is_taken_over_from_where_it_stopped() {
+    let rows = 240;
+    for resume in [false, true] {
+        let fx = Fixture::new(rows).await;
+        let fake = FakeProvider::start(vec![], vec![], 57).await;
+        fx.write_job(&fake.base_url(), "", "", "");
+        let chunked = [("BACKFILL_ENQUEUE_CHUNK", "50")];
+        let crash = [chunked[0], ("BACKFILL_FAILPOINT_CRASH", "enqueue_chunk:2")];
+        let crashed = wait(spawn_run(&fx, &[], &crash)).await;
+        assert_eq!(crashed.status.code(), None, "the process should have aborted\n{}", stderr(&crashed));
+        assert!(stderr(&crashed).contains("crash point enqueue_chunk"), "{}", stderr(&crashed));
+        // Three chunks were committed: the first with the run, two more.
+        assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_items").await, 150);
+        assert_eq!(scalar(&fx, "SELECT total_items FROM backfill_runs").await, 150);
+        assert_eq!(scalar(&fx, "SELECT enqueued FROM backfill_runs").await, 0);
+        assert!(fake.records().is_empty(), "nothing is sent before the run is enqueued");
+        let extra: &[&str] = if resume { &["--resume"] } else { &[] };
+        let output = wait(spawn_run(&fx, extra, &chunked)).await;
+        assert_eq!(output.status.code(), Some(0), "resume {resume}: {}", stderr(&output));
+        assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_runs").await, 1);
+        assert_eq!(scalar(&fx, "SELECT total_items FROM backfill_runs").await, rows as i64);
+        let states = fx.item_states().await;
+        assert_eq!(states.len(), rows);
+        assert!(states.iter().all(|(_, s, _, _)| s == "done"), "{states:?}");
+        // Queue order is id order across the chunks of both processes.
+        let out_of_order = scalar(
+            &fx,
+            "SELECT COUNT(*) FROM (SELECT CAST(item_id AS INTEGER) AS id, LAG(CAST(item_id AS INTEGER)) OVER (ORDER BY seq) AS before \
+             FROM backfill_items) q WHERE id <= before",
+        )
+        .await;
+        assert_eq!(out_of_order, 0);
+        assert_eq!(scalar(&fx, "SELECT MAX(seq) - MIN(seq) + 1 FROM backfill_items").await, rows as i64);
+        assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, rows as i64);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_identical_request_is_answered_from_the_cache_unless_no_cache() {
     let fx = Fixture::new(40).await;

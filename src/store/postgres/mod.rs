@@ -87,6 +87,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "provider checks", include_str!("../../../migrations/postgres/0003_provider_checks.sql")),
     (4, "run settings", include_str!("../../../migrations/postgres/0004_run_settings.sql")),
     (5, "item counts", include_str!("../../../migrations/postgres/0005_item_counts.sql")),
+    (6, "chunked enqueue", include_str!("../../../migrations/postgres/0006_chunked_enqueue.sql")),
 ];
 
 /// Serialises migrations of concurrent workers (an arbitrary constant advisory-lock key).

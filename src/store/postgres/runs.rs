@@ -4,70 +4,225 @@
 
 use std::time::Duration;
 
-use sqlx::{Postgres, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 
 use super::sql::runs::{RUN_COLUMNS, run_from_row};
 use super::{PgStore, db_now_ms, source};
-use crate::store::{Attach, Created, NewRun, Recovered, RunStatus, Tables, Worker, now_ms};
+use crate::store::{
+    Attach, Created, ENQUEUE_LEASE, ENQUEUE_POLL, Enqueuer, NewRun, Recovered, RunRecord, RunStatus, Tables, Worker,
+    now_ms,
+};
 
+/// Creates the job's run, unless an unfinished one exists; one per job even when several
+/// workers start at once. The run and the first chunk of its ids are one transaction (nothing
+/// pending: no run, when `skip_if_empty`); the other chunks follow, each its own transaction,
+/// so the creation lock other workers queue on is held for one chunk at a time. A run whose
+/// enqueue another process is doing is waited for; one whose enqueuer stopped is taken over from
+/// its cursor, so an interrupted enqueue ends as if it had never stopped.
 pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -> anyhow::Result<Created> {
     let kind = source::id_kind(store, tables).await?;
-    let mut tx = store.begin_write().await?;
-    // Workers of one job starting at the same moment queue here, so only one creates the run.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('backfill run of ' || $1, 0))")
+    let me = Enqueuer::new();
+    loop {
+        let mut tx = store.begin_write().await?;
+        // Workers of one job starting at the same moment queue here, so only one creates the run.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('backfill run of ' || $1, 0))")
+            .bind(&new.job)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| store.err(e))?;
+        let sql = format!(
+            "SELECT {RUN_COLUMNS}, enqueued, enqueue_owner, enqueue_expires_at, {} AS now FROM backfill_runs WHERE job = $1 \
+             AND status NOT IN ('finished', 'abandoned') ORDER BY id DESC LIMIT 1",
+            db_now_ms!()
+        );
+        let existing = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&new.job)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| store.err(e))?;
+        if let Some(row) = existing {
+            let run = run_from_row(&row).map_err(|e| store.err(e))?;
+            let e = |e| store.err(e);
+            if row.try_get::<bool, _>("enqueued").map_err(e)? {
+                return Ok(Created::Existing(run));
+            }
+            let owner: Option<String> = row.try_get("enqueue_owner").map_err(e)?;
+            let expires: Option<i64> = row.try_get("enqueue_expires_at").map_err(e)?;
+            if me.other_alive(owner.as_deref(), expires, row.try_get("now").map_err(e)?) {
+                drop(tx);
+                tokio::time::sleep(ENQUEUE_POLL).await;
+                continue;
+            }
+            take_over(store, &mut tx, &run, new, &me).await?;
+            tx.commit().await.map_err(|e| store.err(e))?;
+            tracing::info!("run {}: continuing the enqueue a stopped process left at {} items", run.id, run.total_items);
+            store.id_kinds.lock().expect("id kind cache").insert(run.id, kind);
+            return Ok(Created::New(enqueue_rest(store, tables, run.id, &me).await?));
+        }
+        let id: i64 = sqlx::query_scalar(concat!(
+            "INSERT INTO backfill_runs (job, status, target, id_kind, total_items, max_usd, mode, item_limit, created_at, \
+             updated_at, enqueued, enqueue_owner, enqueue_expires_at) \
+             VALUES ($1, 'running', $2, $3, 0, $4, $5, $6, $7, $7, false, $8, ",
+            db_now_ms!(),
+            " + $9) RETURNING id"
+        ))
         .bind(&new.job)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| store.err(e))?;
-    let sql = format!(
-        "SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = $1 \
-         AND status NOT IN ('finished', 'abandoned') ORDER BY id DESC LIMIT 1"
-    );
-    let existing = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(&new.job)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| store.err(e))?;
-    if let Some(row) = existing {
-        return Ok(Created::Existing(run_from_row(&row).map_err(|e| store.err(e))?));
-    }
-    let now = now_ms();
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO backfill_runs (job, status, target, id_kind, total_items, max_usd, mode, item_limit, created_at, updated_at) \
-         VALUES ($1, 'running', $2, $3, 0, $4, $5, $6, $7, $7) RETURNING id",
-    )
-    .bind(&new.job)
-    .bind(&new.target)
-    .bind(&kind)
-    .bind(new.max_usd)
-    .bind(&new.mode)
-    .bind(new.limit.map(|l| l as i64))
-    .bind(now)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(|e| store.err(e))?;
-    let total = source::enqueue(&mut tx, tables, id, new.limit, now).await.map_err(|e| store.err(e))?;
-    if total == 0 && new.skip_if_empty {
-        // Dropping the transaction rolls the run back: nothing pending makes no run.
-        return Ok(Created::NothingPending);
-    }
-    let sql = format!("UPDATE backfill_runs SET total_items = $1 WHERE id = $2 RETURNING {RUN_COLUMNS}");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(total as i64)
-        .bind(id)
+        .bind(&new.target)
+        .bind(&kind)
+        .bind(new.max_usd)
+        .bind(&new.mode)
+        .bind(new.limit.map(|l| l.min(i64::MAX as u64) as i64))
+        .bind(now_ms())
+        .bind(&me.token)
+        .bind(ENQUEUE_LEASE.as_millis() as i64)
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| store.err(e))?;
-    let run = run_from_row(&row).map_err(|e| store.err(e))?;
-    tx.commit().await.map_err(|e| store.err(e))?;
-    store.id_kinds.lock().expect("id kind cache").insert(id, kind);
+        let first = enqueue_chunk(store, &mut tx, tables, id, &kind, &me).await?;
+        if first == Some(Chunk { total: 0, done: true }) && new.skip_if_empty {
+            // Dropping the transaction rolls the run back: nothing pending makes no run.
+            return Ok(Created::NothingPending);
+        }
+        tx.commit().await.map_err(|e| store.err(e))?;
+        store.id_kinds.lock().expect("id kind cache").insert(id, kind.clone());
+        return Ok(Created::New(enqueue_rest(store, tables, id, &me).await?));
+    }
+}
+
+/// Makes `me` the enqueuer of a run whose enqueuer stopped, with this command's settings (the
+/// run was never worked on: it is this command's run now). A lower `--limit` than the items
+/// already enqueued drops the last of them.
+async fn take_over(
+    store: &PgStore,
+    tx: &mut Transaction<'static, Postgres>,
+    run: &RunRecord,
+    new: &NewRun,
+    me: &Enqueuer,
+) -> anyhow::Result<()> {
+    let limit = new.limit.map(|l| l.min(i64::MAX as u64) as i64);
+    if let Some(limit) = limit.filter(|l| *l < run.total_items as i64) {
+        sqlx::query("DELETE FROM backfill_items WHERE run_id = $1 AND state = 'pending' AND tier = 0 AND seq > $2")
+            .bind(run.id)
+            .bind(limit)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+        sqlx::query("UPDATE backfill_runs SET total_items = $1 WHERE id = $2")
+            .bind(limit)
+            .bind(run.id)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+    }
+    sqlx::query(concat!(
+        "UPDATE backfill_runs SET target = $1, max_usd = $2, mode = $3, item_limit = $4, enqueue_owner = $5, \
+         enqueue_expires_at = ",
+        db_now_ms!(),
+        " + $6, updated_at = $7 WHERE id = $8"
+    ))
+    .bind(&new.target)
+    .bind(new.max_usd)
+    .bind(&new.mode)
+    .bind(limit)
+    .bind(&me.token)
+    .bind(ENQUEUE_LEASE.as_millis() as i64)
+    .bind(now_ms())
+    .bind(run.id)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    Ok(())
+}
+
+/// Where a run's enqueue stands after a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Chunk {
+    total: u64,
+    done: bool,
+}
+
+/// Enqueues the next chunk of the run's pending ids, after its cursor, in `tx` (holding the
+/// run's row lock); `None` when `me` is no longer the run's enqueuer (another process took it
+/// over).
+async fn enqueue_chunk(
+    store: &PgStore,
+    tx: &mut Transaction<'static, Postgres>,
+    tables: &Tables,
+    run_id: i64,
+    id_type: &str,
+    me: &Enqueuer,
+) -> anyhow::Result<Option<Chunk>> {
+    let e = |e| store.err(e);
+    type RunRow = (i64, bool, Option<String>, Option<i64>, Option<String>, String);
+    let (total, enqueued, owner, limit, cursor, status): RunRow = sqlx::query_as(
+        "SELECT total_items, enqueued, enqueue_owner, item_limit, enqueue_cursor, status FROM backfill_runs \
+         WHERE id = $1 FOR UPDATE",
+    )
+    .bind(run_id)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(e)?;
+    let total = total.max(0) as u64;
+    if enqueued {
+        return Ok(Some(Chunk { total, done: true }));
+    }
+    if status == "abandoned" {
+        anyhow::bail!(crate::exit::UsageError(format!("run {run_id} was abandoned while its pending ids were enqueued")));
+    }
+    if owner.as_deref() != Some(me.token.as_str()) {
+        return Ok(None);
+    }
+    let room = limit.map_or(u64::MAX, |l| (l.max(0) as u64).saturating_sub(total));
+    let want = crate::store::enqueue_chunk().min(room);
+    let (added, last) = if want == 0 {
+        (0, None)
+    } else {
+        source::enqueue_after(&mut **tx, tables, run_id, id_type, cursor.as_deref(), total, want, now_ms()).await.map_err(e)?
+    };
+    let done = added < want || added == room;
+    let total = total + added;
+    sqlx::query(concat!(
+        "UPDATE backfill_runs SET total_items = $1, enqueued = $2, enqueue_cursor = COALESCE($3, enqueue_cursor), \
+         enqueue_owner = CASE WHEN $2 THEN NULL ELSE enqueue_owner END, enqueue_expires_at = ",
+        db_now_ms!(),
+        " + $4, updated_at = $5 WHERE id = $6"
+    ))
+    .bind(total as i64)
+    .bind(done)
+    .bind(last)
+    .bind(ENQUEUE_LEASE.as_millis() as i64)
+    .bind(now_ms())
+    .bind(run_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(e)?;
+    Ok(Some(Chunk { total, done }))
+}
+
+/// Enqueues the rest of the run's pending ids, one transaction a chunk, then has the planner
+/// learn the queue's size and reads the run. When another process took the enqueue over, waits
+/// for it to finish.
+async fn enqueue_rest(store: &PgStore, tables: &Tables, run_id: i64, me: &Enqueuer) -> anyhow::Result<RunRecord> {
+    let id_type = store.id_kind(run_id).await?;
+    loop {
+        let mut tx = store.begin_write().await?;
+        let chunk = enqueue_chunk(store, &mut tx, tables, run_id, &id_type, me).await?;
+        tx.commit().await.map_err(|e| store.err(e))?;
+        match chunk {
+            Some(Chunk { done: true, .. }) => break,
+            Some(_) => crate::store::failpoint::crash("enqueue_chunk"),
+            None => tokio::time::sleep(ENQUEUE_POLL).await,
+        }
+    }
     // The planner must know the queue's size now, not at autovacuum's next visit: with the
     // statistics of an empty table it sorts every pending item for each claim instead of
     // walking the queue index in claim order.
     if let Err(e) = sqlx::query("ANALYZE backfill_items").execute(&store.pool).await {
         tracing::debug!("ANALYZE backfill_items after enqueueing: {e}");
     }
-    Ok(Created::New(run))
+    let sql = format!("SELECT {RUN_COLUMNS} FROM backfill_runs WHERE id = $1");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(run_id).fetch_one(&store.pool).await.map_err(|e| store.err(e))?;
+    run_from_row(&row).map_err(|e| store.err(e))
 }
 
 pub(super) async fn attach(

@@ -52,7 +52,7 @@ fn select_list(tables: &Tables) -> String {
     list.join(", ")
 }
 
-pub(super) async fn inspect(store: &PgStore, tables: &Tables) -> anyhow::Result<SourceInfo> {
+pub(super) async fn inspect(store: &PgStore, tables: &Tables, count: bool) -> anyhow::Result<SourceInfo> {
     let existing = catalogue_columns(store, &tables.table).await?;
     if existing.is_empty() {
         return Err(no_such_table(store, "`source.table`", &tables.table).await?);
@@ -74,7 +74,10 @@ pub(super) async fn inspect(store: &PgStore, tables: &Tables) -> anyhow::Result<
             )));
         }
     }
-    let count = format!("SELECT COUNT(*) FROM {} WHERE ({})", tables.table, tables.pending);
+    // Without `count`, the condition is only checked: the database plans it (and rejects what
+    // it cannot run) but reads no row, whatever the table's size.
+    let limit = if count { "" } else { " LIMIT 0" };
+    let count = format!("SELECT COUNT(*) FROM (SELECT 1 FROM {} WHERE ({}){limit}) q", tables.table, tables.pending);
     let pending: i64 = sqlx::query_scalar(AssertSqlSafe(count)).fetch_one(&store.pool).await.map_err(|e| {
         let message = e.as_database_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string());
         usage(format!("`source.pending`: PostgreSQL rejected the condition {:?}: {message}", tables.pending))
@@ -152,29 +155,40 @@ pub(super) async fn id_kind(store: &PgStore, tables: &Tables) -> anyhow::Result<
     column_type(store, &tables.table, &tables.id).await
 }
 
-/// Enqueues the pending ids in id order; returns how many.
-pub(super) async fn enqueue(
+/// Enqueues up to `want` pending ids after `after` (an id as text; from the first with `None`),
+/// in id order, numbered on from `base`; returns how many and the last of them as text. One
+/// statement: the chunk is read once, inserted, and its last id returned (ordered by the id,
+/// not by its text: `c.id`, since a bare `id` would name the output column `id::text`).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn enqueue_after(
     conn: &mut PgConnection,
     tables: &Tables,
     run_id: i64,
-    limit: Option<u64>,
+    id_type: &str,
+    after: Option<&str>,
+    base: u64,
+    want: u64,
     now: i64,
-) -> Result<u64, sqlx::Error> {
+) -> Result<(u64, Option<String>), sqlx::Error> {
+    let (id, table, pending) = (&tables.id, &tables.table, &tables.pending);
+    let after_clause = if after.is_some() { format!(" AND {id} > $5::text::{id_type}") } else { String::new() };
     let sql = format!(
-        "INSERT INTO backfill_items (run_id, item_id, seq, state, updated_at) \
-         SELECT $1, q.id::text, ROW_NUMBER() OVER (ORDER BY q.id), 'pending', $2 \
-         FROM (SELECT {id} AS id FROM {table} WHERE ({pending}) AND {id} IS NOT NULL ORDER BY {id} LIMIT $3) q",
-        id = tables.id,
-        table = tables.table,
-        pending = tables.pending
+        "WITH chunk AS (SELECT {id} AS id FROM {table} WHERE ({pending}) AND {id} IS NOT NULL{after_clause} \
+         ORDER BY {id} LIMIT $4), \
+         added AS (INSERT INTO backfill_items (run_id, item_id, seq, state, updated_at) \
+         SELECT $1, c.id::text, $2 + ROW_NUMBER() OVER (ORDER BY c.id), 'pending', $3 FROM chunk c RETURNING 1) \
+         SELECT (SELECT COUNT(*) FROM added), (SELECT c.id::text AS last FROM chunk c ORDER BY c.id DESC LIMIT 1)"
     );
-    let done = sqlx::query(AssertSqlSafe(sql))
+    let mut query = sqlx::query_as::<_, (i64, Option<String>)>(AssertSqlSafe(sql))
         .bind(run_id)
+        .bind(base.min(i64::MAX as u64) as i64)
         .bind(now)
-        .bind(limit.map(|l| l as i64))
-        .execute(conn)
-        .await?;
-    Ok(done.rows_affected())
+        .bind(want.min(i64::MAX as u64) as i64);
+    if let Some(after) = after {
+        query = query.bind(after.to_owned());
+    }
+    let (added, last) = query.fetch_one(conn).await?;
+    Ok((added.max(0) as u64, last))
 }
 
 /// Reads the source rows of these ids (missing rows are simply absent).

@@ -26,7 +26,11 @@ use crate::store::{Claim, Claimed, ColumnShape, Item, Lease, Queue, Source, Sour
 #[async_trait]
 impl Source for Backend {
     async fn inspect(&self, tables: &Tables) -> anyhow::Result<SourceInfo> {
-        source::inspect(self, tables).await
+        source::inspect(self, tables, true).await
+    }
+
+    async fn check(&self, tables: &Tables) -> anyhow::Result<()> {
+        source::inspect(self, tables, false).await.map(|_| ())
     }
 
     fn pending_rows<'a>(&'a self, tables: &'a Tables, limit: Option<u64>) -> BoxStream<'a, anyhow::Result<Item>> {

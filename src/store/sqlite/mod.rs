@@ -85,6 +85,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "provider checks", include_str!("../../../migrations/sqlite/0003_provider_checks.sql")),
     (4, "run settings", include_str!("../../../migrations/sqlite/0004_run_settings.sql")),
     (5, "item counts", include_str!("../../../migrations/sqlite/0005_item_counts.sql")),
+    (6, "chunked enqueue", include_str!("../../../migrations/sqlite/0006_chunked_enqueue.sql")),
 ];
 
 /// How ids of a run's source table are bound: as integers or as text.

@@ -3,60 +3,208 @@
 
 use std::time::Duration;
 
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Row, Sqlite, Transaction};
 
 use super::sql::runs::{RUN_COLUMNS, run_from_row};
 use super::{SqliteStore, source};
-use crate::store::{Attach, Created, NewRun, Recovered, RunStatus, Tables, Worker, now_ms};
+use crate::store::{
+    Attach, Created, ENQUEUE_POLL, Enqueuer, NewRun, Recovered, RunRecord, RunStatus, Tables, Worker, now_ms,
+};
 
+/// Creates the job's run, unless an unfinished one exists. The run and the first chunk of its
+/// ids are one transaction (nothing pending: no run, when `skip_if_empty`); the other chunks
+/// follow, each its own transaction. A run whose enqueue another process is doing is waited
+/// for; one whose enqueuer stopped is taken over from its cursor, so an interrupted enqueue
+/// ends as if it had never stopped.
 pub(super) async fn create_run(store: &SqliteStore, new: &NewRun, tables: &Tables) -> anyhow::Result<Created> {
-    let mut tx = store.begin_write().await?;
-    let sql = format!(
-        "SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = ? \
-         AND status NOT IN ('finished', 'abandoned') ORDER BY id DESC LIMIT 1"
-    );
-    let existing = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let me = Enqueuer::new();
+    loop {
+        let mut tx = store.begin_write().await?;
+        let sql = format!(
+            "SELECT {RUN_COLUMNS}, enqueued, enqueue_owner, enqueue_expires_at FROM backfill_runs WHERE job = ? \
+             AND status NOT IN ('finished', 'abandoned') ORDER BY id DESC LIMIT 1"
+        );
+        let existing = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&new.job)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| store.err(e))?;
+        if let Some(row) = existing {
+            let run = run_from_row(&row).map_err(|e| store.err(e))?;
+            let enqueued: i64 = row.try_get("enqueued").map_err(|e| store.err(e))?;
+            if enqueued != 0 {
+                return Ok(Created::Existing(run));
+            }
+            let owner: Option<String> = row.try_get("enqueue_owner").map_err(|e| store.err(e))?;
+            let expires: Option<i64> = row.try_get("enqueue_expires_at").map_err(|e| store.err(e))?;
+            if me.other_alive(owner.as_deref(), expires, now_ms()) {
+                drop(tx);
+                tokio::time::sleep(ENQUEUE_POLL).await;
+                continue;
+            }
+            take_over(store, &mut tx, &run, new, &me).await?;
+            tx.commit().await.map_err(|e| store.err(e))?;
+            tracing::info!("run {}: continuing the enqueue a stopped process left at {} items", run.id, run.total_items);
+            return Ok(Created::New(enqueue_rest(store, tables, run.id, &me).await?));
+        }
+        let kind = source::detect_id_kind(&mut tx, tables).await.map_err(|e| store.err(e))?;
+        let now = now_ms();
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO backfill_runs (job, status, target, id_kind, total_items, max_usd, mode, item_limit, created_at, \
+             updated_at, enqueued, enqueue_owner, enqueue_expires_at) \
+             VALUES (?, 'running', ?, ?, 0, ?, ?, ?, ?, ?, 0, ?, ?) RETURNING id",
+        )
         .bind(&new.job)
-        .fetch_optional(&mut *tx)
+        .bind(&new.target)
+        .bind(if kind == super::IdKind::Integer { "integer" } else { "text" })
+        .bind(new.max_usd)
+        .bind(&new.mode)
+        .bind(new.limit.map(|l| l.min(i64::MAX as u64) as i64))
+        .bind(now)
+        .bind(now)
+        .bind(&me.token)
+        .bind(Enqueuer::expires_at(now))
+        .fetch_one(&mut *tx)
         .await
         .map_err(|e| store.err(e))?;
-    if let Some(row) = existing {
-        return Ok(Created::Existing(run_from_row(&row).map_err(|e| store.err(e))?));
+        let first = enqueue_chunk(store, &mut tx, tables, id, &me).await?;
+        if first == Some(Chunk { total: 0, done: true }) && new.skip_if_empty {
+            // Dropping the transaction rolls the run back: nothing pending makes no run.
+            return Ok(Created::NothingPending);
+        }
+        tx.commit().await.map_err(|e| store.err(e))?;
+        store.id_kinds.lock().expect("id kind cache").insert(id, kind);
+        return Ok(Created::New(enqueue_rest(store, tables, id, &me).await?));
     }
-    let kind = source::detect_id_kind(&mut tx, tables).await.map_err(|e| store.err(e))?;
+}
+
+/// Makes `me` the enqueuer of a run whose enqueuer stopped, with this command's settings (the
+/// run was never worked on: it is this command's run now). A lower `--limit` than the items
+/// already enqueued drops the last of them.
+async fn take_over(
+    store: &SqliteStore,
+    tx: &mut Transaction<'static, Sqlite>,
+    run: &RunRecord,
+    new: &NewRun,
+    me: &Enqueuer,
+) -> anyhow::Result<()> {
     let now = now_ms();
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO backfill_runs (job, status, target, id_kind, total_items, max_usd, mode, item_limit, created_at, updated_at) \
-         VALUES (?, 'running', ?, ?, 0, ?, ?, ?, ?, ?) RETURNING id",
+    let limit = new.limit.map(|l| l.min(i64::MAX as u64) as i64);
+    if let Some(limit) = limit.filter(|l| *l < run.total_items as i64) {
+        sqlx::query("DELETE FROM backfill_items WHERE run_id = ? AND state = 'pending' AND tier = 0 AND seq > ?")
+            .bind(run.id)
+            .bind(limit)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+        sqlx::query("UPDATE backfill_runs SET total_items = ? WHERE id = ?")
+            .bind(limit)
+            .bind(run.id)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+    }
+    sqlx::query(
+        "UPDATE backfill_runs SET target = ?, max_usd = ?, mode = ?, item_limit = ?, enqueue_owner = ?, \
+         enqueue_expires_at = ?, updated_at = ? WHERE id = ?",
     )
-    .bind(&new.job)
     .bind(&new.target)
-    .bind(if kind == super::IdKind::Integer { "integer" } else { "text" })
     .bind(new.max_usd)
     .bind(&new.mode)
-    .bind(new.limit.map(|l| l as i64))
+    .bind(limit)
+    .bind(&me.token)
+    .bind(Enqueuer::expires_at(now))
     .bind(now)
-    .bind(now)
-    .fetch_one(&mut *tx)
+    .bind(run.id)
+    .execute(&mut **tx)
     .await
     .map_err(|e| store.err(e))?;
-    let total = source::enqueue(&mut tx, tables, id, new.limit, now).await.map_err(|e| store.err(e))?;
-    if total == 0 && new.skip_if_empty {
-        // Dropping the transaction rolls the run back: nothing pending makes no run.
-        return Ok(Created::NothingPending);
+    Ok(())
+}
+
+/// Where a run's enqueue stands after a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Chunk {
+    total: u64,
+    done: bool,
+}
+
+/// Enqueues the next chunk of the run's pending ids, after its cursor, in `tx`; `None` when
+/// `me` is no longer the run's enqueuer (another process took it over).
+async fn enqueue_chunk(
+    store: &SqliteStore,
+    tx: &mut Transaction<'static, Sqlite>,
+    tables: &Tables,
+    run_id: i64,
+    me: &Enqueuer,
+) -> anyhow::Result<Option<Chunk>> {
+    let row = sqlx::query(
+        "SELECT total_items, enqueued, enqueue_owner, item_limit, enqueue_cursor, status FROM backfill_runs WHERE id = ?",
+    )
+    .bind(run_id)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(|e| store.err(e))?;
+    let e = |e| store.err(e);
+    let total = row.try_get::<i64, _>("total_items").map_err(e)?.max(0) as u64;
+    if row.try_get::<i64, _>("enqueued").map_err(e)? != 0 {
+        return Ok(Some(Chunk { total, done: true }));
     }
-    sqlx::query("UPDATE backfill_runs SET total_items = ? WHERE id = ?")
-        .bind(total as i64)
-        .bind(id)
-        .execute(&mut *tx)
+    if row.try_get::<String, _>("status").map_err(e)? == "abandoned" {
+        anyhow::bail!(crate::exit::UsageError(format!("run {run_id} was abandoned while its pending ids were enqueued")));
+    }
+    if row.try_get::<Option<String>, _>("enqueue_owner").map_err(e)?.as_deref() != Some(me.token.as_str()) {
+        return Ok(None);
+    }
+    let limit = row.try_get::<Option<i64>, _>("item_limit").map_err(e)?.map(|l| l.max(0) as u64);
+    let cursor = source::Cursor::read(&row, 4).map_err(e)?;
+    let room = limit.map_or(u64::MAX, |l| l.saturating_sub(total));
+    let want = crate::store::enqueue_chunk().min(room);
+    let (added, last) = if want == 0 {
+        (0, None)
+    } else {
+        source::enqueue_after(&mut **tx, tables, run_id, cursor.as_ref(), total, want, now_ms()).await.map_err(e)?
+    };
+    let done = added < want || added == room;
+    let total = total + added;
+    let now = now_ms();
+    let query = sqlx::query(
+        "UPDATE backfill_runs SET total_items = ?, enqueued = ?, enqueue_cursor = COALESCE(?, enqueue_cursor), \
+         enqueue_owner = CASE WHEN ? THEN NULL ELSE enqueue_owner END, enqueue_expires_at = ?, updated_at = ? WHERE id = ?",
+    )
+    .bind(total as i64)
+    .bind(done as i64);
+    let query = match &last {
+        Some(cursor) => cursor.bind(query),
+        None => query.bind(None::<i64>),
+    };
+    query
+        .bind(done)
+        .bind(Enqueuer::expires_at(now))
+        .bind(now)
+        .bind(run_id)
+        .execute(&mut **tx)
         .await
-        .map_err(|e| store.err(e))?;
+        .map_err(e)?;
+    Ok(Some(Chunk { total, done }))
+}
+
+/// Enqueues the rest of the run's pending ids, one transaction a chunk, then reads the run.
+/// When another process took the enqueue over, waits for it to finish.
+async fn enqueue_rest(store: &SqliteStore, tables: &Tables, run_id: i64, me: &Enqueuer) -> anyhow::Result<RunRecord> {
+    loop {
+        let mut tx = store.begin_write().await?;
+        let chunk = enqueue_chunk(store, &mut tx, tables, run_id, me).await?;
+        tx.commit().await.map_err(|e| store.err(e))?;
+        match chunk {
+            Some(Chunk { done: true, .. }) => break,
+            Some(_) => crate::store::failpoint::crash("enqueue_chunk"),
+            None => tokio::time::sleep(ENQUEUE_POLL).await,
+        }
+    }
     let sql = format!("SELECT {RUN_COLUMNS} FROM backfill_runs WHERE id = ?");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_one(&mut *tx).await.map_err(|e| store.err(e))?;
-    let run = run_from_row(&row).map_err(|e| store.err(e))?;
-    tx.commit().await.map_err(|e| store.err(e))?;
-    store.id_kinds.lock().expect("id kind cache").insert(id, kind);
-    Ok(Created::New(run))
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(run_id).fetch_one(&store.pool).await.map_err(|e| store.err(e))?;
+    run_from_row(&row).map_err(|e| store.err(e))
 }
 
 pub(super) async fn attach(

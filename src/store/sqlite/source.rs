@@ -18,7 +18,7 @@ fn select_list(tables: &Tables) -> String {
     list.join(", ")
 }
 
-pub(super) async fn inspect(store: &SqliteStore, tables: &Tables) -> anyhow::Result<SourceInfo> {
+pub(super) async fn inspect(store: &SqliteStore, tables: &Tables, count: bool) -> anyhow::Result<SourceInfo> {
     // Ask the catalogue: SQLite reads a double-quoted name that is not a column as a string
     // literal, so a probe query would accept a misspelt column.
     let existing: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?, ?)")
@@ -46,7 +46,10 @@ pub(super) async fn inspect(store: &SqliteStore, tables: &Tables) -> anyhow::Res
             )));
         }
     }
-    let count = format!("SELECT COUNT(*) FROM {} WHERE ({})", tables.table, tables.pending);
+    // Without `count`, the condition is only checked: the database plans it (and rejects what
+    // it cannot run) but reads no row, whatever the table's size.
+    let limit = if count { "" } else { " LIMIT 0" };
+    let count = format!("SELECT COUNT(*) FROM (SELECT 1 FROM {} WHERE ({}){limit}) q", tables.table, tables.pending);
     let pending: i64 = sqlx::query_scalar(AssertSqlSafe(count))
         .fetch_one(&store.pool)
         .await
@@ -109,8 +112,29 @@ pub(super) fn pending_rows<'a>(store: &'a SqliteStore, tables: &'a Tables, limit
         .boxed()
 }
 
-/// Whether every pending id is an integer (then ids are bound as integers).
+/// Whether every pending id is an integer (then ids are bound as integers). An id column that
+/// is the table's rowid (`INTEGER PRIMARY KEY` of a rowid table) holds nothing else, which the
+/// catalogue says without reading the table; any other column is read.
 pub(super) async fn detect_id_kind(conn: &mut SqliteConnection, tables: &Tables) -> Result<IdKind, sqlx::Error> {
+    let schema = tables.table.schema().unwrap_or("main");
+    let keys: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, upper(type) FROM pragma_table_info(?, ?) WHERE pk > 0")
+            .bind(tables.table.name())
+            .bind(schema)
+            .fetch_all(&mut *conn)
+            .await?;
+    let without_rowid: Option<i64> = sqlx::query_scalar("SELECT wr FROM pragma_table_list(?) WHERE schema = ?")
+        .bind(tables.table.name())
+        .bind(schema)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let [(name, sql_type)] = keys.as_slice()
+        && name == tables.id.name()
+        && sql_type == "INTEGER"
+        && without_rowid == Some(0)
+    {
+        return Ok(IdKind::Integer);
+    }
     let sql = format!(
         "SELECT COUNT(*) FROM {} WHERE ({}) AND typeof({}) <> 'integer'",
         tables.table, tables.pending, tables.id
@@ -119,29 +143,83 @@ pub(super) async fn detect_id_kind(conn: &mut SqliteConnection, tables: &Tables)
     Ok(if non_integer == 0 { IdKind::Integer } else { IdKind::Text })
 }
 
-/// Enqueues the pending ids in id order; returns how many.
-pub(super) async fn enqueue(
+/// A source id as SQLite holds it, with its own type: the enqueue's cursor, compared with the
+/// id column as the column's values compare among themselves (an integer stays an integer).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Cursor {
+    Integer(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl Cursor {
+    /// The value at `index` of a row; `None` for NULL.
+    pub(super) fn read(row: &SqliteRow, index: usize) -> Result<Option<Cursor>, sqlx::Error> {
+        let raw = row.try_get_raw(index)?;
+        if raw.is_null() {
+            return Ok(None);
+        }
+        let type_name = raw.type_info().name().to_owned();
+        Ok(Some(match type_name.as_str() {
+            "INTEGER" => Cursor::Integer(row.try_get(index)?),
+            "REAL" => Cursor::Real(row.try_get(index)?),
+            "BLOB" => Cursor::Blob(row.try_get(index)?),
+            _ => Cursor::Text(row.try_get(index)?),
+        }))
+    }
+
+    pub(super) fn bind<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+        match self {
+            Cursor::Integer(n) => query.bind(*n),
+            Cursor::Real(x) => query.bind(*x),
+            Cursor::Text(text) => query.bind(text.clone()),
+            Cursor::Blob(bytes) => query.bind(bytes.clone()),
+        }
+    }
+}
+
+/// Enqueues up to `want` pending ids after `after` (from the first with `None`), in id order,
+/// numbered on from `base`; returns how many and the last of them. Two statements over the
+/// same few thousand rows: the chunk's bounds, then the insert of exactly that range.
+pub(super) async fn enqueue_after(
     conn: &mut SqliteConnection,
     tables: &Tables,
     run_id: i64,
-    limit: Option<u64>,
+    after: Option<&Cursor>,
+    base: u64,
+    want: u64,
     now: i64,
-) -> Result<u64, sqlx::Error> {
-    let sql = format!(
-        "INSERT INTO backfill_items (run_id, item_id, seq, state, updated_at) \
-         SELECT ?, CAST(q.id AS TEXT), ROW_NUMBER() OVER (ORDER BY q.id), 'pending', ? \
-         FROM (SELECT {id} AS id FROM {table} WHERE ({pending}) AND {id} IS NOT NULL ORDER BY {id} LIMIT ?) q",
-        id = tables.id,
-        table = tables.table,
-        pending = tables.pending
+) -> Result<(u64, Option<Cursor>), sqlx::Error> {
+    let (id, table, pending) = (&tables.id, &tables.table, &tables.pending);
+    let after_clause = if after.is_some() { format!(" AND {id} > ?") } else { String::new() };
+    let bounds = format!(
+        "SELECT MAX(q.id), COUNT(*) FROM (SELECT {id} AS id FROM {table} WHERE ({pending}) AND {id} IS NOT NULL{after_clause} \
+         ORDER BY {id} LIMIT ?) q"
     );
-    let done = sqlx::query(AssertSqlSafe(sql))
-        .bind(run_id)
-        .bind(now)
-        .bind(limit.map(|l| l as i64).unwrap_or(-1))
-        .execute(conn)
-        .await?;
-    Ok(done.rows_affected())
+    let mut query = sqlx::query(AssertSqlSafe(bounds));
+    if let Some(after) = after {
+        query = after.bind(query);
+    }
+    let row = query.bind(want.min(i64::MAX as u64) as i64).fetch_one(&mut *conn).await?;
+    let (Some(last), count) = (Cursor::read(&row, 0)?, row.try_get::<i64, _>(1)?) else {
+        return Ok((0, None));
+    };
+    let insert = format!(
+        "INSERT INTO backfill_items (run_id, item_id, seq, state, updated_at) \
+         SELECT ?, CAST(q.id AS TEXT), ? + ROW_NUMBER() OVER (ORDER BY q.id), 'pending', ? \
+         FROM (SELECT {id} AS id FROM {table} WHERE ({pending}) AND {id} IS NOT NULL{after_clause} AND {id} <= ?) q"
+    );
+    let mut query = sqlx::query(AssertSqlSafe(insert)).bind(run_id).bind(base.min(i64::MAX as u64) as i64).bind(now);
+    if let Some(after) = after {
+        query = after.bind(query);
+    }
+    let added = last.bind(query).execute(&mut *conn).await?.rows_affected();
+    debug_assert_eq!(added, count.max(0) as u64);
+    Ok((added, Some(last)))
 }
 
 /// Reads the source rows of these ids (missing rows are simply absent).

@@ -10,6 +10,7 @@ use super::*;
 
 conformance!(
     create_run_enqueues_pending_ids_in_order_and_one_run_at_a_time,
+    a_large_enqueue_goes_in_chunks_and_a_stopped_one_is_taken_over,
     claims_lease_each_item_once_and_release_returns_them,
     concurrent_claims_never_share_an_item,
     a_stale_lease_cannot_write,
@@ -38,6 +39,84 @@ async fn create_run_enqueues_pending_ids_in_order_and_one_run_at_a_time(db: Arc<
     assert!(matches!(db.store.create_run(&again, &t).await.unwrap(), Created::Existing(r) if r.id == run.id));
     assert_eq!(db.store.latest_run("conformance").await.unwrap().unwrap().id, run.id);
     assert!(db.store.runner_tables_exist().await.unwrap());
+}
+
+/// 25,000 rows enqueue in three chunks (of 10,000), in id order; a run whose enqueuer stopped
+/// between chunks (its lease run out) is taken over from its cursor by the next `create_run`,
+/// with that call's settings: a lower `--limit` drops the last items enqueued.
+async fn a_large_enqueue_goes_in_chunks_and_a_stopped_one_is_taken_over(db: Arc<Db>) {
+    db.source_table("items", Ids::Integer, 0).await;
+    let pg = db.is_postgres();
+    db.exec(if pg {
+        "INSERT INTO items (id, title) SELECT i, 'Motie ' || i FROM generate_series(1, 25000) i"
+    } else {
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 25000) \
+         INSERT INTO items (id, title) SELECT i, 'Motie ' || i FROM n"
+    })
+    .await;
+    db.exec("UPDATE items SET summary = 'al gedaan' WHERE id % 7 = 0").await;
+    let pending = 25000 - 25000 / 7;
+    let t = tables("items");
+    let run = new_run(&db, &t, None).await;
+    let int = if pg { "BIGINT" } else { "INTEGER" };
+    let in_order = |run_id: i64| {
+        format!(
+            "SELECT COUNT(*) FROM (SELECT CAST(item_id AS {int}) AS id, LAG(CAST(item_id AS {int})) OVER (ORDER BY seq) AS before \
+             FROM backfill_items WHERE run_id = {run_id}) q WHERE id <= before"
+        )
+    };
+    let check = |total: i64| {
+        let db = db.clone();
+        let sql = in_order(run.id);
+        async move {
+            assert_eq!(db.count(&format!("SELECT COUNT(*) FROM backfill_items WHERE run_id = {}", run.id)).await, total, "{}", db.backend);
+            assert_eq!(db.count(&format!("SELECT MAX(seq) FROM backfill_items WHERE run_id = {}", run.id)).await, total, "{}", db.backend);
+            assert_eq!(db.count(&sql).await, 0, "{}: queue order is id order", db.backend);
+            assert_eq!(db.store.item_counts(run.id).await.unwrap().pending, total as u64, "{}", db.backend);
+        }
+    };
+    assert_eq!(run.total_items, pending);
+    check(pending as i64).await;
+    let (done, not_done) = if pg { ("true", "false") } else { ("1", "0") };
+    assert_eq!(db.count(&format!("SELECT COUNT(*) FROM backfill_runs WHERE enqueued = {done} AND enqueue_owner IS NULL")).await, 1);
+
+    // A process that stopped after 12,000 ids, its lease run out on another host.
+    let stop_at = |n: i64| {
+        let cursor = if pg { "item_id" } else { "CAST(item_id AS INTEGER)" };
+        format!(
+            "DELETE FROM backfill_items WHERE run_id = {id} AND seq > {n}; \
+             UPDATE backfill_runs SET total_items = {n}, enqueued = {not_done}, enqueue_owner = '1 host-gone/1/1', \
+             enqueue_expires_at = 0, enqueue_cursor = (SELECT {cursor} FROM backfill_items WHERE run_id = {id} AND seq = {n}) \
+             WHERE id = {id}",
+            id = run.id
+        )
+    };
+    db.exec(&stop_at(12000)).await;
+    let again = NewRun { job: "conformance".into(), target: "summary".into(), ..Default::default() };
+    match db.store.create_run(&again, &t).await.unwrap() {
+        Created::New(taken) => assert_eq!((taken.id, taken.total_items), (run.id, pending), "{}", db.backend),
+        other => panic!("{}: {other:?}", db.backend),
+    }
+    check(pending as i64).await;
+    // Now it is enqueued: the run exists for any later call.
+    assert!(matches!(db.store.create_run(&again, &t).await.unwrap(), Created::Existing(r) if r.id == run.id));
+
+    // Stopped again; the call that takes over says --limit 5000.
+    db.exec(&stop_at(12000)).await;
+    let limited = NewRun { limit: Some(5000), ..again.clone() };
+    match db.store.create_run(&limited, &t).await.unwrap() {
+        Created::New(taken) => assert_eq!((taken.total_items, taken.limit), (5000, Some(5000)), "{}", db.backend),
+        other => panic!("{}: {other:?}", db.backend),
+    }
+    check(5000).await;
+    // And with a limit beyond what was enqueued, the enqueue stops at the limit.
+    db.exec(&stop_at(4000)).await;
+    let limited = NewRun { limit: Some(14000), ..again.clone() };
+    match db.store.create_run(&limited, &t).await.unwrap() {
+        Created::New(taken) => assert_eq!(taken.total_items, 14000, "{}", db.backend),
+        other => panic!("{}: {other:?}", db.backend),
+    }
+    check(14000).await;
 }
 
 async fn claims_lease_each_item_once_and_release_returns_them(db: Arc<Db>) {
