@@ -170,6 +170,11 @@ impl OnnxModel {
         ModelState::default()
     }
 
+    /// Compile the plan of batches of `rows` × `padded_length` ahead of their first run.
+    pub fn compile(&self, rows: usize, padded_length: usize) -> Result<(), String> {
+        self.plans.plan_for(rows, padded_length).map(|_| ())
+    }
+
     /// How many per-shape plans have been compiled so far.
     pub fn compiled_plans(&self) -> usize {
         self.plans.compiled_plans()
