@@ -8,6 +8,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::const_fold::fold_constant_subgraphs;
+use crate::nan_guard::drop_softmax_nan_guards;
 use crate::error::{LoadError, RunError};
 use crate::padded_batch::PaddedBatch;
 use crate::plan_cache::PlanCache;
@@ -260,13 +261,15 @@ impl BatchOutput {
     }
 }
 
-/// Type, declutter and fold constants of any size (see [`crate::const_fold`]); optimisation
+/// Type, declutter, fold constants of any size (see [`crate::const_fold`]) and drop the
+/// softmax NaN guards (see [`crate::nan_guard`]); optimisation
 /// happens per padded length in [`PlanCache`].
 fn declutter_and_fold(model: InferenceModel) -> TractResult<TypedModel> {
     let mut typed = model.into_typed()?;
     typed.declutter()?;
     let folded = fold_constant_subgraphs(&mut typed)?;
-    tracing::debug!(folded, "folded constant subgraphs");
+    let guards = drop_softmax_nan_guards(&mut typed)?;
+    tracing::debug!(folded, softmax_nan_guards_dropped = guards, "folded constant subgraphs");
     Ok(typed)
 }
 
