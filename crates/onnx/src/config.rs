@@ -64,6 +64,10 @@ pub struct OnnxConfig {
     /// of [`crate::pass_size::PASS_TOKEN_CANDIDATES`], probed at load or read from the cache.
     /// Not a job-file key: for tests and benchmarks.
     pub pass_tokens: Option<usize>,
+    /// Where the probed pass sizes are kept; `None`: [`crate::pass_size::cache_file`] (the
+    /// user's cache folder, from the environment). Not a job-file key: tests point it at a
+    /// temporary folder.
+    pub pass_cache: Option<PathBuf>,
     /// `length_bucket`: padded lengths are rounded up to a multiple of this many tokens; each
     /// distinct padded length compiles its own plan (about a second, once).
     pub length_bucket: usize,
@@ -90,6 +94,7 @@ impl OnnxConfig {
             max_length: 256,
             max_batch_tokens: 256,
             pass_tokens: None,
+            pass_cache: None,
             length_bucket: 32,
             sort_window: 1024,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),

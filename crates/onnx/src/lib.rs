@@ -15,6 +15,7 @@ pub mod const_fold;
 pub mod embedding_format;
 pub mod error;
 pub mod model;
+pub mod nan_guard;
 pub mod output;
 pub mod padded_batch;
 pub mod pass_size;

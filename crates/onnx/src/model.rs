@@ -8,6 +8,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::const_fold::fold_constant_subgraphs;
+use crate::nan_guard::drop_softmax_nan_guards;
 use crate::error::{LoadError, RunError};
 use crate::padded_batch::PaddedBatch;
 use crate::plan_cache::PlanCache;
@@ -170,6 +171,11 @@ impl OnnxModel {
         ModelState::default()
     }
 
+    /// Compile the plan of batches of `rows` × `padded_length` ahead of their first run.
+    pub fn compile(&self, rows: usize, padded_length: usize) -> Result<(), String> {
+        self.plans.plan_for(rows, padded_length).map(|_| ())
+    }
+
     /// How many per-shape plans have been compiled so far.
     pub fn compiled_plans(&self) -> usize {
         self.plans.compiled_plans()
@@ -255,13 +261,15 @@ impl BatchOutput {
     }
 }
 
-/// Type, declutter and fold constants of any size (see [`crate::const_fold`]); optimisation
+/// Type, declutter, fold constants of any size (see [`crate::const_fold`]) and drop the
+/// softmax NaN guards (see [`crate::nan_guard`]); optimisation
 /// happens per padded length in [`PlanCache`].
 fn declutter_and_fold(model: InferenceModel) -> TractResult<TypedModel> {
     let mut typed = model.into_typed()?;
     typed.declutter()?;
     let folded = fold_constant_subgraphs(&mut typed)?;
-    tracing::debug!(folded, "folded constant subgraphs");
+    let guards = drop_softmax_nan_guards(&mut typed)?;
+    tracing::debug!(folded, softmax_nan_guards_dropped = guards, "folded constant subgraphs");
     Ok(typed)
 }
 

@@ -24,7 +24,8 @@ pub const PROBE_ROW_LENGTH: usize = 64;
 /// to a few passes per size.
 pub const PROBE_TOKENS_PER_THREAD: usize = 1024;
 
-/// The probe stops trying larger sizes once it has run this long (compilation included).
+/// The probe stops trying larger sizes once its timed passes have taken this long (plan
+/// compilation and warm-up passes are not counted).
 pub const PROBE_BUDGET_SECONDS: f64 = 2.0;
 
 /// Entries the cache file keeps (the most recent).

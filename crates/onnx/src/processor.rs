@@ -80,7 +80,7 @@ impl OnnxProcessor {
         }
         let row_length = pass_size::PROBE_ROW_LENGTH.min(config.max_length);
         let key = ProbeKey::of(&config.model_path, self.threads, row_length);
-        let file = pass_size::cache_file();
+        let file = config.pass_cache.clone().or_else(pass_size::cache_file);
         let mut timings = match (&file, &key) {
             (Some(file), Some(key)) => pass_size::read_cached(file, key),
             _ => Timings::new(),
@@ -128,31 +128,40 @@ impl OnnxProcessor {
     }
 
     /// Seconds per padded token of passes of each of `sizes` (smallest first), on synthetic
-    /// rows of `row_length` tokens, all threads running passes at once; stops trying larger
-    /// sizes once [`pass_size::PROBE_BUDGET_SECONDS`] have passed.
+    /// rows of `row_length` tokens, all threads running passes at once. Only steady compute is
+    /// timed: the plans are compiled first (spread over the threads) and each thread runs one
+    /// untimed pass per size before its timed ones. Stops trying larger sizes once the timed
+    /// passes have taken [`pass_size::PROBE_BUDGET_SECONDS`].
     fn probe(&self, sizes: &[usize], row_length: usize) -> Timings {
-        let started = Instant::now();
         let row = TokenizedText {
             token_ids: vec![self.tokenizer.pad_token_id(); row_length],
             token_type_ids: vec![0; row_length],
         };
+        let batches: Vec<(usize, PaddedBatch)> = sizes
+            .iter()
+            .map(|size| {
+                let rows = (size / row_length).max(1);
+                let padded = PaddedBatch::new(&vec![&row; rows], row_length, self.tokenizer.pad_token_id());
+                (*size, padded)
+            })
+            .collect();
+        self.compile_plans(batches.iter().map(|(_, padded)| (padded.rows, padded.padded_length)));
         let mut timings = Timings::new();
-        for size in sizes {
-            if started.elapsed().as_secs_f64() > pass_size::PROBE_BUDGET_SECONDS {
+        let mut timed_seconds = 0.0;
+        for (size, padded) in &batches {
+            if timed_seconds > pass_size::PROBE_BUDGET_SECONDS {
                 break;
             }
-            let rows = (size / row_length).max(1);
-            let padded = PaddedBatch::new(&vec![&row; rows], row_length, self.tokenizer.pad_token_id());
             let passes = (pass_size::PROBE_TOKENS_PER_THREAD / padded.rows / row_length).max(1);
             let barrier = Barrier::new(self.threads);
             let run = || -> Result<(Instant, Instant), RunError> {
                 let mut state = self.model.new_state();
-                // Compiles the plan (once for all threads) and warms the caches: not timed.
-                self.model.run(&mut state, &padded)?;
+                // Warms the state's buffers and the caches: not timed.
+                self.model.run(&mut state, padded)?;
                 barrier.wait();
                 let begun = Instant::now();
                 for _ in 0..passes {
-                    self.model.run(&mut state, &padded)?;
+                    self.model.run(&mut state, padded)?;
                 }
                 Ok((begun, Instant::now()))
             };
@@ -173,10 +182,28 @@ impl OnnxProcessor {
             ) else {
                 continue;
             };
+            let seconds = (ended - begun).as_secs_f64();
+            timed_seconds += seconds;
             let tokens = (self.threads * passes * padded.rows * padded.padded_length) as f64;
-            timings.insert(*size, (ended - begun).as_secs_f64() / tokens);
+            timings.insert(*size, seconds / tokens);
         }
         timings
+    }
+
+    /// Compile the plans of `shapes` (rows, padded length), up to `threads` at once.
+    fn compile_plans(&self, shapes: impl Iterator<Item = (usize, usize)>) {
+        let shapes: Vec<(usize, usize)> = shapes.collect();
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..self.threads.min(shapes.len()) {
+                scope.spawn(|| {
+                    while let Some((rows, length)) = shapes.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        // A shape that fails to compile fails again, with its error, when run.
+                        let _ = self.model.compile(*rows, *length);
+                    }
+                });
+            }
+        });
     }
 
     /// Embedding dimension, or the number of classes.

@@ -152,7 +152,11 @@ fn embeddings_match_onnxruntime_on_200_motions() {
     let mut config = OnnxConfig::embedding(&model, &tokenizer);
     config.max_length = MAX_LENGTH;
     config.threads = 2;
+    // The probed pass size goes to a folder of this test's own, not the user's cache.
+    let pass_cache = std::env::temp_dir().join(format!("backfill-onnx-reference-{}", std::process::id()));
+    config.pass_cache = Some(pass_cache.join("onnx-pass.json"));
     let processor = OnnxProcessor::load(&config).unwrap();
+    let _ = std::fs::remove_dir_all(&pass_cache);
     assert_eq!(processor.output_width(), 384);
     let counts = processor.token_counts(&texts).unwrap();
     let outputs = processor.process(&texts).unwrap();

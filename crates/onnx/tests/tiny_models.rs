@@ -27,7 +27,13 @@ fn embedder_config() -> OnnxConfig {
     config.max_batch_tokens = 64;
     config.length_bucket = 4;
     config.threads = 2;
+    config.pass_cache = Some(pass_cache_folder().join("onnx-pass.json"));
     config
+}
+
+/// This test process's folder for the probed pass sizes (never the user's cache).
+fn pass_cache_folder() -> PathBuf {
+    std::env::temp_dir().join(format!("backfill-onnx-tests-{}", std::process::id()))
 }
 
 fn classifier_config() -> OnnxConfig {
@@ -463,6 +469,7 @@ fn the_memory_bound_is_never_exceeded_and_caps_the_pass_size() {
         }
         assert_eq!(processor.process(&texts).unwrap().len(), texts.len());
     }
+    let _ = std::fs::remove_dir_all(pass_cache_folder());
 }
 
 #[test]

@@ -136,10 +136,16 @@ batch_output = 0.30
     }
 }
 
-/// Runs the real binary with a clean provider environment.
+/// The cache folder of a binary run from `dir` (a test's temporary folder): the local model's
+/// probed pass size lands there, never in the user's cache.
+pub fn test_cache(dir: &Path) -> PathBuf {
+    dir.join("cache")
+}
+
+/// Runs the real binary with a clean provider environment and its cache in `dir`.
 pub fn backfill(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_backfill"));
-    command.current_dir(dir).args(args);
+    command.current_dir(dir).args(args).env("BACKFILL_CACHE", test_cache(dir));
     for var in ["OPENAI_API_KEY", "OPENAI_BASE_URL", "RUST_LOG", "BACKFILL_DATABASE"] {
         command.env_remove(var);
     }
