@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sqlx::{Postgres, Row, Transaction};
 
-use super::sql::runs::{RUN_COLUMNS, run_from_row};
+use super::sql::runs::{Chunk, RUN_COLUMNS, run_from_row, take_over};
 use super::{PgStore, db_now_ms, source};
 use crate::store::{
     Attach, Created, ENQUEUE_LEASE, ENQUEUE_POLL, Enqueuer, NewRun, Recovered, RunRecord, RunStatus, Tables, Worker,
@@ -87,58 +87,6 @@ pub(super) async fn create_run(store: &PgStore, new: &NewRun, tables: &Tables) -
         store.id_kinds.lock().expect("id kind cache").insert(id, kind.clone());
         return Ok(Created::New(enqueue_rest(store, tables, id, &me).await?));
     }
-}
-
-/// Makes `me` the enqueuer of a run whose enqueuer stopped, with this command's settings (the
-/// run was never worked on: it is this command's run now). A lower `--limit` than the items
-/// already enqueued drops the last of them.
-async fn take_over(
-    store: &PgStore,
-    tx: &mut Transaction<'static, Postgres>,
-    run: &RunRecord,
-    new: &NewRun,
-    me: &Enqueuer,
-) -> anyhow::Result<()> {
-    let limit = new.limit.map(|l| l.min(i64::MAX as u64) as i64);
-    if let Some(limit) = limit.filter(|l| *l < run.total_items as i64) {
-        sqlx::query("DELETE FROM backfill_items WHERE run_id = $1 AND state = 'pending' AND tier = 0 AND seq > $2")
-            .bind(run.id)
-            .bind(limit)
-            .execute(&mut **tx)
-            .await
-            .map_err(|e| store.err(e))?;
-        sqlx::query("UPDATE backfill_runs SET total_items = $1 WHERE id = $2")
-            .bind(limit)
-            .bind(run.id)
-            .execute(&mut **tx)
-            .await
-            .map_err(|e| store.err(e))?;
-    }
-    sqlx::query(concat!(
-        "UPDATE backfill_runs SET target = $1, max_usd = $2, mode = $3, item_limit = $4, enqueue_owner = $5, \
-         enqueue_expires_at = ",
-        db_now_ms!(),
-        " + $6, updated_at = $7 WHERE id = $8"
-    ))
-    .bind(&new.target)
-    .bind(new.max_usd)
-    .bind(&new.mode)
-    .bind(limit)
-    .bind(&me.token)
-    .bind(ENQUEUE_LEASE.as_millis() as i64)
-    .bind(now_ms())
-    .bind(run.id)
-    .execute(&mut **tx)
-    .await
-    .map_err(|e| store.err(e))?;
-    Ok(())
-}
-
-/// Where a run's enqueue stands after a chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Chunk {
-    total: u64,
-    done: bool,
 }
 
 /// Enqueues the next chunk of the run's pending ids, after its cursor, in `tx` (holding the

@@ -6,8 +6,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::{Backend, DbRow, dialect};
-use crate::store::{Attach, Created, NewRun, Recovered, RunRecord, RunStatus, Runs, Tables, Worker, now_ms};
+use super::{Backend, DbRow, Tx, dialect};
+use crate::store::{
+    Attach, Created, ENQUEUE_LEASE, Enqueuer, NewRun, Recovered, RunRecord, RunStatus, Runs, Tables, Worker, now_ms,
+};
 
 pub(crate) const RUN_COLUMNS: &str = "id, job, status, target, total_items, max_usd, created_at, updated_at, \
                                       finished_at, controller_state, last_error, mode, item_limit";
@@ -41,6 +43,58 @@ pub(super) async fn earlier_runs(store: &Backend, job: &str, before: i64, limit:
         .await
         .map_err(|e| store.err(e))?;
     rows.iter().map(run_from_row).collect::<Result<_, _>>().map_err(|e| store.err(e))
+}
+
+/// Where a run's enqueue stands after a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Chunk {
+    pub total: u64,
+    pub done: bool,
+}
+
+/// Makes `me` the enqueuer of a run whose enqueuer stopped, with this command's settings (the
+/// run was never worked on: it is this command's run now). A lower `--limit` than the items
+/// already enqueued drops the last of them.
+pub(crate) async fn take_over(
+    store: &Backend,
+    tx: &mut Tx,
+    run: &RunRecord,
+    new: &NewRun,
+    me: &Enqueuer,
+) -> anyhow::Result<()> {
+    let limit = new.limit.map(|l| l.min(i64::MAX as u64) as i64);
+    if let Some(limit) = limit.filter(|l| *l < run.total_items as i64) {
+        sqlx::query("DELETE FROM backfill_items WHERE run_id = $1 AND state = 'pending' AND tier = 0 AND seq > $2")
+            .bind(run.id)
+            .bind(limit)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+        sqlx::query("UPDATE backfill_runs SET total_items = $1 WHERE id = $2")
+            .bind(limit)
+            .bind(run.id)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+    }
+    let sql = format!(
+        "UPDATE backfill_runs SET target = $1, max_usd = $2, mode = $3, item_limit = $4, enqueue_owner = $5, \
+         enqueue_expires_at = {} + $6, updated_at = $7 WHERE id = $8",
+        dialect::NOW_MS
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&new.target)
+        .bind(new.max_usd)
+        .bind(&new.mode)
+        .bind(limit)
+        .bind(&me.token)
+        .bind(ENQUEUE_LEASE.as_millis() as i64)
+        .bind(now_ms())
+        .bind(run.id)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| store.err(e))?;
+    Ok(())
 }
 
 impl Backend {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::sql::runs::{RUN_COLUMNS, run_from_row};
+use super::sql::runs::{Chunk, RUN_COLUMNS, run_from_row, take_over};
 use super::{SqliteStore, source};
 use crate::store::{
     Attach, Created, ENQUEUE_POLL, Enqueuer, NewRun, Recovered, RunRecord, RunStatus, Tables, Worker, now_ms,
@@ -76,57 +76,6 @@ pub(super) async fn create_run(store: &SqliteStore, new: &NewRun, tables: &Table
         store.id_kinds.lock().expect("id kind cache").insert(id, kind);
         return Ok(Created::New(enqueue_rest(store, tables, id, &me).await?));
     }
-}
-
-/// Makes `me` the enqueuer of a run whose enqueuer stopped, with this command's settings (the
-/// run was never worked on: it is this command's run now). A lower `--limit` than the items
-/// already enqueued drops the last of them.
-async fn take_over(
-    store: &SqliteStore,
-    tx: &mut Transaction<'static, Sqlite>,
-    run: &RunRecord,
-    new: &NewRun,
-    me: &Enqueuer,
-) -> anyhow::Result<()> {
-    let now = now_ms();
-    let limit = new.limit.map(|l| l.min(i64::MAX as u64) as i64);
-    if let Some(limit) = limit.filter(|l| *l < run.total_items as i64) {
-        sqlx::query("DELETE FROM backfill_items WHERE run_id = ? AND state = 'pending' AND tier = 0 AND seq > ?")
-            .bind(run.id)
-            .bind(limit)
-            .execute(&mut **tx)
-            .await
-            .map_err(|e| store.err(e))?;
-        sqlx::query("UPDATE backfill_runs SET total_items = ? WHERE id = ?")
-            .bind(limit)
-            .bind(run.id)
-            .execute(&mut **tx)
-            .await
-            .map_err(|e| store.err(e))?;
-    }
-    sqlx::query(
-        "UPDATE backfill_runs SET target = ?, max_usd = ?, mode = ?, item_limit = ?, enqueue_owner = ?, \
-         enqueue_expires_at = ?, updated_at = ? WHERE id = ?",
-    )
-    .bind(&new.target)
-    .bind(new.max_usd)
-    .bind(&new.mode)
-    .bind(limit)
-    .bind(&me.token)
-    .bind(Enqueuer::expires_at(now))
-    .bind(now)
-    .bind(run.id)
-    .execute(&mut **tx)
-    .await
-    .map_err(|e| store.err(e))?;
-    Ok(())
-}
-
-/// Where a run's enqueue stands after a chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Chunk {
-    total: u64,
-    done: bool,
 }
 
 /// Enqueues the next chunk of the run's pending ids, after its cursor, in `tx`; `None` when
