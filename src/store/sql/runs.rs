@@ -1,4 +1,5 @@
-//! Runs as rows: reading them, and the updates that mean the same on both backends. Creation,
+//! Runs as rows: reading them, and the updates that mean the same on both backends, among them
+//! the take-over of an enqueue a stopped process left. Creation and the enqueue's chunks,
 //! attachment, heartbeats, recovery, the status and the limit are the backend's own (`runs`).
 
 use std::time::Duration;
