@@ -40,14 +40,15 @@ impl ConcurrencyLimit {
     }
 
     /// The limit for a paced rate of `requests_per_second` (infinite when unpaced) and the
-    /// recent p90 latency of such requests, if known.
-    pub fn limit(&self, requests_per_second: f64, p90_seconds: Option<f64>) -> u32 {
+    /// recent p90 latency of such requests, if known, plus the `burst` of requests a
+    /// provider's bucket lets go out at once on top of that rate.
+    pub fn limit(&self, requests_per_second: f64, p90_seconds: Option<f64>, burst: f64) -> u32 {
         let little = match p90_seconds {
             Some(p90) if requests_per_second.is_finite() => {
-                (requests_per_second * p90 * HEADROOM).ceil() + 1.0
+                (requests_per_second * p90 * HEADROOM + burst).ceil() + 1.0
             }
             Some(_) => f64::from(self.range.max),
-            None => f64::from(self.range.start),
+            None => f64::from(self.range.start) + burst.ceil(),
         };
         let limit = little.min(self.overload_cap).max(1.0);
         self.range.clamp(limit.min(f64::from(u32::MAX)) as u32)
@@ -97,10 +98,13 @@ mod tests {
     #[test]
     fn littles_law_within_the_range() {
         let limit = ConcurrencyLimit::new(StartMinMax::new(4, 1, 64));
-        assert_eq!(limit.limit(10.0, None), 4);
-        assert_eq!(limit.limit(10.0, Some(2.0)), 27);
-        assert_eq!(limit.limit(100.0, Some(2.0)), 64);
-        assert_eq!(limit.limit(0.01, Some(2.0)), 2);
+        assert_eq!(limit.limit(10.0, None, 0.0), 4);
+        assert_eq!(limit.limit(10.0, Some(2.0), 0.0), 27);
+        assert_eq!(limit.limit(100.0, Some(2.0), 0.0), 64);
+        assert_eq!(limit.limit(0.01, Some(2.0), 0.0), 2);
+        // A provider's burst of 10 requests goes out on top of the paced rate.
+        assert_eq!(limit.limit(10.0, Some(2.0), 10.0), 37);
+        assert_eq!(limit.limit(10.0, None, 10.0), 14);
     }
 
     #[test]

@@ -49,6 +49,12 @@ pub struct Controller {
     pub(crate) batch: BatchSizer,
     pub(crate) tokens: TokenEstimates,
     pub(crate) latency: LatencyWindow,
+    /// The same latencies, each taken in only once every request sent before it has ended:
+    /// free of the bias of the recent window, where only the fast ones of the latest
+    /// requests have answered yet (what the end of the queue plans with).
+    pub(crate) settled_latency: LatencyWindow,
+    /// Answered requests not yet taken into `settled_latency`: `(sent_at, latency, items)`.
+    pub(crate) unsettled: VecDeque<(Duration, Duration, u32)>,
     pub(crate) in_flight: HashMap<Ticket, InFlight>,
     next_ticket: u64,
     pub(crate) pause_until: Duration,
@@ -92,6 +98,8 @@ impl Controller {
                 config.context_window_tokens,
             ),
             latency: LatencyWindow::default(),
+            settled_latency: LatencyWindow::default(),
+            unsettled: VecDeque::new(),
             in_flight: HashMap::new(),
             next_ticket: 0,
             pause_until: Duration::ZERO,
@@ -231,7 +239,14 @@ impl Controller {
     /// at any concurrency: its rate is paced, and the delay limit does not apply.
     pub(crate) fn concurrency_limit_for(&self, items: u32) -> u32 {
         let p90 = self.latency.model().map(|model| model.p90(items));
-        let paced = self.concurrency.limit(self.paced_request_rate(items), p90);
+        let costs = request_costs(
+            self.tokens.prompt_tokens(items),
+            f64::from(self.tokens.max_tokens(items)),
+        );
+        let burst = self.pacer.burst_requests(costs);
+        let paced = self
+            .concurrency
+            .limit(self.paced_request_rate(items), p90, burst);
         if self.delay_limit_applies() {
             paced.min(self.delay.limit())
         } else {

@@ -385,3 +385,48 @@ fn one_at_a_time(controller: &mut Controller, mut now: Duration, requests: usize
     }
     now
 }
+
+#[test]
+fn requests_shrink_toward_the_end_of_the_queue_on_an_announced_rate() {
+    let mut controller = controller();
+    controller.batch =
+        crate::batch_sizer::BatchSizer::new(crate::config::StartMinMax::new(40, 1, 40));
+    let announced = parse_rate_limit_headers([
+        ("x-ratelimit-limit-requests", "3000"),
+        ("x-ratelimit-limit-tokens", "600000"),
+    ]);
+    // Latency 0.8 s + 0.16 s per item, spread ±20%, over sizes 5..=40.
+    let mut now = Duration::ZERO;
+    for step in 0..120u32 {
+        let items = 5 + (step * 7) % 36;
+        let shape = RequestShape {
+            items,
+            prompt_tokens: 400 + 150 * items,
+            max_tokens: 80 * items,
+            retried_items: 0,
+        };
+        let ticket = controller.on_sent(now, shape);
+        let noise = 0.8 + 0.4 * f64::from(step % 5) / 4.0;
+        let latency = seconds((0.8 + 0.16 * f64::from(items)) * noise);
+        now += latency;
+        finish(&mut controller, now, ticket, completed(items), announced);
+    }
+    let size = controller.batch.current();
+    assert_eq!(size, 40);
+    let limit = controller.concurrency_limit_for(size);
+    let sizes: Vec<u32> = [100_000, 2_000, 1_000, 500, 200, 50, 10, 1]
+        .into_iter()
+        .map(|queued_items| {
+            controller.items_to_send(
+                PipelineLoad {
+                    in_flight: 0,
+                    queued_items,
+                },
+                limit,
+            )
+        })
+        .collect();
+    assert_eq!(sizes[0], 40, "{sizes:?}");
+    assert!(sizes.windows(2).all(|pair| pair[0] >= pair[1]), "{sizes:?}");
+    assert!(sizes[4] < 40 && sizes[7] <= 5, "{sizes:?}");
+}

@@ -14,6 +14,10 @@ const MINIMUM_TIMEOUT: Duration = Duration::from_secs(5);
 const END_OF_QUEUE_SMALLEST_SHARE: u32 = 4;
 /// At the end of the queue, requests older than this many p90 latencies are cut and resent.
 const END_OF_QUEUE_CUT_P90S: f64 = 1.0;
+/// Settled latencies the last round on a paced API is planned with (before: the recent ones).
+const SETTLED_LATENCIES_TO_PLAN: usize = 10;
+/// ln(p99) ÷ ln(p90) of a log-normal spread: 2.326 ÷ 1.282 standard deviations.
+const LOG_NORMAL_P99_OVER_P90: f64 = 2.75 / 1.282;
 /// Cut requests are hedges: the provider still computes them (and a hosted API bills them),
 /// so their items are computed twice. At most this share of the items sent so far is sent
 /// again that way...
@@ -36,17 +40,23 @@ impl Controller {
         let Some(cut_age) = self.end_of_queue_cut_age() else {
             return Vec::new();
         };
-        let mut overdue: Vec<Ticket> = self
+        // Most overdue first (a hung request before one just past its size's p90), within
+        // the hedge budget.
+        let mut overdue: Vec<(f64, Duration, Ticket)> = self
             .in_flight
             .iter()
-            .filter(|(_, request)| {
-                now.saturating_sub(request.sent_at) >= cut_age(request.shape.items)
+            .filter_map(|(ticket, request)| {
+                let age = now.saturating_sub(request.sent_at);
+                let allowed = cut_age(request.shape.items);
+                (age >= allowed).then(|| {
+                    let overdue = age.as_secs_f64() / allowed.as_secs_f64().max(1e-9);
+                    (overdue, request.sent_at, *ticket)
+                })
             })
-            .map(|(ticket, _)| *ticket)
             .collect();
         drop(cut_age);
-        // Oldest first, within the hedge budget.
-        overdue.sort_by_key(|ticket| self.in_flight.get(ticket).map(|request| request.sent_at));
+        overdue.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let overdue: Vec<Ticket> = overdue.into_iter().map(|(_, _, ticket)| ticket).collect();
         let mut kept = Vec::with_capacity(overdue.len());
         for ticket in overdue {
             let left = self.hedge_budget_left();
@@ -141,6 +151,75 @@ impl Controller {
         self.timeout_for(items).mul_f64(1.0 + rounds.min(ahead))
     }
 
+    /// The request size near the end of the queue on a paced API (a hosted API that
+    /// announced its limits or answered 429). A request of `n` items sent now ends a tail
+    /// latency later, `p99(n) = k · n + p99(0)` with `k` the p99 latency per item; if sizes
+    /// shrink by one item per `k` seconds of sending, every request ends when the last one
+    /// does instead of the run waiting for large requests sent late. The sizes from `last`
+    /// up to `n` then hold `k · Σ R(j)` items (R(j): the paced items/s at size j), which
+    /// gives `n` for the items still queued. Smaller requests cost more per item (the
+    /// prompt's fixed part and `max_tokens`' margin under tokens/min, a whole request under
+    /// requests/min): the items sent at size j take `k` seconds instead of `k · R(j) ÷ R` at
+    /// full size. `last` is the size that makes that extra sending time plus its own tail
+    /// latency least.
+    fn paced_last_round_size(
+        &self,
+        model: crate::latency_window::LatencyModel,
+        queued: f64,
+        limit: u32,
+        size: u32,
+    ) -> u32 {
+        let smallest = self.config.items_per_request.min.min(size);
+        // Planned with the settled latencies once there are enough of them, at a p99 no
+        // lower than a log-normal spread with the measured p90 has (few samples put their
+        // p99 at their largest).
+        let model = match self.settled_latency.model() {
+            Some(settled) if self.settled_latency.len() >= SETTLED_LATENCIES_TO_PLAN => settled,
+            _ => model,
+        };
+        let ratio_p99 = model
+            .ratio_p99
+            .max(model.ratio_p90.max(1.0).powf(LOG_NORMAL_P99_OVER_P90));
+        let tail = |items: u32| ratio_p99 * model.expected(items);
+        let per_item_p90 = ratio_p99 * model.per_item;
+        let items_per_second = |items: u32| {
+            let paced = f64::from(items) * self.paced_request_rate(items);
+            let carried = f64::from(limit) * f64::from(items) / model.p50(items).max(1e-9);
+            paced.min(carried)
+        };
+        let full = items_per_second(size);
+        if !(per_item_p90 > 0.0 && full.is_finite() && full > 0.0) {
+            return size;
+        }
+        // Sizes shrink by one item per `k` seconds of sending, so every request ends when
+        // the last one does; the items sent at size `n` take `k` seconds instead of
+        // `k · R(n) ÷ R` at full size.
+        if queued >= per_item_p90 * full * f64::from(size - smallest) {
+            return size;
+        }
+        let mut extra = 0.0;
+        let mut best = (tail(size), size);
+        for last in (smallest..size).rev() {
+            extra += per_item_p90 * (1.0 - items_per_second(last) / full).max(0.0);
+            let total = extra + tail(last);
+            if total < best.0 {
+                best = (total, last);
+            }
+        }
+        let last = best.1;
+        // The largest size whose planned remainder still holds `queued` items.
+        let mut planned = 0.0;
+        let mut chosen = last;
+        while chosen < size {
+            planned += per_item_p90 * items_per_second(chosen);
+            if planned > queued {
+                break;
+            }
+            chosen += 1;
+        }
+        chosen
+    }
+
     /// The batch size, smaller at the end of the queue so the last items spread over the
     /// requests that can start within one typical latency instead of waiting in one long one.
     pub(crate) fn items_to_send(&self, load: PipelineLoad, limit: u32) -> u32 {
@@ -160,8 +239,15 @@ impl Controller {
         let size = match self.latency.model() {
             Some(model) if self.queueing_server(limit) && model.per_item > 0.0 => {
                 let fixed_items = model.fixed / model.per_item;
-                let best = (2.0 * queued * fixed_items / f64::from(limit)).sqrt().ceil();
-                (best.min(f64::from(u32::MAX)) as u32).clamp(self.config.items_per_request.min, size)
+                let best = (2.0 * queued * fixed_items / f64::from(limit))
+                    .sqrt()
+                    .ceil();
+                (best.min(f64::from(u32::MAX)) as u32)
+                    .clamp(self.config.items_per_request.min, size)
+            }
+            // On a paced API the last round is planned whole: no further spreading.
+            Some(model) if !self.delay_limit_applies() || self.counts.rate_limited > 0 => {
+                return self.paced_last_round_size(model, queued, limit, size);
             }
             _ => size,
         };

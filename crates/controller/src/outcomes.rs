@@ -76,6 +76,30 @@ impl Controller {
                 self.remember_timeout(false);
             }
         }
+        self.settle_latencies(now);
+    }
+
+    /// Takes into `settled_latency` the answered requests sent before every request still in
+    /// flight (a request older than its timeout would allow is taken as hung, not waited for).
+    fn settle_latencies(&mut self, now: Duration) {
+        let model = self.latency.model();
+        let oldest = self
+            .in_flight
+            .values()
+            .filter(|request| {
+                let hung_after =
+                    model.map_or(f64::INFINITY, |model| 3.0 * model.p90(request.shape.items));
+                now.saturating_sub(request.sent_at).as_secs_f64() <= hung_after
+            })
+            .map(|request| request.sent_at)
+            .min();
+        while let Some((sent_at, latency, items)) = self.unsettled.front().copied() {
+            if oldest.is_some_and(|oldest| sent_at > oldest) {
+                break;
+            }
+            self.unsettled.pop_front();
+            self.settled_latency.record(latency, items);
+        }
     }
 
     fn on_completed(
@@ -107,6 +131,11 @@ impl Controller {
         self.consecutive_pauses = 0;
         self.remember_timeout(false);
         self.latency.record(latency, items_sent);
+        let at = self
+            .unsettled
+            .partition_point(|(sent_at, _, _)| *sent_at <= sent.sent_at);
+        self.unsettled
+            .insert(at, (sent.sent_at, latency, items_sent));
         let returned = completed.items_valid + completed.items_rejected;
         self.tokens
             .record_output(returned, completed.completion_tokens, completed.truncated);

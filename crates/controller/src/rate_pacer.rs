@@ -60,6 +60,9 @@ fn window(info: &RateLimitInfo, dimension: RateDimension) -> &LimitWindow {
 struct DimensionPacer {
     cap_per_second: Option<f64>,
     announced_per_second: Option<f64>,
+    /// The provider's own bucket, in seconds of its announced rate: what it says remains
+    /// plus what its reset says is missing (remaining + reset × rate), once it said so.
+    provider_burst: Option<Duration>,
     bucket: Option<TokenBucket>,
 }
 
@@ -85,6 +88,7 @@ impl RatePacer {
             dimensions: caps.map(|cap_per_second| DimensionPacer {
                 cap_per_second,
                 announced_per_second: None,
+                provider_burst: None,
                 bucket: None,
             }),
             probe: RateProbe::new(start, phase, now),
@@ -130,6 +134,25 @@ impl RatePacer {
             .fold(f64::INFINITY, f64::min)
     }
 
+    /// Requests of these costs that the provider's burst lets go out at once, beyond the
+    /// paced rate: the fewest that fill any bucket, once the provider said how much its
+    /// buckets hold (zero before).
+    pub fn burst_requests(&self, costs: [f64; 4]) -> f64 {
+        if self
+            .dimensions
+            .iter()
+            .all(|pacer| pacer.provider_burst.is_none())
+        {
+            return 0.0;
+        }
+        self.dimensions
+            .iter()
+            .zip(costs)
+            .filter_map(|(pacer, cost)| Some(pacer.bucket.as_ref()?.capacity() / cost.max(1.0)))
+            .fold(f64::INFINITY, f64::min)
+            .min(f64::from(u32::MAX))
+    }
+
     /// Moves learned rates forward to `now`.
     pub fn advance(&mut self, now: Duration, requests_binding: bool) {
         let elapsed = now.saturating_sub(self.updated_at).as_secs_f64();
@@ -159,12 +182,35 @@ impl RatePacer {
         }
         self.sync_buckets(now);
         for dimension in ALL_DIMENSIONS {
-            let remaining = window(info, dimension).remaining;
-            if let (Some(remaining), Some(bucket)) = (
-                remaining,
-                self.dimensions[dimension as usize].bucket.as_mut(),
-            ) {
-                bucket.limit_level(remaining as f64, now);
+            let reported = window(info, dimension);
+            let pacer = &mut self.dimensions[dimension as usize];
+            let (Some(remaining), Some(announced), Some(bucket)) = (
+                reported.remaining,
+                pacer.announced_per_second,
+                pacer.bucket.as_mut(),
+            ) else {
+                if let (Some(remaining), Some(bucket)) = (reported.remaining, pacer.bucket.as_mut())
+                {
+                    bucket.limit_level(remaining as f64, now);
+                }
+                continue;
+            };
+            // The provider's bucket holds what remains plus what refills until its reset; ours
+            // holds as much (of our slightly lower rate), so the burst the provider grants is
+            // used, and never more than it says remains.
+            let remaining = remaining as f64;
+            let provider_burst = Duration::from_secs_f64(
+                remaining / announced + reported.reset.map_or(0.0, |reset| reset.as_secs_f64()),
+            )
+            .max(BURST);
+            let first = pacer.provider_burst.is_none();
+            pacer.provider_burst = Some(provider_burst);
+            bucket.set_burst(provider_burst, now);
+            if first {
+                // Nothing of ours that the provider has not counted: start from its word.
+                bucket.set_level(remaining, now);
+            } else {
+                bucket.limit_level(remaining, now);
             }
         }
     }
@@ -242,7 +288,10 @@ impl RatePacer {
             match (rate, pacer.bucket.as_mut()) {
                 (None, _) => pacer.bucket = None,
                 (Some(rate), Some(bucket)) => bucket.set_rate(rate, now),
-                (Some(rate), None) => pacer.bucket = Some(TokenBucket::new(rate, BURST, now)),
+                (Some(rate), None) => {
+                    let burst = pacer.provider_burst.unwrap_or(BURST);
+                    pacer.bucket = Some(TokenBucket::new(rate, burst, now))
+                }
             }
         }
     }
@@ -294,6 +343,45 @@ mod tests {
         pacer.observe_headers(Duration::ZERO, &info);
         let wait = pacer.wait_for(request_costs(10.0, 10.0), Duration::ZERO);
         assert!(wait > Duration::from_millis(900), "{wait:?}");
+    }
+
+    #[test]
+    fn the_burst_the_provider_announces_goes_out_at_once_then_the_rate() {
+        let mut pacer = RatePacer::new([None; 4], 1.0, Duration::ZERO);
+        // 60,000 tokens/min = 1,000/s; 2,500 remain and the bucket is full in 0.5 s: it
+        // holds 3,000 (3 s of rate), of which 2,500 may go out now.
+        let info = parse_rate_limit_headers([
+            ("x-ratelimit-limit-requests", "6000"),
+            ("x-ratelimit-remaining-requests", "299"),
+            ("x-ratelimit-reset-requests", "10ms"),
+            ("x-ratelimit-limit-tokens", "60000"),
+            ("x-ratelimit-remaining-tokens", "2500"),
+            ("x-ratelimit-reset-tokens", "500ms"),
+        ]);
+        pacer.observe_headers(Duration::ZERO, &info);
+        let costs = request_costs(400.0, 100.0);
+        let mut sent = 0;
+        while pacer.wait_for(costs, Duration::ZERO) == Duration::ZERO {
+            pacer.take(costs, Duration::ZERO);
+            sent += 1;
+        }
+        assert_eq!(sent, 5, "2,500 tokens of 500-token requests");
+        assert!((pacer.burst_requests(costs) - 3000.0 * ANNOUNCED_SAFETY / 500.0).abs() < 1e-6);
+        // Then the announced rate: one 500-token request per ~0.51 s.
+        let wait = pacer.wait_for(costs, Duration::ZERO).as_secs_f64();
+        assert!(
+            (wait - 500.0 / (1000.0 * ANNOUNCED_SAFETY)).abs() < 1e-6,
+            "{wait}"
+        );
+        // A later answer saying less remains lowers the level; it never raises it.
+        let later = parse_rate_limit_headers([
+            ("x-ratelimit-limit-tokens", "60000"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "3s"),
+        ]);
+        let now = Duration::from_secs(1);
+        pacer.observe_headers(now, &later);
+        assert!(pacer.wait_for(costs, now) >= Duration::from_millis(500));
     }
 
     #[test]

@@ -63,6 +63,20 @@ impl TokenBucket {
         self.level -= cost;
     }
 
+    /// Holds `burst` worth of rate from `now` on (the level is kept within it).
+    pub fn set_burst(&mut self, burst: Duration, now: Duration) {
+        self.refill(now);
+        self.burst = burst;
+        self.level = self.level.min(self.capacity());
+    }
+
+    /// Sets the level to `level` within the capacity (e.g. what the provider says remains
+    /// when nothing of ours is known to it yet).
+    pub fn set_level(&mut self, level: f64, now: Duration) {
+        self.refill(now);
+        self.level = level.min(self.capacity());
+    }
+
     /// Lowers the level to `at_most` (e.g. what the provider says remains).
     pub fn limit_level(&mut self, at_most: f64, now: Duration) {
         self.refill(now);
