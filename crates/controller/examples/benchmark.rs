@@ -7,7 +7,8 @@
 //! ```
 //! `--timeline` adds, per scenario, the adaptive run's valid items/s per 10 s window and the
 //! most requests in flight × the largest request per window; with `BENCHMARK_SENDS=1` also
-//! every request sent (time, items, requests in flight). `BENCHMARK_SEED_OFFSET=1000` runs the
+//! every request sent (time, items, requests in flight) and every answer (time, valid items).
+//! `BENCHMARK_SEED_OFFSET=1000` runs the
 //! scenarios at another of the seeds the scenario tests use.
 
 use std::path::Path;
@@ -103,6 +104,9 @@ fn main() {
             if std::env::var_os("BENCHMARK_SENDS").is_some() {
                 for (at, items, in_flight) in &adaptive_log.sends {
                     eprintln!("send {at:.2} {items} {in_flight}");
+                }
+                for (at, items) in &adaptive_log.completions {
+                    eprintln!("answer {at:.2} {items}");
                 }
             }
             eprintln!("{} final status: {:?}", scenario.name, controller.status());

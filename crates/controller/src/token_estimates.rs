@@ -28,6 +28,11 @@ pub struct TokenEstimates {
     output_variance_per_item: f64,
     output_samples: u32,
     margin_sigmas: f64,
+    /// Items and output tokens of the first answers, whose pooled mean replaces the guess.
+    #[serde(default)]
+    initial_items: f64,
+    #[serde(default)]
+    initial_tokens: f64,
     /// Weighted sums for the prompt fit `prompt = overhead + per_item * items`.
     prompt_weight: f64,
     prompt_sum_items: f64,
@@ -45,6 +50,8 @@ impl TokenEstimates {
             output_variance_per_item: (0.5 * mean).powi(2),
             output_samples: 0,
             margin_sigmas: 2.0 * BASE_MARGIN_SIGMAS,
+            initial_items: 0.0,
+            initial_tokens: 0.0,
             prompt_weight: 0.0,
             prompt_sum_items: 0.0,
             prompt_sum_tokens: 0.0,
@@ -93,9 +100,11 @@ impl TokenEstimates {
         let items = f64::from(returned_items);
         let per_item = f64::from(completion_tokens) / items;
         if self.output_samples < OUTPUT_SAMPLES_TRUSTED && !truncated {
-            // Replace the configured guess quickly with what the model really writes.
-            let n = f64::from(self.output_samples);
-            let mean = (self.output_mean_per_item * n + per_item) / (n + 1.0);
+            // Replace the configured guess quickly with what the model really writes, each
+            // answer weighted by its items (a one-item answer says little about the mean).
+            self.initial_items += items;
+            self.initial_tokens += f64::from(completion_tokens);
+            let mean = self.initial_tokens / self.initial_items;
             if self.output_samples == 0 {
                 self.output_variance_per_item = (0.3 * per_item).powi(2);
             }
