@@ -71,6 +71,8 @@ pub struct Controller {
     /// Whether each recent non-429 outcome was a timeout (timeout clusters).
     pub(crate) recent_timeouts: VecDeque<bool>,
     rate_blocked_at: Option<Duration>,
+    /// The costs the last `Send` was decided on.
+    admitted_costs: Option<[f64; 4]>,
     concurrency_blocked_at: Option<Duration>,
     pub(crate) counts: ControllerCounts,
     pub(crate) rng: fastrand::Rng,
@@ -112,6 +114,7 @@ impl Controller {
             recent_rejections: VecDeque::new(),
             recent_timeouts: VecDeque::new(),
             rate_blocked_at: None,
+            admitted_costs: None,
             concurrency_blocked_at: None,
             counts: ControllerCounts::default(),
             rng: fastrand::Rng::with_seed(config.seed),
@@ -149,6 +152,7 @@ impl Controller {
                 until: Some(now + wait),
             };
         }
+        self.admitted_costs = Some(costs);
         Decision::Send {
             items,
             max_tokens,
@@ -160,6 +164,9 @@ impl Controller {
     pub fn on_sent(&mut self, now: Duration, shape: RequestShape) -> Ticket {
         self.advance(now);
         let costs = request_costs(f64::from(shape.prompt_tokens), f64::from(shape.max_tokens));
+        if let Some(admitted) = self.admitted_costs.take() {
+            self.pacer.on_admitted(admitted, costs);
+        }
         self.pacer.take(costs, now);
         self.tokens.record_prompt(shape.items, shape.prompt_tokens);
         let ticket = Ticket(self.next_ticket);

@@ -24,6 +24,10 @@ const ANNOUNCED_SAFETY_RECOVERY_PER_MINUTE: f64 = 0.01;
 /// constant (the bucket was empty; let it fill a little).
 const ANNOUNCED_CUT: f64 = 0.85;
 const ANNOUNCED_RECOVERY_TIME_CONSTANT: Duration = Duration::from_secs(2);
+/// Weight of one request in the running error of the cost estimates (about the last 50),
+/// and the standard deviations of that error our level keeps below the provider's count.
+const ADMITTED_ERROR_WEIGHT: f64 = 0.02;
+const ADMITTED_ERROR_SIGMAS: f64 = 4.0;
 /// Our buckets hold this much of their rate: small, so we never burst past a provider.
 const BURST: Duration = Duration::from_millis(500);
 
@@ -73,6 +77,11 @@ pub struct RatePacer {
     probe: RateProbe,
     announced_safety: f64,
     announced_recovery: f64,
+    /// How a request's real cost lately differed from the cost it was admitted on (the
+    /// dispatcher packs the request after the decision), per dimension: the running mean and
+    /// variance of `real − estimated`, and the requests seen.
+    admitted_error: [(f64, f64); 4],
+    admitted_requests: u32,
     updated_at: Duration,
 }
 
@@ -94,6 +103,8 @@ impl RatePacer {
             probe: RateProbe::new(start, phase, now),
             announced_safety: ANNOUNCED_SAFETY,
             announced_recovery: 1.0,
+            admitted_error: [(0.0, 0.0); 4],
+            admitted_requests: 0,
             updated_at: now,
         };
         pacer.sync_buckets(now);
@@ -167,7 +178,9 @@ impl RatePacer {
         self.sync_buckets(now);
     }
 
-    /// Learns announced limits and lowers our buckets to what the provider says remains.
+    /// Learns announced limits, takes the provider's bucket size from its remaining and reset
+    /// headers, and sets our buckets to what the provider says remains (less the recent error
+    /// of our cost estimates when that raises them).
     pub fn observe_headers(&mut self, now: Duration, info: &RateLimitInfo) {
         for dimension in ALL_DIMENSIONS {
             let reported = window(info, dimension);
@@ -183,6 +196,7 @@ impl RatePacer {
         self.sync_buckets(now);
         for dimension in ALL_DIMENSIONS {
             let reported = window(info, dimension);
+            let margin = self.admitted_margin(dimension);
             let pacer = &mut self.dimensions[dimension as usize];
             let (Some(remaining), Some(announced), Some(bucket)) = (
                 reported.remaining,
@@ -203,14 +217,18 @@ impl RatePacer {
                 remaining / announced + reported.reset.map_or(0.0, |reset| reset.as_secs_f64()),
             )
             .max(BURST);
-            let first = pacer.provider_burst.is_none();
             pacer.provider_burst = Some(provider_burst);
             bucket.set_burst(provider_burst, now);
-            if first {
-                // Nothing of ours that the provider has not counted: start from its word.
+            // Paced on the provider's own count: what it says remains (it counts our requests
+            // as it admits them), less what a request lately cost beyond the estimate it was
+            // sent on. Above that our level is lowered to it; below, raised to it: the
+            // provider may count fewer tokens than we do (its own tokenizer, no reservation
+            // of `max_tokens`), and our pace runs a little below its refill.
+            let level = bucket.level(now);
+            if level > remaining {
                 bucket.set_level(remaining, now);
-            } else {
-                bucket.limit_level(remaining, now);
+            } else if level < remaining - margin {
+                bucket.set_level(remaining - margin, now);
             }
         }
     }
@@ -244,6 +262,30 @@ impl RatePacer {
             .filter_map(|(pacer, cost)| Some(pacer.bucket.as_mut()?.wait_for(cost, now)))
             .max()
             .unwrap_or(Duration::ZERO)
+    }
+
+    /// A request admitted on `estimated` costs went out costing `actual`.
+    pub fn on_admitted(&mut self, estimated: [f64; 4], actual: [f64; 4]) {
+        self.admitted_requests = self.admitted_requests.saturating_add(1);
+        let weight = (1.0 / f64::from(self.admitted_requests)).max(ADMITTED_ERROR_WEIGHT);
+        for (((mean, variance), estimated), actual) in self
+            .admitted_error
+            .iter_mut()
+            .map(|(mean, variance)| (mean, variance))
+            .zip(estimated)
+            .zip(actual)
+        {
+            let deviation = actual - estimated - *mean;
+            *mean += weight * deviation;
+            *variance += weight * ((1.0 - weight) * deviation * deviation - *variance);
+        }
+    }
+
+    /// How far below the provider's count our level stays when it follows it up: what a
+    /// request may cost beyond the estimate it is admitted on, at `ADMITTED_ERROR_SIGMAS`.
+    fn admitted_margin(&self, dimension: RateDimension) -> f64 {
+        let (mean, variance) = self.admitted_error[dimension as usize];
+        (mean + ADMITTED_ERROR_SIGMAS * variance.max(0.0).sqrt()).max(0.0)
     }
 
     pub fn take(&mut self, costs: [f64; 4], now: Duration) {
@@ -373,15 +415,26 @@ mod tests {
             (wait - 500.0 / (1000.0 * ANNOUNCED_SAFETY)).abs() < 1e-6,
             "{wait}"
         );
-        // A later answer saying less remains lowers the level; it never raises it.
-        let later = parse_rate_limit_headers([
-            ("x-ratelimit-limit-tokens", "60000"),
-            ("x-ratelimit-remaining-tokens", "0"),
-            ("x-ratelimit-reset-tokens", "3s"),
-        ]);
+        // A later answer saying less remains lowers the level...
+        let remaining = |tokens: &'static str| {
+            parse_rate_limit_headers([
+                ("x-ratelimit-limit-tokens", "60000"),
+                ("x-ratelimit-remaining-tokens", tokens),
+                ("x-ratelimit-reset-tokens", "2s"),
+            ])
+        };
         let now = Duration::from_secs(1);
-        pacer.observe_headers(now, &later);
+        pacer.observe_headers(now, &remaining("0"));
         assert!(pacer.wait_for(costs, now) >= Duration::from_millis(500));
+        // ...and one saying more remains (the provider counts fewer tokens than we do)
+        // raises it, less what requests lately cost beyond the estimate they were sent on.
+        for _ in 0..50 {
+            pacer.on_admitted(costs, costs.map(|cost| cost + 50.0));
+        }
+        pacer.observe_headers(now, &remaining("1500"));
+        let bucket = pacer.dimensions[1].bucket.as_mut().unwrap();
+        let level = bucket.level(now);
+        assert!((level - 1450.0).abs() < 1.0, "{level}");
     }
 
     #[test]
