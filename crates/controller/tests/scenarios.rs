@@ -168,6 +168,7 @@ macro_rules! scenario_tests {
 
 scenario_tests!(
     announced_3000_items,
+    announced_counts_written,
     rpm_bound,
     tpm_bound,
     latency_bound,

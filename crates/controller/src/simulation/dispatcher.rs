@@ -51,6 +51,7 @@ struct Pending {
     items: Vec<usize>,
     sent_at: f64,
     prompt_tokens: u32,
+    max_tokens: u32,
     answer: SimAnswer,
     timed_out: bool,
 }
@@ -200,6 +201,7 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                             items: batch,
                             sent_at: now,
                             prompt_tokens,
+                            max_tokens,
                             answer,
                             timed_out,
                         },
@@ -256,6 +258,13 @@ fn observe(
     headers_sent: bool,
 ) -> (Observation, u32) {
     let latency = Duration::from_secs_f64(end_s - request.sent_at);
+    if let SimAnswer::Completed {
+        completion_tokens, ..
+    } = request.answer
+        && !request.timed_out
+    {
+        provider.on_completed(end_s, request.max_tokens, completion_tokens);
+    }
     let mut headers = provider.rate_limit_headers(end_s);
     let (outcome, valid) = match request.answer {
         _ if request.timed_out => (Outcome::TimedOut, 0),

@@ -1,5 +1,6 @@
 //! A simulated LLM provider: token buckets on requests/min and tokens/min (prompt +
-//! `max_tokens` reserved at admission, as OpenAI counts), instant 429s with `Retry-After`,
+//! `max_tokens` reserved at admission, as OpenAI counts; optionally the unused part of
+//! `max_tokens` given back when the request completes), instant 429s with `Retry-After`,
 //! optional `x-ratelimit-*` headers, server slots with a queue (first come, first served; a
 //! request the client gives up on is still computed) and 503s past its wait limit, continuous
 //! batching (each request served at once slows the others), slots that follow the capacity
@@ -227,6 +228,20 @@ impl SimulatedProvider {
             rejected,
             truncated,
             queue_wait_s: 0.0,
+        }
+    }
+
+    /// A request that reserved `max_tokens` ends at `now` having written `completion_tokens`:
+    /// a provider that counts what was written gives the rest back.
+    pub fn on_completed(&mut self, now: f64, max_tokens: u32, completion_tokens: u32) {
+        if !self.scenario.provider.refunds_unused_tokens {
+            return;
+        }
+        let factor = self.scenario.capacity_factor(now);
+        if let Some(bucket) = self.tokens.as_mut() {
+            bucket.refill(now, factor);
+            let unused = f64::from(max_tokens.saturating_sub(completion_tokens));
+            bucket.level = (bucket.level + unused).min(bucket.capacity());
         }
     }
 

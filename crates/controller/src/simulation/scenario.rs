@@ -69,6 +69,11 @@ pub struct ProviderSpec {
     /// How long a 429 or 503 takes to arrive.
     #[serde(default = "default_reject_latency")]
     pub reject_latency_s: f64,
+    /// Whether the provider gives back, when a request completes, the part of `max_tokens`
+    /// its answer did not use: it then counts prompt + completion tokens, fewer than the
+    /// prompt + `max_tokens` it reserved at admission (and that the client counts).
+    #[serde(default)]
+    pub refunds_unused_tokens: bool,
     /// Capacity changes: from `at_s` on, both rate limits are `factor` times the base.
     #[serde(default)]
     pub capacity_steps: Vec<CapacityStep>,
