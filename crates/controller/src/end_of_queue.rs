@@ -16,8 +16,12 @@ const END_OF_QUEUE_SMALLEST_SHARE: u32 = 4;
 const END_OF_QUEUE_CUT_P90S: f64 = 1.0;
 /// Settled latencies the last round on a paced API is planned with (before: the recent ones).
 const SETTLED_LATENCIES_TO_PLAN: usize = 10;
-/// ln(p99) ÷ ln(p90) of a log-normal spread: 2.326 ÷ 1.282 standard deviations.
-const LOG_NORMAL_P99_OVER_P90: f64 = 2.75 / 1.282;
+/// The last round is planned so that each request ends with the last one at its p99.9
+/// latency: in standard deviations of a log-normal spread, which the measured p90 (1.282 of
+/// them) scales; the measured p99 counts when it is higher (a heavier tail). A straggler
+/// costs the whole run a latency, a smaller request only a little more per item.
+const TAIL_SIGMAS: f64 = 3.09;
+const P90_SIGMAS: f64 = 1.282;
 /// Cut requests are hedges: the provider still computes them (and a hosted API bills them),
 /// so their items are computed twice. At most this share of the items sent so far is sent
 /// again that way...
@@ -153,15 +157,15 @@ impl Controller {
 
     /// The request size near the end of the queue on a paced API (a hosted API that
     /// announced its limits or answered 429). A request of `n` items sent now ends a tail
-    /// latency later, `p99(n) = k · n + p99(0)` with `k` the p99 latency per item; if sizes
-    /// shrink by one item per `k` seconds of sending, every request ends when the last one
-    /// does instead of the run waiting for large requests sent late. The sizes from `last`
-    /// up to `n` then hold `k · Σ R(j)` items (R(j): the paced items/s at size j), which
-    /// gives `n` for the items still queued. Smaller requests cost more per item (the
-    /// prompt's fixed part and `max_tokens`' margin under tokens/min, a whole request under
-    /// requests/min): the items sent at size j take `k` seconds instead of `k · R(j) ÷ R` at
-    /// full size. `last` is the size that makes that extra sending time plus its own tail
-    /// latency least.
+    /// latency later (`TAIL_SIGMAS`), `tail(n) = k · n + tail(0)` with `k` the tail latency
+    /// per item; if sizes shrink by one item per `k` seconds of sending, every request ends
+    /// when the last one does instead of the run waiting for large requests sent late. The
+    /// sizes from `last` up to `n` then hold `k · Σ R(j)` items (R(j): the paced items/s at
+    /// size j), which gives `n` for the items still queued. Smaller requests cost more per
+    /// item (the prompt's fixed part and `max_tokens`' margin under tokens/min, a whole
+    /// request under requests/min): the items sent at size j take `k` seconds instead of
+    /// `k · R(j) ÷ R` at full size. `last` is the size that makes that extra sending time
+    /// plus its own tail latency least.
     fn paced_last_round_size(
         &self,
         model: crate::latency_window::LatencyModel,
@@ -170,37 +174,35 @@ impl Controller {
         size: u32,
     ) -> u32 {
         let smallest = self.config.items_per_request.min.min(size);
-        // Planned with the settled latencies once there are enough of them, at a p99 no
-        // lower than a log-normal spread with the measured p90 has (few samples put their
-        // p99 at their largest).
+        // Planned with the settled latencies once there are enough of them.
         let model = match self.settled_latency.model() {
             Some(settled) if self.settled_latency.len() >= SETTLED_LATENCIES_TO_PLAN => settled,
             _ => model,
         };
-        let ratio_p99 = model
+        let tail_ratio = model
             .ratio_p99
-            .max(model.ratio_p90.max(1.0).powf(LOG_NORMAL_P99_OVER_P90));
-        let tail = |items: u32| ratio_p99 * model.expected(items);
-        let per_item_p90 = ratio_p99 * model.per_item;
+            .max(model.ratio_p90.max(1.0).powf(TAIL_SIGMAS / P90_SIGMAS));
+        let tail = |items: u32| tail_ratio * model.expected(items);
+        let per_item_tail = tail_ratio * model.per_item;
         let items_per_second = |items: u32| {
             let paced = f64::from(items) * self.paced_request_rate(items);
             let carried = f64::from(limit) * f64::from(items) / model.p50(items).max(1e-9);
             paced.min(carried)
         };
         let full = items_per_second(size);
-        if !(per_item_p90 > 0.0 && full.is_finite() && full > 0.0) {
+        if !(per_item_tail > 0.0 && full.is_finite() && full > 0.0) {
             return size;
         }
         // Sizes shrink by one item per `k` seconds of sending, so every request ends when
         // the last one does; the items sent at size `n` take `k` seconds instead of
         // `k · R(n) ÷ R` at full size.
-        if queued >= per_item_p90 * full * f64::from(size - smallest) {
+        if queued >= per_item_tail * full * f64::from(size - smallest) {
             return size;
         }
         let mut extra = 0.0;
         let mut best = (tail(size), size);
         for last in (smallest..size).rev() {
-            extra += per_item_p90 * (1.0 - items_per_second(last) / full).max(0.0);
+            extra += per_item_tail * (1.0 - items_per_second(last) / full).max(0.0);
             let total = extra + tail(last);
             if total < best.0 {
                 best = (total, last);
@@ -211,7 +213,7 @@ impl Controller {
         let mut planned = 0.0;
         let mut chosen = last;
         while chosen < size {
-            planned += per_item_p90 * items_per_second(chosen);
+            planned += per_item_tail * items_per_second(chosen);
             if planned > queued {
                 break;
             }
