@@ -119,7 +119,12 @@ impl Controller {
         } else {
             HEDGE_BUDGET_SHARE
         };
-        let budget = (share * self.counts.items_sent as f64).floor() as u64;
+        // A share of the distinct items sent: retries do not widen the budget.
+        let distinct = self
+            .counts
+            .items_sent
+            .saturating_sub(self.counts.retried_items);
+        let budget = (share * distinct as f64).floor() as u64;
         budget.saturating_sub(self.counts.hedged_items)
     }
 
