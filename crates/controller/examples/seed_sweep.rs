@@ -90,7 +90,7 @@ fn main() {
 fn summary(values: &mut [f64]) -> (f64, f64, f64) {
     values.sort_by(f64::total_cmp);
     let count = values.len();
-    let median = if count % 2 == 0 {
+    let median = if count.is_multiple_of(2) {
         (values[count / 2 - 1] + values[count / 2]) / 2.0
     } else {
         values[count / 2]

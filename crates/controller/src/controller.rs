@@ -173,10 +173,11 @@ impl Controller {
         self.next_ticket += 1;
         let level = u32::try_from(self.in_flight.len() + 1).unwrap_or(u32::MAX);
         let generation = self.delay.generation();
-        let clean = self
-            .in_flight
-            .values()
-            .all(|earlier| earlier.generation == generation);
+        let clean = self.delay.raised()
+            || self
+                .in_flight
+                .values()
+                .all(|earlier| earlier.generation == generation);
         self.in_flight.insert(
             ticket,
             InFlight {

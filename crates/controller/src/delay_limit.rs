@@ -32,12 +32,15 @@ use crate::config::StartMinMax;
 
 /// A step is kept when each added request delivers at least this share of what one request
 /// delivered at the lower level (and a lower level is kept when the higher did not).
-const GAIN_TO_KEEP: f64 = 0.3;
+const GAIN_TO_KEEP: f64 = 0.2;
 /// Slow start multiplies the level by this while each step is kept.
 const SLOW_START_FACTOR: u32 = 2;
 /// Requests measured at one level, at least, and per request in flight.
 const MIN_SAMPLES: u32 = 4;
 const SAMPLES_PER_LEVEL: u32 = 2;
+/// A measurement whose verdict is within the noise goes on to at most this many times the
+/// requests it needed at least.
+const EXTEND_SAMPLES: u32 = 2;
 /// Steps after slow start: a quarter of the level (at least one request), large enough that
 /// the change in throughput stands out of the noise.
 const STEP_DIVISOR: u32 = 4;
@@ -50,6 +53,14 @@ const QUEUE_INFLATION: f64 = 1.25;
 /// The settled level's latency per item moving by this factor (beyond the noise) between two
 /// measurements shows that the server changed.
 const SERVER_CHANGE: f64 = 1.25;
+/// A level above is kept only when its gain exceeds this many standard errors: one wrongly
+/// kept queues requests for as long as it is held, one wrongly refused is probed again.
+const KEEP_ERRORS: f64 = 3.0;
+/// Degrees of freedom pooled before the pooled spread is trusted as a floor.
+const POOLED_DEGREES: f64 = 8.0;
+/// Latency per item this far over a lower level's says half the requests in flight or more
+/// are queued (Vegas's estimate): doubling the level would only queue more.
+const QUEUED_HALF: f64 = 2.0;
 /// Measurements the baseline (the lowest latency per item) is taken over.
 const BASELINE_WINDOW: Duration = Duration::from_secs(600);
 const BASELINE_MEASUREMENTS: usize = 64;
@@ -58,6 +69,63 @@ const BASELINE_MEASUREMENTS: usize = 64;
 const HOLD_LATENCIES: f64 = 10.0;
 const HOLD_MIN: Duration = Duration::from_secs(10);
 const HOLD_MAX: Duration = Duration::from_secs(300);
+
+/// How much wider than the normal's a Student-t interval is at `degrees` of freedom, for
+/// `NOISE_ERRORS` standard errors (Cornish–Fisher expansion): a standard deviation taken
+/// over four requests is itself so uncertain that two of them are no 95 % bound.
+fn small_sample_factor(degrees: f64) -> f64 {
+    let z = NOISE_ERRORS;
+    let df = degrees.max(1.0);
+    let t = z
+        + (z.powi(3) + z) / (4.0 * df)
+        + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * df * df);
+    t / z
+}
+
+/// The standard error of a measurement's throughput (items over latency: the latency's
+/// relative error), widened for the few requests it was taken over.
+fn widened_error(measured: Measured) -> f64 {
+    measured.items_per_second
+        * measured.relative_error
+        * small_sample_factor(f64::from(measured.samples) - 1.0)
+}
+
+/// Two levels' measurements set side by side.
+struct Verdict {
+    /// Throughput gained per added request over what one request delivered at the lower level.
+    gain: f64,
+    /// The standard error of that gain, from the two measurements' noise.
+    gain_error: f64,
+    /// Whether the higher level's latency per item rose beyond the noise.
+    latency_rose: bool,
+}
+
+impl Verdict {
+    /// `small_step`: the levels differ by a step after slow start, not a doubling.
+    fn of(low: Measured, high: Measured, small_step: bool) -> Self {
+        let per_request_low = low.items_per_second / f64::from(low.level.max(1));
+        let added = f64::from(high.level.saturating_sub(low.level).max(1));
+        let scale = per_request_low * added;
+        let gain = (high.items_per_second - low.items_per_second) / scale;
+        // Throughput is items over latency: its relative error is the latency's, widened for
+        // the few requests it was taken over.
+        let gain_error = widened_error(high).hypot(widened_error(low)) / scale;
+        // Latency that did not rise with concurrency is no sign of a queue, whatever the
+        // noise in the throughput says (a hosted API answers as fast at any concurrency).
+        let noise = NOISE_ERRORS * low.relative_error.hypot(high.relative_error);
+        let ratio = high.seconds_per_item / low.seconds_per_item.max(1e-12);
+        // Latency per item that grew at least halfway (geometrically) to in proportion with
+        // the level is a queue's signature, noise or not: a server that queues serves the
+        // added requests after the others.
+        let halfway = (f64::from(high.level) / f64::from(low.level.max(1))).sqrt();
+        let latency_rose = ratio > LATENCY_RISE + noise || (small_step && ratio >= halfway);
+        Self {
+            gain,
+            gain_error,
+            latency_rose,
+        }
+    }
+}
 
 /// One level's measured throughput.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,6 +139,8 @@ pub struct Measured {
     pub seconds_per_item: f64,
     /// The standard error of that mean over the mean: how far noise alone moves it.
     pub relative_error: f64,
+    /// Requests it was taken over.
+    pub samples: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -109,6 +179,18 @@ pub struct DelayLimit {
     probes: u64,
     /// Failed probes in a row (the hold doubles with each).
     failed_probes: u32,
+    /// Steps up kept in a row after slow start: each doubles the next.
+    climb: u32,
+    /// An unclear probe's measurement, judged again once the settled level is measured anew.
+    pending: Option<Measured>,
+    /// Squared relative spread of one request's latency per item, summed over measurements
+    /// weighted by their degrees of freedom, and those degrees.
+    dispersion: (f64, f64),
+    /// Whether the probe under way is a jump to what a changed server serves.
+    jumped: bool,
+    /// The limit before the latest change, and whether that change raised it.
+    previous_limit: u32,
+    raised: bool,
     /// Whether a probe has failed yet: the best level lies between two measured ones.
     bracketed: bool,
     /// The measurement the settled level was last judged on (when it was settled or held).
@@ -136,6 +218,12 @@ impl DelayLimit {
             accumulator: Accumulator::default(),
             probes: 0,
             failed_probes: 0,
+            climb: 0,
+            pending: None,
+            dispersion: (0.0, 0.0),
+            jumped: false,
+            previous_limit: range.start,
+            raised: false,
             bracketed: false,
             judged: None,
             first_alone: None,
@@ -170,6 +258,15 @@ impl DelayLimit {
         self.generation
     }
 
+    /// Whether the latest change raised the limit. A request sent at a raised limit with the
+    /// limit's count in flight sees the load of that level at once, whatever generation the
+    /// others in flight were sent in: the server holds as many requests as it will at that
+    /// level. (After a cut, a request sent behind older ones waits for more than its level's
+    /// share, so only requests sent behind their own generation measure a lower level.)
+    pub fn raised(&self) -> bool {
+        self.raised
+    }
+
     /// Probes started so far.
     #[cfg(test)]
     pub fn probes(&self) -> u64 {
@@ -192,8 +289,9 @@ impl DelayLimit {
         }
         if in_flight == 1 && self.first_alone.is_none() {
             let per_item = latency.as_secs_f64().max(1e-6) / work;
+            // One answer is no baseline (an LLM's output lengths vary): it only sets the
+            // first probe; the baseline is taken over measurements.
             self.first_alone = Some(per_item);
-            self.baseline.push_back((now, per_item));
         }
         if generation != self.generation || in_flight < self.limit() {
             return;
@@ -213,21 +311,93 @@ impl DelayLimit {
         } else {
             SAMPLES_PER_LEVEL
         };
-        if sample.samples < MIN_SAMPLES.max(per_level * level) {
+        let needed = MIN_SAMPLES.max(per_level * level);
+        // A probe is judged from one round on when its verdict is already clear, so a level
+        // that plainly queues (or plainly gains) costs one round, not two.
+        let first_look = if self.probe.is_some() {
+            MIN_SAMPLES.max(level)
+        } else {
+            needed
+        };
+        if sample.samples < first_look {
             return;
         }
         let samples = f64::from(sample.samples);
         let mean = sample.per_item / samples;
         let variance = (sample.per_item_squared / samples - mean * mean).max(0.0);
+        // The spread of one request's latency per item is the workload's (its output
+        // lengths), much the same at every level: a few requests' own spread can come out
+        // far too small, so it is taken at least as wide as that of all measured so far.
+        let own = variance.sqrt() / mean.max(1e-12);
+        let (pooled_squares, pooled_degrees) = self.dispersion;
+        let spread = if pooled_degrees >= POOLED_DEGREES {
+            own.max((pooled_squares / pooled_degrees).sqrt())
+        } else {
+            own
+        };
+        let variance = (spread * mean).powi(2);
         let measured = Measured {
             level,
             items_per_second: sample.in_flight / samples * sample.items / sample.latency_s,
             mean_latency_s: sample.latency_s / samples,
             seconds_per_item: sample.latency_s / sample.items,
             relative_error: (variance / (samples - 1.0).max(1.0)).sqrt() / mean.max(1e-12),
+            samples: sample.samples,
         };
+        // A probe whose verdict lies within the noise of the threshold is measured longer
+        // (up to `EXTEND_SAMPLES` × the minimum) instead of decided on one unlucky round.
+        let at_most = needed.saturating_mul(EXTEND_SAMPLES);
+        if self.sample_count() < at_most && self.undecided(measured) {
+            return;
+        }
+        if self.sample_count() < needed && self.probe.is_some() && !self.clear(measured) {
+            return;
+        }
+        self.dispersion.0 += own * own * (samples - 1.0);
+        self.dispersion.1 += samples - 1.0;
         self.remember(now, measured);
         self.decide(now, measured);
+    }
+
+    fn sample_count(&self) -> u32 {
+        self.accumulator.samples
+    }
+
+    /// Whether a probe's measurement cannot yet say on which side of the threshold its
+    /// gain lies: the gain is within `NOISE_ERRORS` standard errors of `GAIN_TO_KEEP`, and
+    /// latency rose (a level whose latency did not rise is kept whatever its throughput).
+    fn undecided(&self, measured: Measured) -> bool {
+        let (Some(probe), Some(reference)) = (self.probe, self.reference) else {
+            return false;
+        };
+        // Only a probe above is measured longer: below, every extra request costs throughput,
+        // and an unclear probe below returns to the settled level anyway.
+        if probe <= self.settled {
+            return false;
+        }
+        let verdict = Verdict::of(reference, measured, !self.slow_start);
+        // More requests at the probe only help when its own noise is the larger part; when
+        // the settled level's is, that level is measured again instead (see `decide`).
+        verdict.latency_rose
+            && (verdict.gain - GAIN_TO_KEEP).abs() < NOISE_ERRORS * verdict.gain_error
+            && widened_error(measured) >= widened_error(reference)
+    }
+
+    /// Whether a probe's verdict is clear before its full measurement: the gain is more than
+    /// `NOISE_ERRORS` standard errors from the threshold and latency clearly rose or clearly
+    /// did not.
+    fn clear(&self, measured: Measured) -> bool {
+        let (Some(probe), Some(reference)) = (self.probe, self.reference) else {
+            return true;
+        };
+        let (low, high) = if probe > self.settled {
+            (reference, measured)
+        } else {
+            (measured, reference)
+        };
+        let verdict = Verdict::of(low, high, !self.slow_start);
+        verdict.latency_rose
+            && (verdict.gain - GAIN_TO_KEEP).abs() >= NOISE_ERRORS * verdict.gain_error
     }
 
     /// The lowest latency per item measured lately: the server's unloaded pace.
@@ -286,7 +456,32 @@ impl DelayLimit {
                         Direction::Up
                     };
                     self.judged = Some(measured);
+                    // A probe measured before the change says nothing of the server now.
+                    self.pending = None;
+                    // By Vegas's estimate the server now serves `level ÷ ratio` of what it
+                    // served at this level: that level is probed at once, not a step away.
+                    // Faster, slow start resumes from there, since the server may take more.
+                    let estimate = f64::from(measured.level) / ratio;
+                    let target = if ratio > 1.0 {
+                        estimate.round()
+                    } else {
+                        self.slow_start = true;
+                        estimate.ceil()
+                    };
+                    self.reference = Some(measured);
+                    let target = self.range.clamp(target.max(1.0) as u32);
+                    if target != measured.level {
+                        self.jumped = true;
+                        self.probe = Some(target);
+                        self.probes += 1;
+                        self.bump();
+                        return;
+                    }
                 }
+            }
+            if let Some(pending) = self.pending.take() {
+                self.judge_pending(now, pending, measured);
+                return;
             }
             self.reference = Some(measured);
             if now >= self.hold_until {
@@ -306,50 +501,157 @@ impl DelayLimit {
         } else {
             (measured, reference)
         };
-        let per_request_low = low.items_per_second / f64::from(low.level);
-        let added = f64::from(high.level - low.level);
-        let gain = (high.items_per_second - low.items_per_second) / (per_request_low * added);
-        // Latency that did not rise with concurrency is no sign of a queue, whatever the
-        // noise in the throughput says (a hosted API answers as fast at any concurrency).
-        let noise = NOISE_ERRORS * low.relative_error.hypot(high.relative_error);
-        let latency_rose = high.seconds_per_item > (LATENCY_RISE + noise) * low.seconds_per_item;
+        let Verdict {
+            gain,
+            gain_error,
+            latency_rose,
+            ..
+        } = Verdict::of(low, high, !self.slow_start);
+        let jumped = std::mem::take(&mut self.jumped);
+        self.jumped = jumped && probe < self.settled;
         tracing::debug!(
             from = self.settled,
             to = probe,
             gain,
+            gain_error,
             latency_rose,
             low_items_per_s = low.items_per_second,
             high_items_per_s = high.items_per_second,
             "concurrency probe measured"
         );
-        let higher_pays = gain >= GAIN_TO_KEEP || !latency_rose;
+        // The settled level stays unless the probe beats it. A probe above is kept when it
+        // gains enough, and more than `KEEP_ERRORS` standard errors (or its latency did not
+        // rise and it delivers no less); a probe below is kept when the settled level did not
+        // gain enough over it — during slow start only when it clearly did not, unless Vegas
+        // says the settled level queues (its latency per item over the first request's, sent
+        // alone): one noisy round does not end slow start.
+        let higher_pays = (!latency_rose && gain >= 0.0)
+            || (gain >= GAIN_TO_KEEP && (probe < self.settled || gain > KEEP_ERRORS * gain_error))
+            || (probe < self.settled
+                && self.slow_start
+                && !self.queued_alone(reference)
+                && gain + NOISE_ERRORS * gain_error >= GAIN_TO_KEEP);
         if probe > self.settled {
             if higher_pays {
+                // Each step kept in a row after slow start doubles the next (a cut that the
+                // evidence now says was wrong is undone in a few steps, not one at a time).
+                if !self.slow_start {
+                    self.climb = self.climb.saturating_add(1);
+                }
                 self.settle(probe, measured);
                 self.next_direction = Direction::Up;
                 self.start_probe(false);
+            } else if gain + NOISE_ERRORS * gain_error > GAIN_TO_KEEP {
+                // Not clearly worse: the settled level's figure may be the unlucky one. It is
+                // measured again, and this probe's figure judged once more against it.
+                tracing::debug!(
+                    probe,
+                    "concurrency probe unclear: measuring the settled level again"
+                );
+                self.pending = Some(measured);
+                self.probe = None;
+                self.hold_until = now;
+                self.bump();
             } else {
-                self.slow_start = false;
-                self.next_direction = Direction::Down;
-                // A settled level that shows a queue itself is probed below at once.
-                let hold = (!self.shows_queue(reference)).then_some(measured);
-                self.back_to_settled(now, hold);
+                self.step_back(now, reference, measured);
             }
         } else if !higher_pays {
-            // The lower level delivers as much: keep it and look lower still.
+            // The lower level delivers as much: keep it and look lower still (after a jump
+            // to what a changed server serves, the jump is the estimate: it is held).
             self.slow_start = false;
+            self.climb = 0;
             self.settle(probe, measured);
             self.next_direction = Direction::Down;
-            self.start_probe(true);
-        } else if self.slow_start {
+            if std::mem::take(&mut self.jumped) {
+                self.back_to_settled(now, Some(measured), false);
+            } else {
+                self.start_probe(true);
+            }
+        } else if self.slow_start && self.queued_half(reference, measured).is_none() {
             // The start level is not above the knee: slow start goes on upward at once,
             // measured against the start level's figures.
             self.next_direction = Direction::Up;
             self.probe = None;
             self.start_probe(false);
+        } else if self.slow_start {
+            // By Vegas's estimate half the start level's requests or more were queued, and
+            // doubling it would queue the rest. The server serves about `level ÷ inflation`
+            // at once: slow start ends at the lower level, and that estimate is probed.
+            let inflation = self.queued_half(reference, measured).unwrap_or(1.0);
+            let served = (f64::from(reference.level) / inflation).round() as u32;
+            self.slow_start = false;
+            self.settle(probe, measured);
+            let target = self.range.clamp(served.min(reference.level - 1));
+            self.next_direction = if target < probe {
+                Direction::Down
+            } else {
+                Direction::Up
+            };
+            if target != probe {
+                self.probe = Some(target);
+                self.probes += 1;
+                self.bump();
+            } else {
+                self.start_probe(false);
+            }
         } else {
+            // The level below delivers less: the settled level is not past the knee, so the
+            // next probe goes up, after a hold that this probe does not lengthen.
             self.next_direction = Direction::Up;
-            self.back_to_settled(now, Some(reference));
+            self.back_to_settled(now, Some(reference), false);
+        }
+    }
+
+    /// Whether a measurement's latency per item is clearly above the first request's, sent
+    /// alone to an idle server.
+    fn queued_alone(&self, measured: Measured) -> bool {
+        self.first_alone.is_some_and(|alone| {
+            measured.seconds_per_item
+                >= (QUEUE_INFLATION + NOISE_ERRORS * measured.relative_error) * alone
+        })
+    }
+
+    /// The start level's latency per item over the least unloaded figure known (the level
+    /// below, or the first request sent alone), when it shows half its requests or more
+    /// queued (`QUEUED_HALF`, beyond the noise).
+    fn queued_half(&self, reference: Measured, lower: Measured) -> Option<f64> {
+        let unloaded = self.first_alone.map_or(lower.seconds_per_item, |alone| {
+            alone.min(lower.seconds_per_item)
+        });
+        let inflation = reference.seconds_per_item / unloaded.max(1e-12);
+        (inflation >= QUEUED_HALF + NOISE_ERRORS * reference.relative_error).then_some(inflation)
+    }
+
+    /// A probe above the settled level did not pay: back to the settled level, and slow
+    /// start is over.
+    fn step_back(&mut self, now: Duration, reference: Measured, measured: Measured) {
+        self.slow_start = false;
+        self.climb = 0;
+        self.next_direction = Direction::Down;
+        // A settled level that shows a queue itself is probed below at once.
+        let hold = (!self.shows_queue(reference)).then_some(measured);
+        self.back_to_settled(now, hold, true);
+    }
+
+    /// The settled level measured again after an unclear probe above it: the probe's figure
+    /// is judged against this one, and kept or stepped back from for good.
+    fn judge_pending(&mut self, now: Duration, pending: Measured, measured: Measured) {
+        let verdict = Verdict::of(measured, pending, !self.slow_start);
+        tracing::debug!(
+            gain = verdict.gain,
+            gain_error = verdict.gain_error,
+            "unclear concurrency probe judged again"
+        );
+        self.reference = Some(measured);
+        if (!verdict.latency_rose && verdict.gain >= 0.0) || verdict.gain >= GAIN_TO_KEEP {
+            if !self.slow_start {
+                self.climb = self.climb.saturating_add(1);
+            }
+            self.settle(pending.level, pending);
+            self.next_direction = Direction::Up;
+            self.start_probe(false);
+        } else {
+            self.step_back(now, measured, pending);
         }
     }
 
@@ -365,11 +667,13 @@ impl DelayLimit {
 
     /// Returns to the settled level; holds there for a while when `hold_on` is given (a
     /// measurement whose latency sets the hold), else probes again after one measurement.
-    fn back_to_settled(&mut self, now: Duration, hold_on: Option<Measured>) {
+    fn back_to_settled(&mut self, now: Duration, hold_on: Option<Measured>, failed: bool) {
         self.probe = None;
         self.bracketed = true;
         self.judged = self.reference;
-        self.failed_probes = self.failed_probes.saturating_add(1);
+        if failed {
+            self.failed_probes = self.failed_probes.saturating_add(1);
+        }
         let backoff = f64::from(1u32 << self.failed_probes.min(5).saturating_sub(1));
         self.hold_until = match hold_on {
             Some(measured) => {
@@ -428,7 +732,10 @@ impl DelayLimit {
             (level.saturating_mul(SLOW_START_FACTOR), level / 2)
         } else {
             let step = (level / STEP_DIVISOR).max(1);
-            (level.saturating_add(step), level.saturating_sub(step))
+            let up = step
+                .saturating_mul(1 << self.climb.saturating_sub(1).min(8))
+                .min(level);
+            (level.saturating_add(up), level.saturating_sub(step))
         };
         let can_go_up = level < self.range.max;
         // Below the settled level only when its latency shows a queue (or once, at the
@@ -467,6 +774,8 @@ impl DelayLimit {
     }
 
     fn bump(&mut self) {
+        self.raised = self.limit() > self.previous_limit;
+        self.previous_limit = self.limit();
         self.generation += 1;
         self.restart_measurement();
     }
@@ -589,6 +898,30 @@ mod tests {
             lowest = lowest.min(limit.settled());
         }
         assert_eq!(lowest, 2, "from {settled}, on 2 slots");
+    }
+
+    #[test]
+    fn one_lucky_measurement_of_the_settled_level_does_not_stop_the_climb() {
+        // Continuous batching on 64 slots, 5 % slower per request served at once; latencies
+        // ±10 % around the server's. The start level's first round comes out 25 % fast, so
+        // the first doubling seems to gain too little over it: the start level is measured
+        // again, the doubling kept, and the climb goes on.
+        let mut limit = DelayLimit::new(StartMinMax::new(8, 1, 64));
+        let mut now = Duration::from_secs(1);
+        limit.on_completed(now, limit.generation(), 1, 10.0, Duration::from_secs(2));
+        let mut sent = 0u32;
+        let mut reached = 0;
+        for _ in 0..400 {
+            let level = limit.limit();
+            let noise = if sent % 2 == 0 { 0.9 } else { 1.1 };
+            let lucky = if sent < 8 { 0.75 } else { 1.0 };
+            let latency = latency(level, 64, 2.0, 0.05).mul_f64(noise * lucky);
+            sent += 1;
+            now += latency / level;
+            limit.on_completed(now, limit.generation(), level, 10.0, latency);
+            reached = reached.max(limit.settled());
+        }
+        assert!(reached >= 32, "settled at most {reached}");
     }
 
     #[test]
