@@ -607,7 +607,11 @@ impl DelayLimit {
     fn queued_alone(&self, measured: Measured) -> bool {
         self.first_alone.is_some_and(|alone| {
             measured.seconds_per_item
-                >= (QUEUE_INFLATION + NOISE_ERRORS * measured.relative_error) * alone
+                >= (QUEUE_INFLATION
+                    + NOISE_ERRORS
+                        * measured.relative_error
+                        * small_sample_factor(f64::from(measured.samples) - 1.0))
+                    * alone
         })
     }
 
@@ -909,14 +913,12 @@ mod tests {
         let mut limit = DelayLimit::new(StartMinMax::new(8, 1, 64));
         let mut now = Duration::from_secs(1);
         limit.on_completed(now, limit.generation(), 1, 10.0, Duration::from_secs(2));
-        let mut sent = 0u32;
         let mut reached = 0;
-        for _ in 0..400 {
+        for sent in 0u32..400 {
             let level = limit.limit();
-            let noise = if sent % 2 == 0 { 0.9 } else { 1.1 };
+            let noise = if sent.is_multiple_of(2) { 0.9 } else { 1.1 };
             let lucky = if sent < 8 { 0.75 } else { 1.0 };
             let latency = latency(level, 64, 2.0, 0.05).mul_f64(noise * lucky);
-            sent += 1;
             now += latency / level;
             limit.on_completed(now, limit.generation(), level, 10.0, latency);
             reached = reached.max(limit.settled());
