@@ -12,14 +12,19 @@
 //! The limit therefore measures `X` at one level for at least one round of requests sent at that
 //! level, then tries another level and keeps it only if the throughput gained per added request
 //! is at least `GAIN_TO_KEEP` of what one request delivered before (the marginal gain; 1 is a
-//! server with free slots, 0 is pure queueing). It starts by doubling (slow start), each
-//! doubling judged after one round of requests at the new level, for as long as each doubling
-//! is kept; it climbs by small steps after that, and after a failed step holds the level for a
-//! while, then probes again alternately above and below it, so a server that gains or loses
-//! slots is followed and the baseline is measured afresh (as Envoy's adaptive concurrency
-//! filter re-measures its minimum latency). Until a probe has failed the level is not yet
-//! bracketed (`searching`): the controller keeps requests at their first size meanwhile, so
-//! each round is short and the search quick.
+//! server with free slots, 0 is pure queueing) and beyond `KEEP_ERRORS` standard errors of the
+//! two measurements. Decisions are made on evidence, not on one round: a probe whose gain is
+//! within the noise of the threshold is measured longer, or the settled level is measured again
+//! and the probe judged once more against it; noise is taken at least as wide as the spread of
+//! all requests measured so far and widened for small samples (Student's t). It starts by
+//! doubling (slow start), each doubling judged after one round of requests at the new level,
+//! for as long as each doubling is kept; it climbs by steps after that, each kept step in a
+//! row doubling the next, and after a failed step holds the level for a while, then probes
+//! again alternately above and below it, so a server that gains or loses slots is followed
+//! (jumping to Vegas's estimate of what it now serves) and the baseline is measured afresh (as
+//! Envoy's adaptive concurrency filter re-measures its minimum latency). Until a probe has
+//! failed the level is not yet bracketed (`searching`): the controller keeps requests at their
+//! first size meanwhile, so each round is short and the search quick.
 //!
 //! Only requests sent while this limit was what held the dispatcher back are measured: when the
 //! provider's rate or the job's caps bind first, the level is not ours to learn. A change of
