@@ -17,7 +17,8 @@
 #
 # Printed per size: items/s and CPU ms per item (backfill's processes, user+sys, between the
 # first answer and the stop), start seconds (launch to first answer: checks, enqueue, attach),
-# peak RSS of run (start and run) and dry run, dry-run seconds, the longest statement, WARN
+# peak RSS of run (start and run) and dry run, dry-run seconds, the longest statement (or wait
+# for SQLite's write connection, logged by the store past 0.1 s in both phases), WARN
 # lines on the runs' stderr, and `status`'s seconds and peak RSS; then the targets, with ratios
 # against this run's smallest size.
 #
@@ -292,9 +293,12 @@ try:
             # Workers of one PostgreSQL run all say --resume: the first creates the run, the
             # others join it (a plain `run` beside an unfinished run is refused).
             first = ["--resume"] if backend == "postgres" else []
-            extra = {"RUST_LOG": "warn,backfill=info,sqlx::query=debug"}
+            # Waits for SQLite's write connection past 0.1 s are logged at debug level by
+            # backfill::store, in both phases: they count as statement waits.
+            waits = "warn,backfill=info,backfill_controller=info,backfill::store=debug"
+            extra = {"RUST_LOG": f"{waits},sqlx::query=debug"}
             start_s, _, start_rss, started = backfill(first, procs, max(ITEMS // 5, PER_REQUEST), f"{log}-start", extra)
-            _, (secs, items, cpu), rss, errs = backfill(["--resume"], procs, ITEMS, f"{log}-run")
+            _, (secs, items, cpu), rss, errs = backfill(["--resume"], procs, ITEMS, f"{log}-run", {"RUST_LOG": waits})
             worst, what = longest_statement(started + errs)
             status_s, status_rss = status(f"{log}-status")
             r = dict(backend=backend, rows=n, items_per_s=items / secs, cpu_ms_per_item=cpu * 1000 / items,

@@ -162,6 +162,29 @@ async fn a_lock_held_for_a_while_is_waited_for_and_said_in_the_log() {
     assert_all_written_once(&fx, rows).await;
 }
 
+/// Every write of a run goes through its one write connection. With no busy timeout at all, a
+/// write that found the database locked by another of the run's connections would fail at
+/// once; a run with 16 requests in flight, and claims, reservations, outputs, the cache and
+/// heartbeats all writing, finishes without one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_never_waits_on_its_own_connections_for_the_write_lock() {
+    let rows = 600;
+    let fx = Fixture::new(rows).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 64, (5, 40)).await;
+    fx.write_job(
+        &fake.base_url(),
+        "",
+        "concurrency = { start = 16, min = 16, max = 16 }\nitems_per_request = { start = 2, min = 1, max = 2 }",
+        "",
+    );
+    let output = run(&fx, false, &[("BACKFILL_BUSY_TIMEOUT_S", "0")]).await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{err}");
+    assert!(!err.contains("locked"), "{err}");
+    assert!(fake.records().len() >= rows / 2, "{} requests", fake.records().len());
+    assert_all_written_once(&fx, rows).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_only_database_is_named_with_the_fix_and_nothing_changes() {
     let rows = 30;

@@ -141,6 +141,12 @@ impl PgStore {
         &self.pool
     }
 
+    /// Where the shared statements write: any pooled connection (PostgreSQL locks rows, not
+    /// the database).
+    fn writer(&self) -> &PgPool {
+        &self.pool
+    }
+
     fn err(&self, e: sqlx::Error) -> anyhow::Error {
         error::database_error(e, &self.server)
     }

@@ -83,7 +83,7 @@ impl Batches for Backend {
         .bind(b.poll_interval_ms)
         .bind(&b.error)
         .bind(b.id)
-        .execute(self.pool())
+        .execute(self.writer())
         .await
         .map_err(|e| self.err(e))?;
         Ok(())
@@ -105,7 +105,7 @@ impl Batches for Backend {
             .bind(body.to_vec()),
             None => sqlx::query("DELETE FROM backfill_batch_inputs WHERE batch_id = $1").bind(batch_id),
         };
-        query.execute(self.pool()).await.map_err(|e| self.err(e))?;
+        query.execute(self.writer()).await.map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -197,7 +197,7 @@ impl Batches for Backend {
         .bind(&note.note)
         .bind(now)
         .bind(batch_id)
-        .execute(self.pool())
+        .execute(self.writer())
         .await
         .map_err(|e| self.err(e))?;
         Ok(noted.rows_affected() == 1)

@@ -271,14 +271,14 @@ impl Cache for Backend {
         .bind(body)
         .bind(now)
         .bind(now + ttl.as_millis() as i64)
-        .execute(self.pool())
+        .execute(self.writer())
         .await
         .map_err(|e| self.err(e))?;
         // Expired entries go as new ones come in (on a shared database, now and then).
         if fastrand::u32(..dialect::CACHE_SWEEP_EVERY) == 0 {
             sqlx::query("DELETE FROM backfill_cache WHERE expires_at <= $1")
                 .bind(now)
-                .execute(self.pool())
+                .execute(self.writer())
                 .await
                 .map_err(|e| self.err(e))?;
         }
@@ -288,7 +288,7 @@ impl Cache for Backend {
     async fn cache_drop(&self, hash: &str) -> anyhow::Result<()> {
         sqlx::query("DELETE FROM backfill_cache WHERE request_hash = $1")
             .bind(hash)
-            .execute(self.pool())
+            .execute(self.writer())
             .await
             .map_err(|e| self.err(e))?;
         Ok(())

@@ -108,7 +108,7 @@ impl Backend {
             .bind(value)
             .bind(now_ms())
             .bind(run_id)
-            .execute(self.pool())
+            .execute(self.writer())
             .await
             .map_err(|e| self.err(e))?;
         Ok(())

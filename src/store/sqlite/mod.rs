@@ -1,5 +1,17 @@
-//! The SQLite store: WAL, a busy timeout, and `BEGIN IMMEDIATE` for every write transaction so
-//! writers queue on the database lock instead of failing on a lock upgrade.
+//! The SQLite store: WAL, one write connection, a few read connections, and a checkpointer.
+//!
+//! SQLite has one writer at a time. Every write of the process (claims, outputs, item states, the
+//! ledger, the cache, heartbeats, reservations) goes through the store's single write
+//! connection, one short `BEGIN IMMEDIATE` transaction after another, queued in the process in
+//! the order they were asked for; so no statement of a run ever waits in SQLite's busy handler
+//! for another of the run's own connections. Reads (claims' source rows, `status`, reports) use
+//! the read connections beside it: WAL readers never block the writer, nor it them. The busy
+//! timeout is left for other programs holding the database.
+//!
+//! Checkpoints are moved off the write path: the write connection never checkpoints on commit
+//! (`wal_autocheckpoint = 0`); a background task runs a passive checkpoint on a read connection
+//! once a second, which copies committed pages into the database file beside the writer
+//! without blocking it, and the writer starts the log over once it has all been copied.
 
 mod queue;
 mod runs;
@@ -70,6 +82,17 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a wait for the write lock goes unreported.
 const LOCK_WAIT_NOTICE: Duration = Duration::from_secs(3);
 
+/// How often the checkpointer copies the write-ahead log into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// The write-ahead log is truncated back to this size after the writer starts it over (a burst
+/// of writes can grow it; the file need not stay that large).
+const WAL_SIZE_LIMIT: &str = "67108864";
+
+/// A wait for the write connection logged at debug level (a healthy run's writes wait a few
+/// milliseconds for each other).
+const WRITE_WAIT_LOGGED: Duration = Duration::from_millis(100);
+
 fn busy_timeout() -> Duration {
     std::env::var("BACKFILL_BUSY_TIMEOUT_S")
         .ok()
@@ -96,10 +119,24 @@ pub(crate) enum IdKind {
 }
 
 pub struct SqliteStore {
+    /// The read connections.
     pool: SqlitePool,
+    /// The one write connection (the read pool itself when opened read-only).
+    writer: SqlitePool,
     path: PathBuf,
     /// Id kind per run, read once: runs never change it.
     id_kinds: Mutex<HashMap<i64, IdKind>>,
+    /// The background checkpointer, stopped with the store.
+    _checkpointer: Option<AbortOnDrop>,
+}
+
+/// A task aborted when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl SqliteStore {
@@ -110,16 +147,29 @@ impl SqliteStore {
             // SQLite's default page cache (2 MB) holds the top of a small table's B-trees but
             // not of a million-row queue and source: 8 MB per connection keeps their upper
             // levels in memory.
-            .pragma("cache_size", "-8192");
-        // The pool is small: SQLite has one writer at a time; a few connections let reads
-        // (status, claims' row fetches) proceed beside a write.
-        Self::connect(options, 4).await
+            .pragma("cache_size", "-8192")
+            // No checkpoint on commit: the checkpointer does it beside the writer.
+            .pragma("wal_autocheckpoint", "0")
+            .pragma("journal_size_limit", WAL_SIZE_LIMIT);
+        // The writer first: it sets WAL mode before any reader opens the file.
+        let path = options.get_filename().to_path_buf();
+        let writer = Self::open_pool(options.clone(), 1).await?;
+        let pool = Self::open_pool(options, 3).await?;
+        let checkpointer = AbortOnDrop(tokio::spawn(checkpoint_loop(pool.clone(), path.clone())));
+        Ok(Self::new(pool, writer, path, Some(checkpointer)))
     }
 
     /// Opens the database for reading only (`status`, `report`, `run --dry-run`): no journal
     /// mode is set (switching to WAL would rewrite the file's header) and no write is possible.
     pub async fn open_read_only(url: &DatabaseUrl) -> anyhow::Result<Self> {
-        Self::connect(Self::options(url)?.read_only(true), 2).await
+        let options = Self::options(url)?.read_only(true);
+        let path = options.get_filename().to_path_buf();
+        let pool = Self::open_pool(options, 2).await?;
+        Ok(Self::new(pool.clone(), pool, path, None))
+    }
+
+    fn new(pool: SqlitePool, writer: SqlitePool, path: PathBuf, checkpointer: Option<AbortOnDrop>) -> Self {
+        Self { pool, writer, path, id_kinds: Mutex::new(HashMap::new()), _checkpointer: checkpointer }
     }
 
     fn options(url: &DatabaseUrl) -> anyhow::Result<SqliteConnectOptions> {
@@ -130,7 +180,7 @@ impl SqliteStore {
             .log_slow_statements(log::LevelFilter::Warn, super::SLOW_STATEMENT))
     }
 
-    async fn connect(options: SqliteConnectOptions, max_connections: u32) -> anyhow::Result<Self> {
+    async fn open_pool(options: SqliteConnectOptions, max_connections: u32) -> anyhow::Result<SqlitePool> {
         let path = options.get_filename().to_path_buf();
         if !path.exists() {
             return Err(crate::exit::usage(format!(
@@ -138,24 +188,31 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        let pool = SqlitePoolOptions::new()
+        SqlitePoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(busy_timeout() + Duration::from_secs(5))
+            // A write waits for the writes queued before it, each of which may wait up to the
+            // busy timeout for another program: the pool's own timeout is not what gives up.
+            .acquire_timeout(busy_timeout() * 4 + Duration::from_secs(5))
             // sqlx warns of a wait for a connection past 2 s: as with statements, only past the
             // wait that means trouble.
             .acquire_slow_threshold(super::SLOW_STATEMENT)
             .connect_with(options)
             .await
-            .map_err(|e| database_error(e, &path))?;
-        Ok(Self { pool, path, id_kinds: Mutex::new(HashMap::new()) })
+            .map_err(|e| database_error(e, &path))
     }
 
+    /// The read connections (writes go through the store's methods, on the write connection).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
 
+    /// Where the shared statements write: the one write connection.
+    fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
     async fn begin_write(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        let begin = self.pool.begin_with("BEGIN IMMEDIATE");
+        let begin = self.writer.begin_with("BEGIN IMMEDIATE");
         tokio::pin!(begin);
         // SQLite waits for the write lock silently (up to the busy timeout): say what the run
         // waits on once it has waited long enough to be noticed.
@@ -176,6 +233,10 @@ impl SqliteStore {
                 result
             }
         };
+        let waited = started.elapsed();
+        if waited >= WRITE_WAIT_LOGGED {
+            tracing::debug!(elapsed_secs = waited.as_secs_f64(), summary = "waiting for the writer", "a write waited {:.3} s for the write connection", waited.as_secs_f64());
+        }
         result.map_err(|e| database_error(e, &self.path))
     }
 
@@ -210,12 +271,31 @@ impl SqliteStore {
     }
 }
 
+/// Copies the write-ahead log into the database file every `CHECKPOINT_EVERY`, beside the
+/// writer: a passive checkpoint takes no lock the writer needs and copies what no reader still
+/// reads. A checkpoint that fails is logged and tried again.
+async fn checkpoint_loop(pool: SqlitePool, path: PathBuf) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&pool).await {
+            Ok((_, log, copied)) => {
+                tracing::trace!("checkpoint of {}: {copied} of {log} log pages copied", path.display())
+            }
+            Err(e) => tracing::debug!("checkpoint of {} failed, tried again in {:?}: {e}", path.display(), CHECKPOINT_EVERY),
+        }
+    }
+}
+
 /// Turns a driver error into a message that names the cause and the fix.
 pub(crate) fn database_error(e: sqlx::Error, path: &std::path::Path) -> anyhow::Error {
     let shown = path.display();
     let message = e.to_string();
     let lower = message.to_lowercase();
-    let hint = if lower.contains("database is locked") || lower.contains("database is busy") {
+    // A write that timed out waiting for the write connection waited behind writes that were
+    // themselves waiting for the database lock.
+    let hint = if lower.contains("database is locked") || lower.contains("database is busy") || matches!(e, sqlx::Error::PoolTimedOut) {
         Some(format!(
             "SQLite database {shown} stayed locked by another program for {waited}; \
              close the program holding it (or wait) and run again with --resume",
