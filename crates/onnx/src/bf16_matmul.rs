@@ -183,7 +183,9 @@ fn integer_column_scales(
 ) -> Option<Vec<f32>> {
     let mut scales = vec![1.0f32; n];
     for (column, scale) in scales.iter_mut().enumerate() {
-        let largest = (0..k).map(|row| at(row, column).abs()).fold(0.0f32, f32::max);
+        let largest = (0..k)
+            .map(|row| at(row, column).abs())
+            .fold(0.0f32, f32::max);
         if largest == 0.0 {
             continue;
         }
@@ -223,7 +225,13 @@ mod kernels {
 
     /// `input` (`rows` × `k` f32) as rows of `pairs` bf16 pairs (the last padded with 0).
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn to_bf16_pairs(input: &[f32], rows: usize, k: usize, pairs: usize, out: &mut [u32]) {
+    pub unsafe fn to_bf16_pairs(
+        input: &[f32],
+        rows: usize,
+        k: usize,
+        pairs: usize,
+        out: &mut [u32],
+    ) {
         for row in 0..rows {
             let source = &input[row * k..(row + 1) * k];
             let target = &mut out[row * pairs..(row + 1) * pairs];
@@ -240,7 +248,11 @@ mod kernels {
             }
             while index < k {
                 let low = bf16_bits(source[index]);
-                let high = if index + 1 < k { bf16_bits(source[index + 1]) } else { 0 };
+                let high = if index + 1 < k {
+                    bf16_bits(source[index + 1])
+                } else {
+                    0
+                };
                 target[index / 2] = low | (high << 16);
                 index += 2;
             }
@@ -269,9 +281,12 @@ mod kernels {
             unsafe {
                 let panel = b.add(pair * PANEL);
                 let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel as *const _));
-                let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(16) as *const _));
-                let w2: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(32) as *const _));
-                let w3: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(48) as *const _));
+                let w1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(panel.add(16) as *const _));
+                let w2: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(panel.add(32) as *const _));
+                let w3: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(panel.add(48) as *const _));
                 for (row, sum) in sums.iter_mut().enumerate() {
                     let x: __m512bh =
                         std::mem::transmute(_mm512_set1_epi32(*a.add(row * pairs + pair) as i32));
@@ -289,14 +304,25 @@ mod kernels {
                     break;
                 }
                 let left = columns - start;
-                let mask: __mmask16 = if left >= 16 { 0xffff } else { ((1u32 << left) - 1) as u16 };
+                let mask: __mmask16 = if left >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << left) - 1) as u16
+                };
                 // SAFETY: the mask keeps the accesses within the row's `columns`.
                 unsafe {
                     let mut values = *values;
                     if let Some(scales) = scales {
-                        values = _mm512_mul_ps(values, _mm512_maskz_loadu_ps(mask, scales.as_ptr().add(start)));
+                        values = _mm512_mul_ps(
+                            values,
+                            _mm512_maskz_loadu_ps(mask, scales.as_ptr().add(start)),
+                        );
                     }
-                    _mm512_mask_storeu_ps(output.as_mut_ptr().add(row * output_stride + start), mask, values);
+                    _mm512_mask_storeu_ps(
+                        output.as_mut_ptr().add(row * output_stride + start),
+                        mask,
+                        values,
+                    );
                 }
             }
         }
@@ -333,7 +359,11 @@ impl Op for Bf16MatMul {
             "k={} n={} weights {}",
             self.weights.k,
             self.weights.n,
-            if self.weights.exact() { "exact (int8 × column scale)" } else { "rounded to bf16" }
+            if self.weights.exact() {
+                "exact (int8 × column scale)"
+            } else {
+                "rounded to bf16"
+            }
         )])
     }
 
@@ -361,7 +391,8 @@ impl EvalOp for Bf16MatMul {
             let plain = input.try_as_plain_ram()?;
             let values = plain.as_slice::<f32>()?;
             let mut target = output.try_as_plain_ram_mut()?;
-            self.weights.multiply(values, rows, target.as_slice_mut::<f32>()?);
+            self.weights
+                .multiply(values, rows, target.as_slice_mut::<f32>()?);
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -379,7 +410,11 @@ impl TypedOp for Bf16MatMul {
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        let rows: TDim = inputs[0].shape.iter().take(inputs[0].rank() - self.contracted).product();
+        let rows: TDim = inputs[0]
+            .shape
+            .iter()
+            .take(inputs[0].rank() - self.contracted)
+            .product();
         Ok(tvec!((
             Cost::FMA(f32::datum_type()),
             rows * (self.weights.k * self.weights.n) as i64
@@ -456,7 +491,9 @@ fn weight_product(
     // "bshd,hdn->bsn").
     let (inputs, outputs) = op.axes.to_strs();
     let (Some(act), Some(mat), Some(out)) = (
-        inputs.get(activation).map(|s| s.chars().collect::<Vec<_>>()),
+        inputs
+            .get(activation)
+            .map(|s| s.chars().collect::<Vec<_>>()),
         inputs.get(weight).map(|s| s.chars().collect::<Vec<_>>()),
         outputs.first().map(|s| s.chars().collect::<Vec<_>>()),
     ) else {
@@ -487,7 +524,10 @@ fn weight_product(
     let (k, n) = if transposed {
         (shape[1..].iter().product::<usize>(), shape[0])
     } else {
-        (shape[..contracted].iter().product::<usize>(), shape[contracted])
+        (
+            shape[..contracted].iter().product::<usize>(),
+            shape[contracted],
+        )
     };
     let activation_k = input_facts.shape.iter().skip(kept.len()).product::<TDim>();
     if activation_k != k.to_dim() {
@@ -510,7 +550,9 @@ mod tests {
         let mut state = seed;
         (0..count)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -541,8 +583,15 @@ mod tests {
     fn int8_weights_are_kept_exactly_and_others_rounded() {
         let (k, n) = (5, 3);
         let scales = [0.01f32, 0.002, 0.5];
-        let q = [127.0f32, -3.0, 5.0, 1.0, -127.0, 7.0, -20.0, 127.0, 0.0, 64.0, 2.0, -1.0, 0.0, 9.0, 127.0];
-        let weights: Vec<f32> = q.iter().enumerate().map(|(i, q)| q * scales[i % n]).collect();
+        let q = [
+            127.0f32, -3.0, 5.0, 1.0, -127.0, 7.0, -20.0, 127.0, 0.0, 64.0, 2.0, -1.0, 0.0, 9.0,
+            127.0,
+        ];
+        let weights: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(i, q)| q * scales[i % n])
+            .collect();
         let packed = PackedWeights::new(&weights, k, n, false);
         assert!(packed.exact());
         let noisy: Vec<f32> = weights.iter().map(|w| w * 1.0001 + 1e-4).collect();
@@ -555,7 +604,14 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        for (rows, k, n) in [(1, 1, 1), (7, 3, 17), (13, 64, 64), (6, 33, 130), (37, 384, 70), (256, 384, 384)] {
+        for (rows, k, n) in [
+            (1, 1, 1),
+            (7, 3, 17),
+            (13, 64, 64),
+            (6, 33, 130),
+            (37, 384, 70),
+            (256, 384, 384),
+        ] {
             let input: Vec<f32> = values(rows * k, 1).iter().map(|v| v * 8.0).collect();
             let weights = values(k * n, 2);
             let expected = reference(&input, &weights, rows, k, n);
@@ -587,6 +643,75 @@ mod tests {
             let mut again = vec![f32::NAN; rows * n];
             PackedWeights::new(&transposed, k, n, true).multiply(&input, rows, &mut again);
             assert_eq!(output, again, "{rows}×{k}×{n} transposed");
+        }
+    }
+
+    /// `formula` over a source of `input_shape` and a constant of `weight_shape`, run under
+    /// tract as it is and after [`use_bf16_products`]: how many products were replaced, and
+    /// the largest difference between the two outputs relative to the largest output.
+    fn replaced_and_difference(
+        formula: &str,
+        input_shape: &[usize],
+        weight_shape: &[usize],
+    ) -> (usize, f32) {
+        let mut model = TypedModel::default();
+        let input_count = input_shape.iter().product();
+        let weight_count = weight_shape.iter().product();
+        let source = model.add_source("x", f32::fact(input_shape)).unwrap();
+        let weights = Tensor::from_shape(weight_shape, &values(weight_count, 3)).unwrap();
+        let constant = model.add_const("w", weights.into_arc_tensor()).unwrap();
+        let product = EinSum::new(formula.parse().unwrap(), f32::datum_type());
+        let output = model
+            .wire_node("product", product, &[source, constant])
+            .unwrap();
+        model.select_output_outlets(&output).unwrap();
+        let input = Tensor::from_shape(input_shape, &values(input_count, 4)).unwrap();
+        let run = |model: &TypedModel| -> Vec<f32> {
+            let plan = model.clone().into_runnable().unwrap();
+            let mut state = plan.spawn().unwrap();
+            let outputs = state.run(tvec!(input.clone().into_tvalue())).unwrap();
+            let plain = outputs[0].try_as_plain_ram().unwrap();
+            plain.as_slice::<f32>().unwrap().to_vec()
+        };
+        let exact = run(&model);
+        let replaced = use_bf16_products(&mut model).unwrap();
+        let rounded = run(&model);
+        assert_eq!(exact.len(), rounded.len(), "{formula}");
+        let largest = exact.iter().fold(0f32, |top, value| top.max(value.abs()));
+        let difference = exact
+            .iter()
+            .zip(&rounded)
+            .fold(0f32, |top, (a, b)| top.max((a - b).abs()));
+        (replaced, difference / largest)
+    }
+
+    #[test]
+    fn products_with_constant_matrices_are_replaced_and_others_left() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for (formula, input, weights) in [
+            ("bmk,kn->bmn", &[2usize, 5, 6][..], &[6usize, 7][..]),
+            ("bmk,nk->bmn", &[2, 5, 6], &[7, 6]),
+            ("bmhd,hdn->bmn", &[2, 5, 2, 3], &[2, 3, 7]),
+            ("mk,kn->mn", &[9, 40], &[40, 70]),
+        ] {
+            let (replaced, difference) = replaced_and_difference(formula, input, weights);
+            assert_eq!(replaced, 1, "{formula}");
+            assert!(
+                difference > 0.0 && difference < 1e-2,
+                "{formula}: {difference}"
+            );
+        }
+        // A batch of matrices, and a product over the input's first axis: not linear layers.
+        for (formula, input, weights) in [
+            ("bmk,bkn->bmn", &[2usize, 5, 6][..], &[2usize, 6, 7][..]),
+            ("km,kn->mn", &[6, 5], &[6, 7]),
+        ] {
+            let (replaced, difference) = replaced_and_difference(formula, input, weights);
+            assert_eq!(replaced, 0, "{formula}");
+            assert_eq!(difference, 0.0, "{formula}");
         }
     }
 }
