@@ -54,8 +54,8 @@ measure() { /usr/bin/time -f '%M %e %U %S' -o "$work/time" "$@" >"$work/out" 2>"
 
 printf '%s motions, all-MiniLM-L6-v2 int8, max_length 256, threads %s, %s build, %s\n' "$items" "$threads" "$profile" "$(date -u +%FT%TZ)"
 printf 'load average %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
-printf '| max_batch_tokens | backfill items/s | CPU/wall | peak RSS | onnxruntime items/s (best config) | peak RSS | ratio |\n'
-printf '|---|---|---|---|---|---|---|\n'
+printf '| max_batch_tokens | backfill items/s | CPU/wall | load | computing | peak RSS | onnxruntime items/s (best config) | peak RSS | ratio |\n'
+printf '|---|---|---|---|---|---|---|---|---|\n'
 runs=("this build:$backfill")
 [ -z "$baseline" ] || runs=("baseline:$baseline" "${runs[@]}")
 for budget in default 1024 8192 32768; do
@@ -90,6 +90,8 @@ threads = $threads
 items_per_request = { start = 64, min = 1, max = 64 }
 EOF
     measure "$binary" run "$work/job.toml" --limit "$items" --json --quiet
+    cp "$work/out" "$work/summary.json"
+    cp "$work/err" "$work/log"
     read -r rss wall user sys <"$work/time"
     done_items="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["items"]["done"])' "$work/out" 2>/dev/null \
         || sqlite3 "$work/motions.db" 'SELECT count(*) FROM motions WHERE embedding IS NOT NULL' 2>/dev/null || echo "$items")"
@@ -100,17 +102,28 @@ EOF
     read -r ort_rss _ _ _ <"$work/time"
     shown="$budget"
     [ -z "$baseline" ] || shown="$budget ($label)"
-    python3 - "$shown" "$done_items" "$wall" "$user" "$sys" "$rss" "$ort_rss" "$work/out" <<'EOF'
-import json, sys
-budget, done, wall, user, sys_s, rss, ort_rss, out = sys.argv[1:]
+    python3 - "$shown" "$done_items" "$wall" "$user" "$sys" "$rss" "$ort_rss" "$work/out" "$work/summary.json" "$work/log" <<'EOF'
+import json, re, sys
+budget, done, wall, user, sys_s, rss, ort_rss, out, summary, log = sys.argv[1:]
 done, wall = int(done), float(wall)
 best = min((json.loads(line) for line in open(out) if line.strip()), key=lambda row: row["seconds"])
 ours = done / wall
 theirs = best["items"] / best["seconds"]
-print(f"| {budget} | {ours:.1f} | {(float(user) + float(sys_s)) / wall:.2f} | {int(rss) / 1024:.0f} MB "
+# The model's load (parse, fold, test pass, pass-size probe or its cache) from the run's log,
+# and the seconds the model computed batches from its summary, as shares of the wall time.
+loaded = [float(m.group(1)) for line in open(log) if "loaded local model" in line
+          for m in [re.search(r"seconds=([0-9.]+)", line)] if m]
+load = f"{loaded[0]:.1f} s" if loaded else "?"
+try:
+    compute = json.load(open(summary)).get("compute_seconds")
+except ValueError:
+    compute = None
+computing = f"{compute / wall * 100:.0f} %" if compute else "?"
+print(f"| {budget} | {ours:.1f} | {(float(user) + float(sys_s)) / wall:.2f} | {load} | {computing} | {int(rss) / 1024:.0f} MB "
       f"| {theirs:.1f} ({best['name']}) | {int(ort_rss) / 1024:.0f} MB | {ours / theirs:.2f}× |")
 EOF
 done
 done
 echo "backfill: the whole process (load, claim, tokenise, compute, write) over its wall time;"
+echo "load: the model's load in it (parse, fold, test pass, pass size); computing: its batches' compute time over the wall time;"
 echo "onnxruntime: its best configuration's compute time only (no load, no database)."

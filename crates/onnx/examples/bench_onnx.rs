@@ -5,6 +5,7 @@
 //!
 //! Flags: --items N (1000) --threads N (2) --rounds N (3) --max-batch-tokens N (256)
 //!        --length-bucket N (32) --max-length N (256) --pass-tokens N (probed)
+//!        --f32 (every product in f32 under tract: no bf16 products)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -137,6 +138,7 @@ fn main() {
     config.length_bucket = settings.length_bucket;
     config.max_length = settings.max_length;
     config.pass_tokens = (settings.pass_tokens > 0).then_some(settings.pass_tokens);
+    config.bf16_products = !arguments.iter().any(|argument| argument == "--f32");
     let started = Instant::now();
     let processor = OnnxProcessor::load(&config).expect("the model loads");
     let load_seconds = started.elapsed().as_secs_f64();
@@ -173,13 +175,14 @@ fn main() {
         settings.rounds
     );
     println!(
-        "plan: passes of {} tokens, {} batches, {} real tokens, {} padded ({:.1}% real), length bucket {}",
+        "plan: passes of {} tokens, {} batches, {} real tokens, {} padded ({:.1}% real), length bucket {}, {} bf16 products",
         processor.pass_tokens(),
         plan.batches,
         plan.real_tokens,
         plan.padded_tokens,
         plan.fill_ratio() * 100.0,
-        settings.length_bucket
+        settings.length_bucket,
+        processor.bf16_products()
     );
     println!(
         "{:<52} {:>9} {:>9} {:>12}",

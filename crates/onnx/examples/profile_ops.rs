@@ -2,7 +2,8 @@
 //! `plan_cache`'s docs and the benchmark notes were measured.
 //!
 //! cargo run --release --example profile_ops -- MODEL.onnx [--rows N] [--length N]
-//!     [--symbolic-batch] [--symbolic-length] [--no-fold] [--runs N]
+//!     [--symbolic-batch] [--symbolic-length] [--no-fold] [--drop-nan-guards] [--bf16]
+//!     [--runs N]
 //!
 //! Loads a BERT-style model (inputs input_ids, attention_mask, token_type_ids), optionally
 //! folds constant subgraphs and binds the batch and sequence symbols, runs one batch of
@@ -48,6 +49,13 @@ fn main() -> TractResult<()> {
     typed.declutter()?;
     if !has("--no-fold") {
         backfill_onnx::const_fold::fold_constant_subgraphs(&mut typed)?;
+    }
+    if has("--drop-nan-guards") {
+        backfill_onnx::nan_guard::drop_softmax_nan_guards(&mut typed)?;
+    }
+    if has("--bf16") {
+        let replaced = backfill_onnx::bf16_matmul::use_bf16_products(&mut typed)?;
+        println!("{replaced} products in bf16");
     }
     let mut bound = HashMap::new();
     if !has("--symbolic-batch") {

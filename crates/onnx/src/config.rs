@@ -76,6 +76,11 @@ pub struct OnnxConfig {
     pub sort_window: usize,
     /// `threads`: batches run in parallel on this many threads.
     pub threads: usize,
+    /// Products of activations with constant weight matrices (the linear layers) in bf16 with
+    /// f32 sums, where the CPU has AVX512-BF16 (twice the multiply-adds per instruction of
+    /// f32; see [`crate::bf16_matmul`] for the precision). Default `true`; `false` keeps
+    /// every product in f32 under tract. Not a job-file key.
+    pub bf16_products: bool,
 }
 
 impl OnnxConfig {
@@ -98,6 +103,7 @@ impl OnnxConfig {
             length_bucket: 32,
             sort_window: 1024,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            bf16_products: true,
         }
     }
 

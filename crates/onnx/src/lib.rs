@@ -10,6 +10,7 @@
 //! classified ([`output`], [`pooling`]). [`embedding_format`] encodes embeddings for storage.
 
 pub mod batch_plan;
+pub mod bf16_matmul;
 pub mod config;
 pub mod const_fold;
 pub mod embedding_format;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
+use crate::bf16_matmul::use_bf16_products;
 use crate::const_fold::fold_constant_subgraphs;
 use crate::nan_guard::drop_softmax_nan_guards;
 use crate::error::{LoadError, RunError};
@@ -44,6 +45,8 @@ pub struct OnnxModel {
     path: PathBuf,
     plans: PlanCache,
     inputs: Vec<ModelInput>,
+    /// Products computed in bf16 (see [`crate::bf16_matmul`]).
+    bf16_products: usize,
 }
 
 /// A thread's execution states (scratch buffers), one per batch shape (rows, padded length)
@@ -62,7 +65,13 @@ pub const CLASSIFICATION_OUTPUT_NAMES: &[&str] = &["logits", "probabilities", "s
 impl OnnxModel {
     /// Parse, type and optimise the model at `path` for inputs of shape `[batch, sequence]`,
     /// keeping only the output named first in `preferred_outputs` (else the first output).
-    pub fn load(path: &Path, preferred_outputs: &[&str]) -> Result<Self, LoadError> {
+    /// With `bf16_products`, products with constant weight matrices run in bf16 where the CPU
+    /// has AVX512-BF16 (see [`crate::bf16_matmul`]).
+    pub fn load(
+        path: &Path,
+        preferred_outputs: &[&str],
+        bf16_products: bool,
+    ) -> Result<Self, LoadError> {
         if !path.is_file() {
             return Err(LoadError::ModelFileMissing {
                 path: path.to_path_buf(),
@@ -139,7 +148,8 @@ impl OnnxModel {
 
         let output = choose_output(&model, preferred_outputs).map_err(unreadable)?;
         model.select_output_outlets(&[output]).map_err(unreadable)?;
-        let symbolic = declutter_and_fold(model).map_err(unreadable)?;
+        let (symbolic, bf16_products) =
+            declutter_and_fold(model, bf16_products).map_err(unreadable)?;
         let bindable = |axis: usize| {
             symbolic
                 .input_fact(token_ids_index)
@@ -159,11 +169,18 @@ impl OnnxModel {
             path: path.to_path_buf(),
             plans,
             inputs,
+            bf16_products,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How many products with constant weights run in bf16 (0 without AVX512-BF16 or when
+    /// not asked for).
+    pub fn bf16_products(&self) -> usize {
+        self.bf16_products
     }
 
     /// A fresh execution state for one thread.
@@ -261,16 +278,23 @@ impl BatchOutput {
     }
 }
 
-/// Type, declutter, fold constants of any size (see [`crate::const_fold`]) and drop the
-/// softmax NaN guards (see [`crate::nan_guard`]); optimisation
+/// Type, declutter, fold constants of any size (see [`crate::const_fold`]), drop the
+/// softmax NaN guards (see [`crate::nan_guard`]) and, with `bf16`, move products with
+/// constant weights to bf16 (see [`crate::bf16_matmul`]; returns how many); optimisation
 /// happens per padded length in [`PlanCache`].
-fn declutter_and_fold(model: InferenceModel) -> TractResult<TypedModel> {
+fn declutter_and_fold(model: InferenceModel, bf16: bool) -> TractResult<(TypedModel, usize)> {
     let mut typed = model.into_typed()?;
     typed.declutter()?;
     let folded = fold_constant_subgraphs(&mut typed)?;
     let guards = drop_softmax_nan_guards(&mut typed)?;
-    tracing::debug!(folded, softmax_nan_guards_dropped = guards, "folded constant subgraphs");
-    Ok(typed)
+    let bf16_products = if bf16 { use_bf16_products(&mut typed)? } else { 0 };
+    tracing::debug!(
+        folded,
+        softmax_nan_guards_dropped = guards,
+        bf16_products,
+        "folded constant subgraphs"
+    );
+    Ok((typed, bf16_products))
 }
 
 /// The symbols a model file gives the two axes of input `index`, when it names them.

@@ -39,12 +39,15 @@ pub struct ProbeKey {
     pub modified_ns: u128,
     pub threads: usize,
     pub row_length: usize,
+    /// Whether products with constant weights run in bf16 (see [`crate::bf16_matmul`]):
+    /// they change the time of every size.
+    pub bf16: bool,
 }
 
 impl ProbeKey {
-    /// The key of the model file at `path` run on `threads` threads; `None` if the file's
-    /// size or modification time cannot be read.
-    pub fn of(path: &Path, threads: usize, row_length: usize) -> Option<Self> {
+    /// The key of the model file at `path` run on `threads` threads (`bf16`: with bf16
+    /// products); `None` if the file's size or modification time cannot be read.
+    pub fn of(path: &Path, threads: usize, row_length: usize, bf16: bool) -> Option<Self> {
         let metadata = std::fs::metadata(path).ok()?;
         let modified_ns = metadata
             .modified()
@@ -59,6 +62,7 @@ impl ProbeKey {
             modified_ns,
             threads,
             row_length,
+            bf16,
         })
     }
 
@@ -68,6 +72,8 @@ impl ProbeKey {
             && entry["modified_ns"].as_str() == Some(&self.modified_ns.to_string())
             && entry["threads"].as_u64() == Some(self.threads as u64)
             && entry["row_length"].as_u64() == Some(self.row_length as u64)
+            // Entries written before bf16 products existed were timed in f32.
+            && entry["bf16"].as_bool().unwrap_or(false) == self.bf16
     }
 }
 
@@ -145,6 +151,7 @@ pub fn store(file: &Path, key: &ProbeKey, timings: &Timings) -> std::io::Result<
         "modified_ns": key.modified_ns.to_string(),
         "threads": key.threads,
         "row_length": key.row_length,
+        "bf16": key.bf16,
         "seconds_per_token": seconds,
     }));
     let excess = entries.len().saturating_sub(MAX_ENTRIES);
@@ -188,6 +195,7 @@ mod tests {
             modified_ns: 1_700_000_000_123_456_789,
             threads: 2,
             row_length: 64,
+            bf16: false,
         };
         let other = ProbeKey {
             threads: 4,
@@ -199,8 +207,9 @@ mod tests {
         store(&file, &other, &[(64, 1e-4)].into()).unwrap();
         assert_eq!(read_cached(&file, &key), timings);
         assert_eq!(read_cached(&file, &other), [(64, 1e-4)].into());
-        // A changed model file (another size) is probed afresh.
+        // A changed model file (another size) is probed afresh, and so are bf16 products.
         assert!(read_cached(&file, &ProbeKey { size: 11, ..key.clone() }).is_empty());
+        assert!(read_cached(&file, &ProbeKey { bf16: true, ..key.clone() }).is_empty());
         std::fs::remove_dir_all(&folder).unwrap();
     }
 }

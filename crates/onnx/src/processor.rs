@@ -42,7 +42,7 @@ impl OnnxProcessor {
             OutputKind::Embedding => EMBEDDING_OUTPUT_NAMES,
             OutputKind::Classification => CLASSIFICATION_OUTPUT_NAMES,
         };
-        let model = OnnxModel::load(&config.model_path, preferred_outputs)?;
+        let model = OnnxModel::load(&config.model_path, preferred_outputs, config.bf16_products)?;
         let mut processor = OnnxProcessor {
             tokenizer,
             model,
@@ -79,7 +79,8 @@ impl OnnxProcessor {
             return candidates.first().copied().unwrap_or(config.max_batch_tokens);
         }
         let row_length = pass_size::PROBE_ROW_LENGTH.min(config.max_length);
-        let key = ProbeKey::of(&config.model_path, self.threads, row_length);
+        let bf16 = self.model.bf16_products() > 0;
+        let key = ProbeKey::of(&config.model_path, self.threads, row_length, bf16);
         let file = config.pass_cache.clone().or_else(pass_size::cache_file);
         let mut timings = match (&file, &key) {
             (Some(file), Some(key)) => pass_size::read_cached(file, key),
@@ -214,6 +215,11 @@ impl OnnxProcessor {
     /// The padded tokens of one forward pass: the fastest size within `max_batch_tokens`.
     pub fn pass_tokens(&self) -> usize {
         self.policy.max_batch_tokens
+    }
+
+    /// How many products with constant weights run in bf16 (see [`crate::bf16_matmul`]).
+    pub fn bf16_products(&self) -> usize {
+        self.model.bf16_products()
     }
 
     /// How many per-length plans have been compiled so far (see [`crate::plan_cache`]).

@@ -28,6 +28,9 @@ fn embedder_config() -> OnnxConfig {
     config.length_bucket = 4;
     config.threads = 2;
     config.pass_cache = Some(pass_cache_folder().join("onnx-pass.json"));
+    // The comparisons with onnxruntime below are to 1e-5: every product in f32. The bf16
+    // products have their own test.
+    config.bf16_products = false;
     config
 }
 
@@ -64,6 +67,7 @@ impl WithShape for OnnxConfig {
         self.max_batch_tokens = other.max_batch_tokens;
         self.length_bucket = other.length_bucket;
         self.threads = other.threads;
+        self.bf16_products = other.bf16_products;
         self
     }
 }
@@ -518,4 +522,33 @@ fn compiled_plans_stay_bounded_over_many_shapes() {
     let cap = backfill_onnx::plan_cache::MAX_PLANS;
     assert!(shapes.len() > cap, "the texts meet {} shapes", shapes.len());
     assert_eq!(most, cap, "the cache filled up to its cap and no further");
+}
+
+#[test]
+fn bf16_products_stay_within_bf16_rounding_of_onnxruntime() {
+    let config = OnnxConfig {
+        bf16_products: true,
+        ..embedder_config()
+    };
+    let processor = OnnxProcessor::load(&config).unwrap();
+    if !backfill_onnx::bf16_matmul::available() {
+        assert_eq!(processor.bf16_products(), 0);
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    // The tiny embedder's one product with a constant matrix (`mix`).
+    assert_eq!(processor.bf16_products(), 1);
+    let exact = OnnxProcessor::load(&embedder_config()).unwrap();
+    assert_eq!(exact.bf16_products(), 0);
+    let texts = fixture_texts();
+    let outputs = embeddings(&processor.process(&texts).unwrap());
+    let f32_outputs = embeddings(&exact.process(&texts).unwrap());
+    for (index, row) in expected()["rows"].as_array().unwrap().iter().enumerate() {
+        let reference = floats(&row["embedding"]);
+        let cosine = cosine_similarity(&outputs[index], &reference);
+        assert!(cosine >= 0.9999, "row {index}: cosine {cosine}");
+        // Rounded, not exact: the bf16 path is the one that ran.
+        assert_ne!(outputs[index], f32_outputs[index], "row {index}");
+        assert_close(&outputs[index], &reference, 2e-2, &format!("row {index}"));
+    }
 }
