@@ -17,6 +17,17 @@ use crate::store::{
 /// for; one whose enqueuer stopped is taken over from its cursor, so an interrupted enqueue
 /// ends as if it had never stopped.
 pub(super) async fn create_run(store: &SqliteStore, new: &NewRun, tables: &Tables) -> anyhow::Result<Created> {
+    // An unfinished, fully enqueued run is found by a read, without the write lock: the process
+    // working on it may hold that lock nearly all the time, and this one is then told at once
+    // (by `attach`) that the run is taken, instead of waiting for a gap between its writes.
+    let sql = format!(
+        "SELECT {RUN_COLUMNS} FROM backfill_runs WHERE job = ? AND status NOT IN ('finished', 'abandoned') \
+         AND enqueued <> 0 ORDER BY id DESC LIMIT 1"
+    );
+    let found = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&new.job).fetch_optional(&store.pool).await.map_err(|e| store.err(e))?;
+    if let Some(row) = found {
+        return Ok(Created::Existing(run_from_row(&row).map_err(|e| store.err(e))?));
+    }
     let me = Enqueuer::new();
     loop {
         let mut tx = store.begin_write().await?;
@@ -163,17 +174,22 @@ pub(super) async fn attach(
     lease: Duration,
     exclusive: bool,
 ) -> anyhow::Result<Attach> {
+    const OTHERS: &str = "SELECT worker, expires_at FROM backfill_workers \
+         WHERE run_id = ? AND detached_at IS NULL AND worker <> ?";
+    if exclusive {
+        // A live worker on the run is seen by a read, without waiting for the write lock that
+        // it may hold nearly all the time; the check is made again under the lock below.
+        let others: Vec<(String, i64)> =
+            sqlx::query_as(OTHERS).bind(run_id).bind(&worker.id).fetch_all(&store.pool).await.map_err(|e| store.err(e))?;
+        let now = now_ms();
+        if let Some((other, expires_at)) = others.iter().find(|(other, expires_at)| *expires_at > now && !worker.proves_gone(other)) {
+            return Ok(Attach::Busy { worker: other.clone(), seconds_left: (*expires_at - now) as f64 / 1000.0 });
+        }
+    }
     let mut tx = store.begin_write().await?;
     let now = now_ms();
-    let others: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT worker, expires_at FROM backfill_workers \
-         WHERE run_id = ? AND detached_at IS NULL AND worker <> ?",
-    )
-    .bind(run_id)
-    .bind(&worker.id)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(|e| store.err(e))?;
+    let others: Vec<(String, i64)> =
+        sqlx::query_as(OTHERS).bind(run_id).bind(&worker.id).fetch_all(&mut *tx).await.map_err(|e| store.err(e))?;
     for (other, expires_at) in &others {
         let alive = *expires_at > now && !worker.proves_gone(other);
         if alive && exclusive {
