@@ -102,6 +102,8 @@ pub struct ModelFile {
     pub max_length: Option<u32>,
     pub max_batch_tokens: Option<u32>,
     pub threads: Option<u32>,
+    /// "auto" (the linear layers in bf16 where the CPU has AVX512-BF16) or "f32".
+    pub precision: Option<String>,
 }
 
 fn default_kind() -> String {

@@ -184,6 +184,9 @@ pub struct OnnxModel {
     pub max_length: u32,
     pub max_batch_tokens: u32,
     pub threads: u32,
+    /// The linear layers' products in bf16 with f32 sums where the CPU has AVX512-BF16
+    /// (`precision = "auto"`, the default); `false` (`"f32"`) keeps every product in f32.
+    pub bf16_products: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

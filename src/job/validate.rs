@@ -402,6 +402,7 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
             ("max_length", m.max_length.is_some()),
             ("max_batch_tokens", m.max_batch_tokens.is_some()),
             ("threads", m.threads.is_some()),
+            ("precision", m.precision.is_some()),
         ],
         "chat",
     )?;
@@ -575,7 +576,16 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
         std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
     });
     Range::between(1.0, 1024.0, "threads").check_int("model.threads", threads.into())?;
-    Ok(OnnxModel { path, tokenizer, input, output, pooling, max_length, max_batch_tokens, threads })
+    let bf16_products = match m.precision.as_deref().unwrap_or("auto") {
+        "auto" => true,
+        "f32" => false,
+        other => {
+            return Err(usage(format!(
+                "`model.precision` = {other:?}: use \"auto\" (bf16 products where the CPU has AVX512-BF16) or \"f32\""
+            )));
+        }
+    };
+    Ok(OnnxModel { path, tokenizer, input, output, pooling, max_length, max_batch_tokens, threads, bf16_products })
 }
 
 /// The names inside `{{…}}` in `template`, in order (trimmed; duplicates kept).

@@ -25,6 +25,7 @@ pub fn config(model: &OnnxModel) -> OnnxConfig {
     config.max_length = model.max_length as usize;
     config.max_batch_tokens = model.max_batch_tokens as usize;
     config.threads = model.threads as usize;
+    config.bf16_products = model.bf16_products;
     config
 }
 
@@ -55,5 +56,32 @@ pub fn ledger_name(model: &OnnxModel) -> String {
         (Some(folder), Some(file)) => format!("{folder}/{file}"),
         (None, Some(file)) => file,
         _ => model.path.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(bf16_products: bool) -> OnnxModel {
+        OnnxModel {
+            path: "model.onnx".into(),
+            tokenizer: "tokenizer.json".into(),
+            input: "{{title}}".into(),
+            output: OnnxOutput::Embedding,
+            pooling: backfill_onnx::Pooling::Mean,
+            max_length: 128,
+            max_batch_tokens: 4096,
+            threads: 2,
+            bf16_products,
+        }
+    }
+
+    #[test]
+    fn the_jobs_precision_reaches_the_processor() {
+        assert!(config(&model(true)).bf16_products);
+        assert!(!config(&model(false)).bf16_products);
+        let config = config(&model(false));
+        assert_eq!((config.max_length, config.max_batch_tokens, config.threads), (128, 4096, 2));
     }
 }

@@ -224,6 +224,34 @@ async fn local_broken_model_exits_2_naming_the_file() {
     assert!(runs.is_err() || runs.unwrap() == 0);
 }
 
+/// `model.precision = "f32"` keeps every product in f32: the stored embeddings are the f32
+/// processor's; a value that is neither "auto" nor "f32" is a usage error naming the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_precision_f32_runs_in_f32_and_a_wrong_value_is_named() {
+    let rows = 12;
+    let fx = local_fixture(rows).await;
+    let mut f32_config = tiny_config("tiny_embedder.onnx");
+    f32_config.bf16_products = false;
+    let expected = expected_outputs(f32_config, rows);
+    let model = tiny_model("tiny_embedder.onnx", "precision = \"f32\"");
+    write_job(&fx, "column = \"embedding\"\nformat = \"json\"", "embedding IS NULL", &model, "");
+    let summary = run_json(&fx, &[]);
+    assert_eq!(summary["items"]["done"], rows, "{summary}");
+    let pool = fx.pool().await;
+    let stored = sqlx::query("SELECT id, embedding FROM items ORDER BY id").fetch_all(&pool).await.unwrap();
+    pool.close().await;
+    for (row, expected) in stored.iter().zip(&expected) {
+        let json: Vec<f32> = serde_json::from_str(&row.get::<String, _>(1)).unwrap();
+        assert_same_embedding(&json, expected, row.get(0));
+    }
+
+    let wrong = tiny_model("tiny_embedder.onnx", "precision = \"fp16\"");
+    write_job(&fx, "column = \"vector\"\nformat = \"f32le\"", "vector IS NULL", &wrong, "");
+    let output = backfill(fx.dir.path(), &["run", fx.job.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("`model.precision`") && stderr(&output).contains("\"f32\""), "{}", stderr(&output));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn local_dry_run_counts_batches_and_tokens_and_writes_nothing() {
     let fx = local_fixture(25).await;

@@ -79,7 +79,7 @@ pub struct OnnxConfig {
     /// Products of activations with constant weight matrices (the linear layers) in bf16 with
     /// f32 sums, where the CPU has AVX512-BF16 (twice the multiply-adds per instruction of
     /// f32; see [`crate::bf16_matmul`] for the precision). Default `true`; `false` keeps
-    /// every product in f32 under tract. Not a job-file key.
+    /// every product in f32 under tract. The job file's `model.precision` (`"auto"` or `"f32"`).
     pub bf16_products: bool,
 }
 
