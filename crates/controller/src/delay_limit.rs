@@ -95,6 +95,25 @@ fn widened_error(measured: Measured) -> f64 {
         * small_sample_factor(f64::from(measured.samples) - 1.0)
 }
 
+/// Two measurements of one level taken as one: throughput and latency weighted by the
+/// requests each was taken over, the error of the pooled mean from both errors.
+fn pooled(a: Measured, b: Measured) -> Measured {
+    let (wa, wb) = (f64::from(a.samples), f64::from(b.samples));
+    let total = (wa + wb).max(1.0);
+    let mix = |x: f64, y: f64| (x * wa + y * wb) / total;
+    let precision = |error: f64| 1.0 / error.max(1e-12).powi(2);
+    Measured {
+        level: a.level,
+        items_per_second: mix(a.items_per_second, b.items_per_second),
+        mean_latency_s: mix(a.mean_latency_s, b.mean_latency_s),
+        seconds_per_item: mix(a.seconds_per_item, b.seconds_per_item),
+        relative_error: (precision(a.relative_error) + precision(b.relative_error))
+            .recip()
+            .sqrt(),
+        samples: a.samples + b.samples,
+    }
+}
+
 /// Two levels' measurements set side by side.
 struct Verdict {
     /// Throughput gained per added request over what one request delivered at the lower level.
@@ -643,9 +662,16 @@ impl DelayLimit {
     }
 
     /// The settled level measured again after an unclear probe above it: the probe's figure
-    /// is judged against this one, and kept or stepped back from for good.
+    /// is judged against this measurement and the one before the probe taken together, and
+    /// kept or stepped back from for good.
     fn judge_pending(&mut self, now: Duration, pending: Measured, measured: Measured) {
-        let verdict = Verdict::of(measured, pending, !self.slow_start);
+        // The settled level has now been measured twice: the probe is judged against both
+        // measurements together (one unlucky round of either no longer decides).
+        let settled = match self.reference {
+            Some(earlier) if earlier.level == measured.level => pooled(earlier, measured),
+            _ => measured,
+        };
+        let verdict = Verdict::of(settled, pending, !self.slow_start);
         tracing::debug!(
             gain = verdict.gain,
             gain_error = verdict.gain_error,
@@ -907,6 +933,32 @@ mod tests {
             lowest = lowest.min(limit.settled());
         }
         assert_eq!(lowest, 2, "from {settled}, on 2 slots");
+    }
+
+    #[test]
+    fn an_unclear_probe_is_judged_against_both_measurements_of_the_settled_level() {
+        let at = |level: u32, items_per_second: f64, seconds_per_item: f64| Measured {
+            level,
+            items_per_second,
+            mean_latency_s: seconds_per_item * 10.0,
+            seconds_per_item,
+            relative_error: 0.08,
+            samples: 8,
+        };
+        // 8 in flight delivered 16 items/s; 4 in flight 11.3 before the probe and 14.9 when
+        // measured again: against both (13.1) each added request still delivers over a fifth
+        // of what one did, against the second alone it does not.
+        let probe = at(8, 16.0, 0.5);
+        let judged = |before: Measured, again: Measured| {
+            let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+            limit.slow_start = false;
+            limit.reference = Some(before);
+            limit.judge_pending(Duration::from_secs(60), probe, again);
+            limit.settled()
+        };
+        assert_eq!(judged(at(4, 11.3, 0.35), at(4, 14.9, 0.27)), 8);
+        // Two measurements that agree on 14.9 items/s: the probe does not pay.
+        assert_eq!(judged(at(4, 14.9, 0.27), at(4, 14.9, 0.27)), 4);
     }
 
     #[test]
