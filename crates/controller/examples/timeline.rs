@@ -1,0 +1,105 @@
+//! One scenario under the controller, seed by seed: the whole run's items/s over the ceiling,
+//! its duration against the ideal (items ÷ ceiling), when the first answer came and how many
+//! items had gone out by then, the last send, timeouts and cuts; with `DETAIL=1` every 2 s of
+//! each run (items and requests sent, their mean size, the most in flight, items done); with
+//! `TRACE=<filter>` (for example `backfill_controller=debug`) the controller's own log.
+//!
+//! ```text
+//! cargo run --release --example timeline --manifest-path crates/controller/Cargo.toml -- NAME [SEEDS]
+//! ```
+//! NAME is a scenario file's stem (`announced_3000_items`); the seeds are the file's + 0,
+//! 1000, …; `OFFSET=N` starts at the file's seed + N.
+
+use std::path::Path;
+use std::time::Duration;
+
+use backfill_controller::Controller;
+use backfill_controller::simulation::{Scenario, evaluate, simulate};
+
+const WINDOW_S: f64 = 2.0;
+
+fn main() {
+    if let Ok(filter) = std::env::var("TRACE") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .without_time()
+            .init();
+    }
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    let Some(name) = arguments.first() else {
+        eprintln!("usage: timeline NAME [SEEDS]");
+        std::process::exit(2);
+    };
+    let seeds: u64 = arguments
+        .get(1)
+        .and_then(|seeds| seeds.parse().ok())
+        .unwrap_or(1);
+    let offset: u64 = std::env::var("OFFSET")
+        .ok()
+        .and_then(|offset| offset.parse().ok())
+        .unwrap_or(0);
+    let detail = std::env::var_os("DETAIL").is_some();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(format!("{name}.toml"));
+    let text = std::fs::read_to_string(&path).expect("scenario file");
+    let mut scenario: Scenario = toml::from_str(&text).expect("scenario");
+    let base = scenario.seed;
+    println!(
+        "seed | whole run/ceiling | duration s | ideal s | first answer s | items sent by then | last send s | end − last send s | timeouts | cut | requests"
+    );
+    for seed in 0..seeds {
+        scenario.seed = base + offset + seed * 1000;
+        let mut controller =
+            Controller::new(scenario.controller_config(), Duration::ZERO).expect("valid limits");
+        let log = simulate(&scenario, &mut controller);
+        let report = evaluate(&scenario, &log);
+        let first = log.completions.first().map_or(0.0, |(at, _)| *at);
+        let last_send = log.sends.last().map_or(0.0, |(at, _, _)| *at);
+        let sent_by_first: u32 = log
+            .sends
+            .iter()
+            .filter(|(at, _, _)| *at <= first)
+            .map(|(_, items, _)| items)
+            .sum();
+        println!(
+            "{} | {:.3} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {:.1} | {} | {} | {}",
+            scenario.seed,
+            report.overall_items_per_second / report.ceiling_items_per_second,
+            log.duration_s,
+            f64::from(scenario.items) / report.ceiling_items_per_second,
+            first,
+            sent_by_first,
+            last_send,
+            log.duration_s - last_send,
+            log.timed_out,
+            log.abandoned,
+            log.requests,
+        );
+        if detail {
+            let mut start = 0.0;
+            while start < log.duration_s {
+                let end = start + WINDOW_S;
+                let sends: Vec<_> = log
+                    .sends
+                    .iter()
+                    .filter(|(at, _, _)| (start..end).contains(at))
+                    .collect();
+                let items: u32 = sends.iter().map(|(_, items, _)| items).sum();
+                let done: u32 = log
+                    .completions
+                    .iter()
+                    .filter(|(at, _)| (start..end).contains(at))
+                    .map(|(_, items)| items)
+                    .sum();
+                let in_flight = sends.iter().map(|(_, _, with)| *with).max().unwrap_or(0);
+                println!(
+                    "  {start:6.1} s: sent {items:5} items in {:4} requests (mean {:5.1}), at most {in_flight:3} in flight, {done:5} items done",
+                    sends.len(),
+                    f64::from(items) / sends.len().max(1) as f64,
+                );
+                start = end;
+            }
+        }
+    }
+}
