@@ -176,27 +176,28 @@ pub(super) async fn attach(
 ) -> anyhow::Result<Attach> {
     const OTHERS: &str = "SELECT worker, expires_at FROM backfill_workers \
          WHERE run_id = ? AND detached_at IS NULL AND worker <> ?";
+    // The first other worker still alive on the run, as `Attach::Busy`.
+    let busy = |others: &[(String, i64)], now: i64| {
+        others.iter().find(|(other, expires_at)| *expires_at > now && !worker.proves_gone(other)).map(|(other, expires_at)| {
+            Attach::Busy { worker: other.clone(), seconds_left: (*expires_at - now) as f64 / 1000.0 }
+        })
+    };
     if exclusive {
         // A live worker on the run is seen by a read, without waiting for the write lock that
         // it may hold nearly all the time; the check is made again under the lock below.
         let others: Vec<(String, i64)> =
             sqlx::query_as(OTHERS).bind(run_id).bind(&worker.id).fetch_all(&store.pool).await.map_err(|e| store.err(e))?;
-        let now = now_ms();
-        if let Some((other, expires_at)) = others.iter().find(|(other, expires_at)| *expires_at > now && !worker.proves_gone(other)) {
-            return Ok(Attach::Busy { worker: other.clone(), seconds_left: (*expires_at - now) as f64 / 1000.0 });
+        if let Some(busy) = busy(&others, now_ms()) {
+            return Ok(busy);
         }
     }
     let mut tx = store.begin_write().await?;
     let now = now_ms();
-    let others: Vec<(String, i64)> =
-        sqlx::query_as(OTHERS).bind(run_id).bind(&worker.id).fetch_all(&mut *tx).await.map_err(|e| store.err(e))?;
-    for (other, expires_at) in &others {
-        let alive = *expires_at > now && !worker.proves_gone(other);
-        if alive && exclusive {
-            return Ok(Attach::Busy {
-                worker: other.clone(),
-                seconds_left: (*expires_at - now) as f64 / 1000.0,
-            });
+    if exclusive {
+        let others: Vec<(String, i64)> =
+            sqlx::query_as(OTHERS).bind(run_id).bind(&worker.id).fetch_all(&mut *tx).await.map_err(|e| store.err(e))?;
+        if let Some(busy) = busy(&others, now) {
+            return Ok(busy);
         }
     }
     let expires = now + lease.as_millis() as i64;
