@@ -95,12 +95,6 @@ fn widened_error(measured: Measured) -> f64 {
         * small_sample_factor(f64::from(measured.samples) - 1.0)
 }
 
-/// The relative standard error of a measurement set against one request's latency (the
-/// first answer, sent alone): the mean's error and one request's spread together.
-fn against_one_request(measured: Measured) -> f64 {
-    measured.relative_error * f64::from(measured.samples.max(1)).sqrt()
-}
-
 /// Two measurements of one level taken as one: throughput and latency weighted by the
 /// requests each was taken over, the error of the pooled mean from both errors.
 fn pooled(a: Measured, b: Measured) -> Measured {
@@ -633,13 +627,13 @@ impl DelayLimit {
     }
 
     /// Whether a measurement's latency per item is clearly above the first request's, sent
-    /// alone to an idle server: beyond the noise of the measurement and of that one request.
+    /// alone to an idle server.
     fn queued_alone(&self, measured: Measured) -> bool {
         self.first_alone.is_some_and(|alone| {
             measured.seconds_per_item
                 >= (QUEUE_INFLATION
                     + NOISE_ERRORS
-                        * against_one_request(measured)
+                        * measured.relative_error
                         * small_sample_factor(f64::from(measured.samples) - 1.0))
                     * alone
         })
@@ -939,25 +933,6 @@ mod tests {
             lowest = lowest.min(limit.settled());
         }
         assert_eq!(lowest, 2, "from {settled}, on 2 slots");
-    }
-
-    #[test]
-    fn one_request_sent_alone_is_as_noisy_a_baseline_as_one_request() {
-        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
-        limit.first_alone = Some(0.1);
-        let at = |seconds_per_item: f64| Measured {
-            level: 4,
-            items_per_second: 40.0 / (seconds_per_item * 10.0),
-            mean_latency_s: seconds_per_item * 10.0,
-            seconds_per_item,
-            relative_error: 0.06,
-            samples: 8,
-        };
-        // Half as slow again per item as the first answer: within what one request's spread
-        // (0.06 × √8 ≈ 17 %) allows, so no sign of a queue...
-        assert!(!limit.queued_alone(at(0.15)));
-        // ...four times as slow is.
-        assert!(limit.queued_alone(at(0.4)));
     }
 
     #[test]
