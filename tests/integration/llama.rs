@@ -6,7 +6,8 @@
 use crate::support::*;
 
 /// One test at a time on the shared server: its two slots are what the tests measure against,
-/// and a second client would queue ours behind its requests.
+/// and a second client would queue ours behind its requests. The local MiniLM test, which
+/// keeps both cores busy, takes it too.
 pub(crate) static SERVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub(crate) fn llama_url() -> Option<String> {

@@ -293,6 +293,9 @@ async fn local_minilm_on_200_motions_matches_onnxruntime() {
     ) else {
         return;
     };
+    // Not beside the llama.cpp tests: this one keeps both cores busy, and they measure their
+    // calls against the server's own time per call, which a shared machine would skew.
+    let _server = crate::llama::SERVER.lock().await;
     let motions = std::env::var_os("BACKFILL_MOTIONS")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/motions/tk_moties_fulltext.jsonl"));
