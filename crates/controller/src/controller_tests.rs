@@ -290,6 +290,66 @@ fn end_of_queue_cuts_stay_within_the_hedge_budget() {
 }
 
 #[test]
+fn on_a_paced_api_a_hung_request_is_cut_past_the_hedge_budget() {
+    let mut controller = controller();
+    let announced = parse_rate_limit_headers([
+        ("x-ratelimit-limit-requests", "600"),
+        ("x-ratelimit-limit-tokens", "2000000"),
+    ]);
+    // 100 requests, 10 s each, on a provider that announces its limits.
+    let mut now = Duration::ZERO;
+    for _ in 0..100 {
+        let ticket = loop {
+            now += seconds(0.1);
+            if let Some(ticket) = try_send(&mut controller, now) {
+                break ticket;
+            }
+        };
+        let items = controller.in_flight[&ticket].shape.items;
+        finish(
+            &mut controller,
+            now + seconds(10.0),
+            ticket,
+            completed(items),
+            announced,
+        );
+        now += seconds(10.0);
+    }
+    let mut tickets = Vec::new();
+    while tickets.len() < 3 {
+        now += seconds(0.01);
+        tickets.extend(try_send(&mut controller, now));
+    }
+    let sizes: u64 = tickets
+        .iter()
+        .map(|ticket| u64::from(controller.in_flight[ticket].shape.items))
+        .sum();
+    let idle = PipelineLoad {
+        in_flight: 3,
+        queued_items: 0,
+    };
+    // Past its size's p90 a request is a hedge: the budget (2 % of the items sent) takes
+    // fewer than all three.
+    assert!(controller.requests_to_cut(now + seconds(9.0), idle).is_empty());
+    let hedges = controller.requests_to_cut(now + seconds(11.0), idle);
+    assert!(!hedges.is_empty() && hedges.len() < 3, "{hedges:?}");
+    assert!(controller.counts().hedged_items < sizes);
+    // The rest wait, but not for their timeout: once far past any latency seen, a request is
+    // taken as hung and cut whatever the budget has left.
+    let timeout = controller.timeout_for(controller.batch.current());
+    let mut cut = hedges.len();
+    let mut at = now + seconds(11.0);
+    while cut < 3 {
+        let Decision::Wait { until: Some(wake) } = controller.poll(at, idle) else {
+            panic!("no wake-up for the hung requests");
+        };
+        assert!(wake > at && wake < now + timeout, "{wake:?} {timeout:?}");
+        at = wake;
+        cut += controller.requests_to_cut(at, idle).len();
+    }
+}
+
+#[test]
 fn snapshot_survives_json_and_restores_what_was_learned() {
     let mut controller = controller();
     let announced = parse_rate_limit_headers([

@@ -29,6 +29,11 @@ const HEDGE_BUDGET_SHARE: f64 = 0.02;
 /// ...and at most this share on a server that queues, where the copy also waits behind the
 /// request it hedges and its short last round leaves hedges little to win.
 const HEDGE_BUDGET_SHARE_QUEUEING: f64 = 0.01;
+/// At the end of the queue, a request older than the larger of these multiples of its size's
+/// p90 and p99 latency is taken as hung and cut whatever the hedge budget has left: waiting
+/// out its timeout would be the run's tail.
+const HUNG_P90S: f64 = 2.0;
+const HUNG_P99S: f64 = 1.5;
 
 impl Controller {
     /// Requests the dispatcher should abandon now, reporting each as `Outcome::TimedOut` so
@@ -46,29 +51,33 @@ impl Controller {
         };
         // Most overdue first (a hung request before one just past its size's p90), within
         // the hedge budget.
-        let mut overdue: Vec<(f64, Duration, Ticket)> = self
+        let hung_age = self.hung_age();
+        let mut overdue: Vec<(f64, Duration, Ticket, bool)> = self
             .in_flight
             .iter()
             .filter_map(|(ticket, request)| {
                 let age = now.saturating_sub(request.sent_at);
                 let allowed = cut_age(request.shape.items);
+                let hung = hung_age
+                    .as_ref()
+                    .is_some_and(|hung_age| age >= hung_age(request.shape.items));
                 (age >= allowed).then(|| {
                     let overdue = age.as_secs_f64() / allowed.as_secs_f64().max(1e-9);
-                    (overdue, request.sent_at, *ticket)
+                    (overdue, request.sent_at, *ticket, hung)
                 })
             })
             .collect();
         drop(cut_age);
+        drop(hung_age);
         overdue.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        let overdue: Vec<Ticket> = overdue.into_iter().map(|(_, _, ticket)| ticket).collect();
         let mut kept = Vec::with_capacity(overdue.len());
-        for ticket in overdue {
+        for (_, _, ticket, hung) in overdue {
             let left = self.hedge_budget_left();
             let Some(request) = self.in_flight.get_mut(&ticket) else {
                 continue;
             };
             let items = u64::from(request.shape.items);
-            if request.cut_at_end_of_queue || items > left {
+            if request.cut_at_end_of_queue || (items > left && !hung) {
                 continue;
             }
             request.cut_at_end_of_queue = true;
@@ -100,15 +109,42 @@ impl Controller {
         })
     }
 
+    /// How old a request of a given size may get before it is taken as hung: far beyond
+    /// what its size's latencies make likely (a live one takes this long about once in
+    /// several thousand at a log-normal spread).
+    fn hung_age(&self) -> Option<impl Fn(u32) -> Duration + use<'_>> {
+        // On a server that queues, a request's age includes its wait behind ours.
+        if self.delay_limit_applies() && self.counts.rate_limited == 0 {
+            return None;
+        }
+        let model = self
+            .latency
+            .model()
+            .filter(|_| self.latency.len() >= LATENCIES_FOR_TIMEOUT)?;
+        Some(move |items: u32| {
+            Duration::from_secs_f64(
+                (HUNG_P90S * model.p90(items)).max(HUNG_P99S * model.p99(items)),
+            )
+            .max(MINIMUM_TIMEOUT)
+            .min(self.timeout_for(items))
+        })
+    }
+
     pub(crate) fn next_end_of_queue_cut(&self) -> Option<Duration> {
         let cut_age = self.end_of_queue_cut_age()?;
+        let hung_age = self.hung_age();
         let left = self.hedge_budget_left();
         self.in_flight
             .values()
-            .filter(|request| {
-                !request.cut_at_end_of_queue && u64::from(request.shape.items) <= left
+            .filter(|request| !request.cut_at_end_of_queue)
+            .filter_map(|request| {
+                let items = request.shape.items;
+                if u64::from(items) <= left {
+                    Some(request.sent_at + cut_age(items))
+                } else {
+                    Some(request.sent_at + hung_age.as_ref()?(items))
+                }
             })
-            .map(|request| request.sent_at + cut_age(request.shape.items))
             .min()
     }
 
