@@ -217,8 +217,6 @@ pub struct DelayLimit {
     raised: bool,
     /// Whether a probe has failed yet: the best level lies between two measured ones.
     bracketed: bool,
-    /// Whether a level below the settled one was ever tried.
-    probed_below: bool,
     /// The measurement the settled level was last judged on (when it was settled or held).
     judged: Option<Measured>,
     /// Latency per item of the first request answered that was sent with no other of ours in
@@ -236,7 +234,9 @@ impl DelayLimit {
             probe: None,
             reference: None,
             slow_start: true,
-            next_direction: Direction::Up,
+            // The first probe halves the start level: a server with fewer slots than the
+            // job's start is found going down at once, before any doubling.
+            next_direction: Direction::Down,
             hold_until: Duration::ZERO,
             generation: 0,
             accumulator: Accumulator::default(),
@@ -249,7 +249,6 @@ impl DelayLimit {
             previous_limit: range.start,
             raised: false,
             bracketed: false,
-            probed_below: false,
             judged: None,
             first_alone: None,
             baseline: VecDeque::new(),
@@ -749,11 +748,10 @@ impl DelayLimit {
                 return;
             }
         }
-        // Otherwise slow start doubles: the start level shows no clear queue, and one answer
-        // sent alone is too uneven a measure (an LLM's output lengths vary) to go below on its
-        // word. A server with a few slots fewer than the start shows it when the doubling
-        // gains nothing, and the level below is probed then (`probed_below`).
-        self.next_direction = Direction::Up;
+        // Otherwise half the start level is tried first: a server with fewer slots than the
+        // start shows there at once, and one answer sent alone is too uneven a measure (an
+        // LLM's output lengths vary) to skip that on its word.
+        self.next_direction = Direction::Down;
         self.start_probe(false);
     }
 
@@ -775,16 +773,13 @@ impl DelayLimit {
             (level.saturating_add(up), level.saturating_sub(step))
         };
         let can_go_up = level < self.range.max;
-        // Below the settled level only when its latency shows a queue, or once at the start
-        // level when no level below was tried (its first doubling gained nothing: the server
-        // may have fewer slots than the start): a server that answers as fast at any
-        // concurrency is not probed down again and again.
+        // Below the settled level only when its latency shows a queue (or once, at the
+        // start): a server that answers as fast at any concurrency is never probed down.
         let queued = self
             .reference
             .is_some_and(|reference| self.shows_queue(reference));
-        let first_below = !self.probed_below && level == self.range.start;
-        let can_go_down =
-            level > self.range.min && (after_a_kept_step_down || queued || first_below);
+        let can_go_down = level > self.range.min
+            && (after_a_kept_step_down || queued || (self.slow_start && self.probes == 0));
         let target = match self.next_direction {
             Direction::Up if can_go_up => Some(up),
             Direction::Down if can_go_down => Some(down),
@@ -814,7 +809,6 @@ impl DelayLimit {
     }
 
     fn bump(&mut self) {
-        self.probed_below |= self.limit() < self.settled;
         self.raised = self.limit() > self.previous_limit;
         self.previous_limit = self.limit();
         self.generation += 1;
@@ -904,25 +898,13 @@ mod tests {
     }
 
     #[test]
-    fn without_a_clear_queue_slow_start_doubles_first() {
+    fn without_a_clear_queue_the_first_probe_halves_the_start_level() {
         let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
         let mut now = Duration::from_secs(1);
         limit.on_completed(now, limit.generation(), 1, 10.0, Duration::from_secs(1));
         feed(&mut limit, &mut now, 4, Duration::from_secs(1));
-        assert_eq!(limit.limit(), 8);
+        assert_eq!(limit.limit(), 2);
         assert!(limit.searching());
-    }
-
-    #[test]
-    fn a_server_with_a_few_slots_fewer_than_the_start_is_found_below_it() {
-        // Three slots and a start of four: no clear queue at the start (4 ÷ 3 of the
-        // unloaded latency), so slow start doubles; that gains nothing, and the level below
-        // the start is tried, once, though the start level's latency shows no queue of its own.
-        for slots in [2, 3] {
-            let limit = settle_on(slots, 0.0, StartMinMax::new(4, 1, 64));
-            assert!(limit.probes() >= 2);
-            assert_eq!(limit.settled(), slots, "{slots} slots");
-        }
     }
 
     #[test]
