@@ -265,7 +265,12 @@ impl Controller {
     /// Whether the server behaves as one that queues: it never refused with a 429, announced
     /// no rate limits, and the delay limit is what bounds the requests in flight (`limit`).
     pub(crate) fn queueing_server(&self, limit: u32) -> bool {
-        self.delay_limit_applies() && self.counts.rate_limited == 0 && self.delay.limit() <= limit
+        !self.paced_api() && self.delay.limit() <= limit
+    }
+
+    /// Whether the provider is a paced API: it announced rate limits or answered 429.
+    pub(crate) fn paced_api(&self) -> bool {
+        !self.delay_limit_applies() || self.counts.rate_limited > 0
     }
 
     /// Whether the delay limit binds: not once the provider has announced rate limits.

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::controller::Controller;
+use crate::latency_window::LatencyModel;
 use crate::protocol::{PipelineLoad, Ticket};
 
 /// Latencies needed before the controller proposes its own timeout.
@@ -97,36 +98,37 @@ impl Controller {
 
     /// How old a request of a given size may get at the end of the queue before it is cut.
     fn end_of_queue_cut_age(&self) -> Option<impl Fn(u32) -> Duration + use<'_>> {
-        let model = self
-            .latency
-            .model()
-            .filter(|_| self.latency.len() >= LATENCIES_FOR_TIMEOUT)?;
-        Some(move |items: u32| {
-            // The fit may extrapolate badly to sizes far below the usual: keep a floor.
-            Duration::from_secs_f64(model.p90(items) * END_OF_QUEUE_CUT_P90S)
-                .max(MINIMUM_TIMEOUT)
-                .min(self.timeout_for(items))
-        })
+        // The fit may extrapolate badly to sizes far below the usual: keep a floor.
+        self.age_bound(|model, items| model.p90(items) * END_OF_QUEUE_CUT_P90S)
     }
 
     /// How old a request of a given size may get before it is taken as hung: far beyond
     /// what its size's latencies make likely (a live one takes this long about once in
-    /// several thousand at a log-normal spread).
+    /// several thousand at a log-normal spread). Only on a paced API: on a server that
+    /// queues, a request's age includes its wait behind ours.
     fn hung_age(&self) -> Option<impl Fn(u32) -> Duration + use<'_>> {
-        // On a server that queues, a request's age includes its wait behind ours.
-        if self.delay_limit_applies() && self.counts.rate_limited == 0 {
+        if !self.paced_api() {
             return None;
         }
+        self.age_bound(|model, items| {
+            (HUNG_P90S * model.p90(items)).max(HUNG_P99S * model.p99(items))
+        })
+    }
+
+    /// An age per request size from the latency fit, once enough latencies are known, at
+    /// least `MINIMUM_TIMEOUT` and at most the request's timeout.
+    fn age_bound<F: Fn(&LatencyModel, u32) -> f64>(
+        &self,
+        seconds: F,
+    ) -> Option<impl Fn(u32) -> Duration + use<'_, F>> {
         let model = self
             .latency
             .model()
             .filter(|_| self.latency.len() >= LATENCIES_FOR_TIMEOUT)?;
         Some(move |items: u32| {
-            Duration::from_secs_f64(
-                (HUNG_P90S * model.p90(items)).max(HUNG_P99S * model.p99(items)),
-            )
-            .max(MINIMUM_TIMEOUT)
-            .min(self.timeout_for(items))
+            Duration::from_secs_f64(seconds(&model, items))
+                .max(MINIMUM_TIMEOUT)
+                .min(self.timeout_for(items))
         })
     }
 
@@ -139,11 +141,12 @@ impl Controller {
             .filter(|request| !request.cut_at_end_of_queue)
             .filter_map(|request| {
                 let items = request.shape.items;
-                if u64::from(items) <= left {
-                    Some(request.sent_at + cut_age(items))
+                let age = if u64::from(items) <= left {
+                    cut_age(items)
                 } else {
-                    Some(request.sent_at + hung_age.as_ref()?(items))
-                }
+                    hung_age.as_ref()?(items)
+                };
+                Some(request.sent_at + age)
             })
             .min()
     }
@@ -209,7 +212,7 @@ impl Controller {
     /// plus its own tail latency least.
     fn paced_last_round_size(
         &self,
-        model: crate::latency_window::LatencyModel,
+        model: LatencyModel,
         queued: f64,
         limit: u32,
         size: u32,
@@ -289,7 +292,7 @@ impl Controller {
                     .clamp(self.config.items_per_request.min, size)
             }
             // On a paced API the last round is planned whole: no further spreading.
-            Some(model) if !self.delay_limit_applies() || self.counts.rate_limited > 0 => {
+            Some(model) if self.paced_api() => {
                 return self.paced_last_round_size(model, queued, limit, size);
             }
             _ => size,
