@@ -46,7 +46,7 @@ fn main() {
     let mut scenario: Scenario = toml::from_str(&text).expect("scenario");
     let base = scenario.seed;
     println!(
-        "seed | whole run/ceiling | duration s | ideal s | first answer s | items sent by then | last send s | end − last send s | timeouts | cut | requests"
+        "seed | whole run/ceiling | duration s | ideal s | first answer s | items sent by then | last send s | end − last send s | timeouts | cut | requests | computed twice %"
     );
     for seed in 0..seeds {
         scenario.seed = base + offset + seed * 1000;
@@ -63,7 +63,7 @@ fn main() {
             .map(|(_, items, _)| items)
             .sum();
         println!(
-            "{} | {:.3} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {:.1} | {} | {} | {}",
+            "{} | {:.3} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {:.1} | {} | {} | {} | {:.2}",
             scenario.seed,
             report.overall_items_per_second / report.ceiling_items_per_second,
             log.duration_s,
@@ -75,6 +75,7 @@ fn main() {
             log.timed_out,
             log.abandoned,
             log.requests,
+            100.0 * report.computed_twice_share,
         );
         if detail {
             let mut start = 0.0;

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Benchmark: backfill against a real self-hosted server that queues instead of refusing —
+# llama.cpp's `llama-server` with SmolLM2-135M (scripts/peers.sh) — with 2, 4 and 8 slots, each
+# against a client fixed at the server's true slot count on the same table and server.
+#
+# Both clients run the same job (the shortest motions of data/motions_sample.jsonl, 2 per
+# request) through the real binary; the fixed one has `concurrency = { start = S, min = S,
+# max = S }`, the adaptive one no concurrency caps at all. Prints per slot count and client,
+# from the ledger and the server's log: items done or failed (the tiny model's output fails
+# some) over the run (first call's start to the
+# last call's end), that against the fixed client's, the most requests in flight, the median
+# call against the server's own median time per call, timeouts and items computed twice
+# (hedged).
+#
+#   scripts/bench-llama.sh                    # 2, 4 and 8 slots, 40 motions, one round each
+#   SLOTS="4" ITEMS=60 ROUNDS=2 scripts/bench-llama.sh
+#
+# The server shares the machine's cores with the client: run it on an otherwise idle machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SLOTS="${SLOTS:-2 4 8}"
+ITEMS="${ITEMS:-40}"
+ROUNDS="${ROUNDS:-1}"
+PORT="${BENCH_LLAMA_PORT:-18081}"
+
+cargo build --locked --bin backfill >&2
+BIN="$PWD/target/debug/backfill"
+WORK="$(mktemp -d)"
+export BACKFILL_PEERS_RUN="$WORK/peers"
+cleanup() {
+  BACKFILL_PEERS_RUN="$WORK/peers" scripts/peers.sh stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+python3 scripts/make-motions-db.py data/motions_sample.jsonl "$WORK/motions.db" >&2
+python3 - "$WORK/motions.db" "$ITEMS" <<'EOF'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+db.execute("DELETE FROM motions WHERE id NOT IN (SELECT id FROM motions ORDER BY length(text) LIMIT ?)", (int(sys.argv[2]),))
+db.commit()
+db.execute("VACUUM")
+EOF
+cat >"$WORK/prompt.md" <<'EOF'
+Leg elke motie uit in één korte zin van hoogstens vijftien woorden. Antwoord met een JSON-object met de id's als sleutels.
+{{items}}
+EOF
+
+# job FILE DB CONCURRENCY_LINE
+job() {
+  cat >"$1" <<EOF
+name = "bench-llama"
+[source]
+database = "sqlite://$2"
+table = "motions"
+id = "id"
+columns = ["title", "text"]
+pending = "explanation IS NULL"
+[target]
+column = "explanation"
+[prompt]
+template = "$WORK/prompt.md"
+[model]
+base_url = "http://127.0.0.1:$PORT/v1"
+name = "smollm2-135m"
+structured_output = "json_object_schema"
+max_output_tokens_per_item = 60
+temperature = 0.0
+request_timeout_s = 300
+context_window = 4096
+[pricing.smollm2-135m]
+input = 0.0
+output = 0.0
+[limits]
+items_per_request = { start = 2, min = 1, max = 2 }
+max_attempts = 3
+max_failed_share = 1.0
+$3
+EOF
+}
+
+# run SLOTS CLIENT CONCURRENCY_LINE -> one result line (python dict) on stdout
+run() {
+  local slots="$1" client="$2" line="$3" dir="$WORK/run-$1-$2-$RANDOM"
+  mkdir -p "$dir"
+  cp "$WORK/motions.db" "$dir/motions.db"
+  job "$dir/job.toml" "$dir/motions.db" "$line"
+  local log="$WORK/peers/llama.log" offset
+  offset=$(stat -c %s "$log")
+  (cd "$dir" && "$BIN" run job.toml --json --quiet >"$dir/summary.json" 2>"$dir/stderr.log") || true
+  python3 - "$dir" "$log" "$offset" "$slots" "$client" <<'EOF'
+import json, sqlite3, statistics, sys
+dir, log, offset, slots, client = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+try:
+    summary = json.load(open(f"{dir}/summary.json"))
+except Exception:
+    sys.exit(f"{client} at {slots} slots: no summary; stderr: {open(dir + '/stderr.log').read()[-2000:]}")
+db = sqlite3.connect(f"{dir}/motions.db")
+calls = db.execute("SELECT started_at, started_at + latency_ms, outcome FROM backfill_calls WHERE latency_ms IS NOT NULL ORDER BY started_at").fetchall()
+first, last = calls[0][0], max(end for _, end, _ in calls)
+most = max(sum(1 for s, e, _ in calls if s <= start < e) for start, _, _ in calls)
+median_call = statistics.median(e - s for s, e, _ in calls) / 1000
+timeouts = sum(1 for *_, outcome in calls if outcome == "timeout")
+text = open(log, "rb").read()[offset:].decode("utf-8", "replace")
+own = [float(line.split("total time =")[1].split()[0]) for line in text.splitlines() if "total time =" in line]
+print(json.dumps({
+    "slots": int(slots), "client": client, "span_s": (last - first) / 1000,
+    "done": summary["items"]["done"], "failed": summary["items"]["failed"] + summary["items"]["rejected"], "calls": len(calls),
+    "most_in_flight": most, "median_call_s": median_call,
+    "server_median_s": statistics.median(own) / 1000 if own else None,
+    "timeouts": timeouts, "hedged_items": summary["controller"]["hedged_items"],
+}))
+EOF
+}
+
+results="$WORK/results.jsonl"
+for slots in $SLOTS; do
+  BACKFILL_PEERS_RUN="$WORK/peers" scripts/peers.sh stop >/dev/null 2>&1 || true
+  sleep 1
+  LLAMA_PORT="$PORT" LLAMA_SLOTS="$slots" LLAMA_CTX=$((4096 * slots)) scripts/peers.sh start-llama
+  for ((round = 1; round <= ROUNDS; round++)); do
+    run "$slots" backfill "" >>"$results"
+    run "$slots" fixed "concurrency = { start = $slots, min = $slots, max = $slots }" >>"$results"
+  done
+done
+
+python3 - "$results" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+print("| slots | client | items/s | vs fixed | run s | done/failed | calls | most in flight | median call s | server's own s | call ÷ own | timeouts | computed twice |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+fixed = {}
+for r in rows:
+    if r["client"] == "fixed":
+        fixed.setdefault(r["slots"], []).append((r["done"] + r["failed"]) / r["span_s"])
+for r in rows:
+    rate = (r["done"] + r["failed"]) / r["span_s"]
+    base = sum(fixed[r["slots"]]) / len(fixed[r["slots"]])
+    own = r["server_median_s"]
+    print(f"| {r['slots']} | {r['client']} | {rate:.3f} | {rate / base:.2f} | {r['span_s']:.0f} | {r['done']}/{r['failed']} | {r['calls']} | {r['most_in_flight']} "
+          f"| {r['median_call_s']:.1f} | {own:.1f} | {r['median_call_s'] / own:.2f} | {r['timeouts']} | {r['hedged_items']} |")
+EOF
