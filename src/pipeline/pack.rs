@@ -7,6 +7,10 @@
 use crate::store::Item;
 use crate::tokens::TokenCounter;
 
+/// Output tokens allowed for the object that encloses the items' answers, on top of the
+/// items' own.
+pub const ENCLOSING_OBJECT_TOKENS: u32 = 16;
+
 /// A rendered request: the prompt, its size, and the output budget.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Packed {
@@ -72,9 +76,9 @@ impl Packer {
     }
 
     /// The `max_tokens` for `items` items at `output_per_item` tokens each (JSON structure
-    /// included), plus a little for the enclosing object.
+    /// included), plus `ENCLOSING_OBJECT_TOKENS` for the enclosing object.
     pub fn max_tokens_for(&self, items: usize, output_per_item: f64) -> u32 {
-        let wanted = ((items as f64 * output_per_item).ceil() + 16.0).min(f64::from(u32::MAX)) as u32;
+        let wanted = ((items as f64 * output_per_item).ceil() + f64::from(ENCLOSING_OBJECT_TOKENS)).min(f64::from(u32::MAX)) as u32;
         match self.max_tokens_cap {
             Some(cap) => wanted.min(cap),
             None => wanted,

@@ -84,7 +84,7 @@ output = 0.0
 /// its queue. After the start, no more than 4 requests are in flight; no request times out
 /// and none is cut (so no item is computed twice); after the start, the median call takes at
 /// most twice the server's own time for a call (from its log); and every item gets an output or fails for a
-/// reason other than time.
+/// reason other than time; and no call's answer runs past the job's output tokens per item.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
     let Some(url) = llama_url() else { return };
@@ -125,6 +125,16 @@ async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
     for error in &failures {
         let error = error.clone().unwrap_or_default();
         assert!(!error.contains("timed out") && !error.contains("timeout"), "failed for time: {error}");
+    }
+    // No call let the model write more than the job allows per item (60) plus the enclosing
+    // object's allowance, however long its answers ran before.
+    let outputs: Vec<(i64, i64)> = sqlx::query_as("SELECT items, completion_tokens FROM backfill_calls WHERE completion_tokens IS NOT NULL")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(!outputs.is_empty());
+    for (items, tokens) in &outputs {
+        assert!(*tokens <= items * 60 + 16, "{tokens} output tokens for {items} items at 60 per item; {summary}");
     }
     // Requests in flight, from the ledger: after the first third of the run, at most 4.
     let calls: Vec<(i64, i64)> = sqlx::query_as("SELECT started_at, started_at + latency_ms FROM backfill_calls WHERE latency_ms IS NOT NULL ORDER BY started_at")

@@ -35,7 +35,8 @@ pub struct ControllerConfig {
     pub items_per_request: StartMinMax,
     /// `[limits] concurrency`: in-flight requests.
     pub concurrency: StartMinMax,
-    /// `[model] max_output_tokens_per_item`: the output estimate used until outputs are seen.
+    /// `[model] max_output_tokens_per_item`: the most an item's answer may take. It is the
+    /// output estimate until outputs are seen, and `max_tokens` never exceeds it per item.
     pub initial_output_tokens_per_item: u32,
     /// The model's context window in tokens, when known; `max_tokens` never exceeds what is
     /// left of it after the prompt.

@@ -45,7 +45,10 @@ impl Controller {
         controller.tokens = state.tokens;
         controller
             .tokens
-            .set_context_window(controller.config.context_window_tokens);
+            .set_limits(
+                controller.config.context_window_tokens,
+                controller.config.initial_output_tokens_per_item,
+            );
         controller.counts = state.counts;
         Ok(controller)
     }

@@ -40,6 +40,12 @@ pub struct TokenEstimates {
     prompt_sum_items_squared: f64,
     prompt_sum_items_tokens: f64,
     context_window_tokens: Option<u32>,
+    /// `[model] max_output_tokens_per_item`: the most an item's answer may take, so
+    /// `max_tokens` never exceeds it per item (plus the fixed allowance), however long the
+    /// answers seen (a model that rambles to `max_tokens` would otherwise raise it to the
+    /// context window).
+    #[serde(default)]
+    output_cap_per_item: Option<u32>,
 }
 
 impl TokenEstimates {
@@ -58,12 +64,14 @@ impl TokenEstimates {
             prompt_sum_items_squared: 0.0,
             prompt_sum_items_tokens: 0.0,
             context_window_tokens,
+            output_cap_per_item: Some(initial_output_tokens_per_item),
         }
     }
 
-    /// Re-applies the model's context window after a restore.
-    pub fn set_context_window(&mut self, context_window_tokens: Option<u32>) {
+    /// Re-applies the model's context window and the output cap per item after a restore.
+    pub fn set_limits(&mut self, context_window_tokens: Option<u32>, output_cap_per_item: u32) {
         self.context_window_tokens = context_window_tokens;
+        self.output_cap_per_item = Some(output_cap_per_item);
     }
 
     pub fn output_tokens_per_item(&self) -> f64 {
@@ -154,7 +162,10 @@ impl TokenEstimates {
         let b = f64::from(items.max(1));
         let expected = b * self.output_mean_per_item;
         let spread = self.margin_sigmas * (b * self.output_variance_per_item).sqrt();
-        let wanted = expected * (1.0 + MARGIN_SHARE) + spread + MARGIN_TOKENS;
+        let capped = self
+            .output_cap_per_item
+            .map_or(f64::INFINITY, |cap| b * f64::from(cap) + MARGIN_TOKENS);
+        let wanted = (expected * (1.0 + MARGIN_SHARE) + spread + MARGIN_TOKENS).min(capped);
         let room = self
             .context_window_tokens
             .map(|window| f64::from(window) - self.prompt_tokens(items))
@@ -197,6 +208,27 @@ mod tests {
         assert!((1550..2200).contains(&learned), "{learned}");
         estimates.record_output(20, learned, true);
         assert!(estimates.max_tokens(20) > learned);
+    }
+
+    #[test]
+    fn max_tokens_never_exceeds_the_most_an_item_may_take() {
+        let mut estimates = TokenEstimates::new(60, Some(4096));
+        // A model that rambles: every answer runs to max_tokens and is truncated.
+        for _ in 0..50 {
+            let sent = estimates.max_tokens(2);
+            estimates.record_output(2, sent, true);
+        }
+        assert_eq!(estimates.max_tokens(2), 2 * 60 + MARGIN_TOKENS as u32);
+        // Answers longer than the cap (a provider ignoring max_tokens) do not raise it either.
+        for _ in 0..50 {
+            estimates.record_output(2, 1900, false);
+        }
+        assert_eq!(estimates.max_tokens(2), 2 * 60 + MARGIN_TOKENS as u32);
+        // Shorter answers bring it below the cap.
+        for _ in 0..200 {
+            estimates.record_output(2, 40, false);
+        }
+        assert!(estimates.max_tokens(2) < 2 * 60, "{}", estimates.max_tokens(2));
     }
 
     #[test]

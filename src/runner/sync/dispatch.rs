@@ -207,7 +207,9 @@ impl Dispatcher {
             self.shared_rate.unused();
             return Ok(Dispatched::Empty { next_ready_at: claim.next_ready_at, leased: claim.leased });
         }
-        let per_item = f64::from(max_tokens) / f64::from(items.max(1));
+        // The controller's `max_tokens` holds the enclosing object's allowance, which the
+        // packer adds again for the items it packs.
+        let per_item = f64::from(max_tokens.saturating_sub(crate::pipeline::pack::ENCLOSING_OBJECT_TOKENS).max(1)) / f64::from(items.max(1));
         let packed = ctx.pack(claim.items, per_item, ctx.price_column);
         let mut request = packed.request;
         self.shared_rate.packed(request.claimed.len(), request.prompt_tokens, request.prompt_tokens + u64::from(request.max_tokens));
