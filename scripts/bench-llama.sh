@@ -10,7 +10,8 @@
 # some) over the run (first call's start to the
 # last call's end), that against the fixed client's, the most requests in flight, the median
 # call against the server's own median time per call, timeouts and items computed twice
-# (hedged).
+# (hedged), and the share of prompt tokens the server found cached. Each run gets a freshly
+# started server, so neither client finds the other's prompts in its cache.
 #
 #   scripts/bench-llama.sh                    # 2, 4 and 8 slots, 40 motions, one round each
 #   SLOTS="4" ITEMS=60 ROUNDS=2 scripts/bench-llama.sh
@@ -109,17 +110,25 @@ print(json.dumps({
     "most_in_flight": most, "median_call_s": median_call,
     "server_median_s": statistics.median(own) / 1000 if own else None,
     "timeouts": timeouts, "hedged_items": summary["controller"]["hedged_items"],
+    "cached_share": sum(c or 0 for (c,) in db.execute("SELECT cached_tokens FROM backfill_calls")) / max(1, sum(p or 0 for (p,) in db.execute("SELECT prompt_tokens FROM backfill_calls"))),
 }))
 EOF
 }
 
+# A fresh server for every run: llama-server keeps each slot's last prompt cached, and a
+# client run after another on the same table would find most of its prompts already there.
+fresh_server() {
+  BACKFILL_PEERS_RUN="$WORK/peers" scripts/peers.sh stop >/dev/null 2>&1 || true
+  while curl -fsS -o /dev/null "http://127.0.0.1:$PORT/health" 2>/dev/null; do sleep 0.5; done
+  LLAMA_PORT="$PORT" LLAMA_SLOTS="$1" LLAMA_CTX=$((4096 * $1)) scripts/peers.sh start-llama 2>/dev/null
+}
+
 results="$WORK/results.jsonl"
 for slots in $SLOTS; do
-  BACKFILL_PEERS_RUN="$WORK/peers" scripts/peers.sh stop >/dev/null 2>&1 || true
-  sleep 1
-  LLAMA_PORT="$PORT" LLAMA_SLOTS="$slots" LLAMA_CTX=$((4096 * slots)) scripts/peers.sh start-llama
   for ((round = 1; round <= ROUNDS; round++)); do
+    fresh_server "$slots"
     run "$slots" backfill "" >>"$results"
+    fresh_server "$slots"
     run "$slots" fixed "concurrency = { start = $slots, min = $slots, max = $slots }" >>"$results"
   done
 done
@@ -127,8 +136,8 @@ done
 python3 - "$results" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print("| slots | client | items/s | vs fixed | run s | done/failed | calls | most in flight | median call s | server's own s | call ÷ own | timeouts | computed twice |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| slots | client | items/s | vs fixed | run s | done/failed | calls | most in flight | median call s | server's own s | call ÷ own | timeouts | computed twice | prompt cached |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 fixed = {}
 for r in rows:
     if r["client"] == "fixed":
@@ -138,5 +147,5 @@ for r in rows:
     base = sum(fixed[r["slots"]]) / len(fixed[r["slots"]])
     own = r["server_median_s"]
     print(f"| {r['slots']} | {r['client']} | {rate:.3f} | {rate / base:.2f} | {r['span_s']:.0f} | {r['done']}/{r['failed']} | {r['calls']} | {r['most_in_flight']} "
-          f"| {r['median_call_s']:.1f} | {own:.1f} | {r['median_call_s'] / own:.2f} | {r['timeouts']} | {r['hedged_items']} |")
+          f"| {r['median_call_s']:.1f} | {own:.1f} | {r['median_call_s'] / own:.2f} | {r['timeouts']} | {r['hedged_items']} | {100 * r['cached_share']:.0f}% |")
 EOF

@@ -117,7 +117,9 @@ fn extract_object(content: &str, truncated: bool, ids: &[String], shape: &Output
         Ok(value) => return Ok(found(value, json, Vec::new())),
         Err(e) if e.is_eof() && truncated => match parse_complete_prefix(json) {
             Some(value) => return Ok(found(value, json, Vec::new())),
-            None => Malformed(format!("truncated before the first complete entry: {e}")),
+            None => Malformed(format!(
+                "cut off at max_tokens before the first complete entry (max_tokens allows model.max_output_tokens_per_item per item: raise it if answers need more): {e}"
+            )),
         },
         Err(e) => Malformed(format!("{e} ({})", excerpt(content))),
     };
@@ -429,6 +431,12 @@ mod tests {
         assert_eq!(v.missing, vec![2]);
         // Without the truncation flag the same text is malformed.
         assert!(validate(answer, &ids(&["1", "2", "3"]), &OutputShape::Text, false).is_err());
+    }
+
+    #[test]
+    fn an_answer_cut_off_before_its_first_entry_names_the_setting_to_raise() {
+        let error = validate(r#"{"1": "cut off befo"#, &ids(&["1", "2"]), &OutputShape::Text, true).unwrap_err();
+        assert!(error.0.contains("max_output_tokens_per_item"), "{}", error.0);
     }
 
     #[test]

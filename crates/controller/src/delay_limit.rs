@@ -483,14 +483,18 @@ impl DelayLimit {
                     // A probe measured before the change says nothing of the server now.
                     self.pending = None;
                     // By Vegas's estimate the server now serves `level ÷ ratio` of what it
-                    // served at this level: that level is probed at once, not a step away.
-                    // Faster, slow start resumes from there, since the server may take more.
+                    // served at this level: slower, that level is probed at once, not a step
+                    // away. Faster, slow start resumes, its first step at most a doubling:
+                    // one measurement's ratio can be an answer-length swing, and a level
+                    // several times the server's would queue every request behind others.
                     let estimate = f64::from(measured.level) / ratio;
                     let target = if ratio > 1.0 {
                         estimate.round()
                     } else {
                         self.slow_start = true;
-                        estimate.ceil()
+                        estimate
+                            .ceil()
+                            .min(f64::from(measured.level.saturating_mul(SLOW_START_FACTOR)))
                     };
                     self.reference = Some(measured);
                     let target = self.range.clamp(target.max(1.0) as u32);
@@ -933,6 +937,37 @@ mod tests {
             lowest = lowest.min(limit.settled());
         }
         assert_eq!(lowest, 2, "from {settled}, on 2 slots");
+    }
+
+    #[test]
+    fn a_server_that_turns_faster_is_probed_at_most_double_the_level() {
+        let mut limit = settle_on(2, 0.0, StartMinMax::new(4, 1, 64));
+        let mut now = Duration::from_secs(100_000);
+        for _ in 0..1000 {
+            if limit.probe.is_none() && limit.hold_until > now + Duration::from_secs(60) {
+                break;
+            }
+            let level = limit.limit();
+            feed(&mut limit, &mut now, 1, latency(level, 2, 2.0, 0.0));
+        }
+        let settled = limit.settled();
+        assert!(
+            limit.probe.is_none() && limit.hold_until > now + Duration::from_secs(60),
+            "no hold reached"
+        );
+        // Latency at the settled level falls to a quarter (shorter answers, or a server
+        // with many more slots): Vegas's estimate is four times the level, but the first
+        // step up is a doubling.
+        let mut highest = settled;
+        for _ in 0..(4 * settled) {
+            let level = limit.limit();
+            if limit.probe.is_some() {
+                break;
+            }
+            feed(&mut limit, &mut now, 1, latency(level, 2, 0.5, 0.0));
+            highest = highest.max(limit.limit());
+        }
+        assert_eq!(highest, 2 * settled, "from {settled}");
     }
 
     #[test]
