@@ -7,9 +7,7 @@
 use crate::store::Item;
 use crate::tokens::TokenCounter;
 
-/// Output tokens allowed for the object that encloses the items' answers, on top of the
-/// items' own.
-pub const ENCLOSING_OBJECT_TOKENS: u32 = 16;
+pub use backfill_controller::ENCLOSING_OBJECT_TOKENS;
 
 /// A rendered request: the prompt, its size, and the output budget.
 #[derive(Debug, Clone, PartialEq)]

@@ -280,13 +280,20 @@ fn end_of_queue_cuts_stay_within_the_hedge_budget() {
     assert_eq!(cut.len(), 1, "{cut:?}");
     assert!(cut == vec![first] || cut == vec![second]);
     assert_eq!(controller.counts().hedged_items, 10);
-    assert!(controller.requests_to_cut(now + seconds(60.0), idle).is_empty());
+    assert!(
+        controller
+            .requests_to_cut(now + seconds(60.0), idle)
+            .is_empty()
+    );
     // No wake-up for a cut the budget does not allow.
     let load = PipelineLoad {
         in_flight: 2,
         queued_items: 0,
     };
-    assert_eq!(controller.poll(now + seconds(60.0), load), Decision::Wait { until: None });
+    assert_eq!(
+        controller.poll(now + seconds(60.0), load),
+        Decision::Wait { until: None }
+    );
 }
 
 #[test]
@@ -297,24 +304,7 @@ fn on_a_paced_api_a_hung_request_is_cut_past_the_hedge_budget() {
         ("x-ratelimit-limit-tokens", "2000000"),
     ]);
     // 100 requests, 10 s each, on a provider that announces its limits.
-    let mut now = Duration::ZERO;
-    for _ in 0..100 {
-        let ticket = loop {
-            now += seconds(0.1);
-            if let Some(ticket) = try_send(&mut controller, now) {
-                break ticket;
-            }
-        };
-        let items = controller.in_flight[&ticket].shape.items;
-        finish(
-            &mut controller,
-            now + seconds(10.0),
-            ticket,
-            completed(items),
-            announced,
-        );
-        now += seconds(10.0);
-    }
+    let mut now = answered_one_at_a_time(&mut controller, Duration::ZERO, 100, 10.0, announced);
     let mut tickets = Vec::new();
     while tickets.len() < 3 {
         now += seconds(0.01);
@@ -330,7 +320,11 @@ fn on_a_paced_api_a_hung_request_is_cut_past_the_hedge_budget() {
     };
     // Past its size's p90 a request is a hedge: the budget (2 % of the items sent) takes
     // fewer than all three.
-    assert!(controller.requests_to_cut(now + seconds(9.0), idle).is_empty());
+    assert!(
+        controller
+            .requests_to_cut(now + seconds(9.0), idle)
+            .is_empty()
+    );
     let hedges = controller.requests_to_cut(now + seconds(11.0), idle);
     assert!(!hedges.is_empty() && hedges.len() < 3, "{hedges:?}");
     assert!(controller.counts().hedged_items < sizes);
@@ -426,7 +420,19 @@ fn a_snapshot_of_another_version_is_ignored() {
 
 /// Sends and completes `requests` requests of 10 items one after another, 2 s each, from
 /// `now`; returns the time after the last.
-fn one_at_a_time(controller: &mut Controller, mut now: Duration, requests: usize) -> Duration {
+fn one_at_a_time(controller: &mut Controller, now: Duration, requests: usize) -> Duration {
+    answered_one_at_a_time(controller, now, requests, 2.0, RateLimitInfo::default())
+}
+
+/// Sends `requests` requests one after another, each answered whole after `latency` seconds
+/// with `info` in its headers; returns the time after the last answer.
+fn answered_one_at_a_time(
+    controller: &mut Controller,
+    mut now: Duration,
+    requests: usize,
+    latency: f64,
+    info: RateLimitInfo,
+) -> Duration {
     for _ in 0..requests {
         let ticket = loop {
             now += seconds(0.1);
@@ -434,14 +440,15 @@ fn one_at_a_time(controller: &mut Controller, mut now: Duration, requests: usize
                 break ticket;
             }
         };
+        let items = controller.in_flight[&ticket].shape.items;
         finish(
             controller,
-            now + seconds(2.0),
+            now + seconds(latency),
             ticket,
-            completed(10),
-            RateLimitInfo::default(),
+            completed(items),
+            info,
         );
-        now += seconds(2.0);
+        now += seconds(latency);
     }
     now
 }

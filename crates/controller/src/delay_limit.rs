@@ -911,23 +911,29 @@ mod tests {
         assert!(limit.searching());
     }
 
-    #[test]
-    fn a_server_that_loses_slots_is_probed_below_without_waiting_out_the_hold() {
-        let mut limit = settle_on(4, 0.0, StartMinMax::new(4, 1, 64));
-        // Run until the limit holds at its settled level after a failed probe.
+    /// A limit settled on a server with `slots` slots and run until it holds its settled
+    /// level after a failed probe; and the time then.
+    fn settled_and_holding(slots: u32) -> (DelayLimit, Duration) {
+        let mut limit = settle_on(slots, 0.0, StartMinMax::new(4, 1, 64));
         let mut now = Duration::from_secs(100_000);
         for _ in 0..1000 {
             if limit.probe.is_none() && limit.hold_until > now + Duration::from_secs(60) {
                 break;
             }
             let level = limit.limit();
-            feed(&mut limit, &mut now, 1, latency(level, 4, 2.0, 0.0));
+            feed(&mut limit, &mut now, 1, latency(level, slots, 2.0, 0.0));
         }
-        let (settled, hold_until) = (limit.settled(), limit.hold_until);
         assert!(
-            hold_until > now + Duration::from_secs(60),
+            limit.probe.is_none() && limit.hold_until > now + Duration::from_secs(60),
             "no hold reached"
         );
+        (limit, now)
+    }
+
+    #[test]
+    fn a_server_that_loses_slots_is_probed_below_without_waiting_out_the_hold() {
+        let (mut limit, mut now) = settled_and_holding(4);
+        let (settled, hold_until) = (limit.settled(), limit.hold_until);
         // The server restarts with 2 slots: latency at the settled level doubles, and the
         // limit goes below it before the hold would have ended.
         let mut lowest = settled;
@@ -941,20 +947,8 @@ mod tests {
 
     #[test]
     fn a_server_that_turns_faster_is_probed_at_most_double_the_level() {
-        let mut limit = settle_on(2, 0.0, StartMinMax::new(4, 1, 64));
-        let mut now = Duration::from_secs(100_000);
-        for _ in 0..1000 {
-            if limit.probe.is_none() && limit.hold_until > now + Duration::from_secs(60) {
-                break;
-            }
-            let level = limit.limit();
-            feed(&mut limit, &mut now, 1, latency(level, 2, 2.0, 0.0));
-        }
+        let (mut limit, mut now) = settled_and_holding(2);
         let settled = limit.settled();
-        assert!(
-            limit.probe.is_none() && limit.hold_until > now + Duration::from_secs(60),
-            "no hold reached"
-        );
         // Latency at the settled level falls to a quarter (shorter answers, or a server
         // with many more slots): Vegas's estimate is four times the level, but the first
         // step up is a doubling.

@@ -70,4 +70,4 @@ pub use rate_probe::ProbePhase;
 pub use status::{ControllerCounts, ControllerState, ControllerStatus};
 pub use time_formats::{LONGEST as LONGEST_WAIT, seconds_to_duration};
 pub use token_bucket::TokenBucket;
-pub use token_estimates::TokenEstimates;
+pub use token_estimates::{ENCLOSING_OBJECT_TOKENS, TokenEstimates};

@@ -43,12 +43,10 @@ impl Controller {
                 .seed(Duration::from_secs_f64(p90), controller.batch.current());
         }
         controller.tokens = state.tokens;
-        controller
-            .tokens
-            .set_limits(
-                controller.config.context_window_tokens,
-                controller.config.initial_output_tokens_per_item,
-            );
+        controller.tokens.set_limits(
+            controller.config.context_window_tokens,
+            controller.config.initial_output_tokens_per_item,
+        );
         controller.counts = state.counts;
         Ok(controller)
     }

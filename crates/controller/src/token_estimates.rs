@@ -18,7 +18,11 @@ const MARGIN_SIGMAS_PER_TRUNCATION: f64 = 0.5;
 const MARGIN_RELAXATION_PER_REQUEST: f64 = 0.025;
 /// Extra share of the expected output and a fixed allowance (JSON keys and braces).
 const MARGIN_SHARE: f64 = 0.0;
-const MARGIN_TOKENS: f64 = 16.0;
+const MARGIN_TOKENS: f64 = ENCLOSING_OBJECT_TOKENS as f64;
+/// Output tokens allowed for the object that encloses the items' answers, on top of the
+/// items' own: part of every `max_tokens` the controller decides, and what a packer adds to
+/// the items' share when it packs fewer items than offered.
+pub const ENCLOSING_OBJECT_TOKENS: u32 = 16;
 /// Forgetting factor of the prompt-token fit, per request sent.
 const PROMPT_FORGETTING: f64 = 0.99;
 
@@ -228,7 +232,11 @@ mod tests {
         for _ in 0..200 {
             estimates.record_output(2, 40, false);
         }
-        assert!(estimates.max_tokens(2) < 2 * 60, "{}", estimates.max_tokens(2));
+        assert!(
+            estimates.max_tokens(2) < 2 * 60,
+            "{}",
+            estimates.max_tokens(2)
+        );
     }
 
     #[test]
