@@ -1,4 +1,7 @@
-//! Parsing a chat completion body: content, finish reason, usage and reported cost.
+//! Parsing a chat completion body: content, finish reason, usage, reported cost and the
+//! server's own time on the request.
+
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -19,6 +22,10 @@ pub struct Completion {
     pub usage_problem: Option<String>,
     /// The body had no choice at all (`choices: []`) but a usage: billed, with no answer.
     pub no_choices: bool,
+    /// How long the server says it worked on the request, its queue not included: llama.cpp's
+    /// `timings` (`prompt_ms` + `predicted_ms`), or `prompt_time` + `completion_time` in
+    /// seconds under `time_info` or `usage` (Cerebras, Groq). `None` when it does not say.
+    pub server_time: Option<Duration>,
 }
 
 impl Completion {
@@ -79,7 +86,24 @@ pub fn parse_completion(body: &str) -> Result<Completion, String> {
         },
     };
     let usage_problem = (!problems.is_empty()).then(|| problems.join("; "));
-    Ok(Completion { content, finish_reason, usage, reported_cost_usd, usage_problem, no_choices })
+    let server_time = server_time(&value);
+    Ok(Completion { content, finish_reason, usage, reported_cost_usd, usage_problem, no_choices, server_time })
+}
+
+/// The server's own time on the request from the body, when it gives both parts (reading the
+/// prompt, writing the answer) as finite non-negative numbers.
+fn server_time(body: &Value) -> Option<Duration> {
+    let sum = |object: &Value, prompt: &str, answer: &str, per_second: f64| {
+        let part = |name: &str| object.get(name)?.as_f64().filter(|v| v.is_finite() && *v >= 0.0);
+        Duration::try_from_secs_f64((part(prompt)? + part(answer)?) / per_second).ok()
+    };
+    if let Some(timings) = body.get("timings").filter(|t| t.is_object()) {
+        return sum(timings, "prompt_ms", "predicted_ms", 1000.0);
+    }
+    ["time_info", "usage"]
+        .iter()
+        .filter_map(|key| body.get(*key).filter(|v| v.is_object()))
+        .find_map(|object| sum(object, "prompt_time", "completion_time", 1.0))
 }
 
 fn excerpt(value: &Value) -> String {
@@ -128,6 +152,26 @@ mod tests {
         let c = parse_completion(r#"{"choices":[{"message":{"content":"{\"1\":"},"finish_reason":"length"}]}"#).unwrap();
         assert!(c.truncated());
         assert_eq!(c.usage, None);
+    }
+
+    #[test]
+    fn the_servers_own_time_is_read_where_each_server_puts_it() {
+        let time = |body: &str| parse_completion(body).unwrap().server_time;
+        let choice = r#""choices":[{"message":{"content":"{}"},"finish_reason":"stop"}]"#;
+        // llama.cpp's llama-server.
+        let llama = format!(r#"{{{choice},"timings":{{"prompt_n":57,"prompt_ms":120.5,"predicted_n":40,"predicted_ms":879.5}}}}"#);
+        assert_eq!(time(&llama), Some(Duration::from_millis(1000)));
+        // Cerebras (`time_info`) and Groq (`usage`), in seconds.
+        let cerebras = format!(r#"{{{choice},"time_info":{{"queue_time":0.5,"prompt_time":0.25,"completion_time":1.0}}}}"#);
+        assert_eq!(time(&cerebras), Some(Duration::from_millis(1250)));
+        let groq = format!(r#"{{{choice},"usage":{{"prompt_tokens":5,"completion_tokens":3,"queue_time":2.0,"prompt_time":0.5,"completion_time":0.5}}}}"#);
+        assert_eq!(time(&groq), Some(Duration::from_secs(1)));
+        // Not said, said in half, or said wrongly: nothing is made up.
+        assert_eq!(time(&format!("{{{choice}}}")), None);
+        assert_eq!(time(&format!(r#"{{{choice},"timings":{{"prompt_ms":120.5}}}}"#)), None);
+        assert_eq!(time(&format!(r#"{{{choice},"timings":{{"prompt_ms":-1,"predicted_ms":5}}}}"#)), None);
+        assert_eq!(time(&format!(r#"{{{choice},"timings":{{"prompt_ms":"1","predicted_ms":5}}}}"#)), None);
+        assert_eq!(time(&format!(r#"{{{choice},"timings":{{"prompt_ms":1e308,"predicted_ms":1e308}}}}"#)), None);
     }
 
     #[test]

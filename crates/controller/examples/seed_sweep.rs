@@ -7,7 +7,8 @@
 //! cargo run --release --example seed_sweep --manifest-path crates/controller/Cargo.toml [NAME] [--seeds]
 //! ```
 //! `--seeds` also prints each seed's figures (to find the bad ones); `SWEEP_SEEDS=N` runs N
-//! seeds instead of 20.
+//! seeds instead of 20; `SERVICE_TIME=1` has every server report its service time (as
+//! llama.cpp's `timings` do).
 
 use std::path::Path;
 use std::time::Duration;
@@ -42,6 +43,9 @@ fn main() {
     for path in paths {
         let text = std::fs::read_to_string(&path).expect("scenario file");
         let mut scenario: Scenario = toml::from_str(&text).expect("scenario");
+        if std::env::var_os("SERVICE_TIME").is_some_and(|value| value == "1") {
+            scenario.provider.reports_service_time = true;
+        }
         let Some(slots) = scenario.provider.slots else {
             continue;
         };

@@ -8,7 +8,8 @@
 //! cargo run --release --example timeline --manifest-path crates/controller/Cargo.toml -- NAME [SEEDS]
 //! ```
 //! NAME is a scenario file's stem (`announced_3000_items`); the seeds are the file's + 0,
-//! 1000, …; `OFFSET=N` starts at the file's seed + N.
+//! 1000, …; `OFFSET=N` starts at the file's seed + N; `SERVICE_TIME=1` has the server report
+//! its service time (as llama.cpp's `timings` do).
 
 use std::path::Path;
 use std::time::Duration;
@@ -44,6 +45,9 @@ fn main() {
         .join(format!("{name}.toml"));
     let text = std::fs::read_to_string(&path).expect("scenario file");
     let mut scenario: Scenario = toml::from_str(&text).expect("scenario");
+    if std::env::var_os("SERVICE_TIME").is_some_and(|value| value == "1") {
+        scenario.provider.reports_service_time = true;
+    }
     let base = scenario.seed;
     println!(
         "seed | whole run/ceiling | duration s | ideal s | first answer s | items sent by then | last send s | end − last send s | timeouts | cut | requests | computed twice %"

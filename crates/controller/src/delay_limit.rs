@@ -29,6 +29,17 @@
 //! Only requests sent while this limit was what held the dispatcher back are measured: when the
 //! provider's rate or the job's caps bind first, the level is not ours to learn. A change of
 //! request size starts the level's measurement afresh, so no measurement mixes two sizes.
+//!
+//! A server that says how long it worked on each request (llama.cpp's `timings`, the
+//! `time_info` or `usage` times of some hosted APIs) also shows its queue directly: a request's
+//! latency less that service time, less the network's share (the least seen), is the time it
+//! waited for a slot. Counted over the requests sent at the current limit (from the first one
+//! the level itself put in flight: after a raise, every request the raise added), whatever
+//! their size, from their fourth answer on: when by Little's law at least `QUEUED_REQUESTS`
+//! of them (and a share of the level, for the noise) were queued on average, the level is
+//! past the server's slots, whatever the throughput's noise says. The limit drops at once to
+//! the requests the server served at a time (the level less those queued) and holds there,
+//! and slow start ends. A start level that shows no queue is not probed below either.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -69,6 +80,11 @@ const QUEUED_HALF: f64 = 2.0;
 /// Measurements the baseline (the lowest latency per item) is taken over.
 const BASELINE_WINDOW: Duration = Duration::from_secs(600);
 const BASELINE_MEASUREMENTS: usize = 64;
+/// Requests waiting in the server's queue on average (from its reported service times) that
+/// show a level past its slots: at least this many, plus `QUEUED_SHARE` of the level (the
+/// network's jitter adds a little apparent wait per request, which adds up at high levels).
+const QUEUED_REQUESTS: f64 = 0.5;
+const QUEUED_SHARE: f64 = 0.05;
 /// How long a level is held after a failed probe, in mean latencies, within bounds; each
 /// further failed probe doubles it (up to `HOLD_MAX`), a kept one resets it.
 const HOLD_LATENCIES: f64 = 10.0;
@@ -111,6 +127,7 @@ fn pooled(a: Measured, b: Measured) -> Measured {
             .recip()
             .sqrt(),
         samples: a.samples + b.samples,
+        queued: a.queued.zip(b.queued).map(|(x, y)| mix(x, y)),
     }
 }
 
@@ -165,6 +182,9 @@ pub struct Measured {
     pub relative_error: f64,
     /// Requests it was taken over.
     pub samples: u32,
+    /// Requests waiting in the server's queue on average, by Little's law, when the server
+    /// reported its service time for every request measured.
+    pub queued: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -176,6 +196,19 @@ struct Accumulator {
     /// Sums of each request's latency per item and its square (for the noise).
     per_item: f64,
     per_item_squared: f64,
+}
+
+/// Every answer to a request sent at the current limit with at least `watch_floor` in flight
+/// (whatever its size: the share of its time a request waits does not depend on it), for the
+/// queue the server's reported service times show.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct QueueWatch {
+    answers: u32,
+    /// Of those, the answers that carried the server's service time.
+    timed: u32,
+    items: f64,
+    latency_s: f64,
+    service_s: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,6 +233,13 @@ pub struct DelayLimit {
     /// Bumped at every change of the limit: samples carry the generation they were sent in.
     generation: u64,
     accumulator: Accumulator,
+    queue_watch: QueueWatch,
+    /// The generation the limit last changed in, and the requests in flight (itself included)
+    /// a request sent since must have seen to count for the queue watch: the limit, or after
+    /// a raise one more than the limit before (the requests the raise adds go out at once, and
+    /// each one of them finds the server as full as the lower level left it, or fuller).
+    watch_since: u64,
+    watch_floor: u32,
     probes: u64,
     /// Failed probes in a row (the hold doubles with each).
     failed_probes: u32,
@@ -224,6 +264,9 @@ pub struct DelayLimit {
     first_alone: Option<f64>,
     /// Recent measurements' latency per item, for the baseline.
     baseline: VecDeque<(Duration, f64)>,
+    /// The least latency over the server's reported service time of any request: the
+    /// network's and the HTTP layer's share, which no queue adds to.
+    least_overhead: Option<f64>,
 }
 
 impl DelayLimit {
@@ -240,6 +283,9 @@ impl DelayLimit {
             hold_until: Duration::ZERO,
             generation: 0,
             accumulator: Accumulator::default(),
+            queue_watch: QueueWatch::default(),
+            watch_since: 0,
+            watch_floor: range.start,
             probes: 0,
             failed_probes: 0,
             climb: 0,
@@ -252,6 +298,7 @@ impl DelayLimit {
             judged: None,
             first_alone: None,
             baseline: VecDeque::new(),
+            least_overhead: None,
         }
     }
 
@@ -298,7 +345,8 @@ impl DelayLimit {
     }
 
     /// One completed request: sent in `generation` with `in_flight` requests in flight
-    /// (itself included), `work` in items, ending after `latency`.
+    /// (itself included), `work` in items, ending after `latency`, of which the server says
+    /// it worked on it for `service` (when it says).
     /// Only requests sent at the current limit while it held the dispatcher back count.
     pub fn on_completed(
         &mut self,
@@ -307,15 +355,44 @@ impl DelayLimit {
         in_flight: u32,
         work: f64,
         latency: Duration,
+        service: Option<Duration>,
     ) {
         if work.is_nan() || work <= 0.0 {
             return;
+        }
+        // A service time longer than the request took is a clock the server got wrong (or a
+        // proxy's): it says nothing of the queue.
+        let service = service.filter(|service| *service <= latency);
+        if let Some(service) = service {
+            let overhead = (latency - service).as_secs_f64();
+            self.least_overhead = Some(
+                self.least_overhead
+                    .map_or(overhead, |least| least.min(overhead)),
+            );
         }
         if in_flight == 1 && self.first_alone.is_none() {
             let per_item = latency.as_secs_f64().max(1e-6) / work;
             // One answer is no baseline (an LLM's output lengths vary): it only sets the
             // first probe; the baseline is taken over measurements.
             self.first_alone = Some(per_item);
+        }
+        if generation < self.watch_since || in_flight < self.watch_floor {
+            return;
+        }
+        // A request sent while fewer than the limit were in flight (just after a raise) waited
+        // no longer than the level makes a request wait: it can only hide a queue, never show
+        // one that is not there.
+        let watch = &mut self.queue_watch;
+        watch.answers += 1;
+        watch.items += work;
+        watch.latency_s += latency.as_secs_f64();
+        if let Some(service) = service {
+            watch.timed += 1;
+            watch.service_s += service.as_secs_f64();
+        }
+        if let Some((served, measured)) = self.past_the_slots() {
+            self.cap_at_served(now, measured, served);
+            return;
         }
         if generation != self.generation || in_flight < self.limit() {
             return;
@@ -360,13 +437,15 @@ impl DelayLimit {
             own
         };
         let variance = (spread * mean).powi(2);
+        let mean_latency_s = sample.latency_s / samples;
         let measured = Measured {
             level,
             items_per_second: sample.in_flight / samples * sample.items / sample.latency_s,
-            mean_latency_s: sample.latency_s / samples,
+            mean_latency_s,
             seconds_per_item: sample.latency_s / sample.items,
             relative_error: (variance / (samples - 1.0).max(1.0)).sqrt() / mean.max(1e-12),
             samples: sample.samples,
+            queued: self.queued(),
         };
         // A probe whose verdict lies within the noise of the threshold is measured longer
         // (up to `EXTEND_SAMPLES` × the minimum) instead of decided on one unlucky round.
@@ -452,8 +531,82 @@ impl DelayLimit {
         })
     }
 
+    /// Requests waiting in the server's queue on average at the current limit, from at least
+    /// `MIN_SAMPLES` answers that all carried the server's service time: by Little's law the
+    /// level times the share of the requests' time spent waiting (latency less service less
+    /// the network's share). `None` when the server did not say.
+    fn queued(&self) -> Option<f64> {
+        let watch = self.queue_watch;
+        if watch.answers < MIN_SAMPLES || watch.timed < watch.answers {
+            return None;
+        }
+        let overhead = self.least_overhead.unwrap_or(0.0) * f64::from(watch.answers);
+        let waited = (watch.latency_s - watch.service_s - overhead).max(0.0);
+        Some(f64::from(self.limit()) * waited / watch.latency_s.max(1e-9))
+    }
+
+    /// When the server's own service times show the current limit past its slots (at least
+    /// `QUEUED_REQUESTS` queued, and `QUEUED_SHARE` of the level), the requests it served at
+    /// a time and what was seen at this level; `None` when they show no queue, or the server
+    /// did not say, or the limit is 1.
+    fn past_the_slots(&self) -> Option<(u32, Measured)> {
+        let queued = self.queued()?;
+        let level = self.limit();
+        let threshold = QUEUED_REQUESTS + QUEUED_SHARE * f64::from(level);
+        if level <= 1 || queued < threshold {
+            return None;
+        }
+        let served = (f64::from(level) - queued)
+            .round()
+            .clamp(1.0, f64::from(level - 1));
+        let watch = self.queue_watch;
+        let answers = f64::from(watch.answers);
+        let measured = Measured {
+            level,
+            items_per_second: f64::from(level) * watch.items / watch.latency_s.max(1e-9),
+            mean_latency_s: watch.latency_s / answers,
+            seconds_per_item: watch.latency_s / watch.items.max(1e-9),
+            relative_error: 0.0,
+            samples: watch.answers,
+            queued: Some(queued),
+        };
+        Some((served as u32, measured))
+    }
+
+    /// A level past the server's slots, seen in its own service times: the limit drops to what
+    /// the server served at a time and holds there; slow start is over. A probe above that
+    /// found the queue steps back to the settled level as any failed probe does.
+    fn cap_at_served(&mut self, now: Duration, measured: Measured, served: u32) {
+        let target = self.range.clamp(served);
+        tracing::debug!(
+            level = measured.level,
+            queued = measured.queued,
+            to = target,
+            "the server queued our requests: limit to what it served at a time"
+        );
+        self.slow_start = false;
+        self.climb = 0;
+        self.pending = None;
+        self.jumped = false;
+        match (self.probe, self.reference) {
+            (Some(probe), Some(reference)) if probe > self.settled && target >= self.settled => {
+                self.step_back(now, reference, measured);
+            }
+            _ => {
+                if target != self.settled {
+                    self.failed_probes = 0;
+                }
+                self.settled = target;
+                // Nothing is measured at the new level yet.
+                self.reference = None;
+                self.next_direction = Direction::Up;
+                self.back_to_settled(now, Some(measured), true);
+            }
+        }
+    }
+
     fn decide(&mut self, now: Duration, measured: Measured) {
-        if self.reference.is_none() && self.probe.is_none() && self.probes == 0 {
+        if self.reference.is_none() && self.probe.is_none() && self.probes == 0 && !self.bracketed {
             self.first_probe(measured);
             return;
         }
@@ -730,6 +883,15 @@ impl DelayLimit {
     /// (Vegas's estimate of the queue).
     fn first_probe(&mut self, measured: Measured) {
         self.reference = Some(measured);
+        if measured.queued.is_some() {
+            // The server reported its service times and they showed no queue at the start
+            // level (`decide` caps a level that shows one): it has not fewer slots than that,
+            // and its latency over the first answer's is its own batching, not a queue. Slow
+            // start goes up at once.
+            self.next_direction = Direction::Up;
+            self.start_probe(false);
+            return;
+        }
         let inflation = self.first_alone.map_or(f64::NAN, |alone| {
             measured.seconds_per_item / alone.max(1e-12)
         });
@@ -814,8 +976,17 @@ impl DelayLimit {
 
     fn bump(&mut self) {
         self.raised = self.limit() > self.previous_limit;
-        self.previous_limit = self.limit();
         self.generation += 1;
+        if self.limit() != self.previous_limit {
+            self.queue_watch = QueueWatch::default();
+            self.watch_since = self.generation;
+            self.watch_floor = if self.raised {
+                self.previous_limit + 1
+            } else {
+                self.limit()
+            };
+        }
+        self.previous_limit = self.limit();
         self.restart_measurement();
     }
 }
@@ -842,7 +1013,7 @@ mod tests {
             let level = limit.limit();
             let latency = latency(level, slots, 2.0, slowdown);
             now += latency / level;
-            limit.on_completed(now, limit.generation(), level, 10.0, latency);
+            limit.on_completed(now, limit.generation(), level, 10.0, latency, None);
         }
         limit
     }
@@ -877,12 +1048,97 @@ mod tests {
         assert_eq!(limit.settled(), 64);
     }
 
+    /// A server like `latency`'s that reports its service time (llama.cpp's `timings`): the
+    /// limit at each of `requests` completions, and the limit after them.
+    fn run_timed(
+        slots: u32,
+        slowdown: f64,
+        range: StartMinMax,
+        requests: usize,
+    ) -> (Vec<u32>, DelayLimit) {
+        let mut limit = DelayLimit::new(range);
+        let mut now = Duration::ZERO;
+        let mut levels = Vec::new();
+        // The run's first request finds the server idle: no wait but the network's (none
+        // here).
+        let alone = Duration::from_secs(2);
+        limit.on_completed(now, limit.generation(), 1, 10.0, alone, Some(alone));
+        for _ in 0..requests {
+            let level = limit.limit();
+            levels.push(level);
+            let latency = latency(level, slots, 2.0, slowdown);
+            let busy = level.min(slots);
+            let service = Duration::from_secs_f64(2.0 * (1.0 + slowdown * f64::from(busy - 1)));
+            now += latency / level;
+            limit.on_completed(now, limit.generation(), level, 10.0, latency, Some(service));
+        }
+        (levels, limit)
+    }
+
+    #[test]
+    fn a_server_that_reports_its_service_time_is_held_at_its_slots_from_the_first_round() {
+        for slots in [1, 2, 3] {
+            let (levels, limit) = run_timed(slots, 0.0, StartMinMax::new(4, 1, 64), 4000);
+            // The first four answers at 4 in flight show the queue: the next request is
+            // sent at the slots.
+            assert_eq!(levels[4], slots, "{slots} slots: {:?}", &levels[..12]);
+            assert_eq!(limit.settled(), slots, "{slots} slots");
+            // Later probes above, one request over the slots, cost four answers each and
+            // come ever more seldom (the hold doubles with each failed probe, up to five
+            // minutes): under 4 % of the answers.
+            let over = levels[4..].iter().filter(|level| **level > slots).count();
+            assert!(
+                levels[4..].iter().all(|level| *level <= slots + 1),
+                "{slots} slots"
+            );
+            assert!(
+                over * 25 < levels.len(),
+                "{slots} slots: {over} of 4000 answers over the slots"
+            );
+        }
+    }
+
+    #[test]
+    fn service_times_without_a_queue_send_slow_start_up_at_once() {
+        let (levels, limit) = run_timed(8, 0.0, StartMinMax::new(4, 1, 64), 4000);
+        assert_eq!(levels[4], 8, "{:?}", &levels[..12]);
+        assert_eq!(
+            levels.iter().min(),
+            Some(&4),
+            "never probed below the start"
+        );
+        assert_eq!(limit.settled(), 8);
+    }
+
+    #[test]
+    fn a_probe_past_the_slots_ends_after_a_few_answers_when_the_server_reports_its_time() {
+        // Continuous batching up to 16 slots: slow start doubles to 32, where half the
+        // requests wait. Judged on throughput that takes a whole round of 32; the service
+        // times show the queue within the first few answers.
+        let (levels, limit) = run_timed(16, 0.08, StartMinMax::new(4, 1, 64), 4000);
+        let first_at_32 = levels
+            .iter()
+            .position(|level| *level == 32)
+            .expect("probed 32");
+        let at_32 = levels[first_at_32..]
+            .iter()
+            .take_while(|level| **level == 32)
+            .count();
+        assert!(at_32 <= MIN_SAMPLES as usize, "{at_32} answers at 32");
+        assert!(levels.iter().all(|level| *level <= 32));
+        assert!(
+            (14..=16).contains(&limit.settled()),
+            "settled at {}",
+            limit.settled()
+        );
+    }
+
     /// Feeds `count` requests of 10 items sent at the current limit with this latency.
     fn feed(limit: &mut DelayLimit, now: &mut Duration, count: u32, latency: Duration) {
         for _ in 0..count {
             let level = limit.limit();
             *now += latency / level;
-            limit.on_completed(*now, limit.generation(), level, 10.0, latency);
+            limit.on_completed(*now, limit.generation(), level, 10.0, latency, None);
         }
     }
 
@@ -891,12 +1147,26 @@ mod tests {
         // The first request, sent alone, took 1 s; at 4 in flight each took 4 s: one slot.
         let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
         let mut now = Duration::from_secs(1);
-        limit.on_completed(now, limit.generation(), 1, 10.0, Duration::from_secs(1));
+        limit.on_completed(
+            now,
+            limit.generation(),
+            1,
+            10.0,
+            Duration::from_secs(1),
+            None,
+        );
         feed(&mut limit, &mut now, 4, Duration::from_secs(4));
         assert_eq!(limit.limit(), 1);
         // Two slots: 2 s each at 4 in flight.
         let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
-        limit.on_completed(now, limit.generation(), 1, 10.0, Duration::from_secs(1));
+        limit.on_completed(
+            now,
+            limit.generation(),
+            1,
+            10.0,
+            Duration::from_secs(1),
+            None,
+        );
         feed(&mut limit, &mut now, 4, Duration::from_secs(2));
         assert_eq!(limit.limit(), 2);
     }
@@ -905,7 +1175,14 @@ mod tests {
     fn without_a_clear_queue_the_first_probe_halves_the_start_level() {
         let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
         let mut now = Duration::from_secs(1);
-        limit.on_completed(now, limit.generation(), 1, 10.0, Duration::from_secs(1));
+        limit.on_completed(
+            now,
+            limit.generation(),
+            1,
+            10.0,
+            Duration::from_secs(1),
+            None,
+        );
         feed(&mut limit, &mut now, 4, Duration::from_secs(1));
         assert_eq!(limit.limit(), 2);
         assert!(limit.searching());
@@ -973,6 +1250,7 @@ mod tests {
             seconds_per_item,
             relative_error: 0.08,
             samples: 8,
+            queued: None,
         };
         // 8 in flight delivered 16 items/s; 4 in flight 11.3 before the probe and 14.9 when
         // measured again: against both (13.1) each added request still delivers over a fifth
@@ -998,7 +1276,14 @@ mod tests {
         // again, the doubling kept, and the climb goes on.
         let mut limit = DelayLimit::new(StartMinMax::new(8, 1, 64));
         let mut now = Duration::from_secs(1);
-        limit.on_completed(now, limit.generation(), 1, 10.0, Duration::from_secs(2));
+        limit.on_completed(
+            now,
+            limit.generation(),
+            1,
+            10.0,
+            Duration::from_secs(2),
+            None,
+        );
         let mut reached = 0;
         for sent in 0u32..400 {
             let level = limit.limit();
@@ -1006,7 +1291,7 @@ mod tests {
             let lucky = if sent < 8 { 0.75 } else { 1.0 };
             let latency = latency(level, 64, 2.0, 0.05).mul_f64(noise * lucky);
             now += latency / level;
-            limit.on_completed(now, limit.generation(), level, 10.0, latency);
+            limit.on_completed(now, limit.generation(), level, 10.0, latency, None);
             reached = reached.max(limit.settled());
         }
         assert!(reached >= 32, "settled at most {reached}");
@@ -1018,7 +1303,14 @@ mod tests {
         let generation = limit.generation();
         for _ in 0..100 {
             // Sent below the limit (something else held the dispatcher back)...
-            limit.on_completed(Duration::ZERO, generation, 3, 10.0, Duration::from_secs(1));
+            limit.on_completed(
+                Duration::ZERO,
+                generation,
+                3,
+                10.0,
+                Duration::from_secs(1),
+                None,
+            );
             // ...or before the limit last changed.
             limit.on_completed(
                 Duration::ZERO,
@@ -1026,6 +1318,7 @@ mod tests {
                 4,
                 10.0,
                 Duration::from_secs(1),
+                None,
             );
         }
         assert_eq!((limit.limit(), limit.probes()), (4, 0));

@@ -121,6 +121,7 @@ impl Controller {
                 sent.level,
                 f64::from(items_sent),
                 latency,
+                completed.server_time,
             );
         }
         self.counts.requests_completed += 1;

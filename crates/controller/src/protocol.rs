@@ -59,6 +59,11 @@ pub struct CompletedRequest {
     pub truncated: bool,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// How long the server says it worked on the request, its own queue not included
+    /// (llama.cpp's `timings`; some hosted APIs' `time_info` or `usage` times); `None` when
+    /// it does not say. Latency beyond it (and the network's share) is time spent queued.
+    #[serde(default)]
+    pub server_time: Option<Duration>,
 }
 
 /// How a request ended.

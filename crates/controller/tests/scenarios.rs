@@ -187,4 +187,8 @@ scenario_tests!(
     batching_64_slots,
     queue_slots_change,
     hosted_rate_and_slots,
+    timed_queue_1_slot,
+    timed_queue_2_slots,
+    timed_batching_16_slots,
+    timed_queue_slots_change,
 );

@@ -198,6 +198,8 @@ pub fn conclude(
         Ok((completion, headers)) => {
             result.observation.rate_limits = parse_rate_limit_headers(headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
             settle.http_status = Some(200);
+            // An answer from the cache was not served now: its timings say nothing of the queue.
+            let server_time = if from_cache { None } else { completion.server_time };
             let price = ctx.price(request.fallback);
             if matches!(answer, Answer::Cached(_)) {
                 settle.usage = completion.usage.unwrap_or_default();
@@ -240,6 +242,7 @@ pub fn conclude(
                         truncated: completion.truncated(),
                         prompt_tokens: settle.usage.prompt_tokens.min(u64::from(u32::MAX)) as u32,
                         completion_tokens: settle.usage.completion_tokens.min(u64::from(u32::MAX)) as u32,
+                        server_time,
                         ..CompletedRequest::default()
                     });
                 }
@@ -259,6 +262,7 @@ pub fn conclude(
                         truncated: completion.truncated(),
                         prompt_tokens: settle.usage.prompt_tokens.min(u64::from(u32::MAX)) as u32,
                         completion_tokens: settle.usage.completion_tokens.min(u64::from(u32::MAX)) as u32,
+                        server_time,
                         ..completed
                     });
                 }

@@ -273,7 +273,8 @@ fn observe(
             returned,
             rejected,
             truncated,
-            ..
+            latency_s,
+            queue_wait_s,
         } => {
             let sent = request.items.len() as u32;
             let valid = returned - rejected;
@@ -284,6 +285,9 @@ fn observe(
                 truncated,
                 prompt_tokens: request.prompt_tokens,
                 completion_tokens,
+                server_time: provider
+                    .reports_service_time()
+                    .then(|| Duration::from_secs_f64(latency_s - queue_wait_s)),
             };
             (Outcome::Completed(completed), valid)
         }

@@ -233,6 +233,11 @@ impl SimulatedProvider {
 
     /// A request that reserved `max_tokens` ends at `now` having written `completion_tokens`:
     /// a provider that counts what was written gives the rest back.
+    /// Whether answers say how long the server worked on them (llama.cpp's `timings`).
+    pub fn reports_service_time(&self) -> bool {
+        self.scenario.provider.reports_service_time
+    }
+
     pub fn on_completed(&mut self, now: f64, max_tokens: u32, completion_tokens: u32) {
         if !self.scenario.provider.refunds_unused_tokens {
             return;

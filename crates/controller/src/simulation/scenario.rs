@@ -74,6 +74,10 @@ pub struct ProviderSpec {
     /// prompt + `max_tokens` it reserved at admission (and that the client counts).
     #[serde(default)]
     pub refunds_unused_tokens: bool,
+    /// Whether answers say how long the server worked on each request, its queue not
+    /// included (llama.cpp's `timings`).
+    #[serde(default)]
+    pub reports_service_time: bool,
     /// Capacity changes: from `at_s` on, both rate limits are `factor` times the base.
     #[serde(default)]
     pub capacity_steps: Vec<CapacityStep>,
