@@ -360,38 +360,13 @@ impl DelayLimit {
         if work.is_nan() || work <= 0.0 {
             return;
         }
-        // A service time longer than the request took is a clock the server got wrong (or a
-        // proxy's): it says nothing of the queue.
-        let service = service.filter(|service| *service <= latency);
-        if let Some(service) = service {
-            let overhead = (latency - service).as_secs_f64();
-            self.least_overhead = Some(
-                self.least_overhead
-                    .map_or(overhead, |least| least.min(overhead)),
-            );
-        }
         if in_flight == 1 && self.first_alone.is_none() {
             let per_item = latency.as_secs_f64().max(1e-6) / work;
             // One answer is no baseline (an LLM's output lengths vary): it only sets the
             // first probe; the baseline is taken over measurements.
             self.first_alone = Some(per_item);
         }
-        if generation < self.watch_since || in_flight < self.watch_floor {
-            return;
-        }
-        // A request sent while fewer than the limit were in flight (just after a raise) waited
-        // no longer than the level makes a request wait: it can only hide a queue, never show
-        // one that is not there.
-        let watch = &mut self.queue_watch;
-        watch.answers += 1;
-        watch.items += work;
-        watch.latency_s += latency.as_secs_f64();
-        if let Some(service) = service {
-            watch.timed += 1;
-            watch.service_s += service.as_secs_f64();
-        }
-        if let Some((served, measured)) = self.past_the_slots() {
-            self.cap_at_served(now, measured, served);
+        if self.watch_queue(now, generation, in_flight, work, latency, service) {
             return;
         }
         if generation != self.generation || in_flight < self.limit() {
@@ -460,6 +435,68 @@ impl DelayLimit {
         self.dispersion.1 += samples - 1.0;
         self.remember(now, measured);
         self.decide(now, measured);
+    }
+
+    /// A completed request that does not measure the level's throughput — a retry of fewer
+    /// items than the current size, or one sent behind requests of an earlier level — still
+    /// shows the server's queue when the server reports its service time.
+    pub fn on_completed_unmeasured(
+        &mut self,
+        now: Duration,
+        generation: u64,
+        in_flight: u32,
+        work: f64,
+        latency: Duration,
+        service: Option<Duration>,
+    ) {
+        if work.is_nan() || work <= 0.0 {
+            return;
+        }
+        self.watch_queue(now, generation, in_flight, work, latency, service);
+    }
+
+    /// Counts an answer for the queue the server's service times show, and caps the limit
+    /// when they show it past the slots (then returns true).
+    fn watch_queue(
+        &mut self,
+        now: Duration,
+        generation: u64,
+        in_flight: u32,
+        work: f64,
+        latency: Duration,
+        service: Option<Duration>,
+    ) -> bool {
+        // A service time longer than the request took is a clock the server got wrong (or a
+        // proxy's): it says nothing of the queue.
+        let service = service.filter(|service| *service <= latency);
+        if let Some(service) = service {
+            let overhead = (latency - service).as_secs_f64();
+            self.least_overhead = Some(
+                self.least_overhead
+                    .map_or(overhead, |least| least.min(overhead)),
+            );
+        }
+        if generation < self.watch_since || in_flight < self.watch_floor {
+            return false;
+        }
+        // A request sent while fewer than the limit were in flight (just after a raise) waited
+        // no longer than the level makes a request wait: it can only hide a queue, never show
+        // one that is not there.
+        let watch = &mut self.queue_watch;
+        watch.answers += 1;
+        watch.items += work;
+        watch.latency_s += latency.as_secs_f64();
+        if let Some(service) = service {
+            watch.timed += 1;
+            watch.service_s += service.as_secs_f64();
+        }
+        match self.past_the_slots() {
+            Some((served, measured)) => {
+                self.cap_at_served(now, measured, served);
+                true
+            }
+            None => false,
+        }
     }
 
     fn sample_count(&self) -> u32 {

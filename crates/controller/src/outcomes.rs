@@ -123,6 +123,15 @@ impl Controller {
                 latency,
                 completed.server_time,
             );
+        } else {
+            self.delay.on_completed_unmeasured(
+                now,
+                sent.generation,
+                sent.level,
+                f64::from(items_sent),
+                latency,
+                completed.server_time,
+            );
         }
         self.counts.requests_completed += 1;
         self.counts.items_valid += u64::from(completed.items_valid);
