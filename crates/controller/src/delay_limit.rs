@@ -1136,6 +1136,29 @@ mod tests {
     }
 
     #[test]
+    fn answers_that_measure_no_throughput_still_show_the_queue() {
+        // Retries of one item, at 4 in flight on two slots: each waited as long as it was
+        // served. They say nothing of the level's throughput, but all of its queue.
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        let mut now = Duration::ZERO;
+        let alone = Duration::from_secs(2);
+        limit.on_completed_unmeasured(now, limit.generation(), 1, 1.0, alone, Some(alone));
+        for _ in 0..4 {
+            now += Duration::from_secs(1);
+            let (latency, service) = (Duration::from_secs(4), Some(Duration::from_secs(2)));
+            limit.on_completed_unmeasured(now, limit.generation(), 4, 1.0, latency, service);
+        }
+        assert_eq!(limit.limit(), 2);
+        // Without the server's times they show nothing.
+        let mut blind = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        for _ in 0..8 {
+            let latency = Duration::from_secs(4);
+            blind.on_completed_unmeasured(now, blind.generation(), 4, 1.0, latency, None);
+        }
+        assert_eq!(blind.limit(), 4);
+    }
+
+    #[test]
     fn service_times_without_a_queue_send_slow_start_up_at_once() {
         let (levels, limit) = run_timed(8, 0.0, StartMinMax::new(4, 1, 64), 4000);
         assert_eq!(levels[4], 8, "{:?}", &levels[..12]);
