@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::controller::{Controller, InFlight};
+use crate::delay_limit::DelayLimit;
 use crate::protocol::{CompletedRequest, Observation, Outcome, Ticket};
 use crate::rate_limit_headers::RateLimitInfo;
 
@@ -114,25 +115,22 @@ impl Controller {
         // Retries split into groups smaller than the current size take another time per item:
         // levels are compared on the requests of new work.
         let small_retry = shape.retried_items >= items_sent && items_sent < self.batch.current();
-        if !small_retry && sent.clean {
-            self.delay.on_completed(
-                now,
-                sent.generation,
-                sent.level,
-                f64::from(items_sent),
-                latency,
-                completed.server_time,
-            );
+        // A retry of fewer items, or a request sent behind an earlier level's, says nothing of
+        // the level's throughput, but the server's queue it still shows.
+        let record = if !small_retry && sent.clean {
+            DelayLimit::on_completed
         } else {
-            self.delay.on_completed_unmeasured(
-                now,
-                sent.generation,
-                sent.level,
-                f64::from(items_sent),
-                latency,
-                completed.server_time,
-            );
-        }
+            DelayLimit::on_completed_unmeasured
+        };
+        record(
+            &mut self.delay,
+            now,
+            sent.generation,
+            sent.level,
+            f64::from(items_sent),
+            latency,
+            completed.server_time,
+        );
         self.counts.requests_completed += 1;
         self.counts.items_valid += u64::from(completed.items_valid);
         self.counts.items_missing += u64::from(completed.items_missing);
