@@ -127,7 +127,6 @@ fn pooled(a: Measured, b: Measured) -> Measured {
             .recip()
             .sqrt(),
         samples: a.samples + b.samples,
-        queued: a.queued.zip(b.queued).map(|(x, y)| mix(x, y)),
     }
 }
 
@@ -182,9 +181,6 @@ pub struct Measured {
     pub relative_error: f64,
     /// Requests it was taken over.
     pub samples: u32,
-    /// Requests waiting in the server's queue on average, by Little's law, when the server
-    /// reported its service time for every request measured.
-    pub queued: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -420,7 +416,6 @@ impl DelayLimit {
             seconds_per_item: sample.latency_s / sample.items,
             relative_error: (variance / (samples - 1.0).max(1.0)).sqrt() / mean.max(1e-12),
             samples: sample.samples,
-            queued: self.queued(),
         };
         // A probe whose verdict lies within the noise of the threshold is measured longer
         // (up to `EXTEND_SAMPLES` × the minimum) instead of decided on one unlucky round.
@@ -491,8 +486,8 @@ impl DelayLimit {
             watch.service_s += service.as_secs_f64();
         }
         match self.past_the_slots() {
-            Some((served, measured)) => {
-                self.cap_at_served(now, measured, served);
+            Some((served, queued, measured)) => {
+                self.cap_at_served(now, measured, served, queued);
                 true
             }
             None => false,
@@ -584,9 +579,9 @@ impl DelayLimit {
 
     /// When the server's own service times show the current limit past its slots (at least
     /// `QUEUED_REQUESTS` queued, and `QUEUED_SHARE` of the level), the requests it served at
-    /// a time and what was seen at this level; `None` when they show no queue, or the server
+    /// a time, those queued, and what was seen at this level; `None` when they show no queue, or the server
     /// did not say, or the limit is 1.
-    fn past_the_slots(&self) -> Option<(u32, Measured)> {
+    fn past_the_slots(&self) -> Option<(u32, f64, Measured)> {
         let queued = self.queued()?;
         let level = self.limit();
         let threshold = QUEUED_REQUESTS + QUEUED_SHARE * f64::from(level);
@@ -605,19 +600,18 @@ impl DelayLimit {
             seconds_per_item: watch.latency_s / watch.items.max(1e-9),
             relative_error: 0.0,
             samples: watch.answers,
-            queued: Some(queued),
         };
-        Some((served as u32, measured))
+        Some((served as u32, queued, measured))
     }
 
     /// A level past the server's slots, seen in its own service times: the limit drops to what
     /// the server served at a time and holds there; slow start is over. A probe above that
     /// found the queue steps back to the settled level as any failed probe does.
-    fn cap_at_served(&mut self, now: Duration, measured: Measured, served: u32) {
+    fn cap_at_served(&mut self, now: Duration, measured: Measured, served: u32, queued: f64) {
         let target = self.range.clamp(served);
         tracing::debug!(
             level = measured.level,
-            queued = measured.queued,
+            queued,
             to = target,
             "the server queued our requests: limit to what it served at a time"
         );
@@ -920,9 +914,9 @@ impl DelayLimit {
     /// (Vegas's estimate of the queue).
     fn first_probe(&mut self, measured: Measured) {
         self.reference = Some(measured);
-        if measured.queued.is_some() {
+        if self.queued().is_some() {
             // The server reported its service times and they showed no queue at the start
-            // level (`decide` caps a level that shows one): it has not fewer slots than that,
+            // level (`watch_queue` caps a level that shows one): it has not fewer slots than that,
             // and its latency over the first answer's is its own batching, not a queue. Slow
             // start goes up at once.
             self.next_direction = Direction::Up;
@@ -1310,7 +1304,6 @@ mod tests {
             seconds_per_item,
             relative_error: 0.08,
             samples: 8,
-            queued: None,
         };
         // 8 in flight delivered 16 items/s; 4 in flight 11.3 before the probe and 14.9 when
         // measured again: against both (13.1) each added request still delivers over a fifth
