@@ -36,6 +36,24 @@ pub(crate) struct InFlight {
     /// and measures the previous level as much as its own.
     pub clean: bool,
     pub level: u32,
+    /// The run's first request, sent small to bring the first answer early
+    /// (`FirstAnswer`); it is not counted among the requests in flight.
+    pub first_answer: bool,
+}
+
+/// The run's first request goes out with the job's smallest size beside the start's requests
+/// of full size: its answer comes within a short latency, and with it what a hosted API
+/// announces in its headers (the pace, and the burst its bucket holds), where the start's
+/// full requests would bring it only after a long one while the provider's bucket sits full.
+/// It takes no slot of the start's concurrency, and tells the delay limit nothing of a level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FirstAnswer {
+    /// Nothing sent yet.
+    Pending,
+    /// `poll` offered it; `on_sent` records it.
+    Offered,
+    InFlight(Ticket),
+    Done,
 }
 
 /// The adaptive throughput controller of the design: rate pacing, concurrency by Little's
@@ -56,6 +74,7 @@ pub struct Controller {
     /// Answered requests not yet taken into `settled_latency`: `(sent_at, latency, items)`.
     pub(crate) unsettled: VecDeque<(Duration, Duration, u32)>,
     pub(crate) in_flight: HashMap<Ticket, InFlight>,
+    pub(crate) first_answer: FirstAnswer,
     next_ticket: u64,
     pub(crate) pause_until: Duration,
     /// Consecutive 429 pauses without a success in between (backoff without `Retry-After`).
@@ -90,19 +109,22 @@ impl Controller {
             None,
         ];
         let initial_rate = f64::from(config.concurrency.start);
+        let mut tokens = TokenEstimates::new(
+            config.initial_output_tokens_per_item,
+            config.context_window_tokens,
+        );
+        tokens.set_full_size(config.items_per_request.start);
         Ok(Self {
             pacer: RatePacer::new(caps, initial_rate, now),
             concurrency: ConcurrencyLimit::new(config.concurrency),
             delay: DelayLimit::new(config.concurrency),
             batch: BatchSizer::new(config.items_per_request),
-            tokens: TokenEstimates::new(
-                config.initial_output_tokens_per_item,
-                config.context_window_tokens,
-            ),
+            tokens,
             latency: LatencyWindow::default(),
             settled_latency: LatencyWindow::default(),
             unsettled: VecDeque::new(),
             in_flight: HashMap::new(),
+            first_answer: FirstAnswer::Pending,
             next_ticket: 0,
             pause_until: Duration::ZERO,
             consecutive_pauses: 0,
@@ -127,6 +149,7 @@ impl Controller {
     /// polling again.
     pub fn poll(&mut self, now: Duration, load: PipelineLoad) -> Decision {
         self.advance(now);
+        let load = self.counted_load(load);
         if load.queued_items == 0 {
             return Decision::Wait {
                 until: self.next_end_of_queue_cut(),
@@ -138,11 +161,12 @@ impl Controller {
             };
         }
         let limit = self.concurrency_limit_for(self.batch.current());
-        if load.in_flight >= limit as usize {
+        let first_answer = self.first_answer_size(load);
+        if first_answer.is_none() && load.in_flight >= limit as usize {
             self.concurrency_blocked_at = Some(now);
             return Decision::Wait { until: None };
         }
-        let items = self.items_to_send(load, limit);
+        let items = first_answer.unwrap_or_else(|| self.items_to_send(load, limit));
         let max_tokens = self.tokens.max_tokens(items);
         let costs = request_costs(self.tokens.prompt_tokens(items), f64::from(max_tokens));
         let wait = self.pacer.wait_for(costs, now);
@@ -153,6 +177,9 @@ impl Controller {
             };
         }
         self.admitted_costs = Some(costs);
+        if first_answer.is_some() {
+            self.first_answer = FirstAnswer::Offered;
+        }
         Decision::Send {
             items,
             max_tokens,
@@ -171,7 +198,11 @@ impl Controller {
         self.tokens.record_prompt(shape.items, shape.prompt_tokens);
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
-        let level = u32::try_from(self.in_flight.len() + 1).unwrap_or(u32::MAX);
+        let first_answer = self.first_answer == FirstAnswer::Offered;
+        if first_answer {
+            self.first_answer = FirstAnswer::InFlight(ticket);
+        }
+        let level = u32::try_from(self.counted_in_flight() + 1).unwrap_or(u32::MAX);
         let generation = self.delay.generation();
         let clean = self.delay.raised()
             || self
@@ -187,6 +218,7 @@ impl Controller {
                 generation,
                 clean,
                 level,
+                first_answer,
             },
         );
         self.counts.max_in_flight = self.counts.max_in_flight.max(u64::from(level));
@@ -230,6 +262,38 @@ impl Controller {
 
     pub fn counts(&self) -> ControllerCounts {
         self.counts
+    }
+
+    /// The size of the run's first request, when `poll` is to send it now: before anything
+    /// was sent, while nothing is announced, when the job's smallest size is below the
+    /// current one and more items wait than it takes.
+    fn first_answer_size(&self, load: PipelineLoad) -> Option<u32> {
+        let smallest = self.config.items_per_request.min;
+        (self.first_answer == FirstAnswer::Pending
+            && self.delay_limit_applies()
+            && smallest < self.batch.current()
+            && load.queued_items > smallest as usize)
+            .then_some(smallest)
+    }
+
+    /// Whether the first answer's request is still in flight.
+    fn first_answer_in_flight(&self) -> bool {
+        matches!(self.first_answer, FirstAnswer::InFlight(ticket) if self.in_flight.contains_key(&ticket))
+    }
+
+    /// Requests in flight, the first answer's request not counted.
+    fn counted_in_flight(&self) -> usize {
+        self.in_flight.len() - usize::from(self.first_answer_in_flight())
+    }
+
+    /// The dispatcher's load with the first answer's request not counted in flight.
+    fn counted_load(&self, load: PipelineLoad) -> PipelineLoad {
+        PipelineLoad {
+            in_flight: load
+                .in_flight
+                .saturating_sub(usize::from(self.first_answer_in_flight())),
+            ..load
+        }
     }
 
     /// Requests per second the pacer allows for requests of `items` items.

@@ -73,7 +73,11 @@ fn one_rate_cut_per_congestion_event() {
     let tickets: Vec<Ticket> = (0..100)
         .filter_map(|step| try_send(&mut controller, seconds(f64::from(step) * 0.01)))
         .collect();
-    assert_eq!(tickets.len(), 4, "concurrency.start requests go out first");
+    assert_eq!(
+        tickets.len(),
+        5,
+        "the small first request and concurrency.start requests go out first"
+    );
     let retry = parse_rate_limit_headers([("retry-after", "2")]);
     for ticket in tickets {
         finish(
@@ -84,11 +88,11 @@ fn one_rate_cut_per_congestion_event() {
             retry,
         );
     }
-    assert_eq!(controller.counts().rate_limited, 4);
+    assert_eq!(controller.counts().rate_limited, 5);
     assert_eq!(
         controller.counts().rate_cuts,
         1,
-        "four 429s of one burst are one event"
+        "five 429s of one burst are one event"
     );
     // A request sent after the cut that also meets a 429 is a new event.
     let mut now = seconds(1.05);
@@ -398,12 +402,13 @@ fn snapshot_survives_json_and_restores_what_was_learned() {
 fn waits_when_concurrency_is_full() {
     let mut controller = controller();
     let mut now = Duration::ZERO;
-    while controller.in_flight.len() < 4 {
+    // The start's 4 and the small first request beside them.
+    while controller.in_flight.len() < 5 {
         try_send(&mut controller, now);
         now += seconds(0.01);
     }
     assert_eq!(
-        controller.poll(now, load(4)),
+        controller.poll(now, load(5)),
         Decision::Wait { until: None }
     );
 }
@@ -496,4 +501,112 @@ fn requests_shrink_toward_the_end_of_the_queue_on_an_announced_rate() {
     assert_eq!(sizes[0], 40, "{sizes:?}");
     assert!(sizes.windows(2).all(|pair| pair[0] >= pair[1]), "{sizes:?}");
     assert!(sizes[4] < 40 && sizes[7] <= 5, "{sizes:?}");
+}
+
+#[test]
+fn the_first_answer_comes_from_a_small_request_beside_the_start() {
+    let mut controller = controller();
+    let mut sizes = Vec::new();
+    let mut tickets = Vec::new();
+    for step in 0..100 {
+        if let Some(ticket) = try_send(&mut controller, seconds(f64::from(step) * 0.01)) {
+            sizes.push(controller.in_flight[&ticket].shape.items);
+            tickets.push(ticket);
+        }
+    }
+    // The job's smallest size first, then concurrency.start requests of the start size: the
+    // small one takes no slot of the start's.
+    assert_eq!(sizes, [1, 10, 10, 10, 10]);
+    // Its answer brings the announced limits within a short latency, while the start's
+    // requests are still out: pacing follows them at once and the announced burst goes out.
+    let announced = parse_rate_limit_headers([
+        ("x-ratelimit-limit-requests", "600"),
+        ("x-ratelimit-remaining-requests", "590"),
+    ]);
+    finish(
+        &mut controller,
+        seconds(1.0),
+        tickets[0],
+        completed(1),
+        announced,
+    );
+    assert!(
+        (controller.status().requests_per_second - 9.8).abs() < 1e-9,
+        "{}",
+        controller.status().requests_per_second
+    );
+    let mut more = 0;
+    for step in 0..10 {
+        let now = seconds(1.0 + f64::from(step) * 0.001);
+        more += usize::from(try_send(&mut controller, now).is_some());
+    }
+    assert!(
+        more >= 5,
+        "only {more} more requests after the first answer"
+    );
+    assert!(
+        tickets[1..]
+            .iter()
+            .all(|ticket| controller.in_flight.contains_key(ticket))
+    );
+}
+
+#[test]
+fn no_small_first_request_when_the_job_allows_no_smaller_one() {
+    let mut config = ControllerConfig::with_defaults();
+    config.items_per_request = crate::config::StartMinMax::new(10, 10, 40);
+    let mut controller = Controller::new(config, Duration::ZERO).unwrap();
+    let tickets: Vec<Ticket> = (0..50)
+        .filter_map(|step| try_send(&mut controller, seconds(f64::from(step) * 0.01)))
+        .collect();
+    let sizes: Vec<u32> = tickets
+        .iter()
+        .map(|ticket| controller.in_flight[ticket].shape.items)
+        .collect();
+    assert_eq!(sizes, [10, 10, 10, 10]);
+}
+
+#[test]
+fn answers_cut_short_at_max_tokens_do_not_measure_a_level() {
+    // A server that queues (no headers, no 429): the delay limit judges the start level on
+    // its answers. Answers truncated at `max_tokens` end early with their items not served,
+    // so they would show a throughput the level does not have: they are not counted.
+    let truncated = Outcome::Completed(CompletedRequest {
+        items_valid: 2,
+        items_missing: 8,
+        truncated: true,
+        prompt_tokens: 1000,
+        completion_tokens: 140,
+        ..CompletedRequest::default()
+    });
+    for (outcome, judged) in [(truncated, false), (completed(10), true)] {
+        let mut controller = controller();
+        let generation = controller.delay.generation();
+        // Every answer 2 s after its request; the dispatcher polls every 50 ms.
+        let mut sent: Vec<(Duration, Ticket)> = Vec::new();
+        for step in 0..2400 {
+            let now = seconds(f64::from(step) * 0.05);
+            let (done, waiting): (Vec<_>, Vec<_>) = sent
+                .into_iter()
+                .partition(|(at, _)| now.saturating_sub(*at) >= seconds(2.0));
+            sent = waiting;
+            for (_, ticket) in done {
+                finish(
+                    &mut controller,
+                    now,
+                    ticket,
+                    outcome,
+                    RateLimitInfo::default(),
+                );
+            }
+            while let Some(ticket) = try_send(&mut controller, now) {
+                sent.push((now, ticket));
+            }
+        }
+        assert_eq!(
+            controller.delay.generation() != generation,
+            judged,
+            "{outcome:?}"
+        );
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::controller::{Controller, InFlight};
+use crate::controller::{Controller, FirstAnswer, InFlight};
 use crate::delay_limit::DelayLimit;
 use crate::protocol::{CompletedRequest, Observation, Outcome, Ticket};
 use crate::rate_limit_headers::RateLimitInfo;
@@ -31,6 +31,9 @@ impl Controller {
             tracing::warn!(?ticket, "outcome for an unknown ticket ignored");
             return;
         };
+        if sent.first_answer {
+            self.first_answer = FirstAnswer::Done;
+        }
         if !observation.rate_limits.is_empty() {
             self.pacer.observe_headers(now, &observation.rate_limits);
         }
@@ -115,9 +118,12 @@ impl Controller {
         // Retries split into groups smaller than the current size take another time per item:
         // levels are compared on the requests of new work.
         let small_retry = shape.retried_items >= items_sent && items_sent < self.batch.current();
-        // A retry of fewer items, or a request sent behind an earlier level's, says nothing of
-        // the level's throughput, but the server's queue it still shows.
-        let record = if !small_retry && sent.clean {
+        // A retry of fewer items, the run's small first request, an answer cut short at
+        // `max_tokens` (it ended early, its items not all served) or a request sent behind an
+        // earlier level's says nothing of the level's throughput, but the server's queue it
+        // still shows.
+        let measures = !small_retry && sent.clean && !sent.first_answer && !completed.truncated;
+        let record = if measures {
             DelayLimit::on_completed
         } else {
             DelayLimit::on_completed_unmeasured
@@ -145,8 +151,14 @@ impl Controller {
         self.unsettled
             .insert(at, (sent.sent_at, latency, items_sent));
         let returned = completed.items_valid + completed.items_rejected;
-        self.tokens
-            .record_output(returned, completed.completion_tokens, completed.truncated);
+        // Sent with what the estimate gives now (or more), or on an estimate since raised.
+        let current = shape.max_tokens >= self.tokens.max_tokens(items_sent);
+        self.tokens.record_output(
+            returned,
+            completed.completion_tokens,
+            completed.truncated,
+            current,
+        );
         // Items lost to truncation say `max_tokens` was short, which `tokens` fixes, unless
         // the context window left no more room: then the request was too large.
         let window_bound = self.config.context_window_tokens.is_some_and(|window| {
@@ -184,6 +196,7 @@ impl Controller {
         });
         if self.batch.current() != size_before {
             self.delay.on_size_change();
+            self.tokens.set_full_size(self.batch.current());
         }
     }
 

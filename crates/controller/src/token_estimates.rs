@@ -16,6 +16,8 @@ const BASE_MARGIN_SIGMAS: f64 = 1.0;
 const MAX_MARGIN_SIGMAS: f64 = 8.0;
 const MARGIN_SIGMAS_PER_TRUNCATION: f64 = 0.5;
 const MARGIN_RELAXATION_PER_REQUEST: f64 = 0.025;
+/// Requests this many times smaller than the run's get a wider margin (`margin_sigmas_for`).
+const SMALL_REQUEST_RATIO: f64 = 8.0;
 /// Extra share of the expected output and a fixed allowance (JSON keys and braces).
 const MARGIN_SHARE: f64 = 0.0;
 const MARGIN_TOKENS: f64 = ENCLOSING_OBJECT_TOKENS as f64;
@@ -50,6 +52,9 @@ pub struct TokenEstimates {
     /// context window).
     #[serde(default)]
     output_cap_per_item: Option<u32>,
+    /// The run's request size (`set_full_size`); 0 before it is set.
+    #[serde(default)]
+    full_size: u32,
 }
 
 impl TokenEstimates {
@@ -69,6 +74,7 @@ impl TokenEstimates {
             prompt_sum_items_tokens: 0.0,
             context_window_tokens,
             output_cap_per_item: Some(initial_output_tokens_per_item),
+            full_size: 0,
         }
     }
 
@@ -93,9 +99,21 @@ impl TokenEstimates {
     }
 
     /// Learns from one completed answer: `returned_items` items came back in
-    /// `completion_tokens` tokens; `truncated` when it hit `max_tokens`.
-    pub fn record_output(&mut self, returned_items: u32, completion_tokens: u32, truncated: bool) {
-        if truncated {
+    /// `completion_tokens` tokens; `truncated` when it hit `max_tokens`. A truncated answer
+    /// raises the margin only when its `max_tokens` was what the estimate gives now
+    /// (`current`): the requests sent on an estimate since raised are the same shortfall
+    /// seen late, and a round of them all truncated would otherwise drive the margin to its
+    /// most, where it would stay for hundreds of requests.
+    pub fn record_output(
+        &mut self,
+        returned_items: u32,
+        completion_tokens: u32,
+        truncated: bool,
+        current: bool,
+    ) {
+        if truncated && !current {
+            tracing::trace!("truncated answer sent on an estimate since raised: margin kept");
+        } else if truncated {
             self.margin_sigmas =
                 (self.margin_sigmas + MARGIN_SIGMAS_PER_TRUNCATION).min(MAX_MARGIN_SIGMAS);
             tracing::debug!(
@@ -161,11 +179,35 @@ impl TokenEstimates {
         (0.0, mean_y / mean_x)
     }
 
+    /// Sets the size of the run's requests (the batch size), against which smaller ones get
+    /// a wider margin (`max_tokens`).
+    pub fn set_full_size(&mut self, items: u32) {
+        self.full_size = items;
+    }
+
+    /// The margin for a request of `b` items, in standard deviations of its output. A
+    /// truncated answer keeps its complete items and loses about one, whatever its size, so
+    /// the share of items lost is the chance of truncation over `b`. A request of at most
+    /// `1 / SMALL_REQUEST_RATIO` of the run's size (`full_size`: the last requests at the end
+    /// of the queue, retries of a few items) gets a margin whose chance of truncation is
+    /// smaller in that ratio; under a normal tail that takes `k² + 2 ln(ratio)` squared
+    /// standard deviations, so a one-item request beside requests of 40 gets about 3 instead
+    /// of 1. There a truncation costs the run another round at its end; for larger requests
+    /// the wider reserve cost more pace under tokens/min than it saved (simulator).
+    fn margin_sigmas_for(&self, b: f64) -> f64 {
+        let ratio = f64::from(self.full_size) / b;
+        if ratio >= SMALL_REQUEST_RATIO {
+            (self.margin_sigmas.powi(2) + 2.0 * ratio.ln()).sqrt()
+        } else {
+            self.margin_sigmas
+        }
+    }
+
     /// `max_tokens` for a request of `items` items.
     pub fn max_tokens(&self, items: u32) -> u32 {
         let b = f64::from(items.max(1));
         let expected = b * self.output_mean_per_item;
-        let spread = self.margin_sigmas * (b * self.output_variance_per_item).sqrt();
+        let spread = self.margin_sigmas_for(b) * (b * self.output_variance_per_item).sqrt();
         let capped = self
             .output_cap_per_item
             .map_or(f64::INFINITY, |cap| b * f64::from(cap) + MARGIN_TOKENS);
@@ -206,11 +248,11 @@ mod tests {
         let configured = estimates.max_tokens(20);
         assert!(configured >= 4000);
         for tokens in [1400, 1380, 1420, 1410, 1390, 1400] {
-            estimates.record_output(20, tokens, false);
+            estimates.record_output(20, tokens, false, true);
         }
         let learned = estimates.max_tokens(20);
         assert!((1550..2200).contains(&learned), "{learned}");
-        estimates.record_output(20, learned, true);
+        estimates.record_output(20, learned, true, true);
         assert!(estimates.max_tokens(20) > learned);
     }
 
@@ -220,23 +262,76 @@ mod tests {
         // A model that rambles: every answer runs to max_tokens and is truncated.
         for _ in 0..50 {
             let sent = estimates.max_tokens(2);
-            estimates.record_output(2, sent, true);
+            estimates.record_output(2, sent, true, true);
         }
         assert_eq!(estimates.max_tokens(2), 2 * 60 + MARGIN_TOKENS as u32);
         // Answers longer than the cap (a provider ignoring max_tokens) do not raise it either.
         for _ in 0..50 {
-            estimates.record_output(2, 1900, false);
+            estimates.record_output(2, 1900, false, true);
         }
         assert_eq!(estimates.max_tokens(2), 2 * 60 + MARGIN_TOKENS as u32);
         // Shorter answers bring it below the cap.
         for _ in 0..200 {
-            estimates.record_output(2, 40, false);
+            estimates.record_output(2, 40, false, true);
         }
         assert!(
             estimates.max_tokens(2) < 2 * 60,
             "{}",
             estimates.max_tokens(2)
         );
+    }
+
+    #[test]
+    fn a_round_truncated_on_one_estimate_raises_the_margin_once() {
+        let mut estimates = TokenEstimates::new(200, None);
+        for tokens in [1400, 1380, 1420, 1410, 1390, 1400] {
+            estimates.record_output(20, tokens, false, true);
+        }
+        let before = estimates.margin_sigmas;
+        let sent = estimates.max_tokens(20);
+        estimates.record_output(20, sent, true, true);
+        let raised = estimates.margin_sigmas;
+        assert!(raised > before && estimates.max_tokens(20) > sent);
+        // The rest of the round, sent with the old `max_tokens`, comes back truncated too:
+        // the margin stays (the mean may still rise with what they show).
+        for _ in 0..10 {
+            let current = sent >= estimates.max_tokens(20);
+            estimates.record_output(20, sent, true, current);
+        }
+        assert_eq!(estimates.margin_sigmas, raised);
+        // A truncation of a request sent on the raised estimate raises it again.
+        let now = estimates.max_tokens(20);
+        estimates.record_output(20, now, true, true);
+        assert!(estimates.margin_sigmas > raised);
+        // Without the distinction, the round would have driven it to its most.
+        let mut blind = TokenEstimates::new(200, None);
+        for tokens in [1400, 1380, 1420, 1410, 1390, 1400] {
+            blind.record_output(20, tokens, false, true);
+        }
+        for _ in 0..20 {
+            blind.record_output(20, sent, true, true);
+        }
+        assert_eq!(blind.margin_sigmas, MAX_MARGIN_SIGMAS);
+    }
+
+    #[test]
+    fn requests_far_smaller_than_the_runs_get_a_wider_margin() {
+        let mut estimates = TokenEstimates::new(200, None);
+        for tokens in [1400, 1380, 1420, 1410, 1390, 1400, 1450, 1350] {
+            estimates.record_output(20, tokens, false, true);
+        }
+        let alone = [1, 4, 10, 40].map(|items| estimates.max_tokens(items));
+        estimates.set_full_size(40);
+        let beside_forty = [1, 4, 10, 40].map(|items| estimates.max_tokens(items));
+        // One item and four (a tenth of 40) get more room; ten and forty the same.
+        assert!(beside_forty[0] > alone[0] && beside_forty[1] > alone[1]);
+        assert_eq!(beside_forty[2..], alone[2..]);
+        // One item beside 40: k² + 2 ln 40 squared standard deviations (about 3 for k = 1).
+        let mean = estimates.output_tokens_per_item();
+        let sd = estimates.output_variance_per_item.sqrt();
+        let sigmas = (f64::from(beside_forty[0]) - mean - MARGIN_TOKENS) / sd;
+        let expected = (estimates.margin_sigmas.powi(2) + 2.0 * 40f64.ln()).sqrt();
+        assert!((sigmas - expected).abs() < 0.05, "{sigmas} vs {expected}");
     }
 
     #[test]
