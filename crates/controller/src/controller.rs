@@ -265,11 +265,15 @@ impl Controller {
     }
 
     /// The size of the run's first request, when `poll` is to send it now: before anything
-    /// was sent, while nothing is announced, when the job's smallest size is below the
-    /// current one and more items wait than it takes.
+    /// was sent, while nothing is announced, when the job's concurrency cap leaves room for
+    /// it beside the start's requests (`concurrency.max` is a hard cap: a job that says one
+    /// at a time gets one at a time), when the job's smallest size is below the current one
+    /// and more items wait than it takes.
     fn first_answer_size(&self, load: PipelineLoad) -> Option<u32> {
         let smallest = self.config.items_per_request.min;
+        let concurrency = self.config.concurrency;
         (self.first_answer == FirstAnswer::Pending
+            && concurrency.start < concurrency.max
             && self.delay_limit_applies()
             && smallest < self.batch.current()
             && load.queued_items > smallest as usize)

@@ -552,9 +552,17 @@ fn the_first_answer_comes_from_a_small_request_beside_the_start() {
 }
 
 #[test]
-fn no_small_first_request_when_the_job_allows_no_smaller_one() {
-    let mut config = ControllerConfig::with_defaults();
-    config.items_per_request = crate::config::StartMinMax::new(10, 10, 40);
+fn no_small_first_request_when_the_job_allows_no_smaller_one_or_no_more_in_flight() {
+    let mut smallest_is_start = ControllerConfig::with_defaults();
+    smallest_is_start.items_per_request = crate::config::StartMinMax::new(10, 10, 40);
+    let mut start_is_the_cap = ControllerConfig::with_defaults();
+    start_is_the_cap.concurrency = crate::config::StartMinMax::new(4, 1, 4);
+    for config in [smallest_is_start, start_is_the_cap] {
+        no_small_first_request(config);
+    }
+}
+
+fn no_small_first_request(config: ControllerConfig) {
     let mut controller = Controller::new(config, Duration::ZERO).unwrap();
     let tickets: Vec<Ticket> = (0..50)
         .filter_map(|step| try_send(&mut controller, seconds(f64::from(step) * 0.01)))
