@@ -152,7 +152,9 @@ async fn truncated_answers_keep_their_complete_entries() {
 async fn wrong_value_types_are_invalid_and_retried() {
     let fx = Fixture::new(10).await;
     let fake = FakeProvider::start(vec![Reply::WrongTypes], vec![], 8).await;
-    fx.write_job(&fake.base_url(), "", "", "");
+    // One request at a time, so the first answer (a blank string for its first item, a
+    // number for its second) holds both wrong types.
+    fx.write_job(&fake.base_url(), "", "concurrency = { start = 1, min = 1, max = 1 }", "");
     let (output, summary) = run_json(&fx, &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(summary["items"]["done"], 10);
