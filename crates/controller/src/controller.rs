@@ -58,7 +58,7 @@ pub(crate) enum FirstAnswer {
     Pending,
     /// `poll` offered it; `on_sent` records it.
     Offered,
-    InFlight(Ticket),
+    InFlight,
     Done,
 }
 
@@ -115,17 +115,15 @@ impl Controller {
             None,
         ];
         let initial_rate = f64::from(config.concurrency.start);
-        let mut tokens = TokenEstimates::new(
-            config.initial_output_tokens_per_item,
-            config.context_window_tokens,
-        );
-        tokens.set_full_size(config.items_per_request.start);
         Ok(Self {
             pacer: RatePacer::new(caps, initial_rate, now),
             concurrency: ConcurrencyLimit::new(config.concurrency),
             delay: DelayLimit::new(config.concurrency),
             batch: BatchSizer::new(config.items_per_request),
-            tokens,
+            tokens: TokenEstimates::new(
+                config.initial_output_tokens_per_item,
+                config.context_window_tokens,
+            ),
             latency: LatencyWindow::default(),
             settled_latency: LatencyWindow::default(),
             unsettled: VecDeque::new(),
@@ -173,7 +171,7 @@ impl Controller {
             return Decision::Wait { until: None };
         }
         let items = first_answer.unwrap_or_else(|| self.items_to_send(load, limit));
-        let max_tokens = self.tokens.max_tokens(items);
+        let max_tokens = self.max_tokens(items);
         let costs = request_costs(self.tokens.prompt_tokens(items), f64::from(max_tokens));
         let wait = self.pacer.wait_for(costs, now);
         if wait > Duration::ZERO {
@@ -206,7 +204,7 @@ impl Controller {
         self.next_ticket += 1;
         let first_answer = self.first_answer == FirstAnswer::Offered;
         if first_answer {
-            self.first_answer = FirstAnswer::InFlight(ticket);
+            self.first_answer = FirstAnswer::InFlight;
         }
         let level = u32::try_from(self.counted_in_flight() + 1).unwrap_or(u32::MAX);
         let generation = self.delay.generation();
@@ -245,7 +243,7 @@ impl Controller {
     /// A view for the progress bar and the run summary.
     pub fn status(&self) -> ControllerStatus {
         let items = self.batch.current();
-        let max_tokens = self.tokens.max_tokens(items);
+        let max_tokens = self.max_tokens(items);
         let costs = request_costs(self.tokens.prompt_tokens(items), f64::from(max_tokens));
         let model = self.latency.model();
         ControllerStatus {
@@ -288,7 +286,7 @@ impl Controller {
 
     /// Whether the first answer's request is still in flight.
     fn first_answer_in_flight(&self) -> bool {
-        matches!(self.first_answer, FirstAnswer::InFlight(ticket) if self.in_flight.contains_key(&ticket))
+        self.first_answer == FirstAnswer::InFlight
     }
 
     /// Requests in flight, the first answer's request not counted.
@@ -306,11 +304,16 @@ impl Controller {
         }
     }
 
+    /// `max_tokens` for a request of `items` items, beside the run's requests of the batch size.
+    pub(crate) fn max_tokens(&self, items: u32) -> u32 {
+        self.tokens.max_tokens(items, self.batch.current())
+    }
+
     /// Requests per second the pacer allows for requests of `items` items.
     pub(crate) fn paced_request_rate(&self, items: u32) -> f64 {
         let costs = request_costs(
             self.tokens.prompt_tokens(items),
-            f64::from(self.tokens.max_tokens(items)),
+            f64::from(self.max_tokens(items)),
         );
         self.pacer.request_rate(costs)
     }
@@ -323,7 +326,7 @@ impl Controller {
         let p90 = self.latency.model().map(|model| model.p90(items));
         let costs = request_costs(
             self.tokens.prompt_tokens(items),
-            f64::from(self.tokens.max_tokens(items)),
+            f64::from(self.max_tokens(items)),
         );
         let burst = self.pacer.burst_requests(costs);
         let paced = self

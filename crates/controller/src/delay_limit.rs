@@ -579,8 +579,8 @@ impl DelayLimit {
 
     /// When the server's own service times show the current limit past its slots (at least
     /// `QUEUED_REQUESTS` queued, and `QUEUED_SHARE` of the level), the requests it served at
-    /// a time, those queued, and what was seen at this level; `None` when they show no queue, or the server
-    /// did not say, or the limit is 1.
+    /// a time, those queued, and what was seen at this level; `None` when they show no queue,
+    /// or the server did not say, or the limit is 1.
     fn past_the_slots(&self) -> Option<(u32, f64, Measured)> {
         let queued = self.queued()?;
         let level = self.limit();
@@ -916,8 +916,8 @@ impl DelayLimit {
         self.reference = Some(measured);
         if self.queued().is_some() {
             // The server reported its service times and they showed no queue at the start
-            // level (`watch_queue` caps a level that shows one): it has not fewer slots than that,
-            // and its latency over the first answer's is its own batching, not a queue. Slow
+            // level (`watch_queue` caps a level that shows one): it has not fewer slots than
+            // that, and its latency over the first answer's is its own batching, not a queue. Slow
             // start goes up at once.
             self.next_direction = Direction::Up;
             self.start_probe(false);

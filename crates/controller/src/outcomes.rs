@@ -152,7 +152,7 @@ impl Controller {
             .insert(at, (sent.sent_at, latency, items_sent));
         let returned = completed.items_valid + completed.items_rejected;
         // Sent with what the estimate gives now (or more), or on an estimate since raised.
-        let current = shape.max_tokens >= self.tokens.max_tokens(items_sent);
+        let current = shape.max_tokens >= self.max_tokens(items_sent);
         self.tokens.record_output(
             returned,
             completed.completion_tokens,
@@ -171,10 +171,11 @@ impl Controller {
         };
         let pacer = &self.pacer;
         let tokens = &self.tokens;
+        let full_size = self.batch.current();
         let items_per_second = |items: u32| {
             let costs = crate::rate_pacer::request_costs(
                 tokens.prompt_tokens(items),
-                f64::from(tokens.max_tokens(items)),
+                f64::from(tokens.max_tokens(items, full_size)),
             );
             pacer.request_rate(costs) * f64::from(items)
         };
@@ -196,7 +197,6 @@ impl Controller {
         });
         if self.batch.current() != size_before {
             self.delay.on_size_change();
-            self.tokens.set_full_size(self.batch.current());
         }
     }
 

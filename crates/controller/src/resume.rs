@@ -47,7 +47,6 @@ impl Controller {
             controller.config.context_window_tokens,
             controller.config.initial_output_tokens_per_item,
         );
-        controller.tokens.set_full_size(controller.batch.current());
         controller.counts = state.counts;
         Ok(controller)
     }

@@ -52,9 +52,6 @@ pub struct TokenEstimates {
     /// context window).
     #[serde(default)]
     output_cap_per_item: Option<u32>,
-    /// The run's request size (`set_full_size`); 0 before it is set.
-    #[serde(default)]
-    full_size: u32,
 }
 
 impl TokenEstimates {
@@ -74,7 +71,6 @@ impl TokenEstimates {
             prompt_sum_items_tokens: 0.0,
             context_window_tokens,
             output_cap_per_item: Some(initial_output_tokens_per_item),
-            full_size: 0,
         }
     }
 
@@ -179,23 +175,17 @@ impl TokenEstimates {
         (0.0, mean_y / mean_x)
     }
 
-    /// Sets the size of the run's requests (the batch size), against which smaller ones get
-    /// a wider margin (`max_tokens`).
-    pub fn set_full_size(&mut self, items: u32) {
-        self.full_size = items;
-    }
-
     /// The margin for a request of `b` items, in standard deviations of its output. A
     /// truncated answer keeps its complete items and loses about one, whatever its size, so
     /// the share of items lost is the chance of truncation over `b`. A request of at most
-    /// `1 / SMALL_REQUEST_RATIO` of the run's size (`full_size`: the last requests at the end
+    /// `1 / SMALL_REQUEST_RATIO` of the run's size (`full_size`, the batch size: the last requests at the end
     /// of the queue, retries of a few items) gets a margin whose chance of truncation is
     /// smaller in that ratio; under a normal tail that takes `k² + 2 ln(ratio)` squared
     /// standard deviations, so a one-item request beside requests of 40 gets about 3 instead
     /// of 1. There a truncation costs the run another round at its end; for larger requests
     /// the wider reserve cost more pace under tokens/min than it saved (simulator).
-    fn margin_sigmas_for(&self, b: f64) -> f64 {
-        let ratio = f64::from(self.full_size) / b;
+    fn margin_sigmas_for(&self, b: f64, full_size: u32) -> f64 {
+        let ratio = f64::from(full_size) / b;
         if ratio >= SMALL_REQUEST_RATIO {
             (self.margin_sigmas.powi(2) + 2.0 * ratio.ln()).sqrt()
         } else {
@@ -203,11 +193,13 @@ impl TokenEstimates {
         }
     }
 
-    /// `max_tokens` for a request of `items` items.
-    pub fn max_tokens(&self, items: u32) -> u32 {
+    /// `max_tokens` for a request of `items` items in a run whose requests hold `full_size`
+    /// (the batch size).
+    pub fn max_tokens(&self, items: u32, full_size: u32) -> u32 {
         let b = f64::from(items.max(1));
         let expected = b * self.output_mean_per_item;
-        let spread = self.margin_sigmas_for(b) * (b * self.output_variance_per_item).sqrt();
+        let spread =
+            self.margin_sigmas_for(b, full_size) * (b * self.output_variance_per_item).sqrt();
         let capped = self
             .output_cap_per_item
             .map_or(f64::INFINITY, |cap| b * f64::from(cap) + MARGIN_TOKENS);
@@ -245,15 +237,15 @@ mod tests {
     #[test]
     fn max_tokens_follows_observed_output_and_truncation_raises_it() {
         let mut estimates = TokenEstimates::new(200, None);
-        let configured = estimates.max_tokens(20);
+        let configured = estimates.max_tokens(20, 20);
         assert!(configured >= 4000);
         for tokens in [1400, 1380, 1420, 1410, 1390, 1400] {
             estimates.record_output(20, tokens, false, true);
         }
-        let learned = estimates.max_tokens(20);
+        let learned = estimates.max_tokens(20, 20);
         assert!((1550..2200).contains(&learned), "{learned}");
         estimates.record_output(20, learned, true, true);
-        assert!(estimates.max_tokens(20) > learned);
+        assert!(estimates.max_tokens(20, 20) > learned);
     }
 
     #[test]
@@ -261,23 +253,23 @@ mod tests {
         let mut estimates = TokenEstimates::new(60, Some(4096));
         // A model that rambles: every answer runs to max_tokens and is truncated.
         for _ in 0..50 {
-            let sent = estimates.max_tokens(2);
+            let sent = estimates.max_tokens(2, 2);
             estimates.record_output(2, sent, true, true);
         }
-        assert_eq!(estimates.max_tokens(2), 2 * 60 + MARGIN_TOKENS as u32);
+        assert_eq!(estimates.max_tokens(2, 2), 2 * 60 + MARGIN_TOKENS as u32);
         // Answers longer than the cap (a provider ignoring max_tokens) do not raise it either.
         for _ in 0..50 {
             estimates.record_output(2, 1900, false, true);
         }
-        assert_eq!(estimates.max_tokens(2), 2 * 60 + MARGIN_TOKENS as u32);
+        assert_eq!(estimates.max_tokens(2, 2), 2 * 60 + MARGIN_TOKENS as u32);
         // Shorter answers bring it below the cap.
         for _ in 0..200 {
             estimates.record_output(2, 40, false, true);
         }
         assert!(
-            estimates.max_tokens(2) < 2 * 60,
+            estimates.max_tokens(2, 2) < 2 * 60,
             "{}",
-            estimates.max_tokens(2)
+            estimates.max_tokens(2, 2)
         );
     }
 
@@ -288,19 +280,19 @@ mod tests {
             estimates.record_output(20, tokens, false, true);
         }
         let before = estimates.margin_sigmas;
-        let sent = estimates.max_tokens(20);
+        let sent = estimates.max_tokens(20, 20);
         estimates.record_output(20, sent, true, true);
         let raised = estimates.margin_sigmas;
-        assert!(raised > before && estimates.max_tokens(20) > sent);
+        assert!(raised > before && estimates.max_tokens(20, 20) > sent);
         // The rest of the round, sent with the old `max_tokens`, comes back truncated too:
         // the margin stays (the mean may still rise with what they show).
         for _ in 0..10 {
-            let current = sent >= estimates.max_tokens(20);
+            let current = sent >= estimates.max_tokens(20, 20);
             estimates.record_output(20, sent, true, current);
         }
         assert_eq!(estimates.margin_sigmas, raised);
         // A truncation of a request sent on the raised estimate raises it again.
-        let now = estimates.max_tokens(20);
+        let now = estimates.max_tokens(20, 20);
         estimates.record_output(20, now, true, true);
         assert!(estimates.margin_sigmas > raised);
         // Without the distinction, the round would have driven it to its most.
@@ -320,9 +312,8 @@ mod tests {
         for tokens in [1400, 1380, 1420, 1410, 1390, 1400, 1450, 1350] {
             estimates.record_output(20, tokens, false, true);
         }
-        let alone = [1, 4, 10, 40].map(|items| estimates.max_tokens(items));
-        estimates.set_full_size(40);
-        let beside_forty = [1, 4, 10, 40].map(|items| estimates.max_tokens(items));
+        let alone = [1, 4, 10, 40].map(|items| estimates.max_tokens(items, items));
+        let beside_forty = [1, 4, 10, 40].map(|items| estimates.max_tokens(items, 40));
         // One item and four (a tenth of 40) get more room; ten and forty the same.
         assert!(beside_forty[0] > alone[0] && beside_forty[1] > alone[1]);
         assert_eq!(beside_forty[2..], alone[2..]);
@@ -338,6 +329,6 @@ mod tests {
     fn context_window_bounds_max_tokens() {
         let mut estimates = TokenEstimates::new(200, Some(8000));
         estimates.record_prompt(20, 6000);
-        assert_eq!(estimates.max_tokens(20), 2000);
+        assert_eq!(estimates.max_tokens(20, 20), 2000);
     }
 }
