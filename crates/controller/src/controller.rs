@@ -58,7 +58,7 @@ pub(crate) enum FirstAnswer {
     Pending,
     /// `poll` offered it; `on_sent` records it.
     Offered,
-    InFlight,
+    InFlight(Ticket),
     Done,
 }
 
@@ -204,7 +204,7 @@ impl Controller {
         self.next_ticket += 1;
         let first_answer = self.first_answer == FirstAnswer::Offered;
         if first_answer {
-            self.first_answer = FirstAnswer::InFlight;
+            self.first_answer = FirstAnswer::InFlight(ticket);
         }
         let level = u32::try_from(self.counted_in_flight() + 1).unwrap_or(u32::MAX);
         let generation = self.delay.generation();
@@ -286,7 +286,7 @@ impl Controller {
 
     /// Whether the first answer's request is still in flight.
     fn first_answer_in_flight(&self) -> bool {
-        self.first_answer == FirstAnswer::InFlight
+        matches!(self.first_answer, FirstAnswer::InFlight(ticket) if self.in_flight.contains_key(&ticket))
     }
 
     /// Requests in flight, the first answer's request not counted.
