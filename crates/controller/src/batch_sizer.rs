@@ -94,8 +94,11 @@ impl BatchSizer {
         self.current = range.clamp(self.current);
     }
 
-    /// The next size to try, if growing is allowed at all.
-    pub fn candidate(&self) -> Option<u32> {
+    /// The next size to try, at most `largest`, if growing is allowed at all. A step that
+    /// `largest` shortens is taken only while it still adds `GROWTH_SHARE_NEAR_KNEE` of the
+    /// size: a bound that creeps up as requests grow (their fixed part shared by more items)
+    /// does not draw them up one item at a time, each step measured afresh.
+    pub fn candidate(&self, largest: u32) -> Option<u32> {
         let share = if self.knee.is_some() {
             GROWTH_SHARE_NEAR_KNEE
         } else {
@@ -103,6 +106,13 @@ impl BatchSizer {
         };
         let step = ((f64::from(self.current) * share) as u32).max(1);
         let mut next = (self.current + step).min(self.range.max);
+        if largest < next {
+            let least_step = ((f64::from(self.current) * GROWTH_SHARE_NEAR_KNEE) as u32).max(1);
+            if largest < self.current.saturating_add(least_step) {
+                return None;
+            }
+            next = largest;
+        }
         if let Some(knee) = self.knee {
             next = next.min(self.current + (knee.saturating_sub(self.current) / 2).max(1));
             if next >= knee {
@@ -113,12 +123,14 @@ impl BatchSizer {
     }
 
     /// Records one answered request of `items` items of which `failed` came back missing,
-    /// truncated or rejected. `gain(from, to)` is the modelled items/s gain of a size change.
+    /// truncated or rejected. Requests grow to at most `largest` items, and only by a
+    /// modelled items/s gain `gain(from, to)` of at least `MINIMUM_GAIN`.
     pub fn record(
         &mut self,
         now: Duration,
         items: u32,
         failed: u32,
+        largest: u32,
         gain: impl Fn(u32, u32) -> f64,
     ) {
         if self.knee.is_some() && now.saturating_sub(self.knee_found_at) >= KNEE_MEMORY {
@@ -172,7 +184,7 @@ impl BatchSizer {
             .map_or(0.0, SizeQuality::share);
         let clean = share <= reference.unwrap_or(0.0) + KNEE_EXCESS / 2.0;
         if clean
-            && let Some(next) = self.candidate()
+            && let Some(next) = self.candidate(largest)
             && gain(self.current, next) >= MINIMUM_GAIN
         {
             self.change_to(next, "more items per request raise items/s");
@@ -239,7 +251,13 @@ mod tests {
         for index in 0..requests {
             let items = sizer.current();
             let failed = (f64::from(items) * failure_share(items)).round() as u32;
-            sizer.record(Duration::from_secs(index as u64), items, failed, always);
+            sizer.record(
+                Duration::from_secs(index as u64),
+                items,
+                failed,
+                u32::MAX,
+                always,
+            );
         }
     }
 
@@ -266,7 +284,7 @@ mod tests {
         assert!(grown > 10);
         // Three failures in the first 60 items at the new size: unlucky, not a knee.
         for index in 0..3 {
-            sizer.record(Duration::from_secs(100 + index), grown, 1, always);
+            sizer.record(Duration::from_secs(100 + index), grown, 1, u32::MAX, always);
         }
         assert_eq!(sizer.knee(), None);
     }
@@ -279,10 +297,30 @@ mod tests {
     }
 
     #[test]
+    fn grows_to_a_bound_only_by_a_step_worth_taking() {
+        let mut sizer = BatchSizer::new(StartMinMax::new(20, 1, 40));
+        // The bound shortens the doubling: 20 → 30.
+        assert_eq!(sizer.candidate(30), Some(30));
+        // A bound a few items above the size is no step (a quarter of it at least).
+        assert_eq!(sizer.candidate(24), None);
+        assert_eq!(sizer.candidate(25), Some(25));
+        // Below the size: no growth, and no shrinking either.
+        assert_eq!(sizer.candidate(10), None);
+        for index in 0..20 {
+            sizer.record(Duration::from_secs(index), 20, 0, 22, always);
+        }
+        assert_eq!(sizer.current(), 20);
+        for index in 20..40 {
+            sizer.record(Duration::from_secs(index), 20, 0, 40, always);
+        }
+        assert_eq!(sizer.current(), 40);
+    }
+
+    #[test]
     fn does_not_grow_without_gain() {
         let mut sizer = BatchSizer::new(StartMinMax::new(10, 1, 40));
         for index in 0..100 {
-            sizer.record(Duration::from_secs(index), 10, 0, |_, _| 0.001);
+            sizer.record(Duration::from_secs(index), 10, 0, u32::MAX, |_, _| 0.001);
         }
         assert_eq!(sizer.current(), 10);
     }

@@ -102,6 +102,10 @@ pub struct Controller {
     pub(crate) counts: ControllerCounts,
     pub(crate) rng: fastrand::Rng,
     now: Duration,
+    /// The service time the server reported (llama.cpp's `timings`) and the items it was
+    /// for, summed over the answers to requests sent alone, each one's weight decaying by
+    /// `SERVED_DECAY`.
+    pub(crate) served: (f64, f64),
 }
 
 impl Controller {
@@ -146,6 +150,7 @@ impl Controller {
             rng: fastrand::Rng::with_seed(config.seed),
             config,
             now,
+            served: (0.0, 0.0),
         })
     }
 

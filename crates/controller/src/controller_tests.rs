@@ -621,3 +621,51 @@ fn answers_cut_short_at_max_tokens_do_not_measure_a_level() {
         );
     }
 }
+
+/// The largest request sent over 60 answered one at a time by a server that reports its
+/// service time, 0.2 s + 0.45 s per item, under a job timeout of `timeout_s`.
+fn largest_size_sent(timeout_s: u64) -> u32 {
+    let mut config = ControllerConfig::with_defaults();
+    config.concurrency = crate::config::StartMinMax::new(1, 1, 1);
+    config.request_timeout = Duration::from_secs(timeout_s);
+    let mut controller = Controller::new(config, Duration::ZERO).unwrap();
+    let mut now = Duration::ZERO;
+    let mut largest = 0;
+    for _ in 0..60 {
+        let ticket = loop {
+            now += seconds(0.1);
+            if let Some(ticket) = try_send(&mut controller, now) {
+                break ticket;
+            }
+        };
+        let items = controller.in_flight[&ticket].shape.items;
+        largest = largest.max(items);
+        let latency = seconds(0.2 + 0.45 * f64::from(items));
+        let outcome = Outcome::Completed(CompletedRequest {
+            items_valid: items,
+            prompt_tokens: 1000,
+            completion_tokens: 70 * items,
+            server_time: Some(latency),
+            ..CompletedRequest::default()
+        });
+        now += latency;
+        finish(
+            &mut controller,
+            now,
+            ticket,
+            outcome,
+            RateLimitInfo::default(),
+        );
+    }
+    largest
+}
+
+#[test]
+fn requests_grow_only_to_half_the_timeout_at_the_servers_pace() {
+    // Requests of 40 items take 18.2 s here: under a 60 s timeout they grow to the job's
+    // largest size; under 20 s one now and then would outlast it, so they stop at 20 items
+    // (9.2 s), the next doubling being past half the timeout and a step of one or two items
+    // too small to be worth measuring afresh.
+    assert_eq!(largest_size_sent(60), 40);
+    assert_eq!(largest_size_sent(20), 20);
+}

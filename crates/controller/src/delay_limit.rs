@@ -536,7 +536,7 @@ impl DelayLimit {
     }
 
     /// The lowest latency per item measured lately: the server's unloaded pace.
-    fn baseline(&self) -> Option<f64> {
+    pub fn baseline(&self) -> Option<f64> {
         self.baseline
             .iter()
             .map(|(_, seconds_per_item)| *seconds_per_item)

@@ -30,6 +30,11 @@ const HEDGE_BUDGET_SHARE: f64 = 0.02;
 /// ...and at most this share on a server that queues, where the copy also waits behind the
 /// request it hedges and its short last round leaves hedges little to win.
 const HEDGE_BUDGET_SHARE_QUEUEING: f64 = 0.01;
+/// Requests grow only while one of them takes at most this share of `request_timeout_s`
+/// at the server's unloaded pace: a request's latency varies (its output's length, the
+/// server's load), and one that outlasts the timeout is computed for nothing (and billed)
+/// while its items wait out the timeout before they are sent again.
+const TIMEOUT_SHARE_AT_UNLOADED_PACE: f64 = 0.5;
 /// At the end of the queue, a request older than the larger of these multiples of its size's
 /// p90 and p99 latency is taken as hung and cut whatever the hedge budget has left: waiting
 /// out its timeout would be the run's tail.
@@ -182,6 +187,30 @@ impl Controller {
             }
             _ => self.config.request_timeout,
         }
+    }
+
+    /// The largest request the job's `[model] request_timeout_s` leaves room for: one that
+    /// takes at most `TIMEOUT_SHARE_AT_UNLOADED_PACE` of it at the server's unloaded pace
+    /// per item, the lower of the delay limit's baseline (the least loaded level measured)
+    /// and the mean service time per item the server reports for requests sent alone (a
+    /// larger request beats either, its fixed part shared by more items). Before either is
+    /// known, the job's largest size.
+    pub(crate) fn largest_size_within_the_timeout(&self) -> u32 {
+        let range = self.config.items_per_request;
+        let (served_seconds, served_items) = self.served;
+        let served = (served_items > 0.0).then(|| served_seconds / served_items);
+        let paces = [self.delay.baseline(), served];
+        let Some(per_item) = paces
+            .into_iter()
+            .flatten()
+            .filter(|per_item| *per_item > 0.0)
+            .min_by(f64::total_cmp)
+        else {
+            return range.max;
+        };
+        let allowed = TIMEOUT_SHARE_AT_UNLOADED_PACE * self.config.request_timeout.as_secs_f64();
+        let items = (allowed / per_item).floor().min(f64::from(u32::MAX));
+        (items as u32).clamp(range.min, range.max)
     }
 
     /// The timeout for a request sent behind `ahead` of our own requests: `timeout_for`

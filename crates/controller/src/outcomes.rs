@@ -19,6 +19,9 @@ const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(32);
 /// A request this close to the context window had no room for a larger `max_tokens`.
 const CONTEXT_WINDOW_SLACK_TOKENS: u32 = 16;
+/// Each answer's weight in the mean service time per item the server reports, relative to
+/// the next answer's.
+const SERVED_DECAY: f64 = 0.95;
 /// Jitter added to every pause: up to this share of it plus a fixed amount.
 const JITTER_SHARE: f64 = 0.1;
 const JITTER_FIXED: Duration = Duration::from_millis(100);
@@ -145,6 +148,17 @@ impl Controller {
         self.consecutive_pauses = 0;
         self.remember_timeout(false);
         self.latency.record(latency, items_sent);
+        // The unloaded pace: answers sent alone, of the run's size.
+        if let Some(service) = completed
+            .server_time
+            .filter(|service| measures && sent.level == 1 && *service <= latency)
+        {
+            let (seconds, items) = self.served;
+            self.served = (
+                seconds * SERVED_DECAY + service.as_secs_f64(),
+                items * SERVED_DECAY + f64::from(items_sent),
+            );
+        }
         let at = self
             .unsettled
             .partition_point(|(sent_at, _, _)| *sent_at <= sent.sent_at);
@@ -184,17 +198,19 @@ impl Controller {
         let searching = self.delay.searching()
             && self.queueing_server(self.concurrency_limit_for(self.batch.current()));
         let size_before = self.batch.current();
-        self.batch.record(now, items_sent, failed, |from, to| {
-            if searching {
-                return 0.0;
-            }
-            let (before, after) = (items_per_second(from), items_per_second(to));
-            if before.is_finite() && after.is_finite() && before > 0.0 {
-                after / before - 1.0
-            } else {
-                f64::from(to) / f64::from(from) - 1.0
-            }
-        });
+        let largest = self.largest_size_within_the_timeout();
+        self.batch
+            .record(now, items_sent, failed, largest, |from, to| {
+                if searching {
+                    return 0.0;
+                }
+                let (before, after) = (items_per_second(from), items_per_second(to));
+                if before.is_finite() && after.is_finite() && before > 0.0 {
+                    after / before - 1.0
+                } else {
+                    f64::from(to) / f64::from(from) - 1.0
+                }
+            });
         if self.batch.current() != size_before {
             self.delay.on_size_change();
         }
