@@ -401,8 +401,10 @@ impl DelayLimit {
         // queue a round more at that level (on one slot, each of them behind all the rest), so
         // Vegas's estimate is taken from the answers so far. (A server that reports its
         // service time shows its queue from the fourth answer on, `watch_queue`.)
-        let starting =
-            self.reference.is_none() && self.probe.is_none() && self.probes == 0 && !self.bracketed;
+        let starting = self.reference.is_none()
+            && self.probe.is_none()
+            && self.probes == 0
+            && !self.bracketed;
         if starting
             && service.is_none()
             && sample.samples < first_look
@@ -1259,45 +1261,6 @@ mod tests {
         );
         feed(&mut limit, &mut now, 4, Duration::from_secs(2));
         assert_eq!(limit.limit(), 2);
-    }
-
-    #[test]
-    fn one_answer_that_waited_behind_the_start_level_ends_its_measurement() {
-        // One slot: the first answer at 4 in flight took 4 times the first request's time
-        // per item; the limit drops to 1 at once, not after a round more at 4.
-        let alone = |limit: &mut DelayLimit, now: Duration| {
-            limit.on_completed(
-                now,
-                limit.generation(),
-                1,
-                10.0,
-                Duration::from_secs(1),
-                None,
-            );
-        };
-        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
-        let mut now = Duration::from_secs(1);
-        alone(&mut limit, now);
-        feed(&mut limit, &mut now, 1, Duration::from_secs(4));
-        assert_eq!(limit.limit(), 1);
-        // Two slots, twice the time: the measurement goes on (and then jumps to 2).
-        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
-        alone(&mut limit, now);
-        feed(&mut limit, &mut now, 1, Duration::from_secs(2));
-        assert_eq!(limit.limit(), 4);
-        // A server that reports its service time shows its queue on its own terms.
-        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
-        alone(&mut limit, now);
-        let latency = Duration::from_secs(4);
-        limit.on_completed(
-            now,
-            limit.generation(),
-            4,
-            10.0,
-            latency,
-            Some(Duration::from_secs(1)),
-        );
-        assert_eq!(limit.limit(), 4);
     }
 
     #[test]
