@@ -66,10 +66,6 @@ const LATENCY_RISE: f64 = 1.05;
 const NOISE_ERRORS: f64 = 2.0;
 /// Latency per item this far over the baseline shows requests waiting or slowing each other.
 const QUEUE_INFLATION: f64 = 1.25;
-/// One answer at the start level taking this many times the first answer's time per item
-/// shows the queue before the level's measurement is complete (a server with one slot makes
-/// it the level; continuous batching at the start level, 1.2-1.5).
-const EARLY_QUEUE_INFLATION: f64 = 2.5;
 /// The settled level's latency per item moving by this factor (beyond the noise) between two
 /// measurements shows that the server changed.
 const SERVER_CHANGE: f64 = 1.25;
@@ -395,40 +391,6 @@ impl DelayLimit {
         } else {
             needed
         };
-        // Before the start level is measured: an answer sent with the start level in flight
-        // that took `EARLY_QUEUE_INFLATION` times the first answer's time per item waited
-        // behind our others, at a server that serves fewer at once. A whole measurement would
-        // queue a round more at that level (on one slot, each of them behind all the rest), so
-        // Vegas's estimate is taken from the answers so far. (A server that reports its
-        // service time shows its queue from the fourth answer on, `watch_queue`.)
-        let starting = self.reference.is_none()
-            && self.probe.is_none()
-            && self.probes == 0
-            && !self.bracketed;
-        if starting
-            && service.is_none()
-            && sample.samples < first_look
-            && self
-                .first_alone
-                .is_some_and(|alone| per_item >= EARLY_QUEUE_INFLATION * alone)
-        {
-            let samples = f64::from(sample.samples);
-            let measured = Measured {
-                level,
-                items_per_second: sample.in_flight / samples * sample.items / sample.latency_s,
-                mean_latency_s: sample.latency_s / samples,
-                seconds_per_item: sample.latency_s / sample.items,
-                relative_error: 0.0,
-                samples: sample.samples,
-            };
-            tracing::debug!(
-                inflation = per_item / self.first_alone.unwrap_or(per_item),
-                "an answer at the start level waited behind the others"
-            );
-            self.remember(now, measured);
-            self.first_probe(measured);
-            return;
-        }
         if sample.samples < first_look {
             return;
         }
