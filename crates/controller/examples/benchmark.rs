@@ -14,9 +14,7 @@
 use std::path::Path;
 
 use backfill_controller::Controller;
-use backfill_controller::simulation::{
-    FixedClient, FixedRule, RunReport, Scenario, evaluate, simulate,
-};
+use backfill_controller::simulation::{FixedRule, RunReport, Scenario, evaluate, simulate};
 
 fn main() {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -64,7 +62,7 @@ fn main() {
         let fixed = evaluate(&scenario, &simulate(&scenario, &mut fixed_rule));
         let speedup = adaptive.steady_items_per_second / fixed.steady_items_per_second;
         let fixed_client = scenario.provider.slots.map(|slots| {
-            let mut client = FixedClient::new(&config, slots);
+            let mut client = scenario.fixed_client(slots);
             evaluate(&scenario, &simulate(&scenario, &mut client))
         });
         let against_client = fixed_client

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use backfill_controller::Controller;
-use backfill_controller::simulation::{FixedClient, RunReport, Scenario, evaluate, simulate};
+use backfill_controller::simulation::{RunReport, Scenario, evaluate, simulate};
 
 const SEED_OFFSETS: [u64; 3] = [0, 1000, 2000];
 
@@ -44,7 +44,7 @@ fn main() {
                     Controller::new(config.clone(), Duration::ZERO).expect("valid limits");
                 let report = evaluate(&scenario, &simulate(&scenario, &mut controller));
                 let against_client = scenario.provider.slots.map(|slots| {
-                    let mut client = FixedClient::new(&config, slots);
+                    let mut client = scenario.fixed_client(slots);
                     let fixed = evaluate(&scenario, &simulate(&scenario, &mut client));
                     report.overall_items_per_second / fixed.overall_items_per_second
                 });

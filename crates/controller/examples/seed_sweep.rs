@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use backfill_controller::Controller;
-use backfill_controller::simulation::{FixedClient, Scenario, evaluate, simulate};
+use backfill_controller::simulation::{Scenario, evaluate, simulate};
 
 fn main() {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -63,7 +63,7 @@ fn main() {
             let mut controller =
                 Controller::new(config.clone(), Duration::ZERO).expect("valid limits");
             let report = evaluate(&scenario, &simulate(&scenario, &mut controller));
-            let mut client = FixedClient::new(&config, slots);
+            let mut client = scenario.fixed_client(slots);
             let fixed = evaluate(&scenario, &simulate(&scenario, &mut client));
             let ratio = report.overall_items_per_second / fixed.overall_items_per_second;
             if per_seed {

@@ -35,6 +35,8 @@ const GROWTH_SHARE_NEAR_KNEE: f64 = 0.25;
 pub const MINIMUM_GAIN: f64 = 0.01;
 /// How long a found knee is trusted before sizes at it are tried again.
 const KNEE_MEMORY: Duration = Duration::from_secs(600);
+/// Timed-out requests of the current size in a row that halve it.
+const TIMEOUTS_TO_SHRINK: u32 = 2;
 /// Per-size counts are halved past this many items, so they follow drift.
 const STATS_HORIZON: f64 = 2000.0;
 
@@ -65,6 +67,15 @@ pub struct BatchSizer {
     quality: BTreeMap<u32, SizeQuality>,
     items_since_change: f64,
     requests_since_change: u32,
+    /// Requests of the current size that timed out since one of that size was answered.
+    #[serde(default)]
+    timeouts_in_a_row: u32,
+    /// The smallest size whose requests outlasted the timeout; not grown to again before
+    /// `KNEE_MEMORY` has passed.
+    #[serde(default)]
+    too_slow: Option<u32>,
+    #[serde(skip)]
+    too_slow_at: Duration,
 }
 
 impl BatchSizer {
@@ -77,6 +88,9 @@ impl BatchSizer {
             quality: BTreeMap::new(),
             items_since_change: 0.0,
             requests_since_change: 0,
+            timeouts_in_a_row: 0,
+            too_slow: None,
+            too_slow_at: Duration::ZERO,
         }
     }
 
@@ -106,6 +120,10 @@ impl BatchSizer {
         };
         let step = ((f64::from(self.current) * share) as u32).max(1);
         let mut next = (self.current + step).min(self.range.max);
+        let largest = match self.too_slow {
+            Some(too_slow) => largest.min(too_slow.saturating_sub(1)),
+            None => largest,
+        };
         if largest < next {
             let least_step = ((f64::from(self.current) * GROWTH_SHARE_NEAR_KNEE) as u32).max(1);
             if largest < self.current.saturating_add(least_step) {
@@ -139,6 +157,12 @@ impl BatchSizer {
                 "quality knee forgotten; sizes near it may be tried again"
             );
             self.knee = None;
+        }
+        if self.too_slow.is_some() && now.saturating_sub(self.too_slow_at) >= KNEE_MEMORY {
+            self.too_slow = None;
+        }
+        if items == self.current {
+            self.timeouts_in_a_row = 0;
         }
         let stats = self.quality.entry(items).or_default();
         stats.items += f64::from(items);
@@ -217,6 +241,27 @@ impl BatchSizer {
         }
     }
 
+    /// A request of `items` items timed out (not one cut at the end of the queue). Two of
+    /// the current size in a row, with none of that size answered between them, say the
+    /// server takes longer than the timeout over a request that large: the size halves, and
+    /// does not grow back to it before `KNEE_MEMORY` has passed. (A hung request now and then
+    /// is one timeout among answers.) Returns whether the size changed.
+    pub fn on_timeout(&mut self, now: Duration, items: u32) -> bool {
+        if items != self.current {
+            return false;
+        }
+        self.timeouts_in_a_row += 1;
+        if self.timeouts_in_a_row < TIMEOUTS_TO_SHRINK {
+            return false;
+        }
+        let from = self.current;
+        let to = self.range.clamp(from / 2);
+        self.too_slow = Some(self.too_slow.map_or(from, |too_slow| too_slow.min(from)));
+        self.too_slow_at = now;
+        self.change_to(to, "requests of this size outlast the timeout");
+        to != from
+    }
+
     fn change_to(&mut self, size: u32, why: &str) {
         if size != self.current {
             tracing::info!(from = self.current, to = size, knee = self.knee, "{why}");
@@ -224,6 +269,7 @@ impl BatchSizer {
         self.current = size;
         self.items_since_change = 0.0;
         self.requests_since_change = 0;
+        self.timeouts_in_a_row = 0;
     }
 }
 
@@ -312,6 +358,43 @@ mod tests {
         assert_eq!(sizer.current(), 20);
         for index in 20..40 {
             sizer.record(Duration::from_secs(index), 20, 0, 40, always);
+        }
+        assert_eq!(sizer.current(), 40);
+    }
+
+    #[test]
+    fn two_timeouts_in_a_row_halve_the_size_and_keep_it_from_growing_back() {
+        let mut sizer = BatchSizer::new(StartMinMax::new(10, 1, 40));
+        // A timeout, an answer of that size, a timeout: a hung request now and then.
+        assert!(!sizer.on_timeout(Duration::from_secs(1), 10));
+        sizer.record(Duration::from_secs(2), 10, 0, u32::MAX, always);
+        assert!(!sizer.on_timeout(Duration::from_secs(3), 10));
+        assert_eq!(sizer.current(), 10);
+        // Two in a row: halved. A timeout of a request of the old size counts no more.
+        assert!(sizer.on_timeout(Duration::from_secs(4), 10));
+        assert_eq!(sizer.current(), 5);
+        assert!(!sizer.on_timeout(Duration::from_secs(5), 10));
+        assert_eq!(sizer.current(), 5);
+        // Answers that would grow it stop below the size that timed out, until it is forgotten.
+        for index in 0..40 {
+            sizer.record(
+                Duration::from_secs(10 + index),
+                sizer.current(),
+                0,
+                u32::MAX,
+                always,
+            );
+        }
+        assert_eq!(sizer.current(), 9);
+        let later = Duration::from_secs(10) + KNEE_MEMORY;
+        for index in 0..40 {
+            sizer.record(
+                later + Duration::from_secs(index),
+                sizer.current(),
+                0,
+                u32::MAX,
+                always,
+            );
         }
         assert_eq!(sizer.current(), 40);
     }

@@ -57,6 +57,9 @@ impl Controller {
             Outcome::TimedOut => {
                 self.counts.timed_out += 1;
                 self.remember_timeout(true);
+                if self.batch.on_timeout(now, sent.shape.items) {
+                    self.delay.on_size_change();
+                }
                 let cluster = self
                     .recent_timeouts
                     .iter()

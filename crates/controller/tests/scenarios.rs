@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use backfill_controller::Controller;
-use backfill_controller::simulation::{FixedClient, FixedRule, Scenario, evaluate, simulate};
+use backfill_controller::simulation::{FixedRule, Scenario, evaluate, simulate};
 
 fn scenario_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -96,7 +96,7 @@ fn misses_at_seed(scenario: &Scenario) -> Vec<String> {
             .provider
             .slots
             .expect("a fixed client needs the server's slots");
-        let mut fixed_client = FixedClient::new(&config, slots);
+        let mut fixed_client = scenario.fixed_client(slots);
         let fixed = evaluate(scenario, &simulate(scenario, &mut fixed_client));
         let ratio = report.overall_items_per_second / fixed.overall_items_per_second;
         if ratio < minimum {
@@ -191,4 +191,5 @@ scenario_tests!(
     timed_queue_2_slots,
     timed_batching_16_slots,
     timed_queue_slots_change,
+    slower_than_the_timeout,
 );

@@ -24,9 +24,14 @@ pub struct FixedClient {
 impl FixedClient {
     /// `concurrency` requests of `FIXED_CLIENT_ITEMS` items (clamped to the job's range).
     pub fn new(config: &ControllerConfig, concurrency: u32) -> Self {
+        Self::with_items(config, concurrency, FIXED_CLIENT_ITEMS)
+    }
+
+    /// `concurrency` requests of `items` items (clamped to the job's range).
+    pub fn with_items(config: &ControllerConfig, concurrency: u32, items: u32) -> Self {
         Self {
             concurrency: concurrency.max(1),
-            items: config.items_per_request.clamp(FIXED_CLIENT_ITEMS),
+            items: config.items_per_request.clamp(items),
             output_tokens_per_item: config.initial_output_tokens_per_item,
             timeout: config.request_timeout,
             next_ticket: 0,

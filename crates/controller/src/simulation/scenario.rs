@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ControllerConfig, StartMinMax};
+use crate::simulation::fixed_client::{FIXED_CLIENT_ITEMS, FixedClient};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +22,10 @@ pub struct Scenario {
     pub limits: JobLimits,
     pub provider: ProviderSpec,
     pub workload: WorkloadSpec,
+    /// Items per request of the fixed client the scenario is measured against, when not
+    /// `FIXED_CLIENT_ITEMS` (a server too slow for requests that large within the timeout).
+    #[serde(default)]
+    pub fixed_client_items: Option<u32>,
     #[serde(default)]
     pub expect: Expectations,
 }
@@ -175,6 +180,16 @@ impl Scenario {
             request_timeout: Duration::from_secs_f64(self.limits.request_timeout_s),
             seed: self.seed,
         }
+    }
+
+    /// The fixed client this scenario's server is measured against: told the server's
+    /// `slots`, with requests of `fixed_client_items` (`FIXED_CLIENT_ITEMS` unless set).
+    pub fn fixed_client(&self, slots: u32) -> FixedClient {
+        FixedClient::with_items(
+            &self.controller_config(),
+            slots,
+            self.fixed_client_items.unwrap_or(FIXED_CLIENT_ITEMS),
+        )
     }
 
     /// Capacity factor in force at `at_s` seconds.
