@@ -946,3 +946,37 @@ async fn the_new_limits_refuse_nonsense_before_any_request() {
     }
     assert!(provider.seen().is_empty(), "a request went out");
 }
+
+/// A server too slow for the job's requests: one of 10 items takes longer than the job's
+/// timeout, one of 5 does not. Two timeouts in a row halve the requests, and the run writes
+/// every row instead of failing them all for time after their attempts.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_too_large_for_the_timeout_shrink_until_they_fit() {
+    let case = Case {
+        rows: 20,
+        model: "request_timeout_s = 5",
+        limits: "items_per_request = { start = 10, min = 1, max = 10 }\nconcurrency = { start = 1, min = 1, max = 1 }",
+        ..Case::default()
+    };
+    let ran = run_case(case, |seen| {
+        // 0.7 s per item: 10 items take 7 s, 5 take 3.5 s.
+        let body = completion(&seen.good_content()).to_string().into_bytes();
+        Hr::new(200, "").with_body(Body::Parts {
+            parts: vec![body],
+            every: Duration::from_millis(700 * seen.items.len() as u64),
+        })
+    })
+    .await;
+    ran.verdict(0, "finished").await;
+    assert_eq!(ran.done().await, 20);
+    let sizes: Vec<usize> = ran.provider.seen().iter().map(|seen| seen.items.len()).collect();
+    assert_eq!(sizes[..2], [10, 10], "{sizes:?}");
+    assert!(sizes[2..].iter().all(|size| *size <= 5), "{sizes:?}");
+    let timeouts = ran
+        .calls()
+        .await
+        .iter()
+        .filter(|call| call.0.as_deref() == Some("timeout"))
+        .count();
+    assert_eq!(timeouts, 2, "{sizes:?}");
+}
