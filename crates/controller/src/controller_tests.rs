@@ -669,3 +669,42 @@ fn requests_grow_only_to_half_the_timeout_at_the_servers_pace() {
     assert_eq!(largest_size_sent(60), 40);
     assert_eq!(largest_size_sent(20), 20);
 }
+
+/// The size after 30 requests answered in 1 s each, one at a time, then two timing out in a
+/// row, under a job timeout of `timeout_s`.
+fn size_after_two_timeouts(timeout_s: u64) -> u32 {
+    let mut config = ControllerConfig::with_defaults();
+    config.concurrency = crate::config::StartMinMax::new(1, 1, 1);
+    config.items_per_request = crate::config::StartMinMax::new(10, 1, 10);
+    config.request_timeout = Duration::from_secs(timeout_s);
+    let mut controller = Controller::new(config, Duration::ZERO).unwrap();
+    let mut now = answered_one_at_a_time(
+        &mut controller,
+        Duration::ZERO,
+        30,
+        1.0,
+        RateLimitInfo::default(),
+    );
+    for _ in 0..2 {
+        now += seconds(0.1);
+        let ticket = try_send(&mut controller, now).expect("a send");
+        now += Duration::from_secs(timeout_s);
+        finish(
+            &mut controller,
+            now,
+            ticket,
+            Outcome::TimedOut,
+            RateLimitInfo::default(),
+        );
+    }
+    controller.batch.current()
+}
+
+#[test]
+fn only_timeouts_at_the_jobs_timeout_halve_the_size() {
+    // Answers take 1 s: the controller's own timeout is its 5 s floor. Under a 120 s job
+    // timeout two requests cut at 5 s were far slower than the rest (hung), not too large;
+    // under a 5 s job timeout they outlasted the job's timeout.
+    assert_eq!(size_after_two_timeouts(120), 10);
+    assert_eq!(size_after_two_timeouts(5), 5);
+}

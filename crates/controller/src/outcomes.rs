@@ -57,7 +57,11 @@ impl Controller {
             Outcome::TimedOut => {
                 self.counts.timed_out += 1;
                 self.remember_timeout(true);
-                if self.batch.on_timeout(now, sent.shape.items) {
+                // Only a timeout at the job's `request_timeout_s` says the request was too
+                // large for it: one the recent latencies shortened says it was far slower than
+                // they are (hung, or the tail of a heavy one).
+                let at_the_jobs = self.timeout_for(sent.shape.items) >= self.config.request_timeout;
+                if at_the_jobs && self.batch.on_timeout(now, sent.shape.items) {
                     self.delay.on_size_change();
                 }
                 let cluster = self
