@@ -43,6 +43,16 @@ fn try_send(controller: &mut Controller, now: Duration) -> Option<Ticket> {
     }
 }
 
+/// Polls every `step` seconds from `now` until told to send; sends, and returns the ticket.
+fn next_send(controller: &mut Controller, now: &mut Duration, step: f64) -> Ticket {
+    loop {
+        *now += seconds(step);
+        if let Some(ticket) = try_send(controller, *now) {
+            return ticket;
+        }
+    }
+}
+
 fn completed(items: u32) -> Outcome {
     Outcome::Completed(CompletedRequest {
         items_valid: items,
@@ -96,12 +106,7 @@ fn one_rate_cut_per_congestion_event() {
     );
     // A request sent after the cut that also meets a 429 is a new event.
     let mut now = seconds(1.05);
-    let ticket = loop {
-        now += seconds(0.1);
-        if let Some(ticket) = try_send(&mut controller, now) {
-            break ticket;
-        }
-    };
+    let ticket = next_send(&mut controller, &mut now, 0.1);
     finish(
         &mut controller,
         now + seconds(0.05),
@@ -356,12 +361,7 @@ fn snapshot_survives_json_and_restores_what_was_learned() {
     ]);
     let mut now = Duration::ZERO;
     for _ in 0..60 {
-        let ticket = loop {
-            now += seconds(0.05);
-            if let Some(ticket) = try_send(&mut controller, now) {
-                break ticket;
-            }
-        };
+        let ticket = next_send(&mut controller, &mut now, 0.05);
         let items = controller.in_flight[&ticket].shape.items;
         finish(
             &mut controller,
@@ -439,12 +439,7 @@ fn answered_one_at_a_time(
     info: RateLimitInfo,
 ) -> Duration {
     for _ in 0..requests {
-        let ticket = loop {
-            now += seconds(0.1);
-            if let Some(ticket) = try_send(controller, now) {
-                break ticket;
-            }
-        };
+        let ticket = next_send(controller, &mut now, 0.1);
         let items = controller.in_flight[&ticket].shape.items;
         finish(
             controller,
@@ -632,12 +627,7 @@ fn largest_size_sent(timeout_s: u64) -> u32 {
     let mut now = Duration::ZERO;
     let mut largest = 0;
     for _ in 0..60 {
-        let ticket = loop {
-            now += seconds(0.1);
-            if let Some(ticket) = try_send(&mut controller, now) {
-                break ticket;
-            }
-        };
+        let ticket = next_send(&mut controller, &mut now, 0.1);
         let items = controller.in_flight[&ticket].shape.items;
         largest = largest.max(items);
         let latency = seconds(0.2 + 0.45 * f64::from(items));
