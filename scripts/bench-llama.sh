@@ -15,6 +15,8 @@
 #
 #   scripts/bench-llama.sh                    # 2, 4 and 8 slots, 40 motions, one round each
 #   SLOTS="4" ITEMS=60 ROUNDS=2 scripts/bench-llama.sh
+#   SLOTS=1 ITEMS=30 PER_REQUEST="{ start = 10, min = 1, max = 10 }" TIMEOUT=5 scripts/bench-llama.sh
+#                                             # a start size the server cannot answer in time
 #
 # The server shares the machine's cores with the client: run it on an otherwise idle machine.
 set -euo pipefail
@@ -22,6 +24,8 @@ cd "$(dirname "$0")/.."
 SLOTS="${SLOTS:-2 4 8}"
 ITEMS="${ITEMS:-40}"
 ROUNDS="${ROUNDS:-1}"
+PER_REQUEST="${PER_REQUEST:-{ start = 2, min = 1, max = 2 \}}"
+TIMEOUT="${TIMEOUT:-300}"
 PORT="${BENCH_LLAMA_PORT:-18081}"
 
 cargo build --locked --bin backfill >&2
@@ -67,13 +71,13 @@ name = "smollm2-135m"
 structured_output = "json_object_schema"
 max_output_tokens_per_item = 60
 temperature = 0.0
-request_timeout_s = 300
+request_timeout_s = $TIMEOUT
 context_window = 4096
 [pricing.smollm2-135m]
 input = 0.0
 output = 0.0
 [limits]
-items_per_request = { start = 2, min = 1, max = 2 }
+items_per_request = $PER_REQUEST
 max_attempts = 3
 max_failed_share = 1.0
 $3
