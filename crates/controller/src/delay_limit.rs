@@ -260,6 +260,8 @@ pub struct DelayLimit {
     first_alone: Option<f64>,
     /// Recent measurements' latency per item, for the baseline.
     baseline: VecDeque<(Duration, f64)>,
+    /// The lowest level measured yet (`u32::MAX` before any).
+    lowest_measured: u32,
     /// The least latency over the server's reported service time of any request: the
     /// network's and the HTTP layer's share, which no queue adds to.
     least_overhead: Option<f64>,
@@ -273,9 +275,9 @@ impl DelayLimit {
             probe: None,
             reference: None,
             slow_start: true,
-            // The first probe halves the start level: a server with fewer slots than the
-            // job's start is found going down at once, before any doubling.
-            next_direction: Direction::Down,
+            // Slow start doubles from the start level; a server with fewer slots than the
+            // start is found going down once a doubling gains nothing.
+            next_direction: Direction::Up,
             hold_until: Duration::ZERO,
             generation: 0,
             accumulator: Accumulator::default(),
@@ -294,6 +296,7 @@ impl DelayLimit {
             judged: None,
             first_alone: None,
             baseline: VecDeque::new(),
+            lowest_measured: u32::MAX,
             least_overhead: None,
         }
     }
@@ -553,6 +556,14 @@ impl DelayLimit {
             self.baseline.pop_front();
         }
         self.baseline.push_back((now, measured.seconds_per_item));
+        self.lowest_measured = self.lowest_measured.min(measured.level);
+    }
+
+    /// Whether no level below `level` has been measured: whether it is past the server's
+    /// knee is unknown from below. Not for a server that reports its service time: its
+    /// answers show the queue at the level itself.
+    fn nothing_below(&self, level: u32) -> bool {
+        level > self.range.min && self.lowest_measured >= level && self.least_overhead.is_none()
     }
 
     /// Latency per item over the baseline: 1 unloaded, more when requests wait or slow
@@ -844,8 +855,17 @@ impl DelayLimit {
         self.slow_start = false;
         self.climb = 0;
         self.next_direction = Direction::Down;
-        // A settled level that shows a queue itself is probed below at once.
-        let hold = (!self.shows_queue(reference)).then_some(measured);
+        // A settled level that shows a queue itself is probed below at once; so is one that
+        // nothing below was measured against (the start level, when its first doubling
+        // gained nothing) unless it took no longer per item than the first request, sent
+        // alone (a server with fewer slots than the start makes its requests wait; one with
+        // as many serves them as fast, and is probed below only after the hold).
+        let below = self.shows_queue(reference)
+            || (self.nothing_below(self.settled)
+                && self
+                    .first_alone
+                    .is_none_or(|alone| reference.seconds_per_item >= QUEUE_INFLATION * alone));
+        let hold = (!below).then_some(measured);
         self.back_to_settled(now, hold, true);
     }
 
@@ -945,10 +965,18 @@ impl DelayLimit {
                 return;
             }
         }
-        // Otherwise half the start level is tried first: a server with fewer slots than the
-        // start shows there at once, and one answer sent alone is too uneven a measure (an
-        // LLM's output lengths vary) to skip that on its word.
-        self.next_direction = Direction::Down;
+        // Otherwise slow start goes on upward. A server with fewer slots than the start that
+        // the first request did not show gains nothing from the doubling, whose latency
+        // doubles with it, and the level is then probed below. Trying half the start level
+        // first instead cost every server with more slots a round at half the start and a
+        // measurement as long as the start's (the half level's gain over the start is as
+        // noisy as any); half is tried first only when the start level is the most
+        // allowed.
+        self.next_direction = if self.settled < self.range.max {
+            Direction::Up
+        } else {
+            Direction::Down
+        };
         self.start_probe(false);
     }
 
@@ -976,7 +1004,10 @@ impl DelayLimit {
             .reference
             .is_some_and(|reference| self.shows_queue(reference));
         let can_go_down = level > self.range.min
-            && (after_a_kept_step_down || queued || (self.slow_start && self.probes == 0));
+            && (after_a_kept_step_down
+                || queued
+                || self.nothing_below(level)
+                || (self.slow_start && self.probes == 0));
         let target = match self.next_direction {
             Direction::Up if can_go_up => Some(up),
             Direction::Down if can_go_down => Some(down),
@@ -1226,7 +1257,7 @@ mod tests {
     }
 
     #[test]
-    fn without_a_clear_queue_the_first_probe_halves_the_start_level() {
+    fn without_a_clear_queue_slow_start_doubles_from_the_start_level() {
         let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
         let mut now = Duration::from_secs(1);
         limit.on_completed(
@@ -1238,8 +1269,50 @@ mod tests {
             None,
         );
         feed(&mut limit, &mut now, 4, Duration::from_secs(1));
-        assert_eq!(limit.limit(), 2);
+        assert_eq!(limit.limit(), 8);
         assert!(limit.searching());
+    }
+
+    #[test]
+    fn a_start_level_at_the_most_allowed_is_probed_at_half() {
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 4));
+        let mut now = Duration::from_secs(1);
+        limit.on_completed(
+            now,
+            limit.generation(),
+            1,
+            10.0,
+            Duration::from_secs(1),
+            None,
+        );
+        feed(&mut limit, &mut now, 4, Duration::from_secs(1));
+        assert_eq!(limit.limit(), 2);
+    }
+
+    #[test]
+    fn a_first_doubling_that_gains_nothing_sends_the_probe_below_the_start_at_once() {
+        // Two slots, no first request to compare with: 4 → 8 gains nothing, and the start
+        // level, nothing below it measured, is probed below without a hold.
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        let mut now = Duration::from_secs(1);
+        let mut levels = Vec::new();
+        for _ in 0..40 {
+            let level = limit.limit();
+            levels.push(level);
+            feed(&mut limit, &mut now, 1, latency(level, 2, 2.0, 0.0));
+        }
+        let doubled = levels
+            .iter()
+            .position(|level| *level == 8)
+            .expect("a doubling");
+        let below = levels
+            .iter()
+            .position(|level| *level < 4)
+            .expect("a probe below");
+        assert!(doubled < below, "{levels:?}");
+        // One round at 8, then 4 again for one measurement, then below: no hold of ten
+        // latencies at 4 in between.
+        assert!(below - doubled <= 8 + 8, "{levels:?}");
     }
 
     /// A limit settled on a server with `slots` slots and run until it holds its settled
