@@ -387,10 +387,14 @@ impl DelayLimit {
             SAMPLES_PER_LEVEL
         };
         let needed = MIN_SAMPLES.max(per_level * level);
-        // A probe is judged from one round on when its verdict is already clear, so a level
-        // that plainly queues (or plainly gains) costs one round, not two.
+        // A probe is judged from its fourth answer on when its verdict is already clear
+        // (the Student-widened noise of a few answers keeps that for plain cases), so a
+        // level that plainly queues (or plainly gains) costs a few answers, not a round or
+        // two: a round at 32 in flight on a 16-slot server takes twice the latency of one
+        // at 16, and only the answers sent with the level's count in flight count, so a
+        // round measures few.
         let first_look = if self.probe.is_some() {
-            MIN_SAMPLES.max(level)
+            MIN_SAMPLES
         } else {
             needed
         };
@@ -1271,6 +1275,21 @@ mod tests {
         feed(&mut limit, &mut now, 4, Duration::from_secs(1));
         assert_eq!(limit.limit(), 8);
         assert!(limit.searching());
+    }
+
+    #[test]
+    fn a_probe_that_plainly_queues_is_judged_on_its_first_four_answers() {
+        // Eight slots: the doubling from 8 to 16 doubles every latency and gains nothing.
+        let mut limit = DelayLimit::new(StartMinMax::new(8, 1, 64));
+        let mut now = Duration::from_secs(1);
+        let mut levels = Vec::new();
+        for _ in 0..40 {
+            let level = limit.limit();
+            levels.push(level);
+            feed(&mut limit, &mut now, 1, latency(level, 8, 2.0, 0.0));
+        }
+        let at_16 = levels.iter().filter(|level| **level == 16).count();
+        assert_eq!(at_16, 4, "{levels:?}");
     }
 
     #[test]
