@@ -85,8 +85,13 @@ async fn kill_nine_on_postgres_then_resume_loses_nothing_and_writes_nothing_twic
     for (id, title, body, summary) in fx.rows().await {
         assert_eq!(summary.as_deref(), Some(expected_output(&id.to_string(), &title, &body).as_str()), "row {id}");
     }
-    let sent = fx.scalar("SELECT COUNT(*) FROM backfill_calls WHERE outcome IS NULL OR outcome <> 'cached'").await;
-    assert_eq!(sent as usize, fake.records().len(), "ledger calls vs provider requests");
+    // Every request the provider saw is in the ledger; a kill between the reservation and the
+    // request leaves a call the provider never saw, kept as lost (possibly billed), never as
+    // spent.
+    let sent = fx.scalar("SELECT COUNT(*) FROM backfill_calls WHERE outcome IS NULL OR outcome <> 'cached'").await as usize;
+    let lost = fx.scalar("SELECT COUNT(*) FROM backfill_calls WHERE state = 'lost'").await as usize;
+    let seen = fake.records().len();
+    assert!(seen <= sent && sent - seen <= lost, "ledger calls {sent} ({lost} lost) vs provider requests {seen}");
     assert_eq!(fx.scalar("SELECT COUNT(*) FROM backfill_calls WHERE state = 'reserved'").await, 0);
     assert_eq!(
         fx.scalar("SELECT spent_picos FROM backfill_runs").await,
