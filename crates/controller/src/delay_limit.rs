@@ -951,7 +951,10 @@ impl DelayLimit {
             measured.seconds_per_item / alone.max(1e-12)
         });
         if inflation >= QUEUE_INFLATION + NOISE_ERRORS * measured.relative_error {
-            let served = (f64::from(measured.level) / inflation).ceil() as u32;
+            // Rounded, not rounded up: on two slots the start of 4 takes 1.7–1.9 times the
+            // first request's time per item, and 3 (rounded up) is a level that still queues,
+            // which the throughput alone rarely tells from the start's.
+            let served = (f64::from(measured.level) / inflation).round() as u32;
             let target = self
                 .range
                 .clamp(served.min(measured.level.saturating_sub(1)));
@@ -1257,6 +1260,19 @@ mod tests {
             None,
         );
         feed(&mut limit, &mut now, 4, Duration::from_secs(2));
+        assert_eq!(limit.limit(), 2);
+        // Two slots and a first answer that came out slow: 4 in flight took 1.8 times its
+        // time per item. 4 ÷ 1.8 is 2.2: the probe goes to 2, not to 3, which still queues.
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        limit.on_completed(
+            now,
+            limit.generation(),
+            1,
+            10.0,
+            Duration::from_secs(1),
+            None,
+        );
+        feed(&mut limit, &mut now, 4, Duration::from_secs_f64(1.8));
         assert_eq!(limit.limit(), 2);
     }
 
