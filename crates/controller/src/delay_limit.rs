@@ -1234,10 +1234,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_first_measurement_jumps_to_what_a_queueing_server_serves() {
-        // The first request, sent alone, took 1 s; at 4 in flight each took 4 s: one slot.
-        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+    /// A limit in `range` whose first request, sent alone, took 1 s for 10 items, and whose
+    /// first four answers at the start level took `at_start` each.
+    fn after_the_start(range: StartMinMax, at_start: Duration) -> DelayLimit {
+        let mut limit = DelayLimit::new(range);
         let mut now = Duration::from_secs(1);
         limit.on_completed(
             now,
@@ -1247,48 +1247,42 @@ mod tests {
             Duration::from_secs(1),
             None,
         );
-        feed(&mut limit, &mut now, 4, Duration::from_secs(4));
-        assert_eq!(limit.limit(), 1);
+        feed(&mut limit, &mut now, 4, at_start);
+        limit
+    }
+
+    /// The level of each of `answers` answers from a server with `slots` slots and no
+    /// slowdown, with no first request sent alone.
+    fn levels_on(slots: u32, range: StartMinMax, answers: usize) -> Vec<u32> {
+        let mut limit = DelayLimit::new(range);
+        let mut now = Duration::from_secs(1);
+        let mut levels = Vec::new();
+        for _ in 0..answers {
+            let level = limit.limit();
+            levels.push(level);
+            feed(&mut limit, &mut now, 1, latency(level, slots, 2.0, 0.0));
+        }
+        levels
+    }
+
+    #[test]
+    fn the_first_measurement_jumps_to_what_a_queueing_server_serves() {
+        let range = StartMinMax::new(4, 1, 64);
+        // The first request, sent alone, took 1 s; at 4 in flight each took 4 s: one slot.
+        assert_eq!(after_the_start(range, Duration::from_secs(4)).limit(), 1);
         // Two slots: 2 s each at 4 in flight.
-        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
-        limit.on_completed(
-            now,
-            limit.generation(),
-            1,
-            10.0,
-            Duration::from_secs(1),
-            None,
-        );
-        feed(&mut limit, &mut now, 4, Duration::from_secs(2));
-        assert_eq!(limit.limit(), 2);
+        assert_eq!(after_the_start(range, Duration::from_secs(2)).limit(), 2);
         // Two slots and a first answer that came out slow: 4 in flight took 1.8 times its
         // time per item. 4 ÷ 1.8 is 2.2: the probe goes to 2, not to 3, which still queues.
-        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
-        limit.on_completed(
-            now,
-            limit.generation(),
-            1,
-            10.0,
-            Duration::from_secs(1),
-            None,
+        assert_eq!(
+            after_the_start(range, Duration::from_secs_f64(1.8)).limit(),
+            2
         );
-        feed(&mut limit, &mut now, 4, Duration::from_secs_f64(1.8));
-        assert_eq!(limit.limit(), 2);
     }
 
     #[test]
     fn without_a_clear_queue_slow_start_doubles_from_the_start_level() {
-        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
-        let mut now = Duration::from_secs(1);
-        limit.on_completed(
-            now,
-            limit.generation(),
-            1,
-            10.0,
-            Duration::from_secs(1),
-            None,
-        );
-        feed(&mut limit, &mut now, 4, Duration::from_secs(1));
+        let limit = after_the_start(StartMinMax::new(4, 1, 64), Duration::from_secs(1));
         assert_eq!(limit.limit(), 8);
         assert!(limit.searching());
     }
@@ -1296,31 +1290,14 @@ mod tests {
     #[test]
     fn a_probe_that_plainly_queues_is_judged_on_its_first_four_answers() {
         // Eight slots: the doubling from 8 to 16 doubles every latency and gains nothing.
-        let mut limit = DelayLimit::new(StartMinMax::new(8, 1, 64));
-        let mut now = Duration::from_secs(1);
-        let mut levels = Vec::new();
-        for _ in 0..40 {
-            let level = limit.limit();
-            levels.push(level);
-            feed(&mut limit, &mut now, 1, latency(level, 8, 2.0, 0.0));
-        }
+        let levels = levels_on(8, StartMinMax::new(8, 1, 64), 40);
         let at_16 = levels.iter().filter(|level| **level == 16).count();
         assert_eq!(at_16, 4, "{levels:?}");
     }
 
     #[test]
     fn a_start_level_at_the_most_allowed_is_probed_at_half() {
-        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 4));
-        let mut now = Duration::from_secs(1);
-        limit.on_completed(
-            now,
-            limit.generation(),
-            1,
-            10.0,
-            Duration::from_secs(1),
-            None,
-        );
-        feed(&mut limit, &mut now, 4, Duration::from_secs(1));
+        let limit = after_the_start(StartMinMax::new(4, 1, 4), Duration::from_secs(1));
         assert_eq!(limit.limit(), 2);
     }
 
@@ -1328,14 +1305,7 @@ mod tests {
     fn a_first_doubling_that_gains_nothing_sends_the_probe_below_the_start_at_once() {
         // Two slots, no first request to compare with: 4 → 8 gains nothing, and the start
         // level, nothing below it measured, is probed below without a hold.
-        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
-        let mut now = Duration::from_secs(1);
-        let mut levels = Vec::new();
-        for _ in 0..40 {
-            let level = limit.limit();
-            levels.push(level);
-            feed(&mut limit, &mut now, 1, latency(level, 2, 2.0, 0.0));
-        }
+        let levels = levels_on(2, StartMinMax::new(4, 1, 64), 40);
         let doubled = levels
             .iter()
             .position(|level| *level == 8)
