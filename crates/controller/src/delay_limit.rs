@@ -66,6 +66,10 @@ const LATENCY_RISE: f64 = 1.05;
 const NOISE_ERRORS: f64 = 2.0;
 /// Latency per item this far over the baseline shows requests waiting or slowing each other.
 const QUEUE_INFLATION: f64 = 1.25;
+/// One answer at the start level taking this many times the first answer's time per item
+/// shows the queue before the level's measurement is complete (a server with one slot makes
+/// it the level; continuous batching at the start level, 1.2-1.5).
+const EARLY_QUEUE_INFLATION: f64 = 2.5;
 /// The settled level's latency per item moving by this factor (beyond the noise) between two
 /// measurements shows that the server changed.
 const SERVER_CHANGE: f64 = 1.25;
@@ -398,6 +402,38 @@ impl DelayLimit {
         } else {
             needed
         };
+        // Before the start level is measured: an answer sent with the start level in flight
+        // that took `EARLY_QUEUE_INFLATION` times the first answer's time per item waited
+        // behind our others, at a server that serves fewer at once. A whole measurement would
+        // queue a round more at that level (on one slot, each of them behind all the rest), so
+        // Vegas's estimate is taken from the answers so far. (A server that reports its
+        // service time shows its queue from the fourth answer on, `watch_queue`.)
+        let starting =
+            self.reference.is_none() && self.probe.is_none() && self.probes == 0 && !self.bracketed;
+        if starting
+            && service.is_none()
+            && sample.samples < first_look
+            && self
+                .first_alone
+                .is_some_and(|alone| per_item >= EARLY_QUEUE_INFLATION * alone)
+        {
+            let samples = f64::from(sample.samples);
+            let measured = Measured {
+                level,
+                items_per_second: sample.in_flight / samples * sample.items / sample.latency_s,
+                mean_latency_s: sample.latency_s / samples,
+                seconds_per_item: sample.latency_s / sample.items,
+                relative_error: 0.0,
+                samples: sample.samples,
+            };
+            tracing::debug!(
+                inflation = per_item / self.first_alone.unwrap_or(per_item),
+                "an answer at the start level waited behind the others"
+            );
+            self.remember(now, measured);
+            self.first_probe(measured);
+            return;
+        }
         if sample.samples < first_look {
             return;
         }
@@ -1235,8 +1271,8 @@ mod tests {
     }
 
     /// A limit in `range` whose first request, sent alone, took 1 s for 10 items, and whose
-    /// first four answers at the start level took `at_start` each.
-    fn after_the_start(range: StartMinMax, at_start: Duration) -> DelayLimit {
+    /// first `answers` answers at the start level took `at_start` each.
+    fn after_the_start(range: StartMinMax, answers: u32, at_start: Duration) -> DelayLimit {
         let mut limit = DelayLimit::new(range);
         let mut now = Duration::from_secs(1);
         limit.on_completed(
@@ -1247,7 +1283,7 @@ mod tests {
             Duration::from_secs(1),
             None,
         );
-        feed(&mut limit, &mut now, 4, at_start);
+        feed(&mut limit, &mut now, answers, at_start);
         limit
     }
 
@@ -1269,20 +1305,32 @@ mod tests {
     fn the_first_measurement_jumps_to_what_a_queueing_server_serves() {
         let range = StartMinMax::new(4, 1, 64);
         // The first request, sent alone, took 1 s; at 4 in flight each took 4 s: one slot.
-        assert_eq!(after_the_start(range, Duration::from_secs(4)).limit(), 1);
+        assert_eq!(after_the_start(range, 4, Duration::from_secs(4)).limit(), 1);
         // Two slots: 2 s each at 4 in flight.
-        assert_eq!(after_the_start(range, Duration::from_secs(2)).limit(), 2);
+        assert_eq!(after_the_start(range, 4, Duration::from_secs(2)).limit(), 2);
         // Two slots and a first answer that came out slow: 4 in flight took 1.8 times its
         // time per item. 4 ÷ 1.8 is 2.2: the probe goes to 2, not to 3, which still queues.
         assert_eq!(
-            after_the_start(range, Duration::from_secs_f64(1.8)).limit(),
+            after_the_start(range, 4, Duration::from_secs_f64(1.8)).limit(),
             2
         );
     }
 
     #[test]
+    fn one_answer_that_waited_behind_the_start_ends_its_measurement() {
+        // One slot: the first request alone took 1 s, and the first answer at 4 in flight,
+        // sent behind three of ours, took 4 s. The start's measurement ends on it.
+        let range = StartMinMax::new(4, 1, 64);
+        assert_eq!(after_the_start(range, 1, Duration::from_secs(4)).limit(), 1);
+        // Continuous batching at the start level (1.4 times): one answer decides nothing.
+        let limit = after_the_start(range, 1, Duration::from_secs_f64(1.4));
+        assert_eq!(limit.limit(), 4);
+        assert_eq!(limit.probes(), 0);
+    }
+
+    #[test]
     fn without_a_clear_queue_slow_start_doubles_from_the_start_level() {
-        let limit = after_the_start(StartMinMax::new(4, 1, 64), Duration::from_secs(1));
+        let limit = after_the_start(StartMinMax::new(4, 1, 64), 4, Duration::from_secs(1));
         assert_eq!(limit.limit(), 8);
         assert!(limit.searching());
     }
@@ -1297,7 +1345,7 @@ mod tests {
 
     #[test]
     fn a_start_level_at_the_most_allowed_is_probed_at_half() {
-        let limit = after_the_start(StartMinMax::new(4, 1, 4), Duration::from_secs(1));
+        let limit = after_the_start(StartMinMax::new(4, 1, 4), 4, Duration::from_secs(1));
         assert_eq!(limit.limit(), 2);
     }
 
