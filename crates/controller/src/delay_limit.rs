@@ -94,6 +94,11 @@ const QUEUED_SHARE: f64 = 0.05;
 const HOLD_LATENCIES: f64 = 10.0;
 const HOLD_MIN: Duration = Duration::from_secs(10);
 const HOLD_MAX: Duration = Duration::from_secs(300);
+/// A settled level that nothing below was measured against, and whose latency did not show
+/// its requests waiting, is probed below after this many failed probes above in a row (its
+/// hold doubled once): a server with as many slots as the start would pay for that probe
+/// early, one with fewer is still found within a few holds.
+const FAILED_PROBES_BEFORE_BELOW: u32 = 2;
 
 /// How much wider than the normal's a Student-t interval is at `degrees` of freedom, for
 /// `NOISE_ERRORS` standard errors (Cornish–Fisher expansion): a standard deviation taken
@@ -606,6 +611,18 @@ impl DelayLimit {
         level > self.range.min && self.lowest_measured >= level && self.least_overhead.is_none()
     }
 
+    /// Whether the settled level, nothing below it measured, is probed below now: when its
+    /// latency per item was 1.25 × the first request's or more (its requests waited; a server
+    /// with as many slots serves them as fast), or there was no first request to compare
+    /// with, or `FAILED_PROBES_BEFORE_BELOW` probes above it failed in a row.
+    fn looks_below_at_once(&self, settled: Measured) -> bool {
+        self.nothing_below(settled.level)
+            && (self.failed_probes >= FAILED_PROBES_BEFORE_BELOW
+                || self
+                    .first_alone
+                    .is_none_or(|alone| settled.seconds_per_item >= QUEUE_INFLATION * alone))
+    }
+
     /// Latency per item over the baseline: 1 unloaded, more when requests wait or slow
     /// each other.
     fn inflation(&self, measured: Measured) -> f64 {
@@ -900,11 +917,7 @@ impl DelayLimit {
         // gained nothing) unless it took no longer per item than the first request, sent
         // alone (a server with fewer slots than the start makes its requests wait; one with
         // as many serves them as fast, and is probed below only after the hold).
-        let below = self.shows_queue(reference)
-            || (self.nothing_below(self.settled)
-                && self
-                    .first_alone
-                    .is_none_or(|alone| reference.seconds_per_item >= QUEUE_INFLATION * alone));
+        let below = self.shows_queue(reference) || self.looks_below_at_once(reference);
         let hold = (!below).then_some(measured);
         self.back_to_settled(now, hold, true);
     }
@@ -1049,7 +1062,9 @@ impl DelayLimit {
         let can_go_down = level > self.range.min
             && (after_a_kept_step_down
                 || queued
-                || self.nothing_below(level)
+                || self
+                    .reference
+                    .is_some_and(|reference| self.looks_below_at_once(reference))
                 || (self.slow_start && self.probes == 0));
         let target = match self.next_direction {
             Direction::Up if can_go_up => Some(up),
@@ -1347,6 +1362,35 @@ mod tests {
     fn a_start_level_at_the_most_allowed_is_probed_at_half() {
         let limit = after_the_start(StartMinMax::new(4, 1, 4), 4, Duration::from_secs(1));
         assert_eq!(limit.limit(), 2);
+    }
+
+    #[test]
+    fn a_start_at_the_slots_is_probed_below_only_after_two_failed_probes_above() {
+        // Four slots, and a first request sent alone as fast as the start level's answers:
+        // the doubling to 8 fails, the start is held (no probe below at once), the next probe
+        // above fails too, and only then is the level below tried.
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        let mut now = Duration::from_secs(1);
+        let alone = latency(1, 4, 2.0, 0.0);
+        limit.on_completed(now, limit.generation(), 1, 10.0, alone, None);
+        let mut levels = Vec::new();
+        for _ in 0..400 {
+            let level = limit.limit();
+            levels.push(level);
+            feed(&mut limit, &mut now, 1, latency(level, 4, 2.0, 0.0));
+        }
+        let mut visited: Vec<u32> = Vec::new();
+        for level in &levels {
+            if visited.last() != Some(level) {
+                visited.push(*level);
+            }
+        }
+        let below = visited
+            .iter()
+            .position(|level| *level < 4)
+            .expect("a probe below");
+        let above = visited[..below].iter().filter(|level| **level > 4).count();
+        assert_eq!(above, 2, "{visited:?}");
     }
 
     #[test]
