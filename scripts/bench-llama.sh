@@ -17,6 +17,10 @@
 #   SLOTS="4" ITEMS=60 ROUNDS=2 scripts/bench-llama.sh
 #   SLOTS=1 ITEMS=30 PER_REQUEST="{ start = 10, min = 1, max = 10 }" TIMEOUT=5 scripts/bench-llama.sh
 #                                             # a start size the server cannot answer in time
+#   NO_TIMINGS=1 SLOTS="2 4" scripts/bench-llama.sh
+#                                             # through scripts/strip-timings-proxy.py: a server
+#                                             # that does not report its time (vLLM, Ollama)
+#   BACKFILL_BIN=/path/to/backfill scripts/bench-llama.sh   # another build of backfill
 #
 # The server shares the machine's cores with the client: run it on an otherwise idle machine.
 set -euo pipefail
@@ -27,16 +31,30 @@ ROUNDS="${ROUNDS:-1}"
 PER_REQUEST="${PER_REQUEST:-{ start = 2, min = 1, max = 2 \}}"
 TIMEOUT="${TIMEOUT:-300}"
 PORT="${BENCH_LLAMA_PORT:-18081}"
+NO_TIMINGS="${NO_TIMINGS:-}"
+# The port the clients call: the server's own, or the proxy's in front of it.
+CLIENT_PORT="$PORT"
+[ -n "$NO_TIMINGS" ] && CLIENT_PORT=$((PORT + 1))
 
-cargo build --locked --bin backfill >&2
-BIN="$PWD/target/debug/backfill"
+if [ -n "${BACKFILL_BIN:-}" ]; then
+  BIN="$BACKFILL_BIN"
+else
+  cargo build --locked --bin backfill >&2
+  BIN="$PWD/target/debug/backfill"
+fi
 WORK="$(mktemp -d)"
 export BACKFILL_PEERS_RUN="$WORK/peers"
+PROXY_PID=""
 cleanup() {
+  [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null || true
   BACKFILL_PEERS_RUN="$WORK/peers" scripts/peers.sh stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+if [ -n "$NO_TIMINGS" ]; then
+  python3 scripts/strip-timings-proxy.py "$CLIENT_PORT" "http://127.0.0.1:$PORT" &
+  PROXY_PID=$!
+fi
 
 python3 scripts/make-motions-db.py data/motions_sample.jsonl "$WORK/motions.db" >&2
 python3 - "$WORK/motions.db" "$ITEMS" <<'EOF'
@@ -66,7 +84,7 @@ column = "explanation"
 [prompt]
 template = "$WORK/prompt.md"
 [model]
-base_url = "http://127.0.0.1:$PORT/v1"
+base_url = "http://127.0.0.1:$CLIENT_PORT/v1"
 name = "smollm2-135m"
 structured_output = "json_object_schema"
 max_output_tokens_per_item = 60

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""A proxy in front of an OpenAI-compatible server that drops llama.cpp's `timings` from every
+answer, so the server looks like one that does not report its own time (vLLM, Ollama,
+llama-cpp-python's server, or a proxy that passes only the standard fields).
+
+    strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL      # e.g. 18082 http://127.0.0.1:18081
+
+Each request is forwarded as it came (method, path, body, content type and authorization) on
+its own thread; the server keeps computing a request the client gave up on, as behind any
+proxy. Answers that are not JSON objects pass unchanged.
+"""
+import json
+import sys
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+UPSTREAM = sys.argv[2].rstrip("/")
+
+
+class Proxy(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def forward(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {
+            name: value
+            for name, value in self.headers.items()
+            if name.lower() in ("content-type", "authorization", "accept")
+        }
+        request = urllib.request.Request(
+            UPSTREAM + self.path, data=body, headers=headers, method=self.command
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=3600) as answer:
+                status, content_type, data = answer.status, answer.headers.get("Content-Type"), answer.read()
+        except urllib.error.HTTPError as error:
+            status, content_type, data = error.code, error.headers.get("Content-Type"), error.read()
+        try:
+            parsed = json.loads(data)
+            if isinstance(parsed, dict) and "timings" in parsed:
+                del parsed["timings"]
+                data = json.dumps(parsed).encode()
+        except ValueError:
+            pass
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type or "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up on this request
+
+    do_GET = forward
+    do_POST = forward
+
+    def log_message(self, *args):
+        pass
+
+
+if __name__ == "__main__":
+    ThreadingHTTPServer.daemon_threads = True
+    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Proxy).serve_forever()
