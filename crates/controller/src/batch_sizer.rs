@@ -376,26 +376,21 @@ mod tests {
         assert!(!sizer.on_timeout(Duration::from_secs(5), 10));
         assert_eq!(sizer.current(), 5);
         // Answers that would grow it stop below the size that timed out, until it is forgotten.
-        for index in 0..40 {
-            sizer.record(
-                Duration::from_secs(10 + index),
-                sizer.current(),
-                0,
-                u32::MAX,
-                always,
-            );
-        }
+        let answer_40_from = |sizer: &mut BatchSizer, from: Duration| {
+            for index in 0..40 {
+                let items = sizer.current();
+                sizer.record(
+                    from + Duration::from_secs(index),
+                    items,
+                    0,
+                    u32::MAX,
+                    always,
+                );
+            }
+        };
+        answer_40_from(&mut sizer, Duration::from_secs(10));
         assert_eq!(sizer.current(), 9);
-        let later = Duration::from_secs(10) + KNEE_MEMORY;
-        for index in 0..40 {
-            sizer.record(
-                later + Duration::from_secs(index),
-                sizer.current(),
-                0,
-                u32::MAX,
-                always,
-            );
-        }
+        answer_40_from(&mut sizer, Duration::from_secs(10) + KNEE_MEMORY);
         assert_eq!(sizer.current(), 40);
     }
 

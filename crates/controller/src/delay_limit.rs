@@ -203,6 +203,21 @@ struct Accumulator {
     per_item_squared: f64,
 }
 
+impl Accumulator {
+    /// The level's figures over the requests so far, by Little's law, with this noise.
+    fn measured(&self, level: u32, relative_error: f64) -> Measured {
+        let samples = f64::from(self.samples);
+        Measured {
+            level,
+            items_per_second: self.in_flight / samples * self.items / self.latency_s,
+            mean_latency_s: self.latency_s / samples,
+            seconds_per_item: self.latency_s / self.items,
+            relative_error,
+            samples: self.samples,
+        }
+    }
+}
+
 /// Every answer to a request sent at the current limit with at least `watch_floor` in flight
 /// (whatever its size: the share of its time a request waits does not depend on it), for the
 /// queue the server's reported service times show.
@@ -422,15 +437,7 @@ impl DelayLimit {
                 .first_alone
                 .is_some_and(|alone| per_item >= EARLY_QUEUE_INFLATION * alone)
         {
-            let samples = f64::from(sample.samples);
-            let measured = Measured {
-                level,
-                items_per_second: sample.in_flight / samples * sample.items / sample.latency_s,
-                mean_latency_s: sample.latency_s / samples,
-                seconds_per_item: sample.latency_s / sample.items,
-                relative_error: 0.0,
-                samples: sample.samples,
-            };
+            let measured = sample.measured(level, 0.0);
             tracing::debug!(
                 inflation = per_item / self.first_alone.unwrap_or(per_item),
                 "an answer at the start level waited behind the others"
@@ -456,15 +463,10 @@ impl DelayLimit {
             own
         };
         let variance = (spread * mean).powi(2);
-        let mean_latency_s = sample.latency_s / samples;
-        let measured = Measured {
+        let measured = sample.measured(
             level,
-            items_per_second: sample.in_flight / samples * sample.items / sample.latency_s,
-            mean_latency_s,
-            seconds_per_item: sample.latency_s / sample.items,
-            relative_error: (variance / (samples - 1.0).max(1.0)).sqrt() / mean.max(1e-12),
-            samples: sample.samples,
-        };
+            (variance / (samples - 1.0).max(1.0)).sqrt() / mean.max(1e-12),
+        );
         // A probe whose verdict lies within the noise of the threshold is measured longer
         // (up to `EXTEND_SAMPLES` × the minimum) instead of decided on one unlucky round.
         let at_most = needed.saturating_mul(EXTEND_SAMPLES);
@@ -914,9 +916,7 @@ impl DelayLimit {
         self.next_direction = Direction::Down;
         // A settled level that shows a queue itself is probed below at once; so is one that
         // nothing below was measured against (the start level, when its first doubling
-        // gained nothing) unless it took no longer per item than the first request, sent
-        // alone (a server with fewer slots than the start makes its requests wait; one with
-        // as many serves them as fast, and is probed below only after the hold).
+        // gained nothing) when `looks_below_at_once` says so.
         let below = self.shows_queue(reference) || self.looks_below_at_once(reference);
         let hold = (!below).then_some(measured);
         self.back_to_settled(now, hold, true);
