@@ -21,6 +21,9 @@
 #                                             # through scripts/strip-timings-proxy.py: a server
 #                                             # that does not report its time (vLLM, Ollama)
 #   BACKFILL_BIN=/path/to/backfill scripts/bench-llama.sh   # another build of backfill
+#   KEEP=/tmp/runs RUST_LOG=backfill_controller=debug scripts/bench-llama.sh
+#                                             # keeps every run's job, database (its calls in
+#                                             # backfill_calls) and log in /tmp/runs
 #
 # The server shares the machine's cores with the client: run it on an otherwise idle machine.
 set -euo pipefail
@@ -135,6 +138,10 @@ print(json.dumps({
     "cached_share": sum(c or 0 for (c,) in db.execute("SELECT cached_tokens FROM backfill_calls")) / max(1, sum(p or 0 for (p,) in db.execute("SELECT prompt_tokens FROM backfill_calls"))),
 }))
 EOF
+  if [ -n "${KEEP:-}" ]; then
+    mkdir -p "$KEEP"
+    cp -r "$dir" "$KEEP/"
+  fi
 }
 
 # A fresh server for every run: llama-server keeps each slot's last prompt cached, and a
