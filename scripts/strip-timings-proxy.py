@@ -4,6 +4,11 @@ answer, so the server looks like one that does not report its own time (vLLM, Ol
 llama-cpp-python's server, or a proxy that passes only the standard fields).
 
     strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL      # e.g. 18082 http://127.0.0.1:18081
+    strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL --tgi-header
+
+With `--tgi-header` the server's time moves from the body to where Hugging Face's
+text-generation-inference (TGI) puts it: `prompt_ms + predicted_ms`, in whole milliseconds, in
+an `x-inference-time` response header.
 
 Each request is forwarded as it came (method, path, body, content type and authorization) on
 its own thread; the server keeps computing a request the client gave up on, as behind any
@@ -16,6 +21,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 UPSTREAM = sys.argv[2].rstrip("/")
+TGI_HEADER = "--tgi-header" in sys.argv[3:]
 
 
 class Proxy(BaseHTTPRequestHandler):
@@ -37,16 +43,21 @@ class Proxy(BaseHTTPRequestHandler):
                 status, content_type, data = answer.status, answer.headers.get("Content-Type"), answer.read()
         except urllib.error.HTTPError as error:
             status, content_type, data = error.code, error.headers.get("Content-Type"), error.read()
+        inference_ms = None
         try:
             parsed = json.loads(data)
             if isinstance(parsed, dict) and "timings" in parsed:
-                del parsed["timings"]
+                timings = parsed.pop("timings")
                 data = json.dumps(parsed).encode()
-        except ValueError:
+                if isinstance(timings, dict):
+                    inference_ms = (timings.get("prompt_ms") or 0) + (timings.get("predicted_ms") or 0)
+        except (ValueError, TypeError):
             pass
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type or "application/json")
+            if TGI_HEADER and inference_ms is not None:
+                self.send_header("x-inference-time", str(int(inference_ms)))
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

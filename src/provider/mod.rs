@@ -15,7 +15,8 @@ pub use response::{Completion, parse_completion};
 
 use crate::secret::ApiKey;
 
-/// Headers worth keeping from a response: rate-limit state and retry hints.
+/// Headers worth keeping from a response: rate-limit state, retry hints and the server's own
+/// time on the request (TGI's `x-inference-time`).
 pub type RateHeaders = Vec<(String, String)>;
 
 /// A successful HTTP exchange: the parsed completion and what it took.
@@ -94,11 +95,14 @@ impl ChatClient {
         if !(200..300).contains(&status) {
             return Err(CallError::from_status(status, &headers, &text));
         }
-        let completion = parse_completion(&text).map_err(|reason| CallError::BadOutput {
+        let mut completion = parse_completion(&text).map_err(|reason| CallError::BadOutput {
             reason,
             status,
             body: text.clone(),
         })?;
+        if completion.server_time.is_none() {
+            completion.server_time = response::server_time_from_headers(&headers);
+        }
         Ok(Answer { completion, body: text, status, latency, headers })
     }
 }
@@ -193,6 +197,7 @@ fn keep_headers(headers: &reqwest::header::HeaderMap) -> RateHeaders {
                 || n.starts_with("anthropic-ratelimit-")
                 || n == "retry-after"
                 || n == "retry-after-ms"
+                || n == response::INFERENCE_TIME_HEADER
         })
         .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
         .collect()

@@ -24,7 +24,9 @@ pub struct Completion {
     pub no_choices: bool,
     /// How long the server says it worked on the request, its queue not included: llama.cpp's
     /// `timings` (`prompt_ms` + `predicted_ms`), or `prompt_time` + `completion_time` in
-    /// seconds under `time_info` or `usage` (Cerebras, Groq). `None` when it does not say.
+    /// seconds under `time_info` or `usage` (Cerebras, Groq); from the body alone (the client
+    /// adds what a server says in its headers, `server_time_from_headers`). `None` when it
+    /// does not say.
     pub server_time: Option<Duration>,
 }
 
@@ -106,6 +108,19 @@ fn server_time(body: &Value) -> Option<Duration> {
         .find_map(|object| sum(object, "prompt_time", "completion_time", 1.0))
 }
 
+/// The header in which Hugging Face's text-generation-inference (TGI) says how long it worked
+/// on a request once a batch took it up, in whole milliseconds (`x-queue-time` beside it is the
+/// wait before). Its chat completions carry no time in the body.
+pub const INFERENCE_TIME_HEADER: &str = "x-inference-time";
+
+/// The server's own time on the request from its response headers, when it says it there
+/// (TGI's `x-inference-time`) as a finite non-negative number of milliseconds.
+pub fn server_time_from_headers(headers: &[(String, String)]) -> Option<Duration> {
+    let (_, value) = headers.iter().find(|(name, _)| name.eq_ignore_ascii_case(INFERENCE_TIME_HEADER))?;
+    let millis = value.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0)?;
+    Duration::try_from_secs_f64(millis / 1000.0).ok()
+}
+
 fn excerpt(value: &Value) -> String {
     let text = value.to_string();
     if text.chars().count() > 40 { format!("{}…", text.chars().take(40).collect::<String>()) } else { text }
@@ -172,6 +187,18 @@ mod tests {
         assert_eq!(time(&format!(r#"{{{choice},"timings":{{"prompt_ms":-1,"predicted_ms":5}}}}"#)), None);
         assert_eq!(time(&format!(r#"{{{choice},"timings":{{"prompt_ms":"1","predicted_ms":5}}}}"#)), None);
         assert_eq!(time(&format!(r#"{{{choice},"timings":{{"prompt_ms":1e308,"predicted_ms":1e308}}}}"#)), None);
+    }
+
+    #[test]
+    fn tgis_time_is_read_from_its_header() {
+        let headers = |value: &str| vec![("x-queue-time".to_owned(), "2000".to_owned()), ("X-Inference-Time".to_owned(), value.to_owned())];
+        assert_eq!(server_time_from_headers(&headers("1250")), Some(Duration::from_millis(1250)));
+        assert_eq!(server_time_from_headers(&headers(" 0 ")), Some(Duration::ZERO));
+        // Not said, or said wrongly: nothing is made up.
+        assert_eq!(server_time_from_headers(&[("x-queue-time".to_owned(), "2000".to_owned())]), None);
+        for wrong in ["", "-5", "soon", "NaN", "inf", "1e400"] {
+            assert_eq!(server_time_from_headers(&headers(wrong)), None, "{wrong}");
+        }
     }
 
     #[test]

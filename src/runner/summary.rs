@@ -83,6 +83,9 @@ pub struct ControllerSummary {
     /// computes a cut request, so these items were computed twice).
     pub hedged_requests: u64,
     pub hedged_items: u64,
+    /// Answers that said how long the server worked on them (llama.cpp's `timings`, TGI's
+    /// `x-inference-time`, …): on a server that queues, its queue is read from them.
+    pub server_timed_answers: u64,
     /// Items sent again after a failed attempt (missing, invalid or rejected answers, errors,
     /// timeouts, hedges) or in a request re-sent after a 429.
     pub retries: u64,

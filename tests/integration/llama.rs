@@ -81,14 +81,69 @@ output = 0.0
 
 /// A small run of real motions against llama.cpp's `llama-server` with two slots and a queue,
 /// with no `[limits]` caps on concurrency: backfill finds the server's pace instead of filling
-/// its queue. After the start, no more than 4 requests are in flight; no request times out
-/// and none is cut (so no item is computed twice); after the start, the median call takes at
-/// most twice the server's own time for a call (from its log); and every item gets an output or fails for a
-/// reason other than time; and no call's answer runs past the job's output tokens per item.
+/// its queue, reading the queue from the server's own time in each answer (`timings`).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
     let Some(url) = llama_url() else { return };
     let _server = SERVER.lock().await;
+    run_at_the_servers_own_pace(&url, "llama-slots").await;
+}
+
+/// The same server seen as Hugging Face's text-generation-inference (TGI) shows itself: no time
+/// in the body, the server's time on each request in an `x-inference-time` header
+/// (`scripts/strip-timings-proxy.py --tgi-header` in front of it). The queue is read from the
+/// header, with the same pace and limits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_says_its_time_in_tgis_header_is_run_at_its_own_pace() {
+    let Some(url) = llama_url() else { return };
+    let _server = SERVER.lock().await;
+    let proxy = TimingsProxy::start(&url, &["--tgi-header"]);
+    run_at_the_servers_own_pace(&proxy.url, "tgi-header").await;
+}
+
+/// `scripts/strip-timings-proxy.py` in front of the server at `upstream`, stopped on drop.
+struct TimingsProxy {
+    child: std::process::Child,
+    url: String,
+}
+
+impl TimingsProxy {
+    fn start(upstream: &str, options: &[&str]) -> TimingsProxy {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let upstream_root = upstream.trim_end_matches('/').trim_end_matches("/v1");
+        let child = std::process::Command::new("python3")
+            .arg(root.join("scripts/strip-timings-proxy.py"))
+            .arg(port.to_string())
+            .arg(upstream_root)
+            .args(options)
+            .spawn()
+            .expect("python3 runs the timings proxy");
+        let proxy = TimingsProxy { child, url: format!("http://127.0.0.1:{port}/v1") };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "the timings proxy did not listen on {port}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        proxy
+    }
+}
+
+impl Drop for TimingsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs 12 real motions at `url` (the llama.cpp server with two slots, or a proxy in front of
+/// it) with no `[limits]` caps on concurrency, and checks that backfill found the server's pace
+/// instead of filling its queue: after the start, no more than 4 requests in flight; no request
+/// times out and none is cut (so no item is computed twice); after the start, the median call
+/// takes at most twice the server's own time for a call (from its log); every item gets an
+/// output or fails for a reason other than time; no call's answer runs past the job's output
+/// tokens per item; and the answers said how long the server worked on them.
+async fn run_at_the_servers_own_pace(url: &str, name: &str) {
     let log = std::env::var("BACKFILL_LLAMA_LOG").ok().filter(|path| !path.is_empty());
     if log.is_none() && std::env::var("CI").as_deref() == Ok("true") {
         panic!("BACKFILL_LLAMA_LOG is not set: run the tests with scripts/test.sh");
@@ -101,7 +156,7 @@ async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
         .execute(&pool)
         .await
         .unwrap();
-    let job = motions_job(dir.path(), &db, &url, "llama-slots", "[limits]\nitems_per_request = { start = 2, min = 1, max = 2 }\nmax_attempts = 3\nmax_failed_share = 1.0\n");
+    let job = motions_job(dir.path(), &db, url, name, "[limits]\nitems_per_request = { start = 2, min = 1, max = 2 }\nmax_attempts = 3\nmax_failed_share = 1.0\n");
     let output = backfill_async(dir.path(), &["run", job.to_str().unwrap(), "--json", "--quiet"], &[]).await;
     let summary: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&output)));
     assert_eq!(summary["items"]["total"], 12, "{summary}");
@@ -112,6 +167,8 @@ async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
     );
     assert_eq!(summary["controller"]["timeouts"], 0, "{summary}");
     assert_eq!(summary["controller"]["hedged_items"], 0, "{summary}");
+    // The queue was read from the server's own time: every answer from the server said it.
+    assert!(summary["controller"]["server_timed_answers"].as_u64().unwrap() >= 6, "{summary}");
     // Items that failed failed for what the model wrote, not for time.
     let timed_out: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM backfill_calls WHERE outcome = 'timeout'")
         .fetch_one(&pool)

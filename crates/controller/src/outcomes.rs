@@ -148,6 +148,7 @@ impl Controller {
             completed.server_time,
         );
         self.counts.requests_completed += 1;
+        self.counts.server_timed += u64::from(completed.server_time.is_some());
         self.counts.items_valid += u64::from(completed.items_valid);
         self.counts.items_missing += u64::from(completed.items_missing);
         self.counts.items_rejected += u64::from(completed.items_rejected);

@@ -37,6 +37,9 @@ pub struct ControllerCounts {
     pub hedged_requests: u64,
     #[serde(default)]
     pub hedged_items: u64,
+    /// Answers that said how long the server worked on them (its queue then shows directly).
+    #[serde(default)]
+    pub server_timed: u64,
 }
 
 /// A point-in-time view for people and the run summary.

@@ -95,6 +95,7 @@ impl Engine for SyncEngine {
             timeouts: counts.timed_out.saturating_sub(counts.hedged_requests),
             hedged_requests: counts.hedged_requests,
             hedged_items: counts.hedged_items,
+            server_timed_answers: counts.server_timed,
             ..ControllerSummary::default()
         };
         Figures { controller, compute: None }
