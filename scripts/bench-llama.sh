@@ -20,6 +20,9 @@
 #   NO_TIMINGS=1 SLOTS="2 4" scripts/bench-llama.sh
 #                                             # through scripts/strip-timings-proxy.py: a server
 #                                             # that does not report its time (vLLM, Ollama)
+#   NO_TIMINGS=tgi SLOTS="2 16" scripts/bench-llama.sh
+#                                             # the proxy moves the server's time into an
+#                                             # x-inference-time header, as TGI sends it
 #   BACKFILL_BIN=/path/to/backfill scripts/bench-llama.sh   # another build of backfill
 #   KEEP=/tmp/runs RUST_LOG=backfill_controller=debug scripts/bench-llama.sh
 #                                             # keeps every run's job, database (its calls in
@@ -55,7 +58,9 @@ cleanup() {
 }
 trap cleanup EXIT
 if [ -n "$NO_TIMINGS" ]; then
-  python3 scripts/strip-timings-proxy.py "$CLIENT_PORT" "http://127.0.0.1:$PORT" &
+  proxy_options=()
+  [ "$NO_TIMINGS" = tgi ] && proxy_options=(--tgi-header)
+  python3 scripts/strip-timings-proxy.py "$CLIENT_PORT" "http://127.0.0.1:$PORT" "${proxy_options[@]}" &
   PROXY_PID=$!
 fi
 

@@ -575,8 +575,9 @@ fn no_small_first_request(config: ControllerConfig) {
 #[test]
 fn answers_cut_short_at_max_tokens_do_not_measure_a_level() {
     // A server that queues (no headers, no 429): the delay limit judges the start level on
-    // its answers. Answers truncated at `max_tokens` end early with their items not served,
-    // so they would show a throughput the level does not have: they are not counted.
+    // its answers. Answers truncated at a `max_tokens` below the job's cap end early with
+    // their items not served, so they would show a throughput the level does not have: they
+    // are not counted.
     let truncated = Outcome::Completed(CompletedRequest {
         items_valid: 2,
         items_missing: 8,
@@ -585,7 +586,18 @@ fn answers_cut_short_at_max_tokens_do_not_measure_a_level() {
         completion_tokens: 140,
         ..CompletedRequest::default()
     });
-    for (outcome, judged) in [(truncated, false), (completed(10), true)] {
+    // A model that rambles: every answer runs to the most its 10 items may take (the default
+    // 200 tokens an item, plus the enclosing object's allowance) and is cut off there before
+    // its first complete item. Each ran its whole budget, so the level is still measured (a
+    // run of such answers would otherwise stay at its start level to the end).
+    let at_the_cap = Outcome::Completed(CompletedRequest {
+        items_missing: 10,
+        truncated: true,
+        prompt_tokens: 1000,
+        completion_tokens: 10 * 200 + crate::ENCLOSING_OBJECT_TOKENS,
+        ..CompletedRequest::default()
+    });
+    for (outcome, judged) in [(truncated, false), (completed(10), true), (at_the_cap, true)] {
         let mut controller = controller();
         let generation = controller.delay.generation();
         // Every answer 2 s after its request; the dispatcher polls every 50 ms.

@@ -128,11 +128,23 @@ impl Controller {
         // Retries split into groups smaller than the current size take another time per item:
         // levels are compared on the requests of new work.
         let small_retry = shape.retried_items >= items_sent && items_sent < self.batch.current();
-        // A retry of fewer items, the run's small first request, an answer cut short at
-        // `max_tokens` (it ended early, its items not all served) or a request sent behind an
-        // earlier level's says nothing of the level's throughput, but the server's queue it
-        // still shows.
-        let measures = !small_retry && sent.clean && !sent.first_answer && !completed.truncated;
+        // A request that filled the model's context window could not have been given more
+        // output room.
+        let window_bound = self.config.context_window_tokens.is_some_and(|window| {
+            shape.prompt_tokens + shape.max_tokens + CONTEXT_WINDOW_SLACK_TOKENS >= window
+        });
+        // An answer cut short at a `max_tokens` sized on an estimate that proved low ended
+        // early, its items not all served: it shows a throughput the level does not have. One
+        // cut off at the most its items may take (the job's cap per item, or the context
+        // window) ran its whole budget, as long as any request of that size can: a model that
+        // rambles to the cap on most answers still has its levels measured.
+        let ran_the_budget = completed.completion_tokens >= shape.max_tokens
+            && (window_bound || self.tokens.at_the_cap(items_sent, shape.max_tokens));
+        let cut_early = completed.truncated && !ran_the_budget;
+        // A retry of fewer items, the run's small first request, an answer cut short early or
+        // a request sent behind an earlier level's says nothing of the level's throughput,
+        // but the server's queue it still shows.
+        let measures = !small_retry && sent.clean && !sent.first_answer && !cut_early;
         let record = if measures {
             DelayLimit::on_completed
         } else {
@@ -182,10 +194,7 @@ impl Controller {
             current,
         );
         // Items lost to truncation say `max_tokens` was short, which `tokens` fixes, unless
-        // the context window left no more room: then the request was too large.
-        let window_bound = self.config.context_window_tokens.is_some_and(|window| {
-            shape.prompt_tokens + shape.max_tokens + CONTEXT_WINDOW_SLACK_TOKENS >= window
-        });
+        // the context window left no more room (`window_bound`): then the request was too large.
         let failed = if completed.truncated && !window_bound {
             completed.items_rejected
         } else {

@@ -193,6 +193,15 @@ impl TokenEstimates {
         }
     }
 
+    /// Whether `max_tokens` was the most a request of `items` items may take (the job's
+    /// output cap per item): an answer cut off there ran the whole budget its items may have,
+    /// not short on an estimate that proved low.
+    pub fn at_the_cap(&self, items: u32, max_tokens: u32) -> bool {
+        self.output_cap_per_item.is_some_and(|cap| {
+            f64::from(max_tokens) >= f64::from(items.max(1)) * f64::from(cap) + MARGIN_TOKENS
+        })
+    }
+
     /// `max_tokens` for a request of `items` items in a run whose requests hold `full_size`
     /// (the batch size).
     pub fn max_tokens(&self, items: u32, full_size: u32) -> u32 {
