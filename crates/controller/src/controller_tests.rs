@@ -597,7 +597,11 @@ fn answers_cut_short_at_max_tokens_do_not_measure_a_level() {
         completion_tokens: 10 * 200 + crate::ENCLOSING_OBJECT_TOKENS,
         ..CompletedRequest::default()
     });
-    for (outcome, judged) in [(truncated, false), (completed(10), true), (at_the_cap, true)] {
+    for (outcome, judged) in [
+        (truncated, false),
+        (completed(10), true),
+        (at_the_cap, true),
+    ] {
         let mut controller = controller();
         let generation = controller.delay.generation();
         // Every answer 2 s after its request; the dispatcher polls every 50 ms.

@@ -161,6 +161,19 @@ impl Controller {
         );
         self.counts.requests_completed += 1;
         self.counts.server_timed += u64::from(completed.server_time.is_some());
+        // Once, at the first answer of a provider that announces no request limit (a server
+        // that may queue): how its pace will be found.
+        if self.counts.requests_completed == 1 && self.pacer.is_probing() {
+            if completed.server_time.is_some() {
+                tracing::info!(
+                    "the server says how long it worked on each request: a queue behind our requests shows in its answers"
+                );
+            } else {
+                tracing::info!(
+                    "the server does not say how long it worked on a request: the requests in flight it serves best are found from throughput alone, over rounds of answers"
+                );
+            }
+        }
         self.counts.items_valid += u64::from(completed.items_valid);
         self.counts.items_missing += u64::from(completed.items_missing);
         self.counts.items_rejected += u64::from(completed.items_rejected);
