@@ -167,7 +167,7 @@ async fn run_at_the_servers_own_pace(url: &str, name: &str) {
     );
     assert_eq!(summary["controller"]["timeouts"], 0, "{summary}");
     assert_eq!(summary["controller"]["hedged_items"], 0, "{summary}");
-    // The queue was read from the server's own time: every answer from the server said it.
+    // The queue was read from the server's own time, which the server's answers said.
     assert!(summary["controller"]["server_timed_answers"].as_u64().unwrap() >= 6, "{summary}");
     // Items that failed failed for what the model wrote, not for time.
     let timed_out: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM backfill_calls WHERE outcome = 'timeout'")

@@ -197,8 +197,14 @@ impl TokenEstimates {
     /// output cap per item): an answer cut off there ran the whole budget its items may have,
     /// not short on an estimate that proved low.
     pub fn at_the_cap(&self, items: u32, max_tokens: u32) -> bool {
-        self.output_cap_per_item.is_some_and(|cap| {
-            f64::from(max_tokens) >= f64::from(items.max(1)) * f64::from(cap) + MARGIN_TOKENS
+        f64::from(max_tokens) >= self.most_tokens(items)
+    }
+
+    /// The most output a request of `items` items may take: the job's cap per item plus the
+    /// enclosing object's allowance (unbounded without a cap).
+    fn most_tokens(&self, items: u32) -> f64 {
+        self.output_cap_per_item.map_or(f64::INFINITY, |cap| {
+            f64::from(items.max(1)) * f64::from(cap) + MARGIN_TOKENS
         })
     }
 
@@ -209,10 +215,8 @@ impl TokenEstimates {
         let expected = b * self.output_mean_per_item;
         let spread =
             self.margin_sigmas_for(b, full_size) * (b * self.output_variance_per_item).sqrt();
-        let capped = self
-            .output_cap_per_item
-            .map_or(f64::INFINITY, |cap| b * f64::from(cap) + MARGIN_TOKENS);
-        let wanted = (expected * (1.0 + MARGIN_SHARE) + spread + MARGIN_TOKENS).min(capped);
+        let wanted =
+            (expected * (1.0 + MARGIN_SHARE) + spread + MARGIN_TOKENS).min(self.most_tokens(items));
         let room = self
             .context_window_tokens
             .map(|window| f64::from(window) - self.prompt_tokens(items))
