@@ -23,6 +23,9 @@
 #   NO_TIMINGS=tgi SLOTS="2 16" scripts/bench-llama.sh
 #                                             # the proxy moves the server's time into an
 #                                             # x-inference-time header, as TGI sends it
+#   NO_TIMINGS=vllm SLOTS="2 16" scripts/bench-llama.sh
+#                                             # into a metrics object, as vLLM sends it with
+#                                             # --enable-per-request-metrics
 #   BACKFILL_BIN=/path/to/backfill scripts/bench-llama.sh   # another build of backfill
 #   KEEP=/tmp/runs RUST_LOG=backfill_controller=debug scripts/bench-llama.sh
 #                                             # keeps every run's job, database (its calls in
@@ -60,6 +63,7 @@ trap cleanup EXIT
 if [ -n "$NO_TIMINGS" ]; then
   proxy_options=()
   [ "$NO_TIMINGS" = tgi ] && proxy_options=(--tgi-header)
+  [ "$NO_TIMINGS" = vllm ] && proxy_options=(--vllm-metrics)
   python3 scripts/strip-timings-proxy.py "$CLIENT_PORT" "http://127.0.0.1:$PORT" "${proxy_options[@]}" &
   PROXY_PID=$!
 fi

@@ -5,10 +5,14 @@ llama-cpp-python's server, or a proxy that passes only the standard fields).
 
     strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL      # e.g. 18082 http://127.0.0.1:18081
     strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL --tgi-header
+    strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL --vllm-metrics
 
 With `--tgi-header` the server's time moves from the body to where Hugging Face's
 text-generation-inference (TGI) puts it: `prompt_ms + predicted_ms`, in whole milliseconds, in
-an `x-inference-time` response header.
+an `x-inference-time` response header. With `--vllm-metrics` it moves to where vLLM puts it when
+run with `--enable-per-request-metrics`: a `metrics` object in the body, `prompt_ms` as
+`time_to_first_token_ms` (from the moment the scheduler took the request up) and `predicted_ms`
+as `generation_time_ms`.
 
 Each request is forwarded as it came (method, path, body, content type and authorization) on
 its own thread; the server keeps computing a request the client gave up on, as behind any
@@ -22,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 UPSTREAM = sys.argv[2].rstrip("/")
 TGI_HEADER = "--tgi-header" in sys.argv[3:]
+VLLM_METRICS = "--vllm-metrics" in sys.argv[3:]
 
 
 class Proxy(BaseHTTPRequestHandler):
@@ -48,9 +53,19 @@ class Proxy(BaseHTTPRequestHandler):
             parsed = json.loads(data)
             if isinstance(parsed, dict) and "timings" in parsed:
                 timings = parsed.pop("timings")
-                data = json.dumps(parsed).encode()
                 if isinstance(timings, dict):
                     inference_ms = (timings.get("prompt_ms") or 0) + (timings.get("predicted_ms") or 0)
+                    if VLLM_METRICS:
+                        predicted_n = timings.get("predicted_n") or 0
+                        predicted_ms = timings.get("predicted_ms") or 0
+                        parsed["metrics"] = {
+                            "time_to_first_token_ms": timings.get("prompt_ms"),
+                            "generation_time_ms": timings.get("predicted_ms"),
+                            "queue_time_ms": None,
+                            "mean_itl_ms": predicted_ms / predicted_n if predicted_n > 1 else None,
+                            "tokens_per_second": 1000 * predicted_n / inference_ms if inference_ms else None,
+                        }
+                data = json.dumps(parsed).encode()
         except (ValueError, TypeError):
             pass
         try:

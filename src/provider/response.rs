@@ -23,8 +23,10 @@ pub struct Completion {
     /// The body had no choice at all (`choices: []`) but a usage: billed, with no answer.
     pub no_choices: bool,
     /// How long the server says it worked on the request, its queue not included: llama.cpp's
-    /// `timings` (`prompt_ms` + `predicted_ms`), or `prompt_time` + `completion_time` in
-    /// seconds under `time_info` or `usage` (Cerebras, Groq); from the body alone (the client
+    /// `timings` (`prompt_ms` + `predicted_ms`), vLLM's `metrics` (`time_to_first_token_ms` +
+    /// `generation_time_ms`, from the moment its scheduler took the request up; sent when the
+    /// server runs with `--enable-per-request-metrics`), or `prompt_time` + `completion_time`
+    /// in seconds under `time_info` or `usage` (Cerebras, Groq); from the body alone (the client
     /// adds what a server says in its headers, `server_time_from_headers`). `None` when it
     /// does not say.
     pub server_time: Option<Duration>,
@@ -102,6 +104,9 @@ fn server_time(body: &Value) -> Option<Duration> {
     if let Some(timings) = body.get("timings").filter(|t| t.is_object()) {
         return sum(timings, "prompt_ms", "predicted_ms", 1000.0);
     }
+    if let Some(metrics) = body.get("metrics").filter(|m| m.is_object()) {
+        return sum(metrics, "time_to_first_token_ms", "generation_time_ms", 1000.0);
+    }
     ["time_info", "usage"]
         .iter()
         .filter_map(|key| body.get(*key).filter(|v| v.is_object()))
@@ -176,6 +181,15 @@ mod tests {
         // llama.cpp's llama-server.
         let llama = format!(r#"{{{choice},"timings":{{"prompt_n":57,"prompt_ms":120.5,"predicted_n":40,"predicted_ms":879.5}}}}"#);
         assert_eq!(time(&llama), Some(Duration::from_millis(1000)));
+        // vLLM with --enable-per-request-metrics: the time from scheduling to the first token
+        // and from it to the last; `queue_time_ms` is the wait before, not the server's work.
+        let vllm = format!(
+            r#"{{{choice},"metrics":{{"time_to_first_token_ms":85.25,"generation_time_ms":1240.5,"queue_time_ms":912.3,"mean_itl_ms":9.1,"tokens_per_second":103.2}}}}"#
+        );
+        assert_eq!(time(&vllm), Some(Duration::from_micros(1_325_750)));
+        let unknown = format!(r#"{{{choice},"metrics":{{"time_to_first_token_ms":null,"generation_time_ms":null,"queue_time_ms":null}}}}"#);
+        assert_eq!(time(&unknown), None);
+        assert_eq!(time(&format!(r#"{{{choice},"metrics":null}}"#)), None);
         // Cerebras (`time_info`) and Groq (`usage`), in seconds.
         let cerebras = format!(r#"{{{choice},"time_info":{{"queue_time":0.5,"prompt_time":0.25,"completion_time":1.0}}}}"#);
         assert_eq!(time(&cerebras), Some(Duration::from_millis(1250)));

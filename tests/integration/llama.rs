@@ -101,6 +101,17 @@ async fn a_server_that_says_its_time_in_tgis_header_is_run_at_its_own_pace() {
     run_at_the_servers_own_pace(&proxy.url, "tgi-header").await;
 }
 
+/// The same server seen as vLLM shows itself when run with `--enable-per-request-metrics`: the
+/// server's time on each request in a `metrics` object of the body
+/// (`scripts/strip-timings-proxy.py --vllm-metrics` in front of it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_says_its_time_in_vllms_metrics_is_run_at_its_own_pace() {
+    let Some(url) = llama_url() else { return };
+    let _server = SERVER.lock().await;
+    let proxy = TimingsProxy::start(&url, &["--vllm-metrics"]);
+    run_at_the_servers_own_pace(&proxy.url, "vllm-metrics").await;
+}
+
 /// `scripts/strip-timings-proxy.py` in front of the server at `upstream`, stopped on drop.
 struct TimingsProxy {
     child: std::process::Child,
