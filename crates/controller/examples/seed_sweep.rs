@@ -8,7 +8,8 @@
 //! ```
 //! `--seeds` also prints each seed's figures (to find the bad ones); `SWEEP_SEEDS=N` runs N
 //! seeds instead of 20; `SERVICE_TIME=1` has every server report its service time (as
-//! llama.cpp's `timings` do).
+//! llama.cpp's `timings` do); `COLD_START=k` has the first request each slot serves take `k`
+//! times as long (a server that warms up).
 
 use std::path::Path;
 use std::time::Duration;
@@ -45,6 +46,12 @@ fn main() {
         let mut scenario: Scenario = toml::from_str(&text).expect("scenario");
         if std::env::var_os("SERVICE_TIME").is_some_and(|value| value == "1") {
             scenario.provider.reports_service_time = true;
+        }
+        if let Some(factor) = std::env::var("COLD_START")
+            .ok()
+            .and_then(|f| f.parse().ok())
+        {
+            scenario.provider.cold_start_factor = factor;
         }
         let Some(slots) = scenario.provider.slots else {
             continue;

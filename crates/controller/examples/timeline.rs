@@ -9,7 +9,8 @@
 //! ```
 //! NAME is a scenario file's stem (`announced_3000_items`); the seeds are the file's + 0,
 //! 1000, …; `OFFSET=N` starts at the file's seed + N; `SERVICE_TIME=1` has the server report
-//! its service time (as llama.cpp's `timings` do).
+//! its service time (as llama.cpp's `timings` do); `COLD_START=k` has the first request each
+//! slot serves take `k` times as long (a server that warms up).
 
 use std::path::Path;
 use std::time::Duration;
@@ -47,6 +48,12 @@ fn main() {
     let mut scenario: Scenario = toml::from_str(&text).expect("scenario");
     if std::env::var_os("SERVICE_TIME").is_some_and(|value| value == "1") {
         scenario.provider.reports_service_time = true;
+    }
+    if let Some(factor) = std::env::var("COLD_START")
+        .ok()
+        .and_then(|f| f.parse().ok())
+    {
+        scenario.provider.cold_start_factor = factor;
     }
     let base = scenario.seed;
     println!(

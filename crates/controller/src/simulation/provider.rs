@@ -88,6 +88,8 @@ pub struct SimulatedProvider {
     requests: Option<SimBucket>,
     tokens: Option<SimBucket>,
     slot_free_at: Vec<f64>,
+    /// Whether each slot has served a request yet (a cold slot's first takes longer).
+    slot_warm: Vec<bool>,
     rng: fastrand::Rng,
 }
 
@@ -102,6 +104,7 @@ impl SimulatedProvider {
                 .tokens_per_minute
                 .map(|tpm| SimBucket::new(tpm, spec.burst_seconds)),
             slot_free_at: vec![0.0; spec.slots.unwrap_or(0) as usize],
+            slot_warm: vec![false; spec.slots.unwrap_or(0) as usize],
             rng: fastrand::Rng::with_seed(seed),
             scenario: scenario.clone(),
         }
@@ -164,6 +167,9 @@ impl SimulatedProvider {
             // Continuous batching: every other request in service slows this one.
             let busy = open.iter().filter(|free_at| **free_at > start).count();
             service_s *= 1.0 + spec.slowdown_per_request * busy as f64;
+            if !std::mem::replace(&mut self.slot_warm[index], true) {
+                service_s *= spec.cold_start_factor;
+            }
             open[index] = start + service_s;
         }
         if self.rng.f64() < spec.hang_share {
@@ -338,6 +344,45 @@ mod tests {
             "x-ratelimit-remaining-requests".to_string(),
             "0".to_string()
         )));
+    }
+
+    #[test]
+    fn a_server_that_warms_up_serves_each_slots_first_request_slower() {
+        let text = include_str!("../../scenarios/queue_2_slots.toml");
+        let mut scenario: Scenario = toml::from_str(text).expect("scenario");
+        scenario.provider.latency_sigma = 0.0;
+        scenario.provider.hang_share = 0.0;
+        scenario.workload.output_tokens_sd = 0.0;
+        let service = |scenario: &Scenario, at: f64| {
+            let mut provider = SimulatedProvider::new(scenario, 3);
+            // Both slots serve one request, then the first slot a second one.
+            let mut latencies = Vec::new();
+            for now in [0.0, 0.0, at] {
+                match provider.submit(now, 10, 2000, 2000) {
+                    SimAnswer::Completed {
+                        latency_s,
+                        queue_wait_s,
+                        ..
+                    } => latencies.push(latency_s - queue_wait_s),
+                    other => panic!("expected an answer, got {other:?}"),
+                }
+            }
+            latencies
+        };
+        let warm = service(&scenario, 100.0);
+        assert!((warm[0] - warm[2]).abs() < 1e-9 && (warm[1] - warm[2]).abs() < 1e-9);
+        scenario.provider.cold_start_factor = 3.0;
+        let cold = service(&scenario, 100.0);
+        // Each slot's first request takes three times as long; a slot's second does not.
+        assert!(
+            (cold[0] - 3.0 * warm[0]).abs() < 1e-9,
+            "{cold:?} vs {warm:?}"
+        );
+        assert!(
+            (cold[1] - 3.0 * warm[1]).abs() < 1e-9,
+            "{cold:?} vs {warm:?}"
+        );
+        assert!((cold[2] - warm[2]).abs() < 1e-9, "{cold:?} vs {warm:?}");
     }
 
     #[test]

@@ -83,6 +83,10 @@ pub struct ProviderSpec {
     /// included (llama.cpp's `timings`).
     #[serde(default)]
     pub reports_service_time: bool,
+    /// A server that warms up: the first request each slot serves takes this many times as
+    /// long (an empty prompt cache, model pages read from disk; 1: none).
+    #[serde(default = "default_cold_start")]
+    pub cold_start_factor: f64,
     /// Capacity changes: from `at_s` on, both rate limits are `factor` times the base.
     #[serde(default)]
     pub capacity_steps: Vec<CapacityStep>,
@@ -157,6 +161,10 @@ fn default_timeout() -> f64 {
 fn default_burst() -> f64 {
     3.0
 }
+fn default_cold_start() -> f64 {
+    1.0
+}
+
 fn default_queue_wait() -> f64 {
     f64::INFINITY
 }
