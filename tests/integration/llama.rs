@@ -95,10 +95,7 @@ async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
 /// header, with the same pace and limits.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_says_its_time_in_tgis_header_is_run_at_its_own_pace() {
-    let Some(url) = llama_url() else { return };
-    let _server = SERVER.lock().await;
-    let proxy = TimingsProxy::start(&url, &["--tgi-header"]);
-    run_at_the_servers_own_pace(&proxy.url, "tgi-header").await;
+    run_behind_the_timings_proxy("--tgi-header", "tgi-header").await;
 }
 
 /// The same server seen as vLLM shows itself when run with `--enable-per-request-metrics`: the
@@ -106,10 +103,15 @@ async fn a_server_that_says_its_time_in_tgis_header_is_run_at_its_own_pace() {
 /// (`scripts/strip-timings-proxy.py --vllm-metrics` in front of it).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_says_its_time_in_vllms_metrics_is_run_at_its_own_pace() {
+    run_behind_the_timings_proxy("--vllm-metrics", "vllm-metrics").await;
+}
+
+/// `run_at_the_servers_own_pace` through the timings proxy in the form `option` gives.
+async fn run_behind_the_timings_proxy(option: &str, name: &str) {
     let Some(url) = llama_url() else { return };
     let _server = SERVER.lock().await;
-    let proxy = TimingsProxy::start(&url, &["--vllm-metrics"]);
-    run_at_the_servers_own_pace(&proxy.url, "vllm-metrics").await;
+    let proxy = TimingsProxy::start(&url, &[option]);
+    run_at_the_servers_own_pace(&proxy.url, name).await;
 }
 
 /// `scripts/strip-timings-proxy.py` in front of the server at `upstream`, stopped on drop.
