@@ -91,7 +91,7 @@ const QUEUED_REQUESTS: f64 = 0.5;
 const QUEUED_SHARE: f64 = 0.05;
 /// How long a level is held after a failed probe, in mean latencies, within bounds; each
 /// further failed probe doubles it (up to `HOLD_MAX`), a kept one resets it.
-const HOLD_LATENCIES: f64 = 10.0;
+const HOLD_LATENCIES: f64 = 20.0;
 const HOLD_MIN: Duration = Duration::from_secs(10);
 const HOLD_MAX: Duration = Duration::from_secs(300);
 /// A settled level that nothing below was measured against, and whose latency did not show
