@@ -1,6 +1,8 @@
 //! One scenario under the controller, seed by seed: the whole run's items/s over the ceiling,
 //! its duration against the ideal (items ÷ ceiling), when the first answer came and how many
-//! items had gone out by then, the last send, timeouts and cuts; with `DETAIL=1` every 2 s of
+//! items had gone out by then, the last send, timeouts and cuts, the items sent (retries
+//! included) and the tokens reserved (prompt and `max_tokens`, summed over every request) over
+//! what the ceiling's best size would reserve for the run; with `DETAIL=1` every 2 s of
 //! each run (items and requests sent, their mean size, the most in flight, items done); with
 //! `TRACE=<filter>` (for example `backfill_controller=debug`) the controller's own log.
 //!
@@ -57,7 +59,7 @@ fn main() {
     }
     let base = scenario.seed;
     println!(
-        "seed | whole run/ceiling | duration s | ideal s | first answer s | items sent by then | last send s | end − last send s | timeouts | cut | requests | computed twice %"
+        "seed | whole run/ceiling | duration s | ideal s | first answer s | items sent by then | last send s | end − last send s | timeouts | cut | requests | items sent | tokens reserved ÷ ideal | computed twice %"
     );
     for seed in 0..seeds {
         scenario.seed = base + offset + seed * 1000;
@@ -73,8 +75,18 @@ fn main() {
             .filter(|(at, _, _)| *at <= first)
             .map(|(_, items, _)| items)
             .sum();
+        // Tokens the ceiling's best size would reserve for the whole run: each item's
+        // prompt and output, and the prompt's fixed part once per request.
+        let ideal_tokens = {
+            let w = &scenario.workload;
+            let per_item = f64::from(w.input_tokens_per_item) + w.output_tokens_per_item;
+            let requests =
+                f64::from(scenario.items) / f64::from(scenario.limits.items_per_request.max);
+            f64::from(scenario.items) * per_item + requests * f64::from(w.prompt_overhead_tokens)
+        };
+        let items_sent: u32 = log.sends.iter().map(|(_, items, _)| items).sum();
         println!(
-            "{} | {:.3} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {:.1} | {} | {} | {} | {:.2}",
+            "{} | {:.3} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {:.3} | {:.2}",
             scenario.seed,
             report.overall_items_per_second / report.ceiling_items_per_second,
             log.duration_s,
@@ -86,6 +98,8 @@ fn main() {
             log.timed_out,
             log.abandoned,
             log.requests,
+            items_sent,
+            log.reserved_tokens as f64 / ideal_tokens,
             100.0 * report.computed_twice_share,
         );
         if detail {

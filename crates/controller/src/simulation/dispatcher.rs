@@ -44,6 +44,9 @@ pub struct RunLog {
     pub computed_twice_items: u64,
     /// `(time, items, requests in flight with it)` of every request sent.
     pub sends: Vec<(f64, u32, usize)>,
+    /// Prompt and `max_tokens` of every request sent, summed: what a provider that counts
+    /// `max_tokens` at admission charged against tokens/min.
+    pub reserved_tokens: u64,
 }
 
 struct Pending {
@@ -94,6 +97,7 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
         computed_answers: 0,
         computed_twice_items: 0,
         sends: Vec::new(),
+        reserved_tokens: 0,
     };
     let mut done = 0usize;
     let mut sequence = 0u64;
@@ -208,6 +212,7 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                     );
                     log.requests += 1;
                     log.sends.push((now, take as u32, pending.len()));
+                    log.reserved_tokens += u64::from(prompt_tokens) + u64::from(max_tokens);
                     log.max_in_flight = log.max_in_flight.max(pending.len());
                 }
                 Decision::Wait { until } => break until.map(|until| until.as_secs_f64()),
