@@ -39,7 +39,9 @@
 //! of them (and a share of the level, for the noise) were queued on average, the level is
 //! past the server's slots, whatever the throughput's noise says. The limit drops at once to
 //! the requests the server served at a time (the level less those queued) and holds there,
-//! and slow start ends. A start level that shows no queue is not probed below either.
+//! and slow start ends. A start level that shows no queue is not probed below either, and a
+//! probe above that shows none is kept on any gain beyond the noise (`SERVED_AT_ONCE_ERRORS`):
+//! the server served its requests at once, and what more of them cost is its batching.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -49,6 +51,10 @@ use crate::config::StartMinMax;
 /// A step is kept when each added request delivers at least this share of what one request
 /// delivered at the lower level (and a lower level is kept when the higher did not).
 const GAIN_TO_KEEP: f64 = 0.2;
+/// A probe above that the server says it served without a queue (its reported service
+/// times) is kept when its throughput rose by this many standard errors: it served every
+/// request at once, so what more of them cost is its batching's slowdown, not a wait.
+const SERVED_AT_ONCE_ERRORS: f64 = 1.0;
 /// Slow start multiplies the level by this while each step is kept.
 const SLOW_START_FACTOR: u32 = 2;
 /// Requests measured at one level, at least, and per request in flight.
@@ -803,11 +809,16 @@ impl DelayLimit {
         );
         // The settled level stays unless the probe beats it. A probe above is kept when it
         // gains enough, and more than `KEEP_ERRORS` standard errors (or its latency did not
-        // rise and it delivers no less); a probe below is kept when the settled level did not
+        // rise and it delivers no less, or the server said it served it without a queue and
+        // it delivers more); a probe below is kept when the settled level did not
         // gain enough over it — during slow start only when it clearly did not, unless Vegas
         // says the settled level queues (its latency per item over the first request's, sent
         // alone): one noisy round does not end slow start.
+        // A level whose answers all carried the server's service time and that `watch_queue`
+        // did not cap showed no queue: the server served its requests at once.
+        let served_at_once = probe > self.settled && self.queued().is_some();
         let higher_pays = (!latency_rose && gain >= 0.0)
+            || (served_at_once && gain >= SERVED_AT_ONCE_ERRORS * gain_error)
             || (gain >= GAIN_TO_KEEP && (probe < self.settled || gain > KEEP_ERRORS * gain_error))
             || (probe < self.settled
                 && self.slow_start
@@ -1251,6 +1262,19 @@ mod tests {
             "never probed below the start"
         );
         assert_eq!(limit.settled(), 8);
+    }
+
+    #[test]
+    fn a_level_the_server_served_at_once_is_kept_while_it_delivers_more() {
+        // 64 slots, each request 10 % slower per other one served with it: 64 in flight
+        // deliver 12 % more than 32, each added request about an eighth of what one delivered
+        // at 32 (under `GAIN_TO_KEEP`). The service times show no queue at 64: it is kept.
+        let range = StartMinMax::new(4, 1, 64);
+        let (_, limit) = run_timed(64, 0.10, range, 4000);
+        assert_eq!(limit.settled(), 64);
+        // Judged on throughput alone, the gain is too small to pay for the latency.
+        let blind = settle_on(64, 0.10, range);
+        assert!(blind.settled() < 64, "settled at {}", blind.settled());
     }
 
     #[test]
