@@ -146,6 +146,7 @@ fn pooled(a: Measured, b: Measured) -> Measured {
 }
 
 /// Two levels' measurements set side by side.
+#[derive(Debug, Clone, Copy)]
 struct Verdict {
     /// Throughput gained per added request over what one request delivered at the lower level.
     gain: f64,
@@ -567,6 +568,11 @@ impl DelayLimit {
             return false;
         }
         let verdict = Verdict::of(reference, measured, !self.slow_start);
+        // One the server served at once and that delivered more is kept (`decide`): measuring
+        // it longer only delays the next doubling.
+        if self.kept_as_served_at_once(verdict) {
+            return false;
+        }
         // More requests at the probe only help when its own noise is the larger part; when
         // the settled level's is, that level is measured again instead (see `decide`).
         verdict.latency_rose
@@ -589,6 +595,13 @@ impl DelayLimit {
         let verdict = Verdict::of(low, high, !self.slow_start);
         verdict.latency_rose
             && (verdict.gain - GAIN_TO_KEEP).abs() >= NOISE_ERRORS * verdict.gain_error
+    }
+
+    /// Whether a probe above is kept because the server served its requests at once (its
+    /// answers all carried the server's time and `watch_queue` saw no queue) and it delivered
+    /// more by `SERVED_AT_ONCE_ERRORS` standard errors.
+    fn kept_as_served_at_once(&self, verdict: Verdict) -> bool {
+        self.queued().is_some() && verdict.gain >= SERVED_AT_ONCE_ERRORS * verdict.gain_error
     }
 
     /// The lowest latency per item measured lately: the server's unloaded pace.
@@ -789,12 +802,13 @@ impl DelayLimit {
         } else {
             (measured, reference)
         };
+        let verdict = Verdict::of(low, high, !self.slow_start);
         let Verdict {
             gain,
             gain_error,
             latency_rose,
             ..
-        } = Verdict::of(low, high, !self.slow_start);
+        } = verdict;
         let jumped = std::mem::take(&mut self.jumped);
         self.jumped = jumped && probe < self.settled;
         tracing::debug!(
@@ -816,9 +830,8 @@ impl DelayLimit {
         // alone): one noisy round does not end slow start.
         // A level whose answers all carried the server's service time and that `watch_queue`
         // did not cap showed no queue: the server served its requests at once.
-        let served_at_once = probe > self.settled && self.queued().is_some();
         let higher_pays = (!latency_rose && gain >= 0.0)
-            || (served_at_once && gain >= SERVED_AT_ONCE_ERRORS * gain_error)
+            || (probe > self.settled && self.kept_as_served_at_once(verdict))
             || (gain >= GAIN_TO_KEEP && (probe < self.settled || gain > KEEP_ERRORS * gain_error))
             || (probe < self.settled
                 && self.slow_start
