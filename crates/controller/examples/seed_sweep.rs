@@ -11,6 +11,8 @@
 //! llama.cpp's `timings` do); `COLD_START=k` has the first request each slot serves take `k`
 //! times as long (a server that warms up).
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -44,15 +46,7 @@ fn main() {
     for path in paths {
         let text = std::fs::read_to_string(&path).expect("scenario file");
         let mut scenario: Scenario = toml::from_str(&text).expect("scenario");
-        if std::env::var_os("SERVICE_TIME").is_some_and(|value| value == "1") {
-            scenario.provider.reports_service_time = true;
-        }
-        if let Some(factor) = std::env::var("COLD_START")
-            .ok()
-            .and_then(|f| f.parse().ok())
-        {
-            scenario.provider.cold_start_factor = factor;
-        }
+        common::server_from_env(&mut scenario);
         let Some(slots) = scenario.provider.slots else {
             continue;
         };

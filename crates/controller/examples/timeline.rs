@@ -14,6 +14,8 @@
 //! its service time (as llama.cpp's `timings` do); `COLD_START=k` has the first request each
 //! slot serves take `k` times as long (a server that warms up).
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -48,16 +50,13 @@ fn main() {
         .join(format!("{name}.toml"));
     let text = std::fs::read_to_string(&path).expect("scenario file");
     let mut scenario: Scenario = toml::from_str(&text).expect("scenario");
-    if std::env::var_os("SERVICE_TIME").is_some_and(|value| value == "1") {
-        scenario.provider.reports_service_time = true;
-    }
-    if let Some(factor) = std::env::var("COLD_START")
-        .ok()
-        .and_then(|f| f.parse().ok())
-    {
-        scenario.provider.cold_start_factor = factor;
-    }
+    common::server_from_env(&mut scenario);
     let base = scenario.seed;
+    // Tokens the run would reserve in requests of the largest size with exactly the mean
+    // output.
+    let largest = scenario.limits.items_per_request.max;
+    let ideal_tokens =
+        f64::from(scenario.items) / f64::from(largest) * scenario.tokens_per_request(largest);
     println!(
         "seed | whole run/ceiling | duration s | ideal s | first answer s | items sent by then | last send s | end − last send s | timeouts | cut | requests | items sent | tokens reserved ÷ ideal | computed twice %"
     );
@@ -75,15 +74,6 @@ fn main() {
             .filter(|(at, _, _)| *at <= first)
             .map(|(_, items, _)| items)
             .sum();
-        // Tokens the ceiling's best size would reserve for the whole run: each item's
-        // prompt and output, and the prompt's fixed part once per request.
-        let ideal_tokens = {
-            let w = &scenario.workload;
-            let per_item = f64::from(w.input_tokens_per_item) + w.output_tokens_per_item;
-            let requests =
-                f64::from(scenario.items) / f64::from(scenario.limits.items_per_request.max);
-            f64::from(scenario.items) * per_item + requests * f64::from(w.prompt_overhead_tokens)
-        };
         let items_sent: u32 = log.sends.iter().map(|(_, items, _)| items).sum();
         println!(
             "{} | {:.3} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {:.3} | {:.2}",

@@ -828,8 +828,6 @@ impl DelayLimit {
         // gain enough over it — during slow start only when it clearly did not, unless Vegas
         // says the settled level queues (its latency per item over the first request's, sent
         // alone): one noisy round does not end slow start.
-        // A level whose answers all carried the server's service time and that `watch_queue`
-        // did not cap showed no queue: the server served its requests at once.
         let higher_pays = (!latency_rose && gain >= 0.0)
             || (probe > self.settled && self.kept_as_served_at_once(verdict))
             || (gain >= GAIN_TO_KEEP && (probe < self.settled || gain > KEEP_ERRORS * gain_error))

@@ -231,6 +231,15 @@ impl Scenario {
         service * (self.provider.latency_sigma.powi(2) / 2.0).exp()
     }
 
+    /// The tokens a request of `items` items takes against tokens/min when exactly its mean
+    /// output is reserved: the prompt's fixed part, and each item's input and output.
+    pub fn tokens_per_request(&self, items: u32) -> f64 {
+        let workload = &self.workload;
+        f64::from(workload.prompt_overhead_tokens)
+            + f64::from(items)
+                * (f64::from(workload.input_tokens_per_item) + workload.output_tokens_per_item)
+    }
+
     /// The best valid items/s any sender could reach under capacity `factor`: the best size
     /// within the quality tolerance, each size limited by requests/min × size, tokens/min ÷
     /// tokens per item (reserving exactly the output), and slots or the job's concurrency
@@ -255,8 +264,7 @@ impl Scenario {
                 continue;
             }
             let b = f64::from(items);
-            let tokens_per_request = f64::from(workload.prompt_overhead_tokens)
-                + b * (f64::from(workload.input_tokens_per_item) + workload.output_tokens_per_item);
+            let tokens_per_request = self.tokens_per_request(items);
             let mut requests_per_second = concurrency / (self.mean_latency_s(items) * slowdown);
             let limits = [
                 (

@@ -1,0 +1,18 @@
+//! What the examples share: the server variants set from the environment.
+
+use backfill_controller::simulation::Scenario;
+
+/// `SERVICE_TIME=1` has the server report its service time (as llama.cpp's `timings` do);
+/// `COLD_START=k` has the first request each slot serves take `k` times as long (a server
+/// that warms up).
+pub fn server_from_env(scenario: &mut Scenario) {
+    if std::env::var_os("SERVICE_TIME").is_some_and(|value| value == "1") {
+        scenario.provider.reports_service_time = true;
+    }
+    if let Some(factor) = std::env::var("COLD_START")
+        .ok()
+        .and_then(|factor| factor.parse().ok())
+    {
+        scenario.provider.cold_start_factor = factor;
+    }
+}
