@@ -13,8 +13,6 @@ const LATENCIES_FOR_TIMEOUT: usize = 20;
 const MINIMUM_TIMEOUT: Duration = Duration::from_secs(5);
 /// At the end of the queue, requests are not made smaller than the batch size over this.
 const END_OF_QUEUE_SMALLEST_SHARE: u32 = 4;
-/// At the end of the queue, requests older than this many p90 latencies are cut and resent.
-const END_OF_QUEUE_CUT_P90S: f64 = 1.0;
 /// Settled latencies the last round on a paced API is planned with (before: the recent ones).
 const SETTLED_LATENCIES_TO_PLAN: usize = 10;
 /// The last round is planned so that each request ends with the last one at its p99.9
@@ -44,10 +42,11 @@ const HUNG_P99S: f64 = 1.5;
 impl Controller {
     /// Requests the dispatcher should abandon now, reporting each as `Outcome::TimedOut` so
     /// its items go back to the queue and are sent again at once. Only when no item waits
-    /// (`queued_items == 0`, the end of the run): then a request older than
-    /// `END_OF_QUEUE_CUT_P90S` × the recent p90 latency is more likely to finish late than a
-    /// fresh one, and waiting for it (or for a hung one to time out) is the run's tail. Call
-    /// it after each wake-up; `poll` wakes the dispatcher when the next one falls due.
+    /// (`queued_items == 0`, the end of the run): then a request older than its size's hedge
+    /// latency (`LatencyModel::ratio_hedge`: past it, requests took on average another median
+    /// latency) ends later than a copy sent now, and waiting for it (or for a hung one to time
+    /// out) is the run's tail. Call it after each wake-up; `poll` wakes the dispatcher when
+    /// the next one falls due.
     pub fn requests_to_cut(&mut self, now: Duration, load: PipelineLoad) -> Vec<Ticket> {
         if load.queued_items > 0 {
             return Vec::new();
@@ -55,7 +54,7 @@ impl Controller {
         let Some(cut_age) = self.end_of_queue_cut_age() else {
             return Vec::new();
         };
-        // Most overdue first (a hung request before one just past its size's p90), within
+        // Most overdue first (a hung request before one just past its hedge age), within
         // the hedge budget.
         let hung_age = self.hung_age();
         let mut overdue: Vec<(f64, Duration, Ticket, bool)> = self
@@ -67,7 +66,7 @@ impl Controller {
                 let hung = hung_age
                     .as_ref()
                     .is_some_and(|hung_age| age >= hung_age(request.shape.items));
-                (age >= allowed).then(|| {
+                (age >= allowed || hung).then(|| {
                     let overdue = age.as_secs_f64() / allowed.as_secs_f64().max(1e-9);
                     (overdue, request.sent_at, *ticket, hung)
                 })
@@ -101,10 +100,11 @@ impl Controller {
         overdue
     }
 
-    /// How old a request of a given size may get at the end of the queue before it is cut.
+    /// How old a request of a given size may get at the end of the queue before it is cut:
+    /// its hedge latency.
     fn end_of_queue_cut_age(&self) -> Option<impl Fn(u32) -> Duration + use<'_>> {
         // The fit may extrapolate badly to sizes far below the usual: keep a floor.
-        self.age_bound(|model, items| model.p90(items) * END_OF_QUEUE_CUT_P90S)
+        self.age_bound(|model, items| model.ratio_hedge * model.expected(items))
     }
 
     /// How old a request of a given size may get before it is taken as hung: far beyond
@@ -146,10 +146,11 @@ impl Controller {
             .filter(|request| !request.cut_at_end_of_queue)
             .filter_map(|request| {
                 let items = request.shape.items;
+                let hung = hung_age.as_ref().map(|hung_age| hung_age(items));
                 let age = if u64::from(items) <= left {
-                    cut_age(items)
+                    hung.map_or(cut_age(items), |hung| hung.min(cut_age(items)))
                 } else {
-                    hung_age.as_ref()?(items)
+                    hung?
                 };
                 Some(request.sent_at + age)
             })

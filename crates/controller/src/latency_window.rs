@@ -11,6 +11,8 @@ use std::time::Duration;
 const WINDOW: usize = 200;
 /// Without a spread of sizes to fit on, this share of the latency is taken as fixed.
 const ASSUMED_FIXED_SHARE: f64 = 0.5;
+/// Latencies above a ratio that its mean residual is taken over, at least.
+const HEDGE_LONGER_SAMPLES: usize = 5;
 
 #[derive(Debug, Clone, Default)]
 pub struct LatencyWindow {
@@ -27,6 +29,12 @@ pub struct LatencyModel {
     pub ratio_p50: f64,
     pub ratio_p90: f64,
     pub ratio_p99: f64,
+    /// The least latency ratio, at p90 or above, past which the requests that took longer
+    /// took on average at least another median latency: a request that old is better sent
+    /// again than waited for. Without such a ratio (a light tail, as a
+    /// log-normal's of ordinary spread, where a late request is nearly done), the largest
+    /// ratio seen: older than any answer in the window.
+    pub ratio_hedge: f64,
 }
 
 impl LatencyModel {
@@ -45,6 +53,24 @@ impl LatencyModel {
     }
 }
 
+/// `ratio_hedge` of ascending `ratios`, searched from index `from`: the least ratio whose
+/// mean residual (the mean excess of the larger ratios over it) reaches `typical`, the
+/// median ratio, or the largest ratio when none does.
+fn hedge_ratio(ratios: &[f64], from: usize, typical: f64) -> f64 {
+    let largest = ratios.last().copied().unwrap_or(1.0);
+    let mut hedge = largest;
+    let mut above = 0.0;
+    for (count, ratio) in ratios[from.min(ratios.len())..].iter().rev().enumerate() {
+        // The mean excess of the `count` larger ratios over this one, once there are enough
+        // of them: one straggler alone does not make a tail.
+        if count >= HEDGE_LONGER_SAMPLES && above / count as f64 - ratio >= typical {
+            hedge = *ratio;
+        }
+        above += ratio;
+    }
+    hedge
+}
+
 impl LatencyWindow {
     pub fn record(&mut self, latency: Duration, items: u32) {
         if self.samples.len() == WINDOW {
@@ -59,13 +85,15 @@ impl LatencyWindow {
             .map(|(latency, items)| latency / (fixed + per_item * f64::from(*items)).max(1e-9))
             .collect();
         ratios.sort_by(f64::total_cmp);
-        let at = |share: f64| ratios[((ratios.len() - 1) as f64 * share).round() as usize];
+        let index = |share: f64| ((ratios.len() - 1) as f64 * share).round() as usize;
+        let at = |share: f64| ratios[index(share)];
         self.model = Some(LatencyModel {
             fixed,
             per_item,
             ratio_p50: at(0.5),
             ratio_p90: at(0.9),
             ratio_p99: at(0.99),
+            ratio_hedge: hedge_ratio(&ratios, index(0.9), at(0.5)),
         });
     }
 
@@ -144,6 +172,63 @@ mod tests {
         let model = window.model().unwrap();
         assert!((model.fixed - 1.0).abs() < 1e-9 && (model.per_item - 0.1).abs() < 1e-9);
         assert!((model.p90(40) - 5.0).abs() < 1e-9 && (model.p90(1) - 1.1).abs() < 1e-9);
+    }
+
+    /// A window of `count` latencies of one size, log-normal around 1 s with spread `sigma`.
+    fn log_normal(sigma: f64, count: usize, seed: u64) -> LatencyWindow {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut window = LatencyWindow::default();
+        for _ in 0..count {
+            // Box-Muller.
+            let (u, v) = (rng.f64().max(1e-12), rng.f64());
+            let z = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
+            window.record(Duration::from_secs_f64((sigma * z).exp()), 10);
+        }
+        window
+    }
+
+    #[test]
+    fn a_light_tail_is_hedged_only_past_every_latency_seen() {
+        // At a log-normal spread of 0.3 a request past p90 is nearly done (about a quarter of
+        // a median latency to go): sending its items again would only cost the work twice.
+        for seed in 0..20 {
+            let model = log_normal(0.3, WINDOW, seed).model().unwrap();
+            let largest = log_normal(0.3, WINDOW, seed)
+                .samples
+                .iter()
+                .map(|(latency, _)| latency / model.expected(10))
+                .fold(0.0, f64::max);
+            assert!(
+                (model.ratio_hedge - largest).abs() < 1e-9,
+                "seed {seed}: {} against the largest {largest}",
+                model.ratio_hedge
+            );
+        }
+    }
+
+    #[test]
+    fn a_heavy_tail_is_hedged_from_its_p90() {
+        // One request in ten takes 8 s where the others take 1 s: one older than the fast ones
+        // is a slow one, seven seconds from its answer.
+        let mut window = LatencyWindow::default();
+        for index in 0..WINDOW {
+            let seconds = if index % 10 == 0 { 8.0 } else { 1.0 };
+            window.record(Duration::from_secs_f64(seconds), 10);
+        }
+        let model = window.model().unwrap();
+        assert!((model.ratio_hedge * model.expected(10) - 1.0).abs() < 1e-9);
+        // A log-normal spread of 0.8: the requests past p90 take on average more than a
+        // median latency longer, and the hedge comes well before the largest seen.
+        for seed in 0..20 {
+            let model = log_normal(0.8, WINDOW, seed).model().unwrap();
+            assert!(
+                model.ratio_hedge >= model.ratio_p90 && model.ratio_hedge < model.ratio_p99,
+                "seed {seed}: {} (p90 {}, p99 {})",
+                model.ratio_hedge,
+                model.ratio_p90,
+                model.ratio_p99
+            );
+        }
     }
 
     #[test]
