@@ -9,7 +9,8 @@
 //! `--seeds` also prints each seed's figures (to find the bad ones); `SWEEP_SEEDS=N` runs N
 //! seeds instead of 20; `SERVICE_TIME=1` has every server report its service time (as
 //! llama.cpp's `timings` do); `COLD_START=k` has the first request each slot serves take `k`
-//! times as long (a server that warms up).
+//! times as long (a server that warms up); `ITEMS=n` runs every scenario over `n` items (how
+//! much of a run the search for the server's pace costs, run against run length).
 
 mod common;
 

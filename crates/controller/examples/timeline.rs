@@ -12,7 +12,8 @@
 //! NAME is a scenario file's stem (`announced_3000_items`); the seeds are the file's + 0,
 //! 1000, …; `OFFSET=N` starts at the file's seed + N; `SERVICE_TIME=1` has the server report
 //! its service time (as llama.cpp's `timings` do); `COLD_START=k` has the first request each
-//! slot serves take `k` times as long (a server that warms up).
+//! slot serves take `k` times as long (a server that warms up); `ITEMS=n` runs the scenario
+//! over `n` items.
 
 mod common;
 
