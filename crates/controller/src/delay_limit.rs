@@ -861,12 +861,20 @@ impl DelayLimit {
             }
         } else if !higher_pays {
             // The lower level delivers as much: keep it and look lower still (after a jump
-            // to what a changed server serves, the jump is the estimate: it is held).
+            // to what a changed server serves, the jump is the estimate: it is held) — unless
+            // its requests plainly did not wait: fewer in flight cannot deliver more there,
+            // and a probe below would leave a slot idle for a round. It is held, and the next
+            // probe goes up.
             self.slow_start = false;
             self.climb = 0;
             self.settle(probe, measured);
-            self.next_direction = Direction::Down;
-            if std::mem::take(&mut self.jumped) {
+            let unqueued = self.served_without_waiting(measured);
+            self.next_direction = if unqueued {
+                Direction::Up
+            } else {
+                Direction::Down
+            };
+            if std::mem::take(&mut self.jumped) || unqueued {
                 self.back_to_settled(now, Some(measured), false);
             } else {
                 self.start_probe(true);
@@ -917,6 +925,24 @@ impl DelayLimit {
                         * small_sample_factor(f64::from(measured.samples) - 1.0))
                     * alone
         })
+    }
+
+    /// Whether a level's requests plainly did not wait: their latency per item over the first
+    /// request's, sent alone, beyond the noise short of halfway (geometrically) to what the
+    /// next level below would show as a queue. Were the server's slots that level or fewer,
+    /// every request at this level would take `level ÷ below` times its unloaded time or
+    /// more.
+    fn served_without_waiting(&self, measured: Measured) -> bool {
+        let below = measured
+            .level
+            .saturating_sub((measured.level / STEP_DIVISOR).max(1))
+            .max(1);
+        measured.level > below
+            && self.first_alone.is_some_and(|alone| {
+                measured.seconds_per_item / alone.max(1e-12)
+                    * (1.0 + NOISE_ERRORS * measured.relative_error)
+                    < (f64::from(measured.level) / f64::from(below)).sqrt()
+            })
     }
 
     /// The start level's latency per item over the least unloaded figure known (the level
@@ -1364,6 +1390,23 @@ mod tests {
             after_the_start(range, 4, Duration::from_secs_f64(1.8)).limit(),
             2
         );
+    }
+
+    #[test]
+    fn a_level_below_the_start_whose_requests_did_not_wait_is_not_probed_lower() {
+        // Two slots: the first request alone took 1 s, 4 in flight took 2 s each, and at 2 in
+        // flight each takes the first request's 1 s. The jump to 2 is kept and held; 1, which
+        // would leave a slot idle, is not tried.
+        let range = StartMinMax::new(4, 1, 64);
+        let mut limit = after_the_start(range, 4, Duration::from_secs(2));
+        assert_eq!(limit.limit(), 2);
+        let mut now = Duration::from_secs(60);
+        for _ in 0..16 {
+            let latency = latency(limit.limit(), 2, 1.0, 0.0);
+            feed(&mut limit, &mut now, 1, latency);
+            assert!(limit.limit() >= 2, "probed below the slots");
+        }
+        assert_eq!(limit.settled(), 2);
     }
 
     #[test]
