@@ -47,7 +47,7 @@ fn main() {
     for path in paths {
         let text = std::fs::read_to_string(&path).expect("scenario file");
         let mut scenario: Scenario = toml::from_str(&text).expect("scenario");
-        common::server_from_env(&mut scenario);
+        common::scenario_from_env(&mut scenario);
         let Some(slots) = scenario.provider.slots else {
             continue;
         };

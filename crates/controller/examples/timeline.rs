@@ -51,7 +51,7 @@ fn main() {
         .join(format!("{name}.toml"));
     let text = std::fs::read_to_string(&path).expect("scenario file");
     let mut scenario: Scenario = toml::from_str(&text).expect("scenario");
-    common::server_from_env(&mut scenario);
+    common::scenario_from_env(&mut scenario);
     let base = scenario.seed;
     // Tokens the run would reserve in requests of the largest size with exactly the mean
     // output.

@@ -106,6 +106,11 @@ const HOLD_MAX: Duration = Duration::from_secs(300);
 /// early, one with fewer is still found within a few holds.
 const FAILED_PROBES_BEFORE_BELOW: u32 = 2;
 
+/// A step after slow start from `level`: a quarter of it, at least one.
+fn step(level: u32) -> u32 {
+    (level / STEP_DIVISOR).max(1)
+}
+
 /// How much wider than the normal's a Student-t interval is at `degrees` of freedom, for
 /// `NOISE_ERRORS` standard errors (Cornish–Fisher expansion): a standard deviation taken
 /// over four requests is itself so uncertain that two of them are no 95 % bound.
@@ -933,10 +938,7 @@ impl DelayLimit {
     /// every request at this level would take `level ÷ below` times its unloaded time or
     /// more.
     fn served_without_waiting(&self, measured: Measured) -> bool {
-        let below = measured
-            .level
-            .saturating_sub((measured.level / STEP_DIVISOR).max(1))
-            .max(1);
+        let below = measured.level.saturating_sub(step(measured.level)).max(1);
         measured.level > below
             && self.first_alone.is_some_and(|alone| {
                 measured.seconds_per_item / alone.max(1e-12)
@@ -1095,7 +1097,7 @@ impl DelayLimit {
         let (up, down) = if self.slow_start {
             (level.saturating_mul(SLOW_START_FACTOR), level / 2)
         } else {
-            let step = (level / STEP_DIVISOR).max(1);
+            let step = step(level);
             let up = step
                 .saturating_mul(1 << self.climb.saturating_sub(1).min(8))
                 .min(level);

@@ -192,8 +192,9 @@ mod tests {
         // At a log-normal spread of 0.3 a request past p90 is nearly done (about a quarter of
         // a median latency to go): sending its items again would only cost the work twice.
         for seed in 0..20 {
-            let model = log_normal(0.3, WINDOW, seed).model().unwrap();
-            let largest = log_normal(0.3, WINDOW, seed)
+            let window = log_normal(0.3, WINDOW, seed);
+            let model = window.model().unwrap();
+            let largest = window
                 .samples
                 .iter()
                 .map(|(latency, _)| latency / model.expected(10))

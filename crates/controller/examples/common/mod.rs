@@ -1,11 +1,11 @@
-//! What the examples share: the server variants and the run length set from the environment.
+//! What the examples share: the server variants and the run length, set from the environment.
 
 use backfill_controller::simulation::Scenario;
 
 /// `SERVICE_TIME=1` has the server report its service time (as llama.cpp's `timings` do);
 /// `COLD_START=k` has the first request each slot serves take `k` times as long (a server
 /// that warms up); `ITEMS=n` runs the scenario over `n` items instead of its own count.
-pub fn server_from_env(scenario: &mut Scenario) {
+pub fn scenario_from_env(scenario: &mut Scenario) {
     if let Some(items) = std::env::var("ITEMS")
         .ok()
         .and_then(|items| items.parse().ok())
