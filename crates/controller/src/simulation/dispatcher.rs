@@ -57,6 +57,9 @@ struct Pending {
     max_tokens: u32,
     answer: SimAnswer,
     timed_out: bool,
+    /// The continuous-batching server's job: the answer comes when it finishes it (its
+    /// entry in `endings` is then the client's timeout).
+    job: Option<u64>,
 }
 
 fn nanos(seconds: f64) -> u64 {
@@ -80,6 +83,8 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
     let mut provider = SimulatedProvider::new(scenario, scenario.seed.wrapping_add(2));
     let mut endings: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
+    // The batching server's jobs the client still waits for: job → the request's sequence.
+    let mut jobs: HashMap<u64, u64> = HashMap::new();
     let mut log = RunLog {
         policy: policy.name().to_string(),
         finished: false,
@@ -103,16 +108,56 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
     let mut sequence = 0u64;
     let mut now = 0.0f64;
     while done < input_tokens.len() && now < SIMULATED_TIME_LIMIT_S {
+        // Deliver what the batching server finished by now.
+        for finished in provider.finished_by(now) {
+            if finished.hung {
+                // Never answered: the client waits for its timeout.
+                jobs.remove(&finished.job);
+                continue;
+            }
+            log.computed_answers += 1;
+            log.queue_wait_s += finished.queue_wait_s;
+            log.service_s += finished.service_s;
+            let Some(id) = jobs.remove(&finished.job) else {
+                continue; // given up on: computed for nothing
+            };
+            let mut request = pending.remove(&id).expect("a waiting request");
+            if let SimAnswer::Completed {
+                latency_s,
+                queue_wait_s,
+                ..
+            } = &mut request.answer
+            {
+                *latency_s = finished.end_s - request.sent_at;
+                *queue_wait_s = finished.queue_wait_s;
+            }
+            let end_s = finished.end_s;
+            let (observation, valid) =
+                observe(&mut provider, &request, end_s, scenario.provider.headers);
+            if valid > 0 {
+                log.completions.push((end_s, valid));
+            }
+            done += valid as usize;
+            for item in request.items.iter().skip(valid as usize).rev() {
+                queue.push_front(*item);
+            }
+            policy.on_outcome(Duration::from_secs_f64(end_s), request.ticket, observation);
+        }
         // Deliver every request that ends by now.
         while let Some(Reverse((end, id))) = endings.peek().copied() {
             if end > nanos(now) {
                 break;
             }
             endings.pop();
-            let Some(request) = pending.remove(&id) else {
+            let Some(mut request) = pending.remove(&id) else {
                 continue; // abandoned earlier
             };
             let end_s = end as f64 / 1e9;
+            if let Some(job) = request.job {
+                // The client's timeout, before the batching server finished it.
+                jobs.remove(&job);
+                request.timed_out = true;
+            }
             account_computed(&mut log, &request);
             let (observation, valid) =
                 observe(&mut provider, &request, end_s, scenario.provider.headers);
@@ -149,6 +194,9 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
             };
             let mut request = pending.remove(&id).expect("found above");
             request.timed_out = true;
+            if let Some(job) = request.job {
+                jobs.remove(&job);
+            }
             account_computed(&mut log, &request);
             let (observation, _) = observe(&mut provider, &request, now, scenario.provider.headers);
             log.timed_out += 1;
@@ -187,16 +235,21 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                     };
                     let ticket = policy.on_sent(Duration::from_secs_f64(now), shape);
                     let answer = provider.submit(now, take as u32, prompt_tokens, max_tokens);
+                    let job = provider.submitted_job();
                     let timeout_s = timeout.as_secs_f64();
                     let latency_s = match answer {
+                        _ if job.is_some() => f64::INFINITY,
                         SimAnswer::Completed { latency_s, .. }
                         | SimAnswer::RateLimited { latency_s, .. }
                         | SimAnswer::Overloaded { latency_s } => latency_s,
                         SimAnswer::Hang => f64::INFINITY,
                     };
-                    let timed_out = latency_s > timeout_s;
+                    let timed_out = latency_s > timeout_s && job.is_none();
                     let end = now + latency_s.min(timeout_s);
                     sequence += 1;
+                    if let Some(job) = job {
+                        jobs.insert(job, sequence);
+                    }
                     endings.push(Reverse((nanos(end), sequence)));
                     pending.insert(
                         sequence,
@@ -208,6 +261,7 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                             max_tokens,
                             answer,
                             timed_out,
+                            job,
                         },
                     );
                     log.requests += 1;
@@ -219,6 +273,10 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
             }
         };
         let next_ending = endings.peek().map(|Reverse((end, _))| *end as f64 / 1e9);
+        let next_ending = match (next_ending, provider.next_finish()) {
+            (Some(ending), Some(finish)) => Some(ending.min(finish)),
+            (ending, finish) => ending.or(finish),
+        };
         let next = match (wake_at, next_ending) {
             (Some(wake), Some(ending)) => wake.min(ending),
             (Some(wake), None) => wake,
@@ -240,6 +298,14 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
 /// Counts the server's work for a request that ends now (answered, timed out or cut): a
 /// request it computes whose answer the client does not use was computed for nothing.
 fn account_computed(log: &mut RunLog, request: &Pending) {
+    if request.job.is_some() {
+        // The batching server's work is counted when it finishes (`finished_by`); given up
+        // on before, it is computed for nothing.
+        if request.timed_out && matches!(request.answer, SimAnswer::Completed { .. }) {
+            log.computed_twice_items += request.items.len() as u64;
+        }
+        return;
+    }
     if let SimAnswer::Completed {
         latency_s,
         queue_wait_s,

@@ -3,8 +3,8 @@
 //! `max_tokens` given back when the request completes), instant 429s with `Retry-After`,
 //! optional `x-ratelimit-*` headers, server slots with a queue (first come, first served; a
 //! request the client gives up on is still computed) and 503s past its wait limit, continuous
-//! batching (each request served at once slows the others), slots that follow the capacity
-//! steps, latency = base + per output token (log-normal noise), hung requests, truncation at
+//! batching (every request in service slows the others for as long as they share the server,
+//! `Batching`), slots that follow the capacity steps, latency = base + per output token (log-normal noise), hung requests, truncation at
 //! `max_tokens`, and items that go missing more often past a batch size.
 
 use crate::simulation::scenario::{ProviderSpec, Scenario};
@@ -82,6 +82,138 @@ impl SimBucket {
     }
 }
 
+/// A request a continuous-batching server finished: when, and how long it waited for a
+/// slot and was then served.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Finished {
+    pub job: u64,
+    pub end_s: f64,
+    pub queue_wait_s: f64,
+    pub service_s: f64,
+    /// A request that never answers: served all the same, its answer never sent.
+    pub hung: bool,
+}
+
+#[derive(Debug, Clone)]
+struct BatchJob {
+    job: u64,
+    hung: bool,
+    arrived_s: f64,
+    started_s: f64,
+    /// The server's progress (`Batching::progress`) at which it is done.
+    done_at: f64,
+}
+
+#[derive(Debug, Clone)]
+struct QueuedJob {
+    job: u64,
+    hung: bool,
+    arrived_s: f64,
+    /// Seconds of service it needs served alone.
+    work_s: f64,
+}
+
+/// A continuous-batching server: every request in service advances at once, each at
+/// `1 / (1 + slowdown × (n − 1))` of its unloaded pace while `n` are in service (each decoding
+/// step serves the whole batch, and takes longer the larger it is), so a request's service
+/// time follows the load over its whole life, not only the load it found when it started:
+/// the requests already in service slow down when more join them and speed up when others
+/// end. Requests beyond the slots wait in a first-come, first-served queue.
+#[derive(Debug, Clone, Default)]
+struct Batching {
+    clock_s: f64,
+    /// Unloaded seconds of service every request in service has received since the start of
+    /// the run: all advance alike.
+    progress: f64,
+    in_service: Vec<BatchJob>,
+    queue: std::collections::VecDeque<QueuedJob>,
+    /// Requests started so far (a slot's first is cold).
+    started: usize,
+    finished: Vec<Finished>,
+}
+
+impl Batching {
+    fn pace(slowdown: f64, in_service: usize) -> f64 {
+        1.0 / (1.0 + slowdown * in_service.saturating_sub(1) as f64)
+    }
+
+    /// When the next request in service ends at the current pace.
+    fn next_end(&self, slowdown: f64) -> Option<f64> {
+        let least = self
+            .in_service
+            .iter()
+            .map(|job| job.done_at)
+            .min_by(f64::total_cmp)?;
+        let pace = Self::pace(slowdown, self.in_service.len());
+        Some(self.clock_s + (least - self.progress).max(0.0) / pace)
+    }
+
+    /// Serves until `to_s`: requests end (into `finished`) and queued ones start as slots free.
+    fn advance(&mut self, to_s: f64, slowdown: f64, slots: impl Fn(f64) -> usize, cold: f64) {
+        loop {
+            match self.next_end(slowdown) {
+                Some(end_s) if end_s <= to_s => {
+                    let least = self
+                        .in_service
+                        .iter()
+                        .map(|job| job.done_at)
+                        .min_by(f64::total_cmp)
+                        .expect("a request in service");
+                    self.progress = least;
+                    self.clock_s = end_s.max(self.clock_s);
+                    let clock_s = self.clock_s;
+                    let finished = &mut self.finished;
+                    self.in_service.retain(|job| {
+                        let done = job.done_at <= least;
+                        if done {
+                            finished.push(Finished {
+                                job: job.job,
+                                end_s: clock_s,
+                                queue_wait_s: job.started_s - job.arrived_s,
+                                service_s: clock_s - job.started_s,
+                                hung: job.hung,
+                            });
+                        }
+                        !done
+                    });
+                    self.start_queued(&slots, cold);
+                }
+                _ => {
+                    if to_s > self.clock_s {
+                        let pace = Self::pace(slowdown, self.in_service.len());
+                        self.progress += (to_s - self.clock_s) * pace;
+                        self.clock_s = to_s;
+                    }
+                    self.start_queued(&slots, cold);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start_queued(&mut self, slots: &impl Fn(f64) -> usize, cold: f64) {
+        let total = slots(f64::INFINITY);
+        while self.in_service.len() < slots(self.clock_s) {
+            let Some(next) = self.queue.pop_front() else {
+                break;
+            };
+            let work_s = if self.started < total {
+                next.work_s * cold
+            } else {
+                next.work_s
+            };
+            self.started += 1;
+            self.in_service.push(BatchJob {
+                job: next.job,
+                hung: next.hung,
+                arrived_s: next.arrived_s,
+                started_s: self.clock_s,
+                done_at: self.progress + work_s,
+            });
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct SimulatedProvider {
     scenario: Scenario,
@@ -90,6 +222,11 @@ pub struct SimulatedProvider {
     slot_free_at: Vec<f64>,
     /// Whether each slot has served a request yet (a cold slot's first takes longer).
     slot_warm: Vec<bool>,
+    /// A server with slots whose requests slow each other (`slowdown_per_request` above 0).
+    batching: Option<Batching>,
+    next_job: u64,
+    /// The job the last `submit` handed the batching server, if it did.
+    submitted_job: Option<u64>,
     rng: fastrand::Rng,
 }
 
@@ -105,6 +242,10 @@ impl SimulatedProvider {
                 .map(|tpm| SimBucket::new(tpm, spec.burst_seconds)),
             slot_free_at: vec![0.0; spec.slots.unwrap_or(0) as usize],
             slot_warm: vec![false; spec.slots.unwrap_or(0) as usize],
+            batching: (spec.slots.is_some() && spec.slowdown_per_request > 0.0)
+                .then(Batching::default),
+            next_job: 0,
+            submitted_job: None,
             rng: fastrand::Rng::with_seed(seed),
             scenario: scenario.clone(),
         }
@@ -150,6 +291,10 @@ impl SimulatedProvider {
             SimAnswer::Completed { latency_s, .. } => latency_s,
             _ => spec.base_latency_s,
         };
+        self.submitted_job = None;
+        if self.batching.is_some() {
+            return self.submit_batching(now, answer, service_s);
+        }
         let mut queue_wait_s = 0.0;
         let mut service_s = service_s;
         // Slots follow the capacity steps (a server restarted with fewer or more slots).
@@ -164,9 +309,8 @@ impl SimulatedProvider {
                     latency_s: spec.reject_latency_s,
                 };
             }
-            // Continuous batching: every other request in service slows this one.
-            let busy = open.iter().filter(|free_at| **free_at > start).count();
-            service_s *= 1.0 + spec.slowdown_per_request * busy as f64;
+            // Requests that do not slow each other: each takes its own service time from the
+            // moment a slot frees (continuous batching is `submit_batching`).
             if !std::mem::replace(&mut self.slot_warm[index], true) {
                 service_s *= spec.cold_start_factor;
             }
@@ -237,13 +381,115 @@ impl SimulatedProvider {
         }
     }
 
-    /// A request that reserved `max_tokens` ends at `now` having written `completion_tokens`:
-    /// a provider that counts what was written gives the rest back.
+    /// The slots open at `at_s` (they follow the capacity steps; `INFINITY`: all of them).
+    fn slots_at(&self) -> impl Fn(f64) -> usize + use<> {
+        let scenario = self.scenario.clone();
+        let total = self.slot_free_at.len();
+        move |at_s: f64| {
+            let factor = if at_s.is_finite() {
+                scenario.capacity_factor(at_s)
+            } else {
+                1.0
+            };
+            ((total as f64 * factor).round() as usize).clamp(1.min(total), total)
+        }
+    }
+
+    /// A request for the continuous-batching server: queued, started when a slot is free,
+    /// and answered when `finished` says (its latency is not known when it is sent).
+    fn submit_batching(&mut self, now: f64, answer: SimAnswer, work_s: f64) -> SimAnswer {
+        let spec = self.scenario.provider.clone();
+        let slots = self.slots_at();
+        let mut server = self.batching.take().expect("a batching server");
+        server.advance(
+            now,
+            spec.slowdown_per_request,
+            &slots,
+            spec.cold_start_factor,
+        );
+        // How long it would wait were nothing more sent: the queue ahead served first.
+        let queue_wait_s = if server.queue.is_empty() && server.in_service.len() < slots(now) {
+            0.0
+        } else {
+            let mut projected = server.clone();
+            projected.queue.push_back(QueuedJob {
+                job: u64::MAX,
+                hung: false,
+                arrived_s: now,
+                work_s,
+            });
+            let mut to_s = now;
+            while !projected.in_service.iter().any(|job| job.job == u64::MAX) {
+                match projected.next_end(spec.slowdown_per_request) {
+                    Some(end_s) => to_s = end_s,
+                    None => break,
+                }
+                projected.advance(
+                    to_s,
+                    spec.slowdown_per_request,
+                    &slots,
+                    spec.cold_start_factor,
+                );
+            }
+            to_s - now
+        };
+        if queue_wait_s > spec.queue_wait_limit_s {
+            self.batching = Some(server);
+            return SimAnswer::Overloaded {
+                latency_s: spec.reject_latency_s,
+            };
+        }
+        let job = self.next_job;
+        self.next_job += 1;
+        let hung = self.rng.f64() < spec.hang_share;
+        server.queue.push_back(QueuedJob {
+            job,
+            hung,
+            arrived_s: now,
+            work_s,
+        });
+        server.start_queued(&slots, spec.cold_start_factor);
+        self.batching = Some(server);
+        self.submitted_job = Some(job);
+        if hung { SimAnswer::Hang } else { answer }
+    }
+
+    /// The job the last `submit` handed the continuous-batching server (its answer comes
+    /// when the server finishes it), or `None` when its latency was decided at once.
+    pub fn submitted_job(&self) -> Option<u64> {
+        self.submitted_job
+    }
+
+    /// When the continuous-batching server next finishes a request, at its current load.
+    pub fn next_finish(&self) -> Option<f64> {
+        let server = self.batching.as_ref()?;
+        server.next_end(self.scenario.provider.slowdown_per_request)
+    }
+
+    /// Serves until `now` and returns the requests the continuous-batching server finished
+    /// (in the order they ended), whether the client still waits for them or not.
+    pub fn finished_by(&mut self, now: f64) -> Vec<Finished> {
+        let spec = self.scenario.provider.clone();
+        let slots = self.slots_at();
+        let Some(server) = self.batching.as_mut() else {
+            return Vec::new();
+        };
+        server.advance(
+            now,
+            spec.slowdown_per_request,
+            &slots,
+            spec.cold_start_factor,
+        );
+        std::mem::take(&mut server.finished)
+    }
+
     /// Whether answers say how long the server worked on them (llama.cpp's `timings`).
     pub fn reports_service_time(&self) -> bool {
         self.scenario.provider.reports_service_time
     }
 
+    /// A request that reserved `max_tokens` ends at `now` having written `completion_tokens`:
+    /// a provider that counts what was written gives the rest back.
     pub fn on_completed(&mut self, now: f64, max_tokens: u32, completion_tokens: u32) {
         if !self.scenario.provider.refunds_unused_tokens {
             return;
@@ -383,6 +629,71 @@ mod tests {
             "{cold:?} vs {warm:?}"
         );
         assert!((cold[2] - warm[2]).abs() < 1e-9, "{cold:?} vs {warm:?}");
+    }
+
+    /// The 16-slot batching server with every latency exactly its mean and no hung requests.
+    fn batching_server() -> Scenario {
+        let text = include_str!("../../scenarios/batching_16_slots.toml");
+        let mut scenario: Scenario = toml::from_str(text).expect("scenario");
+        scenario.provider.latency_sigma = 0.0;
+        scenario.provider.hang_share = 0.0;
+        scenario.workload.output_tokens_sd = 0.0;
+        scenario
+    }
+
+    #[test]
+    fn continuous_batching_slows_every_request_for_as_long_as_others_share_the_server() {
+        let scenario = batching_server();
+        let slowdown = scenario.provider.slowdown_per_request;
+        let mut provider = SimulatedProvider::new(&scenario, 4);
+        let alone = match provider.submit(0.0, 10, 2000, 2000) {
+            SimAnswer::Completed { latency_s, .. } => latency_s,
+            other => panic!("expected an answer, got {other:?}"),
+        };
+        let first = provider.submitted_job().expect("a batching job");
+        // Half-way through, a second request of the same size joins it.
+        assert!(provider.finished_by(alone / 2.0).is_empty());
+        provider.submit(alone / 2.0, 10, 2000, 2000);
+        let second = provider.submitted_job().expect("a batching job");
+        // Both now advance at 1 / (1 + slowdown): the first's remaining half takes that much
+        // longer, and the second, done by half in that time, finishes its other half alone.
+        let first_end = alone / 2.0 + (1.0 + slowdown) * alone / 2.0;
+        let second_end = first_end + alone / 2.0;
+        assert_eq!(provider.next_finish(), Some(first_end));
+        let finished = provider.finished_by(second_end + 1.0);
+        assert_eq!(finished.len(), 2);
+        assert_eq!(finished[0].job, first);
+        assert!((finished[0].end_s - first_end).abs() < 1e-9, "{finished:?}");
+        assert!((finished[0].service_s - first_end).abs() < 1e-9);
+        assert_eq!(finished[1].job, second);
+        assert!(
+            (finished[1].end_s - second_end).abs() < 1e-9,
+            "{finished:?}"
+        );
+        assert!(finished[1].queue_wait_s.abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_batching_server_queues_what_its_slots_do_not_hold() {
+        let scenario = batching_server();
+        let slots = scenario.provider.slots.expect("slots") as usize;
+        let mut provider = SimulatedProvider::new(&scenario, 5);
+        for _ in 0..=slots {
+            provider.submit(0.0, 10, 2000, 2000);
+        }
+        let waiting = provider.submitted_job().expect("a batching job");
+        // All the slots' requests end together; the one queued starts then, alone.
+        let round = provider.next_finish().expect("requests in service");
+        let finished = provider.finished_by(round);
+        assert_eq!(finished.len(), slots);
+        assert!(finished.iter().all(|done| done.job != waiting));
+        let last = provider.finished_by(10.0 * round);
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].job, waiting);
+        assert!((last[0].queue_wait_s - round).abs() < 1e-9, "{last:?}");
+        let slowdown = scenario.provider.slowdown_per_request;
+        let alone = round / (1.0 + slowdown * (slots - 1) as f64);
+        assert!((last[0].service_s - alone).abs() < 1e-9, "{last:?}");
     }
 
     #[test]
