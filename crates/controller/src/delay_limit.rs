@@ -41,7 +41,8 @@
 //! the requests the server served at a time (the level less those queued) and holds there,
 //! and slow start ends. A start level that shows no queue is not probed below either, and a
 //! probe above that shows none is kept on any gain beyond the noise (`SERVED_AT_ONCE_ERRORS`):
-//! the server served its requests at once, and what more of them cost is its batching.
+//! the server served its requests at once, and what more of them cost is its batching. During
+//! slow start such a probe is kept from its fourth answer unless its throughput clearly fell.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -575,7 +576,9 @@ impl DelayLimit {
         let verdict = Verdict::of(reference, measured, !self.slow_start);
         // One the server served at once and that delivered more is kept (`decide`): measuring
         // it longer only delays the next doubling.
-        if self.kept_as_served_at_once(verdict) {
+        if self.kept_as_served_at_once(verdict)
+            || self.kept_in_slow_start_as_served_at_once(verdict)
+        {
             return false;
         }
         // More requests at the probe only help when its own noise is the larger part; when
@@ -598,6 +601,9 @@ impl DelayLimit {
             (measured, reference)
         };
         let verdict = Verdict::of(low, high, !self.slow_start);
+        if probe > self.settled && self.kept_in_slow_start_as_served_at_once(verdict) {
+            return true;
+        }
         verdict.latency_rose
             && (verdict.gain - GAIN_TO_KEEP).abs() >= NOISE_ERRORS * verdict.gain_error
     }
@@ -607,6 +613,18 @@ impl DelayLimit {
     /// more by `SERVED_AT_ONCE_ERRORS` standard errors.
     fn kept_as_served_at_once(&self, verdict: Verdict) -> bool {
         self.queued().is_some() && verdict.gain >= SERVED_AT_ONCE_ERRORS * verdict.gain_error
+    }
+
+    /// Whether a probe above during slow start is kept from its fourth answer because the
+    /// server served it at once (`watch_queue` saw no queue in answers that all carried its
+    /// time), unless it clearly delivered less. More in flight than the server serves at once
+    /// would have queued; below that, what more requests cost is the server's batching, which
+    /// four answers' throughput cannot weigh (a gain within their noise ended slow start on
+    /// a wrong draw), and the next doubling's answers show a queue as soon as it comes.
+    fn kept_in_slow_start_as_served_at_once(&self, verdict: Verdict) -> bool {
+        self.slow_start
+            && self.queued().is_some()
+            && verdict.gain + NOISE_ERRORS * verdict.gain_error >= 0.0
     }
 
     /// The lowest latency per item measured lately: the server's unloaded pace.
@@ -835,6 +853,7 @@ impl DelayLimit {
         // alone): one noisy round does not end slow start.
         let higher_pays = (!latency_rose && gain >= 0.0)
             || (probe > self.settled && self.kept_as_served_at_once(verdict))
+            || (probe > self.settled && self.kept_in_slow_start_as_served_at_once(verdict))
             || (gain >= GAIN_TO_KEEP && (probe < self.settled || gain > KEEP_ERRORS * gain_error))
             || (probe < self.settled
                 && self.slow_start
@@ -1314,6 +1333,33 @@ mod tests {
         // Judged on throughput alone, the gain is too small to pay for the latency.
         let blind = settle_on(64, 0.10, range);
         assert!(blind.settled() < 64, "settled at {}", blind.settled());
+    }
+
+    #[test]
+    fn in_slow_start_a_level_the_server_served_at_once_is_kept_on_its_first_four_answers() {
+        // 64 slots, 10 % slower per other request served, and answers 30 % apart in length:
+        // four answers' throughput cannot tell a doubling's gain from noise, but the server's
+        // times show no queue at any level below its slots. Each doubling is kept on its
+        // fourth answer.
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        let mut now = Duration::ZERO;
+        let alone = Duration::from_secs(2);
+        limit.on_completed(now, limit.generation(), 1, 10.0, alone, Some(alone));
+        let mut levels = Vec::new();
+        for answer in 0..40 {
+            let level = limit.limit();
+            levels.push(level);
+            let length = if answer % 2 == 0 { 0.7 } else { 1.3 };
+            let service = 2.0 * length * (1.0 + 0.10 * f64::from(level - 1));
+            let latency = Duration::from_secs_f64(service);
+            now += latency / level;
+            limit.on_completed(now, limit.generation(), level, 10.0, latency, Some(latency));
+        }
+        assert_eq!(
+            &levels[..17],
+            &[4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32, 32, 64],
+            "{levels:?}"
+        );
     }
 
     #[test]
