@@ -108,7 +108,9 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
     let mut sequence = 0u64;
     let mut now = 0.0f64;
     while done < input_tokens.len() && now < SIMULATED_TIME_LIMIT_S {
-        // Deliver what the batching server finished by now.
+        // What ended by now: the batching server's answers first, then every request whose
+        // time (an answer decided when it was sent, or the client's timeout) has come.
+        let mut ended: Vec<(Pending, f64)> = Vec::new();
         for finished in provider.finished_by(now) {
             if finished.hung {
                 // Never answered: the client waits for its timeout.
@@ -131,19 +133,8 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                 *latency_s = finished.end_s - request.sent_at;
                 *queue_wait_s = finished.queue_wait_s;
             }
-            let end_s = finished.end_s;
-            let (observation, valid) =
-                observe(&mut provider, &request, end_s, scenario.provider.headers);
-            if valid > 0 {
-                log.completions.push((end_s, valid));
-            }
-            done += valid as usize;
-            for item in request.items.iter().skip(valid as usize).rev() {
-                queue.push_front(*item);
-            }
-            policy.on_outcome(Duration::from_secs_f64(end_s), request.ticket, observation);
+            ended.push((request, finished.end_s));
         }
-        // Deliver every request that ends by now.
         while let Some(Reverse((end, id))) = endings.peek().copied() {
             if end > nanos(now) {
                 break;
@@ -159,22 +150,19 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                 request.timed_out = true;
             }
             account_computed(&mut log, &request);
-            let (observation, valid) =
-                observe(&mut provider, &request, end_s, scenario.provider.headers);
-            match observation.outcome {
-                Outcome::RateLimited => log.rate_limited += 1,
-                Outcome::TimedOut => log.timed_out += 1,
-                Outcome::ServerError { .. } => log.overloaded += 1,
-                _ => {}
-            }
-            if valid > 0 {
-                log.completions.push((end_s, valid));
-            }
-            done += valid as usize;
-            for item in request.items.iter().skip(valid as usize).rev() {
-                queue.push_front(*item);
-            }
-            policy.on_outcome(Duration::from_secs_f64(end_s), request.ticket, observation);
+            ended.push((request, end_s));
+        }
+        for (request, end_s) in ended {
+            let headers = scenario.provider.headers;
+            done += deliver(
+                &mut log,
+                &mut provider,
+                policy,
+                &mut queue,
+                &request,
+                end_s,
+                headers,
+            );
         }
         if done >= input_tokens.len() {
             break;
@@ -293,6 +281,34 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
     log.duration_s = log.completions.last().map_or(now, |(at, _)| *at);
     log.final_items_per_request = policy.items_per_request();
     log
+}
+
+/// Hands the policy the outcome of a request that ends at `end_s`, counts it, and puts its
+/// items that did not come back valid at the front of the queue; returns the valid items.
+fn deliver(
+    log: &mut RunLog,
+    provider: &mut SimulatedProvider,
+    policy: &mut dyn DispatchPolicy,
+    queue: &mut VecDeque<usize>,
+    request: &Pending,
+    end_s: f64,
+    headers: bool,
+) -> usize {
+    let (observation, valid) = observe(provider, request, end_s, headers);
+    match observation.outcome {
+        Outcome::RateLimited => log.rate_limited += 1,
+        Outcome::TimedOut => log.timed_out += 1,
+        Outcome::ServerError { .. } => log.overloaded += 1,
+        _ => {}
+    }
+    if valid > 0 {
+        log.completions.push((end_s, valid));
+    }
+    for item in request.items.iter().skip(valid as usize).rev() {
+        queue.push_front(*item);
+    }
+    policy.on_outcome(Duration::from_secs_f64(end_s), request.ticket, observation);
+    valid as usize
 }
 
 /// Counts the server's work for a request that ends now (answered, timed out or cut): a
