@@ -74,7 +74,9 @@ impl Controller {
             .collect();
         drop(cut_age);
         drop(hung_age);
-        overdue.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        // Ties broken by the ticket, the order sent: the in-flight map's order is arbitrary,
+        // and the same run must cut the same requests.
+        overdue.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         let mut kept = Vec::with_capacity(overdue.len());
         for (_, _, ticket, hung) in overdue {
             let left = self.hedge_budget_left();

@@ -259,6 +259,7 @@ impl SimulatedProvider {
         prompt_tokens: u32,
         max_tokens: u32,
     ) -> SimAnswer {
+        self.submitted_job = None;
         let factor = self.scenario.capacity_factor(now);
         let spec = self.scenario.provider.clone();
         let token_cost = f64::from(prompt_tokens) + f64::from(max_tokens);
@@ -291,7 +292,6 @@ impl SimulatedProvider {
             SimAnswer::Completed { latency_s, .. } => latency_s,
             _ => spec.base_latency_s,
         };
-        self.submitted_job = None;
         if self.batching.is_some() {
             return self.submit_batching(now, answer, service_s);
         }
@@ -460,10 +460,30 @@ impl SimulatedProvider {
         self.submitted_job
     }
 
-    /// When the continuous-batching server next finishes a request, at its current load.
+    /// When the continuous-batching server next finishes a request at its current load, or
+    /// next has news: a request it finished while taking another that `finished_by` has not
+    /// handed out yet (now), or a capacity step that lets a queued request start.
     pub fn next_finish(&self) -> Option<f64> {
         let server = self.batching.as_ref()?;
-        server.next_end(self.scenario.provider.slowdown_per_request)
+        if !server.finished.is_empty() {
+            return Some(server.clock_s);
+        }
+        let end = server.next_end(self.scenario.provider.slowdown_per_request);
+        let step = if server.queue.is_empty() {
+            None
+        } else {
+            self.scenario
+                .provider
+                .capacity_steps
+                .iter()
+                .map(|step| step.at_s)
+                .filter(|at_s| *at_s > server.clock_s)
+                .min_by(f64::total_cmp)
+        };
+        match (end, step) {
+            (Some(end), Some(step)) => Some(end.min(step)),
+            (end, step) => end.or(step),
+        }
     }
 
     /// Serves until `now` and returns the requests the continuous-batching server finished
@@ -671,6 +691,51 @@ mod tests {
             "{finished:?}"
         );
         assert!(finished[1].queue_wait_s.abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_request_refused_with_a_429_is_no_job_of_the_batching_server() {
+        let mut scenario = batching_server();
+        scenario.provider.requests_per_minute = Some(60.0);
+        scenario.provider.burst_seconds = 1.0;
+        let mut provider = SimulatedProvider::new(&scenario, 6);
+        provider.submit(0.0, 10, 2000, 2000);
+        assert!(provider.submitted_job().is_some());
+        let refused = provider.submit(0.0, 10, 2000, 2000);
+        assert!(
+            matches!(refused, SimAnswer::RateLimited { .. }),
+            "{refused:?}"
+        );
+        assert_eq!(provider.submitted_job(), None);
+    }
+
+    #[test]
+    fn a_request_finished_while_the_server_takes_another_is_still_reported() {
+        // A request arrives the least time before another ends, and the server's progress,
+        // rounded, reaches that end as it takes the new one: the finished request must still
+        // be reported at once. Latencies vary with the seed; the first seed whose rounding
+        // does that is the case.
+        let mut scenario = batching_server();
+        scenario.provider.latency_sigma = 0.2;
+        let case = (0..2000).find_map(|seed| {
+            let mut provider = SimulatedProvider::new(&scenario, seed);
+            provider.submit(0.0, 10, 2000, 2000);
+            provider.submit(0.0, 7, 2000, 2000);
+            let end = provider.next_finish()?;
+            let just_before = f64::from_bits(end.to_bits() - 1);
+            let early = provider.finished_by(just_before);
+            let server = provider.batching.as_ref()?;
+            let reached = server
+                .in_service
+                .iter()
+                .any(|job| job.done_at <= server.progress);
+            (early.is_empty() && reached).then_some((provider, end, just_before))
+        });
+        let (mut provider, end, just_before) = case.expect("a seed whose rounding reaches an end");
+        provider.submit(just_before, 10, 2000, 2000);
+        let next = provider.next_finish().expect("news from the server");
+        assert!(next <= end, "reported at {next}, finished at {end}");
+        assert_eq!(provider.finished_by(next).len(), 1);
     }
 
     #[test]
