@@ -572,6 +572,7 @@ pub fn normal(rng: &mut fastrand::Rng) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::simulation::scenario::CapacityStep;
 
     fn scenario() -> Scenario {
         let text = include_str!("../../scenarios/rpm_bound.toml");
@@ -736,6 +737,37 @@ mod tests {
         let next = provider.next_finish().expect("news from the server");
         assert!(next <= end, "reported at {next}, finished at {end}");
         assert_eq!(provider.finished_by(next).len(), 1);
+    }
+
+    #[test]
+    fn a_batching_server_starts_its_queued_requests_when_its_slots_grow() {
+        // Half the slots until 5 s, then all: the request queued behind the first eight
+        // starts at the step, long before any of them ends.
+        let mut scenario = batching_server();
+        scenario.provider.capacity_steps = vec![
+            CapacityStep {
+                at_s: 0.0,
+                factor: 0.5,
+            },
+            CapacityStep {
+                at_s: 5.0,
+                factor: 1.0,
+            },
+        ];
+        let mut provider = SimulatedProvider::new(&scenario, 8);
+        for _ in 0..9 {
+            provider.submit(0.0, 40, 7000, 4000);
+        }
+        let queued = provider.submitted_job().expect("a batching job");
+        assert_eq!(provider.next_finish(), Some(5.0));
+        assert!(provider.finished_by(5.0).is_empty());
+        let server = provider.batching.as_ref().expect("a batching server");
+        assert!(
+            server
+                .in_service
+                .iter()
+                .any(|job| job.job == queued && job.started_s == 5.0)
+        );
     }
 
     #[test]
