@@ -852,8 +852,9 @@ impl DelayLimit {
         // says the settled level queues (its latency per item over the first request's, sent
         // alone): one noisy round does not end slow start.
         let higher_pays = (!latency_rose && gain >= 0.0)
-            || (probe > self.settled && self.kept_as_served_at_once(verdict))
-            || (probe > self.settled && self.kept_in_slow_start_as_served_at_once(verdict))
+            || (probe > self.settled
+                && (self.kept_as_served_at_once(verdict)
+                    || self.kept_in_slow_start_as_served_at_once(verdict)))
             || (gain >= GAIN_TO_KEEP && (probe < self.settled || gain > KEEP_ERRORS * gain_error))
             || (probe < self.settled
                 && self.slow_start

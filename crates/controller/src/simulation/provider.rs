@@ -121,6 +121,8 @@ struct QueuedJob {
 /// end. Requests beyond the slots wait in a first-come, first-served queue.
 #[derive(Debug, Clone, Default)]
 struct Batching {
+    /// The server's slots with no capacity step applied (each one's first request is cold).
+    slots: usize,
     clock_s: f64,
     /// Unloaded seconds of service every request in service has received since the start of
     /// the run: all advance alike.
@@ -133,32 +135,31 @@ struct Batching {
 }
 
 impl Batching {
-    fn pace(slowdown: f64, in_service: usize) -> f64 {
-        1.0 / (1.0 + slowdown * in_service.saturating_sub(1) as f64)
+    /// Each request's pace while the server's requests in service are as now.
+    fn pace(&self, spec: &ProviderSpec) -> f64 {
+        1.0 / (1.0 + spec.slowdown_per_request * self.in_service.len().saturating_sub(1) as f64)
+    }
+
+    /// The progress at which the first request in service is done.
+    fn least_done_at(&self) -> Option<f64> {
+        self.in_service
+            .iter()
+            .map(|job| job.done_at)
+            .min_by(f64::total_cmp)
     }
 
     /// When the next request in service ends at the current pace.
-    fn next_end(&self, slowdown: f64) -> Option<f64> {
-        let least = self
-            .in_service
-            .iter()
-            .map(|job| job.done_at)
-            .min_by(f64::total_cmp)?;
-        let pace = Self::pace(slowdown, self.in_service.len());
-        Some(self.clock_s + (least - self.progress).max(0.0) / pace)
+    fn next_end(&self, spec: &ProviderSpec) -> Option<f64> {
+        let least = self.least_done_at()?;
+        Some(self.clock_s + (least - self.progress).max(0.0) / self.pace(spec))
     }
 
     /// Serves until `to_s`: requests end (into `finished`) and queued ones start as slots free.
-    fn advance(&mut self, to_s: f64, slowdown: f64, slots: impl Fn(f64) -> usize, cold: f64) {
+    fn advance(&mut self, to_s: f64, scenario: &Scenario) {
+        let spec = &scenario.provider;
         loop {
-            match self.next_end(slowdown) {
-                Some(end_s) if end_s <= to_s => {
-                    let least = self
-                        .in_service
-                        .iter()
-                        .map(|job| job.done_at)
-                        .min_by(f64::total_cmp)
-                        .expect("a request in service");
+            match (self.next_end(spec), self.least_done_at()) {
+                (Some(end_s), Some(least)) if end_s <= to_s => {
                     self.progress = least;
                     self.clock_s = end_s.max(self.clock_s);
                     let clock_s = self.clock_s;
@@ -176,29 +177,27 @@ impl Batching {
                         }
                         !done
                     });
-                    self.start_queued(&slots, cold);
+                    self.start_queued(scenario);
                 }
                 _ => {
                     if to_s > self.clock_s {
-                        let pace = Self::pace(slowdown, self.in_service.len());
-                        self.progress += (to_s - self.clock_s) * pace;
+                        self.progress += (to_s - self.clock_s) * self.pace(spec);
                         self.clock_s = to_s;
                     }
-                    self.start_queued(&slots, cold);
+                    self.start_queued(scenario);
                     return;
                 }
             }
         }
     }
 
-    fn start_queued(&mut self, slots: &impl Fn(f64) -> usize, cold: f64) {
-        let total = slots(f64::INFINITY);
-        while self.in_service.len() < slots(self.clock_s) {
+    fn start_queued(&mut self, scenario: &Scenario) {
+        while self.in_service.len() < open_slots(scenario, self.slots, self.clock_s) {
             let Some(next) = self.queue.pop_front() else {
                 break;
             };
-            let work_s = if self.started < total {
-                next.work_s * cold
+            let work_s = if self.started < self.slots {
+                next.work_s * scenario.provider.cold_start_factor
             } else {
                 next.work_s
             };
@@ -242,8 +241,13 @@ impl SimulatedProvider {
                 .map(|tpm| SimBucket::new(tpm, spec.burst_seconds)),
             slot_free_at: vec![0.0; spec.slots.unwrap_or(0) as usize],
             slot_warm: vec![false; spec.slots.unwrap_or(0) as usize],
-            batching: (spec.slots.is_some() && spec.slowdown_per_request > 0.0)
-                .then(Batching::default),
+            batching: spec
+                .slots
+                .filter(|_| spec.slowdown_per_request > 0.0)
+                .map(|slots| Batching {
+                    slots: slots as usize,
+                    ..Batching::default()
+                }),
             next_job: 0,
             submitted_job: None,
             rng: fastrand::Rng::with_seed(seed),
@@ -297,9 +301,7 @@ impl SimulatedProvider {
         }
         let mut queue_wait_s = 0.0;
         let mut service_s = service_s;
-        // Slots follow the capacity steps (a server restarted with fewer or more slots).
-        let slots = ((self.slot_free_at.len() as f64 * factor).round() as usize)
-            .clamp(1.min(self.slot_free_at.len()), self.slot_free_at.len());
+        let slots = open_slots(&self.scenario, self.slot_free_at.len(), now);
         let open = &mut self.slot_free_at[..slots];
         if let Some(index) = (0..open.len()).min_by(|a, b| open[*a].total_cmp(&open[*b])) {
             let start = open[index].max(now);
@@ -381,34 +383,17 @@ impl SimulatedProvider {
         }
     }
 
-    /// The slots open at `at_s` (they follow the capacity steps; `INFINITY`: all of them).
-    fn slots_at(&self) -> impl Fn(f64) -> usize + use<> {
-        let scenario = self.scenario.clone();
-        let total = self.slot_free_at.len();
-        move |at_s: f64| {
-            let factor = if at_s.is_finite() {
-                scenario.capacity_factor(at_s)
-            } else {
-                1.0
-            };
-            ((total as f64 * factor).round() as usize).clamp(1.min(total), total)
-        }
-    }
-
     /// A request for the continuous-batching server: queued, started when a slot is free,
     /// and answered when `finished` says (its latency is not known when it is sent).
     fn submit_batching(&mut self, now: f64, answer: SimAnswer, work_s: f64) -> SimAnswer {
-        let spec = self.scenario.provider.clone();
-        let slots = self.slots_at();
-        let mut server = self.batching.take().expect("a batching server");
-        server.advance(
-            now,
-            spec.slowdown_per_request,
-            &slots,
-            spec.cold_start_factor,
-        );
+        let scenario = &self.scenario;
+        let spec = &scenario.provider;
+        let server = self.batching.as_mut().expect("a batching server");
+        server.advance(now, scenario);
         // How long it would wait were nothing more sent: the queue ahead served first.
-        let queue_wait_s = if server.queue.is_empty() && server.in_service.len() < slots(now) {
+        let queue_wait_s = if server.queue.is_empty()
+            && server.in_service.len() < open_slots(scenario, server.slots, now)
+        {
             0.0
         } else {
             let mut projected = server.clone();
@@ -420,21 +405,15 @@ impl SimulatedProvider {
             });
             let mut to_s = now;
             while !projected.in_service.iter().any(|job| job.job == u64::MAX) {
-                match projected.next_end(spec.slowdown_per_request) {
+                match projected.next_end(spec) {
                     Some(end_s) => to_s = end_s,
                     None => break,
                 }
-                projected.advance(
-                    to_s,
-                    spec.slowdown_per_request,
-                    &slots,
-                    spec.cold_start_factor,
-                );
+                projected.advance(to_s, scenario);
             }
             to_s - now
         };
         if queue_wait_s > spec.queue_wait_limit_s {
-            self.batching = Some(server);
             return SimAnswer::Overloaded {
                 latency_s: spec.reject_latency_s,
             };
@@ -448,8 +427,7 @@ impl SimulatedProvider {
             arrived_s: now,
             work_s,
         });
-        server.start_queued(&slots, spec.cold_start_factor);
-        self.batching = Some(server);
+        server.start_queued(scenario);
         self.submitted_job = Some(job);
         if hung { SimAnswer::Hang } else { answer }
     }
@@ -468,7 +446,7 @@ impl SimulatedProvider {
         if !server.finished.is_empty() {
             return Some(server.clock_s);
         }
-        let end = server.next_end(self.scenario.provider.slowdown_per_request);
+        let end = server.next_end(&self.scenario.provider);
         let step = if server.queue.is_empty() {
             None
         } else {
@@ -489,17 +467,10 @@ impl SimulatedProvider {
     /// Serves until `now` and returns the requests the continuous-batching server finished
     /// (in the order they ended), whether the client still waits for them or not.
     pub fn finished_by(&mut self, now: f64) -> Vec<Finished> {
-        let spec = self.scenario.provider.clone();
-        let slots = self.slots_at();
         let Some(server) = self.batching.as_mut() else {
             return Vec::new();
         };
-        server.advance(
-            now,
-            spec.slowdown_per_request,
-            &slots,
-            spec.cold_start_factor,
-        );
+        server.advance(now, &self.scenario);
         std::mem::take(&mut server.finished)
     }
 
@@ -549,6 +520,13 @@ impl SimulatedProvider {
         }
         headers
     }
+}
+
+/// The slots of a server with `total` open at `at_s`: they follow the capacity steps (a
+/// server restarted with fewer or more slots), at least one.
+fn open_slots(scenario: &Scenario, total: usize, at_s: f64) -> usize {
+    let factor = scenario.capacity_factor(at_s);
+    ((total as f64 * factor).round() as usize).clamp(1.min(total), total)
 }
 
 /// Formats seconds like Go and OpenAI do: "20ms", "1.5s", "6m0s".
