@@ -179,9 +179,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut window = LatencyWindow::default();
         for _ in 0..count {
-            // Box-Muller.
-            let (u, v) = (rng.f64().max(1e-12), rng.f64());
-            let z = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
+            let z = crate::simulation::normal(&mut rng);
             window.record(Duration::from_secs_f64((sigma * z).exp()), 10);
         }
         window

@@ -18,6 +18,8 @@ use crate::protocol::{Decision, Observation, PipelineLoad, RequestShape, Ticket}
 pub use dispatcher::{RunLog, simulate};
 pub use fixed_client::{FIXED_CLIENT_ITEMS, FixedClient};
 pub use fixed_rule::FixedRule;
+#[cfg(test)]
+pub(crate) use provider::normal;
 pub use provider::{SimAnswer, SimulatedProvider, go_duration};
 pub use report::{RunReport, evaluate};
 pub use scenario::{CapacityStep, Expectations, JobLimits, ProviderSpec, Scenario, WorkloadSpec};
