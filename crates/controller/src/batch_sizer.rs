@@ -161,7 +161,7 @@ impl BatchSizer {
         if self.too_slow.is_some() && now.saturating_sub(self.too_slow_at) >= KNEE_MEMORY {
             self.too_slow = None;
         }
-        if items == self.current {
+        if self.counts_as_current(items) {
             self.timeouts_in_a_row = 0;
         }
         let stats = self.quality.entry(items).or_default();
@@ -242,12 +242,14 @@ impl BatchSizer {
     }
 
     /// A request of `items` items timed out (not one cut at the end of the queue). Two of
-    /// the current size in a row, with none of that size answered between them, say the
-    /// server takes longer than the timeout over a request that large: the size halves, and
-    /// does not grow back to it before `KNEE_MEMORY` has passed. (A hung request now and then
-    /// is one timeout among answers.) Returns whether the size changed.
+    /// the current size in a row (or of more than half of it: the items of a request that
+    /// failed go out again together, a few fewer when some were answered), with none of that
+    /// size answered between them, say the server takes longer than the timeout over a
+    /// request that large: the size halves, and does not grow back to it before
+    /// `KNEE_MEMORY` has passed. (A hung request now and then is one timeout among answers.)
+    /// Returns whether the size changed.
     pub fn on_timeout(&mut self, now: Duration, items: u32) -> bool {
-        if items != self.current {
+        if !self.counts_as_current(items) {
             return false;
         }
         self.timeouts_in_a_row += 1;
@@ -260,6 +262,12 @@ impl BatchSizer {
         self.too_slow_at = now;
         self.change_to(to, "requests of this size outlast the timeout");
         to != from
+    }
+
+    /// Whether a request of `items` tells of the current size's time: at most it and more
+    /// than half of it.
+    fn counts_as_current(&self, items: u32) -> bool {
+        items <= self.current && items.saturating_mul(2) > self.current
     }
 
     fn change_to(&mut self, size: u32, why: &str) {
@@ -360,6 +368,22 @@ mod tests {
             sizer.record(Duration::from_secs(index), 20, 0, 40, always);
         }
         assert_eq!(sizer.current(), 40);
+    }
+
+    #[test]
+    fn a_failed_requests_items_sent_again_a_few_fewer_count_as_the_size() {
+        // A request of 10 timed out and its items go out again together, one fewer for an
+        // item answered in between: two such timeouts in a row halve the size too.
+        let mut sizer = BatchSizer::new(StartMinMax::new(10, 1, 40));
+        assert!(!sizer.on_timeout(Duration::from_secs(1), 9));
+        assert!(sizer.on_timeout(Duration::from_secs(2), 9));
+        assert_eq!(sizer.current(), 5);
+        // Half the size or less, or more than it, is another size.
+        let mut sizer = BatchSizer::new(StartMinMax::new(10, 1, 40));
+        for items in [5, 11, 5, 2] {
+            assert!(!sizer.on_timeout(Duration::from_secs(1), items));
+        }
+        assert_eq!(sizer.current(), 10);
     }
 
     #[test]

@@ -46,6 +46,12 @@ pub struct ControllerConfig {
     pub request_timeout: Duration,
     /// Seed of the controller's own random source (retry jitter).
     pub seed: u64,
+    /// The requests the server says it works on at once (llama.cpp's `GET /props`,
+    /// `total_slots`), when it says so: the run starts at that many requests in flight,
+    /// within `concurrency`'s min and max, instead of at `concurrency.start`. What it then
+    /// serves best is still measured.
+    #[serde(default)]
+    pub server_slots: Option<u32>,
 }
 
 /// Why a configuration was refused.
@@ -79,7 +85,25 @@ impl ControllerConfig {
             context_window_tokens: None,
             request_timeout: Duration::from_secs(120),
             seed: 0x5eed,
+            server_slots: None,
         }
+    }
+
+    /// The requests in flight the run starts at: the server's announced slots within
+    /// `concurrency`'s min and max, or `concurrency.start`.
+    pub fn starting_concurrency(&self) -> StartMinMax {
+        match self.announced_slots() {
+            Some(slots) => StartMinMax {
+                start: self.concurrency.clamp(slots),
+                ..self.concurrency
+            },
+            None => self.concurrency,
+        }
+    }
+
+    /// `server_slots`, when it names at least one.
+    pub fn announced_slots(&self) -> Option<u32> {
+        self.server_slots.filter(|slots| *slots > 0)
     }
 
     /// Checks the ranges and numbers; the error names the job-file key.

@@ -45,6 +45,8 @@ pub(crate) struct InFlight {
     /// The run's first request, sent small to bring the first answer early
     /// (`FirstAnswer`); it is not counted among the requests in flight.
     pub first_answer: bool,
+    /// Sent with a timeout the recent latencies made shorter than the job's.
+    pub shortened_timeout: bool,
 }
 
 /// The run's first request goes out with the job's smallest size beside the start's requests
@@ -106,6 +108,9 @@ pub struct Controller {
     /// for, summed over the answers to requests sent alone, each one's weight decaying by
     /// `SERVED_DECAY`.
     pub(crate) served: (f64, f64),
+    /// A request cut at a timeout the recent latencies shortened, with no answer since: they
+    /// do not describe the requests now sent, and the next ones get the job's timeout.
+    pub(crate) shortened_timeout_missed: bool,
 }
 
 impl Controller {
@@ -118,11 +123,19 @@ impl Controller {
             None,
             None,
         ];
-        let initial_rate = f64::from(config.concurrency.start);
+        let concurrency = config.starting_concurrency();
+        if let Some(slots) = config.announced_slots() {
+            tracing::debug!(
+                slots,
+                start = concurrency.start,
+                "the server says how many requests it works on at once: the run starts at that many in flight"
+            );
+        }
+        let initial_rate = f64::from(concurrency.start);
         Ok(Self {
             pacer: RatePacer::new(caps, initial_rate, now),
-            concurrency: ConcurrencyLimit::new(config.concurrency),
-            delay: DelayLimit::new(config.concurrency),
+            concurrency: ConcurrencyLimit::new(concurrency),
+            delay: DelayLimit::new(concurrency).with_server_slots(config.announced_slots()),
             batch: BatchSizer::new(config.items_per_request),
             tokens: TokenEstimates::new(
                 config.initial_output_tokens_per_item,
@@ -151,6 +164,7 @@ impl Controller {
             config,
             now,
             served: (0.0, 0.0),
+            shortened_timeout_missed: false,
         })
     }
 
@@ -228,6 +242,7 @@ impl Controller {
                 clean,
                 level,
                 first_answer,
+                shortened_timeout: self.timeout_for(shape.items) < self.config.request_timeout,
             },
         );
         self.counts.max_in_flight = self.counts.max_in_flight.max(u64::from(level));
@@ -265,6 +280,7 @@ impl Controller {
             latency_p50_seconds: model.map(|model| model.p50(items)),
             latency_p90_seconds: model.map(|model| model.p90(items)),
             quality_knee: self.batch.knee(),
+            server_slots: self.config.announced_slots(),
             counts: self.counts,
         }
     }
@@ -280,8 +296,9 @@ impl Controller {
     /// `1 / FIRST_ANSWER_SHARE` of the current one and more items wait than it takes.
     fn first_answer_size(&self, load: PipelineLoad) -> Option<u32> {
         let smallest = self.config.items_per_request.min;
-        let concurrency = self.config.concurrency;
+        let concurrency = self.config.starting_concurrency();
         (self.first_answer == FirstAnswer::Pending
+            && self.config.announced_slots().is_none()
             && concurrency.start < concurrency.max
             && self.delay_limit_applies()
             && smallest.saturating_mul(FIRST_ANSWER_SHARE) <= self.batch.current()

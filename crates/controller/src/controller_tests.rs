@@ -714,3 +714,93 @@ fn only_timeouts_at_the_jobs_timeout_halve_the_size() {
     assert_eq!(size_after_two_timeouts(120), 10);
     assert_eq!(size_after_two_timeouts(5), 5);
 }
+
+#[test]
+fn a_size_every_request_of_which_outlasts_a_shortened_timeout_is_found_too_large() {
+    // Answers took 1 s, so the controller's own timeout is its 5 s floor, under a 120 s job
+    // timeout. Then the server turns slow: every request outlasts 5 s. The first one cut there
+    // may have hung; the next ones get the job's timeout until an answer comes, and two of
+    // them cut at it halve the size (before, every request was cut at 5 s, without end).
+    let mut config = ControllerConfig::with_defaults();
+    config.concurrency = crate::config::StartMinMax::new(1, 1, 1);
+    config.items_per_request = crate::config::StartMinMax::new(10, 1, 10);
+    let mut controller = Controller::new(config, Duration::ZERO).unwrap();
+    let mut now = answered_one_at_a_time(
+        &mut controller,
+        Duration::ZERO,
+        30,
+        1.0,
+        RateLimitInfo::default(),
+    );
+    let mut timeouts = Vec::new();
+    for _ in 0..3 {
+        now += seconds(0.1);
+        let Decision::Send { items, timeout, .. } = controller.poll(now, load(0)) else {
+            panic!("no send");
+        };
+        let ticket = controller.on_sent(
+            now,
+            RequestShape {
+                items,
+                prompt_tokens: 1000,
+                max_tokens: 700,
+                retried_items: 0,
+            },
+        );
+        timeouts.push(timeout.as_secs());
+        now += timeout;
+        finish(
+            &mut controller,
+            now,
+            ticket,
+            Outcome::TimedOut,
+            RateLimitInfo::default(),
+        );
+    }
+    assert_eq!(timeouts, [5, 120, 120]);
+    assert_eq!(controller.batch.current(), 5);
+    // An answer brings the shortened timeout back.
+    now += seconds(0.1);
+    let ticket = try_send(&mut controller, now).expect("a send");
+    now += seconds(1.0);
+    finish(
+        &mut controller,
+        now,
+        ticket,
+        completed(5),
+        RateLimitInfo::default(),
+    );
+    assert_eq!(controller.timeout_for(5).as_secs(), 5);
+}
+
+#[test]
+fn a_server_that_announces_its_slots_is_started_at_them() {
+    // No small first request: the start's requests are already one per slot of the server.
+    for (slots, expected) in [(16, 16), (2, 2), (100, 64)] {
+        let mut config = ControllerConfig::with_defaults();
+        config.server_slots = Some(slots);
+        let mut controller = Controller::new(config, Duration::ZERO).unwrap();
+        assert_eq!(
+            sizes_sent_at_once(&mut controller),
+            vec![10; expected],
+            "{slots} slots"
+        );
+        assert_eq!(controller.status().server_slots, Some(slots));
+    }
+    // Slots it does not have say nothing: the job's start and the small first request.
+    let mut config = ControllerConfig::with_defaults();
+    config.server_slots = Some(0);
+    let mut controller = Controller::new(config, Duration::ZERO).unwrap();
+    assert_eq!(sizes_sent_at_once(&mut controller), [1, 10, 10, 10, 10]);
+}
+
+/// The sizes of the requests sent over 2 s with none answered.
+fn sizes_sent_at_once(controller: &mut Controller) -> Vec<u32> {
+    let tickets: Vec<Ticket> = (0..200)
+        .filter_map(|step| try_send(controller, seconds(f64::from(step) * 0.01)))
+        .collect();
+    tickets
+        .iter()
+        .map(|ticket| controller.in_flight[ticket].shape.items)
+        .collect()
+}

@@ -254,6 +254,10 @@ enum Direction {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DelayLimit {
     range: StartMinMax,
+    /// The requests the server said it works on at once: up to that many in flight, none of
+    /// ours waits in its queue, and latency over the first answer's is the server's own
+    /// batching.
+    server_slots: Option<u32>,
     /// The level believed best so far.
     settled: u32,
     /// The level being tried, when not `settled`.
@@ -308,6 +312,7 @@ impl DelayLimit {
     pub fn new(range: StartMinMax) -> Self {
         Self {
             range,
+            server_slots: None,
             settled: range.start,
             probe: None,
             reference: None,
@@ -336,6 +341,17 @@ impl DelayLimit {
             lowest_measured: u32::MAX,
             least_overhead: None,
         }
+    }
+
+    /// A limit for a server that said it works on `slots` requests at once.
+    pub fn with_server_slots(mut self, slots: Option<u32>) -> Self {
+        self.server_slots = slots;
+        self
+    }
+
+    /// Whether the server said it serves `level` requests at once.
+    fn within_server_slots(&self, level: u32) -> bool {
+        self.server_slots.is_some_and(|slots| level <= slots)
     }
 
     /// The requests in flight this limit allows now.
@@ -409,6 +425,7 @@ impl DelayLimit {
             return;
         }
         let level = self.limit();
+        let within_server_slots = self.within_server_slots(level);
         let sample = &mut self.accumulator;
         sample.samples += 1;
         sample.in_flight += f64::from(in_flight);
@@ -445,6 +462,7 @@ impl DelayLimit {
             self.reference.is_none() && self.probe.is_none() && self.probes == 0 && !self.bracketed;
         if starting
             && service.is_none()
+            && !within_server_slots
             && sample.samples < first_look
             && self
                 .first_alone
@@ -1057,11 +1075,11 @@ impl DelayLimit {
     /// (Vegas's estimate of the queue).
     fn first_probe(&mut self, measured: Measured) {
         self.reference = Some(measured);
-        if self.queued().is_some() {
+        if self.queued().is_some() || self.within_server_slots(measured.level) {
             // The server reported its service times and they showed no queue at the start
-            // level (`watch_queue` caps a level that shows one): it has not fewer slots than
-            // that, and its latency over the first answer's is its own batching, not a queue. Slow
-            // start goes up at once.
+            // level (`watch_queue` caps a level that shows one), or it said it has as many
+            // slots: it has not fewer slots than that, and its latency over the first
+            // answer's is its own batching, not a queue. Slow start goes up at once.
             self.next_direction = Direction::Up;
             self.start_probe(false);
             return;

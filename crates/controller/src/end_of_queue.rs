@@ -181,7 +181,10 @@ impl Controller {
     /// It grows with the request's size when that exceeds the recent requests' mean.
     pub fn timeout_for(&self, items: u32) -> Duration {
         match self.latency.model() {
-            Some(model) if self.latency.len() >= LATENCIES_FOR_TIMEOUT => {
+            Some(model)
+                if self.latency.len() >= LATENCIES_FOR_TIMEOUT
+                    && !self.shortened_timeout_missed =>
+            {
                 let proposed =
                     Duration::from_secs_f64((3.0 * model.p90(items)).max(1.5 * model.p99(items)));
                 proposed

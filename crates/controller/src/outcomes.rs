@@ -59,9 +59,12 @@ impl Controller {
                 self.remember_timeout(true);
                 // Only a timeout at the job's `request_timeout_s` says the request was too
                 // large for it: one the recent latencies shortened says it was far slower than
-                // they are (hung, or the tail of a heavy one).
-                let at_the_jobs = self.timeout_for(sent.shape.items) >= self.config.request_timeout;
-                if at_the_jobs && self.batch.on_timeout(now, sent.shape.items) {
+                // they are (hung, or the tail of a heavy one), and the requests after it get
+                // the job's timeout until an answer comes, so a size every request of which
+                // outlasts the shortened one is found too large instead of cut without end.
+                if sent.shortened_timeout {
+                    self.shortened_timeout_missed = true;
+                } else if self.batch.on_timeout(now, sent.shape.items) {
                     self.delay.on_size_change();
                 }
                 let cluster = self
@@ -123,6 +126,7 @@ impl Controller {
         latency: Duration,
         completed: CompletedRequest,
     ) {
+        self.shortened_timeout_missed = false;
         let shape = sent.shape;
         let items_sent = shape.items;
         // Retries split into groups smaller than the current size take another time per item:

@@ -66,6 +66,10 @@ pub struct ControllerStatus {
     pub latency_p90_seconds: Option<f64>,
     /// Smallest items-per-request found past the quality knee, if any.
     pub quality_knee: Option<u32>,
+    /// The requests the server said it works on at once, when it said so
+    /// (`ControllerConfig::server_slots`).
+    #[serde(default)]
+    pub server_slots: Option<u32>,
     pub counts: ControllerCounts,
 }
 

@@ -192,4 +192,7 @@ scenario_tests!(
     timed_batching_16_slots,
     timed_queue_slots_change,
     slower_than_the_timeout,
+    announced_2_slots,
+    announced_16_slots,
+    announced_64_slots,
 );

@@ -4,7 +4,8 @@ use backfill_controller::simulation::Scenario;
 
 /// `SERVICE_TIME=1` has the server report its service time (as llama.cpp's `timings` do);
 /// `COLD_START=k` has the first request each slot serves take `k` times as long (a server
-/// that warms up); `ITEMS=n` runs the scenario over `n` items instead of its own count.
+/// that warms up); `ANNOUNCE_SLOTS=1` has the server say its slots before the run (as
+/// llama.cpp's `GET /props` does); `ITEMS=n` runs the scenario over `n` items instead of its own count.
 pub fn scenario_from_env(scenario: &mut Scenario) {
     if let Some(items) = std::env::var("ITEMS")
         .ok()
@@ -14,6 +15,9 @@ pub fn scenario_from_env(scenario: &mut Scenario) {
     }
     if std::env::var_os("SERVICE_TIME").is_some_and(|value| value == "1") {
         scenario.provider.reports_service_time = true;
+    }
+    if std::env::var_os("ANNOUNCE_SLOTS").is_some_and(|value| value == "1") {
+        scenario.provider.announces_slots = true;
     }
     if let Some(factor) = std::env::var("COLD_START")
         .ok()

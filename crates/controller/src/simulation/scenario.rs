@@ -87,6 +87,10 @@ pub struct ProviderSpec {
     /// long (an empty prompt cache, model pages read from disk; 1: none).
     #[serde(default = "default_cold_start")]
     pub cold_start_factor: f64,
+    /// Whether the server says how many slots it has before the run (llama.cpp's
+    /// `GET /props`, `total_slots`).
+    #[serde(default)]
+    pub announces_slots: bool,
     /// Capacity changes: from `at_s` on, both rate limits are `factor` times the base.
     #[serde(default)]
     pub capacity_steps: Vec<CapacityStep>,
@@ -187,6 +191,10 @@ impl Scenario {
             context_window_tokens: self.limits.context_window,
             request_timeout: Duration::from_secs_f64(self.limits.request_timeout_s),
             seed: self.seed,
+            server_slots: self
+                .provider
+                .slots
+                .filter(|_| self.provider.announces_slots),
         }
     }
 
