@@ -16,7 +16,8 @@ as `generation_time_ms`.
 
 Each request is forwarded as it came (method, path, body, content type and authorization) on
 its own thread; the server keeps computing a request the client gave up on, as behind any
-proxy. Answers that are not JSON objects pass unchanged.
+proxy. Answers that are not JSON objects pass unchanged. llama.cpp's own endpoints that tell
+its slots and state (`/props`, `/slots`, `/metrics`) answer 404, as on those other servers.
 """
 import json
 import sys
@@ -27,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 UPSTREAM = sys.argv[2].rstrip("/")
 TGI_HEADER = "--tgi-header" in sys.argv[3:]
 VLLM_METRICS = "--vllm-metrics" in sys.argv[3:]
+LLAMA_CPP_ONLY = ("/props", "/slots", "/metrics")
 
 
 class Proxy(BaseHTTPRequestHandler):
@@ -35,6 +37,14 @@ class Proxy(BaseHTTPRequestHandler):
     def forward(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        if self.path.split("?")[0].rstrip("/") in LLAMA_CPP_ONLY:
+            data = b'{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}'
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         headers = {
             name: value
             for name, value in self.headers.items()

@@ -4,12 +4,14 @@
 
 pub mod batch;
 mod error;
+mod props;
 mod request;
 mod response;
 
 use std::time::{Duration, Instant};
 
 pub use error::{CallError, RateLimit, parse_retry_after};
+pub use props::ServerProps;
 pub use request::{ChatRequest, Message, request_body, response_format};
 pub use response::{Completion, parse_completion};
 

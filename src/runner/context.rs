@@ -7,7 +7,7 @@ use crate::job::{CacheSettings, ChatModel, Job, Limits};
 use crate::pipeline::pack::Packer;
 use crate::pipeline::postprocess::OutputCheck;
 use crate::pricing::{ModelPrice, Picos, Tier};
-use crate::provider::{ChatClient, ChatRequest, request_body, response_format};
+use crate::provider::{ChatClient, ChatRequest, ServerProps, request_body, response_format};
 use crate::store::{Claimed, Store, Tables, Worker};
 use crate::pipeline::answers::{ItemOutput, OutputShape};
 
@@ -39,6 +39,8 @@ pub struct RunContext {
     /// `[limits] items_per_request.start`: the request size where no controller chooses one
     /// (batch mode).
     pub items_per_request: usize,
+    /// What the server announced of itself before the run (its slots), if anything.
+    pub server: Option<ServerProps>,
 }
 
 /// A request packed from claimed items.
@@ -98,6 +100,7 @@ impl RunContext {
             grace: job.limits.grace,
             limits: job.limits.clone(),
             items_per_request: job.limits.items_per_request.start.max(1) as usize,
+            server: None,
         }
     }
 

@@ -101,7 +101,7 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
                     attached.run.id
                 );
             }
-            let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check)?);
+            let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check).await?);
             let controller = sync::controller_for(&ctx, &attached.run)?;
             let mode = chat.mode;
             let session = Session::open(attached, ctx.cap, options.quiet, started, exporter).await?;
@@ -127,7 +127,7 @@ enum Ready {
     Local(Arc<backfill_onnx::OnnxProcessor>),
 }
 
-fn context_for(
+async fn context_for(
     job: &Job,
     chat: &ChatModel,
     store: Arc<dyn Store>,
@@ -139,6 +139,22 @@ fn context_for(
         tracing::info!("{} is not set: calling {} without an API key", chat.api_key_env, crate::secret::redact_url(&chat.base_url));
     }
     let client = ChatClient::new(&chat.base_url, api_key, chat.request_timeout, chat.max_response_bytes)?;
+    // A self-hosted server that says how many requests it works on at once, and how much
+    // context each holds, is taken at its word (requests to a provider's batch API go
+    // elsewhere).
+    let server = match chat.mode {
+        Mode::Sync => client.server_props().await,
+        Mode::Batch => None,
+    };
+    let mut chat = chat.clone();
+    if let Some(server) = server {
+        announce_server(&chat, &job.limits, server);
+        if let Some(slot_context) = server.slot_context.filter(|n| *n < chat.context_window) {
+            chat.context_window = slot_context;
+            chat.max_tokens = chat.max_tokens.map(|max| max.min(slot_context));
+        }
+    }
+    let chat = &chat;
     let packer = Packer::new(
         &chat.template,
         chat.system.clone(),
@@ -146,5 +162,31 @@ fn context_for(
         chat.context_window,
         chat.max_tokens,
     );
-    Ok(RunContext::new(job, chat, store, run_id, client, packer, check))
+    let mut ctx = RunContext::new(job, chat, store, run_id, client, packer, check);
+    ctx.server = server;
+    Ok(ctx)
+}
+
+/// Says what the server announced and what the run makes of it.
+fn announce_server(chat: &ChatModel, limits: &crate::job::Limits, server: crate::provider::ServerProps) {
+    let concurrency = limits.concurrency;
+    let start = server.slots.clamp(concurrency.min, concurrency.max);
+    let within = if start == server.slots {
+        String::new()
+    } else {
+        format!(" ([limits] concurrency allows {}..{})", concurrency.min, concurrency.max)
+    };
+    let context = match server.slot_context {
+        Some(n) if n < chat.context_window => format!(
+            "; each slot holds {n} tokens of context, fewer than model.context_window ({}), so requests are packed to fit {n}",
+            chat.context_window
+        ),
+        Some(n) => format!(" of {n} tokens of context each"),
+        None => String::new(),
+    };
+    tracing::info!(
+        "the server at {} works on {} requests at once (GET /props){context}: the run starts at {start} in flight{within} and measures from there",
+        crate::secret::redact_url(&chat.base_url),
+        server.slots,
+    );
 }

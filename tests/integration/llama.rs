@@ -86,7 +86,7 @@ output = 0.0
 async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
     let Some(url) = llama_url() else { return };
     let _server = SERVER.lock().await;
-    run_at_the_servers_own_pace(&url, "llama-slots").await;
+    run_at_the_servers_own_pace(&url, "llama-slots", Some(2)).await;
 }
 
 /// The same server seen as Hugging Face's text-generation-inference (TGI) shows itself: no time
@@ -111,7 +111,7 @@ async fn run_behind_the_timings_proxy(option: &str, name: &str) {
     let Some(url) = llama_url() else { return };
     let _server = SERVER.lock().await;
     let proxy = TimingsProxy::start(&url, &[option]);
-    run_at_the_servers_own_pace(&proxy.url, name).await;
+    run_at_the_servers_own_pace(&proxy.url, name, None).await;
 }
 
 /// `scripts/strip-timings-proxy.py` in front of the server at `upstream`, stopped on drop.
@@ -155,8 +155,10 @@ impl Drop for TimingsProxy {
 /// times out and none is cut (so no item is computed twice); after the start, the median call
 /// takes at most twice the server's own time for a call (from its log); every item gets an
 /// output or fails for a reason other than time; no call's answer runs past the job's output
-/// tokens per item; and the answers said how long the server worked on them.
-async fn run_at_the_servers_own_pace(url: &str, name: &str) {
+/// tokens per item; and the answers said how long the server worked on them. A server that
+/// says its `slots` (llama.cpp's `GET /props`) is started at them: no more requests in flight
+/// than that before the first answer.
+async fn run_at_the_servers_own_pace(url: &str, name: &str, slots: Option<u64>) {
     let log = std::env::var("BACKFILL_LLAMA_LOG").ok().filter(|path| !path.is_empty());
     if log.is_none() && std::env::var("CI").as_deref() == Ok("true") {
         panic!("BACKFILL_LLAMA_LOG is not set: run the tests with scripts/test.sh");
@@ -180,6 +182,11 @@ async fn run_at_the_servers_own_pace(url: &str, name: &str) {
     );
     assert_eq!(summary["controller"]["timeouts"], 0, "{summary}");
     assert_eq!(summary["controller"]["hedged_items"], 0, "{summary}");
+    assert_eq!(summary["controller"]["server_slots"].as_u64(), slots, "{summary}");
+    if let Some(slots) = slots {
+        let said = format!("works on {slots} requests at once (GET /props)");
+        assert!(stderr(&output).contains(&said), "{}", stderr(&output));
+    }
     // The queue was read from the server's own time, which the server's answers said.
     assert!(summary["controller"]["server_timed_answers"].as_u64().unwrap() >= 6, "{summary}");
     // Items that failed failed for what the model wrote, not for time.
@@ -214,6 +221,11 @@ async fn run_at_the_servers_own_pace(url: &str, name: &str) {
         .unwrap();
     assert!(calls.len() >= 6, "{} calls", calls.len());
     let first = calls[0].0;
+    if let Some(slots) = slots {
+        let first_end = calls.iter().map(|(_, end)| *end).min().unwrap();
+        let at_the_start = calls.iter().filter(|(start, _)| *start < first_end).count();
+        assert!(at_the_start as u64 <= slots, "{at_the_start} requests sent before the first answer on {slots} slots; {summary}");
+    }
     let last = calls.iter().map(|(_, end)| *end).max().unwrap();
     let settled_from = first + (last - first) / 3;
     let most_in_flight = calls

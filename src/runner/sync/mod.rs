@@ -96,6 +96,7 @@ impl Engine for SyncEngine {
             hedged_requests: counts.hedged_requests,
             hedged_items: counts.hedged_items,
             server_timed_answers: counts.server_timed,
+            server_slots: status.server_slots,
             ..ControllerSummary::default()
         };
         Figures { controller, compute: None }
@@ -114,6 +115,7 @@ pub fn controller_for(ctx: &RunContext, run: &RunRecord) -> anyhow::Result<Contr
         context_window_tokens: Some(chat.context_window),
         request_timeout: chat.request_timeout.max(Duration::from_secs(1)),
         seed: fastrand::u64(..),
+        server_slots: ctx.server.map(|server| server.slots),
     };
     let restored = run
         .controller_state
