@@ -17,7 +17,7 @@ as `generation_time_ms`.
 Each request is forwarded as it came (method, path, body, content type and authorization) on
 its own thread; the server keeps computing a request the client gave up on, as behind any
 proxy. Answers that are not JSON objects pass unchanged. llama.cpp's own endpoints that tell
-its slots and state (`/props`, `/slots`, `/metrics`) answer 404, as on those other servers.
+its slots (`/props`, `/slots`) answer 404, as on those other servers.
 """
 import json
 import sys
@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 UPSTREAM = sys.argv[2].rstrip("/")
 TGI_HEADER = "--tgi-header" in sys.argv[3:]
 VLLM_METRICS = "--vllm-metrics" in sys.argv[3:]
-LLAMA_CPP_ONLY = ("/props", "/slots", "/metrics")
+LLAMA_CPP_ONLY = ("/props", "/slots")
 
 
 class Proxy(BaseHTTPRequestHandler):

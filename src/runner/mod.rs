@@ -30,7 +30,7 @@ use crate::exit::Exit;
 use crate::job::{ChatModel, Job, Mode, Processor};
 use crate::pipeline::pack::Packer;
 use crate::pipeline::postprocess::OutputCheck;
-use crate::provider::ChatClient;
+use crate::provider::{ChatClient, ServerProps};
 use crate::store::Store;
 use crate::tokens::TokenCounter;
 use session::Session;
@@ -87,6 +87,14 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
         }
         Processor::Onnx(model) => Ready::Local(crate::local_model::load(model).await?),
     };
+    // What a self-hosted server says of itself (llama.cpp's slots), asked within seconds
+    // before the run is attached and its lease starts running.
+    let server = match &job.processor {
+        Processor::Chat(chat) => ChatClient::new(&chat.base_url, chat.api_key()?, chat.request_timeout, chat.max_response_bytes)?
+            .server_props()
+            .await,
+        Processor::Onnx(_) => None,
+    };
     let exporter = crate::metrics::prepare(options.metrics_addr.as_deref(), options.metrics_file.as_deref()).await?;
     let Some(attached) = lifecycle::attach(job, options).await? else {
         return Ok(RunOutcome::nothing_pending());
@@ -101,7 +109,7 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
                     attached.run.id
                 );
             }
-            let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check).await?);
+            let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check, server)?);
             let controller = sync::controller_for(&ctx, &attached.run)?;
             let mode = chat.mode;
             let session = Session::open(attached, ctx.cap, options.quiet, started, exporter).await?;
@@ -127,12 +135,13 @@ enum Ready {
     Local(Arc<backfill_onnx::OnnxProcessor>),
 }
 
-async fn context_for(
+fn context_for(
     job: &Job,
     chat: &ChatModel,
     store: Arc<dyn Store>,
     run_id: i64,
     check: Option<Arc<dyn OutputCheck>>,
+    server: Option<ServerProps>,
 ) -> anyhow::Result<RunContext> {
     let api_key = chat.api_key()?;
     if api_key.is_none() {
@@ -142,10 +151,7 @@ async fn context_for(
     // A self-hosted server that says how many requests it works on at once, and how much
     // context each holds, is taken at its word (requests to a provider's batch API go
     // elsewhere).
-    let server = match chat.mode {
-        Mode::Sync => client.server_props().await,
-        Mode::Batch => None,
-    };
+    let server = server.filter(|_| chat.mode == Mode::Sync);
     let mut chat = chat.clone();
     if let Some(server) = server {
         announce_server(&chat, &job.limits, server);
@@ -168,7 +174,7 @@ async fn context_for(
 }
 
 /// Says what the server announced and what the run makes of it.
-fn announce_server(chat: &ChatModel, limits: &crate::job::Limits, server: crate::provider::ServerProps) {
+fn announce_server(chat: &ChatModel, limits: &crate::job::Limits, server: ServerProps) {
     let concurrency = limits.concurrency;
     let start = server.slots.clamp(concurrency.min, concurrency.max);
     let within = if start == server.slots {

@@ -87,7 +87,8 @@ pub struct ControllerSummary {
     /// `x-inference-time`, …): on a server that queues, its queue is read from them.
     pub server_timed_answers: u64,
     /// The requests the server said it works on at once before the run (llama.cpp's
-    /// `GET /props`), which the run started at; `null` when it did not say.
+    /// `GET /props`), which the run started at within `[limits] concurrency`; `null` when it
+    /// did not say.
     pub server_slots: Option<u32>,
     /// Items sent again after a failed attempt (missing, invalid or rejected answers, errors,
     /// timeouts, hedges) or in a request re-sent after a 429.

@@ -54,7 +54,12 @@ struct Ran {
 }
 
 async fn run_case(case: Case, script: impl Fn(&Seen) -> Hr + Send + Sync + 'static) -> Ran {
-    let provider = Hostile::start(script).await;
+    run_case_with_props(case, None, script).await
+}
+
+/// `run_case` against a server that answers `props` at `GET …/props`.
+async fn run_case_with_props(case: Case, props: Option<Hr>, script: impl Fn(&Seen) -> Hr + Send + Sync + 'static) -> Ran {
+    let provider = Hostile::start_with_props(props, script).await;
     let fx = Fixture::new(case.rows).await;
     fx.write_job(&provider.base_url(), case.model, case.limits, "");
     let (output, summary) = run_json(&fx, &case.args).await;
@@ -979,4 +984,31 @@ async fn requests_too_large_for_the_timeout_shrink_until_they_fit() {
         .filter(|call| call.0.as_deref() == Some("timeout"))
         .count();
     assert_eq!(timeouts, 2, "{sizes:?}");
+}
+
+/// What a server says of itself before a run (`GET /props`, llama.cpp's slots) that never ends
+/// is given up on within seconds, and the run goes on as with a server that says nothing; slots
+/// beyond the job's `[limits] concurrency` are held to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_server_says_of_itself_is_waited_for_briefly_and_held_to_the_jobs_limits() {
+    let endless = Hr::new(200, "").with_body(Body::Drip {
+        chunk: b"{\"total_slots\": ".to_vec(),
+        every: Duration::from_millis(500),
+        times: 60,
+    });
+    let started = std::time::Instant::now();
+    let ran = run_case_with_props(Case::default(), Some(endless), good).await;
+    ran.verdict(0, "finished").await;
+    assert_eq!(ran.done().await, 6);
+    assert!(ran.summary["controller"]["server_slots"].is_null(), "{}", ran.summary);
+    assert!(started.elapsed() < Duration::from_secs(25), "the run waited {:?}", started.elapsed());
+
+    let absurd = Hr::json(200, &json!({ "total_slots": 4_000_000_000u64, "default_generation_settings": { "n_ctx": 4_000_000_000u64 } }));
+    let ran = run_case_with_props(Case::default(), Some(absurd), good).await;
+    ran.verdict(0, "finished").await;
+    assert_eq!(ran.done().await, 6);
+    assert_eq!(ran.summary["controller"]["server_slots"], 4_000_000_000u64, "{}", ran.summary);
+    assert_eq!(ran.summary["controller"]["max_in_flight"], 1, "{}", ran.summary);
+    assert!(ran.stderr().contains("works on 4000000000 requests at once (GET /props)"), "{}", ran.stderr());
+    assert!(ran.stderr().contains("[limits] concurrency allows 1..1"), "{}", ran.stderr());
 }

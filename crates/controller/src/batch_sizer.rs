@@ -70,6 +70,9 @@ pub struct BatchSizer {
     /// Requests of the current size that timed out since one of that size was answered.
     #[serde(default)]
     timeouts_in_a_row: u32,
+    /// The smallest of those requests.
+    #[serde(default)]
+    least_timed_out: u32,
     /// The smallest size whose requests outlasted the timeout; not grown to again before
     /// `KNEE_MEMORY` has passed.
     #[serde(default)]
@@ -89,6 +92,7 @@ impl BatchSizer {
             items_since_change: 0.0,
             requests_since_change: 0,
             timeouts_in_a_row: 0,
+            least_timed_out: 0,
             too_slow: None,
             too_slow_at: Duration::ZERO,
         }
@@ -161,7 +165,7 @@ impl BatchSizer {
         if self.too_slow.is_some() && now.saturating_sub(self.too_slow_at) >= KNEE_MEMORY {
             self.too_slow = None;
         }
-        if self.counts_as_current(items) {
+        if items >= self.current {
             self.timeouts_in_a_row = 0;
         }
         let stats = self.quality.entry(items).or_default();
@@ -252,13 +256,22 @@ impl BatchSizer {
         if !self.counts_as_current(items) {
             return false;
         }
+        self.least_timed_out = if self.timeouts_in_a_row == 0 {
+            items
+        } else {
+            self.least_timed_out.min(items)
+        };
         self.timeouts_in_a_row += 1;
         if self.timeouts_in_a_row < TIMEOUTS_TO_SHRINK {
             return false;
         }
         let from = self.current;
         let to = self.range.clamp(from / 2);
-        self.too_slow = Some(self.too_slow.map_or(from, |too_slow| too_slow.min(from)));
+        let timed_out = self.least_timed_out;
+        self.too_slow = Some(
+            self.too_slow
+                .map_or(timed_out, |too_slow| too_slow.min(timed_out)),
+        );
         self.too_slow_at = now;
         self.change_to(to, "requests of this size outlast the timeout");
         to != from
@@ -378,12 +391,23 @@ mod tests {
         assert!(!sizer.on_timeout(Duration::from_secs(1), 9));
         assert!(sizer.on_timeout(Duration::from_secs(2), 9));
         assert_eq!(sizer.current(), 5);
-        // Half the size or less, or more than it, is another size.
+        // Half the size or less, or more than it, is another size; so is an answer of fewer
+        // items than the size, which says nothing of whether the size fits.
         let mut sizer = BatchSizer::new(StartMinMax::new(10, 1, 40));
         for items in [5, 11, 5, 2] {
             assert!(!sizer.on_timeout(Duration::from_secs(1), items));
         }
         assert_eq!(sizer.current(), 10);
+        assert!(!sizer.on_timeout(Duration::from_secs(2), 8));
+        sizer.record(Duration::from_secs(3), 6, 0, u32::MAX, always);
+        assert!(sizer.on_timeout(Duration::from_secs(4), 10));
+        assert_eq!(sizer.current(), 5);
+        // Sizes from the least that timed out up are not grown to again for a while.
+        for index in 0..80 {
+            let items = sizer.current();
+            sizer.record(Duration::from_secs(10 + index), items, 0, u32::MAX, always);
+        }
+        assert_eq!(sizer.current(), 7);
     }
 
     #[test]

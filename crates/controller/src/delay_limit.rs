@@ -1460,6 +1460,32 @@ mod tests {
     }
 
     #[test]
+    fn a_start_at_the_slots_the_server_said_is_not_taken_for_a_queue() {
+        // 16 in flight on a server that said it has 16 slots, each answer 2.2 times the first
+        // one's time per item: its continuous batching, not a queue. Slow start goes up from
+        // 16 instead of jumping to 16 ÷ 2.2 = 7, as it does for a server that said nothing.
+        let range = StartMinMax::new(16, 1, 64);
+        let at_start = Duration::from_secs_f64(2.2);
+        let mut limit = DelayLimit::new(range).with_server_slots(Some(16));
+        let mut now = Duration::from_secs(1);
+        limit.on_completed(
+            now,
+            limit.generation(),
+            1,
+            10.0,
+            Duration::from_secs(1),
+            None,
+        );
+        let mut answers = 0;
+        while limit.limit() == 16 && answers < 200 {
+            feed(&mut limit, &mut now, 1, at_start);
+            answers += 1;
+        }
+        assert_eq!(limit.limit(), 32, "after {answers} answers");
+        assert_eq!(after_the_start(range, answers, at_start).limit(), 7);
+    }
+
+    #[test]
     fn a_level_below_the_start_whose_requests_did_not_wait_is_not_probed_lower() {
         // Two slots: the first request alone took 1 s, 4 in flight took 2 s each, and at 2 in
         // flight each takes the first request's 1 s. The jump to 2 is kept and held; 1, which

@@ -222,11 +222,15 @@ impl Controller {
     /// The timeout for a request sent behind `ahead` of our own requests: `timeout_for`
     /// bounds the server's work on it, and a server that queues serves the ones ahead first,
     /// so it gets one more such time per round of them it waits for (all of them in one
-    /// line before the server's parallelism is measured). A request is never cut because the
+    /// line before the server's parallelism is measured, unless it said its slots). A request is never cut because the
     /// server is busy with our other requests.
     pub fn timeout_with_queue(&self, items: u32, ahead: usize) -> Duration {
         let ahead = ahead as f64;
-        let rounds = match self.delay.parallelism() {
+        let rounds = match self
+            .delay
+            .parallelism()
+            .or(self.config.announced_slots().map(f64::from))
+        {
             _ if !self.delay_limit_applies() => 0.0,
             Some(parallel) => (ahead / parallel).ceil(),
             None => ahead,

@@ -236,6 +236,9 @@ impl Dispatcher {
         self.progress.retries.fetch_add(request.claimed.len() as u64, Ordering::Relaxed);
         self.shared_rate.packed(request.claimed.len(), request.prompt_tokens, request.prompt_tokens + u64::from(request.max_tokens));
         request.resends += 1;
+        // The timeout of now, not the one it first went out with: the controller judges a
+        // timeout by what it gives a request of that size now.
+        request.timeout = self.controller.timeout_with_queue(request.claimed.len() as u32, self.tasks.len());
         self.send(request, None).await.map(Some)
     }
 

@@ -116,8 +116,15 @@ pub struct Hostile {
 }
 
 impl Hostile {
-    /// Starts the server; `script` answers every request.
+    /// Starts the server; `script` answers every request of the API (a `GET …/props` gets
+    /// 404, as from a hosted API).
     pub async fn start(script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Hostile {
+        Hostile::start_with_props(None, script).await
+    }
+
+    /// Starts the server with `props` as its answer to `GET …/props` (what llama.cpp's
+    /// server says of itself before a run).
+    pub async fn start_with_props(props: Option<Reply>, script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Hostile {
         // Load the tokenizer the fake's helpers use now, not inside the first answer.
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -133,9 +140,9 @@ impl Hostile {
                     let Ok((socket, _)) = listener.accept().await else {
                         return;
                     };
-                    let (log, script, count) = (log.clone(), script.clone(), count.clone());
+                    let (log, script, count, props) = (log.clone(), script.clone(), count.clone(), props.clone());
                     tokio::spawn(async move {
-                        let _ = serve(socket, &log, script.as_ref(), &count).await;
+                        let _ = serve(socket, &log, script.as_ref(), &count, &props).await;
                     });
                 }
             })
@@ -164,6 +171,7 @@ async fn serve(
     log: &Mutex<Vec<Seen>>,
     script: &Script,
     count: &AtomicUsize,
+    props: &Option<Reply>,
 ) -> std::io::Result<()> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -199,6 +207,12 @@ async fn serve(
         }
         body.extend_from_slice(&chunk[..n]);
     }
+    // What a server says of itself before a run (llama.cpp's `GET /props`) is answered
+    // apart: the scripts number and see only the API's requests.
+    if method == "GET" && path.trim_end_matches('/').ends_with("/props") {
+        let reply = props.clone().unwrap_or_else(|| Reply::new(404, r#"{"error":"not found"}"#));
+        return write_reply(&mut socket, &reply).await;
+    }
     let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let user = parsed["messages"]
         .as_array()
@@ -214,6 +228,10 @@ async fn serve(
     };
     log.lock().unwrap().push(seen.clone());
     let reply = script(&seen);
+    write_reply(&mut socket, &reply).await
+}
+
+async fn write_reply(socket: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {
     let mut head = format!("HTTP/1.1 {} Hostile\r\nconnection: close\r\n", reply.status);
     for (name, value) in &reply.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
