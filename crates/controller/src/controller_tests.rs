@@ -676,32 +676,44 @@ fn requests_grow_only_to_half_the_timeout_at_the_servers_pace() {
     assert_eq!(largest_size_sent(20), 20);
 }
 
-/// The size after 30 requests answered in 1 s each, one at a time, then two timing out in a
-/// row, under a job timeout of `timeout_s`.
-fn size_after_two_timeouts(timeout_s: u64) -> u32 {
+/// `ticket` timed out at `now`.
+fn time_out(controller: &mut Controller, now: Duration, ticket: Ticket) {
+    finish(
+        controller,
+        now,
+        ticket,
+        Outcome::TimedOut,
+        RateLimitInfo::default(),
+    );
+}
+
+/// A controller of one request at a time of up to 10 items, under a job timeout of
+/// `timeout_s`, after 30 requests answered in 1 s each; and the time then.
+fn after_30_answers_of_1_s(timeout_s: u64) -> (Controller, Duration) {
     let mut config = ControllerConfig::with_defaults();
     config.concurrency = crate::config::StartMinMax::new(1, 1, 1);
     config.items_per_request = crate::config::StartMinMax::new(10, 1, 10);
     config.request_timeout = Duration::from_secs(timeout_s);
     let mut controller = Controller::new(config, Duration::ZERO).unwrap();
-    let mut now = answered_one_at_a_time(
+    let now = answered_one_at_a_time(
         &mut controller,
         Duration::ZERO,
         30,
         1.0,
         RateLimitInfo::default(),
     );
+    (controller, now)
+}
+
+/// The size after 30 requests answered in 1 s each, one at a time, then two timing out in a
+/// row, under a job timeout of `timeout_s`.
+fn size_after_two_timeouts(timeout_s: u64) -> u32 {
+    let (mut controller, mut now) = after_30_answers_of_1_s(timeout_s);
     for _ in 0..2 {
         now += seconds(0.1);
         let ticket = try_send(&mut controller, now).expect("a send");
         now += Duration::from_secs(timeout_s);
-        finish(
-            &mut controller,
-            now,
-            ticket,
-            Outcome::TimedOut,
-            RateLimitInfo::default(),
-        );
+        time_out(&mut controller, now, ticket);
     }
     controller.batch.current()
 }
@@ -721,17 +733,7 @@ fn a_size_every_request_of_which_outlasts_a_shortened_timeout_is_found_too_large
     // timeout. Then the server turns slow: every request outlasts 5 s. The first one cut there
     // may have hung; the next ones get the job's timeout until an answer comes, and two of
     // them cut at it halve the size (before, every request was cut at 5 s, without end).
-    let mut config = ControllerConfig::with_defaults();
-    config.concurrency = crate::config::StartMinMax::new(1, 1, 1);
-    config.items_per_request = crate::config::StartMinMax::new(10, 1, 10);
-    let mut controller = Controller::new(config, Duration::ZERO).unwrap();
-    let mut now = answered_one_at_a_time(
-        &mut controller,
-        Duration::ZERO,
-        30,
-        1.0,
-        RateLimitInfo::default(),
-    );
+    let (mut controller, mut now) = after_30_answers_of_1_s(120);
     let mut timeouts = Vec::new();
     for _ in 0..3 {
         now += seconds(0.1);
@@ -749,13 +751,7 @@ fn a_size_every_request_of_which_outlasts_a_shortened_timeout_is_found_too_large
         );
         timeouts.push(timeout.as_secs());
         now += timeout;
-        finish(
-            &mut controller,
-            now,
-            ticket,
-            Outcome::TimedOut,
-            RateLimitInfo::default(),
-        );
+        time_out(&mut controller, now, ticket);
     }
     assert_eq!(timeouts, [5, 120, 120]);
     assert_eq!(controller.batch.current(), 5);

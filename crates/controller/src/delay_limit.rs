@@ -1418,16 +1418,14 @@ mod tests {
     fn after_the_start(range: StartMinMax, answers: u32, at_start: Duration) -> DelayLimit {
         let mut limit = DelayLimit::new(range);
         let mut now = Duration::from_secs(1);
-        limit.on_completed(
-            now,
-            limit.generation(),
-            1,
-            10.0,
-            Duration::from_secs(1),
-            None,
-        );
+        first_alone(&mut limit, now, Duration::from_secs(1));
         feed(&mut limit, &mut now, answers, at_start);
         limit
+    }
+
+    /// The run's first request, 10 items sent alone, answered at `now` after `took`.
+    fn first_alone(limit: &mut DelayLimit, now: Duration, took: Duration) {
+        limit.on_completed(now, limit.generation(), 1, 10.0, took, None);
     }
 
     /// The level of each of `answers` answers from a server with `slots` slots and no
@@ -1468,14 +1466,7 @@ mod tests {
         let at_start = Duration::from_secs_f64(2.2);
         let mut limit = DelayLimit::new(range).with_server_slots(Some(16));
         let mut now = Duration::from_secs(1);
-        limit.on_completed(
-            now,
-            limit.generation(),
-            1,
-            10.0,
-            Duration::from_secs(1),
-            None,
-        );
+        first_alone(&mut limit, now, Duration::from_secs(1));
         let mut answers = 0;
         while limit.limit() == 16 && answers < 200 {
             feed(&mut limit, &mut now, 1, at_start);
@@ -1670,14 +1661,7 @@ mod tests {
         // again, the doubling kept, and the climb goes on.
         let mut limit = DelayLimit::new(StartMinMax::new(8, 1, 64));
         let mut now = Duration::from_secs(1);
-        limit.on_completed(
-            now,
-            limit.generation(),
-            1,
-            10.0,
-            Duration::from_secs(2),
-            None,
-        );
+        first_alone(&mut limit, now, Duration::from_secs(2));
         let mut reached = 0;
         for sent in 0u32..400 {
             let level = limit.limit();
