@@ -78,22 +78,23 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
     // key variable and the post-processing rules; a bad model or tokenizer.
     let ready = match &job.processor {
         Processor::Chat(chat) => {
-            chat.api_key()?;
+            let api_key = chat.api_key()?;
             let check: Option<Arc<dyn OutputCheck>> = match crate::pipeline::postprocess::build(job)? {
                 Some(p) => Some(p),
                 None => None,
             };
-            Ready::Chat(check)
+            if api_key.is_none() {
+                tracing::info!("{} is not set: calling {} without an API key", chat.api_key_env, crate::secret::redact_url(&chat.base_url));
+            }
+            Ready::Chat(check, ChatClient::new(&chat.base_url, api_key, chat.request_timeout, chat.max_response_bytes)?)
         }
         Processor::Onnx(model) => Ready::Local(crate::local_model::load(model).await?),
     };
     // What a self-hosted server says of itself (llama.cpp's slots), asked within seconds
     // before the run is attached and its lease starts running.
-    let server = match &job.processor {
-        Processor::Chat(chat) => ChatClient::new(&chat.base_url, chat.api_key()?, chat.request_timeout, chat.max_response_bytes)?
-            .server_props()
-            .await,
-        Processor::Onnx(_) => None,
+    let server = match &ready {
+        Ready::Chat(_, client) => client.server_props().await,
+        Ready::Local(_) => None,
     };
     let exporter = crate::metrics::prepare(options.metrics_addr.as_deref(), options.metrics_file.as_deref()).await?;
     let Some(attached) = lifecycle::attach(job, options).await? else {
@@ -102,14 +103,14 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
     // The run's own cap and mode, which a resume keeps.
     let job = &attached.job;
     match (ready, &job.processor) {
-        (Ready::Chat(check), Processor::Chat(chat)) => {
+        (Ready::Chat(check, client), Processor::Chat(chat)) => {
             if chat.mode != Mode::Batch && (options.wait.is_some() || options.finish_sync_after.is_some()) {
                 tracing::warn!(
                     "run {}: --wait and --finish-sync-after are ignored, the run is synchronous (--batch-api moves it to batches)",
                     attached.run.id
                 );
             }
-            let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check, server)?);
+            let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check, client, server)?);
             let controller = sync::controller_for(&ctx, &attached.run)?;
             let mode = chat.mode;
             let session = Session::open(attached, ctx.cap, options.quiet, started, exporter).await?;
@@ -131,7 +132,8 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
 
 /// What was checked before the run is touched, by processor.
 enum Ready {
-    Chat(Option<Arc<dyn OutputCheck>>),
+    /// The post-processing rules and the provider's client.
+    Chat(Option<Arc<dyn OutputCheck>>, ChatClient),
     Local(Arc<backfill_onnx::OnnxProcessor>),
 }
 
@@ -141,13 +143,9 @@ fn context_for(
     store: Arc<dyn Store>,
     run_id: i64,
     check: Option<Arc<dyn OutputCheck>>,
+    client: ChatClient,
     server: Option<ServerProps>,
 ) -> anyhow::Result<RunContext> {
-    let api_key = chat.api_key()?;
-    if api_key.is_none() {
-        tracing::info!("{} is not set: calling {} without an API key", chat.api_key_env, crate::secret::redact_url(&chat.base_url));
-    }
-    let client = ChatClient::new(&chat.base_url, api_key, chat.request_timeout, chat.max_response_bytes)?;
     // A self-hosted server that says how many requests it works on at once, and how much
     // context each holds, is taken at its word (requests to a provider's batch API go
     // elsewhere).

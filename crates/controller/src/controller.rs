@@ -296,7 +296,7 @@ impl Controller {
     /// `1 / FIRST_ANSWER_SHARE` of the current one and more items wait than it takes.
     fn first_answer_size(&self, load: PipelineLoad) -> Option<u32> {
         let smallest = self.config.items_per_request.min;
-        let concurrency = self.config.starting_concurrency();
+        let concurrency = self.config.concurrency;
         (self.first_answer == FirstAnswer::Pending
             && self.config.announced_slots().is_none()
             && concurrency.start < concurrency.max
