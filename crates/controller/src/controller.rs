@@ -11,7 +11,7 @@ use crate::concurrency_limit::ConcurrencyLimit;
 use crate::config::{ConfigError, ControllerConfig};
 use crate::delay_limit::DelayLimit;
 use crate::latency_window::LatencyWindow;
-use crate::protocol::{Decision, PipelineLoad, RequestShape, Ticket};
+use crate::protocol::{Decision, PipelineLoad, RequestShape, ServerQueue, Ticket};
 use crate::rate_pacer::{ALL_DIMENSIONS, RateDimension, RatePacer, request_costs};
 use crate::status::{ControllerCounts, ControllerStatus};
 use crate::token_estimates::TokenEstimates;
@@ -111,6 +111,8 @@ pub struct Controller {
     /// A request cut at a timeout the recent latencies shortened, with no answer since: they
     /// do not describe the requests now sent, and the next ones get the job's timeout.
     pub(crate) shortened_timeout_missed: bool,
+    /// The server's gauges at their previous reading (`on_server_queue`).
+    last_server_queue: Option<ServerQueue>,
 }
 
 impl Controller {
@@ -165,6 +167,7 @@ impl Controller {
             now,
             served: (0.0, 0.0),
             shortened_timeout_missed: false,
+            last_server_queue: None,
         })
     }
 
@@ -260,6 +263,36 @@ impl Controller {
         ticket
     }
 
+    /// What the server's own gauges say of its load now (read every second or so, see
+    /// `ServerQueue`). Requests waiting at two readings in a row show the server full: the
+    /// most it ran at them is its slots, and the limit drops to them. Nothing waiting, with
+    /// every request the limit allows in flight and as many running at the server, shows the
+    /// level within its slots: slow start doubles at once instead of after a measured round.
+    /// (One reading of a queue is not enough: a request that has just arrived may wait for
+    /// the server's next step with a slot free.)
+    pub fn on_server_queue(&mut self, now: Duration, queue: ServerQueue) {
+        self.advance(now);
+        let previous = self.last_server_queue.replace(queue);
+        if queue.waiting > 0 {
+            if let Some(previous) = previous.filter(|previous| previous.waiting > 0) {
+                let slots = queue.running.max(previous.running);
+                if slots > 0 {
+                    self.delay.on_server_full(now, slots);
+                }
+            }
+            return;
+        }
+        let limit = self.delay.limit();
+        let ours = self
+            .in_flight
+            .values()
+            .filter(|request| !request.first_answer)
+            .count();
+        if self.delay_limit_applies() && ours >= limit as usize && queue.running >= limit {
+            self.delay.on_server_took_all(queue.running);
+        }
+    }
+
     /// A view for the progress bar and the run summary.
     pub fn status(&self) -> ControllerStatus {
         let items = self.batch.current();
@@ -280,7 +313,7 @@ impl Controller {
             latency_p50_seconds: model.map(|model| model.p50(items)),
             latency_p90_seconds: model.map(|model| model.p90(items)),
             quality_knee: self.batch.knee(),
-            server_slots: self.config.announced_slots(),
+            server_slots: self.delay.server_slots(),
             counts: self.counts,
         }
     }

@@ -5,7 +5,8 @@ use std::time::Duration;
 use crate::config::ControllerConfig;
 use crate::controller::Controller;
 use crate::protocol::{
-    CompletedRequest, Decision, Observation, Outcome, PipelineLoad, RequestShape, Ticket,
+    CompletedRequest, Decision, Observation, Outcome, PipelineLoad, RequestShape, ServerQueue,
+    Ticket,
 };
 use crate::rate_limit_headers::{RateLimitInfo, parse_rate_limit_headers};
 
@@ -799,4 +800,56 @@ fn sizes_sent_at_once(controller: &mut Controller) -> Vec<u32> {
         .iter()
         .map(|ticket| controller.in_flight[ticket].shape.items)
         .collect()
+}
+
+/// The server's gauges read at `now`.
+fn gauges(controller: &mut Controller, now: Duration, running: u32, waiting: u32) {
+    controller.on_server_queue(now, ServerQueue { running, waiting });
+}
+
+#[test]
+fn a_level_the_servers_gauges_show_served_whole_doubles_at_once_until_requests_wait() {
+    let mut controller = controller();
+    assert_eq!(sizes_sent_at_once(&mut controller).len(), 5);
+    let mut now = seconds(2.0);
+    // The start's four (and the small first request) running, none waiting: the next
+    // doubling at once, before any answer.
+    gauges(&mut controller, now, 5, 0);
+    assert_eq!(controller.delay.limit(), 8);
+    // Requests waiting: one reading is not enough, two in a row are; the most the server
+    // ran at them is its slots.
+    now += seconds(1.0);
+    gauges(&mut controller, now, 3, 2);
+    assert_eq!(controller.delay.limit(), 8);
+    now += seconds(1.0);
+    gauges(&mut controller, now, 2, 3);
+    assert_eq!(controller.delay.limit(), 3);
+    assert_eq!(controller.status().server_slots, Some(3));
+    assert_eq!(try_send(&mut controller, now), None);
+    // Slow start is over: a server that takes them all in is no reason to double again.
+    now += seconds(1.0);
+    gauges(&mut controller, now, 5, 0);
+    assert_eq!(controller.delay.limit(), 3);
+}
+
+#[test]
+fn gauges_raise_no_level_that_is_not_all_in_flight_and_running() {
+    // Two of the start's four in flight: the level is not shown served whole.
+    let mut controller = controller();
+    let now = seconds(1.0);
+    for _ in 0..2 {
+        try_send(&mut controller, now).expect("sent");
+    }
+    gauges(&mut controller, now, 2, 0);
+    assert_eq!(controller.delay.limit(), 4);
+    // All four (and the first) in flight, but the server runs only three of them.
+    while try_send(&mut controller, now).is_some() {}
+    gauges(&mut controller, now, 3, 0);
+    assert_eq!(controller.delay.limit(), 4);
+    // Requests waiting at readings that are not in a row say nothing.
+    gauges(&mut controller, now, 3, 2);
+    gauges(&mut controller, now, 3, 0);
+    gauges(&mut controller, now, 3, 2);
+    assert_eq!(controller.delay.limit(), 4);
+    assert_eq!(controller.status().server_slots, None);
 }

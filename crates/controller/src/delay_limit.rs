@@ -354,6 +354,87 @@ impl DelayLimit {
         self.server_slots.is_some_and(|slots| level <= slots)
     }
 
+    /// The requests the server works on at once, as it said before the run or as its gauges
+    /// showed when requests waited.
+    pub fn server_slots(&self) -> Option<u32> {
+        self.server_slots
+    }
+
+    /// The server's gauges show requests waiting for a slot while it works on `slots`: that
+    /// is what it serves at once. A limit above drops to it at once and holds there (a probe
+    /// above ends as a failed one, its hold doubling with each); slow start is over.
+    pub fn on_server_full(&mut self, now: Duration, slots: u32) {
+        self.server_slots = Some(slots);
+        let target = self.range.clamp(slots);
+        if self.limit() <= target {
+            return;
+        }
+        tracing::debug!(
+            level = self.limit(),
+            to = target,
+            "the server's gauges show requests waiting: limit to its slots"
+        );
+        let latency_s = self
+            .reference
+            .or(self.judged)
+            .map_or(0.0, |measured| measured.mean_latency_s);
+        self.slow_start = false;
+        self.climb = 0;
+        self.pending = None;
+        self.jumped = false;
+        if target != self.settled {
+            self.settled = target;
+            // Nothing is measured at the new level yet.
+            self.reference = None;
+        }
+        self.next_direction = Direction::Up;
+        self.probe = None;
+        self.bracketed = true;
+        self.judged = self.reference;
+        self.failed_probes = self.failed_probes.saturating_add(1);
+        let backoff = f64::from(1u32 << self.failed_probes.min(5).saturating_sub(1));
+        self.hold_until = now
+            + Duration::from_secs_f64(latency_s * HOLD_LATENCIES * backoff)
+                .clamp(HOLD_MIN.mul_f64(backoff).min(HOLD_MAX), HOLD_MAX);
+        self.bump();
+    }
+
+    /// The server's gauges show nothing waiting and `running` requests in its slots, every
+    /// one of this level's among them: the level is within its slots. While slow start
+    /// searches, the next doubling is tried at once instead of after a round measured at
+    /// this level: the server took every request in, so what more of them cost is its
+    /// batching, not a wait. (A server seen full before that now runs more than it did then
+    /// has gained slots.)
+    pub fn on_server_took_all(&mut self, running: u32) {
+        if self.server_slots.is_some_and(|slots| running > slots) {
+            self.server_slots = None;
+        }
+        let level = self.limit();
+        if !self.slow_start || self.bracketed || level >= self.range.max {
+            return;
+        }
+        let mut target = self.range.clamp(level.saturating_mul(SLOW_START_FACTOR));
+        if let Some(slots) = self.server_slots {
+            if level >= slots {
+                return;
+            }
+            target = target.min(slots);
+        }
+        tracing::debug!(
+            from = level,
+            to = target,
+            running,
+            "the server's gauges show every request served at once: slow start doubles"
+        );
+        self.settled = level;
+        self.probe = Some(target);
+        self.reference = None;
+        self.pending = None;
+        self.next_direction = Direction::Up;
+        self.probes += 1;
+        self.bump();
+    }
+
     /// The requests in flight this limit allows now.
     pub fn limit(&self) -> u32 {
         self.probe.unwrap_or(self.settled)
@@ -1591,6 +1672,52 @@ mod tests {
             "no hold reached"
         );
         (limit, now)
+    }
+
+    #[test]
+    fn gauges_that_show_every_request_served_double_slow_start_up_to_the_slots_they_show() {
+        let range = StartMinMax::new(4, 1, 64);
+        let mut limit = DelayLimit::new(range);
+        let mut levels = vec![limit.limit()];
+        for _ in 0..6 {
+            let running = limit.limit();
+            limit.on_server_took_all(running);
+            levels.push(limit.limit());
+        }
+        assert_eq!(levels, [4, 8, 16, 32, 64, 64, 64]);
+        // Full at 24: the limit drops to 24 and holds; slow start is over.
+        limit.on_server_full(Duration::from_secs(10), 24);
+        assert_eq!((limit.limit(), limit.server_slots()), (24, Some(24)));
+        limit.on_server_took_all(24);
+        assert_eq!(limit.limit(), 24);
+        // Slots known beforehand bound the doubling.
+        let mut limit = DelayLimit::new(range);
+        limit.on_server_full(Duration::ZERO, 6);
+        assert_eq!(limit.limit(), 4, "a level below the slots stays");
+        limit.on_server_took_all(4);
+        assert_eq!(limit.limit(), 6);
+        limit.on_server_took_all(6);
+        assert_eq!(limit.limit(), 6);
+        // A server running more than it was seen full at has gained slots.
+        limit.on_server_took_all(9);
+        assert_eq!(limit.server_slots(), None);
+    }
+
+    #[test]
+    fn a_probe_above_that_the_gauges_show_full_ends_at_once_and_holds() {
+        let (mut limit, now) = settled_and_holding(16);
+        let settled = limit.limit();
+        limit.hold_until = now;
+        limit.next_direction = Direction::Up;
+        limit.start_probe(false);
+        let probe = limit.limit();
+        assert!(probe > settled, "probing above {settled}: {probe}");
+        limit.on_server_full(now, settled);
+        assert_eq!(limit.limit(), settled);
+        assert!(
+            limit.hold_until >= now + HOLD_MIN,
+            "held after the failed probe"
+        );
     }
 
     #[test]

@@ -62,7 +62,8 @@ pub use batch_sizer::BatchSizer;
 pub use config::{ConfigError, ControllerConfig, StartMinMax};
 pub use controller::Controller;
 pub use protocol::{
-    CompletedRequest, Decision, Observation, Outcome, PipelineLoad, RequestShape, Ticket,
+    CompletedRequest, Decision, Observation, Outcome, PipelineLoad, RequestShape, ServerQueue,
+    Ticket,
 };
 pub use rate_limit_headers::{LimitWindow, RateLimitInfo, parse_rate_limit_headers};
 pub use rate_pacer::RateDimension;

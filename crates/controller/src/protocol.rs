@@ -42,6 +42,18 @@ pub struct RequestShape {
     pub retried_items: u32,
 }
 
+/// What a self-hosted server's own gauges say of its load at one moment (vLLM's
+/// `vllm:num_requests_running` and `vllm:num_requests_waiting`, llama.cpp's
+/// `llamacpp:requests_processing` and `llamacpp:requests_deferred`, TGI's
+/// `tgi_batch_current_size` and `tgi_queue_size`), everyone's requests counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerQueue {
+    /// Requests the server is working on.
+    pub running: u32,
+    /// Requests waiting in its queue for a slot.
+    pub waiting: u32,
+}
+
 /// Identifies one in-flight request between `on_sent` and `on_outcome`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Ticket(pub u64);

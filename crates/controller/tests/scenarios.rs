@@ -195,4 +195,8 @@ scenario_tests!(
     announced_2_slots,
     announced_16_slots,
     announced_64_slots,
+    gauges_2_slots,
+    gauges_16_slots,
+    gauges_64_slots,
+    gauges_slots_change,
 );

@@ -5,7 +5,8 @@ use backfill_controller::simulation::Scenario;
 /// `SERVICE_TIME=1` has the server report its service time (as llama.cpp's `timings` do);
 /// `COLD_START=k` has the first request each slot serves take `k` times as long (a server
 /// that warms up); `ANNOUNCE_SLOTS=1` has the server say its slots before the run (as
-/// llama.cpp's `GET /props` does); `ITEMS=n` runs the scenario over `n` items instead of its own count.
+/// llama.cpp's `GET /props` does); `QUEUE_GAUGES=1` has it show requests running and waiting
+/// (as vLLM's `GET /metrics` does); `ITEMS=n` runs the scenario over `n` items instead of its own count.
 pub fn scenario_from_env(scenario: &mut Scenario) {
     if let Some(items) = std::env::var("ITEMS")
         .ok()
@@ -18,6 +19,9 @@ pub fn scenario_from_env(scenario: &mut Scenario) {
     }
     if std::env::var_os("ANNOUNCE_SLOTS").is_some_and(|value| value == "1") {
         scenario.provider.announces_slots = true;
+    }
+    if std::env::var_os("QUEUE_GAUGES").is_some_and(|value| value == "1") {
+        scenario.provider.queue_gauges = true;
     }
     if let Some(factor) = std::env::var("COLD_START")
         .ok()

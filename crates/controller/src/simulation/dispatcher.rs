@@ -15,6 +15,9 @@ use crate::simulation::DispatchPolicy;
 use crate::simulation::provider::{SimAnswer, SimulatedProvider};
 use crate::simulation::scenario::Scenario;
 
+/// How often the client reads a server's gauges (`queue_gauges`), as the real dispatcher
+/// does.
+const GAUGE_INTERVAL_S: f64 = 1.0;
 /// A run that has not finished after this long is abandoned.
 const SIMULATED_TIME_LIMIT_S: f64 = 6.0 * 3600.0;
 
@@ -107,6 +110,7 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
     let mut done = 0usize;
     let mut sequence = 0u64;
     let mut now = 0.0f64;
+    let mut next_gauge_at = provider.shows_gauges().then_some(0.0f64);
     while done < input_tokens.len() && now < SIMULATED_TIME_LIMIT_S {
         // What ended by now: the batching server's answers first, then every request whose
         // time (an answer decided when it was sent, or the client's timeout) has come.
@@ -166,6 +170,12 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
         }
         if done >= input_tokens.len() {
             break;
+        }
+        // The server's gauges, read every `GAUGE_INTERVAL_S` while the run lasts.
+        if let Some(at) = next_gauge_at.filter(|at| *at <= now) {
+            let gauges = provider.queue_gauges(now);
+            policy.on_server_queue(Duration::from_secs_f64(now), gauges);
+            next_gauge_at = Some(at.max(now - GAUGE_INTERVAL_S) + GAUGE_INTERVAL_S);
         }
         // Abandon what the policy says to cut; the items go back to the queue.
         let load = PipelineLoad {
@@ -264,6 +274,10 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
         let next_ending = match (next_ending, provider.next_finish()) {
             (Some(ending), Some(finish)) => Some(ending.min(finish)),
             (ending, finish) => ending.or(finish),
+        };
+        let next_ending = match (next_ending, next_gauge_at) {
+            (Some(ending), Some(gauge)) => Some(ending.min(gauge)),
+            (ending, gauge) => ending.or(gauge),
         };
         let next = match (wake_at, next_ending) {
             (Some(wake), Some(ending)) => wake.min(ending),

@@ -13,7 +13,7 @@ mod scenario;
 use std::time::Duration;
 
 use crate::controller::Controller;
-use crate::protocol::{Decision, Observation, PipelineLoad, RequestShape, Ticket};
+use crate::protocol::{Decision, Observation, PipelineLoad, RequestShape, ServerQueue, Ticket};
 
 pub use dispatcher::{RunLog, simulate};
 pub use fixed_client::{FIXED_CLIENT_ITEMS, FixedClient};
@@ -34,6 +34,9 @@ pub trait DispatchPolicy {
     fn requests_to_cut(&mut self, _now: Duration, _load: PipelineLoad) -> Vec<Ticket> {
         Vec::new()
     }
+    /// What the server's gauges say of its load (a server with `queue_gauges`); ignored by
+    /// default.
+    fn on_server_queue(&mut self, _now: Duration, _queue: ServerQueue) {}
     /// Items per request the policy would use now.
     fn items_per_request(&self) -> u32;
 }
@@ -53,6 +56,9 @@ impl DispatchPolicy for Controller {
     }
     fn requests_to_cut(&mut self, now: Duration, load: PipelineLoad) -> Vec<Ticket> {
         Controller::requests_to_cut(self, now, load)
+    }
+    fn on_server_queue(&mut self, now: Duration, queue: ServerQueue) {
+        Controller::on_server_queue(self, now, queue)
     }
     fn items_per_request(&self) -> u32 {
         self.status().items_per_request

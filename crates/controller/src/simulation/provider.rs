@@ -7,6 +7,7 @@
 //! `Batching`), slots that follow the capacity steps, latency = base + per output token (log-normal noise), hung requests, truncation at
 //! `max_tokens`, and items that go missing more often past a batch size.
 
+use crate::protocol::ServerQueue;
 use crate::simulation::scenario::{ProviderSpec, Scenario};
 
 /// The provider's answer to one request, decided when it is sent.
@@ -221,6 +222,8 @@ pub struct SimulatedProvider {
     slot_free_at: Vec<f64>,
     /// Whether each slot has served a request yet (a cold slot's first takes longer).
     slot_warm: Vec<bool>,
+    /// When each request of the slot server starts and ends its service, until it ends.
+    slot_busy: Vec<(f64, f64)>,
     /// A server with slots whose requests slow each other (`slowdown_per_request` above 0).
     batching: Option<Batching>,
     next_job: u64,
@@ -241,6 +244,7 @@ impl SimulatedProvider {
                 .map(|tpm| SimBucket::new(tpm, spec.burst_seconds)),
             slot_free_at: vec![0.0; spec.slots.unwrap_or(0) as usize],
             slot_warm: vec![false; spec.slots.unwrap_or(0) as usize],
+            slot_busy: Vec::new(),
             batching: spec
                 .slots
                 .filter(|_| spec.slowdown_per_request > 0.0)
@@ -317,6 +321,7 @@ impl SimulatedProvider {
                 service_s *= spec.cold_start_factor;
             }
             open[index] = start + service_s;
+            self.slot_busy.push((start, start + service_s));
         }
         if self.rng.f64() < spec.hang_share {
             return SimAnswer::Hang;
@@ -430,6 +435,32 @@ impl SimulatedProvider {
         server.start_queued(scenario);
         self.submitted_job = Some(job);
         if hung { SimAnswer::Hang } else { answer }
+    }
+
+    /// What the server's gauges show at `now`: requests in its slots, requests waiting.
+    pub fn queue_gauges(&mut self, now: f64) -> ServerQueue {
+        if let Some(server) = self.batching.as_mut() {
+            server.advance(now, &self.scenario);
+            return ServerQueue {
+                running: server.in_service.len() as u32,
+                waiting: server.queue.len() as u32,
+            };
+        }
+        self.slot_busy.retain(|(_, end)| *end > now);
+        let running = self
+            .slot_busy
+            .iter()
+            .filter(|(start, _)| *start <= now)
+            .count();
+        ServerQueue {
+            running: running as u32,
+            waiting: (self.slot_busy.len() - running) as u32,
+        }
+    }
+
+    /// Whether the server shows its gauges (`queue_gauges`).
+    pub fn shows_gauges(&self) -> bool {
+        self.scenario.provider.queue_gauges
     }
 
     /// The job the last `submit` handed the continuous-batching server (its answer comes
@@ -589,6 +620,40 @@ mod tests {
             "x-ratelimit-remaining-requests".to_string(),
             "0".to_string()
         )));
+    }
+
+    #[test]
+    fn the_gauges_count_the_requests_in_the_slots_and_those_waiting() {
+        for file in [
+            include_str!("../../scenarios/queue_2_slots.toml"),
+            include_str!("../../scenarios/batching_16_slots.toml"),
+        ] {
+            let mut scenario: Scenario = toml::from_str(file).expect("scenario");
+            scenario.provider.hang_share = 0.0;
+            let slots = scenario.provider.slots.expect("slots");
+            let mut provider = SimulatedProvider::new(&scenario, 5);
+            for _ in 0..slots + 3 {
+                provider.submit(0.0, 10, 2000, 2000);
+            }
+            let name = &scenario.name;
+            assert_eq!(
+                provider.queue_gauges(0.0),
+                ServerQueue {
+                    running: slots,
+                    waiting: 3
+                },
+                "{name}"
+            );
+            // Long after, all served.
+            assert_eq!(
+                provider.queue_gauges(3600.0),
+                ServerQueue {
+                    running: 0,
+                    waiting: 0
+                },
+                "{name}"
+            );
+        }
     }
 
     #[test]

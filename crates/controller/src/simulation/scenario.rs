@@ -91,6 +91,10 @@ pub struct ProviderSpec {
     /// `GET /props`, `total_slots`).
     #[serde(default)]
     pub announces_slots: bool,
+    /// Whether the server shows its load in gauges the client reads every second (vLLM's,
+    /// llama.cpp's and TGI's `GET /metrics`): requests running and requests waiting.
+    #[serde(default)]
+    pub queue_gauges: bool,
     /// Capacity changes: from `at_s` on, both rate limits are `factor` times the base.
     #[serde(default)]
     pub capacity_steps: Vec<CapacityStep>,
