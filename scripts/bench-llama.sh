@@ -26,6 +26,10 @@
 #   NO_TIMINGS=vllm SLOTS="2 16" scripts/bench-llama.sh
 #                                             # into a metrics object, as vLLM sends it with
 #                                             # --enable-per-request-metrics
+#   NO_TIMINGS=gauges SLOTS="2 16" scripts/bench-llama.sh
+#                                             # no time, no /props: only the server's gauges
+#                                             # of requests running and waiting at /metrics,
+#                                             # as vLLM and TGI show them
 #   BACKFILL_BIN=/path/to/backfill scripts/bench-llama.sh   # another build of backfill
 #   KEEP=/tmp/runs RUST_LOG=backfill_controller=debug scripts/bench-llama.sh
 #                                             # keeps every run's job, database (its calls in
@@ -64,6 +68,7 @@ if [ -n "$NO_TIMINGS" ]; then
   proxy_options=()
   [ "$NO_TIMINGS" = tgi ] && proxy_options=(--tgi-header)
   [ "$NO_TIMINGS" = vllm ] && proxy_options=(--vllm-metrics)
+  [ "$NO_TIMINGS" = gauges ] && proxy_options=(--gauges)
   python3 scripts/strip-timings-proxy.py "$CLIENT_PORT" "http://127.0.0.1:$PORT" "${proxy_options[@]}" &
   PROXY_PID=$!
 fi

@@ -78,10 +78,11 @@ start_llama() {
     return 0
   fi
   # Each slot gets LLAMA_CTX / LLAMA_SLOTS tokens of context; requests beyond the slots wait in
-  # the server's queue (it never answers 429), as self-hosted servers do.
+  # the server's queue (it never answers 429), as self-hosted servers do. `--metrics` shows the
+  # requests it runs and those waiting at GET /metrics, as vLLM and TGI always do.
   log "starting llama-server on 127.0.0.1:$LLAMA_PORT, $LLAMA_SLOTS slots (log: $RUN/llama.log)"
   nohup "$LLAMA_DIR/bin/llama-server" -m "$LLAMA_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" --alias smollm2-135m \
-    --host 127.0.0.1 --port "$LLAMA_PORT" --parallel "$LLAMA_SLOTS" -c "$LLAMA_CTX" -t 2 >"$RUN/llama.log" 2>&1 &
+    --host 127.0.0.1 --port "$LLAMA_PORT" --parallel "$LLAMA_SLOTS" -c "$LLAMA_CTX" -t 2 --metrics >"$RUN/llama.log" 2>&1 &
   echo $! >"$RUN/llama.pid"
   if ! wait_http "http://127.0.0.1:$LLAMA_PORT/health" 120; then
     log "llama-server did not come up; last lines of $RUN/llama.log:"

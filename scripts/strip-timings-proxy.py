@@ -6,6 +6,7 @@ llama-cpp-python's server, or a proxy that passes only the standard fields).
     strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL      # e.g. 18082 http://127.0.0.1:18081
     strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL --tgi-header
     strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL --vllm-metrics
+    strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL --gauges
 
 With `--tgi-header` the server's time moves from the body to where Hugging Face's
 text-generation-inference (TGI) puts it: `prompt_ms + predicted_ms`, in whole milliseconds, in
@@ -17,7 +18,9 @@ as `generation_time_ms`.
 Each request is forwarded as it came (method, path, body, content type and authorization) on
 its own thread; the server keeps computing a request the client gave up on, as behind any
 proxy. Answers that are not JSON objects pass unchanged. llama.cpp's own endpoints that tell
-its slots (`/props`, `/slots`) answer 404, as on those other servers.
+its slots (`/props`, `/slots`) answer 404, as on those other servers, and so does its gauges'
+endpoint (`/metrics`, as on Ollama), unless `--gauges` passes it through: then the server shows
+only what vLLM and TGI show of their load, the requests running and waiting.
 """
 import json
 import sys
@@ -28,7 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 UPSTREAM = sys.argv[2].rstrip("/")
 TGI_HEADER = "--tgi-header" in sys.argv[3:]
 VLLM_METRICS = "--vllm-metrics" in sys.argv[3:]
-LLAMA_CPP_ONLY = ("/props", "/slots")
+GAUGES = "--gauges" in sys.argv[3:]
+HIDDEN = ("/props", "/slots") + (() if GAUGES else ("/metrics",))
 
 
 class Proxy(BaseHTTPRequestHandler):
@@ -37,7 +41,7 @@ class Proxy(BaseHTTPRequestHandler):
     def forward(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        if self.path.split("?")[0].rstrip("/") in LLAMA_CPP_ONLY:
+        if self.path.split("?")[0].rstrip("/") in HIDDEN:
             data = b'{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}'
             self.send_response(404)
             self.send_header("Content-Type", "application/json")

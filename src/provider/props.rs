@@ -48,11 +48,17 @@ pub fn parse_props(body: &str) -> Option<ServerProps> {
 
 /// `…/props` beside the API root: `http://host:8080/v1` → `http://host:8080/props`.
 pub fn props_url(endpoint: &reqwest::Url) -> Option<reqwest::Url> {
+    beside_the_root(endpoint, "props")
+}
+
+/// The server's own endpoint `name` beside the API root of the chat `endpoint`
+/// (`…/v1/chat/completions` → `…/name`).
+pub fn beside_the_root(endpoint: &reqwest::Url, name: &str) -> Option<reqwest::Url> {
     let path = endpoint.path().trim_end_matches('/');
     let root = path.strip_suffix("/chat/completions")?;
     let root = root.strip_suffix("/v1").unwrap_or(root);
     let mut url = endpoint.clone();
-    url.set_path(&format!("{root}/props"));
+    url.set_path(&format!("{root}/{name}"));
     url.set_query(None);
     Some(url)
 }

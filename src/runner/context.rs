@@ -7,7 +7,7 @@ use crate::job::{CacheSettings, ChatModel, Job, Limits};
 use crate::pipeline::pack::Packer;
 use crate::pipeline::postprocess::OutputCheck;
 use crate::pricing::{ModelPrice, Picos, Tier};
-use crate::provider::{ChatClient, ChatRequest, ServerProps, request_body, response_format};
+use crate::provider::{ChatClient, ChatRequest, GaugeReading, ServerProps, request_body, response_format};
 use crate::store::{Claimed, Store, Tables, Worker};
 use crate::pipeline::answers::{ItemOutput, OutputShape};
 
@@ -41,6 +41,9 @@ pub struct RunContext {
     pub items_per_request: usize,
     /// What the server announced of itself before the run (its slots), if anything.
     pub server: Option<ServerProps>,
+    /// The server's gauges of requests running and waiting, as first read before the run,
+    /// when it shows them: the dispatcher reads them on through the run.
+    pub gauges: Option<GaugeReading>,
 }
 
 /// A request packed from claimed items.
@@ -101,6 +104,7 @@ impl RunContext {
             limits: job.limits.clone(),
             items_per_request: job.limits.items_per_request.start.max(1) as usize,
             server: None,
+            gauges: None,
         }
     }
 

@@ -30,7 +30,7 @@ use crate::exit::Exit;
 use crate::job::{ChatModel, Job, Mode, Processor};
 use crate::pipeline::pack::Packer;
 use crate::pipeline::postprocess::OutputCheck;
-use crate::provider::{ChatClient, ServerProps};
+use crate::provider::{ChatClient, GaugeReading, ServerProps};
 use crate::store::Store;
 use crate::tokens::TokenCounter;
 use session::Session;
@@ -90,11 +90,12 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
         }
         Processor::Onnx(model) => Ready::Local(crate::local_model::load(model).await?),
     };
-    // What a self-hosted server says of itself (llama.cpp's slots), asked within seconds
-    // before the run is attached and its lease starts running.
-    let server = match &ready {
-        Ready::Chat(_, client) => client.server_props().await,
-        Ready::Local(_) => None,
+    // Asked within seconds, before the run is attached and its lease starts running.
+    // What a self-hosted server says of itself (llama.cpp's slots) and whether it shows its
+    // load in gauges (vLLM's, llama.cpp's, TGI's `GET /metrics`), asked together.
+    let (server, gauges) = match &ready {
+        Ready::Chat(_, client) => tokio::join!(client.server_props(), client.server_gauges()),
+        Ready::Local(_) => (None, None),
     };
     let exporter = crate::metrics::prepare(options.metrics_addr.as_deref(), options.metrics_file.as_deref()).await?;
     let Some(attached) = lifecycle::attach(job, options).await? else {
@@ -110,7 +111,7 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
                     attached.run.id
                 );
             }
-            let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check, client, server)?);
+            let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check, client, server, gauges)?);
             let controller = sync::controller_for(&ctx, &attached.run)?;
             let mode = chat.mode;
             let session = Session::open(attached, ctx.cap, options.quiet, started, exporter).await?;
@@ -145,6 +146,7 @@ fn context_for(
     check: Option<Arc<dyn OutputCheck>>,
     client: ChatClient,
     server: Option<ServerProps>,
+    gauges: Option<GaugeReading>,
 ) -> anyhow::Result<RunContext> {
     // A self-hosted server that says how many requests it works on at once, and how much
     // context each holds, is taken at its word (requests to a provider's batch API go
@@ -168,6 +170,15 @@ fn context_for(
     );
     let mut ctx = RunContext::new(job, chat, store, run_id, client, packer, check);
     ctx.server = server;
+    ctx.gauges = gauges.filter(|_| chat.mode == Mode::Sync);
+    if let Some(gauges) = ctx.gauges {
+        tracing::info!(
+            "the server at {} shows the requests it runs and those waiting at GET /metrics ({}'s {}): the run reads them every second, doubles its requests in flight while none waits, and holds at what the server ran once requests wait",
+            crate::secret::redact_url(&chat.base_url),
+            gauges.server,
+            gauges.waiting_gauge,
+        );
+    }
     Ok(ctx)
 }
 

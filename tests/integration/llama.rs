@@ -86,7 +86,7 @@ output = 0.0
 async fn a_real_llama_server_with_two_slots_is_run_at_its_own_pace() {
     let Some(url) = llama_url() else { return };
     let _server = SERVER.lock().await;
-    run_at_the_servers_own_pace(&url, "llama-slots", Some(2)).await;
+    run_at_the_servers_own_pace(&url, "llama-slots", Said::Props(2)).await;
 }
 
 /// The same server seen as Hugging Face's text-generation-inference (TGI) shows itself: no time
@@ -106,12 +106,37 @@ async fn a_server_that_says_its_time_in_vllms_metrics_is_run_at_its_own_pace() {
     run_behind_the_timings_proxy("--vllm-metrics", "vllm-metrics").await;
 }
 
+/// The same server seen as vLLM and TGI show their load, with no time on any answer: the
+/// requests it runs and those waiting, at `GET /metrics` (llama.cpp's own gauges, passed on by
+/// `scripts/strip-timings-proxy.py --gauges`, which hides `/props` and the `timings`). The run
+/// reads them every second: its requests waiting at two readings in a row show the server's
+/// two slots.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_shows_its_queue_in_gauges_is_run_at_its_own_pace() {
+    let Some(url) = llama_url() else { return };
+    let _server = SERVER.lock().await;
+    let proxy = TimingsProxy::start(&url, &["--gauges"]);
+    run_at_the_servers_own_pace(&proxy.url, "gauges", Said::Gauges(2)).await;
+}
+
 /// `run_at_the_servers_own_pace` through the timings proxy in the form `option` gives.
 async fn run_behind_the_timings_proxy(option: &str, name: &str) {
     let Some(url) = llama_url() else { return };
     let _server = SERVER.lock().await;
     let proxy = TimingsProxy::start(&url, &[option]);
-    run_at_the_servers_own_pace(&proxy.url, name, None).await;
+    run_at_the_servers_own_pace(&proxy.url, name, Said::Time).await;
+}
+
+/// What the server shows of itself besides its answers.
+#[derive(Clone, Copy)]
+enum Said {
+    /// Its slots before the run (`GET /props`), and its time on each answer.
+    Props(u64),
+    /// Only its time on each answer.
+    Time,
+    /// Only its gauges of requests running and waiting (`GET /metrics`), which show these
+    /// slots once requests wait.
+    Gauges(u64),
 }
 
 /// `scripts/strip-timings-proxy.py` in front of the server at `upstream`, stopped on drop.
@@ -155,10 +180,11 @@ impl Drop for TimingsProxy {
 /// times out and none is cut (so no item is computed twice); after the start, the median call
 /// takes at most twice the server's own time for a call (from its log); every item gets an
 /// output or fails for a reason other than time; no call's answer runs past the job's output
-/// tokens per item; and the answers said how long the server worked on them. A server that
-/// says its `slots` (llama.cpp's `GET /props`) is started at them: no more requests in flight
-/// than that before the first answer.
-async fn run_at_the_servers_own_pace(url: &str, name: &str, slots: Option<u64>) {
+/// tokens per item; and the answers said how long the server worked on them, where it says
+/// (`said`). A server that says its slots (llama.cpp's `GET /props`) is started at them: no
+/// more requests in flight than that before the first answer. One that shows only its gauges is
+/// found to have its slots from them.
+async fn run_at_the_servers_own_pace(url: &str, name: &str, said: Said) {
     let log = std::env::var("BACKFILL_LLAMA_LOG").ok().filter(|path| !path.is_empty());
     if log.is_none() && std::env::var("CI").as_deref() == Ok("true") {
         panic!("BACKFILL_LLAMA_LOG is not set: run the tests with scripts/test.sh");
@@ -182,13 +208,24 @@ async fn run_at_the_servers_own_pace(url: &str, name: &str, slots: Option<u64>) 
     );
     assert_eq!(summary["controller"]["timeouts"], 0, "{summary}");
     assert_eq!(summary["controller"]["hedged_items"], 0, "{summary}");
+    let slots = match said {
+        Said::Props(slots) | Said::Gauges(slots) => Some(slots),
+        Said::Time => None,
+    };
     assert_eq!(summary["controller"]["server_slots"].as_u64(), slots, "{summary}");
-    if let Some(slots) = slots {
-        let said = format!("works on {slots} requests at once (GET /props)");
-        assert!(stderr(&output).contains(&said), "{}", stderr(&output));
+    if let Said::Props(slots) = said {
+        let told = format!("works on {slots} requests at once (GET /props)");
+        assert!(stderr(&output).contains(&told), "{}", stderr(&output));
     }
-    // The queue was read from the server's own time, which the server's answers said.
-    assert!(summary["controller"]["server_timed_answers"].as_u64().unwrap() >= 6, "{summary}");
+    let gauges_read = stderr(&output).contains("shows the requests it runs and those waiting at GET /metrics (llama.cpp's llamacpp:requests_deferred)");
+    assert_eq!(gauges_read, !matches!(said, Said::Time), "{}", stderr(&output));
+    // The queue was read from the server's own time, which the server's answers said, or
+    // from its gauges alone.
+    let timed = summary["controller"]["server_timed_answers"].as_u64().unwrap();
+    match said {
+        Said::Gauges(_) => assert_eq!(timed, 0, "{summary}"),
+        _ => assert!(timed >= 6, "{summary}"),
+    }
     // Items that failed failed for what the model wrote, not for time.
     let timed_out: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM backfill_calls WHERE outcome = 'timeout'")
         .fetch_one(&pool)
@@ -221,7 +258,7 @@ async fn run_at_the_servers_own_pace(url: &str, name: &str, slots: Option<u64>) 
         .unwrap();
     assert!(calls.len() >= 6, "{} calls", calls.len());
     let first = calls[0].0;
-    if let Some(slots) = slots {
+    if let Said::Props(slots) = said {
         let first_end = calls.iter().map(|(_, end)| *end).min().unwrap();
         let at_the_start = calls.iter().filter(|(start, _)| *start < first_end).count();
         assert!(at_the_start as u64 <= slots, "{at_the_start} requests sent before the first answer on {slots} slots; {summary}");

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use backfill_controller::{Controller, Decision, PipelineLoad, RequestShape, Ticket};
-use tokio::sync::{Notify, mpsc};
+use backfill_controller::{Controller, Decision, PipelineLoad, RequestShape, ServerQueue, Ticket};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +28,8 @@ use crate::store::{BatchWrite, NewCall, now_ms};
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
 /// The longest the loop sleeps without looking at the queue again.
 const IDLE_POLL: Duration = Duration::from_millis(500);
+/// How often a server that shows its gauges of requests running and waiting is read.
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Dispatcher {
     pub ctx: Arc<RunContext>,
@@ -54,6 +56,9 @@ pub struct Dispatcher {
     budget: BudgetWait,
     /// Rate-limited requests to send again unchanged, with when.
     resends: Resends,
+    /// The server's gauges, read every `GAUGES_EVERY` by a task of their own while the
+    /// dispatcher runs (`None` for a server that does not show them).
+    gauges: Option<watch::Receiver<Option<ServerQueue>>>,
 }
 
 enum Dispatched {
@@ -89,6 +94,47 @@ impl Dispatcher {
             last_snapshot: Instant::now(),
             budget: BudgetWait::default(),
             resends: Resends::default(),
+            gauges: None,
+        }
+    }
+
+    /// Starts reading the server's gauges every `GAUGES_EVERY`, when it shows them; the
+    /// reading stops when the dispatcher is dropped. A reading that fails is skipped.
+    fn read_gauges(&mut self) {
+        if self.ctx.gauges.is_none() || self.gauges.is_some() {
+            return;
+        }
+        let (readings, receiver) = watch::channel(None);
+        let client = self.ctx.client.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(GAUGES_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if readings.is_closed() {
+                    break;
+                }
+                if let Some(reading) = client.server_gauges().await
+                    && readings.send(Some(reading.queue)).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        self.gauges = Some(receiver);
+    }
+
+    /// Hands the controller the gauges' latest reading, if one came since the last.
+    fn take_gauges(&mut self) {
+        let Some(receiver) = self.gauges.as_mut() else { return };
+        if !receiver.has_changed().unwrap_or(false) {
+            return;
+        }
+        let reading = *receiver.borrow_and_update();
+        if let Some(queue) = reading {
+            tracing::trace!(running = queue.running, waiting = queue.waiting, "the server's gauges");
+            let now = self.clock.elapsed();
+            self.controller.on_server_queue(now, queue);
         }
     }
 
@@ -99,6 +145,7 @@ impl Dispatcher {
     /// Dispatches until the queue is drained or something stops the run, then lets in-flight
     /// calls finish (within the grace period when interrupted or failing).
     pub async fn run(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Stop> {
+        self.read_gauges();
         let stop = loop {
             while let Some(done) = self.tasks.try_join_next() {
                 self.finish(done).await?;
@@ -110,6 +157,7 @@ impl Dispatcher {
                 break Stop::Interrupted;
             }
             self.maybe_snapshot().await;
+            self.take_gauges();
             self.progress.in_flight.store(self.tasks.len(), Ordering::Relaxed);
             let load = PipelineLoad {
                 in_flight: self.tasks.len(),

@@ -207,11 +207,15 @@ async fn serve(
         }
         body.extend_from_slice(&chunk[..n]);
     }
-    // What a server says of itself before a run (llama.cpp's `GET /props`) is answered
-    // apart: the scripts number and see only the API's requests.
+    // What a server says of itself before a run (llama.cpp's `GET /props`) and its gauges
+    // (`GET /metrics`, which this server does not show) are answered apart: the scripts
+    // number and see only the API's requests.
     if method == "GET" && path.trim_end_matches('/').ends_with("/props") {
         let reply = props.clone().unwrap_or_else(|| Reply::new(404, r#"{"error":"not found"}"#));
         return write_reply(&mut socket, &reply).await;
+    }
+    if method == "GET" && path.trim_end_matches('/').ends_with("/metrics") {
+        return write_reply(&mut socket, &Reply::new(404, r#"{"error":"not found"}"#)).await;
     }
     let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let user = parsed["messages"]
