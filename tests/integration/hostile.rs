@@ -59,7 +59,13 @@ async fn run_case(case: Case, script: impl Fn(&Seen) -> Hr + Send + Sync + 'stat
 
 /// `run_case` against a server that answers `props` at `GET …/props`.
 async fn run_case_with_props(case: Case, props: Option<Hr>, script: impl Fn(&Seen) -> Hr + Send + Sync + 'static) -> Ran {
-    let provider = Hostile::start_with_props(props, script).await;
+    run_case_with_server(case, props, None, script).await
+}
+
+/// `run_case` against a server that answers `props` at `GET …/props` and `metrics` at
+/// `GET …/metrics`.
+async fn run_case_with_server(case: Case, props: Option<Hr>, metrics: Option<Hr>, script: impl Fn(&Seen) -> Hr + Send + Sync + 'static) -> Ran {
+    let provider = Hostile::start_with(props, metrics, script).await;
     let fx = Fixture::new(case.rows).await;
     fx.write_job(&provider.base_url(), case.model, case.limits, "");
     let (output, summary) = run_json(&fx, &case.args).await;
@@ -1011,4 +1017,49 @@ async fn what_a_server_says_of_itself_is_waited_for_briefly_and_held_to_the_jobs
     assert_eq!(ran.summary["controller"]["max_in_flight"], 1, "{}", ran.summary);
     assert!(ran.stderr().contains("works on 4000000000 requests at once (GET /props)"), "{}", ran.stderr());
     assert!(ran.stderr().contains("[limits] concurrency allows 1..1"), "{}", ran.stderr());
+}
+
+/// A server's gauges (`GET /metrics`) that never end are given up on within seconds, and the
+/// run goes on as with a server that shows none; gauges that show requests waiting at every
+/// reading hold the run at what they show running, whoever's requests those are.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_servers_gauges_are_read_briefly_and_followed_when_they_show_a_queue() {
+    let endless = Hr::new(200, "").with_body(Body::Drip {
+        chunk: b"vllm:num_requests_running 1\n".to_vec(),
+        every: Duration::from_millis(500),
+        times: 60,
+    });
+    let started = std::time::Instant::now();
+    let ran = run_case_with_server(Case::default(), None, Some(endless), good).await;
+    ran.verdict(0, "finished").await;
+    assert_eq!(ran.done().await, 6);
+    assert!(ran.summary["controller"]["server_slots"].is_null(), "{}", ran.summary);
+    assert!(!ran.stderr().contains("GET /metrics"), "{}", ran.stderr());
+    assert!(started.elapsed() < Duration::from_secs(25), "the run waited {:?}", started.elapsed());
+
+    // A server full of others' requests: one running, seven waiting, at every reading. Each
+    // answer takes a quarter of a second, so the run lasts several readings.
+    let full = Hr::new(200, "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 1\nvllm:num_requests_waiting{model_name=\"m\"} 7\n");
+    let slow = |seen: &Seen| {
+        let mut reply = good(seen);
+        if let Body::Bytes(bytes) = reply.body {
+            reply.body = Body::Parts { parts: vec![Vec::new(), bytes], every: Duration::from_millis(250) };
+        }
+        reply
+    };
+    let case = Case {
+        rows: 40,
+        limits: "items_per_request = { start = 1, min = 1, max = 1 }\nconcurrency = { start = 4, min = 1, max = 8 }",
+        ..Case::default()
+    };
+    let ran = run_case_with_server(case, None, Some(full), slow).await;
+    ran.verdict(0, "finished").await;
+    assert_eq!(ran.done().await, 40);
+    assert_eq!(ran.summary["controller"]["server_slots"], 1, "{}", ran.summary);
+    assert_eq!(ran.summary["controller"]["concurrency_limit"], 1, "{}", ran.summary);
+    assert!(
+        ran.stderr().contains("shows the requests it runs and those waiting at GET /metrics (vLLM's vllm:num_requests_waiting)"),
+        "{}",
+        ran.stderr()
+    );
 }

@@ -125,6 +125,13 @@ impl Hostile {
     /// Starts the server with `props` as its answer to `GET …/props` (what llama.cpp's
     /// server says of itself before a run).
     pub async fn start_with_props(props: Option<Reply>, script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Hostile {
+        Hostile::start_with(props, None, script).await
+    }
+
+    /// Starts the server with `props` as its answer to `GET …/props` and `metrics` to
+    /// `GET …/metrics` (the gauges of requests running and waiting that vLLM shows), each 404
+    /// when `None`.
+    pub async fn start_with(props: Option<Reply>, metrics: Option<Reply>, script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Hostile {
         // Load the tokenizer the fake's helpers use now, not inside the first answer.
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -140,9 +147,10 @@ impl Hostile {
                     let Ok((socket, _)) = listener.accept().await else {
                         return;
                     };
-                    let (log, script, count, props) = (log.clone(), script.clone(), count.clone(), props.clone());
+                    let (log, script, count) = (log.clone(), script.clone(), count.clone());
+                    let (props, metrics) = (props.clone(), metrics.clone());
                     tokio::spawn(async move {
-                        let _ = serve(socket, &log, script.as_ref(), &count, &props).await;
+                        let _ = serve(socket, &log, script.as_ref(), &count, &props, &metrics).await;
                     });
                 }
             })
@@ -172,6 +180,7 @@ async fn serve(
     script: &Script,
     count: &AtomicUsize,
     props: &Option<Reply>,
+    metrics: &Option<Reply>,
 ) -> std::io::Result<()> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -208,14 +217,12 @@ async fn serve(
         body.extend_from_slice(&chunk[..n]);
     }
     // What a server says of itself before a run (llama.cpp's `GET /props`) and its gauges
-    // (`GET /metrics`, which this server does not show) are answered apart: the scripts
-    // number and see only the API's requests.
-    if method == "GET" && path.trim_end_matches('/').ends_with("/props") {
-        let reply = props.clone().unwrap_or_else(|| Reply::new(404, r#"{"error":"not found"}"#));
-        return write_reply(&mut socket, &reply).await;
-    }
-    if method == "GET" && path.trim_end_matches('/').ends_with("/metrics") {
-        return write_reply(&mut socket, &Reply::new(404, r#"{"error":"not found"}"#)).await;
+    // (`GET /metrics`) are answered apart: the scripts number and see only the API's requests.
+    for (endpoint, reply) in [("/props", props), ("/metrics", metrics)] {
+        if method == "GET" && path.trim_end_matches('/').ends_with(endpoint) {
+            let reply = reply.clone().unwrap_or_else(|| Reply::new(404, r#"{"error":"not found"}"#));
+            return write_reply(&mut socket, &reply).await;
+        }
     }
     let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let user = parsed["messages"]
