@@ -265,30 +265,34 @@ impl Controller {
 
     /// What the server's own gauges say of its load now (read every second or so, see
     /// `ServerQueue`). Requests waiting at two readings in a row show the server full: the
-    /// most it ran at them is its slots, and the limit drops to them. Nothing waiting, with
-    /// every request the limit allows in flight and as many running at the server, shows the
-    /// level within its slots: slow start doubles at once instead of after a measured round.
-    /// (One reading of a queue is not enough: a request that has just arrived may wait for
-    /// the server's next step with a slot free.)
+    /// most it ran at them is its slots, and the limit drops to our share of them — the
+    /// requests we have in flight times the share of all its requests it runs (all of them,
+    /// when ours are all it has; less when other clients or other workers of the run queue
+    /// there too). Nothing waiting, with every request the limit allows in flight and as many
+    /// running at the server, shows the level within its slots: slow start doubles at once
+    /// instead of after a measured round. (One reading of a queue is not enough: a request
+    /// that has just arrived may wait for the server's next step with a slot free.)
     pub fn on_server_queue(&mut self, now: Duration, queue: ServerQueue) {
         self.advance(now);
         let previous = self.last_server_queue.replace(queue);
         if queue.waiting > 0 {
-            if let Some(previous) = previous.filter(|previous| previous.waiting > 0) {
+            let ours = self.in_flight.len() as f64;
+            if let Some(previous) = previous.filter(|previous| previous.waiting > 0)
+                && queue.running > 0
+                && ours > 0.0
+            {
                 let slots = queue.running.max(previous.running);
-                if slots > 0 {
-                    self.delay.on_server_full(now, slots);
-                }
+                let all = f64::from(queue.running) + f64::from(queue.waiting);
+                let share = (ours * f64::from(queue.running) / all).round().max(1.0) as u32;
+                self.delay.on_server_full(now, slots, share.min(slots));
             }
             return;
         }
         let limit = self.delay.limit();
-        let ours = self
-            .in_flight
-            .values()
-            .filter(|request| !request.first_answer)
-            .count();
-        if self.delay_limit_applies() && ours >= limit as usize && queue.running >= limit {
+        if self.delay_limit_applies()
+            && self.counted_in_flight() >= limit as usize
+            && queue.running >= limit
+        {
             self.delay.on_server_took_all(queue.running);
         }
     }

@@ -816,20 +816,35 @@ fn a_level_the_servers_gauges_show_served_whole_doubles_at_once_until_requests_w
     // doubling at once, before any answer.
     gauges(&mut controller, now, 5, 0);
     assert_eq!(controller.delay.limit(), 8);
-    // Requests waiting: one reading is not enough, two in a row are; the most the server
-    // ran at them is its slots.
+    // Requests waiting, all five of them ours: one reading is not enough, two in a row are;
+    // the most the server ran at them is its slots.
     now += seconds(1.0);
     gauges(&mut controller, now, 3, 2);
     assert_eq!(controller.delay.limit(), 8);
     now += seconds(1.0);
     gauges(&mut controller, now, 2, 3);
-    assert_eq!(controller.delay.limit(), 3);
+    assert_eq!(
+        controller.delay.limit(),
+        2,
+        "five of ours, two of them running"
+    );
     assert_eq!(controller.status().server_slots, Some(3));
     assert_eq!(try_send(&mut controller, now), None);
     // Slow start is over: a server that takes them all in is no reason to double again.
     now += seconds(1.0);
     gauges(&mut controller, now, 5, 0);
-    assert_eq!(controller.delay.limit(), 3);
+    assert_eq!(controller.delay.limit(), 2);
+}
+
+#[test]
+fn on_a_server_that_others_fill_too_the_limit_drops_to_our_share_of_its_slots() {
+    // Our five (the start's four and the first) among twelve: eight running, four waiting.
+    let mut controller = controller();
+    assert_eq!(sizes_sent_at_once(&mut controller).len(), 5);
+    gauges(&mut controller, seconds(2.0), 8, 4);
+    gauges(&mut controller, seconds(3.0), 8, 4);
+    assert_eq!(controller.status().server_slots, Some(8));
+    assert_eq!(controller.delay.limit(), 3, "5 × 8 ÷ 12, rounded");
 }
 
 #[test]

@@ -361,11 +361,12 @@ impl DelayLimit {
     }
 
     /// The server's gauges show requests waiting for a slot while it works on `slots`: that
-    /// is what it serves at once. A limit above drops to it at once and holds there (a probe
-    /// above ends as a failed one, its hold doubling with each); slow start is over.
-    pub fn on_server_full(&mut self, now: Duration, slots: u32) {
+    /// is what it serves at once, and `share` of them our requests' share. A limit above the
+    /// share drops to it at once and holds there (a probe above ends as a failed one, its
+    /// hold doubling with each); slow start is over.
+    pub fn on_server_full(&mut self, now: Duration, slots: u32, share: u32) {
         self.server_slots = Some(slots);
-        let target = self.range.clamp(slots);
+        let target = self.range.clamp(share.min(slots));
         if self.limit() <= target {
             return;
         }
@@ -1686,13 +1687,13 @@ mod tests {
         }
         assert_eq!(levels, [4, 8, 16, 32, 64, 64, 64]);
         // Full at 24: the limit drops to 24 and holds; slow start is over.
-        limit.on_server_full(Duration::from_secs(10), 24);
+        limit.on_server_full(Duration::from_secs(10), 24, 24);
         assert_eq!((limit.limit(), limit.server_slots()), (24, Some(24)));
         limit.on_server_took_all(24);
         assert_eq!(limit.limit(), 24);
         // Slots known beforehand bound the doubling.
         let mut limit = DelayLimit::new(range);
-        limit.on_server_full(Duration::ZERO, 6);
+        limit.on_server_full(Duration::ZERO, 6, 6);
         assert_eq!(limit.limit(), 4, "a level below the slots stays");
         limit.on_server_took_all(4);
         assert_eq!(limit.limit(), 6);
@@ -1712,7 +1713,7 @@ mod tests {
         limit.start_probe(false);
         let probe = limit.limit();
         assert!(probe > settled, "probing above {settled}: {probe}");
-        limit.on_server_full(now, settled);
+        limit.on_server_full(now, 32, settled);
         assert_eq!(limit.limit(), settled);
         assert!(
             limit.hold_until >= now + HOLD_MIN,
