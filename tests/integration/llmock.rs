@@ -54,7 +54,7 @@ async fn llmock_finds_nothing_against_backfill_under_random_429s() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|f| !(f["code"] == "gave_up" && (f["path"] == "/props" || f["path"] == "/metrics")))
+        .filter(|f| !(f["code"] == "gave_up" && (f["path"] == "GET /props" || f["path"] == "GET /metrics")))
         .collect();
     assert!(findings.is_empty(), "{text}");
     // Every 429 was counted by the run and every chat request is in the ledger; the two other
