@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use backfill_controller::ServerQueue;
 
-use super::{ChatClient, Limited, read_limited};
+use super::ChatClient;
 
 /// How long one reading may take: the server answers its gauges at once or is not read.
 const GAUGES_TIMEOUT: Duration = Duration::from_secs(2);
@@ -103,22 +103,8 @@ impl ChatClient {
     /// Reads the server's gauges once (`GET /metrics` beside the API root, with the job's key),
     /// within two seconds; any failure is `None`.
     pub async fn server_gauges(&self) -> Option<GaugeReading> {
-        let url = super::props::beside_the_root(&self.endpoint, "metrics")?;
-        let read = async {
-            let mut request = self.http.get(url);
-            if let Some(key) = &self.api_key {
-                request = request.bearer_auth(key.expose());
-            }
-            let response = request.send().await.ok()?;
-            if !response.status().is_success() {
-                return None;
-            }
-            match read_limited(response, GAUGES_MAX_BYTES).await.ok()? {
-                Limited::Whole(body) => parse_gauges(&body),
-                Limited::Cut(_) => None,
-            }
-        };
-        tokio::time::timeout(GAUGES_TIMEOUT, read).await.ok().flatten()
+        let body = self.get_beside_the_root("metrics", GAUGES_MAX_BYTES, GAUGES_TIMEOUT).await?;
+        parse_gauges(&body)
     }
 }
 

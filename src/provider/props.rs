@@ -46,13 +46,8 @@ pub fn parse_props(body: &str) -> Option<ServerProps> {
     Some(ServerProps { slots, slot_context })
 }
 
-/// `…/props` beside the API root: `http://host:8080/v1` → `http://host:8080/props`.
-pub fn props_url(endpoint: &reqwest::Url) -> Option<reqwest::Url> {
-    beside_the_root(endpoint, "props")
-}
-
 /// The server's own endpoint `name` beside the API root of the chat `endpoint`
-/// (`…/v1/chat/completions` → `…/name`).
+/// (`…/v1/chat/completions` → `…/name`): `http://host:8080/v1` → `http://host:8080/props`.
 pub fn beside_the_root(endpoint: &reqwest::Url, name: &str) -> Option<reqwest::Url> {
     let path = endpoint.path().trim_end_matches('/');
     let root = path.strip_suffix("/chat/completions")?;
@@ -67,7 +62,14 @@ impl ChatClient {
     /// Asks the server what it announces of itself (`GET /props`, with the job's key), once,
     /// within a few seconds; any failure is `None`.
     pub async fn server_props(&self) -> Option<ServerProps> {
-        let url = props_url(&self.endpoint)?;
+        let body = self.get_beside_the_root("props", PROPS_MAX_BYTES, PROPS_TIMEOUT).await?;
+        parse_props(&body)
+    }
+
+    /// The body of the server's own endpoint `name` beside the API root (`GET`, with the
+    /// job's key), when it answers with success, whole within `max_bytes` and `timeout`.
+    pub(super) async fn get_beside_the_root(&self, name: &str, max_bytes: u64, timeout: Duration) -> Option<String> {
+        let url = beside_the_root(&self.endpoint, name)?;
         let ask = async {
             let mut request = self.http.get(url);
             if let Some(key) = &self.api_key {
@@ -75,15 +77,15 @@ impl ChatClient {
             }
             let response = request.send().await.ok()?;
             if !response.status().is_success() {
-                tracing::debug!(status = response.status().as_u16(), "the server does not answer GET /props");
+                tracing::debug!(status = response.status().as_u16(), "the server does not answer GET /{name}");
                 return None;
             }
-            match read_limited(response, PROPS_MAX_BYTES).await.ok()? {
-                Limited::Whole(body) => parse_props(&body),
+            match read_limited(response, max_bytes).await.ok()? {
+                Limited::Whole(body) => Some(body),
                 Limited::Cut(_) => None,
             }
         };
-        tokio::time::timeout(PROPS_TIMEOUT, ask).await.ok().flatten()
+        tokio::time::timeout(timeout, ask).await.ok().flatten()
     }
 }
 
@@ -127,7 +129,7 @@ mod tests {
         ];
         for (endpoint, props) in cases {
             let endpoint = reqwest::Url::parse(endpoint).unwrap();
-            assert_eq!(props_url(&endpoint).unwrap().as_str(), props, "{endpoint}");
+            assert_eq!(beside_the_root(&endpoint, "props").unwrap().as_str(), props, "{endpoint}");
         }
     }
 }
