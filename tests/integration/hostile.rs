@@ -1025,7 +1025,7 @@ async fn what_a_server_says_of_itself_is_waited_for_briefly_and_held_to_the_jobs
 #[tokio::test(flavor = "multi_thread")]
 async fn a_servers_gauges_are_read_briefly_and_followed_when_they_show_a_queue() {
     let endless = Hr::new(200, "").with_body(Body::Drip {
-        chunk: b"vllm:num_requests_running 1\n".to_vec(),
+        chunk: b"vllm:num_requests_running 1\nvllm:num_requests_waiting 1\n".to_vec(),
         every: Duration::from_millis(500),
         times: 60,
     });

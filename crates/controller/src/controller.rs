@@ -26,6 +26,9 @@ const FIRST_ANSWER_SHARE: u32 = 4;
 const BINDING_MEMORY: Duration = Duration::from_secs(1);
 /// Send times kept for the trailing admitted-rate estimate.
 const SEND_HISTORY: Duration = Duration::from_secs(10);
+/// Two readings of the server's gauges at most this far apart are in a row (the dispatcher
+/// reads them every second; a reading that failed between two leaves them further apart).
+const GAUGE_READINGS_APART: Duration = Duration::from_secs(3);
 /// Shortest interval between congestion events that says something about the limit.
 const ADMITTED_INTERVAL_MINIMUM: Duration = Duration::from_secs(3);
 
@@ -111,8 +114,10 @@ pub struct Controller {
     /// A request cut at a timeout the recent latencies shortened, with no answer since: they
     /// do not describe the requests now sent, and the next ones get the job's timeout.
     pub(crate) shortened_timeout_missed: bool,
-    /// The server's gauges at their previous reading (`on_server_queue`).
-    last_server_queue: Option<ServerQueue>,
+    /// The server's gauges at their previous reading, and when (`on_server_queue`).
+    last_server_queue: Option<(Duration, ServerQueue)>,
+    /// Whether the queue the gauges show now was followed already (once per queue).
+    server_queue_followed: bool,
 }
 
 impl Controller {
@@ -168,6 +173,7 @@ impl Controller {
             served: (0.0, 0.0),
             shortened_timeout_missed: false,
             last_server_queue: None,
+            server_queue_followed: false,
         })
     }
 
@@ -264,37 +270,55 @@ impl Controller {
     }
 
     /// What the server's own gauges say of its load now (read every second or so, see
-    /// `ServerQueue`). Requests waiting at two readings in a row show the server full: the
-    /// most it ran at them is its slots, and the limit drops to our share of them — the
-    /// requests we have in flight times the share of all its requests it runs (all of them,
-    /// when ours are all it has; less when other clients or other workers of the run queue
-    /// there too). Nothing waiting, with every request the limit allows in flight and as many
-    /// running at the server, shows the level within its slots: slow start doubles at once
-    /// instead of after a measured round. (One reading of a queue is not enough: a request
-    /// that has just arrived may wait for the server's next step with a slot free.)
+    /// `ServerQueue`). Nothing waiting, with every request the limit allows in flight and as
+    /// many running at the server, shows the level within its slots: slow start doubles at
+    /// once instead of after a measured round. Requests waiting show the server full when two
+    /// readings in a row (at most `GAUGE_READINGS_APART` apart) show them and it took no more
+    /// in between (one reading is not enough: a request just arrived may wait for the
+    /// server's next step with a slot free). Then the most it ran is its slots, and the limit
+    /// drops to our share of them: our requests in flight times the share of all its
+    /// requests that its slots hold (all of them, when ours are all it has; fewer when other
+    /// clients or other workers of the run queue there too). That is done once per queue: not
+    /// again until a reading shows none waiting. Gauges that count fewer than half our
+    /// requests in flight are another server's (one replica behind a balancer) and are not
+    /// followed.
     pub fn on_server_queue(&mut self, now: Duration, queue: ServerQueue) {
         self.advance(now);
-        let previous = self.last_server_queue.replace(queue);
-        if queue.waiting > 0 {
-            let ours = self.in_flight.len() as f64;
-            if let Some(previous) = previous.filter(|previous| previous.waiting > 0)
-                && queue.running > 0
-                && ours > 0.0
+        let previous = self
+            .last_server_queue
+            .replace((now, queue))
+            .filter(|(at, _)| now.saturating_sub(*at) <= GAUGE_READINGS_APART)
+            .map(|(_, previous)| previous);
+        let ours = self.in_flight.len() as u64;
+        if u64::from(queue.running) + u64::from(queue.waiting) < ours.div_ceil(2) {
+            return;
+        }
+        if queue.waiting == 0 {
+            self.server_queue_followed = false;
+            let limit = self.delay.limit();
+            if self.delay_limit_applies()
+                && self.counted_in_flight() >= limit as usize
+                && queue.running >= limit
             {
-                let slots = queue.running.max(previous.running);
-                let all = f64::from(queue.running) + f64::from(queue.waiting);
-                let share = (ours * f64::from(queue.running) / all).round().max(1.0) as u32;
-                self.delay.on_server_full(now, slots, share.min(slots));
+                self.delay.on_server_took_all(queue.running);
             }
             return;
         }
-        let limit = self.delay.limit();
-        if self.delay_limit_applies()
-            && self.counted_in_flight() >= limit as usize
-            && queue.running >= limit
+        let Some(previous) = previous.filter(|previous| previous.waiting > 0) else {
+            return;
+        };
+        if self.server_queue_followed
+            || ours == 0
+            || queue.running == 0
+            || queue.running > previous.running
         {
-            self.delay.on_server_took_all(queue.running);
+            return;
         }
+        let slots = queue.running.max(previous.running);
+        let all = f64::from(slots) + f64::from(queue.waiting);
+        let share = (ours as f64 * f64::from(slots) / all).round().max(1.0) as u32;
+        self.delay.on_server_full(now, slots, share.min(slots));
+        self.server_queue_followed = true;
     }
 
     /// A view for the progress bar and the run summary.

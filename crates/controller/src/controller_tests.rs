@@ -823,17 +823,41 @@ fn a_level_the_servers_gauges_show_served_whole_doubles_at_once_until_requests_w
     assert_eq!(controller.delay.limit(), 8);
     now += seconds(1.0);
     gauges(&mut controller, now, 2, 3);
-    assert_eq!(
-        controller.delay.limit(),
-        2,
-        "five of ours, two of them running"
-    );
+    assert_eq!(controller.delay.limit(), 3, "five of ours on three slots");
     assert_eq!(controller.status().server_slots, Some(3));
     assert_eq!(try_send(&mut controller, now), None);
     // Slow start is over: a server that takes them all in is no reason to double again.
     now += seconds(1.0);
     gauges(&mut controller, now, 5, 0);
-    assert_eq!(controller.delay.limit(), 2);
+    assert_eq!(controller.delay.limit(), 3);
+}
+
+#[test]
+fn a_queue_is_followed_once_and_only_from_readings_in_a_row_of_a_server_that_took_no_more() {
+    let full_after = |readings: &[(f64, u32, u32)]| {
+        let mut controller = controller();
+        assert_eq!(sizes_sent_at_once(&mut controller).len(), 5);
+        for (at, running, waiting) in readings {
+            gauges(&mut controller, seconds(*at), *running, *waiting);
+        }
+        controller.status().server_slots
+    };
+    assert_eq!(full_after(&[(2.0, 3, 2), (3.0, 3, 2)]), Some(3));
+    // Readings more than three seconds apart (one failed between) are not in a row.
+    assert_eq!(full_after(&[(2.0, 3, 2), (6.0, 3, 2)]), None);
+    // The server took more in between: it was not full yet.
+    assert_eq!(full_after(&[(2.0, 2, 3), (3.0, 3, 2)]), None);
+    // Gauges that count fewer than half of our five requests are another server's.
+    assert_eq!(full_after(&[(2.0, 1, 1), (3.0, 1, 1)]), None);
+
+    // Once per queue: the share is not taken again while the queue lasts (other clients
+    // keeping it full would otherwise bring the limit down a little at every reading).
+    let mut controller = controller();
+    assert_eq!(sizes_sent_at_once(&mut controller).len(), 5);
+    for at in [2.0, 3.0, 4.0, 5.0, 6.0] {
+        gauges(&mut controller, seconds(at), 4, 4);
+    }
+    assert_eq!(controller.delay.limit(), 3, "5 × 4 ÷ 8, rounded, once");
 }
 
 #[test]

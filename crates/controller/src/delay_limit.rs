@@ -258,6 +258,8 @@ pub struct DelayLimit {
     /// ours waits in its queue, and latency over the first answer's is the server's own
     /// batching.
     server_slots: Option<u32>,
+    /// The slots the server said before the run, which its gauges never take below.
+    announced_slots: Option<u32>,
     /// The level believed best so far.
     settled: u32,
     /// The level being tried, when not `settled`.
@@ -313,6 +315,7 @@ impl DelayLimit {
         Self {
             range,
             server_slots: None,
+            announced_slots: None,
             settled: range.start,
             probe: None,
             reference: None,
@@ -346,6 +349,7 @@ impl DelayLimit {
     /// A limit for a server that said it works on `slots` requests at once.
     pub fn with_server_slots(mut self, slots: Option<u32>) -> Self {
         self.server_slots = slots;
+        self.announced_slots = slots;
         self
     }
 
@@ -365,11 +369,12 @@ impl DelayLimit {
     /// share drops to it at once and holds there (a probe above ends as a failed one, its
     /// hold doubling with each); slow start is over.
     pub fn on_server_full(&mut self, now: Duration, slots: u32, share: u32) {
-        self.server_slots = Some(slots);
+        self.server_slots = Some(slots.max(self.announced_slots.unwrap_or(0)));
         let target = self.range.clamp(share.min(slots));
         if self.limit() <= target {
             return;
         }
+        let probing_above = self.probe.is_some_and(|probe| probe > self.settled);
         tracing::debug!(
             level = self.limit(),
             to = target,
@@ -392,7 +397,9 @@ impl DelayLimit {
         self.probe = None;
         self.bracketed = true;
         self.judged = self.reference;
-        self.failed_probes = self.failed_probes.saturating_add(1);
+        if probing_above {
+            self.failed_probes = self.failed_probes.saturating_add(1);
+        }
         let backoff = f64::from(1u32 << self.failed_probes.min(5).saturating_sub(1));
         self.hold_until = now
             + Duration::from_secs_f64(latency_s * HOLD_LATENCIES * backoff)
@@ -405,10 +412,10 @@ impl DelayLimit {
     /// searches, the next doubling is tried at once instead of after a round measured at
     /// this level: the server took every request in, so what more of them cost is its
     /// batching, not a wait. (A server seen full before that now runs more than it did then
-    /// has gained slots.)
+    /// has gained slots: the bound is dropped, to what it said before the run if it did.)
     pub fn on_server_took_all(&mut self, running: u32) {
         if self.server_slots.is_some_and(|slots| running > slots) {
-            self.server_slots = None;
+            self.server_slots = self.announced_slots;
         }
         let level = self.limit();
         if !self.slow_start || self.bracketed || level >= self.range.max {
@@ -431,6 +438,7 @@ impl DelayLimit {
         self.probe = Some(target);
         self.reference = None;
         self.pending = None;
+        self.jumped = false;
         self.next_direction = Direction::Up;
         self.probes += 1;
         self.bump();

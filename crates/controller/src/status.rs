@@ -66,8 +66,9 @@ pub struct ControllerStatus {
     pub latency_p90_seconds: Option<f64>,
     /// Smallest items-per-request found past the quality knee, if any.
     pub quality_knee: Option<u32>,
-    /// The requests the server said it works on at once, when it said so
-    /// (`ControllerConfig::server_slots`).
+    /// The requests the server works on at once, when it said so before the run
+    /// (`ControllerConfig::server_slots`) or its gauges showed them running while requests
+    /// waited (`Controller::on_server_queue`).
     #[serde(default)]
     pub server_slots: Option<u32>,
     pub counts: ControllerCounts,

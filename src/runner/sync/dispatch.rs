@@ -57,8 +57,9 @@ pub struct Dispatcher {
     /// Rate-limited requests to send again unchanged, with when.
     resends: Resends,
     /// The server's gauges, read every `GAUGES_EVERY` by a task of their own while the
-    /// dispatcher runs (`None` for a server that does not show them).
+    /// dispatcher runs (`None` for a server that does not show them), and that task.
     gauges: Option<watch::Receiver<Option<ServerQueue>>>,
+    gauge_reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 enum Dispatched {
@@ -95,6 +96,7 @@ impl Dispatcher {
             budget: BudgetWait::default(),
             resends: Resends::default(),
             gauges: None,
+            gauge_reader: None,
         }
     }
 
@@ -106,7 +108,7 @@ impl Dispatcher {
         }
         let (readings, receiver) = watch::channel(None);
         let client = self.ctx.client.clone();
-        tokio::spawn(async move {
+        self.gauge_reader = Some(tokio::spawn(async move {
             let mut every = tokio::time::interval(GAUGES_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -120,8 +122,16 @@ impl Dispatcher {
                     break;
                 }
             }
-        });
+        }));
         self.gauges = Some(receiver);
+    }
+
+    /// Stops reading the server's gauges: nothing more is sent.
+    fn stop_reading_gauges(&mut self) {
+        if let Some(reader) = self.gauge_reader.take() {
+            reader.abort();
+        }
+        self.gauges = None;
     }
 
     /// Hands the controller the gauges' latest reading, if one came since the last.
@@ -225,6 +235,7 @@ impl Dispatcher {
                 }
             }
         };
+        self.stop_reading_gauges();
         self.progress.set_controller(self.controller.status());
         self.drain(&stop).await?;
         self.release_resends().await?;
