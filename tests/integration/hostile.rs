@@ -1038,7 +1038,8 @@ async fn a_servers_gauges_are_read_briefly_and_followed_when_they_show_a_queue()
     assert!(started.elapsed() < Duration::from_secs(25), "the run waited {:?}", started.elapsed());
 
     // A server full of others' requests: one running, seven waiting, at every reading. Each
-    // answer takes a quarter of a second, so the run lasts several readings.
+    // answer takes a quarter of a second, so the run lasts several readings. The queue is
+    // followed once; after the hold the throughput decides.
     let full = Hr::new(200, "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 1\nvllm:num_requests_waiting{model_name=\"m\"} 7\n");
     let slow = |seen: &Seen| {
         let mut reply = good(seen);
@@ -1056,7 +1057,19 @@ async fn a_servers_gauges_are_read_briefly_and_followed_when_they_show_a_queue()
     ran.verdict(0, "finished").await;
     assert_eq!(ran.done().await, 40);
     assert_eq!(ran.summary["controller"]["server_slots"], 1, "{}", ran.summary);
-    assert_eq!(ran.summary["controller"]["concurrency_limit"], 1, "{}", ran.summary);
+    // The readings at 0, 1 and 2 s bring the limit to 1 and it holds there for at least 10 s:
+    // from 3 s to 10 s after the first call, no call overlaps another (from the ledger).
+    let calls: Vec<(i64, i64)> = sqlx::query_as("SELECT started_at, started_at + latency_ms FROM backfill_calls WHERE latency_ms IS NOT NULL ORDER BY started_at")
+        .fetch_all(&ran.fx.pool().await)
+        .await
+        .unwrap();
+    let first = calls[0].0;
+    let held: Vec<&(i64, i64)> = calls.iter().filter(|(start, _)| *start >= first + 3_000 && *start < first + 10_000).collect();
+    assert!(!held.is_empty(), "no call between 3 and 10 s: {calls:?}");
+    for (start, _) in &held {
+        let in_flight = calls.iter().filter(|(s, e)| s <= start && e > start).count();
+        assert_eq!(in_flight, 1, "at {} ms: {calls:?}", start - first);
+    }
     assert!(
         ran.stderr().contains("shows the requests it runs and those waiting at GET /metrics (vLLM's vllm:num_requests_waiting)"),
         "{}",
