@@ -90,12 +90,15 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
         }
         Processor::Onnx(model) => Ready::Local(crate::local_model::load(model).await?),
     };
-    // Asked within seconds, before the run is attached and its lease starts running.
     // What a self-hosted server says of itself (llama.cpp's slots) and whether it shows its
-    // load in gauges (vLLM's, llama.cpp's, TGI's `GET /metrics`), asked together.
-    let (server, gauges) = match &ready {
-        Ready::Chat(_, client) => tokio::join!(client.server_props(), client.server_gauges()),
-        Ready::Local(_) => (None, None),
+    // load in gauges (vLLM's, llama.cpp's, TGI's `GET /metrics`), asked together within
+    // seconds, before the run is attached and its lease starts running.
+    let shown = match &ready {
+        Ready::Chat(_, client) => {
+            let (props, gauges) = tokio::join!(client.server_props(), client.server_gauges());
+            Shown { props, gauges }
+        }
+        Ready::Local(_) => Shown { props: None, gauges: None },
     };
     let exporter = crate::metrics::prepare(options.metrics_addr.as_deref(), options.metrics_file.as_deref()).await?;
     let Some(attached) = lifecycle::attach(job, options).await? else {
@@ -111,7 +114,7 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
                     attached.run.id
                 );
             }
-            let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check, client, server, gauges)?);
+            let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check, client, shown)?);
             let controller = sync::controller_for(&ctx, &attached.run)?;
             let mode = chat.mode;
             let session = Session::open(attached, ctx.cap, options.quiet, started, exporter).await?;
@@ -131,6 +134,14 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
     }
 }
 
+/// What a self-hosted server showed of itself before the run.
+struct Shown {
+    /// Its slots and their context (llama.cpp's `GET /props`).
+    props: Option<ServerProps>,
+    /// Its gauges of requests running and waiting (`GET /metrics`).
+    gauges: Option<GaugeReading>,
+}
+
 /// What was checked before the run is touched, by processor.
 enum Ready {
     /// The post-processing rules and the provider's client.
@@ -145,13 +156,12 @@ fn context_for(
     run_id: i64,
     check: Option<Arc<dyn OutputCheck>>,
     client: ChatClient,
-    server: Option<ServerProps>,
-    gauges: Option<GaugeReading>,
+    shown: Shown,
 ) -> anyhow::Result<RunContext> {
     // A self-hosted server that says how many requests it works on at once, and how much
     // context each holds, is taken at its word (requests to a provider's batch API go
     // elsewhere).
-    let server = server.filter(|_| chat.mode == Mode::Sync);
+    let server = shown.props.filter(|_| chat.mode == Mode::Sync);
     let mut chat = chat.clone();
     if let Some(server) = server {
         announce_server(&chat, &job.limits, server);
@@ -170,7 +180,7 @@ fn context_for(
     );
     let mut ctx = RunContext::new(job, chat, store, run_id, client, packer, check);
     ctx.server = server;
-    ctx.gauges = gauges.filter(|_| chat.mode == Mode::Sync);
+    ctx.gauges = shown.gauges.filter(|_| chat.mode == Mode::Sync);
     if let Some(gauges) = ctx.gauges {
         tracing::info!(
             "the server at {} shows the requests it runs and those waiting at GET /metrics ({}'s {}): the run reads them every second, doubles its requests in flight while none waits, and holds at what the server ran once requests wait",

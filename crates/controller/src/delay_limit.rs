@@ -394,17 +394,12 @@ impl DelayLimit {
             self.reference = None;
         }
         self.next_direction = Direction::Up;
-        self.probe = None;
-        self.bracketed = true;
-        self.judged = self.reference;
-        if probing_above {
-            self.failed_probes = self.failed_probes.saturating_add(1);
-        }
-        let backoff = f64::from(1u32 << self.failed_probes.min(5).saturating_sub(1));
+        self.back_to_settled(now, None, probing_above);
+        // Held even before anything was measured (the gauges saw the queue, not a round).
+        let backoff = self.hold_backoff();
         self.hold_until = now
             + Duration::from_secs_f64(latency_s * HOLD_LATENCIES * backoff)
                 .clamp(HOLD_MIN.mul_f64(backoff).min(HOLD_MAX), HOLD_MAX);
-        self.bump();
     }
 
     /// The server's gauges show nothing waiting and `running` requests in its slots, every
@@ -1139,6 +1134,11 @@ impl DelayLimit {
         self.judged = Some(measured);
     }
 
+    /// What the hold is multiplied by: doubled by each failed probe in a row (up to 16).
+    fn hold_backoff(&self) -> f64 {
+        f64::from(1u32 << self.failed_probes.min(5).saturating_sub(1))
+    }
+
     /// Returns to the settled level; holds there for a while when `hold_on` is given (a
     /// measurement whose latency sets the hold), else probes again after one measurement.
     fn back_to_settled(&mut self, now: Duration, hold_on: Option<Measured>, failed: bool) {
@@ -1148,7 +1148,7 @@ impl DelayLimit {
         if failed {
             self.failed_probes = self.failed_probes.saturating_add(1);
         }
-        let backoff = f64::from(1u32 << self.failed_probes.min(5).saturating_sub(1));
+        let backoff = self.hold_backoff();
         self.hold_until = match hold_on {
             Some(measured) => {
                 now + Duration::from_secs_f64(measured.mean_latency_s * HOLD_LATENCIES * backoff)

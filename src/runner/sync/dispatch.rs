@@ -56,10 +56,42 @@ pub struct Dispatcher {
     budget: BudgetWait,
     /// Rate-limited requests to send again unchanged, with when.
     resends: Resends,
-    /// The server's gauges, read every `GAUGES_EVERY` by a task of their own while the
-    /// dispatcher runs (`None` for a server that does not show them), and that task.
-    gauges: Option<watch::Receiver<Option<ServerQueue>>>,
-    gauge_reader: Option<tokio::task::JoinHandle<()>>,
+    /// The server's gauges, read every `GAUGES_EVERY` while the dispatch loop runs (`None`
+    /// for a server that does not show them).
+    gauges: Option<GaugeReader>,
+}
+
+/// A task reading the server's gauges every `GAUGES_EVERY` into a watch channel (a reading
+/// that fails is skipped); it stops when this is dropped.
+struct GaugeReader {
+    readings: watch::Receiver<ServerQueue>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GaugeReader {
+    fn start(client: crate::provider::ChatClient) -> GaugeReader {
+        // The first value stands for no reading yet: it is never marked changed.
+        let (sender, readings) = watch::channel(ServerQueue { running: 0, waiting: 0 });
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(GAUGES_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if let Some(reading) = client.server_gauges().await
+                    && sender.send(reading.queue).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        GaugeReader { readings, task }
+    }
+}
+
+impl Drop for GaugeReader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 enum Dispatched {
@@ -96,56 +128,26 @@ impl Dispatcher {
             budget: BudgetWait::default(),
             resends: Resends::default(),
             gauges: None,
-            gauge_reader: None,
         }
     }
 
-    /// Starts reading the server's gauges every `GAUGES_EVERY`, when it shows them; the
-    /// reading stops when the dispatcher is dropped. A reading that fails is skipped.
+    /// Starts reading the server's gauges, when it shows them.
     fn read_gauges(&mut self) {
-        if self.ctx.gauges.is_none() || self.gauges.is_some() {
-            return;
+        if self.ctx.gauges.is_some() && self.gauges.is_none() {
+            self.gauges = Some(GaugeReader::start(self.ctx.client.clone()));
         }
-        let (readings, receiver) = watch::channel(None);
-        let client = self.ctx.client.clone();
-        self.gauge_reader = Some(tokio::spawn(async move {
-            let mut every = tokio::time::interval(GAUGES_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                if readings.is_closed() {
-                    break;
-                }
-                if let Some(reading) = client.server_gauges().await
-                    && readings.send(Some(reading.queue)).is_err()
-                {
-                    break;
-                }
-            }
-        }));
-        self.gauges = Some(receiver);
-    }
-
-    /// Stops reading the server's gauges: nothing more is sent.
-    fn stop_reading_gauges(&mut self) {
-        if let Some(reader) = self.gauge_reader.take() {
-            reader.abort();
-        }
-        self.gauges = None;
     }
 
     /// Hands the controller the gauges' latest reading, if one came since the last.
     fn take_gauges(&mut self) {
-        let Some(receiver) = self.gauges.as_mut() else { return };
-        if !receiver.has_changed().unwrap_or(false) {
+        let Some(reader) = self.gauges.as_mut() else { return };
+        if !reader.readings.has_changed().unwrap_or(false) {
             return;
         }
-        let reading = *receiver.borrow_and_update();
-        if let Some(queue) = reading {
-            tracing::trace!(running = queue.running, waiting = queue.waiting, "the server's gauges");
-            let now = self.clock.elapsed();
-            self.controller.on_server_queue(now, queue);
-        }
+        let queue = *reader.readings.borrow_and_update();
+        tracing::trace!(running = queue.running, waiting = queue.waiting, "the server's gauges");
+        let now = self.clock.elapsed();
+        self.controller.on_server_queue(now, queue);
     }
 
     fn now(&self) -> Duration {
@@ -235,7 +237,8 @@ impl Dispatcher {
                 }
             }
         };
-        self.stop_reading_gauges();
+        // Nothing more is sent: the gauges are read no more.
+        self.gauges = None;
         self.progress.set_controller(self.controller.status());
         self.drain(&stop).await?;
         self.release_resends().await?;

@@ -222,7 +222,8 @@ pub struct SimulatedProvider {
     slot_free_at: Vec<f64>,
     /// Whether each slot has served a request yet (a cold slot's first takes longer).
     slot_warm: Vec<bool>,
-    /// When each request of the slot server starts and ends its service, until it ends.
+    /// When each request of the slot server starts and ends its service, until it ends (kept
+    /// for a server that shows its gauges).
     slot_busy: Vec<(f64, f64)>,
     /// A server with slots whose requests slow each other (`slowdown_per_request` above 0).
     batching: Option<Batching>,
@@ -321,7 +322,9 @@ impl SimulatedProvider {
                 service_s *= spec.cold_start_factor;
             }
             open[index] = start + service_s;
-            self.slot_busy.push((start, start + service_s));
+            if spec.queue_gauges {
+                self.slot_busy.push((start, start + service_s));
+            }
         }
         if self.rng.f64() < spec.hang_share {
             return SimAnswer::Hang;
@@ -630,6 +633,7 @@ mod tests {
         ] {
             let mut scenario: Scenario = toml::from_str(file).expect("scenario");
             scenario.provider.hang_share = 0.0;
+            scenario.provider.queue_gauges = true;
             let slots = scenario.provider.slots.expect("slots");
             let mut provider = SimulatedProvider::new(&scenario, 5);
             for _ in 0..slots + 3 {
