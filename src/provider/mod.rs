@@ -12,7 +12,7 @@ mod response;
 use std::time::{Duration, Instant};
 
 pub use error::{CallError, RateLimit, parse_retry_after};
-pub use gauges::GaugeReading;
+pub use gauges::{GaugeReading, GaugeSource};
 pub use props::ServerProps;
 pub use request::{ChatRequest, Message, request_body, response_format};
 pub use response::{Completion, parse_completion};

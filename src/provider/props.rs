@@ -46,15 +46,20 @@ pub fn parse_props(body: &str) -> Option<ServerProps> {
     Some(ServerProps { slots, slot_context })
 }
 
-/// The server's own endpoint `name` beside the API root of the chat `endpoint`
-/// (`…/v1/chat/completions` → `…/name`): `http://host:8080/v1` → `http://host:8080/props`.
+/// The server's own endpoint `name` (a path, and a query after `?`) beside the API root of
+/// the chat `endpoint` (`…/v1/chat/completions` → `…/name`): `http://host:8080/v1` →
+/// `http://host:8080/props`.
 pub fn beside_the_root(endpoint: &reqwest::Url, name: &str) -> Option<reqwest::Url> {
     let path = endpoint.path().trim_end_matches('/');
     let root = path.strip_suffix("/chat/completions")?;
     let root = root.strip_suffix("/v1").unwrap_or(root);
+    let (name, query) = match name.split_once('?') {
+        Some((name, query)) => (name, Some(query)),
+        None => (name, None),
+    };
     let mut url = endpoint.clone();
     url.set_path(&format!("{root}/{name}"));
-    url.set_query(None);
+    url.set_query(query);
     Some(url)
 }
 
@@ -131,5 +136,11 @@ mod tests {
             let endpoint = reqwest::Url::parse(endpoint).unwrap();
             assert_eq!(beside_the_root(&endpoint, "props").unwrap().as_str(), props, "{endpoint}");
         }
+        let endpoint = reqwest::Url::parse("http://127.0.0.1:30000/v1/chat/completions?api-version=1").unwrap();
+        assert_eq!(
+            beside_the_root(&endpoint, "v1/loads?include=core").unwrap().as_str(),
+            "http://127.0.0.1:30000/v1/loads?include=core"
+        );
+        assert_eq!(beside_the_root(&endpoint, "metrics").unwrap().as_str(), "http://127.0.0.1:30000/metrics");
     }
 }

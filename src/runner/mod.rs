@@ -91,8 +91,9 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
         Processor::Onnx(model) => Ready::Local(crate::local_model::load(model).await?),
     };
     // What a self-hosted server says of itself (llama.cpp's slots) and whether it shows its
-    // load in gauges (vLLM's, llama.cpp's, TGI's `GET /metrics`), asked together within
-    // seconds, before the run is attached and its lease starts running.
+    // load in gauges (vLLM's, llama.cpp's, SGLang's, TGI's `GET /metrics`, SGLang's
+    // `GET /v1/loads`), asked together within seconds, before the run is attached and its
+    // lease starts running.
     let shown = match &ready {
         Ready::Chat(_, client) => {
             let (props, gauges) = tokio::join!(client.server_props(), client.server_gauges());
@@ -138,7 +139,7 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
 struct Shown {
     /// Its slots and their context (llama.cpp's `GET /props`).
     props: Option<ServerProps>,
-    /// Its gauges of requests running and waiting (`GET /metrics`).
+    /// Its gauges of requests running and waiting (`GET /metrics`, `GET /v1/loads`).
     gauges: Option<GaugeReading>,
 }
 
@@ -183,8 +184,9 @@ fn context_for(
     ctx.gauges = shown.gauges.filter(|_| chat.mode == Mode::Sync);
     if let Some(gauges) = ctx.gauges {
         tracing::info!(
-            "the server at {} shows the requests it runs and those waiting at GET /metrics ({}'s {}): the run reads them every second, doubles its requests in flight while none waits, and holds at what the server ran once requests wait",
+            "the server at {} shows the requests it runs and those waiting at {} ({}'s {}): the run reads them every second, doubles its requests in flight while none waits, and holds at what the server ran once requests wait",
             crate::secret::redact_url(&chat.base_url),
+            gauges.source.request(),
             gauges.server,
             gauges.waiting_gauge,
         );

@@ -65,7 +65,13 @@ async fn run_case_with_props(case: Case, props: Option<Hr>, script: impl Fn(&See
 /// `run_case` against a server that answers `props` at `GET …/props` and `metrics` at
 /// `GET …/metrics`.
 async fn run_case_with_server(case: Case, props: Option<Hr>, metrics: Option<Hr>, script: impl Fn(&Seen) -> Hr + Send + Sync + 'static) -> Ran {
-    let provider = Hostile::start_with(props, metrics, script).await;
+    let shown = [("/props", props), ("/metrics", metrics)];
+    run_case_showing(case, shown.into_iter().filter_map(|(path, reply)| Some((path, reply?))).collect(), script).await
+}
+
+/// `run_case` against a server that answers these `GET`s beside its API itself.
+async fn run_case_showing(case: Case, shown: Vec<(&'static str, Hr)>, script: impl Fn(&Seen) -> Hr + Send + Sync + 'static) -> Ran {
+    let provider = Hostile::start_showing(shown, script).await;
     let fx = Fixture::new(case.rows).await;
     fx.write_job(&provider.base_url(), case.model, case.limits, "");
     let (output, summary) = run_json(&fx, &case.args).await;
@@ -1021,7 +1027,8 @@ async fn what_a_server_says_of_itself_is_waited_for_briefly_and_held_to_the_jobs
 
 /// A server's gauges (`GET /metrics`) that never end are given up on within seconds, and the
 /// run goes on as with a server that shows none; gauges that show requests waiting at every
-/// reading hold the run at what they show running, whoever's requests those are.
+/// reading (vLLM's `GET /metrics`, SGLang's `GET /v1/loads`) hold the run at what they show
+/// running, whoever's requests those are.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_servers_gauges_are_read_briefly_and_followed_when_they_show_a_queue() {
     let endless = Hr::new(200, "").with_body(Body::Drip {
@@ -1037,10 +1044,21 @@ async fn a_servers_gauges_are_read_briefly_and_followed_when_they_show_a_queue()
     assert!(!ran.stderr().contains("GET /metrics"), "{}", ran.stderr());
     assert!(started.elapsed() < Duration::from_secs(25), "the run waited {:?}", started.elapsed());
 
-    // A server full of others' requests: one running, seven waiting, at every reading. Each
-    // answer takes a quarter of a second, so the run lasts several readings. The queue is
-    // followed once; after the hold the throughput decides.
-    let full = Hr::new(200, "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 1\nvllm:num_requests_waiting{model_name=\"m\"} 7\n");
+    // A server full of others' requests: one running, seven waiting, at every reading, as
+    // vLLM's `/metrics` and SGLang's `/v1/loads` show it.
+    let vllm = Hr::new(200, "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 1\nvllm:num_requests_waiting{model_name=\"m\"} 7\n");
+    held_by_a_full_server(("/metrics", vllm), "GET /metrics (vLLM's vllm:num_requests_waiting)").await;
+    let sglang = Hr::json(
+        200,
+        &json!({ "version": "0.5.9", "loads": [{ "dp_rank": 0, "num_running_reqs": 1, "num_waiting_reqs": 7, "max_running_requests": 2048 }] }),
+    );
+    held_by_a_full_server(("/v1/loads", sglang), "GET /v1/loads (SGLang's num_waiting_reqs)").await;
+}
+
+/// A run against a server whose gauges (`shown`) say one request running and seven waiting
+/// at every reading. Each answer takes a quarter of a second, so the run lasts several
+/// readings. The queue is followed once; after the hold the throughput decides.
+async fn held_by_a_full_server(shown: (&'static str, Hr), read_at: &str) {
     let slow = |seen: &Seen| {
         let mut reply = good(seen);
         if let Body::Bytes(bytes) = reply.body {
@@ -1053,7 +1071,7 @@ async fn a_servers_gauges_are_read_briefly_and_followed_when_they_show_a_queue()
         limits: "items_per_request = { start = 1, min = 1, max = 1 }\nconcurrency = { start = 4, min = 1, max = 8 }",
         ..Case::default()
     };
-    let ran = run_case_with_server(case, None, Some(full), slow).await;
+    let ran = run_case_showing(case, vec![shown], slow).await;
     ran.verdict(0, "finished").await;
     assert_eq!(ran.done().await, 40);
     assert_eq!(ran.summary["controller"]["server_slots"], 1, "{}", ran.summary);
@@ -1070,9 +1088,5 @@ async fn a_servers_gauges_are_read_briefly_and_followed_when_they_show_a_queue()
         let in_flight = calls.iter().filter(|(s, e)| s <= start && e > start).count();
         assert_eq!(in_flight, 1, "at {} ms: {calls:?}", start - first);
     }
-    assert!(
-        ran.stderr().contains("shows the requests it runs and those waiting at GET /metrics (vLLM's vllm:num_requests_waiting)"),
-        "{}",
-        ran.stderr()
-    );
+    assert!(ran.stderr().contains(&format!("shows the requests it runs and those waiting at {read_at}")), "{}", ran.stderr());
 }

@@ -22,6 +22,7 @@ use crate::runner::progress::Progress;
 use crate::runner::session::Stop;
 use crate::ledger::CostSource;
 use crate::pricing::Picos;
+use crate::provider::GaugeSource;
 use crate::store::{BatchWrite, NewCall, now_ms};
 
 /// How often the controller's state is saved for `--resume`.
@@ -69,7 +70,7 @@ struct GaugeReader {
 }
 
 impl GaugeReader {
-    fn start(client: crate::provider::ChatClient) -> GaugeReader {
+    fn start(client: crate::provider::ChatClient, source: GaugeSource) -> GaugeReader {
         // The first value stands for no reading yet: it is never marked changed.
         let (sender, readings) = watch::channel(ServerQueue { running: 0, waiting: 0 });
         let task = tokio::spawn(async move {
@@ -77,7 +78,7 @@ impl GaugeReader {
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
-                if let Some(reading) = client.server_gauges().await
+                if let Some(reading) = client.read_gauges(source).await
                     && sender.send(reading.queue).is_err()
                 {
                     break;
@@ -133,8 +134,10 @@ impl Dispatcher {
 
     /// Starts reading the server's gauges, when it shows them.
     fn read_gauges(&mut self) {
-        if self.ctx.gauges.is_some() && self.gauges.is_none() {
-            self.gauges = Some(GaugeReader::start(self.ctx.client.clone()));
+        if let Some(shown) = self.ctx.gauges
+            && self.gauges.is_none()
+        {
+            self.gauges = Some(GaugeReader::start(self.ctx.client.clone(), shown.source));
         }
     }
 

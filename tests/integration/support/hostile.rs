@@ -132,6 +132,14 @@ impl Hostile {
     /// `GET …/metrics` (the gauges of requests running and waiting that vLLM shows), each 404
     /// when `None`.
     pub async fn start_with(props: Option<Reply>, metrics: Option<Reply>, script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Hostile {
+        let shown = [("/props", props), ("/metrics", metrics)];
+        Hostile::start_showing(shown.into_iter().filter_map(|(path, reply)| Some((path, reply?))).collect(), script).await
+    }
+
+    /// Starts the server with its own answers to `GET`s of these paths beside the API (what a
+    /// server says of itself and its gauges: `/props`, `/metrics`, `/v1/loads`); any other
+    /// `GET` of those is 404.
+    pub async fn start_showing(shown: Vec<(&'static str, Reply)>, script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Hostile {
         // Load the tokenizer the fake's helpers use now, not inside the first answer.
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -148,9 +156,9 @@ impl Hostile {
                         return;
                     };
                     let (log, script, count) = (log.clone(), script.clone(), count.clone());
-                    let (props, metrics) = (props.clone(), metrics.clone());
+                    let shown = shown.clone();
                     tokio::spawn(async move {
-                        let _ = serve(socket, &log, script.as_ref(), &count, &props, &metrics).await;
+                        let _ = serve(socket, &log, script.as_ref(), &count, &shown).await;
                     });
                 }
             })
@@ -179,8 +187,7 @@ async fn serve(
     log: &Mutex<Vec<Seen>>,
     script: &Script,
     count: &AtomicUsize,
-    props: &Option<Reply>,
-    metrics: &Option<Reply>,
+    shown: &[(&'static str, Reply)],
 ) -> std::io::Result<()> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -217,10 +224,16 @@ async fn serve(
         body.extend_from_slice(&chunk[..n]);
     }
     // What a server says of itself before a run (llama.cpp's `GET /props`) and its gauges
-    // (`GET /metrics`) are answered apart: the scripts number and see only the API's requests.
-    for (endpoint, reply) in [("/props", props), ("/metrics", metrics)] {
-        if method == "GET" && path.trim_end_matches('/').ends_with(endpoint) {
-            let reply = reply.clone().unwrap_or_else(|| Reply::new(404, r#"{"error":"not found"}"#));
+    // (`GET /metrics`, SGLang's `GET /v1/loads`) are answered apart: the scripts number and see
+    // only the API's requests.
+    let asked = path.split('?').next().unwrap_or("").trim_end_matches('/');
+    for endpoint in ["/props", "/metrics", "/v1/loads"] {
+        if method == "GET" && asked.ends_with(endpoint) {
+            let reply = shown
+                .iter()
+                .find(|(path, _)| *path == endpoint)
+                .map(|(_, reply)| reply.clone())
+                .unwrap_or_else(|| Reply::new(404, r#"{"error":"not found"}"#));
             return write_reply(&mut socket, &reply).await;
         }
     }
