@@ -28,11 +28,11 @@ struct KnownGauges {
     server: &'static str,
     running: &'static str,
     waiting: &'static str,
-    /// The label that tells the server's independent parts apart (vLLM's engines, SGLang's
-    /// data-parallel ranks): their counts add up. Samples that share its value are one part
-    /// seen several times (SGLang's tensor- and pipeline-parallel ranks repeat their group's
-    /// figures), of which the largest is taken. Without it, every sample adds up.
-    part: Option<&'static str>,
+    /// Labels that tell apart copies of one figure: SGLang's tensor- and pipeline-parallel
+    /// ranks each report their group's counts (with `--enable-metrics-for-all-schedulers`).
+    /// Samples whose other labels are the same are one part of the server, of which the
+    /// largest is taken; the parts add up (vLLM's engines, SGLang's data-parallel ranks).
+    copies: &'static [&'static str],
 }
 
 const KNOWN_GAUGES: [KnownGauges; 4] = [
@@ -40,25 +40,25 @@ const KNOWN_GAUGES: [KnownGauges; 4] = [
         server: "vLLM",
         running: "vllm:num_requests_running",
         waiting: "vllm:num_requests_waiting",
-        part: Some("engine"),
+        copies: &[],
     },
     KnownGauges {
         server: "llama.cpp",
         running: "llamacpp:requests_processing",
         waiting: "llamacpp:requests_deferred",
-        part: None,
+        copies: &[],
     },
     KnownGauges {
         server: "SGLang",
         running: "sglang:num_running_reqs",
         waiting: "sglang:num_queue_reqs",
-        part: Some("dp_rank"),
+        copies: &["tp_rank", "pp_rank", "moe_ep_rank"],
     },
     KnownGauges {
         server: "text-generation-inference",
         running: "tgi_batch_current_size",
         waiting: "tgi_queue_size",
-        part: None,
+        copies: &[],
     },
 ];
 
@@ -106,92 +106,77 @@ pub struct GaugeReading {
     pub source: GaugeSource,
 }
 
-/// One sample line (`name{labels} value [timestamp]`) of the metric `name`: its labels (the
-/// text between the braces, empty without) and its value.
-fn sample<'a>(line: &'a str, name: &str) -> Option<(&'a str, f64)> {
-    let rest = line.strip_prefix(name)?;
-    let (labels, rest) = if let Some(labels) = rest.strip_prefix('{') {
-        // Label values are quoted and may hold braces and spaces: the labels end at the first
-        // `}` outside quotes.
-        let mut quoted = false;
-        let mut escaped = false;
-        let mut end = None;
-        for (at, c) in labels.char_indices() {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' if quoted => escaped = true,
-                '"' => quoted = !quoted,
-                '}' if !quoted => {
-                    end = Some(at);
-                    break;
-                }
-                _ => {}
-            }
+/// The end of a quoted label value that starts `text` after its opening quote: the index of
+/// the closing quote (backslash escapes skipped).
+fn closing_quote(text: &str) -> Option<usize> {
+    let mut escaped = false;
+    text.char_indices().find_map(|(at, c)| match c {
+        _ if escaped => {
+            escaped = false;
+            None
         }
-        let end = end?;
-        (&labels[..end], &labels[end + 1..])
+        '\\' => {
+            escaped = true;
+            None
+        }
+        '"' => Some(at),
+        _ => None,
+    })
+}
+
+/// The labels of a sample after its `{`: the `(name, value)` pairs (values as written,
+/// escapes kept: only compared, never shown) and what follows the closing `}`. Values are
+/// quoted and may hold braces, commas and spaces.
+fn labels(mut text: &str) -> Option<(Vec<(&str, &str)>, &str)> {
+    let mut pairs = Vec::new();
+    loop {
+        text = text.trim_start_matches([',', ' ', '\t']);
+        if let Some(rest) = text.strip_prefix('}') {
+            return Some((pairs, rest));
+        }
+        let (name, after) = text.split_once('=')?;
+        let after = after.trim_start().strip_prefix('"')?;
+        let end = closing_quote(after)?;
+        pairs.push((name.trim(), &after[..end]));
+        text = &after[end + 1..];
+    }
+}
+
+/// One sample line (`name{labels} value [timestamp]`) of the metric `name`: its labels and
+/// its value.
+fn sample<'a>(line: &'a str, name: &str) -> Option<(Vec<(&'a str, &'a str)>, f64)> {
+    let rest = line.strip_prefix(name)?;
+    let (pairs, rest) = if let Some(after) = rest.strip_prefix('{') {
+        labels(after)?
     } else if rest.starts_with([' ', '\t']) {
-        ("", rest)
+        (Vec::new(), rest)
     } else {
         // Another metric whose name starts with this one's.
         return None;
     };
-    Some((labels, rest.split_whitespace().next()?.parse::<f64>().ok()?))
+    Some((pairs, rest.split_whitespace().next()?.parse::<f64>().ok()?))
 }
 
-/// The value of the label `key` among `labels` (`a="1",b="x"`), escapes kept as they are
-/// (only compared, never shown).
-fn label_value<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
-    let mut rest = labels;
-    loop {
-        rest = rest.trim_start_matches([',', ' ']);
-        let (name, after) = rest.split_once('=')?;
-        let after = after.trim_start().strip_prefix('"')?;
-        let mut escaped = false;
-        let end = after.char_indices().find_map(|(at, c)| match c {
-            _ if escaped => {
-                escaped = false;
-                None
-            }
-            '\\' => {
-                escaped = true;
-                None
-            }
-            '"' => Some(at),
-            _ => None,
-        })?;
-        if name.trim() == key {
-            return Some(&after[..end]);
-        }
-        rest = &after[end + 1..];
-    }
-}
-
-/// A gauge's value over the server's parts (see `KnownGauges::part`): `None` when the body
-/// holds no sample of it, or one that is not a count.
-fn gauge_total(body: &str, name: &str, part: Option<&str>) -> Option<f64> {
-    let mut parts: HashMap<&str, f64> = HashMap::new();
-    let mut unlabelled = 0.0;
-    let mut seen = false;
+/// A gauge's value over the server's parts: samples whose labels other than `copies` are the
+/// same count once (the largest), the rest add up. `None` when the body holds no sample of
+/// it, or one that is not a count.
+fn gauge_total(body: &str, name: &str, copies: &[&str]) -> Option<f64> {
+    let mut parts: HashMap<Vec<(&str, &str)>, f64> = HashMap::new();
     for line in body.lines() {
         let line = line.trim_start();
         if line.starts_with('#') {
             continue;
         }
-        let Some((labels, value)) = sample(line, name) else { continue };
+        let Some((mut pairs, value)) = sample(line, name) else { continue };
         if !value.is_finite() || value < 0.0 {
             return None;
         }
-        seen = true;
-        match part.map(|key| label_value(labels, key).unwrap_or("")) {
-            Some(key) => {
-                let most = parts.entry(key).or_insert(0.0);
-                *most = most.max(value);
-            }
-            None => unlabelled += value,
-        }
+        pairs.retain(|(label, _)| !copies.contains(label));
+        pairs.sort_unstable();
+        let most = parts.entry(pairs).or_insert(0.0);
+        *most = most.max(value);
     }
-    seen.then(|| unlabelled + parts.values().sum::<f64>())
+    (!parts.is_empty()).then(|| parts.values().sum())
 }
 
 fn count(value: f64) -> u32 {
@@ -202,8 +187,8 @@ fn count(value: f64) -> u32 {
 /// both there.
 pub fn parse_gauges(body: &str) -> Option<GaugeReading> {
     KNOWN_GAUGES.iter().find_map(|known| {
-        let running = gauge_total(body, known.running, known.part)?;
-        let waiting = gauge_total(body, known.waiting, known.part)?;
+        let running = gauge_total(body, known.running, known.copies)?;
+        let waiting = gauge_total(body, known.waiting, known.copies)?;
         Some(GaugeReading {
             queue: ServerQueue { running: count(running), waiting: count(waiting) },
             server: known.server,
@@ -218,20 +203,28 @@ struct LoadsBody {
     loads: Vec<RankLoad>,
 }
 
+/// One data-parallel rank's load. SGLang may leave out a count that is zero; the rank's
+/// capacity (`max_total_num_tokens`, `max_running_requests`) is never zero, and its presence
+/// tells SGLang's own answer from another server's `loads` (its router's, say).
 #[derive(Deserialize)]
 struct RankLoad {
+    #[serde(default)]
     num_running_reqs: u64,
+    #[serde(default)]
     num_waiting_reqs: u64,
+    max_total_num_tokens: Option<u64>,
+    max_running_requests: Option<u64>,
 }
 
 /// Reads SGLang's `GET /v1/loads` body: the requests running and waiting, summed over its
-/// data-parallel ranks; `None` unless at least one rank counts both.
+/// data-parallel ranks; `None` unless every rank is one of SGLang's.
 pub fn parse_loads(body: &str) -> Option<GaugeReading> {
     let body: LoadsBody = serde_json::from_str(body).ok()?;
-    if body.loads.is_empty() {
+    let sglangs = |rank: &RankLoad| rank.max_total_num_tokens.or(rank.max_running_requests).is_some_and(|most| most > 0);
+    if body.loads.is_empty() || !body.loads.iter().all(sglangs) {
         return None;
     }
-    let sum = |of: fn(&RankLoad) -> u64| count(body.loads.iter().map(of).sum::<u64>() as f64);
+    let sum = |of: fn(&RankLoad) -> u64| count(body.loads.iter().map(|rank| of(rank) as f64).sum());
     Some(GaugeReading {
         queue: ServerQueue { running: sum(|rank| rank.num_running_reqs), waiting: sum(|rank| rank.num_waiting_reqs) },
         server: "SGLang",
@@ -281,6 +274,9 @@ vllm:kv_cache_usage_perc{engine="0",model_name="Qwen/Qwen2.5-1.5B-Instruct"} 0.4
         let reading = parse_gauges(body).expect("vLLM's gauges");
         assert_eq!(reading.queue, queue(16, 3));
         assert_eq!(reading.server, "vLLM");
+        // Series told apart by any label add up (two models behind one address, say).
+        let body = "vllm:num_requests_running{model_name=\"a\"} 4\nvllm:num_requests_running{model_name=\"b\"} 4\nvllm:num_requests_waiting{model_name=\"a\"} 1\nvllm:num_requests_waiting{model_name=\"b\"} 2\n";
+        assert_eq!(parse_gauges(body).map(|r| r.queue), Some(queue(8, 3)));
     }
 
     #[test]
@@ -322,27 +318,36 @@ sglang:num_grammar_queue_reqs{dp_rank="0",model_name="qwen"} 9.0
                      {"dp_rank":1,"num_running_reqs":10,"num_waiting_reqs":0,"max_running_requests":48}]}"#;
         let reading = parse_loads(body).expect("SGLang's loads");
         assert_eq!((reading.queue, reading.server, reading.source), (queue(22, 5), "SGLang", GaugeSource::Loads));
+        // Counts that are zero may be left out.
+        let idle = r#"{"loads":[{"max_total_num_tokens":500000,"max_running_requests":48}]}"#;
+        assert_eq!(parse_loads(idle).map(|r| r.queue), Some(queue(0, 0)));
+        // Counts too large to add up do not overflow.
+        let huge = format!(r#"{{"loads":[{{"num_running_reqs":{m},"num_waiting_reqs":{m},"max_running_requests":1}},{{"num_running_reqs":{m},"max_running_requests":1}}]}}"#, m = u64::MAX);
+        assert_eq!(parse_loads(&huge).map(|r| r.queue), Some(queue(u32::MAX, u32::MAX)));
         for body in [
             "",
             "404 page not found",
             r#"{"detail":"Not Found"}"#,
             r#"{"loads":[]}"#,
-            r#"{"loads":[{"dp_rank":0,"num_running_reqs":3}]}"#,
-            r#"{"loads":[{"dp_rank":0,"num_running_reqs":-1,"num_waiting_reqs":0}]}"#,
-            r#"{"loads":[{"dp_rank":0,"num_running_reqs":1.5,"num_waiting_reqs":0}]}"#,
+            r#"{"loads":[{"worker":"http://10.0.0.2:30000","load":0}]}"#,
+            r#"{"loads":[{"dp_rank":0,"num_running_reqs":3,"num_waiting_reqs":0}]}"#,
+            r#"{"loads":[{"dp_rank":0,"num_running_reqs":3,"max_running_requests":0}]}"#,
+            r#"{"loads":[{"dp_rank":0,"num_running_reqs":-1,"num_waiting_reqs":0,"max_running_requests":8}]}"#,
+            r#"{"loads":[{"dp_rank":0,"num_running_reqs":1.5,"num_waiting_reqs":0,"max_running_requests":8}]}"#,
         ] {
             assert_eq!(parse_loads(body), None, "{body}");
         }
     }
 
     #[test]
-    fn label_values_are_found_by_their_key_alone() {
-        let labels = r#"model_name="a,b=\"c\"",engine="1", dp_rank="2""#;
-        assert_eq!(label_value(labels, "engine"), Some("1"));
-        assert_eq!(label_value(labels, "dp_rank"), Some("2"));
-        assert_eq!(label_value(labels, "model_name"), Some(r#"a,b=\"c\""#));
-        assert_eq!(label_value(labels, "rank"), None);
-        assert_eq!(label_value("", "engine"), None);
+    fn labels_are_read_whatever_their_values_hold() {
+        let (pairs, rest) = labels(r#"model_name="a,b=\"c\"}", engine="1",dp_rank = "2"} 7 1700000000000"#).expect("labels");
+        assert_eq!(pairs, [("model_name", r#"a,b=\"c\"}"#), ("engine", "1"), ("dp_rank", "2")]);
+        assert_eq!(rest, " 7 1700000000000");
+        assert_eq!(labels("} 1"), Some((vec![], " 1")));
+        for broken in [r#"a="1" 3"#, r#"a=1} 3"#, r#"a="1} 3"#] {
+            assert_eq!(labels(broken), None, "{broken}");
+        }
     }
 
     #[test]

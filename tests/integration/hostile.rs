@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::hostile::{Body, Hostile, Reply as Hr, Seen, completion, good};
+use crate::support::hostile::{Body, Hostile, Reply as Hr, Seen, completion, good, shown};
 use crate::support::*;
 
 /// Three items per request, one request at a time: the script sees requests in call order.
@@ -65,8 +65,7 @@ async fn run_case_with_props(case: Case, props: Option<Hr>, script: impl Fn(&See
 /// `run_case` against a server that answers `props` at `GET …/props` and `metrics` at
 /// `GET …/metrics`.
 async fn run_case_with_server(case: Case, props: Option<Hr>, metrics: Option<Hr>, script: impl Fn(&Seen) -> Hr + Send + Sync + 'static) -> Ran {
-    let shown = [("/props", props), ("/metrics", metrics)];
-    run_case_showing(case, shown.into_iter().filter_map(|(path, reply)| Some((path, reply?))).collect(), script).await
+    run_case_showing(case, shown(props, metrics), script).await
 }
 
 /// `run_case` against a server that answers these `GET`s beside its API itself.
@@ -1047,18 +1046,24 @@ async fn a_servers_gauges_are_read_briefly_and_followed_when_they_show_a_queue()
     // A server full of others' requests: one running, seven waiting, at every reading, as
     // vLLM's `/metrics` and SGLang's `/v1/loads` show it.
     let vllm = Hr::new(200, "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 1\nvllm:num_requests_waiting{model_name=\"m\"} 7\n");
-    held_by_a_full_server(("/metrics", vllm), "GET /metrics (vLLM's vllm:num_requests_waiting)").await;
+    let ran = held_by_a_full_server(vec![("/metrics", vllm)], "GET /metrics (vLLM's vllm:num_requests_waiting)").await;
+    assert!(ran.provider.asked("/metrics") >= 5, "{}", ran.provider.asked("/metrics"));
+    // SGLang's loads are preferred to its `/metrics` (here showing nothing waiting), which is
+    // asked only once, before the run.
     let sglang = Hr::json(
         200,
         &json!({ "version": "0.5.9", "loads": [{ "dp_rank": 0, "num_running_reqs": 1, "num_waiting_reqs": 7, "max_running_requests": 2048 }] }),
     );
-    held_by_a_full_server(("/v1/loads", sglang), "GET /v1/loads (SGLang's num_waiting_reqs)").await;
+    let idle = Hr::new(200, "sglang:num_running_reqs{tp_rank=\"0\"} 0\nsglang:num_queue_reqs{tp_rank=\"0\"} 0\n");
+    let ran = held_by_a_full_server(vec![("/v1/loads", sglang), ("/metrics", idle)], "GET /v1/loads (SGLang's num_waiting_reqs)").await;
+    assert_eq!(ran.provider.asked("/metrics"), 1);
+    assert!(ran.provider.asked("/v1/loads") >= 5, "{}", ran.provider.asked("/v1/loads"));
 }
 
 /// A run against a server whose gauges (`shown`) say one request running and seven waiting
 /// at every reading. Each answer takes a quarter of a second, so the run lasts several
 /// readings. The queue is followed once; after the hold the throughput decides.
-async fn held_by_a_full_server(shown: (&'static str, Hr), read_at: &str) {
+async fn held_by_a_full_server(shown: Vec<(&'static str, Hr)>, read_at: &str) -> Ran {
     let slow = |seen: &Seen| {
         let mut reply = good(seen);
         if let Body::Bytes(bytes) = reply.body {
@@ -1071,7 +1076,7 @@ async fn held_by_a_full_server(shown: (&'static str, Hr), read_at: &str) {
         limits: "items_per_request = { start = 1, min = 1, max = 1 }\nconcurrency = { start = 4, min = 1, max = 8 }",
         ..Case::default()
     };
-    let ran = run_case_showing(case, vec![shown], slow).await;
+    let ran = run_case_showing(case, shown, slow).await;
     ran.verdict(0, "finished").await;
     assert_eq!(ran.done().await, 40);
     assert_eq!(ran.summary["controller"]["server_slots"], 1, "{}", ran.summary);
@@ -1089,4 +1094,5 @@ async fn held_by_a_full_server(shown: (&'static str, Hr), read_at: &str) {
         assert_eq!(in_flight, 1, "at {} ms: {calls:?}", start - first);
     }
     assert!(ran.stderr().contains(&format!("shows the requests it runs and those waiting at {read_at}")), "{}", ran.stderr());
+    ran
 }

@@ -109,9 +109,16 @@ pub fn good(seen: &Seen) -> Reply {
 
 type Script = dyn Fn(&Seen) -> Reply + Send + Sync;
 
+/// A server's answers to `GET …/props` and `GET …/metrics`, as `Hostile::start_showing` takes
+/// them (a `None` is left out: 404).
+pub fn shown(props: Option<Reply>, metrics: Option<Reply>) -> Vec<(&'static str, Reply)> {
+    [("/props", props), ("/metrics", metrics)].into_iter().filter_map(|(path, reply)| Some((path, reply?))).collect()
+}
+
 pub struct Hostile {
     pub origin: String,
     log: Arc<Mutex<Vec<Seen>>>,
+    asked: Arc<Mutex<Vec<&'static str>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -132,8 +139,7 @@ impl Hostile {
     /// `GET …/metrics` (the gauges of requests running and waiting that vLLM shows), each 404
     /// when `None`.
     pub async fn start_with(props: Option<Reply>, metrics: Option<Reply>, script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Hostile {
-        let shown = [("/props", props), ("/metrics", metrics)];
-        Hostile::start_showing(shown.into_iter().filter_map(|(path, reply)| Some((path, reply?))).collect(), script).await
+        Hostile::start_showing(shown(props, metrics), script).await
     }
 
     /// Starts the server with its own answers to `GET`s of these paths beside the API (what a
@@ -146,24 +152,25 @@ impl Hostile {
             .expect("a local port");
         let origin = format!("http://{}", listener.local_addr().unwrap());
         let log = Arc::new(Mutex::new(Vec::new()));
+        let asked = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Script> = Arc::new(script);
         let count = Arc::new(AtomicUsize::new(0));
         let task = {
-            let log = log.clone();
+            let (log, asked) = (log.clone(), asked.clone());
             tokio::spawn(async move {
                 loop {
                     let Ok((socket, _)) = listener.accept().await else {
                         return;
                     };
-                    let (log, script, count) = (log.clone(), script.clone(), count.clone());
+                    let (log, asked, script, count) = (log.clone(), asked.clone(), script.clone(), count.clone());
                     let shown = shown.clone();
                     tokio::spawn(async move {
-                        let _ = serve(socket, &log, script.as_ref(), &count, &shown).await;
+                        let _ = serve(socket, &log, &asked, script.as_ref(), &count, &shown).await;
                     });
                 }
             })
         };
-        Hostile { origin, log, task }
+        Hostile { origin, log, asked, task }
     }
 
     /// The base URL a job names (`…/v1`).
@@ -173,6 +180,12 @@ impl Hostile {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// How many times the server was asked `GET …path` of what it says of itself and its
+    /// gauges (`/props`, `/metrics`, `/v1/loads`).
+    pub fn asked(&self, path: &str) -> usize {
+        self.asked.lock().unwrap().iter().filter(|asked| **asked == path).count()
     }
 }
 
@@ -185,6 +198,7 @@ impl Drop for Hostile {
 async fn serve(
     mut socket: TcpStream,
     log: &Mutex<Vec<Seen>>,
+    asked: &Mutex<Vec<&'static str>>,
     script: &Script,
     count: &AtomicUsize,
     shown: &[(&'static str, Reply)],
@@ -226,9 +240,10 @@ async fn serve(
     // What a server says of itself before a run (llama.cpp's `GET /props`) and its gauges
     // (`GET /metrics`, SGLang's `GET /v1/loads`) are answered apart: the scripts number and see
     // only the API's requests.
-    let asked = path.split('?').next().unwrap_or("").trim_end_matches('/');
+    let path_asked = path.split('?').next().unwrap_or("").trim_end_matches('/');
     for endpoint in ["/props", "/metrics", "/v1/loads"] {
-        if method == "GET" && asked.ends_with(endpoint) {
+        if method == "GET" && path_asked.ends_with(endpoint) {
+            asked.lock().unwrap().push(endpoint);
             let reply = shown
                 .iter()
                 .find(|(path, _)| *path == endpoint)

@@ -92,7 +92,8 @@ pub struct ProviderSpec {
     #[serde(default)]
     pub announces_slots: bool,
     /// Whether the server shows its load in gauges the client reads every second (vLLM's,
-    /// llama.cpp's and TGI's `GET /metrics`): requests running and requests waiting.
+    /// llama.cpp's, SGLang's and TGI's `GET /metrics`, SGLang's `GET /v1/loads`): requests
+    /// running and requests waiting.
     #[serde(default)]
     pub queue_gauges: bool,
     /// Capacity changes: from `at_s` on, both rate limits are `factor` times the base.
