@@ -10,7 +10,9 @@
 //! seeds instead of 20; `SERVICE_TIME=1` has every server report its service time (as
 //! llama.cpp's `timings` do); `COLD_START=k` has the first request each slot serves take `k`
 //! times as long (a server that warms up); `ITEMS=n` runs every scenario over `n` items (how
-//! much of a run the search for the server's pace costs, run against run length).
+//! much of a run the search for the server's pace costs, run against run length); `RESUME=1`
+//! measures resumed runs: each seed's run is restored (`run --resume`) from what the
+//! controller saved halfway through an earlier run on the same server (the seed + 500).
 
 mod common;
 
@@ -18,7 +20,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use backfill_controller::Controller;
-use backfill_controller::simulation::{Scenario, evaluate, simulate};
+use backfill_controller::simulation::{Scenario, evaluate, simulate, state_saved_halfway};
 
 fn main() {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +32,7 @@ fn main() {
         .ok()
         .and_then(|seeds| seeds.parse().ok())
         .unwrap_or(20);
+    let resume = std::env::var_os("RESUME").is_some_and(|value| value == "1");
     let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
     let mut paths: Vec<_> = std::fs::read_dir(&directory)
         .expect("scenarios directory")
@@ -62,18 +65,32 @@ fn main() {
             let offset = index * 1000;
             scenario.seed = base + offset;
             let config = scenario.controller_config();
-            let mut controller =
-                Controller::new(config.clone(), Duration::ZERO).expect("valid limits");
+            let mut controller = if resume {
+                let mut earlier_run = scenario.clone();
+                earlier_run.seed += 500;
+                let state = state_saved_halfway(&earlier_run);
+                if per_seed {
+                    eprintln!(
+                        "{} offset {offset}: resumed from {:?}",
+                        scenario.name, state.delay
+                    );
+                }
+                Controller::restore(config.clone(), state, Duration::ZERO).expect("valid limits")
+            } else {
+                Controller::new(config.clone(), Duration::ZERO).expect("valid limits")
+            };
             let report = evaluate(&scenario, &simulate(&scenario, &mut controller));
             let mut client = scenario.fixed_client(slots);
             let fixed = evaluate(&scenario, &simulate(&scenario, &mut client));
             let ratio = report.overall_items_per_second / fixed.overall_items_per_second;
             if per_seed {
                 eprintln!(
-                    "{} offset {offset}: {ratio:.2}x, queue wait {:.2}, computed twice {:.2}%",
+                    "{} offset {offset}: {ratio:.2}x, queue wait {:.2}, computed twice {:.2}%, timeouts {} ({} cut)",
                     scenario.name,
                     report.queue_wait_share,
-                    100.0 * report.computed_twice_share
+                    100.0 * report.computed_twice_share,
+                    report.timeouts,
+                    report.timeouts - report.timeouts_for_slowness
                 );
             }
             ratios.push(ratio);

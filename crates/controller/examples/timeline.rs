@@ -10,7 +10,8 @@
 //! cargo run --release --example timeline --manifest-path crates/controller/Cargo.toml -- NAME [SEEDS]
 //! ```
 //! NAME is a scenario file's stem (`announced_3000_items`); the seeds are the file's + 0,
-//! 1000, …; `OFFSET=N` starts at the file's seed + N; `SERVICE_TIME=1` has the server report
+//! 1000, …; `OFFSET=N` starts at the file's seed + N; `RESUME=1` restores each run from what
+//! the controller saved halfway through a run at the seed + 500; `SERVICE_TIME=1` has the server report
 //! its service time (as llama.cpp's `timings` do); `COLD_START=k` has the first request each
 //! slot serves take `k` times as long (a server that warms up); `ITEMS=n` runs the scenario
 //! over `n` items.
@@ -21,7 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use backfill_controller::Controller;
-use backfill_controller::simulation::{Scenario, evaluate, simulate};
+use backfill_controller::simulation::{Scenario, evaluate, simulate, state_saved_halfway};
 
 const WINDOW_S: f64 = 2.0;
 
@@ -63,8 +64,15 @@ fn main() {
     );
     for seed in 0..seeds {
         scenario.seed = base + offset + seed * 1000;
-        let mut controller =
-            Controller::new(scenario.controller_config(), Duration::ZERO).expect("valid limits");
+        let config = scenario.controller_config();
+        let mut controller = if std::env::var_os("RESUME").is_some_and(|value| value == "1") {
+            let mut earlier_run = scenario.clone();
+            earlier_run.seed += 500;
+            let state = state_saved_halfway(&earlier_run);
+            Controller::restore(config, state, Duration::ZERO).expect("valid limits")
+        } else {
+            Controller::new(config, Duration::ZERO).expect("valid limits")
+        };
         let log = simulate(&scenario, &mut controller);
         let report = evaluate(&scenario, &log);
         let first = log.completions.first().map_or(0.0, |(at, _)| *at);

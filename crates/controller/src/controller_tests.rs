@@ -9,6 +9,7 @@ use crate::protocol::{
     Ticket,
 };
 use crate::rate_limit_headers::{RateLimitInfo, parse_rate_limit_headers};
+use crate::status::{ControllerState, DelayState};
 
 fn seconds(s: f64) -> Duration {
     Duration::from_secs_f64(s)
@@ -397,6 +398,109 @@ fn snapshot_survives_json_and_restores_what_was_learned() {
         "{p90_before} vs {p90_after}"
     );
     assert_eq!(after.concurrency_limit, before.concurrency_limit);
+}
+
+/// Requests sent within the first second after a restore from `state`, polling every 10 ms
+/// with nothing answered.
+fn sent_in_the_first_second(config: ControllerConfig, state: ControllerState) -> usize {
+    let mut controller = Controller::restore(config, state, Duration::ZERO).unwrap();
+    (0..100)
+        .filter_map(|step| try_send(&mut controller, seconds(f64::from(step) * 0.01)))
+        .count()
+}
+
+#[test]
+fn a_resumed_run_starts_at_the_requests_in_flight_it_had_found() {
+    let mut state = controller().snapshot();
+    assert_eq!(
+        state.delay,
+        Some(DelayState {
+            settled: 4,
+            bracketed: false
+        }),
+        "the start level, still doubling"
+    );
+    // Halfway through a run that had found 12, sending 20 requests a second.
+    state.delay = Some(DelayState {
+        settled: 12,
+        bracketed: true,
+    });
+    state.probed_requests_per_second = Some(20.0);
+    state.latency_p90_seconds = Some(2.0);
+    let json = serde_json::to_string(&state).unwrap();
+    let restored: ControllerState = serde_json::from_str(&json).unwrap();
+    // The twelve and the small first request beside them.
+    assert_eq!(
+        sent_in_the_first_second(ControllerConfig::with_defaults(), restored.clone()),
+        13
+    );
+    // Never above the slots the server says it has now (a server that says them gets no
+    // small first request).
+    let config = ControllerConfig {
+        server_slots: Some(6),
+        ..ControllerConfig::with_defaults()
+    };
+    assert_eq!(sent_in_the_first_second(config, restored), 6);
+    // A state saved before the level was kept starts at the job's start.
+    let mut older: serde_json::Value = serde_json::from_str(&json).unwrap();
+    older.as_object_mut().unwrap().remove("delay");
+    let older: ControllerState = serde_json::from_value(older).unwrap();
+    assert_eq!(older.delay, None);
+    assert_eq!(
+        sent_in_the_first_second(ControllerConfig::with_defaults(), older),
+        5
+    );
+}
+
+#[test]
+fn a_provider_that_announced_its_limits_keeps_no_level_of_requests_in_flight() {
+    let mut controller = controller();
+    let announced = parse_rate_limit_headers([
+        ("x-ratelimit-limit-requests", "600"),
+        ("x-ratelimit-limit-tokens", "200000"),
+    ]);
+    let mut now = Duration::ZERO;
+    let ticket = next_send(&mut controller, &mut now, 0.05);
+    finish(
+        &mut controller,
+        now + seconds(1.0),
+        ticket,
+        completed(1),
+        announced,
+    );
+    assert_eq!(controller.snapshot().delay, None);
+}
+
+#[test]
+fn the_requests_of_a_burst_are_timed_for_the_requests_beside_them() {
+    // The start's four and the small first request (which takes no place of the four) go
+    // out together, before the server's parallelism is known: each may wait behind, or be
+    // slowed by, the other three of the level, so each gets four times the job's 120 s, the
+    // first ones sent as much as the last.
+    let mut controller = controller();
+    let mut timeouts = Vec::new();
+    for step in 0..100 {
+        let now = seconds(f64::from(step) * 0.01);
+        let in_flight = controller.in_flight.len();
+        if let Decision::Send {
+            items,
+            max_tokens,
+            timeout,
+        } = controller.poll(now, load(in_flight))
+        {
+            timeouts.push(timeout.as_secs());
+            controller.on_sent(
+                now,
+                RequestShape {
+                    items,
+                    prompt_tokens: 1000,
+                    max_tokens,
+                    retried_items: 0,
+                },
+            );
+        }
+    }
+    assert_eq!(timeouts, [480, 480, 480, 480, 480]);
 }
 
 #[test]

@@ -439,6 +439,32 @@ impl DelayLimit {
         self.bump();
     }
 
+    /// Continues from the level an earlier part of the run found (`run --resume`): it becomes
+    /// the start level, within the job's (possibly edited) range. A level found `bracketed`
+    /// (a probe had failed) is not doubled again: it is measured, then probed by steps, above
+    /// first, as after slow start. One found while still doubling, or below the job's start,
+    /// doubles from there.
+    /// Whatever the server has become since, the probes follow it as they follow a server
+    /// that changes during a run.
+    pub fn resume_at(&mut self, settled: u32, bracketed: bool) {
+        let level = self.range.clamp(settled);
+        // Below the job's start the server had fewer slots than the job expected; it may
+        // have more again: doubling finds that in one round.
+        let bracketed = bracketed && level >= self.range.start;
+        self.settled = level;
+        self.watch_floor = level;
+        self.previous_limit = level;
+        self.bracketed = bracketed;
+        self.slow_start = !bracketed;
+        self.next_direction = Direction::Up;
+        self.bump();
+    }
+
+    /// Whether a probe has failed yet (the best level lies between two measured ones).
+    pub fn bracketed(&self) -> bool {
+        self.bracketed
+    }
+
     /// The requests in flight this limit allows now.
     pub fn limit(&self) -> u32 {
         self.probe.unwrap_or(self.settled)
@@ -1613,6 +1639,57 @@ mod tests {
     #[test]
     fn a_start_level_at_the_most_allowed_is_probed_at_half() {
         let limit = after_the_start(StartMinMax::new(4, 1, 4), 4, Duration::from_secs(1));
+        assert_eq!(limit.limit(), 2);
+    }
+
+    /// The levels visited (each once in a row) over `answers` answers from a server with
+    /// `slots` slots and no slowdown.
+    fn visited_on(limit: &mut DelayLimit, slots: u32, answers: usize) -> Vec<u32> {
+        let mut now = Duration::from_secs(1);
+        let mut visited: Vec<u32> = Vec::new();
+        for _ in 0..answers {
+            let level = limit.limit();
+            if visited.last() != Some(&level) {
+                visited.push(level);
+            }
+            feed(limit, &mut now, 1, latency(level, slots, 2.0, 0.0));
+        }
+        visited
+    }
+
+    #[test]
+    fn a_resumed_level_found_between_two_measured_is_probed_by_steps_not_doubled() {
+        // Twelve slots, found before: the run goes on at 12 and tries 15, not 24.
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        limit.resume_at(12, true);
+        assert_eq!(limit.limit(), 12);
+        assert!(!limit.searching());
+        let visited = visited_on(&mut limit, 12, 200);
+        assert_eq!(visited[..2], [12, 15], "{visited:?}");
+        assert!(visited.iter().all(|level| *level <= 15), "{visited:?}");
+    }
+
+    #[test]
+    fn a_resumed_level_found_while_doubling_or_below_the_start_doubles_on() {
+        // Found while still doubling: 8 → 16 → 32 on a 32-slot server.
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        limit.resume_at(8, false);
+        assert!(limit.searching());
+        let visited = visited_on(&mut limit, 32, 200);
+        assert_eq!(visited[..3], [8, 16, 32], "{visited:?}");
+        // Found at 2, below the start of 4, on a server that has 8 slots again: 2 → 4 → 8.
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
+        limit.resume_at(2, true);
+        let visited = visited_on(&mut limit, 8, 200);
+        assert_eq!(visited[..3], [2, 4, 8], "{visited:?}");
+    }
+
+    #[test]
+    fn a_resumed_level_stays_within_the_jobs_range() {
+        let mut limit = DelayLimit::new(StartMinMax::new(4, 2, 16));
+        limit.resume_at(40, true);
+        assert_eq!(limit.limit(), 16);
+        limit.resume_at(1, true);
         assert_eq!(limit.limit(), 2);
     }
 

@@ -219,11 +219,13 @@ impl Controller {
         (items as u32).clamp(range.min, range.max)
     }
 
-    /// The timeout for a request sent behind `ahead` of our own requests: `timeout_for`
-    /// bounds the server's work on it, and a server that queues serves the ones ahead first,
-    /// so it gets one more such time per round of them it waits for (all of them in one
-    /// line before the server's parallelism is measured, unless it said its slots). A request is never cut because the
-    /// server is busy with our other requests.
+    /// The timeout for a request sent with `ahead` of our own requests in flight beside it:
+    /// `timeout_for` bounds the server's work on it, and a server that queues serves the
+    /// ones ahead first, so it gets one more such time per round of them it waits for (all
+    /// of them in one line before the server's parallelism is measured, unless it said its
+    /// slots); one that batches serves it beside them, each slowing the others, which the
+    /// same round covers. A request is never cut because the server is busy with our other
+    /// requests.
     pub fn timeout_with_queue(&self, items: u32, ahead: usize) -> Duration {
         let ahead = ahead as f64;
         let rounds = match self

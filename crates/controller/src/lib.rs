@@ -68,7 +68,7 @@ pub use protocol::{
 pub use rate_limit_headers::{LimitWindow, RateLimitInfo, parse_rate_limit_headers};
 pub use rate_pacer::RateDimension;
 pub use rate_probe::ProbePhase;
-pub use status::{ControllerCounts, ControllerState, ControllerStatus};
+pub use status::{ControllerCounts, ControllerState, ControllerStatus, DelayState};
 pub use time_formats::{LONGEST as LONGEST_WAIT, seconds_to_duration};
 pub use token_bucket::TokenBucket;
 pub use token_estimates::{ENCLOSING_OBJECT_TOKENS, TokenEstimates};

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::config::{ConfigError, ControllerConfig};
 use crate::controller::Controller;
-use crate::status::{ControllerState, STATE_VERSION};
+use crate::status::{ControllerState, DelayState, STATE_VERSION};
 
 impl Controller {
     /// A controller that continues from a snapshot of an earlier run, with the job's
@@ -48,6 +48,21 @@ impl Controller {
             controller.config.initial_output_tokens_per_item,
         );
         controller.counts = state.counts;
+        if let Some(delay) = state.delay.filter(|_| controller.delay_limit_applies()) {
+            // Never above the slots the server says it has now (llama.cpp's `/props`): one
+            // restarted with fewer would queue the rest. Below them is what the run measured
+            // (a server on too few cores gains nothing from its last slots).
+            let settled = controller
+                .config
+                .announced_slots()
+                .map_or(delay.settled, |slots| delay.settled.min(slots));
+            controller.delay.resume_at(settled, delay.bracketed);
+            tracing::info!(
+                "the run had found the requests in flight this server serves best: it goes on \
+                 with {} at a time",
+                controller.delay.limit()
+            );
+        }
         Ok(controller)
     }
 
@@ -70,6 +85,10 @@ impl Controller {
             batch: self.batch.clone(),
             tokens: self.tokens.clone(),
             counts: self.counts,
+            delay: self.delay_limit_applies().then(|| DelayState {
+                settled: self.delay.settled(),
+                bracketed: self.delay.bracketed(),
+            }),
         }
     }
 }

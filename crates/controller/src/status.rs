@@ -90,6 +90,18 @@ pub struct ControllerState {
     pub batch: BatchSizer,
     pub tokens: TokenEstimates,
     pub counts: ControllerCounts,
+    /// The level of requests in flight found on a server that queues (absent from states
+    /// saved before it was kept, and when the provider announced rate limits).
+    #[serde(default)]
+    pub delay: Option<DelayState>,
+}
+
+/// What the delay limit found: the level it settled on, and whether a probe had failed (the
+/// best level lies between two measured ones; without that it was still doubling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelayState {
+    pub settled: u32,
+    pub bracketed: bool,
 }
 
 pub const STATE_VERSION: u32 = 1;

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use backfill_controller::Controller;
-use backfill_controller::simulation::{FixedRule, Scenario, evaluate, simulate};
+use backfill_controller::simulation::{
+    FixedRule, Scenario, evaluate, simulate, state_saved_halfway,
+};
 
 fn scenario_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -141,6 +143,66 @@ fn misses_at_seed(scenario: &Scenario) -> Vec<String> {
         }
     }
     misses
+}
+
+/// `run --resume` on a server that queues: the run goes on from the requests in flight it had
+/// found (saved halfway through a run at another seed), not from `concurrency.start`: that
+/// level is in flight within the first round of answers, and on servers where the climb to it
+/// costs a short run most (16 and 64 slots, a start the timeout cannot serve) the resumed run
+/// is faster than a fresh one, over the test seeds.
+#[test]
+fn a_resumed_run_goes_on_at_the_level_it_had_found() {
+    for (name, climbs) in [
+        ("batching_16_slots", true),
+        ("batching_64_slots", true),
+        ("slower_than_the_timeout", true),
+        ("queue_2_slots", false),
+        ("gauges_16_slots", false),
+    ] {
+        let mut scenario = load(name);
+        let base = scenario.seed;
+        let (mut resumed_total, mut fresh_total) = (0.0, 0.0);
+        for offset in SEED_OFFSETS {
+            scenario.seed = base + offset + 500;
+            let state = state_saved_halfway(&scenario);
+            let level = state.delay.expect("a level of requests in flight").settled as usize;
+            scenario.seed = base + offset;
+            let config = scenario.controller_config();
+            let mut resumed = Controller::restore(config.clone(), state, Duration::ZERO).unwrap();
+            let log = simulate(&scenario, &mut resumed);
+            let first_answer = log.completions.first().map_or(0.0, |(at, _)| *at);
+            // Sent before the first answer of a full-sized request (the small first request
+            // is answered sooner): the sends of the first round.
+            let first_round = log
+                .completions
+                .iter()
+                .map(|(at, _)| *at)
+                .find(|at| *at > first_answer)
+                .unwrap_or(f64::INFINITY);
+            let most = log
+                .sends
+                .iter()
+                .filter(|(at, _, _)| *at < first_round)
+                .map(|(_, _, in_flight)| *in_flight)
+                .max()
+                .unwrap_or(0);
+            assert!(
+                most >= level,
+                "{name} seed {}: {most} in flight in the first round, {level} found before",
+                scenario.seed
+            );
+            let mut fresh = Controller::new(config, Duration::ZERO).unwrap();
+            resumed_total += evaluate(&scenario, &log).overall_items_per_second;
+            fresh_total +=
+                evaluate(&scenario, &simulate(&scenario, &mut fresh)).overall_items_per_second;
+        }
+        if climbs {
+            assert!(
+                resumed_total > fresh_total,
+                "{name}: resumed {resumed_total:.2} items/s over the seeds, fresh {fresh_total:.2}"
+            );
+        }
+    }
 }
 
 macro_rules! scenario_tests {

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crate::controller::Controller;
 use crate::protocol::{Decision, Observation, PipelineLoad, RequestShape, ServerQueue, Ticket};
+use crate::status::ControllerState;
 
 pub use dispatcher::{RunLog, simulate};
 pub use fixed_client::{FIXED_CLIENT_ITEMS, FixedClient};
@@ -62,5 +63,61 @@ impl DispatchPolicy for Controller {
     }
     fn items_per_request(&self) -> u32 {
         self.status().items_per_request
+    }
+}
+
+/// What the controller saved halfway through a run of `scenario` (as the runner saves it every
+/// few seconds): the state a run interrupted there is resumed from.
+pub fn state_saved_halfway(scenario: &Scenario) -> ControllerState {
+    let config = scenario.controller_config();
+    let mut whole = Controller::new(config.clone(), Duration::ZERO).expect("valid limits");
+    let duration = simulate(scenario, &mut whole).duration_s;
+    let mut saving = SavedAt {
+        controller: Controller::new(config, Duration::ZERO).expect("valid limits"),
+        at: Duration::from_secs_f64(duration / 2.0),
+        saved: None,
+    };
+    simulate(scenario, &mut saving);
+    saving.saved.unwrap_or_else(|| saving.controller.snapshot())
+}
+
+/// A controller whose state is saved the first time the clock passes `at`.
+struct SavedAt {
+    controller: Controller,
+    at: Duration,
+    saved: Option<ControllerState>,
+}
+
+impl SavedAt {
+    fn save(&mut self, now: Duration) {
+        if now >= self.at && self.saved.is_none() {
+            self.saved = Some(self.controller.snapshot());
+        }
+    }
+}
+
+impl DispatchPolicy for SavedAt {
+    fn name(&self) -> &str {
+        "adaptive"
+    }
+    fn poll(&mut self, now: Duration, load: PipelineLoad) -> Decision {
+        self.save(now);
+        self.controller.poll(now, load)
+    }
+    fn on_sent(&mut self, now: Duration, shape: RequestShape) -> Ticket {
+        self.controller.on_sent(now, shape)
+    }
+    fn on_outcome(&mut self, now: Duration, ticket: Ticket, observation: Observation) {
+        self.save(now);
+        self.controller.on_outcome(now, ticket, observation);
+    }
+    fn requests_to_cut(&mut self, now: Duration, load: PipelineLoad) -> Vec<Ticket> {
+        self.controller.requests_to_cut(now, load)
+    }
+    fn on_server_queue(&mut self, now: Duration, queue: ServerQueue) {
+        self.controller.on_server_queue(now, queue);
+    }
+    fn items_per_request(&self) -> u32 {
+        self.controller.status().items_per_request
     }
 }
