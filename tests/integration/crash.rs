@@ -147,6 +147,40 @@ async fn sigint_finishes_calls_in_flight_records_them_and_exits_4() {
     assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 60);
 }
 
+/// `--resume` goes on at the requests in flight the run had found on a server that queues
+/// (kept in the run's saved state), instead of climbing from `concurrency.start` again.
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_goes_on_at_the_requests_in_flight_the_run_had_found() {
+    let fx = Fixture::new(30).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 52, (3000, 3000)).await;
+    fx.write_job(&fake.base_url(), "request_timeout_s = 60", "items_per_request = { start = 1, min = 1, max = 1 }\nconcurrency = { start = 2, min = 1, max = 16 }", "");
+    let child = spawn_run(&fx, &[], &[]);
+    until_requests(&fake, 2).await;
+    signal(&child, "INT");
+    let output = wait(child).await;
+    assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    let pool = fx.pool().await;
+    let saved: String = sqlx::query_scalar("SELECT controller_state FROM backfill_runs").fetch_one(&pool).await.unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    assert!(state["delay"]["settled"].is_u64(), "the level is saved: {state}");
+    // As a longer run would have found it: 12 at a time, sending 20 requests a second.
+    state["delay"] = serde_json::json!({ "settled": 12, "bracketed": true });
+    state["probed_requests_per_second"] = serde_json::json!(20.0);
+    sqlx::query("UPDATE backfill_runs SET controller_state = ?").bind(state.to_string()).execute(&pool).await.unwrap();
+    pool.close().await;
+    let before = fake.records().len();
+    let resumed = wait(spawn_run(&fx, &["--resume"], &[])).await;
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert!(stderr(&resumed).contains("it goes on with 12 at a time"), "{}", stderr(&resumed));
+    // Every answer takes 3 s: what went out before the first one came back is the level the
+    // run started at (a fresh start sends 2: requests of one item have no small first one).
+    let records = fake.records();
+    let start = records[before].at;
+    let first_round = records[before..].iter().filter(|r| r.at < start + Duration::from_millis(2500)).count();
+    assert_eq!(first_round, 12, "requests in the first round");
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 30);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_past_the_grace_period_abandons_calls_as_possibly_billed() {
     let fx = Fixture::new(30).await;

@@ -212,13 +212,10 @@ impl Controller {
         if first_answer.is_some() {
             self.first_answer = FirstAnswer::Offered;
         }
-        // The requests sent before it, or the level it is about to fill: a server that
-        // batches serves it beside those sent after it, each slowing the others.
-        let beside = load.in_flight.max(limit.saturating_sub(1) as usize);
         Decision::Send {
             items,
             max_tokens,
-            timeout: self.timeout_with_queue(items, beside),
+            timeout: self.timeout_with_queue(items, load.in_flight),
         }
     }
 

@@ -440,7 +440,33 @@ fn a_resumed_run_starts_at_the_requests_in_flight_it_had_found() {
         server_slots: Some(6),
         ..ControllerConfig::with_defaults()
     };
-    assert_eq!(sent_in_the_first_second(config, restored), 6);
+    assert_eq!(sent_in_the_first_second(config, restored.clone()), 6);
+    // A level found between two measured ones is probed by steps; one below the job's start
+    // of 4 (a server with fewer slots than the job expected, which may have them back)
+    // doubles, but not one below the slots a server says: that is what the run measured.
+    for (settled, slots, searching) in [
+        (12, None, false),
+        (2, None, true),
+        (6, Some(8), false),
+        (3, Some(8), false),
+    ] {
+        let mut state = restored.clone();
+        state.delay = Some(DelayState {
+            settled,
+            bracketed: true,
+        });
+        let config = ControllerConfig {
+            server_slots: slots,
+            ..ControllerConfig::with_defaults()
+        };
+        let resumed = Controller::restore(config, state, Duration::ZERO).unwrap();
+        assert_eq!(resumed.delay.limit(), settled);
+        assert_eq!(
+            resumed.delay.searching(),
+            searching,
+            "{settled} found, slots {slots:?}"
+        );
+    }
     // A state saved before the level was kept starts at the job's start.
     let mut older: serde_json::Value = serde_json::from_str(&json).unwrap();
     older.as_object_mut().unwrap().remove("delay");

@@ -442,15 +442,12 @@ impl DelayLimit {
     /// Continues from the level an earlier part of the run found (`run --resume`): it becomes
     /// the start level, within the job's (possibly edited) range. A level found `bracketed`
     /// (a probe had failed) is not doubled again: it is measured, then probed by steps, above
-    /// first, as after slow start. One found while still doubling, or below the job's start,
-    /// doubles from there.
+    /// first, as after slow start. One found while still doubling doubles on from there.
     /// Whatever the server has become since, the probes follow it as they follow a server
-    /// that changes during a run.
+    /// that changes during a run. Only on a limit nothing has been measured with yet.
     pub fn resume_at(&mut self, settled: u32, bracketed: bool) {
+        debug_assert!(self.probes == 0 && self.probe.is_none() && self.reference.is_none());
         let level = self.range.clamp(settled);
-        // Below the job's start the server had fewer slots than the job expected; it may
-        // have more again: doubling finds that in one round.
-        let bracketed = bracketed && level >= self.range.start;
         self.settled = level;
         self.watch_floor = level;
         self.previous_limit = level;
@@ -1670,18 +1667,13 @@ mod tests {
     }
 
     #[test]
-    fn a_resumed_level_found_while_doubling_or_below_the_start_doubles_on() {
+    fn a_resumed_level_found_while_doubling_doubles_on() {
         // Found while still doubling: 8 → 16 → 32 on a 32-slot server.
         let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
         limit.resume_at(8, false);
         assert!(limit.searching());
         let visited = visited_on(&mut limit, 32, 200);
         assert_eq!(visited[..3], [8, 16, 32], "{visited:?}");
-        // Found at 2, below the start of 4, on a server that has 8 slots again: 2 → 4 → 8.
-        let mut limit = DelayLimit::new(StartMinMax::new(4, 1, 64));
-        limit.resume_at(2, true);
-        let visited = visited_on(&mut limit, 8, 200);
-        assert_eq!(visited[..3], [2, 4, 8], "{visited:?}");
     }
 
     #[test]

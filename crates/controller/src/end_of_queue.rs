@@ -219,14 +219,17 @@ impl Controller {
         (items as u32).clamp(range.min, range.max)
     }
 
-    /// The timeout for a request sent with `ahead` of our own requests in flight beside it:
+    /// The timeout for a request sent with `in_flight` of our own requests in flight:
     /// `timeout_for` bounds the server's work on it, and a server that queues serves the
     /// ones ahead first, so it gets one more such time per round of them it waits for (all
     /// of them in one line before the server's parallelism is measured, unless it said its
-    /// slots); one that batches serves it beside them, each slowing the others, which the
-    /// same round covers. A request is never cut because the server is busy with our other
-    /// requests.
-    pub fn timeout_with_queue(&self, items: u32, ahead: usize) -> Duration {
+    /// slots). Those beside it are the ones in flight, or, when it is one of a burst filling
+    /// the level, the rest of the level: a server that batches serves the first request of a
+    /// burst beside all the others, each slowing the rest, which the same round covers. A
+    /// request is never cut because the server is busy with our other requests.
+    pub fn timeout_with_queue(&self, items: u32, in_flight: usize) -> Duration {
+        let level = self.concurrency_limit_for(self.batch.current());
+        let ahead = in_flight.max(level.saturating_sub(1) as usize);
         let ahead = ahead as f64;
         let rounds = match self
             .delay

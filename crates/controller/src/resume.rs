@@ -56,7 +56,13 @@ impl Controller {
                 .config
                 .announced_slots()
                 .map_or(delay.settled, |slots| delay.settled.min(slots));
-            controller.delay.resume_at(settled, delay.bracketed);
+            // Below the job's start, on a server that does not say its slots, the server had
+            // fewer slots than the job expected; it may have more again: doubling finds that
+            // in one round. Below the slots a server says is what the run measured.
+            let bracketed = delay.bracketed
+                && (controller.config.announced_slots().is_some()
+                    || settled >= controller.config.concurrency.start);
+            controller.delay.resume_at(settled, bracketed);
             tracing::info!(
                 "the run had found the requests in flight this server serves best: it goes on \
                  with {} at a time",

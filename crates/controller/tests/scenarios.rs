@@ -179,6 +179,7 @@ fn a_resumed_run_goes_on_at_the_level_it_had_found() {
                 .map(|(at, _)| *at)
                 .find(|at| *at > first_answer)
                 .unwrap_or(f64::INFINITY);
+            // The level, and the small first request beside it while it lasts.
             let most = log
                 .sends
                 .iter()
@@ -187,7 +188,7 @@ fn a_resumed_run_goes_on_at_the_level_it_had_found() {
                 .max()
                 .unwrap_or(0);
             assert!(
-                most >= level,
+                (level..=level + 1).contains(&most),
                 "{name} seed {}: {most} in flight in the first round, {level} found before",
                 scenario.seed
             );

@@ -61,15 +61,21 @@ struct FakeStore {
     inner: Mutex<Inner>,
     /// Set by a test when it cancels the run, so claims made after it can be counted.
     cancelled: CancellationToken,
+    /// Whether it plays a store several workers share a run on (PostgreSQL).
+    shared: bool,
 }
 
 impl FakeStore {
     fn new(items: usize) -> Arc<FakeStore> {
+        Self::with_sharing(items, false)
+    }
+
+    fn with_sharing(items: usize, shared: bool) -> Arc<FakeStore> {
         let inner = Inner {
             items: (1..=items).map(|i| (format!("{i:03}"), (State::Pending, 0, 0, 0))).collect(),
             ..Inner::default()
         };
-        Arc::new(FakeStore { inner: Mutex::new(inner), cancelled: CancellationToken::new() })
+        Arc::new(FakeStore { inner: Mutex::new(inner), cancelled: CancellationToken::new(), shared })
     }
 
     fn counts(&self) -> ItemCounts {
@@ -97,7 +103,7 @@ impl Store for FakeStore {
         "memory"
     }
     fn shares_runs(&self) -> bool {
-        false
+        self.shared
     }
     async fn migrate(&self) -> anyhow::Result<()> {
         Ok(())
@@ -552,4 +558,34 @@ async fn a_shutdown_stops_claiming_and_ends_within_the_grace_period() {
     // The abandoned calls' items stay leased (their lease returns them); nothing else is taken.
     let counts = store.counts();
     assert!(counts.leased > 0 && counts.done == 0, "{counts:?}");
+}
+
+/// A resumed run goes on at the requests in flight it had found; a worker joining a run on a
+/// store that several workers share does not take the saved level (one worker's share of the
+/// server, whichever saved last) and starts at the job's `concurrency.start`.
+#[test]
+fn the_saved_level_of_requests_in_flight_is_taken_only_where_a_run_has_one_worker() {
+    use backfill_controller::{Controller, ControllerConfig, DelayState};
+    let mut state = Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap().snapshot();
+    state.delay = Some(DelayState { settled: 6, bracketed: true });
+    for (shared, level) in [(false, 6), (true, 4)] {
+        let (_dir, ctx) = context(FakeStore::with_sharing(10, shared), "http://127.0.0.1:9/v1", None);
+        let run = RunRecord {
+            id: 1,
+            job: "loop-test".into(),
+            status: RunStatus::Interrupted,
+            target: String::new(),
+            total_items: 10,
+            max_usd: None,
+            created_at: 0,
+            updated_at: 0,
+            finished_at: None,
+            controller_state: Some(serde_json::to_string(&state).unwrap()),
+            last_error: None,
+            mode: None,
+            limit: None,
+        };
+        let controller = controller_for(&ctx, &run).unwrap();
+        assert_eq!(controller.status().delay_limit, Some(level), "shared: {shared}");
+    }
 }

@@ -117,11 +117,20 @@ pub fn controller_for(ctx: &RunContext, run: &RunRecord) -> anyhow::Result<Contr
         seed: fastrand::u64(..),
         server_slots: ctx.server.map(|server| server.slots),
     };
+    let shared = ctx.store.shares_runs();
     let restored = run
         .controller_state
         .as_deref()
         .and_then(|s| serde_json::from_str::<ControllerState>(s).ok())
-        .map(|state| Controller::restore(config.clone(), state, Duration::ZERO));
+        .map(|mut state| {
+            // On a store several workers share a run on, the saved level of requests in flight
+            // is one worker's share of the server (whichever saved last): a worker joining the
+            // others would add a whole share to theirs. It starts at `concurrency.start`.
+            if shared {
+                state.delay = None;
+            }
+            Controller::restore(config.clone(), state, Duration::ZERO)
+        });
     let controller = match restored {
         Some(Ok(controller)) => {
             tracing::info!("controller resumed from the run's saved state");
