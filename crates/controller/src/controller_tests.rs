@@ -416,7 +416,8 @@ fn a_resumed_run_starts_at_the_requests_in_flight_it_had_found() {
         state.delay,
         Some(DelayState {
             settled: 4,
-            bracketed: false
+            bracketed: false,
+            slots: None,
         }),
         "the start level, still doubling"
     );
@@ -424,6 +425,7 @@ fn a_resumed_run_starts_at_the_requests_in_flight_it_had_found() {
     state.delay = Some(DelayState {
         settled: 12,
         bracketed: true,
+        slots: None,
     });
     state.probed_requests_per_second = Some(20.0);
     state.latency_p90_seconds = Some(2.0);
@@ -434,8 +436,8 @@ fn a_resumed_run_starts_at_the_requests_in_flight_it_had_found() {
         sent_in_the_first_second(ControllerConfig::with_defaults(), restored.clone()),
         13
     );
-    // Never above the slots the server says it has now (a server that says them gets no
-    // small first request).
+    // A server that now says slots it did not say when the level was found starts at them,
+    // as a fresh run does (a server that says them gets no small first request).
     let config = ControllerConfig {
         server_slots: Some(6),
         ..ControllerConfig::with_defaults()
@@ -443,28 +445,32 @@ fn a_resumed_run_starts_at_the_requests_in_flight_it_had_found() {
     assert_eq!(sent_in_the_first_second(config, restored.clone()), 6);
     // A level found between two measured ones is probed by steps; one below the job's start
     // of 4 (a server with fewer slots than the job expected, which may have them back)
-    // doubles, but not one below the slots a server says: that is what the run measured.
-    for (settled, slots, searching) in [
-        (12, None, false),
-        (2, None, true),
-        (6, Some(8), false),
-        (3, Some(8), false),
+    // doubles, but not one below the slots a server says: that is what the run measured. A
+    // server that says other slots than it did then starts at them, doubling.
+    for (settled, then, now, limit, searching) in [
+        (12, None, None, 12, false),
+        (2, None, None, 2, true),
+        (6, Some(8), Some(8), 6, false),
+        (3, Some(8), Some(8), 3, false),
+        (12, Some(8), Some(8), 8, false),
+        (4, Some(4), Some(16), 16, true),
+        (12, Some(16), None, 12, false),
     ] {
         let mut state = restored.clone();
         state.delay = Some(DelayState {
             settled,
             bracketed: true,
+            slots: then,
         });
         let config = ControllerConfig {
-            server_slots: slots,
+            server_slots: now,
             ..ControllerConfig::with_defaults()
         };
         let resumed = Controller::restore(config, state, Duration::ZERO).unwrap();
-        assert_eq!(resumed.delay.limit(), settled);
         assert_eq!(
-            resumed.delay.searching(),
-            searching,
-            "{settled} found, slots {slots:?}"
+            (resumed.delay.limit(), resumed.delay.searching()),
+            (limit, searching),
+            "{settled} found with slots {then:?}, slots {now:?} now"
         );
     }
     // A state saved before the level was kept starts at the job's start.
@@ -495,6 +501,28 @@ fn a_provider_that_announced_its_limits_keeps_no_level_of_requests_in_flight() {
         announced,
     );
     assert_eq!(controller.snapshot().delay, None);
+}
+
+#[test]
+fn a_request_sent_into_an_empty_pipeline_is_timed_for_the_level_it_fills() {
+    // As a request sent again after a 429 is: before the server's parallelism is known, the
+    // three others of the start's level; once the provider announced its limits, none.
+    let mut controller = controller();
+    assert_eq!(controller.timeout_with_queue(5, 0), seconds(480.0));
+    let announced = parse_rate_limit_headers([
+        ("x-ratelimit-limit-requests", "600"),
+        ("x-ratelimit-limit-tokens", "200000"),
+    ]);
+    let mut now = Duration::ZERO;
+    let ticket = next_send(&mut controller, &mut now, 0.05);
+    finish(
+        &mut controller,
+        now + seconds(1.0),
+        ticket,
+        completed(1),
+        announced,
+    );
+    assert_eq!(controller.timeout_with_queue(5, 0), seconds(120.0));
 }
 
 #[test]

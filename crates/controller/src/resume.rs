@@ -48,7 +48,15 @@ impl Controller {
             controller.config.initial_output_tokens_per_item,
         );
         controller.counts = state.counts;
-        if let Some(delay) = state.delay.filter(|_| controller.delay_limit_applies()) {
+        // A server that now says other slots than it said when the level was found (or says
+        // them for the first time) was restarted or replaced: the run starts as a fresh one
+        // does, at the slots it says.
+        let announced = controller.config.announced_slots();
+        let same_server = |delay: &DelayState| announced.is_none() || delay.slots == announced;
+        if let Some(delay) = state
+            .delay
+            .filter(|delay| controller.delay_limit_applies() && same_server(delay))
+        {
             // Never above the slots the server says it has now (llama.cpp's `/props`): one
             // restarted with fewer would queue the rest. Below them is what the run measured
             // (a server on too few cores gains nothing from its last slots).
@@ -94,6 +102,7 @@ impl Controller {
             delay: self.delay_limit_applies().then(|| DelayState {
                 settled: self.delay.settled(),
                 bracketed: self.delay.bracketed(),
+                slots: self.config.announced_slots(),
             }),
         }
     }

@@ -96,12 +96,15 @@ pub struct ControllerState {
     pub delay: Option<DelayState>,
 }
 
-/// What the delay limit found: the level it settled on, and whether a probe had failed (the
-/// best level lies between two measured ones; without that it was still doubling).
+/// What the delay limit found: the level it settled on, whether a probe had failed (the best
+/// level lies between two measured ones; without that it was still doubling), and the slots
+/// the server said before the run it was found in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DelayState {
     pub settled: u32,
     pub bracketed: bool,
+    #[serde(default)]
+    pub slots: Option<u32>,
 }
 
 pub const STATE_VERSION: u32 = 1;

@@ -562,12 +562,12 @@ async fn a_shutdown_stops_claiming_and_ends_within_the_grace_period() {
 
 /// A resumed run goes on at the requests in flight it had found; a worker joining a run on a
 /// store that several workers share does not take the saved level (one worker's share of the
-/// server, whichever saved last) and starts at the job's `concurrency.start`.
+/// server, whichever saved last) and starts as a fresh run does.
 #[test]
 fn the_saved_level_of_requests_in_flight_is_taken_only_where_a_run_has_one_worker() {
     use backfill_controller::{Controller, ControllerConfig, DelayState};
     let mut state = Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap().snapshot();
-    state.delay = Some(DelayState { settled: 6, bracketed: true });
+    state.delay = Some(DelayState { settled: 6, bracketed: true, slots: None });
     for (shared, level) in [(false, 6), (true, 4)] {
         let (_dir, ctx) = context(FakeStore::with_sharing(10, shared), "http://127.0.0.1:9/v1", None);
         let run = RunRecord {

@@ -125,7 +125,7 @@ pub fn controller_for(ctx: &RunContext, run: &RunRecord) -> anyhow::Result<Contr
         .map(|mut state| {
             // On a store several workers share a run on, the saved level of requests in flight
             // is one worker's share of the server (whichever saved last): a worker joining the
-            // others would add a whole share to theirs. It starts at `concurrency.start`.
+            // others would add a whole share to theirs. It starts as a fresh run does.
             if shared {
                 state.delay = None;
             }
