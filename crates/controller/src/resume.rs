@@ -71,11 +71,19 @@ impl Controller {
                 && (controller.config.announced_slots().is_some()
                     || settled >= controller.config.concurrency.start);
             controller.delay.resume_at(settled, bracketed);
-            tracing::info!(
-                "the run had found the requests in flight this server serves best: it goes on \
-                 with {} at a time",
-                controller.delay.limit()
-            );
+            if bracketed {
+                tracing::info!(
+                    "the run had found the requests in flight this server serves best: it goes \
+                     on with {} at a time",
+                    controller.delay.limit()
+                );
+            } else {
+                tracing::info!(
+                    "the run had reached {} requests in flight on this server and was still \
+                     climbing: it goes on from there",
+                    controller.delay.limit()
+                );
+            }
         }
         Ok(controller)
     }
