@@ -57,19 +57,15 @@ impl Controller {
             .delay
             .filter(|delay| controller.delay_limit_applies() && same_server(delay))
         {
-            // Never above the slots the server says it has now (llama.cpp's `/props`): one
-            // restarted with fewer would queue the rest. Below them is what the run measured
-            // (a server on too few cores gains nothing from its last slots).
-            let settled = controller
-                .config
-                .announced_slots()
-                .map_or(delay.settled, |slots| delay.settled.min(slots));
+            // Never above the slots the server says (a level its gauges had let past them
+            // starts at them); below them is what the run measured (a server on too few cores
+            // gains nothing from its last slots).
+            let settled = announced.map_or(delay.settled, |slots| delay.settled.min(slots));
             // Below the job's start, on a server that does not say its slots, the server had
             // fewer slots than the job expected; it may have more again: doubling finds that
-            // in one round. Below the slots a server says is what the run measured.
+            // in one round.
             let bracketed = delay.bracketed
-                && (controller.config.announced_slots().is_some()
-                    || settled >= controller.config.concurrency.start);
+                && (announced.is_some() || settled >= controller.config.concurrency.start);
             controller.delay.resume_at(settled, bracketed);
             if bracketed {
                 tracing::info!(
