@@ -560,6 +560,33 @@ async fn a_shutdown_stops_claiming_and_ends_within_the_grace_period() {
     assert!(counts.leased > 0 && counts.done == 0, "{counts:?}");
 }
 
+/// A saved state that cannot be read (a damaged row, another format) costs only its head
+/// start: the run goes on with a fresh controller.
+#[test]
+fn a_saved_state_that_cannot_be_read_starts_the_controller_afresh() {
+    let (_dir, ctx) = context(FakeStore::new(10), "http://127.0.0.1:9/v1", None);
+    for saved in ["{not json", r#"{"version":1,"delay":{}}"#] {
+        let run = RunRecord {
+            id: 1,
+            job: "loop-test".into(),
+            status: RunStatus::Interrupted,
+            target: String::new(),
+            total_items: 10,
+            max_usd: None,
+            created_at: 0,
+            updated_at: 0,
+            finished_at: None,
+            controller_state: Some(saved.into()),
+            last_error: None,
+            mode: None,
+            limit: None,
+        };
+        let controller = controller_for(&ctx, &run).unwrap();
+        assert_eq!(controller.status().delay_limit, Some(4), "{saved}");
+        assert_eq!(controller.counts().requests_sent, 0, "{saved}");
+    }
+}
+
 /// A resumed run goes on at the requests in flight it had found; a worker joining a run on a
 /// store that several workers share does not take the saved level (one worker's share of the
 /// server, whichever saved last) and starts as a fresh run does.

@@ -121,7 +121,14 @@ pub fn controller_for(ctx: &RunContext, run: &RunRecord) -> anyhow::Result<Contr
     let restored = run
         .controller_state
         .as_deref()
-        .and_then(|s| serde_json::from_str::<ControllerState>(s).ok())
+        .and_then(|s| match serde_json::from_str::<ControllerState>(s) {
+            Ok(state) => Some(state),
+            Err(e) => {
+                // Only a head start is lost: the run goes on as a fresh one would.
+                tracing::warn!("the run's saved controller state could not be read ({e}): the controller starts afresh");
+                None
+            }
+        })
         .map(|mut state| {
             // On a store several workers share a run on, the saved level of requests in flight
             // is one worker's share of the server (whichever saved last): a worker joining the
