@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use backfill_controller::Controller;
-use backfill_controller::simulation::{Scenario, evaluate, simulate, state_saved_halfway};
+use backfill_controller::simulation::{Scenario, evaluate, simulate};
 
 fn main() {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -32,7 +32,6 @@ fn main() {
         .ok()
         .and_then(|seeds| seeds.parse().ok())
         .unwrap_or(20);
-    let resume = std::env::var_os("RESUME").is_some_and(|value| value == "1");
     let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
     let mut paths: Vec<_> = std::fs::read_dir(&directory)
         .expect("scenarios directory")
@@ -65,19 +64,18 @@ fn main() {
             let offset = index * 1000;
             scenario.seed = base + offset;
             let config = scenario.controller_config();
-            let mut controller = if resume {
-                let mut earlier_run = scenario.clone();
-                earlier_run.seed += 500;
-                let state = state_saved_halfway(&earlier_run);
-                if per_seed {
-                    eprintln!(
-                        "{} offset {offset}: resumed from {:?}",
-                        scenario.name, state.delay
-                    );
+            let mut controller = match common::state_to_resume(&scenario) {
+                Some(state) => {
+                    if per_seed {
+                        eprintln!(
+                            "{} offset {offset}: resumed from {:?}",
+                            scenario.name, state.delay
+                        );
+                    }
+                    Controller::restore(config.clone(), state, Duration::ZERO)
+                        .expect("valid limits")
                 }
-                Controller::restore(config.clone(), state, Duration::ZERO).expect("valid limits")
-            } else {
-                Controller::new(config.clone(), Duration::ZERO).expect("valid limits")
+                None => Controller::new(config.clone(), Duration::ZERO).expect("valid limits"),
             };
             let report = evaluate(&scenario, &simulate(&scenario, &mut controller));
             let mut client = scenario.fixed_client(slots);

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use backfill_controller::Controller;
-use backfill_controller::simulation::{Scenario, evaluate, simulate, state_saved_halfway};
+use backfill_controller::simulation::{Scenario, evaluate, simulate};
 
 const WINDOW_S: f64 = 2.0;
 
@@ -65,14 +65,11 @@ fn main() {
     for seed in 0..seeds {
         scenario.seed = base + offset + seed * 1000;
         let config = scenario.controller_config();
-        let mut controller = if std::env::var_os("RESUME").is_some_and(|value| value == "1") {
-            let mut earlier_run = scenario.clone();
-            earlier_run.seed += 500;
-            let state = state_saved_halfway(&earlier_run);
-            Controller::restore(config, state, Duration::ZERO).expect("valid limits")
-        } else {
-            Controller::new(config, Duration::ZERO).expect("valid limits")
-        };
+        let mut controller = match common::state_to_resume(&scenario) {
+            Some(state) => Controller::restore(config, state, Duration::ZERO),
+            None => Controller::new(config, Duration::ZERO),
+        }
+        .expect("valid limits");
         let log = simulate(&scenario, &mut controller);
         let report = evaluate(&scenario, &log);
         let first = log.completions.first().map_or(0.0, |(at, _)| *at);

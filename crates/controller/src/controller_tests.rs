@@ -484,22 +484,28 @@ fn a_resumed_run_starts_at_the_requests_in_flight_it_had_found() {
     );
 }
 
-#[test]
-fn a_provider_that_announced_its_limits_keeps_no_level_of_requests_in_flight() {
-    let mut controller = controller();
+/// Sends one request and answers it, a second later, with headers announcing 600 requests and
+/// 200,000 tokens a minute.
+fn announce_limits(controller: &mut Controller) {
     let announced = parse_rate_limit_headers([
         ("x-ratelimit-limit-requests", "600"),
         ("x-ratelimit-limit-tokens", "200000"),
     ]);
     let mut now = Duration::ZERO;
-    let ticket = next_send(&mut controller, &mut now, 0.05);
+    let ticket = next_send(controller, &mut now, 0.05);
     finish(
-        &mut controller,
+        controller,
         now + seconds(1.0),
         ticket,
         completed(1),
         announced,
     );
+}
+
+#[test]
+fn a_provider_that_announced_its_limits_keeps_no_level_of_requests_in_flight() {
+    let mut controller = controller();
+    announce_limits(&mut controller);
     assert_eq!(controller.snapshot().delay, None);
 }
 
@@ -509,19 +515,7 @@ fn a_request_sent_into_an_empty_pipeline_is_timed_for_the_level_it_fills() {
     // three others of the start's level; once the provider announced its limits, none.
     let mut controller = controller();
     assert_eq!(controller.timeout_with_queue(5, 0), seconds(480.0));
-    let announced = parse_rate_limit_headers([
-        ("x-ratelimit-limit-requests", "600"),
-        ("x-ratelimit-limit-tokens", "200000"),
-    ]);
-    let mut now = Duration::ZERO;
-    let ticket = next_send(&mut controller, &mut now, 0.05);
-    finish(
-        &mut controller,
-        now + seconds(1.0),
-        ticket,
-        completed(1),
-        announced,
-    );
+    announce_limits(&mut controller);
     assert_eq!(controller.timeout_with_queue(5, 0), seconds(120.0));
 }
 

@@ -560,27 +560,32 @@ async fn a_shutdown_stops_claiming_and_ends_within_the_grace_period() {
     assert!(counts.leased > 0 && counts.done == 0, "{counts:?}");
 }
 
+/// An interrupted run of 10 items whose controller saved `state`.
+fn interrupted_run(state: &str) -> RunRecord {
+    RunRecord {
+        id: 1,
+        job: "loop-test".into(),
+        status: RunStatus::Interrupted,
+        target: String::new(),
+        total_items: 10,
+        max_usd: None,
+        created_at: 0,
+        updated_at: 0,
+        finished_at: None,
+        controller_state: Some(state.into()),
+        last_error: None,
+        mode: None,
+        limit: None,
+    }
+}
+
 /// A saved state that cannot be read (a damaged row, another format) costs only its head
 /// start: the run goes on with a fresh controller.
 #[test]
 fn a_saved_state_that_cannot_be_read_starts_the_controller_afresh() {
     let (_dir, ctx) = context(FakeStore::new(10), "http://127.0.0.1:9/v1", None);
     for saved in ["{not json", r#"{"version":1,"delay":{}}"#] {
-        let run = RunRecord {
-            id: 1,
-            job: "loop-test".into(),
-            status: RunStatus::Interrupted,
-            target: String::new(),
-            total_items: 10,
-            max_usd: None,
-            created_at: 0,
-            updated_at: 0,
-            finished_at: None,
-            controller_state: Some(saved.into()),
-            last_error: None,
-            mode: None,
-            limit: None,
-        };
+        let run = interrupted_run(saved);
         let controller = controller_for(&ctx, &run).unwrap();
         assert_eq!(controller.status().delay_limit, Some(4), "{saved}");
         assert_eq!(controller.counts().requests_sent, 0, "{saved}");
@@ -597,21 +602,7 @@ fn the_saved_level_of_requests_in_flight_is_taken_only_where_a_run_has_one_worke
     state.delay = Some(DelayState { settled: 6, bracketed: true, slots: None });
     for (shared, level) in [(false, 6), (true, 4)] {
         let (_dir, ctx) = context(FakeStore::with_sharing(10, shared), "http://127.0.0.1:9/v1", None);
-        let run = RunRecord {
-            id: 1,
-            job: "loop-test".into(),
-            status: RunStatus::Interrupted,
-            target: String::new(),
-            total_items: 10,
-            max_usd: None,
-            created_at: 0,
-            updated_at: 0,
-            finished_at: None,
-            controller_state: Some(serde_json::to_string(&state).unwrap()),
-            last_error: None,
-            mode: None,
-            limit: None,
-        };
+        let run = interrupted_run(&serde_json::to_string(&state).unwrap());
         let controller = controller_for(&ctx, &run).unwrap();
         assert_eq!(controller.status().delay_limit, Some(level), "shared: {shared}");
     }

@@ -1,6 +1,7 @@
 //! What the examples share: the server variants and the run length, set from the environment.
 
-use backfill_controller::simulation::Scenario;
+use backfill_controller::ControllerState;
+use backfill_controller::simulation::{Scenario, state_saved_halfway};
 
 /// `SERVICE_TIME=1` has the server report its service time (as llama.cpp's `timings` do);
 /// `COLD_START=k` has the first request each slot serves take `k` times as long (a server
@@ -29,4 +30,15 @@ pub fn scenario_from_env(scenario: &mut Scenario) {
     {
         scenario.provider.cold_start_factor = factor;
     }
+}
+
+/// With `RESUME=1`, the state a run of `scenario` resumes from: what the controller saved
+/// halfway through a run on the same server at the seed + 500.
+pub fn state_to_resume(scenario: &Scenario) -> Option<ControllerState> {
+    if std::env::var_os("RESUME").is_none_or(|value| value != "1") {
+        return None;
+    }
+    let mut earlier_run = scenario.clone();
+    earlier_run.seed += 500;
+    Some(state_saved_halfway(&earlier_run))
 }
