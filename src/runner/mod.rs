@@ -116,7 +116,8 @@ pub async fn run(job: &Job, options: &RunOptions, shutdown: CancellationToken) -
                 );
             }
             let ctx = Arc::new(context_for(job, chat, attached.store.clone(), attached.run.id, check, client, shown)?);
-            let controller = sync::controller_for(&ctx, &attached.run)?;
+            let earlier = sync::earlier_state(&ctx, &attached.run).await;
+            let controller = sync::controller_for(&ctx, &attached.run, earlier)?;
             let mode = chat.mode;
             let session = Session::open(attached, ctx.cap, options.quiet, started, exporter).await?;
             let engine = sync::SyncEngine::new(ctx.clone(), controller, &session);

@@ -181,6 +181,47 @@ async fn resume_goes_on_at_the_requests_in_flight_the_run_had_found() {
     assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 30);
 }
 
+/// A fresh run starts at the requests in flight the job's last run on the same server had
+/// settled on (kept in that run's saved state, with the server it was found on), instead of
+/// climbing from `concurrency.start` again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_run_starts_where_the_jobs_last_run_on_this_server_settled() {
+    let fx = Fixture::new(30).await;
+    let fake = FakeProvider::start_with_latency(vec![], vec![], 56, (3000, 3000)).await;
+    fx.write_job(&fake.base_url(), "request_timeout_s = 60", "items_per_request = { start = 1, min = 1, max = 1 }\nconcurrency = { start = 2, min = 1, max = 16 }", "");
+    let first = wait(spawn_run(&fx, &["--limit", "4"], &[])).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let pool = fx.pool().await;
+    let saved: String = sqlx::query_scalar("SELECT controller_state FROM backfill_runs").fetch_one(&pool).await.unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    assert!(state["delay"]["settled"].is_u64(), "the level is saved: {state}");
+    let server = state["server"].as_str().unwrap_or_default().to_owned();
+    assert!(fake.base_url().starts_with(&server) && !server.is_empty(), "the server is saved: {state}");
+    // As a longer run would have found it: 12 at a time.
+    state["delay"] = serde_json::json!({ "settled": 12, "bracketed": true });
+    sqlx::query("UPDATE backfill_runs SET controller_state = ?").bind(state.to_string()).execute(&pool).await.unwrap();
+    pool.close().await;
+    let before = fake.records().len();
+    let second = wait(spawn_run(&fx, &[], &[])).await;
+    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
+    assert!(stderr(&second).contains("settled on 12 requests in flight"), "{}", stderr(&second));
+    // Every answer takes 3 s. The first round is the job's start (2: requests of one item
+    // have no small first one, and no latency is known before an answer); the second, paced
+    // by the probed rate, climbs to the twelve the last run had settled on, where a run
+    // without them doubles to 4.
+    let records = fake.records();
+    let start = records[before].at;
+    let round = |from: u64, to: u64| {
+        records[before..]
+            .iter()
+            .filter(|r| r.at >= start + Duration::from_millis(from) && r.at < start + Duration::from_millis(to))
+            .count()
+    };
+    assert_eq!(round(0, 2500), 2, "requests in the first round");
+    assert!(round(2500, 5500) >= 8, "requests in the second round: {}", round(2500, 5500));
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 30);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_past_the_grace_period_abandons_calls_as_possibly_billed() {
     let fx = Fixture::new(30).await;

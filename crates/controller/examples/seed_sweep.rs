@@ -75,7 +75,7 @@ fn main() {
                     Controller::restore(config.clone(), state, Duration::ZERO)
                         .expect("valid limits")
                 }
-                None => Controller::new(config.clone(), Duration::ZERO).expect("valid limits"),
+                None => common::fresh_controller(&scenario),
             };
             let report = evaluate(&scenario, &simulate(&scenario, &mut controller));
             let mut client = scenario.fixed_client(slots);

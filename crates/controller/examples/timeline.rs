@@ -66,10 +66,11 @@ fn main() {
         scenario.seed = base + offset + seed * 1000;
         let config = scenario.controller_config();
         let mut controller = match common::state_to_resume(&scenario) {
-            Some(state) => Controller::restore(config, state, Duration::ZERO),
-            None => Controller::new(config, Duration::ZERO),
-        }
-        .expect("valid limits");
+            Some(state) => {
+                Controller::restore(config, state, Duration::ZERO).expect("valid limits")
+            }
+            None => common::fresh_controller(&scenario),
+        };
         let log = simulate(&scenario, &mut controller);
         let report = evaluate(&scenario, &log);
         let first = log.completions.first().map_or(0.0, |(at, _)| *at);

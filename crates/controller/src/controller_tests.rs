@@ -484,6 +484,79 @@ fn a_resumed_run_starts_at_the_requests_in_flight_it_had_found() {
     );
 }
 
+/// A fresh controller started where an earlier run found its server (`delay`): polled every
+/// 10 ms for three seconds, its small first request answered after one second (and nothing
+/// else), it returns the requests in flight before that answer and at the end.
+fn fresh_run_from(config: ControllerConfig, delay: DelayState) -> (usize, Controller, usize) {
+    let mut controller = Controller::new(config, Duration::ZERO).unwrap();
+    controller.start_where_found(delay);
+    let mut before = 0;
+    for step in 0..300 {
+        let now = seconds(f64::from(step) * 0.01);
+        if step == 100 {
+            before = controller.in_flight.len();
+            let first = controller
+                .in_flight
+                .iter()
+                .find(|(_, request)| request.first_answer)
+                .map(|(ticket, _)| *ticket);
+            if let Some(first) = first {
+                finish(
+                    &mut controller,
+                    now,
+                    first,
+                    completed(1),
+                    RateLimitInfo::default(),
+                );
+            }
+        }
+        try_send(&mut controller, now);
+    }
+    let after = controller.in_flight.len();
+    (before, controller, after)
+}
+
+#[test]
+fn a_fresh_run_starts_where_the_jobs_last_run_found_the_server_and_measures_it_afresh() {
+    let found = |settled, slots| DelayState {
+        settled,
+        bracketed: true,
+        slots,
+    };
+    // The twelve the last run had settled on and the small first request beside them; the
+    // level is a start, not a measurement: slow start goes on from it.
+    let (sent, fresh, after) = fresh_run_from(ControllerConfig::with_defaults(), found(12, None));
+    assert_eq!((sent, after), (5, 12));
+    assert_eq!((fresh.delay.limit(), fresh.delay.searching()), (12, true));
+    // Below the job's start of 4, as found; never above the job's maximum.
+    let (sent, _, _) = fresh_run_from(ControllerConfig::with_defaults(), found(2, None));
+    assert_eq!(sent, 3);
+    let config = ControllerConfig {
+        concurrency: crate::config::StartMinMax::new(4, 1, 8),
+        ..ControllerConfig::with_defaults()
+    };
+    assert_eq!(fresh_run_from(config, found(12, None)).1.delay.limit(), 8);
+    // A server that says slots it did not say then, or other ones, starts at them; one that
+    // says the same caps the level at them.
+    for (then, now, limit) in [
+        (None, 6, 6),
+        (Some(16), 6, 6),
+        (Some(8), 8, 8),
+        (Some(16), 16, 12),
+    ] {
+        let config = ControllerConfig {
+            server_slots: Some(now),
+            ..ControllerConfig::with_defaults()
+        };
+        let (sent, fresh, _) = fresh_run_from(config, found(12, then));
+        assert_eq!(
+            (sent, fresh.delay.limit()),
+            (limit as usize, limit),
+            "slots {then:?} then, {now} now"
+        );
+    }
+}
+
 /// Sends one request and answers it, a second later, with headers announcing 600 requests and
 /// 200,000 tokens a minute.
 fn announce_limits(controller: &mut Controller) {

@@ -6,6 +6,13 @@ use crate::config::{ConfigError, ControllerConfig};
 use crate::controller::Controller;
 use crate::status::{ControllerState, DelayState, STATE_VERSION};
 
+/// Whose level a controller takes: its own run's (`run --resume`) or an earlier run's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Found {
+    ThisRun,
+    EarlierRun,
+}
+
 impl Controller {
     /// A controller that continues from a snapshot of an earlier run, with the job's
     /// (possibly edited) configuration. A snapshot of another format version is ignored
@@ -48,40 +55,58 @@ impl Controller {
             controller.config.initial_output_tokens_per_item,
         );
         controller.counts = state.counts;
+        if let Some(delay) = state.delay {
+            controller.take_level(delay, Found::ThisRun);
+        }
+        Ok(controller)
+    }
+
+    /// A fresh run on a server that an earlier run of the same job and model measured: it
+    /// starts at the requests in flight that run had settled on (`DelayState`, from its saved
+    /// state) instead of at `concurrency.start`, by the rules `restore` applies to a resumed
+    /// run, but as a start, not as a level found: slow start goes on from it, doubling while
+    /// the server delivers more and going below it by Vegas's estimate when it queues (the
+    /// server may have changed since). Returns whether the level was taken (not on a provider
+    /// that announces rate limits, nor on a server that now says other slots than it said).
+    pub fn start_where_found(&mut self, delay: DelayState) -> bool {
+        self.take_level(delay, Found::EarlierRun)
+    }
+
+    fn take_level(&mut self, delay: DelayState, found: Found) -> bool {
         // A server that now says other slots than it said when the level was found (or says
         // them for the first time) was restarted or replaced: the run starts as a fresh one
         // does, at the slots it says.
-        let announced = controller.config.announced_slots();
-        let same_server = |delay: &DelayState| announced.is_none() || delay.slots == announced;
-        if let Some(delay) = state
-            .delay
-            .filter(|delay| controller.delay_limit_applies() && same_server(delay))
-        {
-            // Never above the slots the server says (a level its gauges had let past them
-            // starts at them); below them is what the run measured (a server on too few cores
-            // gains nothing from its last slots).
-            let settled = announced.map_or(delay.settled, |slots| delay.settled.min(slots));
-            // Below the job's start, on a server that does not say its slots, the server had
-            // fewer slots than the job expected; it may have more again: doubling finds that
-            // in one round.
-            let bracketed = delay.bracketed
-                && (announced.is_some() || settled >= controller.config.concurrency.start);
-            controller.delay.resume_at(settled, bracketed);
-            if bracketed {
-                tracing::info!(
-                    "the run had found the requests in flight this server serves best: it goes \
-                     on with {} at a time",
-                    controller.delay.limit()
-                );
-            } else {
-                tracing::info!(
-                    "the run had reached {} requests in flight on this server and was still \
-                     climbing: it goes on from there",
-                    controller.delay.limit()
-                );
-            }
+        let announced = self.config.announced_slots();
+        if !self.delay_limit_applies() || (announced.is_some() && delay.slots != announced) {
+            return false;
         }
-        Ok(controller)
+        // Never above the slots the server says (a level its gauges had let past them starts
+        // at them); below them is what the run measured (a server on too few cores gains
+        // nothing from its last slots).
+        let settled = announced.map_or(delay.settled, |slots| delay.settled.min(slots));
+        // Below the job's start, on a server that does not say its slots, the server had
+        // fewer slots than the job expected; it may have more again: doubling finds that in
+        // one round. An earlier run's level is where this one starts, not what it measured.
+        let bracketed = found == Found::ThisRun
+            && delay.bracketed
+            && (announced.is_some() || settled >= self.config.concurrency.start);
+        self.delay.resume_at(settled, bracketed);
+        let level = self.delay.limit();
+        match (found, bracketed) {
+            (Found::ThisRun, true) => tracing::info!(
+                "the run had found the requests in flight this server serves best: it goes \
+                 on with {level} at a time"
+            ),
+            (Found::ThisRun, false) => tracing::info!(
+                "the run had reached {level} requests in flight on this server and was still \
+                 climbing: it goes on from there"
+            ),
+            (Found::EarlierRun, _) => tracing::info!(
+                "the job's last run on this server settled on {level} requests in flight: this \
+                 run starts there and measures the server afresh"
+            ),
+        }
+        true
     }
 
     /// What to keep for `run --resume`.
@@ -108,6 +133,7 @@ impl Controller {
                 bracketed: self.delay.bracketed(),
                 slots: self.config.announced_slots(),
             }),
+            server: None,
         }
     }
 }

@@ -493,7 +493,9 @@ impl Dispatcher {
 
     async fn maybe_snapshot_now(&mut self) {
         self.last_snapshot = Instant::now();
-        let state = match serde_json::to_string(&self.controller.snapshot()) {
+        let mut state = self.controller.snapshot();
+        state.server = super::server_name(&self.ctx.chat.base_url);
+        let state = match serde_json::to_string(&state) {
             Ok(state) => state,
             Err(e) => {
                 tracing::warn!("controller state not saved: {e}");

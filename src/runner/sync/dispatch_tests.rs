@@ -473,7 +473,7 @@ async fn run(store: Arc<FakeStore>, delay: Option<Duration>, cap: Option<Picos>,
         mode: None,
         limit: None,
     };
-    let controller = controller_for(&ctx, &run).unwrap();
+    let controller = controller_for(&ctx, &run, None).unwrap();
     let (tx, mut rx) = mpsc::channel::<BatchWrite>(crate::runner::writer::WRITE_QUEUE);
     let written = Arc::new(Notify::new());
     let counts = store.counts();
@@ -586,7 +586,7 @@ fn a_saved_state_that_cannot_be_read_starts_the_controller_afresh() {
     let (_dir, ctx) = context(FakeStore::new(10), "http://127.0.0.1:9/v1", None);
     for saved in ["{not json", r#"{"version":1,"delay":{}}"#] {
         let run = interrupted_run(saved);
-        let controller = controller_for(&ctx, &run).unwrap();
+        let controller = controller_for(&ctx, &run, None).unwrap();
         assert_eq!(controller.status().delay_limit, Some(4), "{saved}");
         assert_eq!(controller.counts().requests_sent, 0, "{saved}");
     }
@@ -603,7 +603,54 @@ fn the_saved_level_of_requests_in_flight_is_taken_only_where_a_run_has_one_worke
     for (shared, level) in [(false, 6), (true, 4)] {
         let (_dir, ctx) = context(FakeStore::with_sharing(10, shared), "http://127.0.0.1:9/v1", None);
         let run = interrupted_run(&serde_json::to_string(&state).unwrap());
-        let controller = controller_for(&ctx, &run).unwrap();
+        let controller = controller_for(&ctx, &run, None).unwrap();
         assert_eq!(controller.status().delay_limit, Some(level), "shared: {shared}");
     }
+}
+
+/// A saved level counts only on the server it was found on: the state names it (the job's
+/// base URL without credentials or query), and a run whose job now names another server
+/// starts as a fresh run does; a state saved before the server was named keeps its level.
+#[test]
+fn a_resumed_run_takes_its_saved_level_only_on_the_server_it_was_found_on() {
+    use backfill_controller::{Controller, ControllerConfig, DelayState};
+    let mut state = Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap().snapshot();
+    state.delay = Some(DelayState { settled: 6, bracketed: true, slots: None });
+    let (_dir, ctx) = context(FakeStore::new(10), "http://127.0.0.1:9/v1", None);
+    for (server, level) in [(Some("http://127.0.0.1:9/v1"), 6), (Some("http://127.0.0.1:10/v1"), 4), (None, 6)] {
+        state.server = server.map(str::to_owned);
+        let run = interrupted_run(&serde_json::to_string(&state).unwrap());
+        let controller = controller_for(&ctx, &run, None).unwrap();
+        assert_eq!(controller.status().delay_limit, Some(level), "saved on {server:?}");
+    }
+}
+
+/// A fresh run starts at the level the job's last run settled on, when that run named the same
+/// server and the store gives each run one worker; elsewhere at the job's start.
+#[test]
+fn a_fresh_run_starts_at_the_level_the_jobs_last_run_on_the_same_server_settled_on() {
+    use backfill_controller::{Controller, ControllerConfig, DelayState};
+    let mut earlier = Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap().snapshot();
+    earlier.delay = Some(DelayState { settled: 6, bracketed: true, slots: None });
+    let mut fresh = interrupted_run("");
+    fresh.controller_state = None;
+    for (shared, server, level) in [
+        (false, Some("http://127.0.0.1:9/v1"), 6),
+        (false, Some("http://127.0.0.1:10/v1"), 4),
+        (false, None, 4),
+        (true, Some("http://127.0.0.1:9/v1"), 4),
+    ] {
+        let (_dir, ctx) = context(FakeStore::with_sharing(10, shared), "http://127.0.0.1:9/v1", None);
+        earlier.server = server.map(str::to_owned);
+        let controller = controller_for(&ctx, &fresh, Some(earlier.clone())).unwrap();
+        assert_eq!(controller.status().delay_limit, Some(level), "earlier run on {server:?}, shared: {shared}");
+    }
+}
+
+#[test]
+fn the_server_a_state_names_is_its_base_url_without_credentials_or_query() {
+    use super::server_name;
+    assert_eq!(server_name("https://user:secret@llm.example:8443/v1/?api_key=abc#top").as_deref(), Some("https://llm.example:8443/v1"));
+    assert_eq!(server_name("http://127.0.0.1:8080/v1").as_deref(), Some("http://127.0.0.1:8080/v1"));
+    assert_eq!(server_name("not a url"), None);
 }

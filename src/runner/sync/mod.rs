@@ -103,8 +103,10 @@ impl Engine for SyncEngine {
     }
 }
 
-/// The controller for a chat job: the job's limits, or the state the run saved for `--resume`.
-pub fn controller_for(ctx: &RunContext, run: &RunRecord) -> anyhow::Result<Controller> {
+/// The controller for a chat job: the job's limits, or the state the run saved for `--resume`;
+/// a fresh run starts at the requests in flight `earlier` (the state the job's last run on
+/// this server saved, `earlier_state`) had settled on.
+pub fn controller_for(ctx: &RunContext, run: &RunRecord, earlier: Option<ControllerState>) -> anyhow::Result<Controller> {
     let (limits, chat) = (&ctx.limits, &ctx.chat);
     let config = ControllerConfig {
         requests_per_minute: limits.requests_per_minute,
@@ -118,6 +120,7 @@ pub fn controller_for(ctx: &RunContext, run: &RunRecord) -> anyhow::Result<Contr
         server_slots: ctx.server.map(|server| server.slots),
     };
     let shared = ctx.store.shares_runs();
+    let server = server_name(&chat.base_url);
     let restored = run
         .controller_state
         .as_deref()
@@ -132,8 +135,9 @@ pub fn controller_for(ctx: &RunContext, run: &RunRecord) -> anyhow::Result<Contr
         .map(|mut state| {
             // On a store several workers share a run on, the saved level of requests in flight
             // is one worker's share of the server (whichever saved last): a worker joining the
-            // others would add a whole share to theirs. It starts as a fresh run does.
-            if shared {
+            // others would add a whole share to theirs. It starts as a fresh run does. So does
+            // a run whose job now names another server than the one the level was found on.
+            if shared || state.server.as_ref().is_some_and(|saved| Some(saved) != server.as_ref()) {
                 state.delay = None;
             }
             Controller::restore(config.clone(), state, Duration::ZERO)
@@ -143,7 +147,45 @@ pub fn controller_for(ctx: &RunContext, run: &RunRecord) -> anyhow::Result<Contr
             tracing::info!("controller resumed from the run's saved state");
             controller
         }
-        _ => Controller::new(config, Duration::ZERO).map_err(|e| usage(e.to_string()))?,
+        _ => {
+            let mut controller = Controller::new(config, Duration::ZERO).map_err(|e| usage(e.to_string()))?;
+            if let Some(delay) = earlier.filter(|earlier| !shared && server.is_some() && earlier.server == server).and_then(|earlier| earlier.delay) {
+                controller.start_where_found(delay);
+            }
+            controller
+        }
     };
     Ok(controller)
+}
+
+/// The state the job's latest run (or trial) of this model saved, when this run has none of
+/// its own and one worker runs it: where on the server that run settled is where this one
+/// starts (`controller_for`). A store that cannot say, or a state that cannot be read, gives
+/// none: only a head start is lost.
+pub async fn earlier_state(ctx: &RunContext, run: &RunRecord) -> Option<ControllerState> {
+    if run.controller_state.is_some() || ctx.store.shares_runs() {
+        return None;
+    }
+    let trials = crate::job::trial_job(&run.job);
+    let measured = match ctx.store.latest_measure([run.job.as_str(), trials.as_str()], &ctx.chat.name).await {
+        Ok(measured) => measured?,
+        Err(e) => {
+            tracing::debug!("the job's earlier runs could not be read ({e:#}): the controller starts at the job's limits");
+            return None;
+        }
+    };
+    let state = serde_json::from_str::<ControllerState>(measured.controller_state.as_deref()?).ok()?;
+    (measured.run_id != run.id).then_some(state)
+}
+
+/// The server a controller state was measured on, as the state names it: the base URL without
+/// credentials, query or fragment (none of which reaches the database).
+pub fn server_name(base_url: &str) -> Option<String> {
+    // Validated as a URL when the job was read.
+    let mut url = url::Url::parse(base_url).ok()?;
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.set_fragment(None);
+    Some(url.as_str().trim_end_matches('/').to_owned())
 }

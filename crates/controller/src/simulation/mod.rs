@@ -66,6 +66,15 @@ impl DispatchPolicy for Controller {
     }
 }
 
+/// What the controller saved at the end of a whole run of `scenario`: the state a later run
+/// of the same job finds.
+pub fn state_at_the_end(scenario: &Scenario) -> ControllerState {
+    let mut controller =
+        Controller::new(scenario.controller_config(), Duration::ZERO).expect("valid limits");
+    simulate(scenario, &mut controller);
+    controller.snapshot()
+}
+
 /// What the controller saved halfway through a run of `scenario` (as the runner saves it every
 /// few seconds): the state a run interrupted there is resumed from.
 pub fn state_saved_halfway(scenario: &Scenario) -> ControllerState {
