@@ -30,6 +30,12 @@
 #                                             # no time, no /props: only the server's gauges
 #                                             # of requests running and waiting at /metrics,
 #                                             # as vLLM and TGI show them
+#   AGAIN=1 NO_TIMINGS=1 SLOTS="16" scripts/bench-llama.sh
+#                                             # the adaptive client runs the job a second time
+#                                             # (client `again`) on the same database, its
+#                                             # column emptied, against a fresh server: a new
+#                                             # run that starts where the job's last run on
+#                                             # that server settled
 #   BACKFILL_BIN=/path/to/backfill scripts/bench-llama.sh   # another build of backfill
 #   KEEP=/tmp/runs RUST_LOG=backfill_controller=debug scripts/bench-llama.sh
 #                                             # keeps every run's job, database (its calls in
@@ -119,11 +125,18 @@ $3
 EOF
 }
 
-# run SLOTS CLIENT CONCURRENCY_LINE -> one result line (python dict) on stdout
+# run SLOTS CLIENT CONCURRENCY_LINE [EARLIER_DIR] -> one result line (python dict) on stdout;
+# with EARLIER_DIR, on that run's database (its ledger and saved state), the column emptied.
 run() {
   local slots="$1" client="$2" line="$3" dir="$WORK/run-$1-$2-$RANDOM"
   mkdir -p "$dir"
-  cp "$WORK/motions.db" "$dir/motions.db"
+  LAST_DIR="$dir"
+  if [ -n "${4:-}" ]; then
+    cp "$4/motions.db" "$dir/motions.db"
+    python3 -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.execute("UPDATE motions SET explanation = NULL"); db.commit()' "$dir/motions.db"
+  else
+    cp "$WORK/motions.db" "$dir/motions.db"
+  fi
   job "$dir/job.toml" "$dir/motions.db" "$line"
   local log="$WORK/peers/llama.log" offset
   offset=$(stat -c %s "$log")
@@ -136,7 +149,8 @@ try:
 except Exception:
     sys.exit(f"{client} at {slots} slots: no summary; stderr: {open(dir + '/stderr.log').read()[-2000:]}")
 db = sqlite3.connect(f"{dir}/motions.db")
-calls = db.execute("SELECT started_at, started_at + latency_ms, outcome FROM backfill_calls WHERE latency_ms IS NOT NULL ORDER BY started_at").fetchall()
+run_id = db.execute("SELECT MAX(id) FROM backfill_runs").fetchone()[0]
+calls = db.execute("SELECT started_at, started_at + latency_ms, outcome FROM backfill_calls WHERE latency_ms IS NOT NULL AND run_id = ? ORDER BY started_at", (run_id,)).fetchall()
 first, last = calls[0][0], max(end for _, end, _ in calls)
 most = max(sum(1 for s, e, _ in calls if s <= start < e) for start, _, _ in calls)
 median_call = statistics.median(e - s for s, e, _ in calls) / 1000
@@ -149,7 +163,7 @@ print(json.dumps({
     "most_in_flight": most, "median_call_s": median_call,
     "server_median_s": statistics.median(own) / 1000 if own else None,
     "timeouts": timeouts, "hedged_items": summary["controller"]["hedged_items"],
-    "cached_share": sum(c or 0 for (c,) in db.execute("SELECT cached_tokens FROM backfill_calls")) / max(1, sum(p or 0 for (p,) in db.execute("SELECT prompt_tokens FROM backfill_calls"))),
+    "cached_share": sum(c or 0 for (c,) in db.execute("SELECT cached_tokens FROM backfill_calls WHERE run_id = ?", (run_id,))) / max(1, sum(p or 0 for (p,) in db.execute("SELECT prompt_tokens FROM backfill_calls WHERE run_id = ?", (run_id,)))),
 }))
 EOF
   if [ -n "${KEEP:-}" ]; then
@@ -171,6 +185,10 @@ for slots in $SLOTS; do
   for ((round = 1; round <= ROUNDS; round++)); do
     fresh_server "$slots"
     run "$slots" backfill "" >>"$results"
+    if [ -n "${AGAIN:-}" ]; then
+      fresh_server "$slots"
+      run "$slots" again "" "$LAST_DIR" >>"$results"
+    fi
     fresh_server "$slots"
     run "$slots" fixed "concurrency = { start = $slots, min = $slots, max = $slots }" >>"$results"
   done
