@@ -233,6 +233,10 @@ pub trait Runs: Send + Sync {
 
     async fn save_controller_state(&self, run_id: i64, state: &str) -> anyhow::Result<()>;
 
+    /// The controller states saved by the job's runs before `before`, newest first, at most
+    /// `limit` of them (runs that saved none are skipped).
+    async fn earlier_controller_states(&self, job: &str, before: i64, limit: u64) -> anyhow::Result<Vec<String>>;
+
     /// Records the budget cap a run continues under (`--resume` with another `--max-usd`).
     async fn set_budget(&self, run_id: i64, max_usd: Option<f64>) -> anyhow::Result<()>;
 

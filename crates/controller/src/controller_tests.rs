@@ -489,7 +489,9 @@ fn a_resumed_run_starts_at_the_requests_in_flight_it_had_found() {
 /// else), it returns the requests in flight before that answer and at the end.
 fn fresh_run_from(config: ControllerConfig, delay: DelayState) -> (usize, Controller, usize) {
     let mut controller = Controller::new(config, Duration::ZERO).unwrap();
-    controller.start_where_found(delay);
+    let mut earlier = controller.snapshot();
+    earlier.delay = Some(delay);
+    controller.start_where_found(&earlier);
     let mut before = 0;
     for step in 0..300 {
         let now = seconds(f64::from(step) * 0.01);
@@ -537,24 +539,35 @@ fn a_fresh_run_starts_where_the_jobs_last_run_found_the_server_and_measures_it_a
     };
     assert_eq!(fresh_run_from(config, found(12, None)).1.delay.limit(), 8);
     // A server that says slots it did not say then, or other ones, starts at them; one that
-    // says the same caps the level at them.
-    for (then, now, limit) in [
-        (None, 6, 6),
-        (Some(16), 6, 6),
-        (Some(8), 8, 8),
-        (Some(16), 16, 12),
+    // says the same caps the level at them, and takes one below them.
+    for (settled, then, now, limit) in [
+        (3, None, 6, 6),
+        (3, Some(16), 6, 6),
+        (12, Some(8), 8, 8),
+        (3, Some(8), 8, 3),
     ] {
         let config = ControllerConfig {
             server_slots: Some(now),
             ..ControllerConfig::with_defaults()
         };
-        let (sent, fresh, _) = fresh_run_from(config, found(12, then));
+        let (sent, fresh, _) = fresh_run_from(config, found(settled, then));
         assert_eq!(
             (sent, fresh.delay.limit()),
             (limit as usize, limit),
-            "slots {then:?} then, {now} now"
+            "{settled} found with slots {then:?}, {now} now"
         );
     }
+    // A state of another format version, or with no level (a provider that announced its
+    // rate limits), changes nothing.
+    let mut controller = controller();
+    let mut earlier = controller.snapshot();
+    earlier.delay = Some(found(12, None));
+    earlier.version += 1;
+    controller.start_where_found(&earlier);
+    earlier.version -= 1;
+    earlier.delay = None;
+    controller.start_where_found(&earlier);
+    assert_eq!(controller.delay.limit(), 4);
 }
 
 /// Sends one request and answers it, a second later, with headers announcing 600 requests and

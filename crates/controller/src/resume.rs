@@ -61,24 +61,35 @@ impl Controller {
         Ok(controller)
     }
 
-    /// A fresh run on a server that an earlier run of the same job and model measured: it
-    /// starts at the requests in flight that run had settled on (`DelayState`, from its saved
-    /// state) instead of at `concurrency.start`, by the rules `restore` applies to a resumed
-    /// run, but as a start, not as a level found: slow start goes on from it, doubling while
+    /// A fresh run on a server that an earlier run of the same job measured: it starts at the
+    /// requests in flight that run had settled on (`earlier.delay`, from its saved state)
+    /// instead of at `concurrency.start`, by the rules `restore` applies to a resumed run (a
+    /// state of another format version is ignored; the level within the job's range, never
+    /// above the slots the server says, not at all where it says other slots than it said
+    /// then), but as a start, not as a level found: slow start goes on from it, doubling while
     /// the server delivers more and going below it by Vegas's estimate when it queues (the
-    /// server may have changed since). Returns whether the level was taken (not on a provider
-    /// that announces rate limits, nor on a server that now says other slots than it said).
-    pub fn start_where_found(&mut self, delay: DelayState) -> bool {
-        self.take_level(delay, Found::EarlierRun)
+    /// server may have changed since). A state with no level (the provider announced rate
+    /// limits) changes nothing. Which earlier run, on which server, is the caller's choice.
+    pub fn start_where_found(&mut self, earlier: &ControllerState) {
+        if earlier.version != STATE_VERSION {
+            tracing::debug!(
+                found = earlier.version,
+                "an earlier run's controller state of another version ignored"
+            );
+            return;
+        }
+        if let Some(delay) = earlier.delay {
+            self.take_level(delay, Found::EarlierRun);
+        }
     }
 
-    fn take_level(&mut self, delay: DelayState, found: Found) -> bool {
+    fn take_level(&mut self, delay: DelayState, found: Found) {
         // A server that now says other slots than it said when the level was found (or says
         // them for the first time) was restarted or replaced: the run starts as a fresh one
         // does, at the slots it says.
         let announced = self.config.announced_slots();
         if !self.delay_limit_applies() || (announced.is_some() && delay.slots != announced) {
-            return false;
+            return;
         }
         // Never above the slots the server says (a level its gauges had let past them starts
         // at them); below them is what the run measured (a server on too few cores gains
@@ -102,11 +113,11 @@ impl Controller {
                  climbing: it goes on from there"
             ),
             (Found::EarlierRun, _) => tracing::info!(
-                "the job's last run on this server settled on {level} requests in flight: this \
-                 run starts there and measures the server afresh"
+                "the job's last run on this server settled on {} requests in flight: this run \
+                 starts from {level} and measures the server afresh",
+                delay.settled
             ),
         }
-        true
     }
 
     /// What to keep for `run --resume`.
@@ -134,6 +145,7 @@ impl Controller {
                 slots: self.config.announced_slots(),
             }),
             server: None,
+            model: None,
         }
     }
 }

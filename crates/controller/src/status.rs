@@ -94,10 +94,12 @@ pub struct ControllerState {
     /// saved before it was kept, and when the provider announced rate limits).
     #[serde(default)]
     pub delay: Option<DelayState>,
-    /// The server the state was measured on, as the caller names it (`snapshot` leaves it
-    /// empty): a level found on one server says nothing of another.
+    /// The server and the model the state was measured on, as the caller names them
+    /// (`snapshot` leaves them empty): a level found on one says nothing of another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// What the delay limit found: the level it settled on, whether a probe had failed (the best

@@ -494,7 +494,8 @@ impl Dispatcher {
     async fn maybe_snapshot_now(&mut self) {
         self.last_snapshot = Instant::now();
         let mut state = self.controller.snapshot();
-        state.server = super::server_name(&self.ctx.chat.base_url);
+        state.server = Some(super::server_name(&self.ctx.chat));
+        state.model = Some(self.ctx.chat.name.clone());
         let state = match serde_json::to_string(&state) {
             Ok(state) => state,
             Err(e) => {

@@ -63,6 +63,8 @@ struct FakeStore {
     cancelled: CancellationToken,
     /// Whether it plays a store several workers share a run on (PostgreSQL).
     shared: bool,
+    /// The controller states earlier runs of the job saved, newest first.
+    earlier_states: Vec<String>,
 }
 
 impl FakeStore {
@@ -70,12 +72,19 @@ impl FakeStore {
         Self::with_sharing(items, false)
     }
 
+    fn with_earlier_states(items: usize, earlier_states: Vec<String>) -> Arc<FakeStore> {
+        let store = Self::with_sharing(items, false);
+        let mut store = Arc::try_unwrap(store).ok().expect("not shared yet");
+        store.earlier_states = earlier_states;
+        Arc::new(store)
+    }
+
     fn with_sharing(items: usize, shared: bool) -> Arc<FakeStore> {
         let inner = Inner {
             items: (1..=items).map(|i| (format!("{i:03}"), (State::Pending, 0, 0, 0))).collect(),
             ..Inner::default()
         };
-        Arc::new(FakeStore { inner: Mutex::new(inner), cancelled: CancellationToken::new(), shared })
+        Arc::new(FakeStore { inner: Mutex::new(inner), cancelled: CancellationToken::new(), shared, earlier_states: Vec::new() })
     }
 
     fn counts(&self) -> ItemCounts {
@@ -151,6 +160,9 @@ impl Runs for FakeStore {
     }
     async fn save_controller_state(&self, _: i64, _: &str) -> anyhow::Result<()> {
         Ok(())
+    }
+    async fn earlier_controller_states(&self, _: &str, _: i64, limit: u64) -> anyhow::Result<Vec<String>> {
+        Ok(self.earlier_states.iter().take(limit as usize).cloned().collect())
     }
     async fn set_budget(&self, _: i64, _: Option<f64>) -> anyhow::Result<()> {
         unimplemented!("set on resume, before the dispatcher")
@@ -608,49 +620,83 @@ fn the_saved_level_of_requests_in_flight_is_taken_only_where_a_run_has_one_worke
     }
 }
 
-/// A saved level counts only on the server it was found on: the state names it (the job's
-/// base URL without credentials or query), and a run whose job now names another server
-/// starts as a fresh run does; a state saved before the server was named keeps its level.
+/// A saved level counts only on the server and model it was found on: the state names them
+/// (the job's base URL without credentials or query, and the model), and a run whose job now
+/// names another starts as a fresh run does; a state saved before they were named keeps its
+/// level.
 #[test]
 fn a_resumed_run_takes_its_saved_level_only_on_the_server_it_was_found_on() {
     use backfill_controller::{Controller, ControllerConfig, DelayState};
     let mut state = Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap().snapshot();
     state.delay = Some(DelayState { settled: 6, bracketed: true, slots: None });
     let (_dir, ctx) = context(FakeStore::new(10), "http://127.0.0.1:9/v1", None);
-    for (server, level) in [(Some("http://127.0.0.1:9/v1"), 6), (Some("http://127.0.0.1:10/v1"), 4), (None, 6)] {
+    let model = ctx.chat.name.clone();
+    for (server, model, level) in [
+        (Some("http://127.0.0.1:9/v1"), Some(model.as_str()), 6),
+        (Some("http://127.0.0.1:10/v1"), Some(model.as_str()), 4),
+        (Some("http://127.0.0.1:9/v1"), Some("another-model"), 4),
+        (None, None, 6),
+    ] {
         state.server = server.map(str::to_owned);
+        state.model = model.map(str::to_owned);
         let run = interrupted_run(&serde_json::to_string(&state).unwrap());
         let controller = controller_for(&ctx, &run, None).unwrap();
-        assert_eq!(controller.status().delay_limit, Some(level), "saved on {server:?}");
+        assert_eq!(controller.status().delay_limit, Some(level), "saved on {server:?}, {model:?}");
     }
+}
+
+/// A run that has not saved a state of its own (`controller_state` empty).
+fn fresh_run() -> RunRecord {
+    RunRecord { controller_state: None, status: RunStatus::Running, id: 5, ..interrupted_run("") }
+}
+
+/// A saved state at `settled` requests in flight, found on `server` with `model`.
+fn state_found(settled: u32, server: &str, model: &str) -> backfill_controller::ControllerState {
+    use backfill_controller::{Controller, ControllerConfig, DelayState};
+    let mut state = Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap().snapshot();
+    state.delay = Some(DelayState { settled, bracketed: true, slots: None });
+    state.server = Some(server.into());
+    state.model = Some(model.into());
+    state
 }
 
 /// A fresh run starts at the level the job's last run settled on, when that run named the same
-/// server and the store gives each run one worker; elsewhere at the job's start.
+/// server and model and the store gives each run one worker; elsewhere at the job's start.
 #[test]
 fn a_fresh_run_starts_at_the_level_the_jobs_last_run_on_the_same_server_settled_on() {
-    use backfill_controller::{Controller, ControllerConfig, DelayState};
-    let mut earlier = Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap().snapshot();
-    earlier.delay = Some(DelayState { settled: 6, bracketed: true, slots: None });
-    let mut fresh = interrupted_run("");
-    fresh.controller_state = None;
-    for (shared, server, level) in [
-        (false, Some("http://127.0.0.1:9/v1"), 6),
-        (false, Some("http://127.0.0.1:10/v1"), 4),
-        (false, None, 4),
-        (true, Some("http://127.0.0.1:9/v1"), 4),
+    let (_dir, ctx) = context(FakeStore::new(10), "http://127.0.0.1:9/v1", None);
+    let model = ctx.chat.name.clone();
+    for (shared, server, model, level) in [
+        (false, "http://127.0.0.1:9/v1", model.as_str(), 6),
+        (false, "http://127.0.0.1:10/v1", model.as_str(), 4),
+        (false, "http://127.0.0.1:9/v1", "another-model", 4),
+        (true, "http://127.0.0.1:9/v1", model.as_str(), 4),
     ] {
         let (_dir, ctx) = context(FakeStore::with_sharing(10, shared), "http://127.0.0.1:9/v1", None);
-        earlier.server = server.map(str::to_owned);
-        let controller = controller_for(&ctx, &fresh, Some(earlier.clone())).unwrap();
-        assert_eq!(controller.status().delay_limit, Some(level), "earlier run on {server:?}, shared: {shared}");
+        let controller = controller_for(&ctx, &fresh_run(), Some(state_found(6, server, model))).unwrap();
+        assert_eq!(controller.status().delay_limit, Some(level), "earlier run on {server}, {model}, shared: {shared}");
     }
 }
 
-#[test]
-fn the_server_a_state_names_is_its_base_url_without_credentials_or_query() {
-    use super::server_name;
-    assert_eq!(server_name("https://user:secret@llm.example:8443/v1/?api_key=abc#top").as_deref(), Some("https://llm.example:8443/v1"));
-    assert_eq!(server_name("http://127.0.0.1:8080/v1").as_deref(), Some("http://127.0.0.1:8080/v1"));
-    assert_eq!(server_name("not a url"), None);
+/// The earlier state a fresh run takes is the newest one saved on this server and model (a
+/// later run elsewhere, or a state that cannot be read, is passed over); a run with a state of
+/// its own, or on a store whose runs several workers share, takes none.
+#[tokio::test]
+async fn the_earlier_state_is_the_newest_saved_on_this_server_and_model() {
+    let (_dir, probe) = context(FakeStore::new(1), "http://127.0.0.1:9/v1", None);
+    let model = probe.chat.name.clone();
+    let json = |state: backfill_controller::ControllerState| serde_json::to_string(&state).unwrap();
+    let states = vec![
+        json(state_found(9, "http://127.0.0.1:10/v1", &model)),
+        "{not json".to_owned(),
+        json(state_found(7, "http://127.0.0.1:9/v1", "another-model")),
+        json(state_found(6, "http://127.0.0.1:9/v1", &model)),
+        json(state_found(3, "http://127.0.0.1:9/v1", &model)),
+    ];
+    let (_dir, ctx) = context(FakeStore::with_earlier_states(10, states.clone()), "http://127.0.0.1:9/v1", None);
+    let earlier = super::earlier_state(&ctx, &fresh_run()).await.expect("a state on this server");
+    assert_eq!(earlier.delay.map(|delay| delay.settled), Some(6));
+    assert_eq!(super::earlier_state(&ctx, &interrupted_run(&states[3])).await, None, "a resumed run has its own");
+    let (_dir, shared) = context(FakeStore::with_sharing(10, true), "http://127.0.0.1:9/v1", None);
+    assert_eq!(super::earlier_state(&shared, &fresh_run()).await, None);
 }

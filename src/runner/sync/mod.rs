@@ -27,6 +27,7 @@ use super::progress::Progress;
 use super::session::{Engine, Figures, Session, Stop};
 use super::summary::ControllerSummary;
 use crate::exit::usage;
+use crate::job::ChatModel;
 use crate::store::RunRecord;
 
 /// Synchronous calls paced by the adaptive controller.
@@ -105,7 +106,7 @@ impl Engine for SyncEngine {
 
 /// The controller for a chat job: the job's limits, or the state the run saved for `--resume`;
 /// a fresh run starts at the requests in flight `earlier` (the state the job's last run on
-/// this server saved, `earlier_state`) had settled on.
+/// this server and model saved, `earlier_state`) had settled on.
 pub fn controller_for(ctx: &RunContext, run: &RunRecord, earlier: Option<ControllerState>) -> anyhow::Result<Controller> {
     let (limits, chat) = (&ctx.limits, &ctx.chat);
     let config = ControllerConfig {
@@ -120,7 +121,6 @@ pub fn controller_for(ctx: &RunContext, run: &RunRecord, earlier: Option<Control
         server_slots: ctx.server.map(|server| server.slots),
     };
     let shared = ctx.store.shares_runs();
-    let server = server_name(&chat.base_url);
     let restored = run
         .controller_state
         .as_deref()
@@ -136,8 +136,11 @@ pub fn controller_for(ctx: &RunContext, run: &RunRecord, earlier: Option<Control
             // On a store several workers share a run on, the saved level of requests in flight
             // is one worker's share of the server (whichever saved last): a worker joining the
             // others would add a whole share to theirs. It starts as a fresh run does. So does
-            // a run whose job now names another server than the one the level was found on.
-            if shared || state.server.as_ref().is_some_and(|saved| Some(saved) != server.as_ref()) {
+            // a run whose job now names another server or model than the level was found on
+            // (a state saved before they were named keeps its level).
+            let elsewhere = state.server.as_ref().is_some_and(|server| *server != server_name(chat))
+                || state.model.as_ref().is_some_and(|model| *model != chat.name);
+            if shared || elsewhere {
                 state.delay = None;
             }
             Controller::restore(config.clone(), state, Duration::ZERO)
@@ -149,8 +152,8 @@ pub fn controller_for(ctx: &RunContext, run: &RunRecord, earlier: Option<Control
         }
         _ => {
             let mut controller = Controller::new(config, Duration::ZERO).map_err(|e| usage(e.to_string()))?;
-            if let Some(delay) = earlier.filter(|earlier| !shared && server.is_some() && earlier.server == server).and_then(|earlier| earlier.delay) {
-                controller.start_where_found(delay);
+            if let Some(earlier) = earlier.filter(|earlier| !shared && same_server(earlier, chat)) {
+                controller.start_where_found(&earlier);
             }
             controller
         }
@@ -158,34 +161,39 @@ pub fn controller_for(ctx: &RunContext, run: &RunRecord, earlier: Option<Control
     Ok(controller)
 }
 
-/// The state the job's latest run (or trial) of this model saved, when this run has none of
-/// its own and one worker runs it: where on the server that run settled is where this one
-/// starts (`controller_for`). A store that cannot say, or a state that cannot be read, gives
-/// none: only a head start is lost.
+/// Earlier runs of the job whose saved states `earlier_state` looks through for one measured on
+/// this server and model.
+const EARLIER_STATES: u64 = 10;
+
+/// The state the job's latest earlier run against this server and model saved (within the
+/// last `EARLIER_STATES` runs that saved one), when this run has none of its own and one
+/// worker runs it: where on the server that run settled is where this one starts
+/// (`controller_for`). A store that cannot say gives none: only a head start is lost.
 pub async fn earlier_state(ctx: &RunContext, run: &RunRecord) -> Option<ControllerState> {
     if run.controller_state.is_some() || ctx.store.shares_runs() {
         return None;
     }
-    let trials = crate::job::trial_job(&run.job);
-    let measured = match ctx.store.latest_measure([run.job.as_str(), trials.as_str()], &ctx.chat.name).await {
-        Ok(measured) => measured?,
+    let states = match ctx.store.earlier_controller_states(&run.job, run.id, EARLIER_STATES).await {
+        Ok(states) => states,
         Err(e) => {
             tracing::debug!("the job's earlier runs could not be read ({e:#}): the controller starts at the job's limits");
             return None;
         }
     };
-    let state = serde_json::from_str::<ControllerState>(measured.controller_state.as_deref()?).ok()?;
-    (measured.run_id != run.id).then_some(state)
+    states
+        .iter()
+        .filter_map(|state| serde_json::from_str::<ControllerState>(state).ok())
+        .find(|state| same_server(state, &ctx.chat))
 }
 
-/// The server a controller state was measured on, as the state names it: the base URL without
-/// credentials, query or fragment (none of which reaches the database).
-pub fn server_name(base_url: &str) -> Option<String> {
-    // Validated as a URL when the job was read.
-    let mut url = url::Url::parse(base_url).ok()?;
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    url.set_query(None);
-    url.set_fragment(None);
-    Some(url.as_str().trim_end_matches('/').to_owned())
+/// Whether `state` names this job's server (its base URL without credentials, query or
+/// fragment, `secret::public_url`) and model.
+fn same_server(state: &ControllerState, chat: &ChatModel) -> bool {
+    state.server.as_deref() == Some(server_name(chat).as_str()) && state.model.as_deref() == Some(chat.name.as_str())
+}
+
+/// The server a controller state names: the base URL as `secret::public_url` gives it, with no
+/// credential in it.
+pub fn server_name(chat: &ChatModel) -> String {
+    crate::secret::public_url(&chat.base_url)
 }

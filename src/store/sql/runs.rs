@@ -158,6 +158,19 @@ impl Runs for Backend {
         self.set_run_column(run_id, "controller_state", state).await
     }
 
+    async fn earlier_controller_states(&self, job: &str, before: i64, limit: u64) -> anyhow::Result<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT controller_state FROM backfill_runs \
+             WHERE job = $1 AND id < $2 AND controller_state IS NOT NULL ORDER BY id DESC LIMIT $3",
+        )
+        .bind(job)
+        .bind(before)
+        .bind(limit.min(i64::MAX as u64) as i64)
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| self.err(e))
+    }
+
     async fn set_budget(&self, run_id: i64, max_usd: Option<f64>) -> anyhow::Result<()> {
         self.set_run_column(run_id, "max_usd", max_usd).await
     }

@@ -14,6 +14,7 @@ conformance!(
     finished_only_sticks_when_nothing_is_open,
     inspect_names_a_missing_table_or_column_and_a_bad_predicate,
     the_latest_run_or_trial_of_a_job_measures_its_model,
+    earlier_runs_controller_states_come_newest_first,
 );
 
 async fn status_shows_counts_money_calls_and_each_workers_share(db: Arc<Db>) {
@@ -121,4 +122,31 @@ async fn the_latest_run_or_trial_of_a_job_measures_its_model(db: Arc<Db>) {
         db.backend
     );
     assert_eq!(db.store.item_counts(trial.id).await.unwrap().total(), 0, "a trial holds no items");
+}
+
+/// The controller states a new run of a job looks through for where its server was found:
+/// the job's earlier runs that saved one, newest first, no other job's.
+async fn earlier_runs_controller_states_come_newest_first(db: Arc<Db>) {
+    db.source_table("items", Ids::Integer, 2).await;
+    let t = tables("items");
+    db.store.migrate().await.unwrap();
+    let mut ids = Vec::new();
+    for (job, state) in [("conformance", Some("a")), ("other", Some("x")), ("conformance", None), ("conformance", Some("b")), ("conformance", None)] {
+        let new = NewRun { job: job.into(), target: "t".into(), limit: Some(0), ..Default::default() };
+        let run = match db.store.create_run(&new, &t).await.unwrap() {
+            Created::New(run) => run,
+            other => panic!("{}: {other:?}", db.backend),
+        };
+        if let Some(state) = state {
+            db.store.save_controller_state(run.id, state).await.unwrap();
+        }
+        assert_eq!(db.store.set_status(run.id, RunStatus::Finished, None).await.unwrap(), RunStatus::Finished, "{}", db.backend);
+        ids.push(run.id);
+    }
+    let last = ids[4];
+    assert_eq!(db.store.earlier_controller_states("conformance", last, 10).await.unwrap(), ["b", "a"], "{}", db.backend);
+    assert_eq!(db.store.earlier_controller_states("conformance", last, 1).await.unwrap(), ["b"]);
+    assert_eq!(db.store.earlier_controller_states("conformance", ids[3], 10).await.unwrap(), ["a"], "before the run only");
+    assert_eq!(db.store.earlier_controller_states("other", last, 10).await.unwrap(), ["x"]);
+    assert!(db.store.earlier_controller_states("nobody", last, 10).await.unwrap().is_empty());
 }

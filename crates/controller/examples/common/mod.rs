@@ -1,8 +1,8 @@
 //! What the examples share: the server variants and the run length, set from the environment.
 
+use backfill_controller::Controller;
 use backfill_controller::ControllerState;
 use backfill_controller::simulation::{Scenario, state_at_the_end, state_saved_halfway};
-use backfill_controller::{Controller, DelayState};
 
 /// `SERVICE_TIME=1` has the server report its service time (as llama.cpp's `timings` do);
 /// `COLD_START=k` has the first request each slot serves take `k` times as long (a server
@@ -47,7 +47,7 @@ pub fn state_to_resume(scenario: &Scenario) -> Option<ControllerState> {
 /// With `EARLIER_RUN=1`, the level a whole earlier run of the job found on the same server (at
 /// the seed + 500); with `EARLIER_RUN=NAME`, on the server of scenario file `NAME` (a server
 /// changed since): a fresh run starts there (`Controller::start_where_found`).
-pub fn earlier_level(scenario: &Scenario) -> Option<DelayState> {
+pub fn earlier_state(scenario: &Scenario) -> Option<ControllerState> {
     let earlier = std::env::var("EARLIER_RUN").ok()?;
     let mut earlier_run = if earlier == "1" {
         scenario.clone()
@@ -60,7 +60,7 @@ pub fn earlier_level(scenario: &Scenario) -> Option<DelayState> {
         other
     };
     earlier_run.seed = scenario.seed + 500;
-    state_at_the_end(&earlier_run).delay
+    Some(state_at_the_end(&earlier_run))
 }
 
 /// A fresh controller for `scenario`, started where an earlier run found its server when
@@ -68,8 +68,8 @@ pub fn earlier_level(scenario: &Scenario) -> Option<DelayState> {
 pub fn fresh_controller(scenario: &Scenario) -> Controller {
     let mut controller = Controller::new(scenario.controller_config(), std::time::Duration::ZERO)
         .expect("valid limits");
-    if let Some(delay) = earlier_level(scenario) {
-        controller.start_where_found(delay);
+    if let Some(earlier) = earlier_state(scenario) {
+        controller.start_where_found(&earlier);
     }
     controller
 }
