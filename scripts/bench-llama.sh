@@ -33,7 +33,8 @@
 #   AGAIN=1 NO_TIMINGS=1 SLOTS="16" scripts/bench-llama.sh
 #                                             # the adaptive client runs the job a second time
 #                                             # (client `again`) on the same database, its
-#                                             # column emptied, against a fresh server: a new
+#                                             # column and response cache emptied, against a
+#                                             # fresh server: a new
 #                                             # run that starts where the job's last run on
 #                                             # that server settled
 #   BACKFILL_BIN=/path/to/backfill scripts/bench-llama.sh   # another build of backfill
@@ -133,7 +134,8 @@ run() {
   LAST_DIR="$dir"
   if [ -n "${4:-}" ]; then
     cp "$4/motions.db" "$dir/motions.db"
-    python3 -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.execute("UPDATE motions SET explanation = NULL"); db.commit()' "$dir/motions.db"
+    # The answers cached by the earlier run would spare this one most of its calls.
+    python3 -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.execute("UPDATE motions SET explanation = NULL"); db.execute("DELETE FROM backfill_cache"); db.commit()' "$dir/motions.db"
   else
     cp "$WORK/motions.db" "$dir/motions.db"
   fi
