@@ -572,6 +572,15 @@ async fn a_shutdown_stops_claiming_and_ends_within_the_grace_period() {
     assert!(counts.leased > 0 && counts.done == 0, "{counts:?}");
 }
 
+/// A fresh controller's saved state with `settled` requests in flight found between two
+/// measured levels, naming no server or model (as states saved before they were named).
+fn state_at(settled: u32) -> backfill_controller::ControllerState {
+    use backfill_controller::{Controller, ControllerConfig, DelayState};
+    let mut state = Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap().snapshot();
+    state.delay = Some(DelayState { settled, bracketed: true, slots: None });
+    state
+}
+
 /// An interrupted run of 10 items whose controller saved `state`.
 fn interrupted_run(state: &str) -> RunRecord {
     RunRecord {
@@ -609,9 +618,7 @@ fn a_saved_state_that_cannot_be_read_starts_the_controller_afresh() {
 /// server, whichever saved last) and starts as a fresh run does.
 #[test]
 fn the_saved_level_of_requests_in_flight_is_taken_only_where_a_run_has_one_worker() {
-    use backfill_controller::{Controller, ControllerConfig, DelayState};
-    let mut state = Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap().snapshot();
-    state.delay = Some(DelayState { settled: 6, bracketed: true, slots: None });
+    let state = state_at(6);
     for (shared, level) in [(false, 6), (true, 4)] {
         let (_dir, ctx) = context(FakeStore::with_sharing(10, shared), "http://127.0.0.1:9/v1", None);
         let run = interrupted_run(&serde_json::to_string(&state).unwrap());
@@ -626,9 +633,7 @@ fn the_saved_level_of_requests_in_flight_is_taken_only_where_a_run_has_one_worke
 /// level.
 #[test]
 fn a_resumed_run_takes_its_saved_level_only_on_the_server_it_was_found_on() {
-    use backfill_controller::{Controller, ControllerConfig, DelayState};
-    let mut state = Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap().snapshot();
-    state.delay = Some(DelayState { settled: 6, bracketed: true, slots: None });
+    let mut state = state_at(6);
     let (_dir, ctx) = context(FakeStore::new(10), "http://127.0.0.1:9/v1", None);
     let model = ctx.chat.name.clone();
     for (server, model, level) in [
@@ -652,9 +657,7 @@ fn fresh_run() -> RunRecord {
 
 /// A saved state at `settled` requests in flight, found on `server` with `model`.
 fn state_found(settled: u32, server: &str, model: &str) -> backfill_controller::ControllerState {
-    use backfill_controller::{Controller, ControllerConfig, DelayState};
-    let mut state = Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap().snapshot();
-    state.delay = Some(DelayState { settled, bracketed: true, slots: None });
+    let mut state = state_at(settled);
     state.server = Some(server.into());
     state.model = Some(model.into());
     state
