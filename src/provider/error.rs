@@ -107,7 +107,7 @@ impl CallError {
 }
 
 /// The `error.message` (and `error.code`) of an OpenAI-style error body, else an excerpt.
-fn provider_message(body: &str) -> String {
+pub(super) fn provider_message(body: &str) -> String {
     if let Ok(value) = serde_json::from_str::<serde_json::Value>(body) {
         let error = value.get("error").unwrap_or(&value);
         let message = error.get("message").and_then(|m| m.as_str()).or_else(|| error.as_str());

@@ -8,8 +8,11 @@ mod gauges;
 mod props;
 mod request;
 mod response;
+mod stream;
 
 use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
 
 pub use error::{CallError, RateLimit, parse_retry_after};
 pub use gauges::{GaugeReading, GaugeSource};
@@ -32,6 +35,21 @@ pub struct Answer {
     pub status: u16,
     pub latency: Duration,
     pub headers: RateHeaders,
+    /// How the answer came: `Delivery::Whole` (a plain JSON body: `send`, or a server that ignored
+    /// `stream`), `Delivery::Streamed { first_chunk }` (SSE; time from the start of the call to the
+    /// first chunk with a choice).
+    pub delivery: Delivery,
+}
+
+/// How an answer came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// One plain JSON body.
+    #[default]
+    Whole,
+    /// Server-Sent Events; `first_chunk` is the time from the start of the call to the first
+    /// chunk carrying a choice (the whole call when none carried one).
+    Streamed { first_chunk: Duration },
 }
 
 /// The chat client of one job.
@@ -69,36 +87,88 @@ impl ChatClient {
     /// outcome.
     pub async fn send(&self, body: &[u8], timeout: Duration) -> Result<Answer, CallError> {
         let started = Instant::now();
+        let exchange = async { read_whole(self.post(body.to_vec()).await?, self.max_response_bytes).await };
+        let whole = within(timeout, exchange).await?;
+        whole.into_answer(started.elapsed())
+    }
+
+    /// Sends `body` (the same serialised request object `send` takes) asking for a streamed answer:
+    /// `"stream": true` and `"stream_options": {"include_usage": true}` are spliced in after its
+    /// opening `{`. `first_chunk` is sent the `Instant` at which the first SSE event carrying a
+    /// choice (a delta with a role or content) arrived — at most once, and not at all when the
+    /// answer never streams. Cut after `timeout` overall, like `send`.
+    ///
+    /// An error status, or a 2xx that is not `text/event-stream` (a server or proxy that ignored
+    /// `stream`), is read and classified exactly as `send` does (`Delivery::Whole`). A stream is
+    /// read event by event, its total size held to `max_response_bytes`, and folded back into the
+    /// body an unstreamed answer would have had (`Answer.body`, for the cache and audit), which is
+    /// parsed as `send` parses one.
+    pub async fn send_streamed(&self, body: &[u8], timeout: Duration, first_chunk: oneshot::Sender<Instant>) -> Result<Answer, CallError> {
+        let started = Instant::now();
         let limit = self.max_response_bytes;
         let exchange = async {
-            let mut request = self
-                .http
-                .post(self.endpoint.clone())
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.to_vec());
-            if let Some(key) = &self.api_key {
-                request = request.bearer_auth(key.expose());
-            }
-            let response = request.send().await.map_err(|e| CallError::from_transport(&e))?;
+            let response = self.post(stream::streamed_body(body)).await?;
             let status = response.status().as_u16();
+            if !(200..300).contains(&status) || !stream::is_event_stream(response.headers()) {
+                return Ok(Reply::Whole(read_whole(response, limit).await?));
+            }
             let headers = keep_headers(response.headers());
-            let text = match read_limited(response, limit).await.map_err(|e| CallError::from_transport(&e))? {
-                Limited::Whole(text) => text,
-                // An error's body is only read for its message: what fits is enough.
-                Limited::Cut(prefix) if !(200..300).contains(&status) => prefix,
-                Limited::Cut(_) => return Err(CallError::TooLarge { limit, status }),
-            };
-            Ok::<_, CallError>((status, headers, text))
+            let (text, first) = read_stream(response, status, limit, first_chunk).await?;
+            Ok(Reply::Streamed(Whole { status, headers, text }, first))
         };
-        let (status, headers, text) = match tokio::time::timeout(timeout, exchange).await {
-            Err(_) => return Err(CallError::Timeout { after: timeout }),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(parts)) => parts,
-        };
-        let latency = started.elapsed();
-        if !(200..300).contains(&status) {
-            return Err(CallError::from_status(status, &headers, &text));
+        match within(timeout, exchange).await? {
+            Reply::Whole(whole) => whole.into_answer(started.elapsed()),
+            Reply::Streamed(whole, first) => {
+                let latency = started.elapsed();
+                // A stream with no chunk carrying a choice (usage alone) had its first one at its end.
+                let first_chunk = first.map_or(latency, |at| at.saturating_duration_since(started));
+                whole.completed(latency, Delivery::Streamed { first_chunk })
+            }
         }
+    }
+
+    /// Posts `body` with the key, as every chat call does.
+    async fn post(&self, body: Vec<u8>) -> Result<reqwest::Response, CallError> {
+        let mut request = self
+            .http
+            .post(self.endpoint.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key.expose());
+        }
+        request.send().await.map_err(|e| CallError::from_transport(&e))
+    }
+}
+
+/// How `send_streamed` was answered.
+enum Reply {
+    /// A plain body (an error, or a server that ignored `stream`).
+    Whole(Whole),
+    /// An SSE stream, its body rebuilt unstreamed, and when its first chunk with a choice came.
+    Streamed(Whole, Option<Instant>),
+}
+
+/// A response's status, kept headers and body.
+struct Whole {
+    status: u16,
+    headers: RateHeaders,
+    text: String,
+}
+
+impl Whole {
+    /// The answer, or the error a non-2xx status stands for.
+    fn into_answer(self, latency: Duration) -> Result<Answer, CallError> {
+        if !(200..300).contains(&self.status) {
+            return Err(CallError::from_status(self.status, &self.headers, &self.text));
+        }
+        self.completed(latency, Delivery::Whole)
+    }
+
+    /// The 2xx body parsed as a completion, with the server's time from the headers when the
+    /// body does not say it.
+    fn completed(self, latency: Duration, delivery: Delivery) -> Result<Answer, CallError> {
+        let Whole { status, headers, text } = self;
         let mut completion = parse_completion(&text).map_err(|reason| CallError::BadOutput {
             reason,
             status,
@@ -107,8 +177,65 @@ impl ChatClient {
         if completion.server_time.is_none() {
             completion.server_time = response::server_time_from_headers(&headers);
         }
-        Ok(Answer { completion, body: text, status, latency, headers })
+        Ok(Answer { completion, body: text, status, latency, headers, delivery })
     }
+}
+
+/// `exchange`, or `CallError::Timeout` when it takes longer than `timeout`.
+async fn within<T>(timeout: Duration, exchange: impl Future<Output = Result<T, CallError>>) -> Result<T, CallError> {
+    tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(CallError::Timeout { after: timeout }))
+}
+
+/// A response read whole, a 2xx body held to `limit`.
+async fn read_whole(response: reqwest::Response, limit: u64) -> Result<Whole, CallError> {
+    let status = response.status().as_u16();
+    let headers = keep_headers(response.headers());
+    let text = match read_limited(response, limit).await.map_err(|e| CallError::from_transport(&e))? {
+        Limited::Whole(text) => text,
+        // An error's body is only read for its message: what fits is enough.
+        Limited::Cut(prefix) if !(200..300).contains(&status) => prefix,
+        Limited::Cut(_) => return Err(CallError::TooLarge { limit, status }),
+    };
+    Ok(Whole { status, headers, text })
+}
+
+/// Reads an SSE answer chunk by chunk up to `limit` bytes in all, sending `first_chunk` the moment
+/// the first event with a choice arrived, until `data: [DONE]` or the end of the body; returns the
+/// rebuilt unstreamed body and that moment. A connection dropped mid-body is the transport error
+/// `send` would give; a stream the server failed, or that is no answer, is `BadOutput` with the
+/// bytes received as its body.
+async fn read_stream(
+    mut response: reqwest::Response,
+    status: u16,
+    limit: u64,
+    first_chunk: oneshot::Sender<Instant>,
+) -> Result<(String, Option<Instant>), CallError> {
+    let max = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut reader = stream::StreamReader::default();
+    let mut received = Vec::new();
+    let mut first_chunk = Some(first_chunk);
+    let mut first = None;
+    let bad = |reason: String, received: &[u8]| CallError::BadOutput { reason, status, body: String::from_utf8_lossy(received).into_owned() };
+    while let Some(chunk) = response.chunk().await.map_err(|e| CallError::from_transport(&e))? {
+        let arrived = Instant::now();
+        if reader.read + chunk.len() > max {
+            return Err(CallError::TooLarge { limit, status });
+        }
+        received.extend_from_slice(&chunk);
+        let fed = reader.feed(&chunk).map_err(|reason| bad(reason, &received))?;
+        if fed.first_choice {
+            first = Some(arrived);
+            if let Some(sender) = first_chunk.take() {
+                // The caller may have stopped listening; the call goes on.
+                let _ = sender.send(arrived);
+            }
+        }
+        if fed.done {
+            break;
+        }
+    }
+    let text = reader.finish().map_err(|reason| bad(reason, &received))?;
+    Ok((text, first))
 }
 
 /// A body read up to a limit.
