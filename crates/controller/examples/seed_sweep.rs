@@ -12,7 +12,10 @@
 //! times as long (a server that warms up); `ITEMS=n` runs every scenario over `n` items (how
 //! much of a run the search for the server's pace costs, run against run length); `RESUME=1`
 //! measures resumed runs: each seed's run is restored (`run --resume`) from what the
-//! controller saved halfway through an earlier run on the same server (the seed + 500).
+//! controller saved halfway through an earlier run on the same server (the seed + 500);
+//! `QUEUE_GAUGES=1` has every server show its gauges, `STREAMS=1` stream its answers (the
+//! first chunk once a slot took the request and prefilled it) and `STREAMS=buffered` stream
+//! them through a proxy that buffers each whole answer.
 
 mod common;
 

@@ -14,7 +14,8 @@
 //! the controller saved halfway through a run at the seed + 500; `SERVICE_TIME=1` has the server report
 //! its service time (as llama.cpp's `timings` do); `COLD_START=k` has the first request each
 //! slot serves take `k` times as long (a server that warms up); `ITEMS=n` runs the scenario
-//! over `n` items.
+//! over `n` items; `QUEUE_GAUGES=1` has the server show its gauges, `STREAMS=1` stream its
+//! answers and `STREAMS=buffered` stream them through a proxy that buffers each answer.
 
 mod common;
 

@@ -10,6 +10,7 @@ use crate::batch_sizer::BatchSizer;
 use crate::concurrency_limit::ConcurrencyLimit;
 use crate::config::{ConfigError, ControllerConfig};
 use crate::delay_limit::DelayLimit;
+use crate::first_chunks::{FirstChunks, READING_INTERVAL};
 use crate::latency_window::LatencyWindow;
 use crate::protocol::{Decision, PipelineLoad, RequestShape, ServerQueue, Ticket};
 use crate::rate_pacer::{ALL_DIMENSIONS, RateDimension, RatePacer, request_costs};
@@ -50,6 +51,25 @@ pub(crate) struct InFlight {
     pub first_answer: bool,
     /// Sent with a timeout the recent latencies made shorter than the job's.
     pub shortened_timeout: bool,
+    /// When its first streamed chunk came (`on_first_chunk`).
+    pub first_chunk_at: Option<Duration>,
+}
+
+/// Where a reading of the server's queue comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueueSource {
+    /// The server's own gauges (`on_server_queue`): everyone's requests.
+    Gauges,
+    /// Our requests in flight, running once their first chunk came (`on_first_chunk`).
+    FirstChunks,
+}
+
+/// The previous reading of one source, and whether the queue it shows now was followed
+/// already (once per queue).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct QueueReadings {
+    last: Option<(Duration, ServerQueue)>,
+    followed: bool,
 }
 
 /// The run's first request goes out with the job's smallest size beside the start's requests
@@ -114,10 +134,14 @@ pub struct Controller {
     /// A request cut at a timeout the recent latencies shortened, with no answer since: they
     /// do not describe the requests now sent, and the next ones get the job's timeout.
     pub(crate) shortened_timeout_missed: bool,
-    /// The server's gauges at their previous reading, and when (`on_server_queue`).
-    last_server_queue: Option<(Duration, ServerQueue)>,
-    /// Whether the queue the gauges show now was followed already (once per queue).
-    server_queue_followed: bool,
+    /// The server's gauges at their previous reading (`on_server_queue`).
+    gauge_readings: QueueReadings,
+    /// Our requests in flight read as a queue from their first chunks, at the previous reading.
+    chunk_readings: QueueReadings,
+    /// Whether the server has shown its gauges: its first chunks are then not read as a queue.
+    gauges_shown: bool,
+    /// Times to first chunk, and whether the answers streamed (`on_first_chunk`).
+    pub(crate) first_chunks: FirstChunks,
 }
 
 impl Controller {
@@ -172,8 +196,10 @@ impl Controller {
             now,
             served: (0.0, 0.0),
             shortened_timeout_missed: false,
-            last_server_queue: None,
-            server_queue_followed: false,
+            gauge_readings: QueueReadings::default(),
+            chunk_readings: QueueReadings::default(),
+            gauges_shown: false,
+            first_chunks: FirstChunks::default(),
         })
     }
 
@@ -181,6 +207,7 @@ impl Controller {
     /// polling again.
     pub fn poll(&mut self, now: Duration, load: PipelineLoad) -> Decision {
         self.advance(now);
+        self.read_first_chunks(now);
         let load = self.counted_load(load);
         if load.queued_items == 0 {
             return Decision::Wait {
@@ -196,7 +223,10 @@ impl Controller {
         let first_answer = self.first_answer_size(load);
         if first_answer.is_none() && load.in_flight >= limit as usize {
             self.concurrency_blocked_at = Some(now);
-            return Decision::Wait { until: None };
+            // While first chunks are read as a queue, the next reading is due then.
+            return Decision::Wait {
+                until: self.next_first_chunk_reading(),
+            };
         }
         let items = first_answer.unwrap_or_else(|| self.items_to_send(load, limit));
         let max_tokens = self.max_tokens(items);
@@ -252,6 +282,7 @@ impl Controller {
                 level,
                 first_answer,
                 shortened_timeout: self.timeout_for(shape.items) < self.config.request_timeout,
+                first_chunk_at: None,
             },
         );
         self.counts.max_in_flight = self.counts.max_in_flight.max(u64::from(level));
@@ -284,17 +315,146 @@ impl Controller {
     /// followed.
     pub fn on_server_queue(&mut self, now: Duration, queue: ServerQueue) {
         self.advance(now);
-        let previous = self
-            .last_server_queue
+        if !self.gauges_shown {
+            self.gauges_shown = true;
+            tracing::debug!("the server shows its gauges: first chunks are not read as a queue");
+        }
+        self.follow_queue(now, queue, QueueSource::Gauges);
+    }
+
+    /// Request `ticket`'s first streamed chunk came (the first chunk with generated content:
+    /// a server takes a request into a slot, prefills its prompt, then streams). Call it once
+    /// per request, before `on_outcome`; unknown or ended tickets are ignored. From these, the
+    /// controller reads its own requests in flight as the server's gauges would show them
+    /// (see `read_first_chunks`): nothing else is needed from the caller.
+    pub fn on_first_chunk(&mut self, now: Duration, ticket: Ticket) {
+        self.advance(now);
+        let Some(request) = self.in_flight.get_mut(&ticket) else {
+            return;
+        };
+        if request.first_chunk_at.is_some() {
+            return;
+        }
+        request.first_chunk_at = Some(now);
+        let after = now.saturating_sub(request.sent_at);
+        let prompt_tokens = request.shape.prompt_tokens;
+        self.first_chunks.record_first_chunk(after, prompt_tokens);
+    }
+
+    /// Whether our requests' first chunks are read as the server's queue now: they are a real
+    /// signal (`FirstChunks::trusted`) and the server shows no gauges (which count everyone's
+    /// requests, and win).
+    pub(crate) fn reads_first_chunks(&self) -> bool {
+        !self.gauges_shown && self.delay_limit_applies() && self.first_chunks.trusted()
+    }
+
+    /// When the next reading of the first chunks is due, while they are read.
+    fn next_first_chunk_reading(&self) -> Option<Duration> {
+        if !self.reads_first_chunks() || self.in_flight.is_empty() {
+            return None;
+        }
+        Some(
+            self.first_chunks
+                .last_reading
+                .map_or(self.now, |at| at + READING_INTERVAL),
+        )
+    }
+
+    /// About once a second while the first chunks are read: our requests in flight as a
+    /// reading of the server's queue, followed as the gauges are (`follow_queue`). Running:
+    /// those whose first chunk came. Waiting: those without one for longer than
+    /// `FirstChunks::waiting_after` (clearly longer than a prefill takes at the present
+    /// load), unless one sent after it (by more than a prefill) already streamed: a queue is
+    /// served in order, and a request passed by a later one is hung, not queued. Requests
+    /// younger than that are neither, but for the handovers (`FirstChunks::handovers`): an
+    /// answer that ended within that time freed a slot that a request without a first chunk
+    /// yet took (the oldest waiting one, or else one just sent), unless a first chunk came
+    /// since: each such slot counts one of them running, as the gauges would.
+    fn read_first_chunks(&mut self, now: Duration) {
+        if !self.reads_first_chunks() {
+            return;
+        }
+        let queue = self.first_chunk_reading(now);
+        // Read once a second, as gauges are; but a level all running is followed at once
+        // (what slow start waits for: the sooner it doubles, the better).
+        let due = self
+            .first_chunks
+            .last_reading
+            .is_none_or(|at| now >= at + READING_INTERVAL);
+        let limit = self.delay.limit();
+        let took_all = queue.waiting == 0
+            && queue.running >= limit
+            && self.counted_in_flight() >= limit as usize;
+        if !due && !took_all {
+            return;
+        }
+        self.first_chunks.last_reading = Some(now);
+        tracing::trace!(
+            running = queue.running,
+            waiting = queue.waiting,
+            "first chunks read as the server's queue"
+        );
+        self.follow_queue(now, queue, QueueSource::FirstChunks);
+    }
+
+    /// Our requests in flight at `now` as the server's gauges would count them, from their
+    /// first chunks (see `read_first_chunks`).
+    pub(crate) fn first_chunk_reading(&mut self, now: Duration) -> ServerQueue {
+        let latest_running = self
+            .in_flight
+            .values()
+            .filter(|request| request.first_chunk_at.is_some())
+            .map(|request| request.sent_at)
+            .max();
+        let (mut running, mut waiting, mut young) = (0u32, 0u32, 0u32);
+        // The longest time a request without a first chunk may be young.
+        let mut window = Duration::ZERO;
+        for request in self.in_flight.values() {
+            if request.first_chunk_at.is_some() {
+                running += 1;
+                continue;
+            }
+            let prompt = request.shape.prompt_tokens;
+            let (Some(reference), Some(after)) = (
+                self.first_chunks.reference(prompt),
+                self.first_chunks.waiting_after(prompt),
+            ) else {
+                continue;
+            };
+            window = window.max(after);
+            let passed = latest_running.is_some_and(|latest| request.sent_at + reference < latest);
+            if now.saturating_sub(request.sent_at) <= after {
+                young += 1;
+            } else if !passed {
+                waiting += 1;
+            }
+        }
+        let handovers = self.first_chunks.handovers(now, window);
+        let taken_from_queue = handovers.min(waiting);
+        running += taken_from_queue + (handovers - taken_from_queue).min(young);
+        waiting -= taken_from_queue;
+        ServerQueue { running, waiting }
+    }
+
+    /// One reading of the server's queue, from its gauges or from our first chunks: the
+    /// rules of `on_server_queue`. From first chunks, the reading counts only our requests
+    /// (and only those it can tell running or waiting): they are all ours, so the share of
+    /// the slots is what ran of them, and the requests not yet told apart count towards
+    /// neither.
+    fn follow_queue(&mut self, now: Duration, queue: ServerQueue, source: QueueSource) {
+        let readings = self.queue_readings(source);
+        let previous = readings
+            .last
             .replace((now, queue))
             .filter(|(at, _)| now.saturating_sub(*at) <= GAUGE_READINGS_APART)
             .map(|(_, previous)| previous);
+        let followed = readings.followed;
         let ours = self.in_flight.len() as u64;
         if u64::from(queue.running) + u64::from(queue.waiting) < ours.div_ceil(2) {
             return;
         }
         if queue.waiting == 0 {
-            self.server_queue_followed = false;
+            self.queue_readings(source).followed = false;
             let limit = self.delay.limit();
             if self.delay_limit_applies()
                 && self.counted_in_flight() >= limit as usize
@@ -307,18 +467,28 @@ impl Controller {
         let Some(previous) = previous.filter(|previous| previous.waiting > 0) else {
             return;
         };
-        if self.server_queue_followed
-            || ours == 0
-            || queue.running == 0
-            || queue.running > previous.running
-        {
+        if followed || ours == 0 || queue.running == 0 || queue.running > previous.running {
             return;
         }
         let slots = queue.running.max(previous.running);
-        let all = f64::from(slots) + f64::from(queue.waiting);
-        let share = (ours as f64 * f64::from(slots) / all).round().max(1.0) as u32;
+        // Gauges count everyone's requests: ours are their share of all. From first chunks
+        // every request counted is ours, and what ran of them is our share.
+        let share = match source {
+            QueueSource::Gauges => {
+                let all = f64::from(slots) + f64::from(queue.waiting);
+                (ours as f64 * f64::from(slots) / all).round().max(1.0) as u32
+            }
+            QueueSource::FirstChunks => slots,
+        };
         self.delay.on_server_full(now, slots, share.min(slots));
-        self.server_queue_followed = true;
+        self.queue_readings(source).followed = true;
+    }
+
+    fn queue_readings(&mut self, source: QueueSource) -> &mut QueueReadings {
+        match source {
+            QueueSource::Gauges => &mut self.gauge_readings,
+            QueueSource::FirstChunks => &mut self.chunk_readings,
+        }
     }
 
     /// A view for the progress bar and the run summary.

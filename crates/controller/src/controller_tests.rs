@@ -1130,3 +1130,206 @@ fn gauges_raise_no_level_that_is_not_all_in_flight_and_running() {
     assert_eq!(controller.delay.limit(), 4);
     assert_eq!(controller.status().server_slots, None);
 }
+
+/// Polls every 10 ms from `from` until `to`, sending whenever told to; returns the tickets.
+fn send_over(controller: &mut Controller, from: f64, to: f64) -> Vec<Ticket> {
+    let mut tickets = Vec::new();
+    let mut at = from;
+    while at < to {
+        tickets.extend(try_send(controller, seconds(at)));
+        at += 0.01;
+    }
+    tickets
+}
+
+/// The first chunk of `ticket` comes `after` its send.
+fn first_chunk_after(controller: &mut Controller, ticket: Ticket, after: f64) {
+    let sent_at = controller.in_flight[&ticket].sent_at;
+    controller.on_first_chunk(sent_at + seconds(after), ticket);
+}
+
+/// The start's five requests (the small first one, ticket 0, and four of ten items), sent
+/// by 0.7 s as the pacer allows; the first `running` of them stream their first chunk 0.3 s
+/// after their send; the small one is answered at 1 s, its first chunk clearly before its
+/// end: the first chunks are trusted from then on.
+fn streamed_start(controller: &mut Controller, running: usize) -> Vec<Ticket> {
+    let tickets = send_over(controller, 0.0, 1.0);
+    assert_eq!(tickets.len(), 5);
+    for ticket in &tickets[..running] {
+        first_chunk_after(controller, *ticket, 0.3);
+    }
+    finish(
+        controller,
+        seconds(1.0),
+        tickets[0],
+        completed(1),
+        RateLimitInfo::default(),
+    );
+    tickets
+}
+
+#[test]
+fn first_chunks_that_show_every_request_running_double_slow_start_at_once() {
+    let mut controller = controller();
+    let tickets = send_over(&mut controller, 0.0, 1.0);
+    for ticket in &tickets {
+        first_chunk_after(&mut controller, *ticket, 0.3);
+    }
+    // Before any answer says the first chunks are real, they say nothing.
+    assert_eq!(try_send(&mut controller, seconds(1.0)), None);
+    assert_eq!(controller.delay.limit(), 4);
+    finish(
+        &mut controller,
+        seconds(1.0),
+        tickets[0],
+        completed(1),
+        RateLimitInfo::default(),
+    );
+    // The start's four all running, none waiting: the next doubling at once, as with gauges.
+    try_send(&mut controller, seconds(1.0));
+    assert_eq!(controller.delay.limit(), 8);
+    assert_eq!(controller.status().server_slots, None);
+}
+
+#[test]
+fn requests_without_a_first_chunk_past_the_threshold_at_two_readings_hold_the_level_at_what_ran() {
+    // A server with two slots: the small first request and the start's first run; the first
+    // answer's slot goes to the next, whose first chunk comes 0.3 s later; two wait.
+    let mut controller = controller();
+    let tickets = streamed_start(&mut controller, 2);
+    controller.on_first_chunk(seconds(1.3), tickets[2]);
+    // Waiting: no first chunk after more than three times the 0.3 s the others took. One
+    // reading is not enough; the next, a second later, is.
+    for at in [1.0, 2.0] {
+        assert_eq!(try_send(&mut controller, seconds(at)), None);
+    }
+    assert_eq!(controller.delay.limit(), 4);
+    assert_eq!(controller.status().server_slots, None);
+    assert_eq!(try_send(&mut controller, seconds(3.0)), None);
+    assert_eq!(controller.delay.limit(), 2, "what ran of ours: two");
+    assert_eq!(controller.status().server_slots, Some(2));
+}
+
+#[test]
+fn a_request_that_just_took_a_freed_slot_is_running_before_its_first_chunk() {
+    // As above, before the next request's first chunk came: the slot the first answer freed
+    // is taken (a handover), not lost, while it may still be prefilling...
+    let mut controller = controller();
+    let tickets = streamed_start(&mut controller, 2);
+    let reading = |running, waiting| ServerQueue { running, waiting };
+    assert_eq!(controller.first_chunk_reading(seconds(1.2)), reading(2, 0));
+    // ... but not once it has been longer than a request takes to be told waiting.
+    assert_eq!(controller.first_chunk_reading(seconds(2.2)), reading(1, 3));
+    controller.on_first_chunk(seconds(2.3), tickets[2]);
+    assert_eq!(controller.first_chunk_reading(seconds(2.4)), reading(2, 2));
+}
+
+#[test]
+fn a_continuous_batching_slowdown_of_first_chunks_is_not_taken_for_waiting() {
+    // Every request's prefill slows with the requests beside it: the four sent at the
+    // doubling stream theirs 0.75 s after their send, two and a half times the start's
+    // 0.3 s. Read before and after, none is waiting, and the next doubling follows at once.
+    let mut controller = controller();
+    streamed_start(&mut controller, 5);
+    let doubled = send_over(&mut controller, 1.0, 2.0);
+    assert_eq!(doubled.len(), 4);
+    assert_eq!(controller.delay.limit(), 8);
+    // The first of them 0.74 s old, none streamed yet: young, not waiting.
+    let first = controller.in_flight[&doubled[0]].sent_at;
+    assert_eq!(
+        controller.first_chunk_reading(first + seconds(0.74)),
+        ServerQueue {
+            running: 4,
+            waiting: 0
+        }
+    );
+    try_send(&mut controller, seconds(2.3));
+    for ticket in &doubled {
+        first_chunk_after(&mut controller, *ticket, 0.75);
+    }
+    assert_eq!(controller.status().server_slots, None);
+    try_send(&mut controller, seconds(3.0));
+    assert_eq!(controller.delay.limit(), 16);
+    assert_eq!(controller.status().server_slots, None);
+}
+
+#[test]
+fn a_request_passed_by_a_later_one_is_hung_not_queued() {
+    // A queue is served in order: a request without a first chunk while one sent after it
+    // streams is not waiting in it. Of the start's, all stream but the first full request;
+    // the one sent when the answers freed room streams too.
+    let mut controller = controller();
+    let tickets = send_over(&mut controller, 0.0, 1.0);
+    for ticket in &tickets {
+        if *ticket != tickets[1] {
+            first_chunk_after(&mut controller, *ticket, 0.3);
+        }
+    }
+    for (at, ticket, items) in [(1.0, tickets[0], 1), (1.2, tickets[2], 10)] {
+        finish(
+            &mut controller,
+            seconds(at),
+            ticket,
+            completed(items),
+            RateLimitInfo::default(),
+        );
+    }
+    let later = send_over(&mut controller, 1.2, 1.5);
+    assert_eq!(later.len(), 1);
+    first_chunk_after(&mut controller, later[0], 0.3);
+    for at in [2.5, 3.5, 4.5] {
+        assert_eq!(try_send(&mut controller, seconds(at)), None);
+    }
+    assert_eq!(controller.status().server_slots, None);
+    assert_eq!(controller.delay.limit(), 4);
+}
+
+#[test]
+fn first_chunks_at_the_end_of_each_answer_or_none_change_nothing() {
+    // Behind a proxy that buffers each answer, the first chunks come with the ends; a server
+    // that ignores `stream` sends none. Neither is trusted, and with either the run is the
+    // run without them (two of ours answered, a queue behind: the level does not move).
+    let run = |chunks_at_the_end: bool| {
+        let mut controller = controller();
+        let tickets = send_over(&mut controller, 0.0, 1.0);
+        let mut sent = Vec::new();
+        for (at, ticket) in [(1.0, tickets[0]), (3.0, tickets[1]), (5.0, tickets[2])] {
+            if chunks_at_the_end {
+                controller.on_first_chunk(seconds(at), ticket);
+            }
+            let items = controller.in_flight[&ticket].shape.items;
+            finish(
+                &mut controller,
+                seconds(at),
+                ticket,
+                completed(items),
+                RateLimitInfo::default(),
+            );
+            sent.extend(send_over(&mut controller, at, at + 2.0));
+        }
+        assert!(!controller.first_chunks.trusted());
+        (
+            controller.delay.limit(),
+            controller.status().server_slots,
+            sent,
+        )
+    };
+    let (limit, slots, sent) = run(true);
+    assert_eq!((limit, slots), (4, None));
+    assert_eq!((limit, slots, sent), run(false));
+}
+
+#[test]
+fn the_servers_gauges_take_precedence_over_first_chunks() {
+    // The first chunks that hold the level at two on their own (the test above) are not
+    // read once the server has shown its gauges: they count everyone's requests.
+    let mut controller = controller();
+    let tickets = streamed_start(&mut controller, 2);
+    gauges(&mut controller, seconds(1.0), 2, 3);
+    controller.on_first_chunk(seconds(1.3), tickets[2]);
+    for at in [2.0, 3.0, 4.0] {
+        try_send(&mut controller, seconds(at));
+    }
+    assert_eq!(controller.delay.limit(), 4);
+    assert_eq!(controller.status().server_slots, None);
+}

@@ -45,6 +45,7 @@ mod controller;
 mod controller_tests;
 mod delay_limit;
 mod end_of_queue;
+mod first_chunks;
 mod latency_window;
 mod outcomes;
 mod protocol;

@@ -40,6 +40,13 @@ impl Controller {
         if !observation.rate_limits.is_empty() {
             self.pacer.observe_headers(now, &observation.rate_limits);
         }
+        if matches!(observation.outcome, Outcome::Completed(_)) {
+            let first_chunk = sent
+                .first_chunk_at
+                .map(|at| at.saturating_sub(sent.sent_at));
+            self.first_chunks
+                .record_answer(now, observation.latency, first_chunk);
+        }
         match observation.outcome {
             Outcome::Completed(completed) => {
                 self.on_completed(now, sent, observation.latency, completed)

@@ -206,6 +206,29 @@ fn a_resumed_run_goes_on_at_the_level_it_had_found() {
     }
 }
 
+/// A proxy that buffers each whole answer delivers its first chunk with its end: the
+/// controller does not trust such first chunks, and the run is the run without streaming,
+/// request for request.
+#[test]
+fn first_chunks_that_come_with_the_end_change_nothing() {
+    for name in [
+        "queue_2_slots",
+        "batching_16_slots",
+        "slower_than_the_timeout",
+    ] {
+        let plain = load(name);
+        let mut buffered = plain.clone();
+        buffered.provider.streams = true;
+        buffered.provider.buffered_stream = true;
+        let run = |scenario: &Scenario| {
+            let mut controller =
+                Controller::new(scenario.controller_config(), Duration::ZERO).unwrap();
+            simulate(scenario, &mut controller)
+        };
+        assert_eq!(run(&plain), run(&buffered), "{name}");
+    }
+}
+
 macro_rules! scenario_tests {
     ($($name:ident),* $(,)?) => {
         $(
@@ -262,4 +285,7 @@ scenario_tests!(
     gauges_16_slots,
     gauges_64_slots,
     gauges_slots_change,
+    streamed_2_slots,
+    streamed_16_slots,
+    streamed_64_slots,
 );

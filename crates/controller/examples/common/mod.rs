@@ -8,7 +8,10 @@ use backfill_controller::simulation::{Scenario, state_at_the_end, state_saved_ha
 /// `COLD_START=k` has the first request each slot serves take `k` times as long (a server
 /// that warms up); `ANNOUNCE_SLOTS=1` has the server say its slots before the run (as
 /// llama.cpp's `GET /props` does); `QUEUE_GAUGES=1` has it show requests running and waiting
-/// (as vLLM's `GET /metrics` does); `ITEMS=n` runs the scenario over `n` items instead of its own count.
+/// (as vLLM's `GET /metrics` does); `STREAMS=1` has it stream its answers (the first chunk once
+/// a slot took the request and prefilled it), `STREAMS=buffered` behind a proxy that buffers
+/// each whole answer (the first chunk with the end); `ITEMS=n` runs the scenario over `n`
+/// items instead of its own count.
 pub fn scenario_from_env(scenario: &mut Scenario) {
     if let Some(items) = std::env::var("ITEMS")
         .ok()
@@ -24,6 +27,14 @@ pub fn scenario_from_env(scenario: &mut Scenario) {
     }
     if std::env::var_os("QUEUE_GAUGES").is_some_and(|value| value == "1") {
         scenario.provider.queue_gauges = true;
+    }
+    match std::env::var("STREAMS").as_deref() {
+        Ok("1") => scenario.provider.streams = true,
+        Ok("buffered") => {
+            scenario.provider.streams = true;
+            scenario.provider.buffered_stream = true;
+        }
+        _ => {}
     }
     if let Some(factor) = std::env::var("COLD_START")
         .ok()

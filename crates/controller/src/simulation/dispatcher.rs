@@ -85,6 +85,8 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
     let mut queue: VecDeque<usize> = (0..input_tokens.len()).collect();
     let mut provider = SimulatedProvider::new(scenario, scenario.seed.wrapping_add(2));
     let mut endings: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+    // First streamed chunks of answers decided when they were sent: (time, sequence).
+    let mut first_chunks: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     // The batching server's jobs the client still waits for: job → the request's sequence.
     let mut jobs: HashMap<u64, u64> = HashMap::new();
@@ -115,7 +117,29 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
         // What ended by now: the batching server's answers first, then every request whose
         // time (an answer decided when it was sent, or the client's timeout) has come.
         let mut ended: Vec<(Pending, f64)> = Vec::new();
-        for finished in provider.finished_by(now) {
+        let finished_now = provider.finished_by(now);
+        // First chunks that came by now, before any answer that ends with them.
+        let mut chunks: Vec<(f64, Ticket)> = provider
+            .first_chunks()
+            .into_iter()
+            .filter_map(|chunk| {
+                let id = jobs.get(&chunk.job)?;
+                Some((chunk.at_s, pending.get(id)?.ticket))
+            })
+            .collect();
+        while let Some(Reverse((at, id))) = first_chunks.peek().copied() {
+            if at > nanos(now) {
+                break;
+            }
+            first_chunks.pop();
+            if let Some(request) = pending.get(&id) {
+                chunks.push((at as f64 / 1e9, request.ticket));
+            }
+        }
+        for (at_s, ticket) in chunks {
+            policy.on_first_chunk(Duration::from_secs_f64(at_s), ticket);
+        }
+        for finished in finished_now {
             if finished.hung {
                 // Never answered: the client waits for its timeout.
                 jobs.remove(&finished.job);
@@ -131,11 +155,13 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
             if let SimAnswer::Completed {
                 latency_s,
                 queue_wait_s,
+                first_chunk_s,
                 ..
             } = &mut request.answer
             {
                 *latency_s = finished.end_s - request.sent_at;
                 *queue_wait_s = finished.queue_wait_s;
+                *first_chunk_s = None;
             }
             ended.push((request, finished.end_s));
         }
@@ -245,6 +271,15 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                     let timed_out = latency_s > timeout_s && job.is_none();
                     let end = now + latency_s.min(timeout_s);
                     sequence += 1;
+                    if let SimAnswer::Completed {
+                        first_chunk_s: Some(first_chunk_s),
+                        ..
+                    } = answer
+                        && job.is_none()
+                        && first_chunk_s <= timeout_s
+                    {
+                        first_chunks.push(Reverse((nanos(now + first_chunk_s), sequence)));
+                    }
                     if let Some(job) = job {
                         jobs.insert(job, sequence);
                     }
@@ -274,6 +309,15 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
         let next_ending = match (next_ending, provider.next_finish()) {
             (Some(ending), Some(finish)) => Some(ending.min(finish)),
             (ending, finish) => ending.or(finish),
+        };
+        let next_chunk = first_chunks.peek().map(|Reverse((at, _))| *at as f64 / 1e9);
+        let next_chunk = match (next_chunk, provider.next_first_chunk()) {
+            (Some(chunk), Some(batched)) => Some(chunk.min(batched)),
+            (chunk, batched) => chunk.or(batched),
+        };
+        let next_ending = match (next_ending, next_chunk) {
+            (Some(ending), Some(chunk)) => Some(ending.min(chunk)),
+            (ending, chunk) => ending.or(chunk),
         };
         let next_ending = match (next_ending, next_gauge_at) {
             (Some(ending), Some(gauge)) => Some(ending.min(gauge)),
@@ -376,6 +420,7 @@ fn observe(
             truncated,
             latency_s,
             queue_wait_s,
+            ..
         } => {
             let sent = request.items.len() as u32;
             let valid = returned - rejected;

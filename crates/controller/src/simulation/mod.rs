@@ -21,7 +21,7 @@ pub use fixed_client::{FIXED_CLIENT_ITEMS, FixedClient};
 pub use fixed_rule::FixedRule;
 #[cfg(test)]
 pub(crate) use provider::normal;
-pub use provider::{SimAnswer, SimulatedProvider, go_duration};
+pub use provider::{FirstChunk, SimAnswer, SimulatedProvider, go_duration};
 pub use report::{RunReport, evaluate};
 pub use scenario::{CapacityStep, Expectations, JobLimits, ProviderSpec, Scenario, WorkloadSpec};
 
@@ -38,6 +38,9 @@ pub trait DispatchPolicy {
     /// What the server's gauges say of its load (a server with `queue_gauges`); ignored by
     /// default.
     fn on_server_queue(&mut self, _now: Duration, _queue: ServerQueue) {}
+    /// Request `ticket`'s first streamed chunk came (a server that `streams`); ignored by
+    /// default.
+    fn on_first_chunk(&mut self, _now: Duration, _ticket: Ticket) {}
     /// Items per request the policy would use now.
     fn items_per_request(&self) -> u32;
 }
@@ -60,6 +63,9 @@ impl DispatchPolicy for Controller {
     }
     fn on_server_queue(&mut self, now: Duration, queue: ServerQueue) {
         Controller::on_server_queue(self, now, queue)
+    }
+    fn on_first_chunk(&mut self, now: Duration, ticket: Ticket) {
+        Controller::on_first_chunk(self, now, ticket)
     }
     fn items_per_request(&self) -> u32 {
         self.status().items_per_request
@@ -125,6 +131,10 @@ impl DispatchPolicy for SavedAt {
     }
     fn on_server_queue(&mut self, now: Duration, queue: ServerQueue) {
         self.controller.on_server_queue(now, queue);
+    }
+    fn on_first_chunk(&mut self, now: Duration, ticket: Ticket) {
+        self.save(now);
+        self.controller.on_first_chunk(now, ticket);
     }
     fn items_per_request(&self) -> u32 {
         self.controller.status().items_per_request

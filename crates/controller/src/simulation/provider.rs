@@ -23,6 +23,10 @@ pub enum SimAnswer {
         truncated: bool,
         /// Seconds spent in the server's queue before a slot took it (included in latency).
         queue_wait_s: f64,
+        /// Seconds from the send to the first streamed chunk: the queue wait and the prefill
+        /// (the end, behind a proxy that buffers the answer); `None` when not streamed. (For
+        /// the continuous-batching server the dispatcher learns it from `first_chunks`.)
+        first_chunk_s: Option<f64>,
     },
     RateLimited {
         latency_s: f64,
@@ -95,6 +99,13 @@ pub struct Finished {
     pub hung: bool,
 }
 
+/// The first streamed chunk of a continuous-batching server's job: when it went out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FirstChunk {
+    pub job: u64,
+    pub at_s: f64,
+}
+
 #[derive(Debug, Clone)]
 struct BatchJob {
     job: u64,
@@ -103,6 +114,8 @@ struct BatchJob {
     started_s: f64,
     /// The server's progress (`Batching::progress`) at which it is done.
     done_at: f64,
+    /// The progress at which its first chunk goes out, until it has (streamed answers).
+    chunk_at: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +125,8 @@ struct QueuedJob {
     arrived_s: f64,
     /// Seconds of service it needs served alone.
     work_s: f64,
+    /// Of those, the seconds before its first chunk (streamed answers).
+    chunk_work_s: Option<f64>,
 }
 
 /// A continuous-batching server: every request in service advances at once, each at
@@ -133,6 +148,7 @@ struct Batching {
     /// Requests started so far (a slot's first is cold).
     started: usize,
     finished: Vec<Finished>,
+    first_chunks: Vec<FirstChunk>,
 }
 
 impl Batching {
@@ -155,12 +171,38 @@ impl Batching {
         Some(self.clock_s + (least - self.progress).max(0.0) / self.pace(spec))
     }
 
+    /// When the next first chunk goes out at the current pace.
+    fn next_first_chunk(&self, spec: &ProviderSpec) -> Option<f64> {
+        let least = self
+            .in_service
+            .iter()
+            .filter_map(|job| job.chunk_at)
+            .min_by(f64::total_cmp)?;
+        Some(self.clock_s + (least - self.progress).max(0.0) / self.pace(spec))
+    }
+
+    /// Sends the first chunks of the requests in service whose progress reaches theirs by
+    /// `to_progress` at the current pace (which holds until then): they do not change it.
+    fn send_first_chunks(&mut self, to_progress: f64, spec: &ProviderSpec) {
+        let pace = self.pace(spec);
+        for job in &mut self.in_service {
+            if let Some(chunk_at) = job.chunk_at.filter(|chunk_at| *chunk_at <= to_progress) {
+                job.chunk_at = None;
+                self.first_chunks.push(FirstChunk {
+                    job: job.job,
+                    at_s: self.clock_s + (chunk_at - self.progress).max(0.0) / pace,
+                });
+            }
+        }
+    }
+
     /// Serves until `to_s`: requests end (into `finished`) and queued ones start as slots free.
     fn advance(&mut self, to_s: f64, scenario: &Scenario) {
         let spec = &scenario.provider;
         loop {
             match (self.next_end(spec), self.least_done_at()) {
                 (Some(end_s), Some(least)) if end_s <= to_s => {
+                    self.send_first_chunks(least, spec);
                     self.progress = least;
                     self.clock_s = end_s.max(self.clock_s);
                     let clock_s = self.clock_s;
@@ -182,6 +224,8 @@ impl Batching {
                 }
                 _ => {
                     if to_s > self.clock_s {
+                        let to_progress = self.progress + (to_s - self.clock_s) * self.pace(spec);
+                        self.send_first_chunks(to_progress, spec);
                         self.progress += (to_s - self.clock_s) * self.pace(spec);
                         self.clock_s = to_s;
                     }
@@ -197,11 +241,12 @@ impl Batching {
             let Some(next) = self.queue.pop_front() else {
                 break;
             };
-            let work_s = if self.started < self.slots {
-                next.work_s * scenario.provider.cold_start_factor
+            let cold = if self.started < self.slots {
+                scenario.provider.cold_start_factor
             } else {
-                next.work_s
+                1.0
             };
+            let work_s = next.work_s * cold;
             self.started += 1;
             self.in_service.push(BatchJob {
                 job: next.job,
@@ -209,6 +254,7 @@ impl Batching {
                 arrived_s: next.arrived_s,
                 started_s: self.clock_s,
                 done_at: self.progress + work_s,
+                chunk_at: next.chunk_work_s.map(|chunk| self.progress + chunk * cold),
             });
         }
     }
@@ -297,15 +343,25 @@ impl SimulatedProvider {
             }
         }
         let answer = self.generate_answer(items, max_tokens);
-        let service_s = match answer {
-            SimAnswer::Completed { latency_s, .. } => latency_s,
-            _ => spec.base_latency_s,
+        let (service_s, prefill_s) = match answer {
+            SimAnswer::Completed {
+                latency_s,
+                first_chunk_s,
+                ..
+            } => (latency_s, first_chunk_s),
+            _ => (spec.base_latency_s, None),
+        };
+        // Behind a proxy that buffers the answer, the first chunk comes with the end.
+        let prefill_s = match prefill_s {
+            Some(_) if spec.buffered_stream => Some(service_s),
+            prefill_s => prefill_s,
         };
         if self.batching.is_some() {
-            return self.submit_batching(now, answer, service_s);
+            return self.submit_batching(now, answer, service_s, prefill_s);
         }
         let mut queue_wait_s = 0.0;
         let mut service_s = service_s;
+        let mut prefill_s = prefill_s;
         let slots = open_slots(&self.scenario, self.slot_free_at.len(), now);
         let open = &mut self.slot_free_at[..slots];
         if let Some(index) = (0..open.len()).min_by(|a, b| open[*a].total_cmp(&open[*b])) {
@@ -320,6 +376,7 @@ impl SimulatedProvider {
             // moment a slot frees (continuous batching is `submit_batching`).
             if !std::mem::replace(&mut self.slot_warm[index], true) {
                 service_s *= spec.cold_start_factor;
+                prefill_s = prefill_s.map(|prefill_s| prefill_s * spec.cold_start_factor);
             }
             open[index] = start + service_s;
             if spec.queue_gauges {
@@ -343,6 +400,7 @@ impl SimulatedProvider {
                 rejected,
                 truncated,
                 queue_wait_s,
+                first_chunk_s: prefill_s.map(|prefill_s| queue_wait_s + prefill_s),
             },
             other => other,
         }
@@ -388,12 +446,20 @@ impl SimulatedProvider {
             rejected,
             truncated,
             queue_wait_s: 0.0,
+            // The prefill: the base-latency part of the service time, with the same noise.
+            first_chunk_s: spec.streams.then_some(spec.base_latency_s * noise),
         }
     }
 
     /// A request for the continuous-batching server: queued, started when a slot is free,
     /// and answered when `finished` says (its latency is not known when it is sent).
-    fn submit_batching(&mut self, now: f64, answer: SimAnswer, work_s: f64) -> SimAnswer {
+    fn submit_batching(
+        &mut self,
+        now: f64,
+        answer: SimAnswer,
+        work_s: f64,
+        chunk_work_s: Option<f64>,
+    ) -> SimAnswer {
         let scenario = &self.scenario;
         let spec = &scenario.provider;
         let server = self.batching.as_mut().expect("a batching server");
@@ -410,6 +476,7 @@ impl SimulatedProvider {
                 hung: false,
                 arrived_s: now,
                 work_s,
+                chunk_work_s: None,
             });
             let mut to_s = now;
             while !projected.in_service.iter().any(|job| job.job == u64::MAX) {
@@ -434,6 +501,8 @@ impl SimulatedProvider {
             hung,
             arrived_s: now,
             work_s,
+            // A request that never answers streams nothing either.
+            chunk_work_s: chunk_work_s.filter(|_| !hung),
         });
         server.start_queued(scenario);
         self.submitted_job = Some(job);
@@ -496,6 +565,26 @@ impl SimulatedProvider {
             (Some(end), Some(step)) => Some(end.min(step)),
             (end, step) => end.or(step),
         }
+    }
+
+    /// When the continuous-batching server next sends a first chunk at its current load.
+    pub fn next_first_chunk(&self) -> Option<f64> {
+        let server = self.batching.as_ref()?;
+        if !server.first_chunks.is_empty() {
+            return Some(server.clock_s);
+        }
+        server.next_first_chunk(&self.scenario.provider)
+    }
+
+    /// The first chunks the continuous-batching server sent by the time it was last served to
+    /// (`finished_by`), in the order they went out.
+    pub fn first_chunks(&mut self) -> Vec<FirstChunk> {
+        let Some(server) = self.batching.as_mut() else {
+            return Vec::new();
+        };
+        let mut chunks = std::mem::take(&mut server.first_chunks);
+        chunks.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+        chunks
     }
 
     /// Serves until `now` and returns the requests the continuous-batching server finished
@@ -838,6 +927,98 @@ mod tests {
         let slowdown = scenario.provider.slowdown_per_request;
         let alone = round / (1.0 + slowdown * (slots - 1) as f64);
         assert!((last[0].service_s - alone).abs() < 1e-9, "{last:?}");
+    }
+
+    #[test]
+    fn a_streamed_first_chunk_comes_after_the_queue_wait_and_the_prefill() {
+        let text = include_str!("../../scenarios/queue_2_slots.toml");
+        let mut scenario: Scenario = toml::from_str(text).expect("scenario");
+        scenario.provider.hang_share = 0.0;
+        scenario.provider.streams = true;
+        let spec = scenario.provider.clone();
+        let mut provider = SimulatedProvider::new(&scenario, 7);
+        // Two slots, five requests: two served at once, three queued behind them.
+        let mut queued = 0;
+        for _ in 0..5 {
+            match provider.submit(0.0, 10, 2000, 2000) {
+                SimAnswer::Completed {
+                    latency_s,
+                    queue_wait_s,
+                    first_chunk_s,
+                    completion_tokens,
+                    ..
+                } => {
+                    // The prefill is the base-latency part of the service time, with its noise.
+                    let service_s = latency_s - queue_wait_s;
+                    let prefill_s = service_s * spec.base_latency_s
+                        / (spec.base_latency_s
+                            + spec.seconds_per_output_token * f64::from(completion_tokens));
+                    let first_chunk_s = first_chunk_s.expect("streamed");
+                    assert!((first_chunk_s - (queue_wait_s + prefill_s)).abs() < 1e-9);
+                    queued += usize::from(queue_wait_s > 0.0);
+                }
+                other => panic!("expected an answer, got {other:?}"),
+            }
+        }
+        assert_eq!(queued, 3);
+        // Behind a proxy that buffers the answer, the first chunk comes with the end.
+        scenario.provider.buffered_stream = true;
+        let mut provider = SimulatedProvider::new(&scenario, 7);
+        for _ in 0..3 {
+            match provider.submit(0.0, 10, 2000, 2000) {
+                SimAnswer::Completed {
+                    latency_s,
+                    first_chunk_s,
+                    ..
+                } => assert_eq!(first_chunk_s, Some(latency_s)),
+                other => panic!("expected an answer, got {other:?}"),
+            }
+        }
+        // Not streamed: none.
+        scenario.provider.streams = false;
+        let mut provider = SimulatedProvider::new(&scenario, 7);
+        assert!(matches!(
+            provider.submit(0.0, 10, 2000, 2000),
+            SimAnswer::Completed {
+                first_chunk_s: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_batching_server_streams_a_first_chunk_after_the_queue_and_a_prefill_slowed_by_its_batch() {
+        let mut scenario = batching_server();
+        scenario.provider.streams = true;
+        let slots = scenario.provider.slots.expect("slots") as usize;
+        let prefill = scenario.provider.base_latency_s;
+        let slowdown = scenario.provider.slowdown_per_request;
+        let mut provider = SimulatedProvider::new(&scenario, 5);
+        for _ in 0..=slots {
+            provider.submit(0.0, 10, 2000, 2000);
+        }
+        let waiting = provider.submitted_job().expect("a batching job");
+        // The slots' requests prefill together, each at the pace of the whole batch.
+        let at = provider.next_first_chunk().expect("requests in service");
+        let batched = prefill * (1.0 + slowdown * (slots - 1) as f64);
+        assert!((at - batched).abs() < 1e-9, "{at} vs {batched}");
+        assert!(provider.finished_by(at).is_empty());
+        let chunks = provider.first_chunks();
+        assert_eq!(chunks.len(), slots);
+        assert!(chunks.iter().all(|chunk| chunk.job != waiting));
+        // The one queued starts when they end, alone: its first chunk a prefill later.
+        let round = provider.next_finish().expect("requests in service");
+        assert_eq!(provider.finished_by(round).len(), slots);
+        let at = provider.next_first_chunk().expect("the queued request");
+        assert!(
+            (at - (round + prefill)).abs() < 1e-9,
+            "{at} vs {round} + {prefill}"
+        );
+        provider.finished_by(at);
+        let chunks = provider.first_chunks();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].job, waiting);
+        assert!((chunks[0].at_s - (round + prefill)).abs() < 1e-9);
     }
 
     #[test]

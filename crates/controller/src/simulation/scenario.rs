@@ -96,6 +96,16 @@ pub struct ProviderSpec {
     /// running and requests waiting.
     #[serde(default)]
     pub queue_gauges: bool,
+    /// Whether answers are streamed: the first chunk goes out once a slot took the request
+    /// and prefilled its prompt (the base-latency part of its service time, slowed by the
+    /// server's batching as the rest is), and the client tells the controller
+    /// (`on_first_chunk`).
+    #[serde(default)]
+    pub streams: bool,
+    /// A proxy in front of the streaming server that buffers the whole answer: the "first
+    /// chunk" arrives with the end (only with `streams`).
+    #[serde(default)]
+    pub buffered_stream: bool,
     /// Capacity changes: from `at_s` on, both rate limits are `factor` times the base.
     #[serde(default)]
     pub capacity_steps: Vec<CapacityStep>,

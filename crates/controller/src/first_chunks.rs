@@ -1,0 +1,200 @@
+//! The first streamed chunk of each answer as a reading of the server's queue. A request that
+//! a server's slot takes streams its first chunk once its prompt is prefilled; one waiting in
+//! the server's queue streams nothing until a slot frees. Of our requests in flight, those
+//! whose first chunk came are running; those without one for clearly longer than a prefill
+//! takes are waiting: the gauges' reading (`ServerQueue`), from our own requests alone
+//! (`Controller::first_chunk_reading`, followed by the gauges' rules).
+//!
+//! The rules, each checked on the simulated servers (see the README):
+//! - **Trust.** The signal is on while the last `TRUST_ANSWERS` answers (at least one) each
+//!   streamed its first chunk clearly before its end: the part of the answer after it is at
+//!   least `STREAMED_TAIL_SHARE` of the quickest of their latencies. A proxy that buffers the
+//!   whole answer delivers its "first chunk" with the end, and a server that ignores `stream`
+//!   none: either turns the signal off. (The tail is measured against the quickest latency,
+//!   not the answer's own: a request that waited long in the queue has a first chunk late in
+//!   its latency on a server that streams all right.)
+//! - **Waiting.** A request is waiting once its age without a first chunk exceeds
+//!   `WAITING_MARGIN` × the reference time to first chunk: the `REFERENCE_QUANTILE` quantile
+//!   of the last `FIRST_CHUNKS_KEPT` first chunks received (in flight or answered), each
+//!   scaled up to the request's prompt when its own prompt was smaller. Recent first chunks
+//!   carry the present load (a continuous-batching server prefills slower the more it
+//!   runs); a low quantile leaves out the ones that waited; the margin covers a doubling's
+//!   slower prefill on top of the noise. A first chunk that came past that threshold waited
+//!   in the queue and is not taken in. And a request sent before one of ours that already
+//!   streamed (by more than the reference) is not waiting: a queue is served in order, so it
+//!   is hung or lost, not queued.
+//! - **Handovers.** An answer's end frees a slot that a request without a first chunk takes
+//!   and prefills: until a first chunk comes (or the threshold passes) it counts running.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Answers the trust rule looks at.
+const TRUST_ANSWERS: usize = 3;
+/// An answer streamed when its part after the first chunk is at least this share of the
+/// quickest latency of the answers the trust rule looks at.
+const STREAMED_TAIL_SHARE: f64 = 0.2;
+/// First chunks the reference time to first chunk is taken from.
+const FIRST_CHUNKS_KEPT: usize = 16;
+/// The quantile of their times to first chunk taken as the reference.
+const REFERENCE_QUANTILE: f64 = 0.25;
+/// A request is waiting past this many reference times to first chunk.
+const WAITING_MARGIN: f64 = 3.0;
+/// Open handovers kept at most (more than answers end within a prefill).
+const EVENTS_KEPT: usize = 256;
+/// How often the requests in flight are read as a queue (as the runner reads gauges).
+pub(crate) const READING_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FirstChunks {
+    /// Recent first chunks: time to first chunk and the request's prompt tokens.
+    recent: VecDeque<(Duration, u32)>,
+    /// The last answers: latency, and the part of it after the first chunk (`None`: none came).
+    answers: VecDeque<(Duration, Option<Duration>)>,
+    /// When the requests in flight were last read as a queue.
+    pub last_reading: Option<Duration>,
+    /// When answers ended whose slot no first chunk has come from since (the oldest first).
+    handovers: VecDeque<Duration>,
+}
+
+impl FirstChunks {
+    /// A request's first chunk came `after` its send; its prompt had `prompt_tokens`. One that
+    /// came later than `waiting_after` had waited in the queue: it tells nothing of the
+    /// prefill (were it kept, a queue's waits would soon be the reference, and no request
+    /// would be found waiting any more).
+    pub fn record_first_chunk(&mut self, after: Duration, prompt_tokens: u32) {
+        self.handovers.pop_front();
+        if self
+            .waiting_after(prompt_tokens)
+            .is_some_and(|waiting_after| after > waiting_after)
+        {
+            return;
+        }
+        if self.recent.len() == FIRST_CHUNKS_KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((after, prompt_tokens.max(1)));
+    }
+
+    /// An answer completed at `now` after `latency`, its first chunk `first_chunk` after its
+    /// send.
+    pub fn record_answer(
+        &mut self,
+        now: Duration,
+        latency: Duration,
+        first_chunk: Option<Duration>,
+    ) {
+        if self.handovers.len() == EVENTS_KEPT {
+            self.handovers.pop_front();
+        }
+        self.handovers.push_back(now);
+        if self.answers.len() == TRUST_ANSWERS {
+            self.answers.pop_front();
+        }
+        self.answers
+            .push_back((latency, first_chunk.map(|at| latency.saturating_sub(at))));
+    }
+
+    /// Whether the first chunks are a real signal: the last answers all streamed theirs
+    /// clearly before their end.
+    pub fn trusted(&self) -> bool {
+        let Some(quickest) = self.answers.iter().map(|(latency, _)| *latency).min() else {
+            return false;
+        };
+        let least_tail = quickest.mul_f64(STREAMED_TAIL_SHARE);
+        self.answers
+            .iter()
+            .all(|(_, tail)| tail.is_some_and(|tail| tail >= least_tail && !tail.is_zero()))
+    }
+
+    /// The reference time to first chunk for a request of `prompt_tokens`; `None` before any
+    /// first chunk.
+    pub fn reference(&self, prompt_tokens: u32) -> Option<Duration> {
+        let mut scaled: Vec<f64> = self
+            .recent
+            .iter()
+            .map(|(after, prompt)| {
+                after.as_secs_f64() * (f64::from(prompt_tokens) / f64::from(*prompt)).max(1.0)
+            })
+            .collect();
+        if scaled.is_empty() {
+            return None;
+        }
+        scaled.sort_by(f64::total_cmp);
+        let index = ((scaled.len() - 1) as f64 * REFERENCE_QUANTILE).floor() as usize;
+        Some(Duration::from_secs_f64(scaled[index]))
+    }
+
+    /// Slots that answers freed within `window` before `now` whose next request may still be
+    /// prefilling its prompt: it runs (the gauges count it running), and its first chunk has
+    /// not come yet. Every answer's end opens one, every first chunk closes the oldest open
+    /// (a chunk of a request that took a slot no answer freed closes one too: the count errs
+    /// low while the level climbs), and one open longer than `window` is dropped (an answer
+    /// no request followed).
+    pub fn handovers(&mut self, now: Duration, window: Duration) -> u32 {
+        let since = now.saturating_sub(window);
+        while self.handovers.front().is_some_and(|end| *end <= since) {
+            self.handovers.pop_front();
+        }
+        self.handovers.len() as u32
+    }
+
+    /// How long a request of `prompt_tokens` may go without a first chunk before it is taken
+    /// as waiting.
+    pub fn waiting_after(&self, prompt_tokens: u32) -> Option<Duration> {
+        self.reference(prompt_tokens)
+            .map(|reference| reference.mul_f64(WAITING_MARGIN))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(seconds: f64) -> Duration {
+        Duration::from_secs_f64(seconds)
+    }
+
+    #[test]
+    fn answers_that_streamed_clearly_before_their_end_turn_the_signal_on() {
+        let mut chunks = FirstChunks::default();
+        assert!(!chunks.trusted());
+        chunks.record_answer(Duration::ZERO, s(3.0), Some(s(0.3)));
+        assert!(chunks.trusted(), "one answer is enough to start");
+        // A first chunk late in a long latency (it waited in the queue) still streamed.
+        chunks.record_answer(Duration::ZERO, s(12.0), Some(s(9.3)));
+        assert!(chunks.trusted());
+        // One at the end (a buffering proxy), or none: off for the next three answers.
+        chunks.record_answer(Duration::ZERO, s(3.0), Some(s(3.0)));
+        assert!(!chunks.trusted());
+        chunks.record_answer(Duration::ZERO, s(3.0), Some(s(0.3)));
+        chunks.record_answer(Duration::ZERO, s(3.0), Some(s(0.3)));
+        assert!(!chunks.trusted());
+        chunks.record_answer(Duration::ZERO, s(3.0), Some(s(0.3)));
+        assert!(chunks.trusted());
+        chunks.record_answer(Duration::ZERO, s(3.0), None);
+        assert!(!chunks.trusted());
+    }
+
+    #[test]
+    fn the_reference_is_a_low_quantile_scaled_up_to_larger_prompts() {
+        let mut chunks = FirstChunks::default();
+        assert_eq!(chunks.reference(1000), None);
+        chunks.record_first_chunk(s(0.2), 500);
+        // Twice the prompt: twice the prefill; a smaller one is not taken as faster.
+        assert_eq!(chunks.reference(1000), Some(s(0.4)));
+        assert_eq!(chunks.reference(100), Some(s(0.2)));
+        for after in [0.3, 0.35, 0.7, 0.8] {
+            chunks.record_first_chunk(s(after), 1000);
+        }
+        // The quarter quantile of 0.3, 0.35, 0.4 (scaled), 0.7 and 0.8.
+        assert_eq!(chunks.reference(1000), Some(s(0.35)));
+        // A first chunk past three times that waited in a queue: not taken in.
+        chunks.record_first_chunk(s(1.2), 1000);
+        assert_eq!(chunks.recent.len(), 5);
+        assert_eq!(
+            chunks.waiting_after(1000),
+            Some(s(0.35).mul_f64(WAITING_MARGIN))
+        );
+    }
+}
