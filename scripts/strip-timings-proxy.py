@@ -7,6 +7,7 @@ llama-cpp-python's server, or a proxy that passes only the standard fields).
     strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL --tgi-header
     strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL --vllm-metrics
     strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL --gauges
+    strip-timings-proxy.py LISTEN_PORT UPSTREAM_URL --buffer
 
 With `--tgi-header` the server's time moves from the body to where Hugging Face's
 text-generation-inference (TGI) puts it: `prompt_ms + predicted_ms`, in whole milliseconds, in
@@ -21,6 +22,10 @@ proxy. Answers that are not JSON objects pass unchanged. llama.cpp's own endpoin
 its slots (`/props`, `/slots`) answer 404, as on those other servers, and so does its gauges'
 endpoint (`/metrics`, as on Ollama), unless `--gauges` passes it through: then the server shows
 only what vLLM and TGI show of their load, the requests running and waiting.
+
+A streamed answer (`"stream": true`) passes event by event as the server sends it, each event
+without `timings`; with `--buffer` it is held until it is whole and then sent at once, as a
+proxy that buffers answers does (its first event then comes with its last).
 """
 import json
 import sys
@@ -32,7 +37,21 @@ UPSTREAM = sys.argv[2].rstrip("/")
 TGI_HEADER = "--tgi-header" in sys.argv[3:]
 VLLM_METRICS = "--vllm-metrics" in sys.argv[3:]
 GAUGES = "--gauges" in sys.argv[3:]
+BUFFER = "--buffer" in sys.argv[3:]
 HIDDEN = ("/props", "/slots") + (() if GAUGES else ("/metrics",))
+
+
+def strip_event(line):
+    """One line of a streamed answer, its `data:` object without `timings`."""
+    if line.startswith(b"data:"):
+        try:
+            parsed = json.loads(line[5:])
+        except ValueError:
+            return line
+        if isinstance(parsed, dict) and "timings" in parsed:
+            parsed.pop("timings")
+            return b"data: " + json.dumps(parsed).encode() + b"\n"
+    return line
 
 
 class Proxy(BaseHTTPRequestHandler):
@@ -59,7 +78,13 @@ class Proxy(BaseHTTPRequestHandler):
         )
         try:
             with urllib.request.urlopen(request, timeout=3600) as answer:
-                status, content_type, data = answer.status, answer.headers.get("Content-Type"), answer.read()
+                status, content_type = answer.status, answer.headers.get("Content-Type")
+                if (content_type or "").startswith("text/event-stream") and not BUFFER:
+                    self.stream(answer, status, content_type)
+                    return
+                data = answer.read()
+                if (content_type or "").startswith("text/event-stream"):
+                    data = b"".join(strip_event(line) for line in data.splitlines(keepends=True))
         except urllib.error.HTTPError as error:
             status, content_type, data = error.code, error.headers.get("Content-Type"), error.read()
         inference_ms = None
@@ -90,6 +115,24 @@ class Proxy(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up on this request
+
+    def stream(self, answer, status, content_type):
+        """Passes a streamed answer on event by event, as it comes, each `data:` object without
+        its `timings`; the connection closes at its end."""
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            for line in iter(answer.readline, b""):
+                line = strip_event(line)
+                self.wfile.write(line)
+                if line.strip() == b"":
+                    self.wfile.flush()
+            self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up on this request
 

@@ -74,6 +74,8 @@ pub struct ModelFile {
     #[serde(default)]
     pub fallback: Vec<String>,
     pub mode: Option<String>,
+    /// "auto" (stream answers from servers that announce no rate limits), "always" or "never".
+    pub stream: Option<String>,
     /// Batch mode: "openai" (Batch API) or "anthropic" (Message Batches).
     pub batch_api: Option<String>,
     /// Batch mode: seconds before the first poll of a submitted batch (it backs off from there).

@@ -118,6 +118,21 @@ impl BatchSettings {
     pub const MAX_POLL: Duration = Duration::from_secs(600);
 }
 
+/// When a chat job asks for streamed answers (`model.stream`). A streamed answer's first chunk
+/// tells when the server's slot took the request up, so requests waiting in a self-hosted
+/// server's queue are seen while they wait; the answer itself is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streaming {
+    /// Streamed once the first answers show a server that announces no rate limits (llama.cpp,
+    /// vLLM, Ollama, most proxies), and not again in the run once a streamed answer comes without
+    /// its token counts.
+    Auto,
+    /// Every request streamed (a streamed answer without token counts is costed at its
+    /// reservation).
+    Always,
+    Never,
+}
+
 /// An OpenAI-compatible chat model.
 #[derive(Debug, Clone)]
 pub struct ChatModel {
@@ -129,6 +144,8 @@ pub struct ChatModel {
     pub fallback: Vec<String>,
     pub structured_output: StructuredOutput,
     pub mode: Mode,
+    /// Whether answers are asked for as a stream (`model.stream`).
+    pub stream: Streaming,
     pub batch: BatchSettings,
     pub max_output_tokens_per_item: u32,
     /// Output tokens an item's answer usually takes; `max_output_tokens_per_item` by default.

@@ -442,6 +442,12 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
         "batch" => Mode::Batch,
         other => return Err(usage(format!("`model.mode` = {other:?}: use \"sync\" or \"batch\""))),
     };
+    let stream = match m.stream.as_deref().unwrap_or("auto") {
+        "auto" => Streaming::Auto,
+        "always" => Streaming::Always,
+        "never" => Streaming::Never,
+        other => return Err(usage(format!("`model.stream` = {other:?}: use \"auto\", \"always\" or \"never\""))),
+    };
     let batch = batch_settings(m)?;
     let api_key_env = m.api_key_env.clone().unwrap_or_else(|| "OPENAI_API_KEY".into());
     if api_key_env.is_empty() || !api_key_env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -509,6 +515,7 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
         fallback: m.fallback.clone(),
         structured_output,
         mode,
+        stream,
         batch,
         max_output_tokens_per_item: per_item,
         expected_output_tokens_per_item: expected,
@@ -531,6 +538,7 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
             ("api_key_env", m.api_key_env.is_some()),
             ("fallback", !m.fallback.is_empty()),
             ("mode", m.mode.is_some()),
+            ("stream", m.stream.is_some()),
             ("batch_api", m.batch_api.is_some()),
             ("batch_poll_s", m.batch_poll_s.is_some()),
             ("batch_max_requests", m.batch_max_requests.is_some()),

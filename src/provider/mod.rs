@@ -37,7 +37,7 @@ pub struct Answer {
     pub headers: RateHeaders,
     /// How the answer came: `Delivery::Whole` (a plain JSON body: `send`, or a server that ignored
     /// `stream`), `Delivery::Streamed { first_chunk }` (SSE; time from the start of the call to the
-    /// first chunk with a choice).
+    /// first chunk with generated text).
     pub delivery: Delivery,
 }
 
@@ -48,7 +48,7 @@ pub enum Delivery {
     #[default]
     Whole,
     /// Server-Sent Events; `first_chunk` is the time from the start of the call to the first
-    /// chunk carrying a choice (the whole call when none carried one).
+    /// chunk carrying generated text or the finish reason (the whole call when none did).
     Streamed { first_chunk: Duration },
 }
 
@@ -94,9 +94,10 @@ impl ChatClient {
 
     /// Sends `body` (the same serialised request object `send` takes) asking for a streamed answer:
     /// `"stream": true` and `"stream_options": {"include_usage": true}` are spliced in after its
-    /// opening `{`. `first_chunk` is sent the `Instant` at which the first SSE event carrying a
-    /// choice (a delta with a role or content) arrived — at most once, and not at all when the
-    /// answer never streams. Cut after `timeout` overall, like `send`.
+    /// opening `{`. `first_chunk` is sent the `Instant` at which the first SSE event carrying
+    /// generated text (or the finish reason) arrived — not a delta with the role alone, which
+    /// some servers send before a slot takes the request up — at most once, and not at all when
+    /// the answer never streams. Cut after `timeout` overall, like `send`.
     ///
     /// An error status, or a 2xx that is not `text/event-stream` (a server or proxy that ignored
     /// `stream`), is read and classified exactly as `send` does (`Delivery::Whole`). A stream is
@@ -120,7 +121,7 @@ impl ChatClient {
             Reply::Whole(whole) => whole.into_answer(started.elapsed()),
             Reply::Streamed(whole, first) => {
                 let latency = started.elapsed();
-                // A stream with no chunk carrying a choice (usage alone) had its first one at its end.
+                // A stream with no chunk carrying text (usage alone) had its first one at its end.
                 let first_chunk = first.map_or(latency, |at| at.saturating_duration_since(started));
                 whole.completed(latency, Delivery::Streamed { first_chunk })
             }
@@ -145,7 +146,7 @@ impl ChatClient {
 enum Reply {
     /// A plain body (an error, or a server that ignored `stream`).
     Whole(Whole),
-    /// An SSE stream, its body rebuilt unstreamed, and when its first chunk with a choice came.
+    /// An SSE stream, its body rebuilt unstreamed, and when its first chunk with text came.
     Streamed(Whole, Option<Instant>),
 }
 

@@ -144,7 +144,7 @@ impl SseParser {
 /// What one event added to the answer.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Step {
-    /// A chunk carrying the first choice (a delta with a role or content, or a finish reason).
+    /// A chunk carrying the first choice (a delta with a role or text, or a finish reason).
     Choice,
     /// A chunk without a choice (the usage-only last chunk of `include_usage`).
     Other,
@@ -164,6 +164,10 @@ pub(super) struct StreamAnswer {
     finish_reason: Option<Value>,
     chunks: usize,
     choices: usize,
+    /// A chunk of the first choice has carried generated text (or the finish reason): the
+    /// server is working on the request. (Some servers send the role alone at once, before a
+    /// slot takes the request up.)
+    produced: bool,
     done: bool,
 }
 
@@ -224,18 +228,21 @@ impl StreamAnswer {
                     ("role", Value::String(_)) => {
                         self.message.insert(key.clone(), value.clone());
                     }
-                    (_, Value::String(part)) => match self.message.get_mut(key) {
+                    (_, Value::String(part)) => {
+                        self.produced |= !part.is_empty();
+                        match self.message.get_mut(key) {
                         Some(Value::String(text)) => text.push_str(part),
                         _ => {
                             self.message.insert(key.clone(), value.clone());
                         }
-                    },
+                    }},
                     _ => {}
                 }
             }
         }
         if let Some(reason) = choice.get("finish_reason").filter(|r| !r.is_null()) {
             self.finish_reason = Some(reason.clone());
+            self.produced = true;
         }
     }
 
@@ -307,7 +314,7 @@ pub(super) struct StreamReader {
 /// What a network chunk brought.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub(super) struct Fed {
-    /// It held the answer's first chunk with a choice.
+    /// It held the answer's first chunk with generated text (or its finish reason).
     pub first_choice: bool,
     /// It held `data: [DONE]`: nothing more is read.
     pub done: bool,
@@ -336,9 +343,9 @@ impl StreamReader {
             if self.answer.done() {
                 break;
             }
-            let before = self.answer.choices;
+            let before = self.answer.produced;
             match self.answer.event(&event)? {
-                Step::Choice => fed.first_choice |= before == 0,
+                Step::Choice => fed.first_choice |= !before && self.answer.produced,
                 Step::Done => fed.done = true,
                 Step::Other => {}
             }
@@ -584,12 +591,14 @@ mod tests {
         let second = br#"data: {"choices":[{"index":1,"delta":{"role":"assistant","content":"other"}}]}"#;
         assert_eq!(reader.feed(second).unwrap(), Fed::default());
         assert_eq!(reader.feed(b"\n\n").unwrap(), Fed::default(), "a second choice (n > 1) is not the answer");
-        let role = br#"data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#;
+        let role = br#"data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
         assert_eq!(reader.feed(role).unwrap(), Fed::default());
         assert_eq!(reader.feed(b"\n").unwrap(), Fed::default());
-        assert_eq!(reader.feed(b"\n").unwrap(), Fed { first_choice: true, done: false }, "a role-only delta counts");
-        let content = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
-        assert_eq!(reader.feed(content).unwrap(), Fed { first_choice: false, done: true });
+        assert_eq!(reader.feed(b"\n").unwrap(), Fed::default(), "a role with no text yet does not count");
+        let content = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n";
+        assert_eq!(reader.feed(content).unwrap(), Fed { first_choice: true, done: false }, "the first text counts");
+        let end = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+        assert_eq!(reader.feed(end).unwrap(), Fed { first_choice: false, done: true });
         let c = parse_completion(&reader.finish().unwrap()).unwrap();
         assert_eq!(c.content, "x");
         assert_eq!(c.usage.unwrap().prompt_tokens, 3);
@@ -679,7 +688,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_chunk_is_told_before_the_call_returns() {
-        let (first_event, rest) = LLAMA.split_at(LLAMA.find("\n\n").unwrap() + 2);
+        // The role alone, then the first text: the first chunk is the one with text.
+        let second_end = LLAMA.match_indices("\n\n").nth(1).unwrap().0 + 2;
+        let (first_event, rest) = LLAMA.split_at(second_end);
         let (go, gate) = tokio::sync::oneshot::channel();
         let (url, request) = serve(SSE, vec![send(first_event), Part::Wait(gate), send(rest)]).await;
         let client = client(&url, 1 << 20);

@@ -86,6 +86,9 @@ pub struct ControllerSummary {
     /// Answers that said how long the server worked on them (llama.cpp's `timings`, TGI's
     /// `x-inference-time`, …): on a server that queues, its queue is read from them.
     pub server_timed_answers: u64,
+    /// Answers streamed, their first chunk told as it came (`model.stream`): on a server that
+    /// shows nothing else, the requests waiting in its queue are seen from them.
+    pub first_chunk_answers: u64,
     /// The requests the server said it works on at once before the run (llama.cpp's
     /// `GET /props`), which the run started at within `[limits] concurrency`, or that its
     /// gauges (`GET /metrics`, `GET /v1/loads`) showed running while requests waited; `null`

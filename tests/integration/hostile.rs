@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::hostile::{Body, Hostile, Reply as Hr, Seen, completion, good, shown};
+use crate::support::hostile::{Body, Hostile, Reply as Hr, Seen, completion, good, shown, streamed};
 use crate::support::*;
 
 /// Three items per request, one request at a time: the script sees requests in call order.
@@ -1095,4 +1095,52 @@ async fn held_by_a_full_server(shown: Vec<(&'static str, Hr)>, read_at: &str) ->
     }
     assert!(ran.stderr().contains(&format!("shows the requests it runs and those waiting at {read_at}")), "{}", ran.stderr());
     ran
+}
+
+/// Streamed answers are read event by event into what an unstreamed answer holds: the rows and
+/// the ledger's token counts are the same.
+#[tokio::test]
+async fn streamed_answers_are_read_whole_and_billed_on_their_usage() {
+    let ran = run_case(many(), |seen: &Seen| streamed(&seen.good_content(), true)).await;
+    ran.verdict(0, "finished").await;
+    assert_eq!(ran.done().await, 30);
+    let seen = ran.provider.seen();
+    assert!(seen.iter().all(|s| s.stream), "every request asked for a stream");
+    let pool = ran.fx.pool().await;
+    let counted: Vec<(Option<i64>, Option<i64>)> =
+        sqlx::query_as("SELECT prompt_tokens, completion_tokens FROM backfill_calls").fetch_all(&pool).await.unwrap();
+    pool.close().await;
+    assert_eq!(counted.len(), seen.len());
+    assert!(counted.iter().all(|c| *c == (Some(200), Some(50))), "{counted:?}");
+    assert!(ran.calls().await.iter().all(|c| c.0.as_deref() == Some("ok")), "{:?}", ran.calls().await);
+}
+
+/// A provider that refuses a streamed request (some refuse `stream_options`) gets it again at
+/// once, unstreamed, and the run streams no more; nothing is lost and nothing counts against
+/// the items.
+#[tokio::test]
+async fn a_provider_refusing_streamed_requests_gets_them_again_unstreamed() {
+    let refused = json!({ "error": { "message": "Extra inputs are not permitted: stream_options", "type": "invalid_request_error" } });
+    let ran = run_case(many(), move |seen: &Seen| if seen.stream { Hr::json(422, &refused) } else { good(seen) }).await;
+    ran.verdict(0, "refused a streamed request").await;
+    assert_eq!(ran.done().await, 30);
+    let seen = ran.provider.seen();
+    assert_eq!(seen.iter().filter(|s| s.stream).count(), 1, "one streamed request, one at a time");
+    assert_eq!(seen[0].items, seen[1].items, "the refused request goes out again as it was");
+    assert!(!seen[1].stream);
+    let calls = ran.calls().await;
+    assert_eq!(calls.iter().filter(|c| c.0.as_deref() == Some("rejected_request")).count(), 1, "{calls:?}");
+    assert_eq!(calls.iter().filter(|c| c.0.as_deref() == Some("ok")).count(), calls.len() - 1, "{calls:?}");
+    assert_eq!(seen.len(), 11, "ten requests of three rows, and the refused one once more");
+}
+
+/// Answers streamed without their token counts: the first is costed at its reservation (as an
+/// unstreamed answer without `usage` is), and the run asks for no more streams.
+#[tokio::test]
+async fn answers_streamed_without_token_counts_end_the_streaming() {
+    let ran = run_case(many(), |seen: &Seen| if seen.stream { streamed(&seen.good_content(), false) } else { good(seen) }).await;
+    ran.verdict(0, "without their token counts").await;
+    assert_eq!(ran.done().await, 30);
+    let seen = ran.provider.seen();
+    assert!(seen[0].stream && seen[1..].iter().all(|s| !s.stream), "{:?}", seen.iter().map(|s| s.stream).collect::<Vec<_>>());
 }

@@ -119,6 +119,19 @@ async fn a_server_that_shows_its_queue_in_gauges_is_run_at_its_own_pace() {
     run_at_the_servers_own_pace(&proxy.url, "gauges", Said::Gauges(2)).await;
 }
 
+/// The same server seen as Ollama, llama-cpp-python's server or a proxy that passes only the
+/// standard fields show themselves: no time on any answer, no `/props`, no `/metrics`
+/// (`scripts/strip-timings-proxy.py`, passing streamed answers on event by event). Only the
+/// streamed answers' first chunks show when a slot took a request up: the requests waiting
+/// for one are seen from them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_shows_nothing_but_its_streamed_answers_is_run_at_its_own_pace() {
+    let Some(url) = llama_url() else { return };
+    let _server = SERVER.lock().await;
+    let proxy = TimingsProxy::start(&url, &[]);
+    run_at_the_servers_own_pace(&proxy.url, "streams", Said::FirstChunks).await;
+}
+
 /// `run_at_the_servers_own_pace` through the timings proxy in the form `option` gives.
 async fn run_behind_the_timings_proxy(option: &str, name: &str) {
     let Some(url) = llama_url() else { return };
@@ -132,8 +145,10 @@ async fn run_behind_the_timings_proxy(option: &str, name: &str) {
 enum Said {
     /// Its slots before the run (`GET /props`), and its time on each answer.
     Props(u64),
-    /// Only its time on each answer.
+    /// Only its time on each answer (asked for whole: the proxy passes no time in a stream).
     Time,
+    /// Nothing but its streamed answers, their first chunks as they come.
+    FirstChunks,
     /// Only its gauges of requests running and waiting (`GET /metrics`), which show these
     /// slots once requests wait.
     Gauges(u64),
@@ -183,7 +198,8 @@ impl Drop for TimingsProxy {
 /// tokens per item; and the answers said how long the server worked on them, where it says
 /// (`said`). A server that says its slots (llama.cpp's `GET /props`) is started at them: no
 /// more requests in flight than that before the first answer. One that shows only its gauges is
-/// found to have its slots from them.
+/// found to have its slots from them. Answers are streamed only where the server shows nothing
+/// of its load (`model.stream = "auto"`).
 async fn run_at_the_servers_own_pace(url: &str, name: &str, said: Said) {
     let log = std::env::var("BACKFILL_LLAMA_LOG").ok().filter(|path| !path.is_empty());
     if log.is_none() && std::env::var("CI").as_deref() == Ok("true") {
@@ -198,6 +214,10 @@ async fn run_at_the_servers_own_pace(url: &str, name: &str, said: Said) {
         .await
         .unwrap();
     let job = motions_job(dir.path(), &db, url, name, "[limits]\nitems_per_request = { start = 2, min = 1, max = 2 }\nmax_attempts = 3\nmax_failed_share = 1.0\n");
+    if matches!(said, Said::Time) {
+        let text = std::fs::read_to_string(&job).unwrap().replace("[model]\n", "[model]\nstream = \"never\"\n");
+        std::fs::write(&job, text).unwrap();
+    }
     let output = backfill_async(dir.path(), &["run", job.to_str().unwrap(), "--json", "--quiet"], &[]).await;
     let summary: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&output)));
     assert_eq!(summary["items"]["total"], 12, "{summary}");
@@ -210,7 +230,7 @@ async fn run_at_the_servers_own_pace(url: &str, name: &str, said: Said) {
     assert_eq!(summary["controller"]["hedged_items"], 0, "{summary}");
     let slots = match said {
         Said::Props(slots) | Said::Gauges(slots) => Some(slots),
-        Said::Time => None,
+        Said::Time | Said::FirstChunks => None,
     };
     assert_eq!(summary["controller"]["server_slots"].as_u64(), slots, "{summary}");
     if let Said::Props(slots) = said {
@@ -218,12 +238,18 @@ async fn run_at_the_servers_own_pace(url: &str, name: &str, said: Said) {
         assert!(stderr(&output).contains(&told), "{}", stderr(&output));
     }
     let gauges_read = stderr(&output).contains("shows the requests it runs and those waiting at GET /metrics (llama.cpp's llamacpp:requests_deferred)");
-    assert_eq!(gauges_read, !matches!(said, Said::Time), "{}", stderr(&output));
+    assert_eq!(gauges_read, matches!(said, Said::Props(_) | Said::Gauges(_)), "{}", stderr(&output));
+    // Streamed only where the server shows no gauges and the job does not say otherwise.
+    let first_chunks = summary["controller"]["first_chunk_answers"].as_u64().unwrap();
+    match said {
+        Said::FirstChunks => assert!(first_chunks >= 6, "{summary}"),
+        _ => assert_eq!(first_chunks, 0, "{summary}"),
+    }
     // The queue was read from the server's own time, which the server's answers said, or
     // from its gauges alone.
     let timed = summary["controller"]["server_timed_answers"].as_u64().unwrap();
     match said {
-        Said::Gauges(_) => assert_eq!(timed, 0, "{summary}"),
+        Said::Gauges(_) | Said::FirstChunks => assert_eq!(timed, 0, "{summary}"),
         _ => assert!(timed >= 6, "{summary}"),
     }
     // Items that failed failed for what the model wrote, not for time.

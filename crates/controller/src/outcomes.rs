@@ -46,6 +46,7 @@ impl Controller {
                 .map(|at| at.saturating_sub(sent.sent_at));
             self.first_chunks
                 .record_answer(now, observation.latency, first_chunk);
+            self.counts.first_chunk_answers += u64::from(first_chunk.is_some());
         }
         match observation.outcome {
             Outcome::Completed(completed) => {

@@ -40,6 +40,10 @@ pub struct ControllerCounts {
     /// Answers that said how long the server worked on them (its queue then shows directly).
     #[serde(default)]
     pub server_timed: u64,
+    /// Answers streamed with their first chunk told apart from their end (`on_first_chunk`):
+    /// on a server that shows nothing else, its queue is read from them.
+    #[serde(default)]
+    pub first_chunk_answers: u64,
 }
 
 /// A point-in-time view for people and the run summary.

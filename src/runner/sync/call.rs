@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{Bounds, CallOutcome, CostSource, OutputStatus, answered_cost};
 use crate::pricing::{Picos, Tier};
-use crate::provider::{CallError, Completion, parse_completion};
+use crate::job::Streaming;
+use crate::provider::{CallError, Completion, Delivery, parse_completion};
 use crate::store::{BatchWrite, CallSettle, Claimed, ItemChange, ItemUpdate, OutputRecord, OutputValue, now_ms};
 use crate::pipeline::answers::{Malformed, Validated, validate};
 
@@ -68,14 +69,30 @@ impl Request {
 #[derive(Debug)]
 pub enum Answer {
     /// The provider, now; `cut` is cancelled when the controller cuts the call at the end of
-    /// the queue.
-    Provider { cut: CancellationToken },
+    /// the queue. With `first_chunks`, the answer is asked for as a stream, and the moment its
+    /// first chunk arrives goes there with the call's ticket.
+    Provider { cut: CancellationToken, first_chunks: Option<FirstChunks> },
     /// The response cache: the same request was answered before, and nothing is billed.
     Cached(String),
     /// The response cache, for a call lost in a crash: it was billed.
     Replayed(String),
     /// A provider batch's result line, collected by the batch engine.
     Batch,
+}
+
+/// Where a streamed call says when its answer's first chunk arrived.
+pub type FirstChunks = tokio::sync::mpsc::UnboundedSender<(Ticket, Instant)>;
+
+/// What a streamed call showed of the stream itself, for the dispatcher's choice to go on
+/// streaming (`model.stream = "auto"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamNote {
+    /// The answer came streamed, with its token counts.
+    Counted,
+    /// The answer came streamed without its token counts (`usage`).
+    Uncounted,
+    /// The provider refused the streamed request (HTTP 4xx): it goes out again unstreamed.
+    Refused(String),
 }
 
 /// A request reserved in the ledger, on its way to an answer.
@@ -126,18 +143,22 @@ pub struct Concluded {
     /// unchanged, after this wait — its items still leased, its identical body keeping the
     /// provider's prompt cache and the response cache working.
     pub resend: Option<(Duration, Request)>,
+    /// For a call whose answer was asked for as a stream: what came of it.
+    pub stream: Option<StreamNote>,
 }
 
 pub async fn execute(ctx: Arc<RunContext>, call: Call) -> Concluded {
     let started = Instant::now();
     let request = &call.request;
+    let streamed = matches!(&call.answer, Answer::Provider { first_chunks: Some(_), .. });
+    let mut note = None;
     let outcome = match &call.answer {
         Answer::Cached(body) | Answer::Replayed(body) => parse_completion(body)
             .map(|completion| (completion, Vec::new()))
             .map_err(|reason| CallError::BadOutput { reason, status: 200, body: body.clone() }),
         Answer::Batch => unreachable!("a provider batch's results are concluded by the batch engine"),
-        Answer::Provider { cut } => match tokio::select! {
-            sent = ctx.client.send(&request.body, request.timeout) => sent,
+        Answer::Provider { cut, first_chunks } => match tokio::select! {
+            sent = send(&ctx, request, call.ticket, first_chunks.as_ref()) => sent,
             _ = cut.cancelled() => Err(CallError::Timeout { after: started.elapsed() }),
         } {
             Ok(answer) => {
@@ -145,13 +166,69 @@ pub async fn execute(ctx: Arc<RunContext>, call: Call) -> Concluded {
                     && let Err(e) = ctx.store.cache_put(&request.hash, &request.model, &answer.body, ctx.cache.ttl).await {
                         tracing::warn!("could not store the answer in the response cache: {e:#}");
                     }
+                if matches!(answer.delivery, Delivery::Streamed { .. }) {
+                    note = Some(if answer.completion.usage.is_some() { StreamNote::Counted } else { StreamNote::Uncounted });
+                }
                 Ok((answer.completion, answer.headers))
             }
             Err(error) => Err(error),
         },
     };
     let latency = started.elapsed();
-    conclude(&ctx, call, outcome, latency)
+    if streamed
+        && ctx.chat.stream == Streaming::Auto
+        && let Err(refusal @ CallError::Rejected { .. }) = &outcome
+    {
+        return refused_stream(&ctx, call, refusal, latency);
+    }
+    let mut concluded = conclude(&ctx, call, outcome, latency);
+    concluded.stream = note;
+    concluded
+}
+
+/// A streamed request the provider refused (HTTP 4xx; some refuse `stream_options`, or
+/// streaming itself): settled as refused, billed nothing, and sent again unstreamed at once,
+/// its items still leased; the dispatcher streams no more.
+fn refused_stream(ctx: &RunContext, call: Call, refusal: &CallError, latency: Duration) -> Concluded {
+    let Call { call_id, ticket, estimate, request, .. } = call;
+    let settle = CallSettle {
+        latency_ms: Some(latency.as_millis() as i64),
+        http_status: refusal.http_status(),
+        error: Some(refusal.to_string()),
+        ..CallSettle::default()
+    };
+    Concluded {
+        ticket,
+        observation: Observation::new(latency, Outcome::OtherError, Default::default()),
+        write: BatchWrite { run_id: ctx.run_id, call_id, settle: seal(settle, error_outcome(refusal), CostSource::None), items: Vec::new() },
+        verdict: Verdict::Failed,
+        cost_source: CostSource::None,
+        estimate,
+        drop_cache: None,
+        resend: Some((Duration::ZERO, request)),
+        stream: Some(StreamNote::Refused(refusal.to_string())),
+    }
+}
+
+/// Sends a request to the provider: as a stream when `first_chunks` is given (the moment its
+/// first chunk arrives goes there with `ticket`), else whole.
+async fn send(
+    ctx: &RunContext,
+    request: &Request,
+    ticket: Option<Ticket>,
+    first_chunks: Option<&FirstChunks>,
+) -> Result<crate::provider::Answer, CallError> {
+    let Some(first_chunks) = first_chunks else {
+        return ctx.client.send(&request.body, request.timeout).await;
+    };
+    let (first, arrived) = tokio::sync::oneshot::channel();
+    let forward = async {
+        if let (Ok(at), Some(ticket)) = (arrived.await, ticket) {
+            let _ = first_chunks.send((ticket, at));
+        }
+    };
+    let (sent, ()) = tokio::join!(ctx.client.send_streamed(&request.body, request.timeout, first), forward);
+    sent
 }
 
 /// Turns a call's outcome into its batch write, the controller's observation and what the
@@ -179,6 +256,7 @@ pub fn conclude(
         drop_cache: None,
         estimate,
         resend: None,
+        stream: None,
     };
     // Recorded in the settlement, as the ledger spells them, once the call is concluded.
     let call_outcome: CallOutcome;

@@ -17,6 +17,7 @@ use super::budget::BudgetWait;
 use super::call::{Answer, Call, Concluded, Request, execute};
 use super::resends::Resends;
 use super::shared_rate::SharedRate;
+use super::streams::Streams;
 use crate::runner::context::RunContext;
 use crate::runner::progress::Progress;
 use crate::runner::session::Stop;
@@ -60,6 +61,8 @@ pub struct Dispatcher {
     /// The server's gauges, read every `GAUGES_EVERY` while the dispatch loop runs (`None`
     /// for a server that does not show them).
     gauges: Option<GaugeReader>,
+    /// Whether answers are asked for as streams, and the first chunks they bring.
+    streams: Streams,
 }
 
 /// A task reading the server's gauges every `GAUGES_EVERY` into a watch channel (a reading
@@ -113,6 +116,7 @@ impl Dispatcher {
     ) -> Self {
         let shared_rate = SharedRate::new(ctx.store.as_ref(), &ctx.chat, &ctx.limits);
         let breaker = Breaker::new(ctx.limits.outage_window);
+        let streams = Streams::new(ctx.chat.stream, ctx.gauges.is_some());
         Dispatcher {
             ctx,
             controller,
@@ -129,6 +133,15 @@ impl Dispatcher {
             budget: BudgetWait::default(),
             resends: Resends::default(),
             gauges: None,
+            streams,
+        }
+    }
+
+    /// Hands the controller the first chunks of streamed answers that arrived (before the
+    /// calls they belong to are finished).
+    fn take_first_chunks(&mut self) {
+        for (ticket, at) in self.streams.arrived() {
+            self.controller.on_first_chunk(at.saturating_duration_since(self.clock), ticket);
         }
     }
 
@@ -173,6 +186,7 @@ impl Dispatcher {
             }
             self.maybe_snapshot().await;
             self.take_gauges();
+            self.take_first_chunks();
             self.progress.in_flight.store(self.tasks.len(), Ordering::Relaxed);
             let load = PipelineLoad {
                 in_flight: self.tasks.len(),
@@ -361,7 +375,7 @@ impl Dispatcher {
                 if let Some(ticket) = ticket {
                     self.cuts.insert(ticket, cut.clone());
                 }
-                Answer::Provider { cut }
+                Answer::Provider { cut, first_chunks: self.streams.for_call() }
             }
         };
         self.tasks.spawn(execute(ctx, Call { call_id, ticket, estimate: call.estimated, answer, request }));
@@ -397,6 +411,8 @@ impl Dispatcher {
             Err(e) => anyhow::bail!("a call task failed: {e}"),
         };
         let mut concluded = concluded;
+        self.take_first_chunks();
+        self.streams.observe(concluded.stream.as_ref(), &concluded.observation.rate_limits);
         if let Some((after, request)) = concluded.resend.take() {
             self.resends.push(self.now() + after, request);
         }
@@ -444,6 +460,9 @@ impl Dispatcher {
         }
         tokio::select! {
             Some(done) = self.tasks.join_next() => self.finish(done).await?,
+            Some((ticket, at)) = self.streams.next() => {
+                self.controller.on_first_chunk(at.saturating_duration_since(self.clock), ticket);
+            }
             _ = sleep => {}
             _ = shutdown.cancelled() => {}
         }

@@ -12,6 +12,7 @@ mod dispatch;
 mod dispatch_tests;
 mod resends;
 mod shared_rate;
+mod streams;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,6 +98,7 @@ impl Engine for SyncEngine {
             hedged_requests: counts.hedged_requests,
             hedged_items: counts.hedged_items,
             server_timed_answers: counts.server_timed,
+            first_chunk_answers: counts.first_chunk_answers,
             server_slots: status.server_slots,
             ..ControllerSummary::default()
         };

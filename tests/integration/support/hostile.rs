@@ -24,6 +24,8 @@ pub struct Seen {
     pub headers: Vec<(String, String)>,
     /// `(id, title, body)` of each item in the prompt.
     pub items: Vec<(String, String, String)>,
+    /// The request asked for a streamed answer (`"stream": true`).
+    pub stream: bool,
 }
 
 impl Seen {
@@ -100,6 +102,28 @@ pub fn completion(content: &str) -> Value {
         "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
         "usage": { "prompt_tokens": 200, "completion_tokens": 50, "total_tokens": 250 }
     })
+}
+
+/// `content` as a streamed answer (server-sent events, as llama.cpp and OpenAI send them): a
+/// chunk with the role, the content in two chunks, the finish reason, then (`with_usage`) a
+/// chunk with the usage and no choice, and `[DONE]`.
+pub fn streamed(content: &str, with_usage: bool) -> Reply {
+    let chunk = |choices: Value, usage: Value| {
+        let event = json!({ "id": "chatcmpl-hostile", "object": "chat.completion.chunk", "choices": choices, "usage": usage });
+        format!("data: {event}\n\n")
+    };
+    let delta = |delta: Value, finish: Value| json!([{ "index": 0, "delta": delta, "finish_reason": finish }]);
+    let half = content.char_indices().nth(content.chars().count() / 2).map_or(content.len(), |(at, _)| at);
+    let mut events = chunk(delta(json!({ "role": "assistant", "content": "" }), Value::Null), Value::Null);
+    for part in [&content[..half], &content[half..]] {
+        events += &chunk(delta(json!({ "content": part }), Value::Null), Value::Null);
+    }
+    events += &chunk(delta(json!({}), json!("stop")), Value::Null);
+    if with_usage {
+        events += &chunk(json!([]), json!({ "prompt_tokens": 200, "completion_tokens": 50, "total_tokens": 250 }));
+    }
+    events += "data: [DONE]\n\n";
+    Reply::new(200, events).header("content-type", "text/event-stream")
 }
 
 /// The well-behaved answer to `seen`.
@@ -264,6 +288,7 @@ async fn serve(
         path,
         headers,
         items: items_in(user),
+        stream: parsed["stream"] == Value::Bool(true),
     };
     log.lock().unwrap().push(seen.clone());
     let reply = script(&seen);
