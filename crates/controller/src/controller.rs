@@ -336,9 +336,20 @@ impl Controller {
             return;
         }
         request.first_chunk_at = Some(now);
-        let after = now.saturating_sub(request.sent_at);
-        let prompt_tokens = request.shape.prompt_tokens;
-        self.first_chunks.record_first_chunk(after, prompt_tokens);
+        let (sent_at, prompt_tokens) = (request.sent_at, request.shape.prompt_tokens);
+        self.first_chunks
+            .record_first_chunk(sent_at, now, prompt_tokens);
+    }
+
+    /// The caller stopped asking for streamed answers (a provider that streams without token
+    /// counts, or refused a streamed request): nothing more is read from first chunks until
+    /// streamed answers with their first chunk clearly before their end come again. Requests
+    /// are told sent unstreamed in `RequestShape::streamed`; this drops at once the trust
+    /// that the last answers, streamed, had given.
+    pub fn streaming_stopped(&mut self) {
+        self.first_chunks.streaming_stopped();
+        self.chunk_readings = QueueReadings::default();
+        tracing::debug!("streaming stopped: first chunks are not read as a queue");
     }
 
     /// Whether our requests' first chunks are read as the server's queue now: they are a real
@@ -374,6 +385,17 @@ impl Controller {
         if !self.reads_first_chunks() {
             return;
         }
+        // Only requests sent streamed can be told running or waiting: a reading of fewer than
+        // half of ours is not one (as gauges that count fewer than half of ours are not).
+        let streamed = self
+            .in_flight
+            .values()
+            .filter(|request| request.shape.streamed)
+            .count();
+        if streamed < self.in_flight.len().div_ceil(2) {
+            self.chunk_readings.last = None;
+            return;
+        }
         let queue = self.first_chunk_reading(now);
         // Read once a second, as gauges are; but a level all running is followed at once
         // (what slow start waits for: the sooner it doubles, the better).
@@ -400,16 +422,20 @@ impl Controller {
     /// Our requests in flight at `now` as the server's gauges would count them, from their
     /// first chunks (see `read_first_chunks`).
     pub(crate) fn first_chunk_reading(&mut self, now: Duration) -> ServerQueue {
-        let latest_running = self
-            .in_flight
-            .values()
+        // Requests sent unstreamed never have a first chunk: they count towards neither.
+        let streamed = || {
+            self.in_flight
+                .values()
+                .filter(|request| request.shape.streamed)
+        };
+        let latest_running = streamed()
             .filter(|request| request.first_chunk_at.is_some())
             .map(|request| request.sent_at)
             .max();
         let (mut running, mut waiting, mut young) = (0u32, 0u32, 0u32);
         // The longest time a request without a first chunk may be young.
         let mut window = Duration::ZERO;
-        for request in self.in_flight.values() {
+        for request in streamed() {
             if request.first_chunk_at.is_some() {
                 running += 1;
                 continue;

@@ -26,8 +26,14 @@ fn controller() -> Controller {
     Controller::new(ControllerConfig::with_defaults(), Duration::ZERO).unwrap()
 }
 
-/// Polls at `now` and, if told to send, sends; returns the ticket.
+/// Polls at `now` and, if told to send, sends (asking for a streamed answer); returns the
+/// ticket.
 fn try_send(controller: &mut Controller, now: Duration) -> Option<Ticket> {
+    try_send_as(controller, now, true)
+}
+
+/// `try_send`, the request sent `streamed` or not.
+fn try_send_as(controller: &mut Controller, now: Duration, streamed: bool) -> Option<Ticket> {
     let in_flight = controller.in_flight.len();
     match controller.poll(now, load(in_flight)) {
         Decision::Send {
@@ -38,6 +44,7 @@ fn try_send(controller: &mut Controller, now: Duration) -> Option<Ticket> {
                 prompt_tokens: 1000,
                 max_tokens,
                 retried_items: 0,
+                streamed,
             };
             Some(controller.on_sent(now, shape))
         }
@@ -630,6 +637,7 @@ fn the_requests_of_a_burst_are_timed_for_the_requests_beside_them() {
                     prompt_tokens: 1000,
                     max_tokens,
                     retried_items: 0,
+                    streamed: false,
                 },
             );
         }
@@ -710,6 +718,7 @@ fn requests_shrink_toward_the_end_of_the_queue_on_an_announced_rate() {
             prompt_tokens: 400 + 150 * items,
             max_tokens: 80 * items,
             retried_items: 0,
+            streamed: false,
         };
         let ticket = controller.on_sent(now, shape);
         let noise = 0.8 + 0.4 * f64::from(step % 5) / 4.0;
@@ -986,6 +995,7 @@ fn a_size_every_request_of_which_outlasts_a_shortened_timeout_is_found_too_large
                 prompt_tokens: 1000,
                 max_tokens: 700,
                 retried_items: 0,
+                streamed: false,
             },
         );
         timeouts.push(timeout.as_secs());
@@ -1317,6 +1327,138 @@ fn first_chunks_at_the_end_of_each_answer_or_none_change_nothing() {
     let (limit, slots, sent) = run(true);
     assert_eq!((limit, slots), (4, None));
     assert_eq!((limit, slots, sent), run(false));
+}
+
+#[test]
+fn requests_sent_unstreamed_are_never_read_as_waiting() {
+    // The start of the test above, the runner having stopped streaming after the first three
+    // requests: the last two, unstreamed, never have a first chunk. The first chunks are
+    // trusted still (the answer streamed), but only the streamed requests are read: two
+    // running, none waiting, and the level does not move.
+    let mut controller = controller();
+    let mut tickets = Vec::new();
+    let mut at = 0.0;
+    while at < 1.0 {
+        tickets.extend(try_send_as(&mut controller, seconds(at), tickets.len() < 3));
+        at += 0.01;
+    }
+    assert_eq!(tickets.len(), 5);
+    for ticket in &tickets[..2] {
+        first_chunk_after(&mut controller, *ticket, 0.3);
+    }
+    finish(
+        &mut controller,
+        seconds(1.0),
+        tickets[0],
+        completed(1),
+        RateLimitInfo::default(),
+    );
+    controller.on_first_chunk(seconds(1.3), tickets[2]);
+    assert!(controller.reads_first_chunks());
+    assert_eq!(
+        controller.first_chunk_reading(seconds(2.5)),
+        ServerQueue {
+            running: 2,
+            waiting: 0
+        }
+    );
+    for at in [1.0, 2.0, 3.0, 4.0] {
+        assert_eq!(try_send(&mut controller, seconds(at)), None);
+    }
+    assert_eq!(controller.delay.limit(), 4);
+    assert_eq!(controller.status().server_slots, None);
+}
+
+#[test]
+fn a_reading_of_fewer_than_half_of_our_requests_streamed_is_not_followed() {
+    // Two slots; of the four requests in flight after the first answer, one streamed and
+    // running, one streamed and waiting, two unstreamed (a quarter of ours waiting, a quarter
+    // running): the level does not move.
+    let mut controller = controller();
+    let mut tickets = Vec::new();
+    let mut at = 0.0;
+    while at < 1.0 {
+        tickets.extend(try_send_as(&mut controller, seconds(at), tickets.len() < 2));
+        at += 0.01;
+    }
+    assert_eq!(tickets.len(), 5);
+    first_chunk_after(&mut controller, tickets[0], 0.3);
+    first_chunk_after(&mut controller, tickets[1], 0.3);
+    finish(
+        &mut controller,
+        seconds(1.0),
+        tickets[0],
+        completed(1),
+        RateLimitInfo::default(),
+    );
+    assert!(controller.reads_first_chunks());
+    for at in [2.0, 3.0, 4.0] {
+        assert_eq!(try_send(&mut controller, seconds(at)), None);
+    }
+    assert_eq!(controller.delay.limit(), 4);
+    assert_eq!(controller.status().server_slots, None);
+}
+
+#[test]
+fn streaming_stopped_stops_reading_first_chunks_until_answers_stream_again() {
+    // The start that holds the level at two (`requests_without_a_first_chunk_past_…`), the
+    // runner stopping streaming right after the first answer: nothing is read any more.
+    let mut controller = controller();
+    let tickets = streamed_start(&mut controller, 2);
+    assert!(controller.reads_first_chunks());
+    controller.streaming_stopped();
+    assert!(!controller.reads_first_chunks());
+    controller.on_first_chunk(seconds(1.3), tickets[2]);
+    for at in [1.0, 2.0, 3.0, 4.0] {
+        assert_eq!(try_send(&mut controller, seconds(at)), None);
+    }
+    assert_eq!(controller.delay.limit(), 4);
+    assert_eq!(controller.status().server_slots, None);
+    // A streamed answer with its first chunk clearly before its end trusts them again.
+    finish(
+        &mut controller,
+        seconds(4.5),
+        tickets[1],
+        completed(10),
+        RateLimitInfo::default(),
+    );
+    assert!(controller.reads_first_chunks());
+}
+
+#[test]
+fn a_burst_prefilled_one_after_another_is_not_read_as_waiting() {
+    // llama.cpp or Ollama on a CPU prefills pending prompts one after another, 1.5 s each:
+    // the start's small request and four, sent together, stream their first chunks 1 to 5
+    // prefills after their send, none of ours having ended in between: none waited for a
+    // slot, and all are taken into the reference, the late ones too (past 3 × 1.5 s they
+    // would be left out). Once the first answer trusts the first chunks, the four are read
+    // running, none waiting: no hold below four, and slow start doubles.
+    let prefill = 1.5;
+    let mut controller = controller();
+    let start = send_over(&mut controller, 0.0, 1.0);
+    assert_eq!(start.len(), 5);
+    for (k, ticket) in start.iter().enumerate() {
+        first_chunk_after(&mut controller, *ticket, prefill * (k + 1) as f64);
+    }
+    finish(
+        &mut controller,
+        seconds(8.5),
+        start[0],
+        completed(1),
+        RateLimitInfo::default(),
+    );
+    // The quarter quantile of 1.5, 3, 4.5, 6 and 7.5 s.
+    assert_eq!(controller.first_chunks.reference(1000), Some(seconds(3.0)));
+    assert_eq!(
+        controller.first_chunk_reading(seconds(8.5)),
+        ServerQueue {
+            running: 4,
+            waiting: 0
+        }
+    );
+    try_send(&mut controller, seconds(8.5));
+    assert_eq!(controller.delay.limit(), 8);
+    assert_eq!(controller.status().server_slots, None);
 }
 
 #[test]

@@ -20,9 +20,17 @@
 //!   carry the present load (a continuous-batching server prefills slower the more it
 //!   runs); a low quantile leaves out the ones that waited; the margin covers a doubling's
 //!   slower prefill on top of the noise. A first chunk that came past that threshold waited
-//!   in the queue and is not taken in. And a request sent before one of ours that already
-//!   streamed (by more than the reference) is not waiting: a queue is served in order, so it
-//!   is hung or lost, not queued.
+//!   in the queue and is not taken in, unless no answer of ours ended between its request's
+//!   send and it: with only our requests on the server a queued request gets a slot only when
+//!   one of ours ends, so that one waited for none (it was prefilled behind the others of a
+//!   burst, one after another as llama.cpp and Ollama do on a CPU, or in a cold slot). And a
+//!   request sent before one of ours that already streamed (by more than the reference) is
+//!   not waiting: a queue is served in order, so it is hung or lost, not queued.
+//! - **Streamed.** Only requests sent asking for a streamed answer (`RequestShape::streamed`)
+//!   are read as running or waiting: one sent unstreamed never has a first chunk. A reading
+//!   where fewer than half of our requests in flight were streamed is not followed (as gauges
+//!   that count fewer than half of our requests are not). When the caller stops streaming
+//!   (`Controller::streaming_stopped`) the trust is dropped until answers stream again.
 //! - **Handovers.** An answer's end frees a slot that a request without a first chunk takes
 //!   and prefills: until a first chunk comes (or the threshold passes) it counts running.
 
@@ -55,18 +63,26 @@ pub(crate) struct FirstChunks {
     pub last_reading: Option<Duration>,
     /// When answers ended whose slot no first chunk has come from since (the oldest first).
     handovers: VecDeque<Duration>,
+    /// When the last request of ours ended (however it ended).
+    last_end: Option<Duration>,
 }
 
 impl FirstChunks {
-    /// A request's first chunk came `after` its send; its prompt had `prompt_tokens`. One that
-    /// came later than `waiting_after` had waited in the queue: it tells nothing of the
-    /// prefill (were it kept, a queue's waits would soon be the reference, and no request
-    /// would be found waiting any more).
-    pub fn record_first_chunk(&mut self, after: Duration, prompt_tokens: u32) {
+    /// A request sent at `sent_at` streamed its first chunk at `now`; its prompt had
+    /// `prompt_tokens`. One that came later than `waiting_after` after a request of ours ended
+    /// since the send may have waited in the queue for the slot that end freed: it tells
+    /// nothing of the prefill (were it kept, a queue's waits would soon be the reference, and
+    /// no request would be found waiting any more). One that no end preceded waited for no
+    /// slot (with only ours on the server, a queued request gets one only when one of ours
+    /// ends): however late, it is the prefill's time at the present load, and is taken in.
+    pub fn record_first_chunk(&mut self, sent_at: Duration, now: Duration, prompt_tokens: u32) {
         self.handovers.pop_front();
-        if self
-            .waiting_after(prompt_tokens)
-            .is_some_and(|waiting_after| after > waiting_after)
+        let after = now.saturating_sub(sent_at);
+        let slot_freed_since = self.last_end.is_some_and(|end| end > sent_at);
+        if slot_freed_since
+            && self
+                .waiting_after(prompt_tokens)
+                .is_some_and(|waiting_after| after > waiting_after)
         {
             return;
         }
@@ -93,6 +109,17 @@ impl FirstChunks {
         }
         self.answers
             .push_back((latency, first_chunk.map(|at| latency.saturating_sub(at))));
+    }
+
+    /// A request of ours ended at `now` (answered or not): a slot it held is free.
+    pub fn record_end(&mut self, now: Duration) {
+        self.last_end = Some(self.last_end.map_or(now, |end| end.max(now)));
+    }
+
+    /// The caller stopped asking for streamed answers: the first chunks are not trusted until
+    /// answers stream theirs clearly before their end again.
+    pub fn streaming_stopped(&mut self) {
+        self.answers.clear();
     }
 
     /// Whether the first chunks are a real signal: the last answers all streamed theirs
@@ -180,21 +207,66 @@ mod tests {
     fn the_reference_is_a_low_quantile_scaled_up_to_larger_prompts() {
         let mut chunks = FirstChunks::default();
         assert_eq!(chunks.reference(1000), None);
-        chunks.record_first_chunk(s(0.2), 500);
+        chunks.record_first_chunk(Duration::ZERO, s(0.2), 500);
         // Twice the prompt: twice the prefill; a smaller one is not taken as faster.
         assert_eq!(chunks.reference(1000), Some(s(0.4)));
         assert_eq!(chunks.reference(100), Some(s(0.2)));
         for after in [0.3, 0.35, 0.7, 0.8] {
-            chunks.record_first_chunk(s(after), 1000);
+            chunks.record_first_chunk(Duration::ZERO, s(after), 1000);
         }
         // The quarter quantile of 0.3, 0.35, 0.4 (scaled), 0.7 and 0.8.
         assert_eq!(chunks.reference(1000), Some(s(0.35)));
-        // A first chunk past three times that waited in a queue: not taken in.
-        chunks.record_first_chunk(s(1.2), 1000);
+        // A first chunk past three times that, one of ours having ended since its send, may
+        // have waited in a queue for the slot that end freed: not taken in.
+        chunks.record_end(s(0.5));
+        chunks.record_first_chunk(Duration::ZERO, s(1.2), 1000);
         assert_eq!(chunks.recent.len(), 5);
         assert_eq!(
             chunks.waiting_after(1000),
             Some(s(0.35).mul_f64(WAITING_MARGIN))
         );
+    }
+
+    #[test]
+    fn a_late_first_chunk_that_no_end_of_ours_preceded_is_taken_into_the_reference() {
+        // A burst of eight sent at 10 s to a server that prefills one prompt after another
+        // (llama.cpp or Ollama on a CPU): the k-th first chunk comes k prefills of 0.5 s after
+        // the send, none of ours having ended since (the last ended at 10 s, as they were
+        // sent): none waited for a slot, all are taken in, and the reference moves up.
+        let mut chunks = FirstChunks::default();
+        chunks.record_first_chunk(s(0.0), s(0.5), 1000);
+        chunks.record_end(s(10.0));
+        for k in 1..=8 {
+            chunks.record_first_chunk(s(10.0), s(10.0 + 0.5 * f64::from(k)), 1000);
+        }
+        assert_eq!(chunks.recent.len(), 9);
+        // The quarter quantile of 0.5, 0.5, 1.0, 1.5, ..., 4.0.
+        assert_eq!(chunks.reference(1000), Some(s(1.0)));
+        // The same first chunks after an end in between are left out past the threshold.
+        let mut chunks = FirstChunks::default();
+        chunks.record_first_chunk(s(0.0), s(0.5), 1000);
+        chunks.record_end(s(10.2));
+        for k in 1..=8 {
+            chunks.record_first_chunk(s(10.0), s(10.0 + 0.5 * f64::from(k)), 1000);
+        }
+        assert_eq!(
+            chunks.recent.len(),
+            4,
+            "0.5, then 0.5, 1.0 and 1.5 (at most 3 × 0.5)"
+        );
+        assert_eq!(chunks.reference(1000), Some(s(0.5)));
+    }
+
+    #[test]
+    fn streaming_stopped_drops_the_trust_until_answers_stream_again() {
+        let mut chunks = FirstChunks::default();
+        for _ in 0..TRUST_ANSWERS {
+            chunks.record_answer(Duration::ZERO, s(3.0), Some(s(0.3)));
+        }
+        assert!(chunks.trusted());
+        chunks.streaming_stopped();
+        assert!(!chunks.trusted());
+        chunks.record_answer(Duration::ZERO, s(3.0), Some(s(0.3)));
+        assert!(chunks.trusted());
     }
 }

@@ -17,7 +17,7 @@
 //! let now = Duration::ZERO;
 //! match controller.poll(now, PipelineLoad { in_flight: 0, queued_items: 100 }) {
 //!     Decision::Send { items, max_tokens, .. } => {
-//!         let shape = RequestShape { items, prompt_tokens: 900, max_tokens, retried_items: 0 };
+//!         let shape = RequestShape { items, prompt_tokens: 900, max_tokens, retried_items: 0, streamed: false };
 //!         let ticket = controller.on_sent(now, shape);
 //!         // ... the request runs; when it ends:
 //!         let completed = CompletedRequest {

@@ -40,6 +40,10 @@ pub struct RequestShape {
     pub max_tokens: u32,
     /// How many of the items were attempted before (for the retry count).
     pub retried_items: u32,
+    /// Sent asking for a streamed answer: its first chunk will be told (`on_first_chunk`).
+    /// Only such requests are read as running or waiting from their first chunks.
+    #[serde(default)]
+    pub streamed: bool,
 }
 
 /// What a self-hosted server's own gauges say of its load at one moment (vLLM's

@@ -256,6 +256,8 @@ pub fn simulate(scenario: &Scenario, policy: &mut dyn DispatchPolicy) -> RunLog 
                         prompt_tokens,
                         max_tokens,
                         retried_items,
+                        // Asked as a stream (behind a buffering proxy too).
+                        streamed: scenario.provider.streams,
                     };
                     let ticket = policy.on_sent(Duration::from_secs_f64(now), shape);
                     let answer = provider.submit(now, take as u32, prompt_tokens, max_tokens);

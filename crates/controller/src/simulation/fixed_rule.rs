@@ -154,6 +154,7 @@ mod tests {
                 prompt_tokens: 100,
                 max_tokens,
                 retried_items: 0,
+                streamed: false,
             };
             tickets.push(rule.on_sent(start, shape));
         }
