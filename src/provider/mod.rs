@@ -100,27 +100,44 @@ impl ChatClient {
     /// the answer never streams. Cut after `timeout` overall, like `send`.
     ///
     /// An error status, or a 2xx that is not `text/event-stream` (a server or proxy that ignored
-    /// `stream`), is read and classified exactly as `send` does (`Delivery::Whole`). A stream is
-    /// read event by event, its total size held to `max_response_bytes`, and folded back into the
-    /// body an unstreamed answer would have had (`Answer.body`, for the cache and audit), which is
-    /// parsed as `send` parses one.
+    /// `stream`), is read and classified exactly as `send` does (`Delivery::Whole`), unless that
+    /// 2xx body is an SSE stream all the same (it starts with `data:`, maybe after `:` comments: a
+    /// mislabelled stream), which is then folded as one (`Delivery::Streamed`, its first chunk at
+    /// the end of the call since it was not read as it came). A stream is read event by event and
+    /// folded back into the body an unstreamed answer would have had (`Answer.body`, for the cache
+    /// and audit), which is parsed as `send` parses one; that body is held to
+    /// `max_response_bytes`, as an unstreamed one is, and the bytes of the stream (many times
+    /// more per token) to `RAW_FACTOR` times it. After `data: [DONE]`, the rest of the body is
+    /// read and dropped (for at most `DRAIN_TIME`, within `timeout`) so that the connection can
+    /// be reused; nothing there fails the call.
     pub async fn send_streamed(&self, body: &[u8], timeout: Duration, first_chunk: oneshot::Sender<Instant>) -> Result<Answer, CallError> {
         let started = Instant::now();
         let limit = self.max_response_bytes;
         let exchange = async {
             let response = self.post(stream::streamed_body(body)).await?;
             let status = response.status().as_u16();
-            if !(200..300).contains(&status) || !stream::is_event_stream(response.headers()) {
+            if !(200..300).contains(&status) {
                 return Ok(Reply::Whole(read_whole(response, limit).await?));
             }
+            if !stream::is_event_stream(response.headers()) {
+                let whole = read_whole(response, limit).await?;
+                if !stream::looks_like_sse(&whole.text) {
+                    return Ok(Reply::Whole(whole));
+                }
+                let text = fold_sse(&whole.text, status, limit)?;
+                return Ok(Reply::Streamed(Whole { text, ..whole }, None, None));
+            }
             let headers = keep_headers(response.headers());
-            let (text, first) = read_stream(response, status, limit, first_chunk).await?;
-            Ok(Reply::Streamed(Whole { status, headers, text }, first))
+            let streamed = read_stream(response, status, limit, first_chunk).await?;
+            Ok(Reply::Streamed(Whole { status, headers, text: streamed.text }, streamed.first, streamed.rest))
         };
         match within(timeout, exchange).await? {
             Reply::Whole(whole) => whole.into_answer(started.elapsed()),
-            Reply::Streamed(whole, first) => {
+            Reply::Streamed(whole, first, rest) => {
                 let latency = started.elapsed();
+                if let Some(rest) = rest {
+                    let _ = tokio::time::timeout(DRAIN_TIME.min(timeout.saturating_sub(latency)), rest.drain()).await;
+                }
                 // A stream with no chunk carrying text (usage alone) had its first one at its end.
                 let first_chunk = first.map_or(latency, |at| at.saturating_duration_since(started));
                 whole.completed(latency, Delivery::Streamed { first_chunk })
@@ -146,8 +163,9 @@ impl ChatClient {
 enum Reply {
     /// A plain body (an error, or a server that ignored `stream`).
     Whole(Whole),
-    /// An SSE stream, its body rebuilt unstreamed, and when its first chunk with text came.
-    Streamed(Whole, Option<Instant>),
+    /// An SSE stream, its body rebuilt unstreamed, when its first chunk with text came, and
+    /// what is left of its body after `data: [DONE]`.
+    Streamed(Whole, Option<Instant>, Option<Rest>),
 }
 
 /// A response's status, kept headers and body.
@@ -200,30 +218,91 @@ async fn read_whole(response: reqwest::Response, limit: u64) -> Result<Whole, Ca
     Ok(Whole { status, headers, text })
 }
 
-/// Reads an SSE answer chunk by chunk up to `limit` bytes in all, sending `first_chunk` the moment
-/// the first event with a choice arrived, until `data: [DONE]` or the end of the body; returns the
-/// rebuilt unstreamed body and that moment. A connection dropped mid-body is the transport error
-/// `send` would give; a stream the server failed, or that is no answer, is `BadOutput` with the
-/// bytes received as its body.
+/// How many times `max_response_bytes` the raw bytes of a stream may take: a streamed chunk
+/// costs some 150 to 300 bytes per token (more with OpenAI's `obfuscation`), the folded answer
+/// some 4.
+const RAW_FACTOR: u64 = 64;
+
+/// How much of a stream's raw bytes is kept for a failed call's body (`BadOutput`).
+const ERROR_BODY_BYTES: usize = 64 << 10;
+
+/// How long the rest of a body after `data: [DONE]` is read at most.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// A stream read: the rebuilt unstreamed body, when its first chunk with text came, and what is
+/// left of its body after `data: [DONE]`.
+struct Streamed {
+    text: String,
+    first: Option<Instant>,
+    rest: Option<Rest>,
+}
+
+/// A response whose answer is read (up to `data: [DONE]`), the rest of its body unread, and how
+/// many more bytes may be read of it.
+struct Rest {
+    response: reqwest::Response,
+    budget: usize,
+}
+
+impl Rest {
+    /// Reads the rest of the body and drops it, so that the connection goes back to the pool;
+    /// gives up (dropping the connection) past the budget or on an error.
+    async fn drain(mut self) {
+        while let Ok(Some(chunk)) = self.response.chunk().await {
+            match self.budget.checked_sub(chunk.len()) {
+                Some(budget) => self.budget = budget,
+                None => return,
+            }
+        }
+    }
+}
+
+/// The rebuilt unstreamed body of an SSE stream read whole (`text`, a 2xx of status `status`),
+/// held to `limit`; a stream that is no answer is `BadOutput` with `text` as its body.
+fn fold_sse(text: &str, status: u16, limit: u64) -> Result<String, CallError> {
+    let bad = |reason: String| CallError::BadOutput { reason, status, body: text.to_owned() };
+    let mut reader = stream::StreamReader::default();
+    reader.feed(text.as_bytes()).map_err(bad)?;
+    let rebuilt = reader.finish().map_err(bad)?;
+    if rebuilt.len() as u64 > limit {
+        return Err(CallError::TooLarge { limit, status });
+    }
+    Ok(rebuilt)
+}
+
+/// Reads an SSE answer chunk by chunk, sending `first_chunk` the moment the first event with a
+/// choice arrived, until `data: [DONE]` or the end of the body; returns the rebuilt unstreamed
+/// body, that moment, and the rest of the body after `[DONE]`. The rebuilt body is held to
+/// `limit` (as an unstreamed one is), the bytes read to `RAW_FACTOR` times it: past either, the
+/// call is `TooLarge`. A connection dropped mid-body is the transport error `send` would give; a
+/// stream the server failed, or that is no answer, is `BadOutput` with the first
+/// `ERROR_BODY_BYTES` received as its body.
 async fn read_stream(
     mut response: reqwest::Response,
     status: u16,
     limit: u64,
     first_chunk: oneshot::Sender<Instant>,
-) -> Result<(String, Option<Instant>), CallError> {
+) -> Result<Streamed, CallError> {
     let max = usize::try_from(limit).unwrap_or(usize::MAX);
+    let raw_max = usize::try_from(limit.saturating_mul(RAW_FACTOR)).unwrap_or(usize::MAX);
+    let too_large = || CallError::TooLarge { limit, status };
     let mut reader = stream::StreamReader::default();
     let mut received = Vec::new();
     let mut first_chunk = Some(first_chunk);
     let mut first = None;
     let bad = |reason: String, received: &[u8]| CallError::BadOutput { reason, status, body: String::from_utf8_lossy(received).into_owned() };
-    while let Some(chunk) = response.chunk().await.map_err(|e| CallError::from_transport(&e))? {
+    let rest = loop {
+        let Some(chunk) = response.chunk().await.map_err(|e| CallError::from_transport(&e))? else { break None };
         let arrived = Instant::now();
-        if reader.read + chunk.len() > max {
-            return Err(CallError::TooLarge { limit, status });
+        if reader.read.saturating_add(chunk.len()) > raw_max {
+            return Err(too_large());
         }
-        received.extend_from_slice(&chunk);
+        let room = ERROR_BODY_BYTES.saturating_sub(received.len()).min(chunk.len());
+        received.extend_from_slice(&chunk[..room]);
         let fed = reader.feed(&chunk).map_err(|reason| bad(reason, &received))?;
+        if reader.rebuilt_len() > max {
+            return Err(too_large());
+        }
         if fed.first_choice {
             first = Some(arrived);
             if let Some(sender) = first_chunk.take() {
@@ -232,11 +311,14 @@ async fn read_stream(
             }
         }
         if fed.done {
-            break;
+            break Some(Rest { budget: raw_max - reader.read, response });
         }
-    }
+    };
     let text = reader.finish().map_err(|reason| bad(reason, &received))?;
-    Ok((text, first))
+    if text.len() > max {
+        return Err(too_large());
+    }
+    Ok(Streamed { text, first, rest })
 }
 
 /// A body read up to a limit.
