@@ -123,9 +123,10 @@ impl BatchSettings {
 /// server's queue are seen while they wait; the answer itself is the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Streaming {
-    /// Streamed once the first answers show a server that announces no rate limits (llama.cpp,
-    /// vLLM, Ollama, most proxies), and not again in the run once a streamed answer comes without
-    /// its token counts.
+    /// Streamed against a server at a local or private address that says neither its slots
+    /// nor its gauges before the run (Ollama, llama-cpp-python's server, a proxy hiding them);
+    /// not again in the run once the provider announces rate limits, streams an answer without
+    /// its token counts, or fails a streamed request before any came whole.
     Auto,
     /// Every request streamed (a streamed answer without token counts is costed at its
     /// reservation).

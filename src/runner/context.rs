@@ -141,6 +141,7 @@ impl RunContext {
             timeout: Duration::ZERO,
             price_column,
             resends: 0,
+            unstreamed_again: false,
         };
         Packed { request, chat, rest }
     }

@@ -68,11 +68,14 @@ async fn run_case_with_server(case: Case, props: Option<Hr>, metrics: Option<Hr>
     run_case_showing(case, shown(props, metrics), script).await
 }
 
-/// `run_case` against a server that answers these `GET`s beside its API itself.
+/// `run_case` against a server that answers these `GET`s beside its API itself. The server
+/// stands for a hosted API: its answers are asked for whole unless the case's `[model]` lines
+/// set `stream`.
 async fn run_case_showing(case: Case, shown: Vec<(&'static str, Hr)>, script: impl Fn(&Seen) -> Hr + Send + Sync + 'static) -> Ran {
     let provider = Hostile::start_showing(shown, script).await;
     let fx = Fixture::new(case.rows).await;
-    fx.write_job(&provider.base_url(), case.model, case.limits, "");
+    let model = if case.model.contains("stream") { case.model.to_owned() } else { format!("stream = \"never\"\n{}", case.model) };
+    fx.write_job(&provider.base_url(), &model, case.limits, "");
     let (output, summary) = run_json(&fx, &case.args).await;
     Ran {
         fx,
@@ -1097,11 +1100,17 @@ async fn held_by_a_full_server(shown: Vec<(&'static str, Hr)>, read_at: &str) ->
     ran
 }
 
+/// `many()` against a server at a local address with `model.stream = "auto"`: answers asked
+/// for as streams.
+fn streaming() -> Case {
+    Case { model: "stream = \"auto\"", ..many() }
+}
+
 /// Streamed answers are read event by event into what an unstreamed answer holds: the rows and
 /// the ledger's token counts are the same.
 #[tokio::test]
 async fn streamed_answers_are_read_whole_and_billed_on_their_usage() {
-    let ran = run_case(many(), |seen: &Seen| streamed(&seen.good_content(), true)).await;
+    let ran = run_case(streaming(), |seen: &Seen| streamed(&seen.good_content(), true)).await;
     ran.verdict(0, "finished").await;
     assert_eq!(ran.done().await, 30);
     let seen = ran.provider.seen();
@@ -1115,14 +1124,14 @@ async fn streamed_answers_are_read_whole_and_billed_on_their_usage() {
     assert!(ran.calls().await.iter().all(|c| c.0.as_deref() == Some("ok")), "{:?}", ran.calls().await);
 }
 
-/// A provider that refuses a streamed request (some refuse `stream_options`) gets it again at
-/// once, unstreamed, and the run streams no more; nothing is lost and nothing counts against
+/// A local server that refuses a streamed request (some refuse `stream_options`) gets it again
+/// at once, unstreamed, and the run streams no more; nothing is lost and nothing counts against
 /// the items.
 #[tokio::test]
-async fn a_provider_refusing_streamed_requests_gets_them_again_unstreamed() {
+async fn a_server_refusing_streamed_requests_gets_them_again_unstreamed() {
     let refused = json!({ "error": { "message": "Extra inputs are not permitted: stream_options", "type": "invalid_request_error" } });
-    let ran = run_case(many(), move |seen: &Seen| if seen.stream { Hr::json(422, &refused) } else { good(seen) }).await;
-    ran.verdict(0, "refused a streamed request").await;
+    let ran = run_case(streaming(), move |seen: &Seen| if seen.stream { Hr::json(422, &refused) } else { good(seen) }).await;
+    ran.verdict(0, "a streamed request failed").await;
     assert_eq!(ran.done().await, 30);
     let seen = ran.provider.seen();
     assert_eq!(seen.iter().filter(|s| s.stream).count(), 1, "one streamed request, one at a time");
@@ -1138,9 +1147,24 @@ async fn a_provider_refusing_streamed_requests_gets_them_again_unstreamed() {
 /// unstreamed answer without `usage` is), and the run asks for no more streams.
 #[tokio::test]
 async fn answers_streamed_without_token_counts_end_the_streaming() {
-    let ran = run_case(many(), |seen: &Seen| if seen.stream { streamed(&seen.good_content(), false) } else { good(seen) }).await;
+    let ran = run_case(streaming(), |seen: &Seen| if seen.stream { streamed(&seen.good_content(), false) } else { good(seen) }).await;
     ran.verdict(0, "without their token counts").await;
     assert_eq!(ran.done().await, 30);
     let seen = ran.provider.seen();
     assert!(seen[0].stream && seen[1..].iter().all(|s| !s.stream), "{:?}", seen.iter().map(|s| s.stream).collect::<Vec<_>>());
+}
+
+/// A local server whose streams cannot be read (here: events that are not JSON) before any
+/// streamed answer came whole: the request goes out again unstreamed, the run streams no more,
+/// and the items lose no attempt.
+#[tokio::test]
+async fn a_server_whose_streams_cannot_be_read_gets_its_requests_unstreamed() {
+    let garbled = Hr::new(200, "data: {\"choices\": [oops\n\ndata: [DONE]\n\n").header("content-type", "text/event-stream");
+    let ran = run_case(streaming(), move |seen: &Seen| if seen.stream { garbled.clone() } else { good(seen) }).await;
+    ran.verdict(0, "a streamed request failed").await;
+    assert_eq!(ran.done().await, 30);
+    let seen = ran.provider.seen();
+    assert_eq!(seen.iter().filter(|s| s.stream).count(), 1);
+    assert_eq!(seen.len(), 11);
+    assert_eq!(ran.summary["controller"]["retries"], 0, "{}", ran.summary);
 }

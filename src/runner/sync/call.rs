@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use backfill_controller::{CompletedRequest, Observation, Outcome, RateLimitInfo, Ticket, parse_rate_limit_headers};
 
 use crate::runner::context::RunContext;
+use super::streams::StreamCall;
 use crate::runner::policy::{Setback, jitter};
 use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{Bounds, CallOutcome, CostSource, OutputStatus, answered_cost};
 use crate::pricing::{Picos, Tier};
-use crate::job::Streaming;
 use crate::provider::{CallError, Completion, Delivery, parse_completion};
 use crate::store::{BatchWrite, CallSettle, Claimed, ItemChange, ItemUpdate, OutputRecord, OutputValue, now_ms};
 use crate::pipeline::answers::{Malformed, Validated, validate};
@@ -44,6 +44,8 @@ pub struct Request {
     pub price_column: Tier,
     /// How many times it has gone out again after a 429.
     pub resends: u32,
+    /// It goes out again unstreamed after its streamed send failed: not a retry of its items.
+    pub unstreamed_again: bool,
 }
 
 impl Request {
@@ -61,6 +63,7 @@ impl Request {
             timeout: Duration::ZERO,
             price_column,
             resends: 0,
+            unstreamed_again: false,
         }
     }
 }
@@ -69,9 +72,9 @@ impl Request {
 #[derive(Debug)]
 pub enum Answer {
     /// The provider, now; `cut` is cancelled when the controller cuts the call at the end of
-    /// the queue. With `first_chunks`, the answer is asked for as a stream, and the moment its
-    /// first chunk arrives goes there with the call's ticket.
-    Provider { cut: CancellationToken, first_chunks: Option<FirstChunks> },
+    /// the queue. With `stream`, the answer is asked for as a stream, and the moment its first
+    /// chunk arrives goes to `stream.first_chunks` with the call's ticket.
+    Provider { cut: CancellationToken, stream: Option<StreamCall> },
     /// The response cache: the same request was answered before, and nothing is billed.
     Cached(String),
     /// The response cache, for a call lost in a crash: it was billed.
@@ -91,8 +94,10 @@ pub enum StreamNote {
     Counted,
     /// The answer came streamed without its token counts (`usage`).
     Uncounted,
-    /// The provider refused the streamed request (HTTP 4xx): it goes out again unstreamed.
-    Refused(String),
+    /// The streamed request failed before the server had shown that it streams (a refusal of
+    /// `stream_options`, an error, a stream that could not be read): it goes out again
+    /// unstreamed.
+    Failed(String),
 }
 
 /// A request reserved in the ledger, on its way to an answer.
@@ -150,15 +155,17 @@ pub struct Concluded {
 pub async fn execute(ctx: Arc<RunContext>, call: Call) -> Concluded {
     let started = Instant::now();
     let request = &call.request;
-    let streamed = matches!(&call.answer, Answer::Provider { first_chunks: Some(_), .. });
+    let fall_back = matches!(&call.answer, Answer::Provider { stream: Some(StreamCall { fall_back: true, .. }), .. });
+    let streamed = matches!(&call.answer, Answer::Provider { stream: Some(_), .. });
+    let first_came = std::sync::atomic::AtomicBool::new(false);
     let mut note = None;
     let outcome = match &call.answer {
         Answer::Cached(body) | Answer::Replayed(body) => parse_completion(body)
             .map(|completion| (completion, Vec::new()))
             .map_err(|reason| CallError::BadOutput { reason, status: 200, body: body.clone() }),
         Answer::Batch => unreachable!("a provider batch's results are concluded by the batch engine"),
-        Answer::Provider { cut, first_chunks } => match tokio::select! {
-            sent = send(&ctx, request, call.ticket, first_chunks.as_ref()) => sent,
+        Answer::Provider { cut, stream } => match tokio::select! {
+            sent = send(&ctx, request, call.ticket, stream.as_ref().map(|s| &s.first_chunks), &first_came) => sent,
             _ = cut.cancelled() => Err(CallError::Timeout { after: started.elapsed() }),
         } {
             Ok(answer) => {
@@ -175,22 +182,31 @@ pub async fn execute(ctx: Arc<RunContext>, call: Call) -> Concluded {
         },
     };
     let latency = started.elapsed();
-    if streamed
-        && ctx.chat.stream == Streaming::Auto
-        && let Err(refusal @ CallError::Rejected { .. }) = &outcome
+    if fall_back
+        && let Err(failure) = &outcome
+        && !matches!(failure, CallError::RateLimited(_) | CallError::Timeout { .. } | CallError::Fatal { .. } | CallError::Redirected { .. })
+        && !matches!(failure, CallError::Transient { status: None, message, .. } if message.starts_with("cannot connect"))
     {
-        return refused_stream(&ctx, call, refusal, latency);
+        return failed_stream(&ctx, call, failure, latency);
     }
+    // A stream cut short or gone wrong after its first chunk: the server worked on it and may
+    // bill it.
+    let cut_short = streamed && first_came.load(std::sync::atomic::Ordering::Relaxed) && matches!(outcome, Err(CallError::BadOutput { .. }));
     let mut concluded = conclude(&ctx, call, outcome, latency);
     concluded.stream = note;
+    if cut_short {
+        concluded.write.settle.lost = true;
+    }
     concluded
 }
 
-/// A streamed request the provider refused (HTTP 4xx; some refuse `stream_options`, or
-/// streaming itself): settled as refused, billed nothing, and sent again unstreamed at once,
-/// its items still leased; the dispatcher streams no more.
-fn refused_stream(ctx: &RunContext, call: Call, refusal: &CallError, latency: Duration) -> Concluded {
-    let Call { call_id, ticket, estimate, request, .. } = call;
+/// A streamed request that failed before the server had shown that it streams (some refuse
+/// `stream_options` or streaming itself, some send streams that cannot be read): settled with
+/// its failure, billed nothing, and sent again unstreamed at once, its items still leased and
+/// their attempts untouched; the dispatcher streams no more.
+fn failed_stream(ctx: &RunContext, call: Call, refusal: &CallError, latency: Duration) -> Concluded {
+    let Call { call_id, ticket, estimate, mut request, .. } = call;
+    request.unstreamed_again = true;
     let settle = CallSettle {
         latency_ms: Some(latency.as_millis() as i64),
         http_status: refusal.http_status(),
@@ -206,7 +222,7 @@ fn refused_stream(ctx: &RunContext, call: Call, refusal: &CallError, latency: Du
         estimate,
         drop_cache: None,
         resend: Some((Duration::ZERO, request)),
-        stream: Some(StreamNote::Refused(refusal.to_string())),
+        stream: Some(StreamNote::Failed(refusal.to_string())),
     }
 }
 
@@ -217,14 +233,18 @@ async fn send(
     request: &Request,
     ticket: Option<Ticket>,
     first_chunks: Option<&FirstChunks>,
+    first_came: &std::sync::atomic::AtomicBool,
 ) -> Result<crate::provider::Answer, CallError> {
     let Some(first_chunks) = first_chunks else {
         return ctx.client.send(&request.body, request.timeout).await;
     };
     let (first, arrived) = tokio::sync::oneshot::channel();
     let forward = async {
-        if let (Ok(at), Some(ticket)) = (arrived.await, ticket) {
-            let _ = first_chunks.send((ticket, at));
+        if let Ok(at) = arrived.await {
+            first_came.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(ticket) = ticket {
+                let _ = first_chunks.send((ticket, at));
+            }
         }
     };
     let (sent, ()) = tokio::join!(ctx.client.send_streamed(&request.body, request.timeout, first), forward);

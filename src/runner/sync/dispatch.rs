@@ -116,7 +116,7 @@ impl Dispatcher {
     ) -> Self {
         let shared_rate = SharedRate::new(ctx.store.as_ref(), &ctx.chat, &ctx.limits);
         let breaker = Breaker::new(ctx.limits.outage_window);
-        let streams = Streams::new(ctx.chat.stream, ctx.gauges.is_some());
+        let streams = Streams::new(ctx.chat.stream, &ctx.chat.base_url, ctx.gauges.is_some() || ctx.server.is_some());
         Dispatcher {
             ctx,
             controller,
@@ -312,9 +312,14 @@ impl Dispatcher {
             self.resends.push(at, request);
             return Ok(Some(Dispatched::Paced(wait)));
         }
-        self.progress.retries.fetch_add(request.claimed.len() as u64, Ordering::Relaxed);
         self.shared_rate.packed(request.claimed.len(), request.prompt_tokens, request.prompt_tokens + u64::from(request.max_tokens));
-        request.resends += 1;
+        if request.unstreamed_again {
+            // Its streamed send failed on the stream, not on the items: not a retry.
+            request.unstreamed_again = false;
+        } else {
+            self.progress.retries.fetch_add(request.claimed.len() as u64, Ordering::Relaxed);
+            request.resends += 1;
+        }
         // The timeout of now, not the one it first went out with: the controller judges a
         // timeout by what it gives a request of that size now.
         request.timeout = self.controller.timeout_with_queue(request.claimed.len() as u32, self.tasks.len());
@@ -350,6 +355,7 @@ impl Dispatcher {
         } else {
             self.shared_rate.sent();
         }
+        let stream = if cached.is_none() { self.streams.for_call() } else { None };
         let ticket = cached.is_none().then(|| {
             let claimed = &request.claimed;
             self.controller.on_sent(
@@ -358,6 +364,7 @@ impl Dispatcher {
                     items: claimed.len() as u32,
                     prompt_tokens: request.prompt_tokens.min(u64::from(u32::MAX)) as u32,
                     max_tokens: request.max_tokens,
+                    streamed: stream.is_some(),
                     retried_items: if request.resends > 0 {
                         claimed.len() as u32
                     } else {
@@ -375,7 +382,7 @@ impl Dispatcher {
                 if let Some(ticket) = ticket {
                     self.cuts.insert(ticket, cut.clone());
                 }
-                Answer::Provider { cut, first_chunks: self.streams.for_call() }
+                Answer::Provider { cut, stream }
             }
         };
         self.tasks.spawn(execute(ctx, Call { call_id, ticket, estimate: call.estimated, answer, request }));
@@ -412,7 +419,9 @@ impl Dispatcher {
         };
         let mut concluded = concluded;
         self.take_first_chunks();
-        self.streams.observe(concluded.stream.as_ref(), &concluded.observation.rate_limits);
+        if self.streams.observe(concluded.stream.as_ref(), &concluded.observation.rate_limits) {
+            self.controller.streaming_stopped();
+        }
         if let Some((after, request)) = concluded.resend.take() {
             self.resends.push(self.now() + after, request);
         }
