@@ -37,6 +37,11 @@
 #                                             # fresh server: a new
 #                                             # run that starts where the job's last run on
 #                                             # that server settled
+#   WHOLE=1 NO_TIMINGS=1 SLOTS="2 16" scripts/bench-llama.sh
+#                                             # the adaptive client also once with its answers
+#                                             # asked for whole (client `whole`, model.stream =
+#                                             # "never"), against a fresh server: what the
+#                                             # streamed answers' first chunks change
 #   BACKFILL_BIN=/path/to/backfill scripts/bench-llama.sh   # another build of backfill
 #   KEEP=/tmp/runs RUST_LOG=backfill_controller=debug scripts/bench-llama.sh
 #                                             # keeps every run's job, database (its calls in
@@ -109,6 +114,7 @@ column = "explanation"
 template = "$WORK/prompt.md"
 [model]
 base_url = "http://127.0.0.1:$CLIENT_PORT/v1"
+${MODEL_EXTRA:-}
 name = "smollm2-135m"
 structured_output = "json_object_schema"
 max_output_tokens_per_item = 60
@@ -190,6 +196,10 @@ for slots in $SLOTS; do
     if [ -n "${AGAIN:-}" ]; then
       fresh_server "$slots"
       run "$slots" again "" "$LAST_DIR" >>"$results"
+    fi
+    if [ -n "${WHOLE:-}" ]; then
+      fresh_server "$slots"
+      MODEL_EXTRA='stream = "never"' run "$slots" whole "" >>"$results"
     fi
     fresh_server "$slots"
     run "$slots" fixed "concurrency = { start = $slots, min = $slots, max = $slots }" >>"$results"

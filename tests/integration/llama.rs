@@ -232,7 +232,11 @@ async fn run_at_the_servers_own_pace(url: &str, name: &str, said: Said) {
         Said::Props(slots) | Said::Gauges(slots) => Some(slots),
         Said::Time | Said::FirstChunks => None,
     };
-    assert_eq!(summary["controller"]["server_slots"].as_u64(), slots, "{summary}");
+    match said {
+        // Requests seen waiting for a slot show the most that ran at once: at most the two.
+        Said::FirstChunks => assert!(summary["controller"]["server_slots"].as_u64().is_none_or(|s| s <= 2), "{summary}"),
+        _ => assert_eq!(summary["controller"]["server_slots"].as_u64(), slots, "{summary}"),
+    }
     if let Said::Props(slots) = said {
         let told = format!("works on {slots} requests at once (GET /props)");
         assert!(stderr(&output).contains(&told), "{}", stderr(&output));
