@@ -91,8 +91,8 @@ pub struct ControllerSummary {
     pub first_chunk_answers: u64,
     /// The requests the server said it works on at once before the run (llama.cpp's
     /// `GET /props`), which the run started at within `[limits] concurrency`, or that its
-    /// gauges (`GET /metrics`, `GET /v1/loads`) showed running while requests waited; `null`
-    /// when neither said.
+    /// gauges (`GET /metrics`, `GET /v1/loads`) or the run's streamed answers showed running
+    /// while requests waited; `null` when none said.
     pub server_slots: Option<u32>,
     /// Items sent again after a failed attempt (missing, invalid or rejected answers, errors,
     /// timeouts, hedges) or in a request re-sent after a 429.

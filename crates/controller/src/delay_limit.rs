@@ -378,7 +378,7 @@ impl DelayLimit {
         tracing::debug!(
             level = self.limit(),
             to = target,
-            "the server's gauges show requests waiting: limit to its slots"
+            "requests wait for a slot (the server's gauges, or our first chunks): limit to its slots"
         );
         let latency_s = self
             .reference
@@ -427,7 +427,7 @@ impl DelayLimit {
             from = level,
             to = target,
             running,
-            "the server's gauges show every request served at once: slow start doubles"
+            "every request is served at once (the server's gauges, or our first chunks): slow start doubles"
         );
         self.settled = level;
         self.probe = Some(target);

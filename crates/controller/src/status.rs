@@ -71,8 +71,9 @@ pub struct ControllerStatus {
     /// Smallest items-per-request found past the quality knee, if any.
     pub quality_knee: Option<u32>,
     /// The requests the server works on at once, when it said so before the run
-    /// (`ControllerConfig::server_slots`) or its gauges showed them running while requests
-    /// waited (`Controller::on_server_queue`).
+    /// (`ControllerConfig::server_slots`) or its gauges (`Controller::on_server_queue`) or our
+    /// streamed requests' first chunks (`Controller::on_first_chunk`) showed them running while
+    /// requests waited.
     #[serde(default)]
     pub server_slots: Option<u32>,
     pub counts: ControllerCounts,
