@@ -416,3 +416,32 @@ fn keep_headers(headers: &reqwest::header::HeaderMap) -> RateHeaders {
         .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
         .collect()
 }
+
+/// What tests of the chat client and its callers share: a local HTTP/1.1 endpoint's reading of
+/// a request.
+#[cfg(test)]
+pub(crate) mod test_http {
+    use tokio::io::AsyncReadExt;
+
+    /// Reads one request (its head and `content-length` body, none without one) from `socket`,
+    /// `buf` holding what was read past the previous one on the connection; `None` once the
+    /// client hung up.
+    pub async fn read_request(socket: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+        let mut chunk = [0u8; 8192];
+        let head_end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let n = socket.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let length: usize =
+            head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).unwrap_or(0);
+        while buf.len() < head_end + length {
+            let n = socket.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Some(buf.drain(..head_end + length).skip(head_end).collect())
+    }
+}

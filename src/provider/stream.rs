@@ -952,26 +952,7 @@ mod tests {
         assert!(answer.latency < Duration::from_secs(1), "{:?}", answer.latency);
     }
 
-    /// Reads one request (its head and `content-length` body) from `socket`, `buf` holding what
-    /// was read past the previous one; `None` once the client closed the connection.
-    async fn read_request(socket: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
-        use tokio::io::AsyncReadExt;
-        let mut chunk = [0u8; 8192];
-        let head_end = loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            let n = socket.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-        let length: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).unwrap().trim().parse().unwrap();
-        while buf.len() < head_end + length {
-            let n = socket.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        Some(buf.drain(..head_end + length).skip(head_end).collect())
-    }
+    use crate::provider::test_http::read_request;
 
     #[tokio::test]
     async fn the_connection_is_kept_for_the_next_call_after_done() {
