@@ -376,7 +376,11 @@ impl Controller {
     /// those whose first chunk came. Waiting: those without one for longer than
     /// `FirstChunks::waiting_after` (clearly longer than a prefill takes at the present
     /// load), unless one sent after it (by more than a prefill) already streamed: a queue is
-    /// served in order, and a request passed by a later one is hung, not queued. Requests
+    /// served in order, and a request passed by a later one is hung, not queued; and only if
+    /// one of ours ended since its send or no first chunk came within that time
+    /// (`FirstChunks::may_be_queued`): a queued request gets a slot only when one of ours
+    /// ends, so while first chunks keep coming with none ended the server is still taking
+    /// requests in. Requests
     /// younger than that are neither, but for the handovers (`FirstChunks::handovers`): an
     /// answer that ended within that time freed a slot that a request without a first chunk
     /// yet took (the oldest waiting one, or else one just sent), unless a first chunk came
@@ -451,7 +455,7 @@ impl Controller {
             let passed = latest_running.is_some_and(|latest| request.sent_at + reference < latest);
             if now.saturating_sub(request.sent_at) <= after {
                 young += 1;
-            } else if !passed {
+            } else if !passed && self.first_chunks.may_be_queued(request.sent_at, now, after) {
                 waiting += 1;
             }
         }

@@ -1462,6 +1462,98 @@ fn a_burst_prefilled_one_after_another_is_not_read_as_waiting() {
 }
 
 #[test]
+fn a_second_burst_prefilled_one_after_another_with_no_end_between_is_not_held() {
+    // The start of the test above; the level doubled to eight, the four sent then stream
+    // theirs one to four prefills of 1.5 s after their send, no answer of ours ending in between. Their
+    // early first chunks keep the reference at 1.5 s, so the last one goes past 3 × 1.5 s
+    // without a first chunk; but first chunks keep coming and no slot of ours was freed
+    // since its send: the server is still taking requests in, not queueing them. The level
+    // is not held below the burst, and doubles once all eight stream.
+    let prefill = 1.5;
+    let mut controller = controller();
+    let start = send_over(&mut controller, 0.0, 1.0);
+    for (k, ticket) in start.iter().enumerate() {
+        first_chunk_after(&mut controller, *ticket, prefill * (k + 1) as f64);
+    }
+    finish(
+        &mut controller,
+        seconds(8.5),
+        start[0],
+        completed(1),
+        RateLimitInfo::default(),
+    );
+    let burst = send_over(&mut controller, 8.5, 9.5);
+    assert_eq!(burst.len(), 4);
+    assert_eq!(controller.delay.limit(), 8);
+    let chunks: Vec<(Duration, Ticket)> = burst
+        .iter()
+        .enumerate()
+        .map(|(k, ticket)| {
+            let sent_at = controller.in_flight[ticket].sent_at;
+            (sent_at + seconds(prefill * (k + 1) as f64), *ticket)
+        })
+        .collect();
+    let mut waiting_read = false;
+    let mut at = 9.5;
+    while at < 16.5 {
+        for (chunk_at, ticket) in &chunks {
+            if *chunk_at <= seconds(at) && controller.in_flight[ticket].first_chunk_at.is_none() {
+                controller.on_first_chunk(*chunk_at, *ticket);
+            }
+        }
+        let last = controller.in_flight[&burst[3]].sent_at;
+        if seconds(at) > last + controller.first_chunks.waiting_after(1000).unwrap() {
+            // The last of the burst is past the threshold, no first chunk yet.
+            waiting_read |= controller.in_flight[&burst[3]].first_chunk_at.is_none();
+            assert_eq!(controller.first_chunk_reading(seconds(at)).waiting, 0);
+        }
+        try_send(&mut controller, seconds(at));
+        assert_eq!(controller.status().server_slots, None, "at {at} s");
+        assert!(controller.delay.limit() >= 8, "at {at} s");
+        at += 0.5;
+    }
+    assert!(
+        waiting_read,
+        "the last of the burst went past the threshold"
+    );
+    assert_eq!(controller.delay.limit(), 16);
+}
+
+#[test]
+fn a_queue_behind_busy_slots_is_still_found_when_first_chunks_stop() {
+    // Four slots; the start's four run long answers; the level doubles to eight and the four
+    // sent then wait in the server's queue: no first chunk comes any more. With no end of
+    // ours, the server has stopped taking requests in once none streamed for the threshold;
+    // with one, the request that took its slot streams and the rest wait behind. Either way
+    // they are waiting at two readings, and the level is held at the four slots.
+    for with_an_end in [false, true] {
+        let mut controller = controller();
+        let start = streamed_start(&mut controller, 5);
+        let doubled = send_over(&mut controller, 1.0, 2.0);
+        assert_eq!(doubled.len(), 4);
+        assert_eq!(controller.delay.limit(), 8);
+        if with_an_end {
+            finish(
+                &mut controller,
+                seconds(2.5),
+                start[1],
+                completed(10),
+                RateLimitInfo::default(),
+            );
+            controller.on_first_chunk(seconds(2.8), doubled[0]);
+        }
+        let reading = controller.first_chunk_reading(seconds(3.0));
+        let expected = if with_an_end { 3 } else { 4 };
+        assert_eq!(reading.waiting, expected, "with an end: {with_an_end}");
+        for at in [3.0, 4.0, 5.0] {
+            try_send(&mut controller, seconds(at));
+        }
+        assert_eq!(controller.delay.limit(), 4, "with an end: {with_an_end}");
+        assert_eq!(controller.status().server_slots, Some(4));
+    }
+}
+
+#[test]
 fn the_servers_gauges_take_precedence_over_first_chunks() {
     // The first chunks that hold the level at two on their own (the test above) are not
     // read once the server has shown its gauges: they count everyone's requests.

@@ -23,9 +23,13 @@
 //!   in the queue and is not taken in, unless no answer of ours ended between its request's
 //!   send and it: with only our requests on the server a queued request gets a slot only when
 //!   one of ours ends, so that one waited for none (it was prefilled behind the others of a
-//!   burst, one after another as llama.cpp and Ollama do on a CPU, or in a cold slot). And a
-//!   request sent before one of ours that already streamed (by more than the reference) is
-//!   not waiting: a queue is served in order, so it is hung or lost, not queued.
+//!   burst, one after another as llama.cpp and Ollama do on a CPU, or in a cold slot). For the
+//!   same reason a request past the threshold is waiting only if one of ours ended since its
+//!   send, or no first chunk of ours came within the threshold (`FirstChunks::may_be_queued`):
+//!   while first chunks keep coming and no slot of ours was freed, the server is still taking
+//!   requests in one after another, not queueing them. And a request sent before one of ours
+//!   that already streamed (by more than the reference) is not waiting: a queue is served in
+//!   order, so it is hung or lost, not queued.
 //! - **Streamed.** Only requests sent asking for a streamed answer (`RequestShape::streamed`)
 //!   are read as running or waiting: one sent unstreamed never has a first chunk. A reading
 //!   where fewer than half of our requests in flight were streamed is not followed (as gauges
@@ -65,6 +69,8 @@ pub(crate) struct FirstChunks {
     handovers: VecDeque<Duration>,
     /// When the last request of ours ended (however it ended).
     last_end: Option<Duration>,
+    /// When the last first chunk of ours came (taken into the reference or not).
+    last_first_chunk: Option<Duration>,
 }
 
 impl FirstChunks {
@@ -77,6 +83,7 @@ impl FirstChunks {
     /// ends): however late, it is the prefill's time at the present load, and is taken in.
     pub fn record_first_chunk(&mut self, sent_at: Duration, now: Duration, prompt_tokens: u32) {
         self.handovers.pop_front();
+        self.last_first_chunk = Some(self.last_first_chunk.map_or(now, |at| at.max(now)));
         let after = now.saturating_sub(sent_at);
         let slot_freed_since = self.last_end.is_some_and(|end| end > sent_at);
         if slot_freed_since
@@ -164,6 +171,21 @@ impl FirstChunks {
             self.handovers.pop_front();
         }
         self.handovers.len() as u32
+    }
+
+    /// Whether a request sent at `sent_at`, without a first chunk at `now` for longer than
+    /// `waiting_after`, can be waiting in the server's queue: one of ours ended since its send
+    /// (with only ours on the server, a queued request gets a slot only when one of ours
+    /// ends), or no first chunk of ours came within `waiting_after` (the server stopped
+    /// taking requests in). Otherwise first chunks keep coming with no slot freed: the server
+    /// is still taking requests in, prefilling them one after another, and this one's turn
+    /// has not come yet.
+    pub fn may_be_queued(&self, sent_at: Duration, now: Duration, waiting_after: Duration) -> bool {
+        let slot_freed_since = self.last_end.is_some_and(|end| end > sent_at);
+        let taking_in = self
+            .last_first_chunk
+            .is_some_and(|at| now.saturating_sub(at) <= waiting_after);
+        slot_freed_since || !taking_in
     }
 
     /// How long a request of `prompt_tokens` may go without a first chunk before it is taken

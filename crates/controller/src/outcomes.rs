@@ -181,6 +181,10 @@ impl Controller {
                 tracing::info!(
                     "the server says how long it worked on each request: a queue behind our requests shows in its answers"
                 );
+            } else if self.reads_first_chunks() {
+                tracing::info!(
+                    "the server does not say how long it worked on a request, but its streamed answers show when a slot took each up: requests waiting for one are seen from their first chunks"
+                );
             } else {
                 tracing::info!(
                     "the server does not say how long it worked on a request: the requests in flight it serves best are found from throughput alone, over rounds of answers"
