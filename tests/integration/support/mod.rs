@@ -156,9 +156,10 @@ pub fn backfill(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     command.output().expect("the backfill binary runs")
 }
 
-/// Waits (up to 10 s) until the fake provider has received `calls` requests.
+/// Waits (up to 30 s: the binary shares the machine with the other tests) until the fake
+/// provider has received `calls` requests.
 pub async fn until_requests(fake: &FakeProvider, calls: usize) {
-    for _ in 0..400 {
+    for _ in 0..1200 {
         if fake.records().len() >= calls {
             return;
         }
