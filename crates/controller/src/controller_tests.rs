@@ -1329,6 +1329,23 @@ fn first_chunks_at_the_end_of_each_answer_or_none_change_nothing() {
     assert_eq!((limit, slots, sent), run(false));
 }
 
+/// The start of a run in its first second (the small first request and the job's start of
+/// four), the first `streamed` of them sent streamed: their tickets.
+fn send_the_start(controller: &mut Controller, streamed: usize) -> Vec<Ticket> {
+    let mut tickets = Vec::new();
+    let mut at = 0.0;
+    while at < 1.0 {
+        tickets.extend(try_send_as(
+            controller,
+            seconds(at),
+            tickets.len() < streamed,
+        ));
+        at += 0.01;
+    }
+    assert_eq!(tickets.len(), 5);
+    tickets
+}
+
 #[test]
 fn requests_sent_unstreamed_are_never_read_as_waiting() {
     // The start of the test above, the runner having stopped streaming after the first three
@@ -1336,13 +1353,7 @@ fn requests_sent_unstreamed_are_never_read_as_waiting() {
     // trusted still (the answer streamed), but only the streamed requests are read: two
     // running, none waiting, and the level does not move.
     let mut controller = controller();
-    let mut tickets = Vec::new();
-    let mut at = 0.0;
-    while at < 1.0 {
-        tickets.extend(try_send_as(&mut controller, seconds(at), tickets.len() < 3));
-        at += 0.01;
-    }
-    assert_eq!(tickets.len(), 5);
+    let tickets = send_the_start(&mut controller, 3);
     for ticket in &tickets[..2] {
         first_chunk_after(&mut controller, *ticket, 0.3);
     }
@@ -1375,13 +1386,7 @@ fn a_reading_of_fewer_than_half_of_our_requests_streamed_is_not_followed() {
     // running, one streamed and waiting, two unstreamed (a quarter of ours waiting, a quarter
     // running): the level does not move.
     let mut controller = controller();
-    let mut tickets = Vec::new();
-    let mut at = 0.0;
-    while at < 1.0 {
-        tickets.extend(try_send_as(&mut controller, seconds(at), tickets.len() < 2));
-        at += 0.01;
-    }
-    assert_eq!(tickets.len(), 5);
+    let tickets = send_the_start(&mut controller, 2);
     first_chunk_after(&mut controller, tickets[0], 0.3);
     first_chunk_after(&mut controller, tickets[1], 0.3);
     finish(
