@@ -142,6 +142,7 @@ impl RunContext {
             price_column,
             resends: 0,
             unstreamed_again: false,
+            sent_streamed: false,
         };
         Packed { request, chat, rest }
     }

@@ -46,6 +46,8 @@ pub struct Request {
     pub resends: u32,
     /// It goes out again unstreamed after its streamed send failed: not a retry of its items.
     pub unstreamed_again: bool,
+    /// It last went out asking for a streamed answer (a 429 resend goes the same way).
+    pub sent_streamed: bool,
 }
 
 impl Request {
@@ -64,6 +66,7 @@ impl Request {
             price_column,
             resends: 0,
             unstreamed_again: false,
+            sent_streamed: false,
         }
     }
 }

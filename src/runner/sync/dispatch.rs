@@ -298,7 +298,7 @@ impl Dispatcher {
         }
         let cached = if ctx.cache.enabled { ctx.store.cache_get(&request.hash).await? } else { None };
         request.timeout = timeout;
-        self.send(request, cached).await
+        self.send(request, cached, None).await
     }
 
     /// Sends a rate-limited request again, unchanged, once its wait is over.
@@ -313,6 +313,9 @@ impl Dispatcher {
             return Ok(Some(Dispatched::Paced(wait)));
         }
         self.shared_rate.packed(request.claimed.len(), request.prompt_tokens, request.prompt_tokens + u64::from(request.max_tokens));
+        // A rate-limited request goes out again as it first went, streamed or not (its body
+        // unchanged); one whose streamed send failed on the stream goes out unstreamed.
+        let streamed = request.sent_streamed && !request.unstreamed_again;
         if request.unstreamed_again {
             // Its streamed send failed on the stream, not on the items: not a retry.
             request.unstreamed_again = false;
@@ -323,11 +326,12 @@ impl Dispatcher {
         // The timeout of now, not the one it first went out with: the controller judges a
         // timeout by what it gives a request of that size now.
         request.timeout = self.controller.timeout_with_queue(request.claimed.len() as u32, self.tasks.len());
-        self.send(request, None).await.map(Some)
+        self.send(request, None, Some(streamed)).await.map(Some)
     }
 
     /// Reserves a packed request's cost in the ledger, tells the controller, and spawns the call.
-    async fn send(&mut self, request: Request, cached: Option<String>) -> anyhow::Result<Dispatched> {
+    /// `streamed`: how a request going out again must go (`None`: as the run sends now).
+    async fn send(&mut self, mut request: Request, cached: Option<String>, streamed: Option<bool>) -> anyhow::Result<Dispatched> {
         let ctx = self.ctx.clone();
         // The tokenizer may not be the model's own: reserve a tenth more input than counted.
         let estimate =
@@ -355,7 +359,12 @@ impl Dispatcher {
         } else {
             self.shared_rate.sent();
         }
-        let stream = if cached.is_none() { self.streams.for_call() } else { None };
+        let stream = match (&cached, streamed) {
+            (Some(_), _) | (None, Some(false)) => None,
+            (None, Some(true)) => Some(self.streams.for_resend()),
+            (None, None) => self.streams.for_call(),
+        };
+        request.sent_streamed = stream.is_some();
         let ticket = cached.is_none().then(|| {
             let claimed = &request.claimed;
             self.controller.on_sent(

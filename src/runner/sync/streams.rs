@@ -70,6 +70,12 @@ impl Streams {
         })
     }
 
+    /// How a rate-limited request that first went out streamed goes out again: streamed, as
+    /// it went (its body unchanged), whether or not the run streams now.
+    pub fn for_resend(&self) -> StreamCall {
+        StreamCall { first_chunks: self.sender.clone(), fall_back: false }
+    }
+
     /// The first chunks that arrived since the last call, with when.
     pub fn arrived(&mut self) -> Vec<(Ticket, Instant)> {
         let mut arrived = Vec::new();
