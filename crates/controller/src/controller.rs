@@ -398,6 +398,8 @@ impl Controller {
             .count();
         if streamed < self.in_flight.len().div_ceil(2) {
             self.chunk_readings.last = None;
+            // Taken all the same: the next one is due a reading's interval later, not at once.
+            self.first_chunks.last_reading = Some(now);
             return;
         }
         let queue = self.first_chunk_reading(now);

@@ -1399,6 +1399,15 @@ fn a_reading_of_fewer_than_half_of_our_requests_streamed_is_not_followed() {
     assert!(controller.reads_first_chunks());
     for at in [2.0, 3.0, 4.0] {
         assert_eq!(try_send(&mut controller, seconds(at)), None);
+        // Nor is the next reading due at once: the dispatcher, told to wait until then,
+        // would never sleep.
+        match controller.poll(seconds(at), load(controller.in_flight.len())) {
+            Decision::Wait { until } => assert!(
+                until.is_none_or(|until| until > seconds(at)),
+                "wait until {until:?} at {at} s"
+            ),
+            decision => panic!("{decision:?}"),
+        }
     }
     assert_eq!(controller.delay.limit(), 4);
     assert_eq!(controller.status().server_slots, None);
