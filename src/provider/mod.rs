@@ -103,13 +103,14 @@ impl ChatClient {
     /// `stream`), is read and classified exactly as `send` does (`Delivery::Whole`), unless that
     /// 2xx body is an SSE stream all the same (it starts with `data:`, maybe after `:` comments: a
     /// mislabelled stream), which is then folded as one (`Delivery::Streamed`, its first chunk at
-    /// the end of the call since it was not read as it came). A stream is read event by event and
+    /// the end of the call since it was not read as it came; its raw bytes held to
+    /// `max_response_bytes`, as the unstreamed body it was sent as). A stream is read event by event and
     /// folded back into the body an unstreamed answer would have had (`Answer.body`, for the cache
     /// and audit), which is parsed as `send` parses one; that body is held to
     /// `max_response_bytes`, as an unstreamed one is, and the bytes of the stream (many times
-    /// more per token) to `RAW_FACTOR` times it. After `data: [DONE]`, the rest of the body is
-    /// read and dropped (for at most `DRAIN_TIME`, within `timeout`) so that the connection can
-    /// be reused; nothing there fails the call.
+    /// more per token) to `RAW_FACTOR` times it. The call ends at `data: [DONE]`; the rest of the
+    /// body is read and dropped apart from it (for at most `DRAIN_TIME`, within `timeout`) so
+    /// that the connection can be reused; nothing there fails the call.
     pub async fn send_streamed(&self, body: &[u8], timeout: Duration, first_chunk: oneshot::Sender<Instant>) -> Result<Answer, CallError> {
         let started = Instant::now();
         let limit = self.max_response_bytes;
@@ -136,7 +137,12 @@ impl ChatClient {
             Reply::Streamed(whole, first, rest) => {
                 let latency = started.elapsed();
                 if let Some(rest) = rest {
-                    let _ = tokio::time::timeout(DRAIN_TIME.min(timeout.saturating_sub(latency)), rest.drain()).await;
+                    // Apart from the call: the answer is complete, and neither its latency nor a
+                    // cut at the end of the queue may wait on what follows it.
+                    let budget = DRAIN_TIME.min(timeout.saturating_sub(latency));
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(budget, rest.drain()).await;
+                    });
                 }
                 // A stream with no chunk carrying text (usage alone) had its first one at its end.
                 let first_chunk = first.map_or(latency, |at| at.saturating_duration_since(started));
@@ -299,26 +305,48 @@ async fn read_stream(
         }
         let room = ERROR_BODY_BYTES.saturating_sub(received.len()).min(chunk.len());
         received.extend_from_slice(&chunk[..room]);
-        let fed = reader.feed(&chunk).map_err(|reason| bad(reason, &received))?;
-        if reader.rebuilt_len() > max {
+        let fed = reader.feed(&chunk);
+        // One event may hold the whole answer (some servers send it so), with its escapes.
+        if reader.rebuilt_len() > max || reader.held() > max.saturating_mul(2) {
             return Err(too_large());
         }
-        if fed.first_choice {
-            first = Some(arrived);
-            if let Some(sender) = first_chunk.take() {
-                // The caller may have stopped listening; the call goes on.
-                let _ = sender.send(arrived);
-            }
-        }
+        let fed = told(fed, &reader, arrived, &mut first_chunk, &mut first).map_err(|reason| bad(reason, &received))?;
         if fed.done {
             break Some(Rest { budget: raw_max - reader.read, response });
         }
     };
-    let text = reader.finish().map_err(|reason| bad(reason, &received))?;
+    if rest.is_none() {
+        told(reader.end(), &reader, Instant::now(), &mut first_chunk, &mut first).map_err(|reason| bad(reason, &received))?;
+    }
+    let text = reader.into_body().map_err(|reason| bad(reason, &received))?;
     if text.len() > max {
         return Err(too_large());
     }
     Ok(Streamed { text, first, rest })
+}
+
+/// What a network chunk (or the body's end) brought, with the moment of the first chunk with
+/// generated text told at `arrived` — also when that text came with the failure that ends the
+/// call, as it still came first.
+fn told(
+    fed: Result<stream::Fed, String>,
+    reader: &stream::StreamReader,
+    arrived: Instant,
+    first_chunk: &mut Option<oneshot::Sender<Instant>>,
+    first: &mut Option<Instant>,
+) -> Result<stream::Fed, String> {
+    let first_now = match &fed {
+        Ok(fed) => fed.first_choice,
+        Err(_) => reader.produced(),
+    };
+    if first_now {
+        first.get_or_insert(arrived);
+        if let Some(sender) = first_chunk.take() {
+            // The caller may have stopped listening; the call goes on.
+            let _ = sender.send(arrived);
+        }
+    }
+    fed
 }
 
 /// A body read up to a limit.
