@@ -74,7 +74,8 @@ pub struct ModelFile {
     #[serde(default)]
     pub fallback: Vec<String>,
     pub mode: Option<String>,
-    /// "auto" (stream answers from servers that announce no rate limits), "always" or "never".
+    /// "auto" (stream answers from a server at a local or private address that shows nothing of
+    /// its load), "always" or "never".
     pub stream: Option<String>,
     /// Batch mode: "openai" (Batch API) or "anthropic" (Message Batches).
     pub batch_api: Option<String>,

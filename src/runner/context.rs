@@ -12,7 +12,7 @@ use crate::store::{Claimed, Store, Tables, Worker};
 use crate::pipeline::answers::{ItemOutput, OutputShape};
 
 use super::policy::RetryPolicy;
-use super::sync::Request;
+use super::sync::{Request, SentAs};
 
 /// The shared, read-only state of one run in this process.
 pub struct RunContext {
@@ -141,8 +141,7 @@ impl RunContext {
             timeout: Duration::ZERO,
             price_column,
             resends: 0,
-            unstreamed_again: false,
-            sent_streamed: false,
+            sent_as: SentAs::Whole,
         };
         Packed { request, chat, rest }
     }

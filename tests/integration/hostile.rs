@@ -1154,6 +1154,32 @@ async fn answers_streamed_without_token_counts_end_the_streaming() {
     assert!(seen[0].stream && seen[1..].iter().all(|s| !s.stream), "{:?}", seen.iter().map(|s| s.stream).collect::<Vec<_>>());
 }
 
+/// The first streamed request breaks off after its first chunk (the model crashed mid-answer):
+/// the server was streaming, so the failure is the request's, not the server's — its items go
+/// out again as after any failed call, the call is possibly billed (text was generated), and
+/// the run goes on streaming.
+#[tokio::test]
+async fn a_stream_that_breaks_off_after_its_first_chunk_is_the_requests_failure_not_the_servers() {
+    let broken = Hr::new(
+        200,
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"{\\\"r\\\"\"},\"finish_reason\":null}]}\n\n\
+         data: {\"error\":{\"message\":\"the model crashed\"}}\n\n",
+    )
+    .header("content-type", "text/event-stream");
+    let ran = run_case(streaming(), move |seen: &Seen| if seen.n == 0 { broken.clone() } else { streamed(&seen.good_content(), true) }).await;
+    ran.verdict(0, "finished").await;
+    assert_eq!(ran.done().await, 30);
+    let seen = ran.provider.seen();
+    assert!(seen.iter().all(|s| s.stream), "{:?}", seen.iter().map(|s| s.stream).collect::<Vec<_>>());
+    assert_eq!(seen.len(), 11, "ten requests of three rows, and the broken one's items once more");
+    let pool = ran.fx.pool().await;
+    let states: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT state, outcome FROM backfill_calls ORDER BY id").fetch_all(&pool).await.unwrap();
+    pool.close().await;
+    assert_eq!(states[0], ("lost".to_owned(), Some("bad_output".to_owned())), "{states:?}");
+    assert!(states[1..].iter().all(|s| s.1.as_deref() == Some("ok")), "{states:?}");
+}
+
 /// A local server whose streams cannot be read (here: events that are not JSON) before any
 /// streamed answer came whole: the request goes out again unstreamed, the run streams no more,
 /// and the items lose no attempt.

@@ -44,10 +44,21 @@ pub struct Request {
     pub price_column: Tier,
     /// How many times it has gone out again after a 429.
     pub resends: u32,
-    /// It goes out again unstreamed after its streamed send failed: not a retry of its items.
-    pub unstreamed_again: bool,
-    /// It last went out asking for a streamed answer (a 429 resend goes the same way).
-    pub sent_streamed: bool,
+    /// How it last went out, which says how it goes out again.
+    pub sent_as: SentAs,
+}
+
+/// How a request last went out, which says how it goes out again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SentAs {
+    /// Not sent yet, or sent asking for a whole answer.
+    #[default]
+    Whole,
+    /// Asking for a streamed answer: a 429 resend goes out streamed too, its body unchanged.
+    Streamed,
+    /// Streamed, and failed on the stream before the server had shown that it streams: it
+    /// goes out again unstreamed, and that is not a retry of its items.
+    StreamFailed,
 }
 
 impl Request {
@@ -65,8 +76,7 @@ impl Request {
             timeout: Duration::ZERO,
             price_column,
             resends: 0,
-            unstreamed_again: false,
-            sent_streamed: false,
+            sent_as: SentAs::Whole,
         }
     }
 }
@@ -185,16 +195,16 @@ pub async fn execute(ctx: Arc<RunContext>, call: Call) -> Concluded {
         },
     };
     let latency = started.elapsed();
+    let first_came = first_came.load(std::sync::atomic::Ordering::Relaxed);
     if fall_back
         && let Err(failure) = &outcome
-        && !matches!(failure, CallError::RateLimited(_) | CallError::Timeout { .. } | CallError::Fatal { .. } | CallError::Redirected { .. })
-        && !matches!(failure, CallError::Transient { status: None, message, .. } if message.starts_with("cannot connect"))
+        && refuses_streams(failure, first_came)
     {
         return failed_stream(&ctx, call, failure, latency);
     }
     // A stream cut short or gone wrong after its first chunk: the server worked on it and may
     // bill it.
-    let cut_short = streamed && first_came.load(std::sync::atomic::Ordering::Relaxed) && matches!(outcome, Err(CallError::BadOutput { .. }));
+    let cut_short = streamed && first_came && matches!(outcome, Err(CallError::BadOutput { .. }));
     let mut concluded = conclude(&ctx, call, outcome, latency);
     concluded.stream = note;
     if cut_short {
@@ -203,17 +213,41 @@ pub async fn execute(ctx: Arc<RunContext>, call: Call) -> Concluded {
     concluded
 }
 
-/// A streamed request that failed before the server had shown that it streams (some refuse
-/// `stream_options` or streaming itself, some send streams that cannot be read): settled with
-/// its failure, billed nothing, and sent again unstreamed at once, its items still leased and
-/// their attempts untouched; the dispatcher streams no more.
+/// Whether a streamed request's failure says that the server cannot stream: it failed before
+/// any generated text came, as a server fails a field or a stream it cannot take — a 4xx about
+/// the request (400, 415, 422: `stream_options` unknown), a 500 or 501 (some servers answer
+/// every body they cannot take so), or a stream that could not be read. Not a 429, a timeout,
+/// an overloaded or unreachable server (502–504, no connection), an answer too long, a
+/// refusal of every call, nor anything after the first chunk came: those are the request's or
+/// the server's own, handled as for an unstreamed request.
+fn refuses_streams(failure: &CallError, first_came: bool) -> bool {
+    if first_came {
+        return false;
+    }
+    match failure {
+        CallError::Rejected { .. } | CallError::BadOutput { .. } => true,
+        CallError::Transient { status: Some(status), .. } => matches!(status, 500 | 501),
+        CallError::Transient { status: None, message, .. } => !message.starts_with("cannot connect"),
+        CallError::RateLimited(_)
+        | CallError::Timeout { .. }
+        | CallError::Fatal { .. }
+        | CallError::Redirected { .. }
+        | CallError::TooLarge { .. } => false,
+    }
+}
+
+/// A streamed request that failed before the server had shown that it streams
+/// (`refuses_streams`): settled with its failure and sent again unstreamed at once, its items
+/// still leased and their attempts untouched; the dispatcher streams no more. Billed nothing;
+/// possibly billed when the connection broke off, as an unstreamed request's would be.
 fn failed_stream(ctx: &RunContext, call: Call, refusal: &CallError, latency: Duration) -> Concluded {
     let Call { call_id, ticket, estimate, mut request, .. } = call;
-    request.unstreamed_again = true;
+    request.sent_as = SentAs::StreamFailed;
     let settle = CallSettle {
         latency_ms: Some(latency.as_millis() as i64),
         http_status: refusal.http_status(),
         error: Some(refusal.to_string()),
+        lost: matches!(refusal, CallError::Transient { status: None, .. }),
         ..CallSettle::default()
     };
     Concluded {
@@ -588,6 +622,30 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn only_a_refusal_before_any_text_says_that_a_server_cannot_stream() {
+        let transient = |status: Option<u16>, message: &str| CallError::Transient { status, message: message.into(), headers: Vec::new() };
+        let bad_output = CallError::BadOutput { reason: "not JSON".into(), status: 200, body: String::new() };
+        for (failure, refuses) in [
+            (CallError::Rejected { status: 422, message: "stream_options".into() }, true),
+            (transient(Some(500), "Internal Server Error"), true),
+            (transient(Some(501), "not implemented"), true),
+            (bad_output.clone(), true),
+            (transient(None, "error reading the body"), true),
+            (transient(Some(503), "Loading model"), false),
+            (transient(Some(502), "bad gateway"), false),
+            (transient(None, "cannot connect: refused"), false),
+            (CallError::Timeout { after: Duration::from_secs(9) }, false),
+            (CallError::TooLarge { limit: 10, status: 200 }, false),
+            (CallError::Fatal { status: 401, message: "key".into() }, false),
+        ] {
+            assert_eq!(refuses_streams(&failure, false), refuses, "{failure}");
+        }
+        // After the first chunk came, the server was streaming: the failure is the request's.
+        assert!(!refuses_streams(&bad_output, true));
+        assert!(!refuses_streams(&transient(Some(500), "x"), true));
+    }
 
     const NAMES: &[&str] = &[
         "retry-after",

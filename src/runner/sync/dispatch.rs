@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::breaker::{Breaker, Finished};
 use super::budget::BudgetWait;
-use super::call::{Answer, Call, Concluded, Request, execute};
+use super::call::{Answer, Call, Concluded, Request, SentAs, execute};
 use super::resends::Resends;
 use super::shared_rate::SharedRate;
 use super::streams::Streams;
@@ -315,11 +315,8 @@ impl Dispatcher {
         self.shared_rate.packed(request.claimed.len(), request.prompt_tokens, request.prompt_tokens + u64::from(request.max_tokens));
         // A rate-limited request goes out again as it first went, streamed or not (its body
         // unchanged); one whose streamed send failed on the stream goes out unstreamed.
-        let streamed = request.sent_streamed && !request.unstreamed_again;
-        if request.unstreamed_again {
-            // Its streamed send failed on the stream, not on the items: not a retry.
-            request.unstreamed_again = false;
-        } else {
+        let streamed = request.sent_as == SentAs::Streamed;
+        if request.sent_as != SentAs::StreamFailed {
             self.progress.retries.fetch_add(request.claimed.len() as u64, Ordering::Relaxed);
             request.resends += 1;
         }
@@ -364,7 +361,7 @@ impl Dispatcher {
             (None, Some(true)) => Some(self.streams.for_resend()),
             (None, None) => self.streams.for_call(),
         };
-        request.sent_streamed = stream.is_some();
+        request.sent_as = if stream.is_some() { SentAs::Streamed } else { SentAs::Whole };
         let ticket = cached.is_none().then(|| {
             let claimed = &request.claimed;
             self.controller.on_sent(

@@ -20,7 +20,7 @@ use std::time::Duration;
 use backfill_controller::{Controller, ControllerConfig, ControllerState, ControllerStatus, StartMinMax};
 use tokio_util::sync::CancellationToken;
 
-pub use call::{Answer, Call, Request, conclude};
+pub use call::{Answer, Call, Request, SentAs, conclude};
 use dispatch::Dispatcher;
 
 use super::context::RunContext;

@@ -11,8 +11,10 @@
 //! (`GET /metrics`): there the first chunks are the only sign of its queue, and a hosted API's
 //! times to a first chunk (its routing, its thinking) say nothing of one. It stops when the
 //! provider announces rate limits, streams answers without their token counts, or fails a
-//! streamed request before any streamed answer came whole (a server that cannot stream):
-//! that request goes out again at once, unstreamed, and counts against nothing.
+//! streamed request before any streamed answer came whole and before its own first chunk, as a
+//! server fails what it cannot take (a server that cannot stream, `call::refuses_streams`):
+//! that request goes out again at once, unstreamed, and counts against none of its items'
+//! attempts.
 
 use std::net::IpAddr;
 use std::time::Instant;
@@ -105,6 +107,9 @@ impl Streams {
                 self.confirmed = true;
                 return false;
             }
+            // Once a streamed answer came whole, a failed one is the request's own affair
+            // (one sent before that may still fail so).
+            Some(StreamNote::Failed(_)) if self.confirmed => return false,
             Some(StreamNote::Failed(failure)) => format!(
                 "a streamed request failed ({failure}): it goes out again unstreamed, and so do the run's other \
                  requests (set model.stream = \"never\" not to ask for streams, or \"always\" to insist)"
@@ -153,12 +158,16 @@ fn local_ip(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(ip) => {
             let [a, b, ..] = ip.octets();
-            ip.is_loopback() || ip.is_private() || ip.is_link_local() || (a == 100 && (64..128).contains(&b))
+            // 0.0.0.0, which servers print as the address they listen on, reaches this host.
+            ip.is_loopback() || ip.is_unspecified() || ip.is_private() || ip.is_link_local() || (a == 100 && (64..128).contains(&b))
         }
-        IpAddr::V6(ip) => {
-            let first = ip.segments()[0];
-            ip.is_loopback() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
-        }
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => local_ip(IpAddr::V4(v4)),
+            None => {
+                let first = ip.segments()[0];
+                ip.is_loopback() || ip.is_unspecified() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+            }
+        },
     }
 }
 
@@ -190,6 +199,9 @@ mod tests {
         let mut streams = Streams::new(Streaming::Auto, LOCAL, false);
         streams.observe(Some(&StreamNote::Counted), &quiet);
         assert!(streams.for_call().is_some_and(|call| !call.fall_back));
+        // A request sent before then may still fail so: the streaming goes on.
+        assert!(!streams.observe(Some(&StreamNote::Failed("HTTP 400".into())), &quiet));
+        assert!(streams.for_call().is_some());
     }
 
     #[test]
@@ -219,10 +231,13 @@ mod tests {
             "http://vllm.internal/v1",
             "http://gpu-box.local:8000/v1",
             "http://llm.lan/v1",
+            "http://0.0.0.0:8080/v1",
+            "http://[::]:8000/v1",
+            "http://[::ffff:192.168.1.20]:8000/v1",
         ] {
             assert!(looks_self_hosted(url), "{url}");
         }
-        for url in ["https://api.openai.com/v1", "https://openrouter.ai/api/v1", "http://8.8.8.8/v1", "http://[2001:db8::1]/v1", "not a url"] {
+        for url in ["https://api.openai.com/v1", "https://openrouter.ai/api/v1", "http://8.8.8.8/v1", "http://[2001:db8::1]/v1", "http://[::ffff:8.8.8.8]/v1", "not a url"] {
             assert!(!looks_self_hosted(url), "{url}");
         }
     }
