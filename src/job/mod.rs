@@ -126,7 +126,8 @@ pub enum Streaming {
     /// Streamed against a server at a local or private address that says neither its slots
     /// nor its gauges before the run (Ollama, llama-cpp-python's server, a proxy hiding them);
     /// not again in the run once the provider announces rate limits, streams an answer without
-    /// its token counts, or fails a streamed request before any came whole.
+    /// its token counts, or answers unstreamed a request it failed streamed before any streamed
+    /// answer came whole.
     Auto,
     /// Every request streamed (a streamed answer without token counts is costed at its
     /// reservation).

@@ -276,8 +276,9 @@ fn fold_sse(text: &str, status: u16, limit: u64) -> Result<String, CallError> {
     Ok(rebuilt)
 }
 
-/// Reads an SSE answer chunk by chunk, sending `first_chunk` the moment the first event with a
-/// choice arrived, until `data: [DONE]` or the end of the body; returns the rebuilt unstreamed
+/// Reads an SSE answer chunk by chunk, sending `first_chunk` the moment the first event with
+/// generated text or a finish reason arrived (also when the failure that ends the stream came
+/// with it), until `data: [DONE]` or the end of the body; returns the rebuilt unstreamed
 /// body, that moment, and the rest of the body after `[DONE]`. The rebuilt body is held to
 /// `limit` (as an unstreamed one is), the bytes read to `RAW_FACTOR` times it: past either, the
 /// call is `TooLarge`. A connection dropped mid-body is the transport error `send` would give; a
@@ -305,12 +306,12 @@ async fn read_stream(
         }
         let room = ERROR_BODY_BYTES.saturating_sub(received.len()).min(chunk.len());
         received.extend_from_slice(&chunk[..room]);
-        let fed = reader.feed(&chunk);
+        let fed = told(reader.feed(&chunk), &reader, arrived, &mut first_chunk, &mut first);
         // One event may hold the whole answer (some servers send it so), with its escapes.
         if reader.rebuilt_len() > max || reader.held() > max.saturating_mul(2) {
             return Err(too_large());
         }
-        let fed = told(fed, &reader, arrived, &mut first_chunk, &mut first).map_err(|reason| bad(reason, &received))?;
+        let fed = fed.map_err(|reason| bad(reason, &received))?;
         if fed.done {
             break Some(Rest { budget: raw_max - reader.read, response });
         }

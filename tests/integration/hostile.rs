@@ -1131,7 +1131,7 @@ async fn streamed_answers_are_read_whole_and_billed_on_their_usage() {
 async fn a_server_refusing_streamed_requests_gets_them_again_unstreamed() {
     let refused = json!({ "error": { "message": "Extra inputs are not permitted: stream_options", "type": "invalid_request_error" } });
     let ran = run_case(streaming(), move |seen: &Seen| if seen.stream { Hr::json(422, &refused) } else { good(seen) }).await;
-    ran.verdict(0, "a streamed request failed").await;
+    ran.verdict(0, "was answered unstreamed: the run's other requests go unstreamed").await;
     assert_eq!(ran.done().await, 30);
     let seen = ran.provider.seen();
     assert_eq!(seen.iter().filter(|s| s.stream).count(), 1, "one streamed request, one at a time");
@@ -1152,6 +1152,25 @@ async fn answers_streamed_without_token_counts_end_the_streaming() {
     assert_eq!(ran.done().await, 30);
     let seen = ran.provider.seen();
     assert!(seen[0].stream && seen[1..].iter().all(|s| !s.stream), "{:?}", seen.iter().map(|s| s.stream).collect::<Vec<_>>());
+}
+
+/// The first streamed request is refused on its own (its prompt too long for the server), and
+/// so is its unstreamed copy: the failure was the request's, not the stream's — its items are
+/// sent again in smaller requests as after any refusal, and the run goes on streaming.
+#[tokio::test]
+async fn a_request_refused_streamed_and_unstreamed_alike_leaves_the_streaming_on() {
+    let too_long = json!({ "error": { "message": "the request exceeds the available context size", "type": "invalid_request_error" } });
+    let ran = run_case(streaming(), move |seen: &Seen| {
+        if seen.n < 2 { Hr::json(400, &too_long) } else { streamed(&seen.good_content(), true) }
+    })
+    .await;
+    ran.verdict(0, "a streamed request failed").await;
+    assert_eq!(ran.done().await, 30);
+    let seen = ran.provider.seen();
+    assert!(seen[0].stream && !seen[1].stream, "{:?}", seen.iter().map(|s| s.stream).collect::<Vec<_>>());
+    assert_eq!(seen[0].items, seen[1].items, "the refused request goes out again as it was, unstreamed");
+    assert!(seen[2..].iter().all(|s| s.stream), "{:?}", seen.iter().map(|s| s.stream).collect::<Vec<_>>());
+    assert!(!ran.stderr().contains("answered unstreamed"), "{}", ran.stderr());
 }
 
 /// The first streamed request breaks off after its first chunk (the model crashed mid-answer):
@@ -1187,7 +1206,7 @@ async fn a_stream_that_breaks_off_after_its_first_chunk_is_the_requests_failure_
 async fn a_server_whose_streams_cannot_be_read_gets_its_requests_unstreamed() {
     let garbled = Hr::new(200, "data: {\"choices\": [oops\n\ndata: [DONE]\n\n").header("content-type", "text/event-stream");
     let ran = run_case(streaming(), move |seen: &Seen| if seen.stream { garbled.clone() } else { good(seen) }).await;
-    ran.verdict(0, "a streamed request failed").await;
+    ran.verdict(0, "was answered unstreamed: the run's other requests go unstreamed").await;
     assert_eq!(ran.done().await, 30);
     let seen = ran.provider.seen();
     assert_eq!(seen.iter().filter(|s| s.stream).count(), 1);

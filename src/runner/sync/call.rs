@@ -59,6 +59,9 @@ pub enum SentAs {
     /// Streamed, and failed on the stream before the server had shown that it streams: it
     /// goes out again unstreamed, and that is not a retry of its items.
     StreamFailed,
+    /// Unstreamed after it failed streamed (also when a 429 sends it out once more): an answer
+    /// says the server cannot stream, a failure that the request failed on its own.
+    UnstreamedAgain,
 }
 
 impl Request {
@@ -107,10 +110,12 @@ pub enum StreamNote {
     Counted,
     /// The answer came streamed without its token counts (`usage`).
     Uncounted,
-    /// The streamed request failed before the server had shown that it streams (a refusal of
-    /// `stream_options`, an error, a stream that could not be read): it goes out again
-    /// unstreamed.
+    /// The streamed request failed before the server had shown that it streams and before any
+    /// text came (a refusal of `stream_options`, an error, a stream that could not be read): it
+    /// goes out again unstreamed, whose outcome tells whose failure it was.
     Failed(String),
+    /// A request that had failed streamed was answered unstreamed: the server cannot stream it.
+    AnsweredUnstreamed,
 }
 
 /// A request reserved in the ledger, on its way to an answer.
@@ -188,6 +193,8 @@ pub async fn execute(ctx: Arc<RunContext>, call: Call) -> Concluded {
                     }
                 if matches!(answer.delivery, Delivery::Streamed { .. }) {
                     note = Some(if answer.completion.usage.is_some() { StreamNote::Counted } else { StreamNote::Uncounted });
+                } else if request.sent_as == SentAs::UnstreamedAgain {
+                    note = Some(StreamNote::AnsweredUnstreamed);
                 }
                 Ok((answer.completion, answer.headers))
             }
@@ -213,13 +220,14 @@ pub async fn execute(ctx: Arc<RunContext>, call: Call) -> Concluded {
     concluded
 }
 
-/// Whether a streamed request's failure says that the server cannot stream: it failed before
-/// any generated text came, as a server fails a field or a stream it cannot take — a 4xx about
-/// the request (400, 415, 422: `stream_options` unknown), a 500 or 501 (some servers answer
-/// every body they cannot take so), or a stream that could not be read. Not a 429, a timeout,
-/// an overloaded or unreachable server (502–504, no connection), an answer too long, a
-/// refusal of every call, nor anything after the first chunk came: those are the request's or
-/// the server's own, handled as for an unstreamed request.
+/// Whether a streamed request's failure may say that the server cannot stream: it failed
+/// before any generated text came, as a server fails a field or a stream it cannot take — a
+/// refusal of the request (HTTP 400, 413, 415, 422: `stream_options` unknown), a 500 or 501
+/// (some servers answer every body they cannot take so), a stream that could not be read or
+/// broke off. Such a request goes out again unstreamed, and that answer decides: a request can
+/// fail so on its own (too long a prompt, a crash). Not a 429, a timeout, an overloaded or
+/// unreachable server (502–504, no connection), an answer too long, a refusal of every call,
+/// nor anything after the first chunk came: those are handled as for an unstreamed request.
 fn refuses_streams(failure: &CallError, first_came: bool) -> bool {
     if first_came {
         return false;
@@ -248,6 +256,10 @@ fn failed_stream(ctx: &RunContext, call: Call, refusal: &CallError, latency: Dur
         http_status: refusal.http_status(),
         error: Some(refusal.to_string()),
         lost: matches!(refusal, CallError::Transient { status: None, .. }),
+        content: match refusal {
+            CallError::BadOutput { body, .. } => Some(body.chars().take(4000).collect()),
+            _ => None,
+        },
         ..CallSettle::default()
     };
     Concluded {

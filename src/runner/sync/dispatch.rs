@@ -361,7 +361,11 @@ impl Dispatcher {
             (None, Some(true)) => Some(self.streams.for_resend()),
             (None, None) => self.streams.for_call(),
         };
-        request.sent_as = if stream.is_some() { SentAs::Streamed } else { SentAs::Whole };
+        request.sent_as = match (stream.is_some(), request.sent_as) {
+            (true, _) => SentAs::Streamed,
+            (false, SentAs::StreamFailed | SentAs::UnstreamedAgain) => SentAs::UnstreamedAgain,
+            (false, _) => SentAs::Whole,
+        };
         let ticket = cached.is_none().then(|| {
             let claimed = &request.claimed;
             self.controller.on_sent(

@@ -10,11 +10,11 @@
 //! `.internal`, `.lan`, `.home.arpa`) that said neither its slots (`GET /props`) nor its gauges
 //! (`GET /metrics`): there the first chunks are the only sign of its queue, and a hosted API's
 //! times to a first chunk (its routing, its thinking) say nothing of one. It stops when the
-//! provider announces rate limits, streams answers without their token counts, or fails a
-//! streamed request before any streamed answer came whole and before its own first chunk, as a
-//! server fails what it cannot take (a server that cannot stream, `call::refuses_streams`):
-//! that request goes out again at once, unstreamed, and counts against none of its items'
-//! attempts.
+//! provider announces rate limits, streams answers without their token counts, or cannot
+//! stream: a streamed request that fails before any streamed answer came whole and before its
+//! own first chunk, as a server fails what it cannot take (`call::refuses_streams`), goes out
+//! again at once unstreamed, counted against none of its items' attempts, and when that
+//! answer comes the run streams no more (when it fails too, the failure was the request's).
 
 use std::net::IpAddr;
 use std::time::Instant;
@@ -30,6 +30,8 @@ pub struct Streams {
     on: bool,
     /// A streamed answer came whole with its token counts: the server can stream.
     confirmed: bool,
+    /// Why the last streamed request that failed before any text came failed.
+    failure: Option<String>,
     sender: FirstChunks,
     arrived: mpsc::UnboundedReceiver<(Ticket, Instant)>,
 }
@@ -61,7 +63,7 @@ impl Streams {
                 if mode == Streaming::Always { "always" } else { "auto" }
             );
         }
-        Streams { mode, on, confirmed: false, sender, arrived }
+        Streams { mode, on, confirmed: false, failure: None, sender, arrived }
     }
 
     /// How a call about to be sent asks for its answer; `None`: whole.
@@ -95,9 +97,10 @@ impl Streams {
         self.arrived.recv().await
     }
 
-    /// What a finished call showed. With "auto", the run streams no more after a streamed
-    /// request failed before the server had shown that it streams, an answer streamed without
-    /// its token counts, or an answer announcing rate limits. True when streaming stops now.
+    /// What a finished call showed. With "auto", the run streams no more after a request that
+    /// had failed streamed before the server had shown that it streams was answered unstreamed,
+    /// an answer streamed without its token counts, or an answer announcing rate limits. True
+    /// when streaming stops now.
     pub fn observe(&mut self, note: Option<&StreamNote>, rate_limits: &RateLimitInfo) -> bool {
         if !self.on || self.mode != Streaming::Auto {
             return false;
@@ -107,12 +110,20 @@ impl Streams {
                 self.confirmed = true;
                 return false;
             }
-            // Once a streamed answer came whole, a failed one is the request's own affair
-            // (one sent before that may still fail so).
-            Some(StreamNote::Failed(_)) if self.confirmed => return false,
-            Some(StreamNote::Failed(failure)) => format!(
-                "a streamed request failed ({failure}): it goes out again unstreamed, and so do the run's other \
-                 requests (set model.stream = \"never\" not to ask for streams, or \"always\" to insist)"
+            // Whose failure it was, the request's or the stream's, its unstreamed answer tells.
+            Some(StreamNote::Failed(failure)) => {
+                if !self.confirmed {
+                    tracing::info!("a streamed request failed ({failure}): it goes out again unstreamed");
+                    self.failure = Some(failure.clone());
+                }
+                return false;
+            }
+            // Once a streamed answer came whole, a failed one was the request's own affair.
+            Some(StreamNote::AnsweredUnstreamed) if self.confirmed => return false,
+            Some(StreamNote::AnsweredUnstreamed) => format!(
+                "a request that failed streamed ({}) was answered unstreamed: the run's other requests go unstreamed \
+                 too (set model.stream = \"never\" not to ask for streams, or \"always\" to insist)",
+                self.failure.as_deref().unwrap_or("no reason given")
             ),
             Some(StreamNote::Uncounted) => "the provider streams answers without their token counts (`usage`), \
                  which cost them exactly: the run's other requests go unstreamed (set model.stream = \"never\" not to \
@@ -188,7 +199,8 @@ mod tests {
             (Some(StreamNote::Counted), &announced, false),
             (None, &announced, false),
             (Some(StreamNote::Uncounted), &quiet, false),
-            (Some(StreamNote::Failed("HTTP 422: stream_options".into())), &quiet, false),
+            (Some(StreamNote::Failed("HTTP 422: stream_options".into())), &quiet, true),
+            (Some(StreamNote::AnsweredUnstreamed), &quiet, false),
         ] {
             let mut streams = Streams::new(Streaming::Auto, LOCAL, false);
             assert!(streams.for_call().is_some_and(|call| call.fall_back));
@@ -199,8 +211,10 @@ mod tests {
         let mut streams = Streams::new(Streaming::Auto, LOCAL, false);
         streams.observe(Some(&StreamNote::Counted), &quiet);
         assert!(streams.for_call().is_some_and(|call| !call.fall_back));
-        // A request sent before then may still fail so: the streaming goes on.
+        // A request sent before then may still fail so, and be answered unstreamed: the
+        // streaming goes on.
         assert!(!streams.observe(Some(&StreamNote::Failed("HTTP 400".into())), &quiet));
+        assert!(!streams.observe(Some(&StreamNote::AnsweredUnstreamed), &quiet));
         assert!(streams.for_call().is_some());
     }
 
