@@ -1026,6 +1026,34 @@ mod tests {
         assert!(answer.latency < Duration::from_secs(1), "{:?}", answer.latency);
     }
 
+    #[tokio::test]
+    async fn what_follows_done_is_read_apart_from_the_call_for_two_seconds_at_most() {
+        use tokio::io::AsyncWriteExt;
+        // An endpoint that goes on sending keep-alives after `[DONE]` until the client hangs up,
+        // and says how long after `[DONE]` that was.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let (hung_up_tx, hung_up) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            read_request(&mut socket, &mut Vec::new()).await.unwrap();
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n";
+            socket.write_all(format!("{head}{LLAMA}").as_bytes()).await.unwrap();
+            let done = std::time::Instant::now();
+            while socket.write_all(b": keep-alive\n\n").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = hung_up_tx.send(done.elapsed());
+        });
+        let (first_tx, _first_rx) = tokio::sync::oneshot::channel();
+        let started = std::time::Instant::now();
+        let answer = client(&url, 1 << 20).send_streamed(REQUEST, Duration::from_secs(30), first_tx).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1), "the call ends at [DONE]: {:?}", started.elapsed());
+        assert_eq!(answer.body, read(&[LLAMA.as_bytes()]).unwrap());
+        let after = tokio::time::timeout(Duration::from_secs(10), hung_up).await.expect("the rest is read for ever").unwrap();
+        assert!(Duration::from_millis(1500) <= after && after < Duration::from_secs(5), "{after:?}");
+    }
+
     use crate::provider::test_http::read_request;
 
     #[tokio::test]
