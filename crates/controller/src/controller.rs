@@ -342,7 +342,7 @@ impl Controller {
     }
 
     /// The caller stopped asking for streamed answers (a provider that streams without token
-    /// counts, or refused a streamed request): nothing more is read from first chunks until
+    /// counts, or answered unstreamed a request it refused streamed): nothing more is read from first chunks until
     /// streamed answers with their first chunk clearly before their end come again. Requests
     /// are told sent unstreamed in `RequestShape::streamed`; this drops at once the trust
     /// that the last answers, streamed, had given.
@@ -389,14 +389,13 @@ impl Controller {
         if !self.reads_first_chunks() {
             return;
         }
-        // Only requests sent streamed can be told running or waiting: a reading of fewer than
-        // half of ours is not one (as gauges that count fewer than half of ours are not).
-        let streamed = self
+        // Only requests sent streamed can be told running or waiting, and one sent unstreamed
+        // holds a slot or waits for one unseen: a reading is one only when all ours streamed.
+        if self
             .in_flight
             .values()
-            .filter(|request| request.shape.streamed)
-            .count();
-        if streamed < self.in_flight.len().div_ceil(2) {
+            .any(|request| !request.shape.streamed)
+        {
             self.chunk_readings.last = None;
             // Taken all the same: the next one is due a reading's interval later, not at once.
             self.first_chunks.last_reading = Some(now);

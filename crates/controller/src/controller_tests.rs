@@ -1414,6 +1414,69 @@ fn a_reading_of_fewer_than_half_of_our_requests_streamed_is_not_followed() {
 }
 
 #[test]
+fn a_reading_with_a_request_sent_unstreamed_in_flight_is_not_followed() {
+    // Of the four requests in flight after the first answer, one streamed and running, two
+    // streamed and past the threshold, one unstreamed (sent after a failed stream): three of
+    // four read as one running and two waiting, but the unstreamed one may hold a slot unseen,
+    // so the slots would be too few. Nothing is followed: the level stays.
+    let mut controller = controller();
+    let tickets = send_the_start(&mut controller, 4);
+    first_chunk_after(&mut controller, tickets[0], 0.3);
+    first_chunk_after(&mut controller, tickets[1], 0.3);
+    finish(
+        &mut controller,
+        seconds(1.0),
+        tickets[0],
+        completed(1),
+        RateLimitInfo::default(),
+    );
+    assert!(controller.reads_first_chunks());
+    assert_eq!(
+        controller.first_chunk_reading(seconds(2.0)),
+        ServerQueue {
+            running: 1,
+            waiting: 2
+        }
+    );
+    for at in [2.0, 3.0, 4.0] {
+        assert_eq!(try_send(&mut controller, seconds(at)), None);
+    }
+    assert_eq!(controller.delay.limit(), 4);
+    assert_eq!(controller.status().server_slots, None);
+}
+
+#[test]
+fn only_a_request_that_held_a_slot_frees_one_when_it_ends() {
+    // Of the start's requests, streamed: one refused at once (no first chunk) held no slot;
+    // one that streamed its first chunk and timed out held one, as one answered did.
+    let mut controller = controller();
+    let tickets = send_the_start(&mut controller, 5);
+    controller.on_outcome(
+        seconds(0.8),
+        tickets[1],
+        Observation::new(seconds(0.05), Outcome::OtherError, RateLimitInfo::default()),
+    );
+    assert_eq!(controller.first_chunks.last_end(), None);
+    first_chunk_after(&mut controller, tickets[2], 0.3);
+    finish(
+        &mut controller,
+        seconds(2.0),
+        tickets[2],
+        Outcome::TimedOut,
+        RateLimitInfo::default(),
+    );
+    assert_eq!(controller.first_chunks.last_end(), Some(seconds(2.0)));
+    finish(
+        &mut controller,
+        seconds(2.5),
+        tickets[3],
+        completed(10),
+        RateLimitInfo::default(),
+    );
+    assert_eq!(controller.first_chunks.last_end(), Some(seconds(2.5)));
+}
+
+#[test]
 fn streaming_stopped_stops_reading_first_chunks_until_answers_stream_again() {
     // The start that holds the level at two (`requests_without_a_first_chunk_past_…`), the
     // runner stopping streaming right after the first answer: nothing is read any more.

@@ -25,15 +25,18 @@
 //!   one of ours ends, so that one waited for none (it was prefilled behind the others of a
 //!   burst, one after another as llama.cpp and Ollama do on a CPU, or in a cold slot). For the
 //!   same reason a request past the threshold is waiting only if one of ours ended since its
-//!   send, or no first chunk of ours came within the threshold (`FirstChunks::may_be_queued`):
+//!   send (an end that freed a slot: of a request whose first chunk came, or that was
+//!   answered), or no first chunk of ours came within the threshold
+//!   (`FirstChunks::may_be_queued`):
 //!   while first chunks keep coming and no slot of ours was freed, the server is still taking
 //!   requests in one after another, not queueing them. And a request sent before one of ours
 //!   that already streamed (by more than the reference) is not waiting: a queue is served in
 //!   order, so it is hung or lost, not queued.
 //! - **Streamed.** Only requests sent asking for a streamed answer (`RequestShape::streamed`)
 //!   are read as running or waiting: one sent unstreamed never has a first chunk. A reading
-//!   where fewer than half of our requests in flight were streamed is not followed (as gauges
-//!   that count fewer than half of our requests are not). When the caller stops streaming
+//!   is followed only when every request of ours in flight was sent streamed: one sent
+//!   unstreamed holds a slot or waits for one unseen, so the slots the others show would be
+//!   too few. When the caller stops streaming
 //!   (`Controller::streaming_stopped`) the trust is dropped until answers stream again.
 //! - **Handovers.** An answer's end frees a slot that a request without a first chunk takes
 //!   and prefills: until a first chunk comes (or the threshold passes) it counts running.
@@ -54,6 +57,10 @@ const REFERENCE_QUANTILE: f64 = 0.25;
 const WAITING_MARGIN: f64 = 3.0;
 /// Open handovers kept at most (more than answers end within a prefill).
 const EVENTS_KEPT: usize = 256;
+/// Late first chunks in a row (past the threshold, after an end of ours) that become the
+/// reference: the server prefills that slowly now (a cache gone cold, a GPU shared), for as
+/// long as a queue of ours would have been found and followed many times over.
+const LATE_IN_A_ROW_TO_TAKE: usize = FIRST_CHUNKS_KEPT;
 /// How often the requests in flight are read as a queue (as the runner reads gauges).
 pub(crate) const READING_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -71,6 +78,8 @@ pub(crate) struct FirstChunks {
     last_end: Option<Duration>,
     /// When the last first chunk of ours came (taken into the reference or not).
     last_first_chunk: Option<Duration>,
+    /// The first chunks left out of the reference since the last one taken in.
+    late_in_a_row: Vec<(Duration, u32)>,
 }
 
 impl FirstChunks {
@@ -81,22 +90,43 @@ impl FirstChunks {
     /// no request would be found waiting any more). One that no end preceded waited for no
     /// slot (with only ours on the server, a queued request gets one only when one of ours
     /// ends): however late, it is the prefill's time at the present load, and is taken in.
+    ///
+    /// But `LATE_IN_A_ROW_TO_TAKE` late ones in a row, none taken in between, replace the
+    /// reference: a queue of ours is found and followed within a few of them, and the requests
+    /// then sent find a slot at once, so so many in a row say that the server prefills that
+    /// slowly now (a prefix cache gone cold, a GPU shared with another job). Without this the
+    /// reference would stay at the old prefill, and every request still prefilling would read
+    /// as waiting for the rest of the run.
     pub fn record_first_chunk(&mut self, sent_at: Duration, now: Duration, prompt_tokens: u32) {
         self.handovers.pop_front();
         self.last_first_chunk = Some(self.last_first_chunk.map_or(now, |at| at.max(now)));
-        let after = now.saturating_sub(sent_at);
+        // A first chunk can only follow its send; one that does not says nothing of a prefill.
+        if now <= sent_at {
+            return;
+        }
+        let after = now - sent_at;
+        let sample = (after, prompt_tokens.max(1));
         let slot_freed_since = self.last_end.is_some_and(|end| end > sent_at);
         if slot_freed_since
             && self
                 .waiting_after(prompt_tokens)
                 .is_some_and(|waiting_after| after > waiting_after)
         {
+            self.late_in_a_row.push(sample);
+            if self.late_in_a_row.len() >= LATE_IN_A_ROW_TO_TAKE {
+                tracing::debug!(
+                    late = self.late_in_a_row.len(),
+                    "first chunks come late in a row: the server prefills slower now, taken as the reference"
+                );
+                self.recent = std::mem::take(&mut self.late_in_a_row).into();
+            }
             return;
         }
+        self.late_in_a_row.clear();
         if self.recent.len() == FIRST_CHUNKS_KEPT {
             self.recent.pop_front();
         }
-        self.recent.push_back((after, prompt_tokens.max(1)));
+        self.recent.push_back(sample);
     }
 
     /// An answer completed at `now` after `latency`, its first chunk `first_chunk` after its
@@ -118,7 +148,9 @@ impl FirstChunks {
             .push_back((latency, first_chunk.map(|at| latency.saturating_sub(at))));
     }
 
-    /// A request of ours ended at `now` (answered or not): a slot it held is free.
+    /// A request of ours that held a slot (its first chunk came, or it was answered) ended at
+    /// `now`: the slot is free. (One refused at once, or given up on while still queued, held
+    /// none.)
     pub fn record_end(&mut self, now: Duration) {
         self.last_end = Some(self.last_end.map_or(now, |end| end.max(now)));
     }
@@ -188,6 +220,12 @@ impl FirstChunks {
         slot_freed_since || !taking_in
     }
 
+    /// When the last request of ours that held a slot ended.
+    #[cfg(test)]
+    pub(crate) fn last_end(&self) -> Option<Duration> {
+        self.last_end
+    }
+
     /// How long a request of `prompt_tokens` may go without a first chunk before it is taken
     /// as waiting.
     pub fn waiting_after(&self, prompt_tokens: u32) -> Option<Duration> {
@@ -247,6 +285,50 @@ mod tests {
             chunks.waiting_after(1000),
             Some(s(0.35).mul_f64(WAITING_MARGIN))
         );
+    }
+
+    #[test]
+    fn first_chunks_late_in_a_row_become_the_reference() {
+        // Sixteen first chunks of 0.1 s; then the server prefills ten times slower (its prefix
+        // cache gone cold), answers of ours ending all the while: each late one is left out,
+        // until as many in a row as the reference holds take its place.
+        let mut chunks = FirstChunks::default();
+        for k in 0..FIRST_CHUNKS_KEPT {
+            let sent = s(k as f64);
+            chunks.record_first_chunk(sent, sent + s(0.1), 1000);
+        }
+        assert_eq!(chunks.reference(1000), Some(s(0.1)));
+        for k in 0..FIRST_CHUNKS_KEPT {
+            let sent = s(100.0 + k as f64);
+            chunks.record_end(sent + s(0.5));
+            chunks.record_first_chunk(sent, sent + s(1.0), 1000);
+            let expected = if k + 1 < LATE_IN_A_ROW_TO_TAKE {
+                0.1
+            } else {
+                1.0
+            };
+            assert_eq!(
+                chunks.reference(1000),
+                Some(s(expected)),
+                "after {} late",
+                k + 1
+            );
+        }
+        // One taken in between starts the count again.
+        let mut chunks = FirstChunks::default();
+        chunks.record_first_chunk(Duration::ZERO, s(0.1), 1000);
+        for k in 0..2 * FIRST_CHUNKS_KEPT {
+            let sent = s(10.0 + k as f64);
+            chunks.record_end(sent + s(0.5));
+            chunks.record_first_chunk(sent, sent + s(1.0), 1000);
+            if k % 8 == 7 {
+                chunks.record_first_chunk(sent, sent + s(0.1), 1000);
+            }
+        }
+        assert_eq!(chunks.reference(1000), Some(s(0.1)));
+        // A first chunk reported at or before its send is no prefill.
+        chunks.record_first_chunk(s(500.0), s(500.0), 1000);
+        assert_eq!(chunks.reference(1000), Some(s(0.1)));
     }
 
     #[test]

@@ -37,7 +37,9 @@ impl Controller {
         if sent.first_answer {
             self.first_answer = FirstAnswer::Done;
         }
-        self.first_chunks.record_end(now);
+        if sent.first_chunk_at.is_some() || matches!(observation.outcome, Outcome::Completed(_)) {
+            self.first_chunks.record_end(now);
+        }
         if !observation.rate_limits.is_empty() {
             self.pacer.observe_headers(now, &observation.rate_limits);
         }
