@@ -1380,13 +1380,12 @@ fn requests_sent_unstreamed_are_never_read_as_waiting() {
     assert_eq!(controller.status().server_slots, None);
 }
 
-#[test]
-fn a_reading_of_fewer_than_half_of_our_requests_streamed_is_not_followed() {
-    // Two slots; of the four requests in flight after the first answer, one streamed and
-    // running, one streamed and waiting, two unstreamed (a quarter of ours waiting, a quarter
-    // running): the level does not move.
+/// The start, its first `streamed` requests sent streamed and the rest unstreamed (after a
+/// failed stream); the first two stream their first chunk 0.3 s after their send, and the
+/// small first one is answered at 1 s: the first chunks are trusted.
+fn a_start_partly_streamed(streamed: usize) -> (Controller, Vec<Ticket>) {
     let mut controller = controller();
-    let tickets = send_the_start(&mut controller, 2);
+    let tickets = send_the_start(&mut controller, streamed);
     first_chunk_after(&mut controller, tickets[0], 0.3);
     first_chunk_after(&mut controller, tickets[1], 0.3);
     finish(
@@ -1397,10 +1396,15 @@ fn a_reading_of_fewer_than_half_of_our_requests_streamed_is_not_followed() {
         RateLimitInfo::default(),
     );
     assert!(controller.reads_first_chunks());
-    for at in [2.0, 3.0, 4.0] {
-        assert_eq!(try_send(&mut controller, seconds(at)), None);
-        // Nor is the next reading due at once: the dispatcher, told to wait until then,
-        // would never sleep.
+    (controller, tickets)
+}
+
+/// Polls at each of `times`: nothing is sent, and the next reading is never due at once
+/// (the dispatcher, told to wait until then, would never sleep); the level stays at 4 and
+/// no slots are found.
+fn the_level_holds(controller: &mut Controller, times: &[f64]) {
+    for &at in times {
+        assert_eq!(try_send(controller, seconds(at)), None);
         match controller.poll(seconds(at), load(controller.in_flight.len())) {
             Decision::Wait { until } => assert!(
                 until.is_none_or(|until| until > seconds(at)),
@@ -1414,23 +1418,21 @@ fn a_reading_of_fewer_than_half_of_our_requests_streamed_is_not_followed() {
 }
 
 #[test]
+fn a_reading_of_fewer_than_half_of_our_requests_streamed_is_not_followed() {
+    // Two slots; of the four requests in flight after the first answer, one streamed and
+    // running, one streamed and waiting, two unstreamed (a quarter of ours waiting, a quarter
+    // running): the level does not move.
+    let (mut controller, _) = a_start_partly_streamed(2);
+    the_level_holds(&mut controller, &[2.0, 3.0, 4.0]);
+}
+
+#[test]
 fn a_reading_with_a_request_sent_unstreamed_in_flight_is_not_followed() {
     // Of the four requests in flight after the first answer, one streamed and running, two
     // streamed and past the threshold, one unstreamed (sent after a failed stream): three of
     // four read as one running and two waiting, but the unstreamed one may hold a slot unseen,
     // so the slots would be too few. Nothing is followed: the level stays.
-    let mut controller = controller();
-    let tickets = send_the_start(&mut controller, 4);
-    first_chunk_after(&mut controller, tickets[0], 0.3);
-    first_chunk_after(&mut controller, tickets[1], 0.3);
-    finish(
-        &mut controller,
-        seconds(1.0),
-        tickets[0],
-        completed(1),
-        RateLimitInfo::default(),
-    );
-    assert!(controller.reads_first_chunks());
+    let (mut controller, _) = a_start_partly_streamed(4);
     assert_eq!(
         controller.first_chunk_reading(seconds(2.0)),
         ServerQueue {
@@ -1438,11 +1440,7 @@ fn a_reading_with_a_request_sent_unstreamed_in_flight_is_not_followed() {
             waiting: 2
         }
     );
-    for at in [2.0, 3.0, 4.0] {
-        assert_eq!(try_send(&mut controller, seconds(at)), None);
-    }
-    assert_eq!(controller.delay.limit(), 4);
-    assert_eq!(controller.status().server_slots, None);
+    the_level_holds(&mut controller, &[2.0, 3.0, 4.0]);
 }
 
 #[test]
