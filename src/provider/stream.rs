@@ -799,29 +799,15 @@ mod tests {
     /// A chat endpoint on a local port answering one request with `head` and then `script`,
     /// then closing the connection; the receiver gets the request's body.
     async fn serve(head: &str, script: Vec<Part>) -> (String, tokio::sync::oneshot::Receiver<Vec<u8>>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
         let (request_tx, request_rx) = tokio::sync::oneshot::channel();
         let head = head.replace('\n', "\r\n");
         tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.unwrap();
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 8192];
-            let head_end = loop {
-                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break end + 4;
-                }
-                let n = socket.read(&mut chunk).await.unwrap();
-                buf.extend_from_slice(&chunk[..n]);
-            };
-            let request_head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-            let length: usize = request_head.lines().find_map(|l| l.strip_prefix("content-length:")).unwrap().trim().parse().unwrap();
-            while buf.len() < head_end + length {
-                let n = socket.read(&mut chunk).await.unwrap();
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            let _ = request_tx.send(buf[head_end..head_end + length].to_vec());
+            let request = read_request(&mut socket, &mut Vec::new()).await.unwrap();
+            let _ = request_tx.send(request);
             socket.write_all(format!("{head}\r\n").as_bytes()).await.unwrap();
             for part in script {
                 match part {

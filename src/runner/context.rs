@@ -141,7 +141,7 @@ impl RunContext {
             timeout: Duration::ZERO,
             price_column,
             resends: 0,
-            sent_as: SentAs::Whole,
+            sent_as: SentAs::NotSent,
         };
         Packed { request, chat, rest }
     }

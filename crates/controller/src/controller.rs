@@ -342,8 +342,9 @@ impl Controller {
     }
 
     /// The caller stopped asking for streamed answers (a provider that streams without token
-    /// counts, or answered unstreamed a request it refused streamed): nothing more is read from first chunks until
-    /// streamed answers with their first chunk clearly before their end come again. Requests
+    /// counts, or answered unstreamed a request it refused streamed): nothing more is read from
+    /// first chunks until streamed answers with their first chunk clearly before their end come
+    /// again. Requests
     /// are told sent unstreamed in `RequestShape::streamed`; this drops at once the trust
     /// that the last answers, streamed, had given.
     pub fn streaming_stopped(&mut self) {

@@ -1352,18 +1352,7 @@ fn requests_sent_unstreamed_are_never_read_as_waiting() {
     // requests: the last two, unstreamed, never have a first chunk. The first chunks are
     // trusted still (the answer streamed), but only the streamed requests are read: two
     // running, none waiting, and the level does not move.
-    let mut controller = controller();
-    let tickets = send_the_start(&mut controller, 3);
-    for ticket in &tickets[..2] {
-        first_chunk_after(&mut controller, *ticket, 0.3);
-    }
-    finish(
-        &mut controller,
-        seconds(1.0),
-        tickets[0],
-        completed(1),
-        RateLimitInfo::default(),
-    );
+    let (mut controller, tickets) = a_start_partly_streamed(3);
     controller.on_first_chunk(seconds(1.3), tickets[2]);
     assert!(controller.reads_first_chunks());
     assert_eq!(
@@ -1500,6 +1489,24 @@ fn streaming_stopped_stops_reading_first_chunks_until_answers_stream_again() {
     assert!(controller.reads_first_chunks());
 }
 
+/// The start's small request and four, sent together by 1 s to a server that prefills
+/// pending prompts one after another (llama.cpp or Ollama on a CPU), stream their first chunks
+/// 1 to 5 `prefill`s after their send; the small one is answered at 8.5 s.
+fn a_start_prefilled_one_after_another(controller: &mut Controller, prefill: f64) {
+    let start = send_over(controller, 0.0, 1.0);
+    assert_eq!(start.len(), 5);
+    for (k, ticket) in start.iter().enumerate() {
+        first_chunk_after(controller, *ticket, prefill * (k + 1) as f64);
+    }
+    finish(
+        controller,
+        seconds(8.5),
+        start[0],
+        completed(1),
+        RateLimitInfo::default(),
+    );
+}
+
 #[test]
 fn a_burst_prefilled_one_after_another_is_not_read_as_waiting() {
     // llama.cpp or Ollama on a CPU prefills pending prompts one after another, 1.5 s each:
@@ -1508,20 +1515,8 @@ fn a_burst_prefilled_one_after_another_is_not_read_as_waiting() {
     // slot, and all are taken into the reference, the late ones too (past 3 × 1.5 s they
     // would be left out). Once the first answer trusts the first chunks, the four are read
     // running, none waiting: no hold below four, and slow start doubles.
-    let prefill = 1.5;
     let mut controller = controller();
-    let start = send_over(&mut controller, 0.0, 1.0);
-    assert_eq!(start.len(), 5);
-    for (k, ticket) in start.iter().enumerate() {
-        first_chunk_after(&mut controller, *ticket, prefill * (k + 1) as f64);
-    }
-    finish(
-        &mut controller,
-        seconds(8.5),
-        start[0],
-        completed(1),
-        RateLimitInfo::default(),
-    );
+    a_start_prefilled_one_after_another(&mut controller, 1.5);
     // The quarter quantile of 1.5, 3, 4.5, 6 and 7.5 s.
     assert_eq!(controller.first_chunks.reference(1000), Some(seconds(3.0)));
     assert_eq!(
@@ -1546,17 +1541,7 @@ fn a_second_burst_prefilled_one_after_another_with_no_end_between_is_not_held() 
     // is not held below the burst, and doubles once all eight stream.
     let prefill = 1.5;
     let mut controller = controller();
-    let start = send_over(&mut controller, 0.0, 1.0);
-    for (k, ticket) in start.iter().enumerate() {
-        first_chunk_after(&mut controller, *ticket, prefill * (k + 1) as f64);
-    }
-    finish(
-        &mut controller,
-        seconds(8.5),
-        start[0],
-        completed(1),
-        RateLimitInfo::default(),
-    );
+    a_start_prefilled_one_after_another(&mut controller, prefill);
     let burst = send_over(&mut controller, 8.5, 9.5);
     assert_eq!(burst.len(), 4);
     assert_eq!(controller.delay.limit(), 8);

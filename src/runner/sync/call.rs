@@ -51,8 +51,10 @@ pub struct Request {
 /// How a request last went out, which says how it goes out again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SentAs {
-    /// Not sent yet, or sent asking for a whole answer.
+    /// Not sent yet: it goes out as the run sends now.
     #[default]
+    NotSent,
+    /// Asking for a whole answer: it goes out again so.
     Whole,
     /// Asking for a streamed answer: a 429 resend goes out streamed too, its body unchanged.
     Streamed,
@@ -79,7 +81,7 @@ impl Request {
             timeout: Duration::ZERO,
             price_column,
             resends: 0,
-            sent_as: SentAs::Whole,
+            sent_as: SentAs::NotSent,
         }
     }
 }
@@ -246,8 +248,9 @@ fn refuses_streams(failure: &CallError, first_came: bool) -> bool {
 
 /// A streamed request that failed before the server had shown that it streams
 /// (`refuses_streams`): settled with its failure and sent again unstreamed at once, its items
-/// still leased and their attempts untouched; the dispatcher streams no more. Billed nothing;
-/// possibly billed when the connection broke off, as an unstreamed request's would be.
+/// still leased and their attempts untouched; that answer tells the dispatcher whether the
+/// server can stream. Billed nothing; possibly billed when the connection broke off, as an
+/// unstreamed request's would be.
 fn failed_stream(ctx: &RunContext, call: Call, refusal: &CallError, latency: Duration) -> Concluded {
     let Call { call_id, ticket, estimate, mut request, .. } = call;
     request.sent_as = SentAs::StreamFailed;

@@ -298,7 +298,7 @@ impl Dispatcher {
         }
         let cached = if ctx.cache.enabled { ctx.store.cache_get(&request.hash).await? } else { None };
         request.timeout = timeout;
-        self.send(request, cached, None).await
+        self.send(request, cached).await
     }
 
     /// Sends a rate-limited request again, unchanged, once its wait is over.
@@ -314,8 +314,7 @@ impl Dispatcher {
         }
         self.shared_rate.packed(request.claimed.len(), request.prompt_tokens, request.prompt_tokens + u64::from(request.max_tokens));
         // A rate-limited request goes out again as it first went, streamed or not (its body
-        // unchanged); one whose streamed send failed on the stream goes out unstreamed.
-        let streamed = request.sent_as == SentAs::Streamed;
+        // unchanged); one whose streamed send failed on the stream goes out unstreamed (`send`).
         if request.sent_as != SentAs::StreamFailed {
             self.progress.retries.fetch_add(request.claimed.len() as u64, Ordering::Relaxed);
             request.resends += 1;
@@ -323,12 +322,12 @@ impl Dispatcher {
         // The timeout of now, not the one it first went out with: the controller judges a
         // timeout by what it gives a request of that size now.
         request.timeout = self.controller.timeout_with_queue(request.claimed.len() as u32, self.tasks.len());
-        self.send(request, None, Some(streamed)).await.map(Some)
+        self.send(request, None).await.map(Some)
     }
 
     /// Reserves a packed request's cost in the ledger, tells the controller, and spawns the call.
-    /// `streamed`: how a request going out again must go (`None`: as the run sends now).
-    async fn send(&mut self, mut request: Request, cached: Option<String>, streamed: Option<bool>) -> anyhow::Result<Dispatched> {
+    /// A request going out again goes as `Request::sent_as` says; a new one as the run sends now.
+    async fn send(&mut self, mut request: Request, cached: Option<String>) -> anyhow::Result<Dispatched> {
         let ctx = self.ctx.clone();
         // The tokenizer may not be the model's own: reserve a tenth more input than counted.
         let estimate =
@@ -356,10 +355,10 @@ impl Dispatcher {
         } else {
             self.shared_rate.sent();
         }
-        let stream = match (&cached, streamed) {
-            (Some(_), _) | (None, Some(false)) => None,
-            (None, Some(true)) => Some(self.streams.for_resend()),
-            (None, None) => self.streams.for_call(),
+        let stream = match (&cached, request.sent_as) {
+            (None, SentAs::NotSent) => self.streams.for_call(),
+            (None, SentAs::Streamed) => Some(self.streams.for_resend()),
+            _ => None,
         };
         request.sent_as = match (stream.is_some(), request.sent_as) {
             (true, _) => SentAs::Streamed,
