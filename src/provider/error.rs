@@ -73,6 +73,12 @@ impl CallError {
     pub fn from_status(status: u16, headers: &RateHeaders, body: &str) -> Self {
         let message = provider_message(body);
         match status {
+            // A budget set at a proxy (LiteLLM's `budget_exceeded`, with whatever 4xx it is
+            // sent) is used up: no call succeeds until someone raises it.
+            400..=499 if budget_used_up(&message) => CallError::Fatal {
+                status,
+                message: format!("{message} (a budget set at the provider or proxy is used up: raise it, then run again with --resume)"),
+            },
             429 if message.contains("insufficient_quota") || message.contains("exceeded your current quota") => {
                 CallError::Fatal { status, message: format!("{message} (the account's quota is used up)") }
             }
@@ -80,6 +86,16 @@ impl CallError {
                 retry_after: parse_retry_after(headers),
                 headers: headers.clone(),
             }),
+            // The account's credit is used up (OpenRouter).
+            402 => CallError::Fatal {
+                status,
+                message: format!("{message} (the account has no credit left: add credit, then run again with --resume)"),
+            },
+            // OpenRouter's moderation refuses one request's input: the items' fault, not the key's.
+            403 if flagged_by_moderation(body) => CallError::Rejected {
+                status,
+                message: format!("{message} (the provider's moderation flagged this request's input)"),
+            },
             401 | 403 => CallError::Fatal {
                 status,
                 message: format!("{message} (check the API key in the variable named by model.api_key_env)"),
@@ -104,6 +120,50 @@ impl CallError {
             CallError::BadOutput { status, .. } | CallError::TooLarge { status, .. } => Some(*status),
         }
     }
+}
+
+impl CallError {
+    /// The error a 2xx answer carries instead of a completion (a whole body, or an event of a
+    /// stream whose status was sent before the server failed), classified by the HTTP status it
+    /// names — as vLLM, SGLang and OpenRouter send them: `{"error": {"code": 503, …}}`, or
+    /// SGLang's `{"object": "error", "code": …}`. `None` when it names none, or the body holds
+    /// a choice.
+    pub fn carried(body: &str, headers: &RateHeaders) -> Option<CallError> {
+        // Every answer passes here: most are read no further.
+        if !body.contains("\"error\"") {
+            return None;
+        }
+        let value: serde_json::Value = serde_json::from_str(body).ok()?;
+        if value.get("choices").is_some() {
+            return None;
+        }
+        let error = match value.get("error") {
+            Some(error) if error.is_object() => error,
+            _ if value.get("object").and_then(|o| o.as_str()) == Some("error") => &value,
+            _ => return None,
+        };
+        let status = ["code", "status"].iter().find_map(|key| {
+            let code = error.get(key)?;
+            code.as_u64().or_else(|| code.as_str()?.trim().parse().ok()).filter(|code| (400..=599).contains(code))
+        })?;
+        let status = u16::try_from(status).ok()?;
+        Some(CallError::from_status(status, headers, body))
+    }
+}
+
+/// A budget at the provider or at a proxy in front of it is used up (LiteLLM says so with
+/// `budget_exceeded` and a 400, 422 or 429).
+fn budget_used_up(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    ["budget_exceeded", "budget has been exceeded", "max budget limit reached"].iter().any(|sign| message.contains(sign))
+}
+
+/// OpenRouter's 403 for input its moderation flagged (`error.metadata.flagged_input`).
+fn flagged_by_moderation(body: &str) -> bool {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else { return false };
+    let error = value.get("error").unwrap_or(&value);
+    error.get("metadata").is_some_and(|m| m.get("flagged_input").is_some())
+        || error.get("message").and_then(|m| m.as_str()).is_some_and(|m| m.to_ascii_lowercase().contains("input was flagged"))
 }
 
 /// The `error.message` (and `error.code`) of an OpenAI-style error body, else an excerpt.
@@ -158,6 +218,41 @@ mod tests {
         assert!(matches!(CallError::from_status(400, &vec![], r#"{"error":{"message":"context too long"}}"#), CallError::Rejected { status: 400, .. }));
         let quota = r#"{"error":{"message":"You exceeded your current quota","code":"insufficient_quota"}}"#;
         assert!(matches!(CallError::from_status(429, &vec![], quota), CallError::Fatal { status: 429, .. }));
+    }
+
+    #[test]
+    fn a_used_up_budget_or_credit_stops_the_run_and_flagged_input_is_the_requests_fault() {
+        // OpenRouter: no credit left.
+        let credit = CallError::from_status(402, &vec![], r#"{"error":{"code":402,"message":"Insufficient credits"}}"#);
+        assert!(matches!(&credit, CallError::Fatal { status: 402, message } if message.contains("add credit")), "{credit}");
+        // LiteLLM's budget, with its default 400 and as a 429 (older versions).
+        for status in [400, 422, 429] {
+            let body = r#"{"error":{"message":"Budget has been exceeded! Current cost: 5.01, Max budget: 5.0","type":"budget_exceeded","param":null,"code":"400"}}"#;
+            let error = CallError::from_status(status, &vec![], body);
+            assert!(matches!(&error, CallError::Fatal { message, .. } if message.contains("budget set at the provider or proxy")), "{status}: {error}");
+        }
+        // OpenRouter's moderation: one request's input, not the key.
+        let flagged = r#"{"error":{"code":403,"message":"openai/gpt-4o requires moderation on OpenRouter. Your input was flagged for \"harassment\"","metadata":{"reasons":["harassment"],"flagged_input":"…","provider_name":"OpenAI","model_slug":"openai/gpt-4o"}}}"#;
+        assert!(matches!(CallError::from_status(403, &vec![], flagged), CallError::Rejected { status: 403, .. }));
+        assert!(matches!(CallError::from_status(403, &vec![], r#"{"error":{"message":"Forbidden"}}"#), CallError::Fatal { status: 403, .. }));
+    }
+
+    #[test]
+    fn an_error_a_2xx_answer_carries_is_classified_by_the_status_it_names() {
+        let none = Vec::new();
+        // vLLM's and OpenRouter's shape, SGLang's unwrapped one, a code as a string.
+        let overloaded = CallError::carried(r#"{"error":{"object":"error","message":"The waiting queue is full","type":"ServiceUnavailableError","code":503}}"#, &none);
+        assert!(matches!(overloaded, Some(CallError::Transient { status: Some(503), .. })), "{overloaded:?}");
+        let sglang = CallError::carried(r#"{"object":"error","message":"Input is too long","type":"BadRequestError","param":null,"code":400}"#, &none);
+        assert!(matches!(sglang, Some(CallError::Rejected { status: 400, .. })), "{sglang:?}");
+        let limited = CallError::carried(r#"{"error":{"code":"429","message":"Rate limit exceeded upstream"}}"#, &vec![("retry-after".to_string(), "3".to_string())]);
+        assert!(matches!(limited, Some(CallError::RateLimited(RateLimit { retry_after: Some(d), .. })) if d == Duration::from_secs(3)), "{limited:?}");
+        // No status named, a code that is no HTTP status, or an answer with choices: not carried.
+        assert!(CallError::carried(r#"{"error":{"message":"something broke"}}"#, &none).is_none());
+        assert!(CallError::carried(r#"{"error":{"message":"x","code":"invalid_prompt"}}"#, &none).is_none());
+        assert!(CallError::carried(r#"{"error":{"code":200}}"#, &none).is_none());
+        assert!(CallError::carried(r#"{"choices":[{"message":{"content":"{}"}}],"error":{"code":500}}"#, &none).is_none());
+        assert!(CallError::carried("not json", &none).is_none());
     }
 
     #[test]

@@ -125,11 +125,11 @@ impl ChatClient {
                 if !stream::looks_like_sse(&whole.text) {
                     return Ok(Reply::Whole(whole));
                 }
-                let text = fold_sse(&whole.text, status, limit)?;
+                let text = fold_sse(&whole.text, status, &whole.headers, limit)?;
                 return Ok(Reply::Streamed(Whole { text, ..whole }, None, None));
             }
             let headers = keep_headers(response.headers());
-            let streamed = read_stream(response, status, limit, first_chunk).await?;
+            let streamed = read_stream(response, status, &headers, limit, first_chunk).await?;
             Ok(Reply::Streamed(Whole { status, headers, text: streamed.text }, streamed.first, streamed.rest))
         };
         match within(timeout, exchange).await? {
@@ -194,6 +194,9 @@ impl Whole {
     /// body does not say it.
     fn completed(self, latency: Duration, delivery: Delivery) -> Result<Answer, CallError> {
         let Whole { status, headers, text } = self;
+        if let Some(error) = CallError::carried(&text, &headers) {
+            return Err(error);
+        }
         let mut completion = parse_completion(&text).map_err(|reason| CallError::BadOutput {
             reason,
             status,
@@ -264,16 +267,29 @@ impl Rest {
 }
 
 /// The rebuilt unstreamed body of an SSE stream read whole (`text`, a 2xx of status `status`),
-/// held to `limit`; a stream that is no answer is `BadOutput` with `text` as its body.
-fn fold_sse(text: &str, status: u16, limit: u64) -> Result<String, CallError> {
-    let bad = |reason: String| CallError::BadOutput { reason, status, body: text.to_owned() };
+/// held to `limit`; a stream that is no answer is `BadOutput` with `text` as its body (or the
+/// error its error event names, `failed_stream`).
+fn fold_sse(text: &str, status: u16, headers: &RateHeaders, limit: u64) -> Result<String, CallError> {
     let mut reader = stream::StreamReader::default();
-    reader.feed(text.as_bytes()).map_err(bad)?;
-    let rebuilt = reader.finish().map_err(bad)?;
+    let fed = reader.feed(text.as_bytes()).and_then(|_| reader.end());
+    fed.map_err(|reason| failed_stream(reason, &reader, status, headers, text.as_bytes()))?;
+    let rebuilt = reader
+        .into_body()
+        .map_err(|reason| CallError::BadOutput { reason, status, body: text.to_owned() })?;
     if rebuilt.len() as u64 > limit {
         return Err(CallError::TooLarge { limit, status });
     }
     Ok(rebuilt)
+}
+
+/// A stream that failed: the error its server's error event names by an HTTP status (an
+/// overloaded SGLang's 503, a proxy's 502 from the model behind it), classified as that status
+/// would be; else `BadOutput` with `reason` and the bytes `received` as its body.
+fn failed_stream(reason: String, reader: &stream::StreamReader, status: u16, headers: &RateHeaders, received: &[u8]) -> CallError {
+    reader
+        .server_error()
+        .and_then(|data| CallError::carried(data, headers))
+        .unwrap_or_else(|| CallError::BadOutput { reason, status, body: String::from_utf8_lossy(received).into_owned() })
 }
 
 /// Reads an SSE answer chunk by chunk, sending `first_chunk` the moment the first event with
@@ -287,6 +303,7 @@ fn fold_sse(text: &str, status: u16, limit: u64) -> Result<String, CallError> {
 async fn read_stream(
     mut response: reqwest::Response,
     status: u16,
+    headers: &RateHeaders,
     limit: u64,
     first_chunk: oneshot::Sender<Instant>,
 ) -> Result<Streamed, CallError> {
@@ -297,7 +314,7 @@ async fn read_stream(
     let mut received = Vec::new();
     let mut first_chunk = Some(first_chunk);
     let mut first = None;
-    let bad = |reason: String, received: &[u8]| CallError::BadOutput { reason, status, body: String::from_utf8_lossy(received).into_owned() };
+    let bad = |reason: String, reader: &stream::StreamReader, received: &[u8]| failed_stream(reason, reader, status, headers, received);
     let rest = loop {
         let Some(chunk) = response.chunk().await.map_err(|e| CallError::from_transport(&e))? else { break None };
         let arrived = Instant::now();
@@ -311,15 +328,17 @@ async fn read_stream(
         if reader.rebuilt_len() > max || reader.held() > max.saturating_mul(2) {
             return Err(too_large());
         }
-        let fed = fed.map_err(|reason| bad(reason, &received))?;
+        let fed = fed.map_err(|reason| bad(reason, &reader, &received))?;
         if fed.done {
             break Some(Rest { budget: raw_max - reader.read, response });
         }
     };
     if rest.is_none() {
-        told(reader.end(), &reader, Instant::now(), &mut first_chunk, &mut first).map_err(|reason| bad(reason, &received))?;
+        told(reader.end(), &reader, Instant::now(), &mut first_chunk, &mut first).map_err(|reason| bad(reason, &reader, &received))?;
     }
-    let text = reader.into_body().map_err(|reason| bad(reason, &received))?;
+    let text = reader
+        .into_body()
+        .map_err(|reason| CallError::BadOutput { reason, status, body: String::from_utf8_lossy(&received).into_owned() })?;
     if text.len() > max {
         return Err(too_large());
     }

@@ -48,6 +48,9 @@ pub fn parse_completion(body: &str) -> Result<Completion, String> {
     let choice = value.get("choices").and_then(|c| c.get(0));
     let no_choices = choice.is_none();
     if no_choices && usage_value.is_none() {
+        if value.get("error").is_some_and(|e| !e.is_null()) {
+            return Err(format!("the server answered with an error: {}", super::error::provider_message(body)));
+        }
         return Err("the body has no `choices`".to_string());
     }
     let message = choice.and_then(|c| c.get("message"));

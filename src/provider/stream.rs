@@ -207,6 +207,8 @@ pub(super) struct StreamAnswer {
     /// slot takes the request up.)
     produced: bool,
     done: bool,
+    /// The data of the error event the server ended the stream with, if it did.
+    server_error: Option<String>,
 }
 
 impl StreamAnswer {
@@ -226,6 +228,7 @@ impl StreamAnswer {
             return Ok(Step::Done);
         }
         if event.kind.as_deref() == Some("error") {
+            self.server_error = Some(data.clone());
             return Err(format!("the server sent an error in the stream: {}", provider_message(data)));
         }
         if data.trim().is_empty() {
@@ -234,6 +237,7 @@ impl StreamAnswer {
         let value: Value = serde_json::from_str(data)
             .map_err(|e| format!("a streamed event's data is not JSON ({e}): {}", excerpt(data)))?;
         if value.get("error").is_some_and(|e| !e.is_null()) {
+            self.server_error = Some(data.clone());
             return Err(format!("the server sent an error in the stream: {}", provider_message(data)));
         }
         let Value::Object(chunk) = value else {
@@ -400,6 +404,7 @@ impl StreamReader {
     }
 
     /// The end of the body (or `[DONE]`): the rebuilt unstreamed body.
+    #[cfg(test)]
     pub fn finish(mut self) -> Result<String, String> {
         self.end()?;
         self.into_body()
@@ -423,6 +428,11 @@ impl StreamReader {
     /// The answer has generated text (or a finish reason) so far.
     pub fn produced(&self) -> bool {
         self.answer.produced
+    }
+
+    /// The data of the error event the server ended the stream with, if it did.
+    pub fn server_error(&self) -> Option<&str> {
+        self.answer.server_error.as_deref()
     }
 
     fn take_events(&mut self) -> Result<Fed, String> {

@@ -19,6 +19,9 @@ pub enum Setback {
     /// The provider could not be reached at all (an outage): no attempt counted, the items
     /// wait `wait`.
     Unreachable { message: String, wait: Duration },
+    /// The provider answered that it cannot take requests now (HTTP 503: a model loading, its
+    /// queue full, a proxy with no healthy server behind it): as `Unreachable`.
+    Unavailable { message: String, wait: Duration },
     Timeout(String),
     /// The whole answer was not a JSON object, or the request was refused as too large.
     Malformed(String),
@@ -38,6 +41,7 @@ impl Setback {
             Setback::RateLimited { .. } => "rate_limited",
             Setback::Transient(_) => "transient",
             Setback::Unreachable { .. } => "unreachable",
+            Setback::Unavailable { .. } => "unavailable",
             Setback::Timeout(_) => "timeout",
             Setback::Malformed(_) => "malformed",
             Setback::Missing => "missing",
@@ -50,7 +54,7 @@ impl Setback {
     fn message(&self) -> String {
         match self {
             Setback::RateLimited { .. } => "rate limited by the provider".into(),
-            Setback::Unreachable { message, .. } => message.clone(),
+            Setback::Unreachable { message, .. } | Setback::Unavailable { message, .. } => message.clone(),
             Setback::Transient(m) | Setback::Timeout(m) | Setback::Malformed(m) | Setback::Invalid(m) => m.clone(),
             Setback::Missing => "the answer did not contain this item's id".into(),
             Setback::Rejected { detail, .. } => detail.clone(),
@@ -89,7 +93,7 @@ impl RetryPolicy {
                 let wait = retry_after.unwrap_or(Duration::from_secs(1));
                 return retry(attempts, tier, None, wait.saturating_add(self::jitter(wait, 0.1 * jitter)));
             }
-            Setback::Unreachable { wait, .. } => {
+            Setback::Unreachable { wait, .. } | Setback::Unavailable { wait, .. } => {
                 return retry(attempts, tier, None, wait.saturating_add(self::jitter(*wait, 0.2 * jitter)));
             }
             _ => {}

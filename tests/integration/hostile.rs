@@ -317,6 +317,83 @@ async fn rate_limit_headers_in_other_units_and_nonsense_are_survived() {
     assert_eq!(ran.done().await, 6);
 }
 
+/// A server that cannot take requests for a while (a model loading, its queue full: 503) and
+/// then answers: the items wait with their attempts untouched, however many 503s come — more
+/// than the job's attempts here — and every row is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_unavailable_for_a_while_costs_the_items_no_attempts() {
+    let case = Case {
+        limits: "items_per_request = { start = 3, min = 1, max = 3 }\nconcurrency = { start = 1, min = 1, max = 1 }\nmax_attempts = 2",
+        ..Case::default()
+    };
+    let ran = run_case(
+        case,
+        first(5, |_| Hr::json(503, &json!({"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})).header("retry-after", "0.2")),
+    )
+    .await;
+    ran.verdict(0, "finished").await;
+    assert_eq!(ran.done().await, 6);
+    let calls = ran.calls().await;
+    assert_eq!(calls.iter().filter(|c| c.0.as_deref() == Some("transient")).count(), 5, "{calls:?}");
+}
+
+/// Errors sent inside a 200 — a whole body naming a 503, a stream whose first event is an
+/// error naming a 503 (SGLang's full queue) — are the 503s they name: no attempt used, every
+/// row done; a 402 inside one (no credit left) stops the run, naming the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_sent_inside_a_200_is_taken_for_the_status_it_names() {
+    let full = json!({"error": {"object": "error", "message": "The waiting queue is full", "type": "ServiceUnavailableError", "code": 503}});
+    let case = Case {
+        model: "stream = \"always\"",
+        limits: "items_per_request = { start = 3, min = 1, max = 3 }\nconcurrency = { start = 1, min = 1, max = 1 }\nmax_attempts = 1",
+        ..Case::default()
+    };
+    let ran = run_case(case, move |seen: &Seen| match seen.n {
+        0 => Hr::json(200, &full),
+        1 => Hr::new(200, format!("data: {full}\n\ndata: [DONE]\n\n")).header("content-type", "text/event-stream"),
+        _ => good(seen),
+    })
+    .await;
+    ran.verdict(0, "finished").await;
+    assert_eq!(ran.done().await, 6);
+    let calls = ran.calls().await;
+    assert_eq!(calls.iter().filter(|c| c.0.as_deref() == Some("transient")).count(), 2, "{calls:?}");
+
+    let ran = run_case(Case::default(), |_| Hr::json(200, &json!({"error": {"code": 402, "message": "Insufficient credits"}}))).await;
+    ran.verdict(1, "add credit").await;
+    assert_eq!(ran.done().await, 0);
+}
+
+/// A server that cuts a prompt to fit its context and answers what is left (Ollama, silently)
+/// reports far fewer prompt tokens than the prompt holds: such answers — here every row made
+/// up — are not used; the items go out again in smaller requests, which fit.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_to_a_prompt_the_server_cut_is_not_used() {
+    let case = Case {
+        rows: 24,
+        limits: "items_per_request = { start = 12, min = 1, max = 12 }\nconcurrency = { start = 1, min = 1, max = 1 }",
+        ..Case::default()
+    };
+    let ran = run_case(case, |seen: &Seen| {
+        let fits = seen.items.len() <= 6;
+        let content: serde_json::Map<String, Value> = seen
+            .items
+            .iter()
+            .map(|(id, title, body)| (id.clone(), Value::String(if fits { expected_output(id, title, body) } else { "made up".into() })))
+            .collect();
+        let mut body = completion(&Value::Object(content).to_string());
+        body["usage"] = json!({"prompt_tokens": if fits { 60 * seen.items.len() + 150 } else { 256 }, "completion_tokens": 50, "total_tokens": 300});
+        Hr::json(200, &body)
+    })
+    .await;
+    ran.verdict(0, "cut the prompt to fit its context").await;
+    assert_eq!(ran.done().await, 24);
+    let seen = ran.provider.seen();
+    assert!(seen.iter().any(|s| s.items.len() > 6), "the start's requests are larger than what fits");
+    let calls = ran.calls().await;
+    assert!(calls.iter().any(|c| c.0.as_deref() == Some("malformed")), "{calls:?}");
+}
+
 // ---- bills that cannot be true ---------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]

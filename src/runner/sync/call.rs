@@ -136,6 +136,39 @@ pub struct Call {
 /// the queue to be packed anew.
 pub const MAX_RESENDS: u32 = 3;
 
+/// A prompt the server counted fewer than this share of the tokens counted here for...
+const CUT_PROMPT_SHARE: f64 = 0.5;
+/// ...out of at least this many (short prompts differ more between tokenizers), was cut by the
+/// server to fit its context. Tokenizers differ by far less: the count here is `o200k_base`'s
+/// unless the job names another, and open models' tokenizers count more tokens than it, not
+/// fewer.
+const CUT_PROMPT_LEAST: u64 = 512;
+
+/// Why an answer cannot be used when the server reported far fewer prompt tokens than the
+/// prompt holds: it cut the prompt to fit its context and answered what was left — the end of
+/// the items without the instructions before them. Ollama does so without an error (at
+/// `OLLAMA_CONTEXT_LENGTH`, or the model's `num_ctx`); such an answer may even hold an entry
+/// for every item, made up. Told once at warn level; the call is malformed, so its items go
+/// out again, in halves after a second such answer.
+fn cut_prompt(counted: u64, usage: Option<&crate::pricing::Usage>) -> Option<String> {
+    static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let reported = usage?.prompt_tokens;
+    if counted < CUT_PROMPT_LEAST || reported == 0 || reported as f64 >= CUT_PROMPT_SHARE * counted as f64 {
+        return None;
+    }
+    let why = format!(
+        "the server counted {reported} prompt tokens for a prompt of about {counted}: it cut the prompt to fit its \
+         context, so the answer was made without the instructions and is not used"
+    );
+    if !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "{why}; the items go out again in smaller requests. Set model.context_window to the server's context \
+             (Ollama: OLLAMA_CONTEXT_LENGTH, or the model's num_ctx), or raise the server's context"
+        );
+    }
+    Some(why)
+}
+
 /// What a finished call says about the provider, for the dispatcher's breakers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -377,6 +410,8 @@ pub fn conclude(
             let ids: Vec<String> = request.claimed.iter().map(|c| c.item.id.clone()).collect();
             let validated = if completion.no_choices {
                 Err(Malformed("the answer has no `choices` (its usage is billed)".into()))
+            } else if let Some(cut) = cut_prompt(request.prompt_tokens, completion.usage.as_ref()) {
+                Err(Malformed(cut))
             } else {
                 validate(&completion.content, &ids, &ctx.shape, completion.truncated())
             };
@@ -459,6 +494,17 @@ pub fn conclude(
                     settle.lost = true;
                     (Setback::Timeout(error.to_string()), Outcome::TimedOut)
                 }
+                CallError::Transient { status: Some(503), headers, .. } => {
+                    // The server cannot take requests now (a model loading, its queue full, a
+                    // proxy with no healthy server behind it): not the items' fault. They wait
+                    // (its Retry-After, if it said one) and go out again with their attempts
+                    // untouched; the controller slows down, and the outage breaker decides how
+                    // long that may last.
+                    result.observation.rate_limits = parse_rate_limit_headers(headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+                    result.verdict = Verdict::Unreachable(error.to_string());
+                    let wait = crate::provider::parse_retry_after(headers).unwrap_or(OUTAGE_RETRY);
+                    (Setback::Unavailable { message: error.to_string(), wait }, Outcome::ServerError { status: 503 })
+                }
                 CallError::Transient { status: Some(status), headers, .. } => {
                     result.observation.rate_limits = parse_rate_limit_headers(headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
                     (Setback::Transient(error.to_string()), Outcome::ServerError { status: *status })
@@ -530,7 +576,11 @@ fn seal(settle: CallSettle, outcome: CallOutcome, cost_source: CostSource) -> Ca
 pub fn too_long_wait(headers: &[(String, String)], rate_limited: bool, cap: Duration) -> Option<String> {
     let pairs = || headers.iter().map(|(a, b)| (a.as_str(), b.as_str()));
     let info = parse_rate_limit_headers(pairs());
-    let wait = info.retry_after.or_else(|| if rate_limited { exhausted_reset(&info) } else { None })?;
+    let unnamed = || if rate_limited { exhausted_unnamed_reset(headers, std::time::SystemTime::now()) } else { None };
+    let wait = info
+        .retry_after
+        .or_else(|| if rate_limited { exhausted_reset(&info) } else { None })
+        .or_else(|| unnamed().map(|(wait, _)| wait))?;
     if wait <= cap {
         return None;
     }
@@ -543,6 +593,7 @@ pub fn too_long_wait(headers: &[(String, String)], rate_limited: bool, cap: Dura
             alone.retry_after == Some(wait) || windows.iter().any(|w| w.reset == Some(wait))
         })
         .map(|(name, value)| format!("`{name}: {value}`"))
+        .or_else(|| unnamed().map(|(_, header)| header))
         .unwrap_or_else(|| "its rate-limit headers".into());
     let shown = if wait >= backfill_controller::LONGEST_WAIT {
         "more than 100 years".to_owned()
@@ -555,6 +606,23 @@ pub fn too_long_wait(headers: &[(String, String)], rate_limited: bool, cap: Dura
          later, or raise limits.max_retry_after_s",
         cap.as_secs_f64()
     ))
+}
+
+/// A used-up limit of no named kind (OpenRouter's daily limit of free models: `x-ratelimit-remaining: 0`
+/// and `x-ratelimit-reset` as a Unix time, in milliseconds or seconds): how long until it
+/// resets, as seen `now`, and the header that says so. Its window is not said, so it paces
+/// nothing; it only tells a wait too long to sit out.
+fn exhausted_unnamed_reset(headers: &[(String, String)], now: std::time::SystemTime) -> Option<(Duration, String)> {
+    let get = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim());
+    if get("x-ratelimit-remaining")?.parse::<f64>().ok()? > 0.0 {
+        return None;
+    }
+    let value = get("x-ratelimit-reset")?;
+    let reset = value.parse::<f64>().ok().filter(|r| r.is_finite() && *r > 1e9)?;
+    let seconds = if reset > 1e12 { reset / 1000.0 } else { reset };
+    let since_epoch = now.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    let wait = backfill_controller::seconds_to_duration((seconds - since_epoch).max(0.0))?;
+    Some((wait, format!("`x-ratelimit-reset: {value}`")))
 }
 
 /// The reset of a limit the provider says is used up, if any.
@@ -637,6 +705,42 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_used_up_limit_of_no_named_kind_tells_its_reset_in_unix_time() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_765_000_000);
+        let headers = |remaining: &str, reset: &str| vec![
+            ("x-ratelimit-limit".to_string(), "50".to_string()),
+            ("x-ratelimit-remaining".to_string(), remaining.to_string()),
+            ("x-ratelimit-reset".to_string(), reset.to_string()),
+        ];
+        // OpenRouter's daily limit of free models, its reset in milliseconds, ten hours off.
+        let (wait, named) = exhausted_unnamed_reset(&headers("0", "1765036000000"), now).expect("a reset");
+        assert_eq!((wait, named.as_str()), (Duration::from_secs(36_000), "`x-ratelimit-reset: 1765036000000`"));
+        assert_eq!(exhausted_unnamed_reset(&headers("0", "1765000060"), now).map(|(w, _)| w), Some(Duration::from_secs(60)));
+        // Not used up, a reset in the past, a reset that is no Unix time: nothing to wait for.
+        assert_eq!(exhausted_unnamed_reset(&headers("3", "1765036000000"), now), None);
+        assert_eq!(exhausted_unnamed_reset(&headers("0", "1764999000000"), now).map(|(w, _)| w), Some(Duration::ZERO));
+        assert_eq!(exhausted_unnamed_reset(&headers("0", "20"), now), None);
+        let stop = too_long_wait(&headers("0", &format!("{}", (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 36_000) * 1000)), true, Duration::from_secs(3600));
+        assert!(stop.as_deref().is_some_and(|s| s.contains("x-ratelimit-reset") && s.contains("limits.max_retry_after_s")), "{stop:?}");
+    }
+
+    #[test]
+    fn a_prompt_reported_far_shorter_than_counted_was_cut_by_the_server() {
+        let usage = |prompt_tokens| crate::pricing::Usage { prompt_tokens, ..Default::default() };
+        // Ollama at a context of 2,048 answering a prompt of 6,000.
+        assert!(cut_prompt(6_000, Some(&usage(2_048))).is_some_and(|why| why.contains("counted 2048 prompt tokens for a prompt of about 6000")));
+        // Another tokenizer, a little denser or looser: not cut.
+        assert_eq!(cut_prompt(6_000, Some(&usage(3_100))), None);
+        assert_eq!(cut_prompt(6_000, Some(&usage(9_000))), None);
+        // A short prompt, no usage, a count of zero (servers that report none that way), a
+        // request known only by its ledger row (counted 0): nothing to say.
+        assert_eq!(cut_prompt(400, Some(&usage(100))), None);
+        assert_eq!(cut_prompt(6_000, None), None);
+        assert_eq!(cut_prompt(6_000, Some(&usage(0))), None);
+        assert_eq!(cut_prompt(0, Some(&usage(10))), None);
+    }
 
     #[test]
     fn only_a_refusal_before_any_text_says_that_a_server_cannot_stream() {
