@@ -36,10 +36,13 @@ pub async fn attach(job: &Job, options: &RunOptions) -> anyhow::Result<Option<At
     store.migrate().await?;
     let tables = Tables::from_job(job);
     store.check(&tables).await?;
-    let Some(run) = find_or_create(job, options, store.as_ref(), &tables).await? else {
+    let Some(found) = find_or_create(job, options, store.as_ref(), &tables).await? else {
         return Ok(None);
     };
-    let job = with_run_settings(job, &run);
+    let (run, resumed) = match found {
+        Found::New(run) => (run, false),
+        Found::Resumed(run) => (run, true),
+    };
     crate::exit::json_line::set_run(run.id);
     let worker = Worker::current();
     match store.attach(run.id, &worker, job.limits.lease, !store.shares_runs()).await? {
@@ -62,8 +65,18 @@ pub async fn attach(job: &Job, options: &RunOptions) -> anyhow::Result<Option<At
             )));
         }
     }
+    // Only once attached: a process refused because another works on the run changes nothing.
+    let run = if resumed { apply_resume_flags(job, options, store.as_ref(), &tables, run).await? } else { run };
+    let job = with_run_settings(job, &run);
     let lease = job.limits.lease;
     Ok(Some(Attached { job, store, tables, run, worker, lease }))
+}
+
+/// A run found or created for this command.
+enum Found {
+    New(RunRecord),
+    /// An unfinished run `--resume` continues, as it was: its flags are applied once attached.
+    Resumed(RunRecord),
 }
 
 /// The job as this run goes: the run's budget cap and mode (as started, or as a flag of this
@@ -85,7 +98,7 @@ fn cap_text(cap: Option<f64>) -> String {
     cap.map(crate::pricing::format_usd_cap).unwrap_or_else(|| "none".into())
 }
 
-async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tables: &Tables) -> anyhow::Result<Option<RunRecord>> {
+async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tables: &Tables) -> anyhow::Result<Option<Found>> {
     let new = NewRun {
         job: job.name.clone(),
         target: format!(
@@ -104,69 +117,12 @@ async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tabl
                 tracing::info!("no unfinished run of `{}` to resume: started run {}", job.name, run.id);
             }
             tracing::info!("run {}: {} items queued", run.id, run.total_items);
-            Ok(Some(run))
+            Ok(Some(Found::New(run)))
         }
         Created::NothingPending => Ok(None),
-        Created::Existing(mut run) if options.resume => {
+        Created::Existing(run) if options.resume => {
             tracing::info!("resuming run {} ({})", run.id, run.status.as_str());
-            let (mut kept, mut changed) = (Vec::new(), Vec::new());
-            // The budget cap: the run's, unless --max-usd changes it.
-            match options.max_usd {
-                Some(cap) if run.max_usd != Some(cap) => {
-                    changed.push(format!("budget cap {} (was {})", cap_text(Some(cap)), cap_text(run.max_usd)));
-                    store.set_budget(run.id, Some(cap)).await?;
-                    run.max_usd = Some(cap);
-                }
-                _ => {
-                    kept.push(format!("budget cap {}", cap_text(run.max_usd)));
-                    if options.max_usd.is_none() && job.budget_usd != run.max_usd {
-                        tracing::info!(
-                            "run {}: the job file's budget cap {} is not applied to a resumed run; pass --max-usd to change the cap",
-                            run.id,
-                            cap_text(job.budget_usd)
-                        );
-                    }
-                }
-            }
-            // The mode: the run's, unless --batch-api moves a synchronous run to the batch API.
-            match (run.mode.as_deref(), mode_name(job)) {
-                (Some("sync"), Some("batch")) if options.batch_api => {
-                    changed.push("mode batch (was sync)".to_owned());
-                    store.set_mode(run.id, "batch").await?;
-                    run.mode = Some("batch".into());
-                }
-                (Some(mode), _) => kept.push(format!("mode {mode}")),
-                // A run from before runs kept their mode goes as this command says, from now on.
-                (None, Some(mode)) => {
-                    store.set_mode(run.id, mode).await?;
-                    run.mode = Some(mode.to_owned());
-                }
-                (None, None) => {}
-            }
-            // The limit: the run's items, unless --limit changes how many it holds.
-            match options.limit {
-                Some(limit) if run.limit != Some(limit) => {
-                    let total = store.set_limit(tables, run.id, limit).await?;
-                    changed.push(format!(
-                        "limit {limit} (was {}; the run now holds {total} items)",
-                        run.limit.map(|l| l.to_string()).unwrap_or_else(|| "none".into())
-                    ));
-                    run.limit = Some(limit);
-                    run.total_items = total;
-                }
-                _ => kept.push(format!("limit {}", run.limit.map(|l| l.to_string()).unwrap_or_else(|| "none".into()))),
-            }
-            if !kept.is_empty() {
-                tracing::info!(
-                    "run {}: kept what it was started with: {} (--max-usd, --batch-api, --limit change them)",
-                    run.id,
-                    kept.join(", ")
-                );
-            }
-            if !changed.is_empty() {
-                tracing::info!("run {}: changed by this command: {}", run.id, changed.join(", "));
-            }
-            Ok(Some(run))
+            Ok(Some(Found::Resumed(run)))
         }
         Created::Existing(run) => Err(usage(format!(
             "job `{}` has an unfinished run {} ({}, started {}); continue it with `backfill run {} --resume`, \
@@ -179,6 +135,69 @@ async fn find_or_create(job: &Job, options: &RunOptions, store: &dyn Store, tabl
             job.path.display()
         ))),
     }
+}
+
+/// The flags of `--resume` that change a run (`--max-usd`, `--batch-api`, `--limit`), applied
+/// to it; what they leave is kept, and the log says which is which.
+async fn apply_resume_flags(job: &Job, options: &RunOptions, store: &dyn Store, tables: &Tables, mut run: RunRecord) -> anyhow::Result<RunRecord> {
+    let (mut kept, mut changed) = (Vec::new(), Vec::new());
+    // The budget cap: the run's, unless --max-usd changes it.
+    match options.max_usd {
+        Some(cap) if run.max_usd != Some(cap) => {
+            changed.push(format!("budget cap {} (was {})", cap_text(Some(cap)), cap_text(run.max_usd)));
+            store.set_budget(run.id, Some(cap)).await?;
+            run.max_usd = Some(cap);
+        }
+        _ => {
+            kept.push(format!("budget cap {}", cap_text(run.max_usd)));
+            if options.max_usd.is_none() && job.budget_usd != run.max_usd {
+                tracing::info!(
+                    "run {}: the job file's budget cap {} is not applied to a resumed run; pass --max-usd to change the cap",
+                    run.id,
+                    cap_text(job.budget_usd)
+                );
+            }
+        }
+    }
+    // The mode: the run's, unless --batch-api moves a synchronous run to the batch API.
+    match (run.mode.as_deref(), mode_name(job)) {
+        (Some("sync"), Some("batch")) if options.batch_api => {
+            changed.push("mode batch (was sync)".to_owned());
+            store.set_mode(run.id, "batch").await?;
+            run.mode = Some("batch".into());
+        }
+        (Some(mode), _) => kept.push(format!("mode {mode}")),
+        // A run from before runs kept their mode goes as this command says, from now on.
+        (None, Some(mode)) => {
+            store.set_mode(run.id, mode).await?;
+            run.mode = Some(mode.to_owned());
+        }
+        (None, None) => {}
+    }
+    // The limit: the run's items, unless --limit changes how many it holds.
+    match options.limit {
+        Some(limit) if run.limit != Some(limit) => {
+            let total = store.set_limit(tables, run.id, limit).await?;
+            changed.push(format!(
+                "limit {limit} (was {}; the run now holds {total} items)",
+                run.limit.map(|l| l.to_string()).unwrap_or_else(|| "none".into())
+            ));
+            run.limit = Some(limit);
+            run.total_items = total;
+        }
+        _ => kept.push(format!("limit {}", run.limit.map(|l| l.to_string()).unwrap_or_else(|| "none".into()))),
+    }
+    if !kept.is_empty() {
+        tracing::info!(
+            "run {}: kept what it was started with: {} (--max-usd, --batch-api, --limit change them)",
+            run.id,
+            kept.join(", ")
+        );
+    }
+    if !changed.is_empty() {
+        tracing::info!("run {}: changed by this command: {}", run.id, changed.join(", "));
+    }
+    Ok(run)
 }
 
 /// Heartbeats the worker's leases, returns expired leases of others to the queue, and keeps the

@@ -271,6 +271,10 @@ async fn a_second_process_on_the_same_sqlite_run_refuses_clearly() {
     let second = backfill_async(fx.dir.path(), &["run", fx.job.to_str().unwrap(), "--resume"], &[]).await;
     assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
     assert!(stderr(&second).contains("being worked on by another process"), "{}", stderr(&second));
+    // Refused, it changes nothing of the run: not its cap, not how many items it holds.
+    let changing = backfill_async(fx.dir.path(), &["run", fx.job.to_str().unwrap(), "--resume", "--max-usd", "0.01", "--limit", "5"], &[]).await;
+    assert_eq!(changing.status.code(), Some(2), "{}", stderr(&changing));
+    assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM backfill_runs WHERE max_usd IS NOT NULL OR item_limit IS NOT NULL").await, 0);
     let output = wait(first).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(scalar(&fx, "SELECT COUNT(*) FROM items WHERE summary IS NOT NULL").await, 40);
