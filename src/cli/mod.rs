@@ -50,7 +50,7 @@ Exit codes:
 Environment:
   OPENAI_API_KEY (or the job's model.api_key_env)  the provider's key
   ${VAR} / ${VAR:-default} in the job file  any variable, expanded when the job loads
-  RUST_LOG  log filter (default: info for backfill), e.g. RUST_LOG=backfill=debug
+  RUST_LOG  log filter (default: warn,backfill=info,backfill_controller=info), e.g. RUST_LOG=backfill=debug
   NO_COLOR  logs without colour";
 
 #[derive(Debug, Subcommand)]

@@ -173,19 +173,39 @@ impl Default for LimitsFile {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+/// `{ start, min, max }`, each of them optional: what is left out follows from the key's
+/// defaults and what is given (`concurrency = { max = 2 }` is `{ start = 2, min = 1, max = 2 }`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RangeFile {
-    pub start: u32,
-    pub min: u32,
-    pub max: u32,
+    pub start: Option<u32>,
+    pub min: Option<u32>,
+    pub max: Option<u32>,
+}
+
+/// The defaults of `limits.items_per_request` and `limits.concurrency`: `(start, min, max)`.
+pub const DEFAULT_ITEMS: (u32, u32, u32) = (10, 1, 40);
+pub const DEFAULT_CONCURRENCY: (u32, u32, u32) = (4, 1, 64);
+
+impl RangeFile {
+    /// `(start, min, max)`: the values given, the rest from `defaults` — a bound left out
+    /// widened to take in the values given, a start left out held between the bounds.
+    pub fn resolve(self, defaults: (u32, u32, u32)) -> (u32, u32, u32) {
+        let (start, min, max) = defaults;
+        let given_low = [self.min, self.start, self.max].into_iter().flatten().min();
+        let given_high = [self.min, self.start, self.max].into_iter().flatten().max();
+        let min = self.min.unwrap_or_else(|| given_low.map_or(min, |low| min.min(low)));
+        let max = self.max.unwrap_or_else(|| given_high.map_or(max, |high| max.max(high)));
+        let start = self.start.unwrap_or_else(|| start.clamp(min.min(max), max.max(min)));
+        (start, min, max)
+    }
 }
 
 fn default_items() -> RangeFile {
-    RangeFile { start: 10, min: 1, max: 40 }
+    RangeFile::default()
 }
 fn default_concurrency() -> RangeFile {
-    RangeFile { start: 4, min: 1, max: 64 }
+    RangeFile::default()
 }
 fn default_attempts() -> u32 {
     4

@@ -547,6 +547,10 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
             ("expected_output_tokens_per_item", m.expected_output_tokens_per_item.is_some()),
             ("temperature", m.temperature.is_some()),
             ("encoding", m.encoding.is_some()),
+            ("request_timeout_s", m.request_timeout_s.is_some()),
+            ("context_window", m.context_window.is_some()),
+            ("max_tokens", m.max_tokens.is_some()),
+            ("max_response_bytes", m.max_response_bytes.is_some()),
         ],
         "onnx",
     )?;
@@ -627,14 +631,15 @@ fn check_input_template(input: &str, source: &Source) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bounds(key: &str, r: RangeFile) -> anyhow::Result<Bounds> {
-    if r.min == 0 || r.min > r.start || r.start > r.max || r.max > MAX_RANGE {
+fn bounds(key: &str, r: RangeFile, defaults: (u32, u32, u32)) -> anyhow::Result<Bounds> {
+    let (start, min, max) = r.resolve(defaults);
+    if min == 0 || min > start || start > max || max > MAX_RANGE {
         return Err(usage(format!(
-            "`limits.{key}` = {{ start = {}, min = {}, max = {} }}: need 1 <= min <= start <= max, and max at most {MAX_RANGE}",
-            r.start, r.min, r.max
+            "`limits.{key}` = {{ start = {start}, min = {min}, max = {max} }}{}: need 1 <= min <= start <= max, and max at most {MAX_RANGE}",
+            if r.start.is_some() && r.min.is_some() && r.max.is_some() { "" } else { " (with the defaults of what it leaves out)" }
         )));
     }
-    Ok(Bounds { start: r.start, min: r.min, max: r.max })
+    Ok(Bounds { start, min, max })
 }
 
 fn limits(file: &JobFile) -> anyhow::Result<Limits> {
@@ -659,8 +664,8 @@ fn limits(file: &JobFile) -> anyhow::Result<Limits> {
     Ok(Limits {
         requests_per_minute: l.requests_per_minute,
         tokens_per_minute: l.tokens_per_minute,
-        items_per_request: bounds("items_per_request", l.items_per_request)?,
-        concurrency: bounds("concurrency", l.concurrency)?,
+        items_per_request: bounds("items_per_request", l.items_per_request, super::file::DEFAULT_ITEMS)?,
+        concurrency: bounds("concurrency", l.concurrency, super::file::DEFAULT_CONCURRENCY)?,
         max_attempts: l.max_attempts,
         lease: Duration::from_secs_f64(l.lease_seconds),
         grace: Duration::from_secs_f64(l.grace_seconds),
@@ -681,6 +686,22 @@ fn check_encoding(encoding: &str, key: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_given_in_part_takes_the_rest_from_its_defaults() {
+        let range = |start, min, max| RangeFile { start, min, max };
+        let concurrency = crate::job::file::DEFAULT_CONCURRENCY;
+        let of = |r| bounds("concurrency", r, concurrency).map(|b| (b.start, b.min, b.max)).map_err(|e| e.to_string());
+        assert_eq!(of(range(None, None, None)), Ok((4, 1, 64)));
+        assert_eq!(of(range(None, None, Some(2))), Ok((2, 1, 2)));
+        assert_eq!(of(range(None, Some(8), None)), Ok((8, 8, 64)));
+        assert_eq!(of(range(Some(100), None, None)), Ok((100, 1, 100)));
+        assert_eq!(of(range(Some(2), Some(1), Some(3))), Ok((2, 1, 3)));
+        let refused = of(range(None, Some(5), Some(3))).unwrap_err();
+        assert!(refused.contains("min = 5, max = 3 } (with the defaults of what it leaves out)"), "{refused}");
+        assert!(of(range(None, None, Some(0))).is_err());
+        assert!(of(range(Some(1), Some(1), Some(100_000_000))).unwrap_err().contains("need 1 <= min <= start <= max"));
+    }
 
     #[test]
     fn placeholders_are_listed_trimmed() {
