@@ -92,6 +92,9 @@ pub struct ModelFile {
     pub request_timeout_s: Option<f64>,
     pub context_window: Option<u32>,
     pub max_tokens: Option<u32>,
+    /// The request field that carries the answer's token cap: "max_tokens" or
+    /// "max_completion_tokens" (default: the latter for OpenAI's and Azure's hosts).
+    pub max_tokens_field: Option<String>,
     pub encoding: Option<String>,
     /// The largest response body accepted, in bytes (default 8 MiB).
     pub max_response_bytes: Option<u64>,

@@ -121,6 +121,35 @@ impl BatchSettings {
 /// When a chat job asks for streamed answers (`model.stream`). A streamed answer's first chunk
 /// tells when the server's slot took the request up, so requests waiting in a self-hosted
 /// server's queue are seen while they wait; the answer itself is the same.
+/// The field of a chat request that caps its answer's tokens. OpenAI's reasoning models
+/// (o-series, gpt-5) refuse `max_tokens`; its other models and Azure's take
+/// `max_completion_tokens` too; most other servers know only `max_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxTokensField {
+    MaxTokens,
+    MaxCompletionTokens,
+}
+
+impl MaxTokensField {
+    pub fn name(self) -> &'static str {
+        match self {
+            MaxTokensField::MaxTokens => "max_tokens",
+            MaxTokensField::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
+
+    /// The field a job that does not name one sends to `base_url`: `max_completion_tokens` to
+    /// OpenAI's and Azure OpenAI's hosts, `max_tokens` elsewhere.
+    pub fn for_url(base_url: &str) -> MaxTokensField {
+        let host = reqwest::Url::parse(base_url).ok().and_then(|u| u.host_str().map(str::to_ascii_lowercase)).unwrap_or_default();
+        if host == "api.openai.com" || host.ends_with(".openai.azure.com") {
+            MaxTokensField::MaxCompletionTokens
+        } else {
+            MaxTokensField::MaxTokens
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Streaming {
     /// Streamed against a server at a local or private address that says neither its slots
@@ -157,6 +186,8 @@ pub struct ChatModel {
     pub context_window: u32,
     /// The model's own cap on output tokens per call, when it has one.
     pub max_tokens: Option<u32>,
+    /// The request field that carries the answer's token cap (`model.max_tokens_field`).
+    pub max_tokens_field: MaxTokensField,
     /// tiktoken encoding used to count prompt tokens.
     pub encoding: String,
     /// A response body longer than this is a failed call (`model.max_response_bytes`).

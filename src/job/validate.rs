@@ -424,6 +424,23 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(usage("`model.base_url` must start with http:// or https://"));
     }
+    if parsed.query().is_some() {
+        return Err(usage(format!(
+            "`model.base_url` = {:?} has a query string, which the API's paths cannot follow: give the API root \
+             (on Azure OpenAI, its v1 API: https://RESOURCE.openai.azure.com/openai/v1, with the deployment as model.name)",
+            crate::secret::redact_url(&base_url)
+        )));
+    }
+    let max_tokens_field = match m.max_tokens_field.as_deref() {
+        None => super::MaxTokensField::for_url(&base_url),
+        Some("max_tokens") => super::MaxTokensField::MaxTokens,
+        Some("max_completion_tokens") => super::MaxTokensField::MaxCompletionTokens,
+        Some(other) => {
+            return Err(usage(format!(
+                "`model.max_tokens_field` = {other:?}: use \"max_tokens\" or \"max_completion_tokens\" (OpenAI's reasoning models need the latter)"
+            )));
+        }
+    };
     let structured_output = match m.structured_output.as_deref().unwrap_or("json_object") {
         "json_schema" => StructuredOutput::JsonSchema,
         "json_object_schema" => StructuredOutput::JsonObjectSchema,
@@ -523,6 +540,7 @@ fn chat(dir: &Path, file: &JobFile, options: &LoadOptions) -> anyhow::Result<Cha
         request_timeout: Duration::from_secs_f64(timeout),
         context_window,
         max_tokens: m.max_tokens,
+        max_tokens_field,
         encoding,
         max_response_bytes,
         template,
@@ -551,6 +569,7 @@ fn onnx(dir: &Path, m: &ModelFile) -> anyhow::Result<OnnxModel> {
             ("context_window", m.context_window.is_some()),
             ("max_tokens", m.max_tokens.is_some()),
             ("max_response_bytes", m.max_response_bytes.is_some()),
+            ("max_tokens_field", m.max_tokens_field.is_some()),
         ],
         "onnx",
     )?;

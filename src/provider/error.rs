@@ -79,23 +79,28 @@ impl CallError {
                 status,
                 message: format!("{message} (a budget set at the provider or proxy is used up: raise it, then run again with --resume)"),
             },
-            429 if message.contains("insufficient_quota") || message.contains("exceeded your current quota") => {
+            429 if quota_used_up(&message) => {
                 CallError::Fatal { status, message: format!("{message} (the account's quota is used up)") }
             }
             429 => CallError::RateLimited(RateLimit {
-                retry_after: parse_retry_after(headers),
+                retry_after: parse_retry_after(headers).or_else(|| retry_delay_in_body(body)),
                 headers: headers.clone(),
             }),
+            // A field every request carries that the model refuses (OpenAI's reasoning models:
+            // `max_tokens`, a `temperature` other than 1): no call succeeds as the job stands.
+            400 if message.contains("unsupported_parameter") || message.contains("unsupported_value") => CallError::Fatal {
+                status,
+                message: format!(
+                    "{message} (the model refuses a field of every request: for `max_tokens` set model.max_tokens_field = \"max_completion_tokens\", for `temperature` leave model.temperature out)"
+                ),
+            },
             // The account's credit is used up (OpenRouter).
             402 => CallError::Fatal {
                 status,
                 message: format!("{message} (the account has no credit left: add credit, then run again with --resume)"),
             },
             // OpenRouter's moderation refuses one request's input: the items' fault, not the key's.
-            403 if flagged_by_moderation(body) => CallError::Rejected {
-                status,
-                message: format!("{message} (the provider's moderation flagged this request's input)"),
-            },
+            403 if flagged_by_moderation(body) => CallError::Rejected { status, message: format!("{message}{FLAGGED_BY_MODERATION}") },
             401 | 403 => CallError::Fatal {
                 status,
                 message: format!("{message} (check the API key in the variable named by model.api_key_env)"),
@@ -134,7 +139,8 @@ impl CallError {
             return None;
         }
         let value: serde_json::Value = serde_json::from_str(body).ok()?;
-        if value.get("choices").is_some() {
+        // An answer with a choice, or a usage to bill (it is read as an answer without one).
+        if value.get("choices").is_some() || value.get("usage").is_some_and(|u| u.is_object()) {
             return None;
         }
         let error = match value.get("error") {
@@ -151,12 +157,48 @@ impl CallError {
     }
 }
 
+/// A 429 that says the account's quota is used up (OpenAI's `insufficient_quota`), not a rate
+/// limit: Gemini words its per-minute limits "You exceeded your current quota" too, but says
+/// when to retry, or names a per-minute quota.
+fn quota_used_up(message: &str) -> bool {
+    if message.contains("insufficient_quota") {
+        return true;
+    }
+    message.contains("exceeded your current quota")
+        && !message.contains("retry in")
+        && !message.contains("PerMinute")
+        && !message.to_ascii_lowercase().contains("per minute")
+}
+
+/// How long a 429's body asks to wait when no header says it: Gemini's `retryDelay` ("34s")
+/// or its message's "Please retry in 34.5s".
+fn retry_delay_in_body(body: &str) -> Option<Duration> {
+    let seconds = |text: &str| -> Option<Duration> {
+        let digits: String = text.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+        let value = digits.parse::<f64>().ok()?;
+        let unit = text[digits.len()..].trim_start();
+        let value = if unit.starts_with("ms") { value / 1000.0 } else if unit.starts_with('s') { value } else { return None };
+        seconds_to_duration(value)
+    };
+    for marker in ["\"retryDelay\": \"", "\"retryDelay\":\"", "retry in "] {
+        if let Some(at) = body.find(marker)
+            && let Some(wait) = seconds(&body[at + marker.len()..])
+        {
+            return Some(wait);
+        }
+    }
+    None
+}
+
 /// A budget at the provider or at a proxy in front of it is used up (LiteLLM says so with
 /// `budget_exceeded` and a 400, 422 or 429).
 fn budget_used_up(message: &str) -> bool {
     let message = message.to_ascii_lowercase();
     ["budget_exceeded", "budget has been exceeded", "max budget limit reached"].iter().any(|sign| message.contains(sign))
 }
+
+/// Ends the message of a refusal by the provider's moderation.
+pub const FLAGGED_BY_MODERATION: &str = " (the provider's moderation flagged this request's input)";
 
 /// OpenRouter's 403 for input its moderation flagged (`error.metadata.flagged_input`).
 fn flagged_by_moderation(body: &str) -> bool {
@@ -169,7 +211,12 @@ fn flagged_by_moderation(body: &str) -> bool {
 /// The `error.message` (and `error.code`) of an OpenAI-style error body, else an excerpt.
 pub(super) fn provider_message(body: &str) -> String {
     if let Ok(value) = serde_json::from_str::<serde_json::Value>(body) {
-        let error = value.get("error").unwrap_or(&value);
+        // Gemini's OpenAI-compatible endpoint sends its errors in an array.
+        let value = match &value {
+            serde_json::Value::Array(items) if items.len() == 1 => &items[0],
+            _ => &value,
+        };
+        let error = value.get("error").unwrap_or(value);
         let message = error.get("message").and_then(|m| m.as_str()).or_else(|| error.as_str());
         let code = error.get("code").and_then(|c| c.as_str()).or_else(|| error.get("type").and_then(|t| t.as_str()));
         if let Some(message) = message {
@@ -238,6 +285,25 @@ mod tests {
     }
 
     #[test]
+    fn a_per_minute_quota_is_a_rate_limit_with_the_wait_its_body_names_and_a_refused_field_is_fatal() {
+        // Gemini's per-minute limit, in an array, its wait only in the body.
+        let gemini = r#"[{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_free_tier_requests, limit: 5, model: gemini-2.5-flash\nPlease retry in 34.5s.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"34s"}]}}]"#;
+        let limited = CallError::from_status(429, &vec![], gemini);
+        assert!(matches!(limited, CallError::RateLimited(RateLimit { retry_after: Some(d), .. }) if d == Duration::from_secs(34)), "{limited:?}");
+        assert!(provider_message(gemini).starts_with("You exceeded your current quota"), "{}", provider_message(gemini));
+        // OpenAI's used-up quota stays fatal, with or without its code.
+        let openai = r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+        assert!(matches!(CallError::from_status(429, &vec![], openai), CallError::Fatal { .. }));
+        assert!(matches!(CallError::from_status(429, &vec![], r#"{"error":{"message":"You exceeded your current quota."}}"#), CallError::Fatal { .. }));
+        // OpenAI's reasoning models refuse `max_tokens`: every request would.
+        let refused = r#"{"error":{"message":"Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.","type":"invalid_request_error","param":"max_tokens","code":"unsupported_parameter"}}"#;
+        let fatal = CallError::from_status(400, &vec![], refused);
+        assert!(matches!(&fatal, CallError::Fatal { message, .. } if message.contains("model.max_tokens_field")), "{fatal}");
+        assert_eq!(retry_delay_in_body("Please retry in 250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(retry_delay_in_body("retry in a while"), None);
+    }
+
+    #[test]
     fn an_error_a_2xx_answer_carries_is_classified_by_the_status_it_names() {
         let none = Vec::new();
         // vLLM's and OpenRouter's shape, SGLang's unwrapped one, a code as a string.
@@ -252,6 +318,7 @@ mod tests {
         assert!(CallError::carried(r#"{"error":{"message":"x","code":"invalid_prompt"}}"#, &none).is_none());
         assert!(CallError::carried(r#"{"error":{"code":200}}"#, &none).is_none());
         assert!(CallError::carried(r#"{"choices":[{"message":{"content":"{}"}}],"error":{"code":500}}"#, &none).is_none());
+        assert!(CallError::carried(r#"{"usage":{"prompt_tokens":10,"completion_tokens":5},"error":{"code":502}}"#, &none).is_none());
         assert!(CallError::carried("not json", &none).is_none());
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-pub use error::{CallError, RateLimit, parse_retry_after};
+pub use error::{CallError, FLAGGED_BY_MODERATION, RateLimit, parse_retry_after};
 pub use gauges::{GaugeReading, GaugeSource};
 pub use props::ServerProps;
 pub use request::{ChatRequest, Message, request_body, response_format};
@@ -457,6 +457,8 @@ fn keep_headers(headers: &reqwest::header::HeaderMap) -> RateHeaders {
             let n = name.as_str();
             n.starts_with("x-ratelimit-")
                 || n.starts_with("anthropic-ratelimit-")
+                // Resets given as a time of day are read against the answer's own clock.
+                || n == "date"
                 || n == "retry-after"
                 || n == "retry-after-ms"
                 || n == response::INFERENCE_TIME_HEADER

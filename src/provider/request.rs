@@ -2,22 +2,40 @@
 //! ids as keys.
 
 use serde::Serialize;
+use serde::ser::{SerializeStruct, Serializer};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::job::StructuredOutput;
+use crate::job::{MaxTokensField, StructuredOutput};
 use crate::pipeline::answers::OutputShape;
 
 /// A chat request, serialised in a fixed field order so its hash is stable.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<Message>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
+    /// The most tokens the answer may take, sent as `max_tokens_field` names.
     pub max_tokens: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens_field: MaxTokensField,
     pub response_format: Option<Value>,
+}
+
+impl Serialize for ChatRequest {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let fields = 3 + usize::from(self.temperature.is_some()) + usize::from(self.response_format.is_some());
+        let mut out = serializer.serialize_struct("ChatRequest", fields)?;
+        out.serialize_field("model", &self.model)?;
+        out.serialize_field("messages", &self.messages)?;
+        if let Some(temperature) = self.temperature {
+            out.serialize_field("temperature", &temperature)?;
+        }
+        out.serialize_field(self.max_tokens_field.name(), &self.max_tokens)?;
+        if let Some(format) = &self.response_format {
+            out.serialize_field("response_format", format)?;
+        }
+        out.end()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -40,7 +58,12 @@ impl ChatRequest {
             messages.push(Message { role: "system", content: system.to_owned() });
         }
         messages.push(Message { role: "user", content: user });
-        Self { model: model.to_owned(), messages, temperature, max_tokens, response_format }
+        Self { model: model.to_owned(), messages, temperature, max_tokens, max_tokens_field: MaxTokensField::MaxTokens, response_format }
+    }
+
+    /// The same request with its token cap sent as `field`.
+    pub fn with_max_tokens_field(self, field: MaxTokensField) -> Self {
+        Self { max_tokens_field: field, ..self }
     }
 }
 
@@ -140,5 +163,15 @@ mod tests {
         let mut d = a.clone();
         d.model = "n".into();
         assert_ne!(request_body(&a).1, request_body(&d).1);
+        // The field that carries the cap: the body says it, the cache key does not.
+        let e = a.clone().with_max_tokens_field(MaxTokensField::MaxCompletionTokens);
+        assert_eq!(request_body(&a).1, request_body(&e).1);
+        let body: Value = serde_json::from_slice(&request_body(&e).0).unwrap();
+        assert_eq!((body.get("max_tokens"), body["max_completion_tokens"].as_u64()), (None, Some(100)));
+        let body: Value = serde_json::from_slice(&request_body(&a).0).unwrap();
+        assert_eq!((body["max_tokens"].as_u64(), body.get("max_completion_tokens")), (Some(100), None));
+        let mut keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["max_tokens", "messages", "model", "temperature"]);
     }
 }

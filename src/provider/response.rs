@@ -75,8 +75,11 @@ pub fn parse_completion(body: &str) -> Result<Completion, String> {
         };
         let prompt_tokens = count("prompt_tokens", u.get("prompt_tokens"));
         let completion_tokens = count("completion_tokens", u.get("completion_tokens"));
+        // DeepSeek counts its cache hits in `prompt_cache_hit_tokens` (its `cached_tokens` may
+        // stay 0).
         let cached_tokens =
-            count("prompt_tokens_details.cached_tokens", u.get("prompt_tokens_details").and_then(|d| d.get("cached_tokens")));
+            count("prompt_tokens_details.cached_tokens", u.get("prompt_tokens_details").and_then(|d| d.get("cached_tokens")))
+                .max(count("prompt_cache_hit_tokens", u.get("prompt_cache_hit_tokens")));
         if cached_tokens > prompt_tokens {
             problems.push(format!("{cached_tokens} cached tokens of {prompt_tokens} prompt tokens"));
         }
@@ -146,6 +149,9 @@ mod tests {
         assert_eq!(c.content, "{\"1\":\"x\"}");
         assert!(!c.truncated());
         assert_eq!(c.usage, Some(Usage { prompt_tokens: 120, completion_tokens: 30, cached_tokens: 64 }));
+        let deepseek = r#"{"choices":[{"message":{"content":"{}"}}],"usage":{"prompt_tokens":120,"completion_tokens":30,
+            "prompt_cache_hit_tokens":96,"prompt_cache_miss_tokens":24,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+        assert_eq!(parse_completion(deepseek).unwrap().usage.map(|u| u.cached_tokens), Some(96));
         assert_eq!(c.reported_cost_usd, Some(0.00042));
         assert_eq!(c.usage_problem, None);
     }

@@ -44,6 +44,8 @@ pub struct RunContext {
     /// The server's gauges of requests running and waiting, as first read before the run,
     /// when it shows them: the dispatcher reads them on through the run.
     pub gauges: Option<GaugeReading>,
+    /// What answers reporting far fewer prompt tokens than counted have shown so far.
+    pub cut_prompts: std::sync::Mutex<crate::runner::sync::cut_prompts::CutPrompts>,
 }
 
 /// A request packed from claimed items.
@@ -105,6 +107,7 @@ impl RunContext {
             items_per_request: job.limits.items_per_request.start.max(1) as usize,
             server: None,
             gauges: None,
+            cut_prompts: Default::default(),
         }
     }
 
@@ -128,7 +131,8 @@ impl RunContext {
         let rest = if packed.items < claimed.len() { claimed.split_off(packed.items) } else { Vec::new() };
         let ids: Vec<String> = claimed.iter().map(|c| c.item.id.clone()).collect();
         let format = response_format(self.chat.structured_output, &ids, &self.shape);
-        let chat = ChatRequest::new(&model, packed.system.as_deref(), packed.user, self.chat.temperature, packed.max_tokens, format);
+        let chat = ChatRequest::new(&model, packed.system.as_deref(), packed.user, self.chat.temperature, packed.max_tokens, format)
+            .with_max_tokens_field(self.chat.max_tokens_field);
         let (body, hash) = request_body(&chat);
         let request = Request {
             claimed,

@@ -411,7 +411,8 @@ impl ModelTrial<'_> {
         let ids: Vec<String> = request.items.iter().map(|&i| self.sample[i].id.clone()).collect();
         let format = response_format(self.chat.structured_output, &ids, self.shape);
         let packed = &request.packed;
-        let body = ChatRequest::new(self.model, packed.system.as_deref(), packed.user.clone(), self.chat.temperature, packed.max_tokens, format);
+        let body = ChatRequest::new(self.model, packed.system.as_deref(), packed.user.clone(), self.chat.temperature, packed.max_tokens, format)
+            .with_max_tokens_field(self.chat.max_tokens_field);
         let (body, hash) = request_body(&body);
         // As a run reserves: a tenth more input than counted, the whole max_tokens of output.
         let estimate = self.price.estimate(packed.prompt_tokens * 11 / 10, u64::from(packed.max_tokens), Tier::Sync);

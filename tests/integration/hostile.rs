@@ -318,34 +318,53 @@ async fn rate_limit_headers_in_other_units_and_nonsense_are_survived() {
 }
 
 /// A server that cannot take requests for a while (a model loading, its queue full: 503) and
-/// then answers: the items wait with their attempts untouched, however many 503s come — more
-/// than the job's attempts here — and every row is done.
+/// then answers: once the 503s come in a row (an outage, as when the server cannot be
+/// reached), the items wait with their attempts untouched, however many more come — here
+/// more than the job's attempts allow — and every row is done.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_unavailable_for_a_while_costs_the_items_no_attempts() {
-    let case = Case {
-        limits: "items_per_request = { start = 3, min = 1, max = 3 }\nconcurrency = { start = 1, min = 1, max = 1 }\nmax_attempts = 2",
-        ..Case::default()
-    };
     let ran = run_case(
-        case,
-        first(5, |_| Hr::json(503, &json!({"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})).header("retry-after", "0.2")),
+        Case::default(),
+        first(12, |_| Hr::json(503, &json!({"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})).header("retry-after", "0.2")),
     )
     .await;
-    ran.verdict(0, "finished").await;
+    ran.verdict(0, "riding out the outage").await;
     assert_eq!(ran.done().await, 6);
     let calls = ran.calls().await;
-    assert_eq!(calls.iter().filter(|c| c.0.as_deref() == Some("transient")).count(), 5, "{calls:?}");
+    assert_eq!(calls.iter().filter(|c| c.0.as_deref() == Some("transient")).count(), 12, "{calls:?}");
+}
+
+/// A request the server answers 503 every time while it answers the others: that is the
+/// request's own failure, not an outage — its items use their attempts and end failed, and the
+/// run ends instead of sending it without end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_that_always_gets_a_503_among_answers_ends_failed() {
+    let case = Case {
+        limits: "items_per_request = { start = 3, min = 1, max = 3 }\nconcurrency = { start = 1, min = 1, max = 1 }\nmax_attempts = 2\nmax_failed_share = 0.5",
+        ..many()
+    };
+    let ran = run_case(case, |seen: &Seen| {
+        if seen.items.iter().any(|(id, _, _)| id == "2") { Hr::json(503, &json!({"error": {"message": "no healthy upstream"}})) } else { good(seen) }
+    })
+    .await;
+    ran.verdict(0, "finished").await;
+    let done = ran.done().await;
+    assert!((27..30).contains(&done), "{done} done");
+    let pool = ran.fx.pool().await;
+    let (failed,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM backfill_items WHERE state = 'failed'").fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    assert_eq!(failed as usize, 30 - done);
+    assert!(ran.provider.seen().len() < 20, "{} requests", ran.provider.seen().len());
 }
 
 /// Errors sent inside a 200 — a whole body naming a 503, a stream whose first event is an
-/// error naming a 503 (SGLang's full queue) — are the 503s they name: no attempt used, every
-/// row done; a 402 inside one (no credit left) stops the run, naming the fix.
+/// error naming a 503 (SGLang's full queue) — are the 503s they name (not bad answers), and
+/// every row is done; a 402 inside one (no credit left) stops the run, naming the fix.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_error_sent_inside_a_200_is_taken_for_the_status_it_names() {
     let full = json!({"error": {"object": "error", "message": "The waiting queue is full", "type": "ServiceUnavailableError", "code": 503}});
     let case = Case {
         model: "stream = \"always\"",
-        limits: "items_per_request = { start = 3, min = 1, max = 3 }\nconcurrency = { start = 1, min = 1, max = 1 }\nmax_attempts = 1",
         ..Case::default()
     };
     let ran = run_case(case, move |seen: &Seen| match seen.n {
@@ -365,8 +384,9 @@ async fn an_error_sent_inside_a_200_is_taken_for_the_status_it_names() {
 }
 
 /// A server that cuts a prompt to fit its context and answers what is left (Ollama, silently)
-/// reports far fewer prompt tokens than the prompt holds: such answers — here every row made
-/// up — are not used; the items go out again in smaller requests, which fit.
+/// reports far fewer prompt tokens than the prompt holds, the same count whatever the prompt:
+/// such answers — here every row made up — are not used; the items go out again in smaller
+/// requests, which fit.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_to_a_prompt_the_server_cut_is_not_used() {
     let case = Case {
@@ -386,12 +406,17 @@ async fn an_answer_to_a_prompt_the_server_cut_is_not_used() {
         Hr::json(200, &body)
     })
     .await;
-    ran.verdict(0, "cut the prompt to fit its context").await;
+    ran.verdict(0, "finished").await;
     assert_eq!(ran.done().await, 24);
     let seen = ran.provider.seen();
     assert!(seen.iter().any(|s| s.items.len() > 6), "the start's requests are larger than what fits");
-    let calls = ran.calls().await;
-    assert!(calls.iter().any(|c| c.0.as_deref() == Some("malformed")), "{calls:?}");
+    let pool = ran.fx.pool().await;
+    let (held_back,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM backfill_calls WHERE outcome = 'malformed' AND error LIKE '%to fit its context%'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    assert!(held_back >= 1, "no answer was held back as cut");
 }
 
 // ---- bills that cannot be true ---------------------------------------------------------
@@ -585,8 +610,14 @@ async fn credentials_in_the_base_url_never_reach_output_or_the_database() {
     let fx = Fixture::new(6).await;
     let base = provider
         .base_url()
-        .replace("http://", "http://user:pa%2Fss%3Fw0rd@")
-        + "?api_key=k3y-in-query";
+        .replace("http://", "http://user:pa%2Fss%3Fw0rd@");
+    // A query string is refused before anything is sent (the API's paths cannot follow it),
+    // and the refusal shows no secret of it.
+    fx.write_job(&format!("{base}?api_key=k3y-in-query"), "", "items_per_request = { start = 3, min = 1, max = 3 }", "");
+    let (refused, _) = run_json(&fx, &[]).await;
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("has a query string"), "{}", stderr(&refused));
+    assert!(provider.seen().is_empty());
     fx.write_job(
         &base,
         "",
@@ -597,7 +628,9 @@ async fn credentials_in_the_base_url_never_reach_output_or_the_database() {
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let status = backfill_async(fx.dir.path(), &["status", fx.job.to_str().unwrap()], &[]).await;
     let everything = format!(
-        "{}{}{}{}",
+        "{}{}{}{}{}{}",
+        stderr(&refused),
+        stdout(&refused),
         stderr(&output),
         stdout(&output),
         stderr(&status),

@@ -43,6 +43,12 @@ impl Breaker {
         Breaker { outage_window, ..Breaker::default() }
     }
 
+    /// Calls have failed as unreachable (or unavailable) often enough in a row, with no other
+    /// answer between them, to be an outage: their items wait without using attempts.
+    pub fn in_outage(&self) -> bool {
+        self.unreachable_in_a_row >= BREAKER_THRESHOLD
+    }
+
     /// A line for the log about an outage that began or ended, once.
     pub fn take_notice(&mut self) -> Option<String> {
         self.notice.take()
@@ -74,19 +80,26 @@ impl Breaker {
                 self.unreachable_in_a_row += 1;
                 let since = *self.outage_since.get_or_insert(now);
                 let lasted = now.saturating_sub(since);
+                // A 503 is an answer: the server is there but takes no requests.
+                let unavailable = why.contains("(HTTP 503)");
                 if self.unreachable_in_a_row >= BREAKER_THRESHOLD && lasted >= self.outage_window {
                     fatal = Some(format!(
-                        "cannot reach the provider at {} ({why}) for {:.0} s (limits.outage_window_s = {:.0}); \
-                         check model.base_url (or OPENAI_BASE_URL) and that the server is running, then run \
-                         again with --resume",
+                        "{} {} ({why}) for {:.0} s (limits.outage_window_s = {:.0}); {}, then run again with --resume",
+                        if unavailable { "no request taken by the provider at" } else { "cannot reach the provider at" },
                         endpoint(),
                         lasted.as_secs_f64(),
-                        self.outage_window.as_secs_f64()
+                        self.outage_window.as_secs_f64(),
+                        if unavailable {
+                            "check that the server has loaded its model and is not overloaded by other clients"
+                        } else {
+                            "check model.base_url (or OPENAI_BASE_URL) and that the server is running"
+                        }
                     ));
                 } else if self.unreachable_in_a_row == BREAKER_THRESHOLD {
                     self.notice = Some(format!(
-                        "cannot reach the provider at {} ({why}): riding out the outage for up to {:.0} s \
+                        "{} {} ({why}): riding out the outage for up to {:.0} s \
                          (limits.outage_window_s); the items wait, their attempts untouched",
+                        if unavailable { "no request taken by the provider at" } else { "cannot reach the provider at" },
                         endpoint(),
                         self.outage_window.as_secs_f64()
                     ));

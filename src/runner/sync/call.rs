@@ -9,6 +9,7 @@ use backfill_controller::{CompletedRequest, Observation, Outcome, RateLimitInfo,
 
 use crate::runner::context::RunContext;
 use super::streams::StreamCall;
+use super::cut_prompts::Prompt;
 use crate::runner::policy::{Setback, jitter};
 use tokio_util::sync::CancellationToken;
 
@@ -136,37 +137,37 @@ pub struct Call {
 /// the queue to be packed anew.
 pub const MAX_RESENDS: u32 = 3;
 
-/// A prompt the server counted fewer than this share of the tokens counted here for...
-const CUT_PROMPT_SHARE: f64 = 0.5;
-/// ...out of at least this many (short prompts differ more between tokenizers), was cut by the
-/// server to fit its context. Tokenizers differ by far less: the count here is `o200k_base`'s
-/// unless the job names another, and open models' tokenizers count more tokens than it, not
-/// fewer.
-const CUT_PROMPT_LEAST: u64 = 512;
-
-/// Why an answer cannot be used when the server reported far fewer prompt tokens than the
-/// prompt holds: it cut the prompt to fit its context and answered what was left — the end of
-/// the items without the instructions before them. Ollama does so without an error (at
-/// `OLLAMA_CONTEXT_LENGTH`, or the model's `num_ctx`); such an answer may even hold an entry
-/// for every item, made up. Told once at warn level; the call is malformed, so its items go
-/// out again, in halves after a second such answer.
-fn cut_prompt(counted: u64, usage: Option<&crate::pricing::Usage>) -> Option<String> {
+/// Why an answer is not used when the server reported far fewer prompt tokens than the
+/// prompt holds (`CutPrompts`): it cut the prompt to fit its context and answered what was
+/// left — the end of the items without the instructions before them (such an answer may even
+/// hold an entry for every item, made up) — or may have. The call is malformed: its items go
+/// out again, in halves after a second such answer. A cut is told once at warn level.
+fn cut_prompt(ctx: &RunContext, counted: u64, usage: Option<&crate::pricing::Usage>) -> Option<String> {
     static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let reported = usage?.prompt_tokens;
-    if counted < CUT_PROMPT_LEAST || reported == 0 || reported as f64 >= CUT_PROMPT_SHARE * counted as f64 {
-        return None;
+    let usage = usage?;
+    // A server that counts its cached tokens apart from the prompt's has still read them.
+    let reported = usage.prompt_tokens.max(usage.prompt_tokens.saturating_add(usage.cached_tokens).min(counted));
+    let judged = ctx.cut_prompts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).judge(counted, reported);
+    match judged {
+        Prompt::Whole => None,
+        Prompt::Short => Some(format!(
+            "the server counted {reported} prompt tokens for a prompt of about {counted}: it may have cut the prompt \
+             to fit its context, so the answer is not used until its next answers tell"
+        )),
+        Prompt::Cut { ceiling } => {
+            let why = format!(
+                "the server counted {reported} prompt tokens for a prompt of about {counted}: it cuts prompts at \
+                 {ceiling} tokens to fit its context, so the answer was made without the instructions and is not used"
+            );
+            if !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "{why}; the items go out again in smaller requests. Set model.context_window to the server's context \
+                     (Ollama: OLLAMA_CONTEXT_LENGTH, or the model's num_ctx), or raise the server's context"
+                );
+            }
+            Some(why)
+        }
     }
-    let why = format!(
-        "the server counted {reported} prompt tokens for a prompt of about {counted}: it cut the prompt to fit its \
-         context, so the answer was made without the instructions and is not used"
-    );
-    if !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
-        tracing::warn!(
-            "{why}; the items go out again in smaller requests. Set model.context_window to the server's context \
-             (Ollama: OLLAMA_CONTEXT_LENGTH, or the model's num_ctx), or raise the server's context"
-        );
-    }
-    Some(why)
 }
 
 /// What a finished call says about the provider, for the dispatcher's breakers.
@@ -203,6 +204,11 @@ pub struct Concluded {
     pub resend: Option<(Duration, Request)>,
     /// For a call whose answer was asked for as a stream: what came of it.
     pub stream: Option<StreamNote>,
+    /// A 503's items wait with their attempts untouched while the provider is in an outage
+    /// (every call failing so); a 503 among answers is this request's own failure, and its
+    /// items take these changes instead, each using an attempt — so a request that always
+    /// gets a 503 while others succeed ends failed instead of going out without end.
+    pub lone_unavailable: Option<Vec<ItemUpdate>>,
 }
 
 pub async fn execute(ctx: Arc<RunContext>, call: Call) -> Concluded {
@@ -244,9 +250,9 @@ pub async fn execute(ctx: Arc<RunContext>, call: Call) -> Concluded {
     {
         return failed_stream(&ctx, call, failure, latency);
     }
-    // A stream cut short or gone wrong after its first chunk: the server worked on it and may
-    // bill it.
-    let cut_short = streamed && first_came && matches!(outcome, Err(CallError::BadOutput { .. }));
+    // A stream cut short or gone wrong after its first chunk (an error event naming any status
+    // included): the server worked on it and may bill it.
+    let cut_short = streamed && first_came && matches!(&outcome, Err(error) if !matches!(error, CallError::Timeout { .. }));
     let mut concluded = conclude(&ctx, call, outcome, latency);
     concluded.stream = note;
     if cut_short {
@@ -308,6 +314,7 @@ fn failed_stream(ctx: &RunContext, call: Call, refusal: &CallError, latency: Dur
         drop_cache: None,
         resend: Some((Duration::ZERO, request)),
         stream: Some(StreamNote::Failed(refusal.to_string())),
+        lone_unavailable: None,
     }
 }
 
@@ -362,6 +369,7 @@ pub fn conclude(
         estimate,
         resend: None,
         stream: None,
+        lone_unavailable: None,
     };
     // Recorded in the settlement, as the ledger spells them, once the call is concluded.
     let call_outcome: CallOutcome;
@@ -410,7 +418,7 @@ pub fn conclude(
             let ids: Vec<String> = request.claimed.iter().map(|c| c.item.id.clone()).collect();
             let validated = if completion.no_choices {
                 Err(Malformed("the answer has no `choices` (its usage is billed)".into()))
-            } else if let Some(cut) = cut_prompt(request.prompt_tokens, completion.usage.as_ref()) {
+            } else if let Some(cut) = (!from_cache).then(|| cut_prompt(ctx, request.prompt_tokens, completion.usage.as_ref())).flatten() {
                 Err(Malformed(cut))
             } else {
                 validate(&completion.content, &ids, &ctx.shape, completion.truncated())
@@ -502,6 +510,7 @@ pub fn conclude(
                     // long that may last.
                     result.observation.rate_limits = parse_rate_limit_headers(headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
                     result.verdict = Verdict::Unreachable(error.to_string());
+                    result.lone_unavailable = Some(setback_all(&Setback::Transient(error.to_string())));
                     let wait = crate::provider::parse_retry_after(headers).unwrap_or(OUTAGE_RETRY);
                     (Setback::Unavailable { message: error.to_string(), wait }, Outcome::ServerError { status: 503 })
                 }
@@ -519,6 +528,16 @@ pub fn conclude(
                         settle.lost = true;
                         (Setback::Transient(error.to_string()), Outcome::OtherError)
                     }
+                }
+                CallError::Rejected { message, .. } if message.ends_with(crate::provider::FLAGGED_BY_MODERATION) => {
+                    // One request's input, not the job's: its items go out again in halves, and
+                    // a flagged item sent alone ends rejected for it.
+                    let setback = if request_len == 1 {
+                        Setback::Rejected { reason: "moderation".into(), detail: error.to_string() }
+                    } else {
+                        Setback::Malformed(error.to_string())
+                    };
+                    (setback, Outcome::OtherError)
                 }
                 CallError::Rejected { .. } => {
                     result.verdict = Verdict::Refused(error.to_string());
@@ -724,22 +743,6 @@ mod tests {
         assert_eq!(exhausted_unnamed_reset(&headers("0", "20"), now), None);
         let stop = too_long_wait(&headers("0", &format!("{}", (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 36_000) * 1000)), true, Duration::from_secs(3600));
         assert!(stop.as_deref().is_some_and(|s| s.contains("x-ratelimit-reset") && s.contains("limits.max_retry_after_s")), "{stop:?}");
-    }
-
-    #[test]
-    fn a_prompt_reported_far_shorter_than_counted_was_cut_by_the_server() {
-        let usage = |prompt_tokens| crate::pricing::Usage { prompt_tokens, ..Default::default() };
-        // Ollama at a context of 2,048 answering a prompt of 6,000.
-        assert!(cut_prompt(6_000, Some(&usage(2_048))).is_some_and(|why| why.contains("counted 2048 prompt tokens for a prompt of about 6000")));
-        // Another tokenizer, a little denser or looser: not cut.
-        assert_eq!(cut_prompt(6_000, Some(&usage(3_100))), None);
-        assert_eq!(cut_prompt(6_000, Some(&usage(9_000))), None);
-        // A short prompt, no usage, a count of zero (servers that report none that way), a
-        // request known only by its ledger row (counted 0): nothing to say.
-        assert_eq!(cut_prompt(400, Some(&usage(100))), None);
-        assert_eq!(cut_prompt(6_000, None), None);
-        assert_eq!(cut_prompt(6_000, Some(&usage(0))), None);
-        assert_eq!(cut_prompt(0, Some(&usage(10))), None);
     }
 
     #[test]

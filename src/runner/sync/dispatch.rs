@@ -448,6 +448,11 @@ impl Dispatcher {
         if let Some(why) = self.breaker.observe(self.now(), &finished, || crate::provider::shown_url(self.ctx.client.endpoint())) {
             self.fatal.get_or_insert(why);
         }
+        if let Some(charged) = concluded.lone_unavailable.take()
+            && !self.breaker.in_outage()
+        {
+            concluded.write.items = charged;
+        }
         if let Some(notice) = self.breaker.take_notice() {
             tracing::warn!("{notice}");
         }

@@ -6,6 +6,7 @@
 mod breaker;
 mod budget;
 mod call;
+pub(crate) mod cut_prompts;
 pub(crate) use call::error_outcome;
 mod dispatch;
 #[cfg(test)]
