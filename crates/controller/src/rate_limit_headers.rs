@@ -4,8 +4,9 @@
 //! (reset as a Go duration such as "6m0s" or "20ms"), the Anthropic dialect
 //! `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}`
 //! (reset as an RFC 3339 time, made relative with the response's `date` header), and
-//! `retry-after` (seconds or an HTTP date) / `retry-after-ms`. Limits are taken as per minute,
-//! which is what both dialects report.
+//! `retry-after` (seconds or an HTTP date) / `retry-after-ms`, and Mistral's per-minute
+//! `x-ratelimit-{limit,remaining}-{req,tokens}-minute`. Limits are taken as per minute, which
+//! is what these dialects report.
 
 use std::time::Duration;
 
@@ -114,9 +115,11 @@ fn classify<'i>(name: &str, info: &'i mut RateLimitInfo) -> Option<(&'i mut Limi
             "reset" => Field::Reset,
             _ => return None,
         };
+        // Mistral's per-minute windows: `x-ratelimit-limit-req-minute`,
+        // `x-ratelimit-remaining-tokens-minute` (its `-month` windows pace nothing here).
         let window = match dimension {
-            "requests" => &mut info.requests,
-            "tokens" => &mut info.tokens,
+            "requests" | "req-minute" => &mut info.requests,
+            "tokens" | "tokens-minute" => &mut info.tokens,
             _ => return None,
         };
         return Some((window, field));
@@ -189,6 +192,21 @@ mod tests {
         assert_eq!(info.tokens.limit, Some(2_000_000));
         assert_eq!(info.tokens.reset, Some(Duration::from_secs(360)));
         assert_eq!(info.retry_after, None);
+    }
+
+    #[test]
+    fn mistral_dialect_per_minute_windows() {
+        let info = parse_rate_limit_headers([
+            ("x-ratelimit-limit-req-minute", "360"),
+            ("x-ratelimit-remaining-req-minute", "359"),
+            ("x-ratelimit-limit-tokens-minute", "500000"),
+            ("x-ratelimit-remaining-tokens-minute", "499000"),
+            ("x-ratelimit-limit-tokens-month", "1000000000"),
+            ("x-ratelimit-remaining-tokens-month", "999999000"),
+        ]);
+        assert_eq!((info.requests.limit, info.requests.remaining), (Some(360), Some(359)));
+        assert_eq!((info.tokens.limit, info.tokens.remaining), (Some(500_000), Some(499_000)));
+        assert!(info.input_tokens.is_empty() && info.output_tokens.is_empty());
     }
 
     #[test]
