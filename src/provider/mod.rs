@@ -185,6 +185,11 @@ impl Whole {
     /// The answer, or the error a non-2xx status stands for.
     fn into_answer(self, latency: Duration) -> Result<Answer, CallError> {
         if !(200..300).contains(&self.status) {
+            if let Some(text) = response::failed_generation(self.status, &self.text) {
+                // The model's answer, refused by the server's JSON check: read as the answer
+                // it is, so that its complete entries are kept.
+                return Whole { text, ..self }.completed(latency, Delivery::Whole);
+            }
             return Err(CallError::from_status(self.status, &self.headers, &self.text));
         }
         self.completed(latency, Delivery::Whole)

@@ -39,6 +39,26 @@ impl Completion {
     }
 }
 
+/// Groq refuses an answer its JSON mode cannot parse (a 400, `json_validate_failed`) and sends
+/// the answer along in `error.failed_generation`: that answer as an unstreamed body (without a
+/// usage, as the refusal carries none), when the body is such a refusal.
+pub fn failed_generation(status: u16, body: &str) -> Option<String> {
+    if status != 400 || !body.contains("json_validate_failed") {
+        return None;
+    }
+    let value: Value = serde_json::from_str(body).ok()?;
+    let error = value.get("error")?;
+    if error.get("code").and_then(Value::as_str) != Some("json_validate_failed") {
+        return None;
+    }
+    let generated = error.get("failed_generation")?.as_str()?;
+    let answer = serde_json::json!({
+        "object": "chat.completion",
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": generated }, "finish_reason": "stop" }],
+    });
+    Some(answer.to_string())
+}
+
 pub fn parse_completion(body: &str) -> Result<Completion, String> {
     let value: Value = serde_json::from_str(body).map_err(|e| format!("the body is not JSON: {e}"))?;
     if !value.is_object() {
@@ -149,6 +169,11 @@ mod tests {
         assert_eq!(c.content, "{\"1\":\"x\"}");
         assert!(!c.truncated());
         assert_eq!(c.usage, Some(Usage { prompt_tokens: 120, completion_tokens: 30, cached_tokens: 64 }));
+        let groq = r#"{"error":{"message":"Failed to generate JSON. Please adjust your prompt. See 'failed_generation' for more details.","type":"invalid_request_error","code":"json_validate_failed","failed_generation":"{\"1\": \"een\", \"2\": \"tw"}}"#;
+        let answer = parse_completion(&failed_generation(400, groq).unwrap()).unwrap();
+        assert_eq!((answer.content.as_str(), answer.usage), ("{\"1\": \"een\", \"2\": \"tw", None));
+        assert_eq!(failed_generation(422, groq), None);
+        assert_eq!(failed_generation(400, r#"{"error":{"message":"json_validate_failed","code":"other"}}"#), None);
         let deepseek = r#"{"choices":[{"message":{"content":"{}"}}],"usage":{"prompt_tokens":120,"completion_tokens":30,
             "prompt_cache_hit_tokens":96,"prompt_cache_miss_tokens":24,"prompt_tokens_details":{"cached_tokens":0}}}"#;
         assert_eq!(parse_completion(deepseek).unwrap().usage.map(|u| u.cached_tokens), Some(96));

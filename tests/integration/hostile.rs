@@ -419,6 +419,24 @@ async fn an_answer_to_a_prompt_the_server_cut_is_not_used() {
     assert!(held_back >= 1, "no answer was held back as cut");
 }
 
+/// Groq refuses an answer its JSON mode could not parse with a 400 that carries the answer
+/// (`failed_generation`): the complete entries of that answer are kept like any answer's, and
+/// the refusal never stops the run as a refusal of every request would.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_refused_by_the_servers_json_check_keeps_its_complete_entries() {
+    let ran = run_case(many(), |seen: &Seen| {
+        let content = seen.good_content();
+        let cut = &content[..content.rfind(',').unwrap_or(content.len())];
+        Hr::json(400, &json!({"error": {
+            "message": "Failed to generate JSON. Please adjust your prompt. See 'failed_generation' for more details.",
+            "type": "invalid_request_error", "code": "json_validate_failed", "failed_generation": cut}}))
+    })
+    .await;
+    ran.verdict(0, "finished").await;
+    // Each answer lacks its last entry (cut off), which goes out again; every row ends done.
+    assert_eq!(ran.done().await, 30);
+}
+
 // ---- bills that cannot be true ---------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]

@@ -108,9 +108,11 @@ impl Breaker {
             Verdict::Refused(why) => {
                 self.refused_in_a_row += 1;
                 if self.successes == 0 && self.refused_in_a_row >= BREAKER_THRESHOLD {
+                    let about_the_cap = why.contains("max_tokens") || why.contains("max_completion_tokens");
                     fatal = Some(format!(
                         "the provider refuses the requests: {why}; check model.name and \
-                         model.structured_output (not every server supports every mode), then run again with --resume"
+                         model.structured_output (not every server supports every mode){}, then run again with --resume",
+                        if about_the_cap { ", and model.max_tokens (the model's own cap on an answer's tokens)" } else { "" }
                     ));
                 }
             }
