@@ -82,13 +82,25 @@ impl CallError {
             429 if quota_used_up(&message) => {
                 CallError::Fatal { status, message: format!("{message} (the account's quota is used up)") }
             }
-            429 => CallError::RateLimited(RateLimit {
-                retry_after: parse_retry_after(headers).or_else(|| retry_delay_in_body(body)),
-                headers: headers.clone(),
-            }),
+            // Gemini's daily quota, worded as its per-minute one: waiting it out is a stall.
+            429 if body.contains("PerDay") => CallError::Fatal {
+                status,
+                message: format!("{message} (a daily quota is used up: run again with --resume once it resets)"),
+            },
+            429 => {
+                // A wait the body alone names is taken as the header it stands for, so that the
+                // controller pauses on it and a wait too long stops the run as a header's would.
+                let mut headers = headers.clone();
+                if parse_retry_after(&headers).is_none()
+                    && let Some(wait) = retry_delay_in_body(body)
+                {
+                    headers.push(("retry-after".to_owned(), format!("{:.3}", wait.as_secs_f64())));
+                }
+                CallError::RateLimited(RateLimit { retry_after: parse_retry_after(&headers), headers })
+            }
             // A field every request carries that the model refuses (OpenAI's reasoning models:
             // `max_tokens`, a `temperature` other than 1): no call succeeds as the job stands.
-            400 if message.contains("unsupported_parameter") || message.contains("unsupported_value") => CallError::Fatal {
+            400 if (message.contains("unsupported_parameter") || message.contains("unsupported_value")) && !about_streaming(body) => CallError::Fatal {
                 status,
                 message: format!(
                     "{message} (the model refuses a field of every request: for `max_tokens` set model.max_tokens_field = \"max_completion_tokens\", for `temperature` leave model.temperature out)"
@@ -155,6 +167,14 @@ impl CallError {
         let status = u16::try_from(status).ok()?;
         Some(CallError::from_status(status, headers, body))
     }
+}
+
+/// A refusal naming `stream` or `stream_options` as its parameter: the streamed request's
+/// (an unstreamed copy may be taken), not every request's.
+fn about_streaming(body: &str) -> bool {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else { return false };
+    let error = value.get("error").unwrap_or(&value);
+    matches!(error.get("param").and_then(|p| p.as_str()), Some("stream" | "stream_options"))
 }
 
 /// A 429 that says the account's quota is used up (OpenAI's `insufficient_quota`), not a rate
@@ -289,7 +309,10 @@ mod tests {
         // Gemini's per-minute limit, in an array, its wait only in the body.
         let gemini = r#"[{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_free_tier_requests, limit: 5, model: gemini-2.5-flash\nPlease retry in 34.5s.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"34s"}]}}]"#;
         let limited = CallError::from_status(429, &vec![], gemini);
-        assert!(matches!(limited, CallError::RateLimited(RateLimit { retry_after: Some(d), .. }) if d == Duration::from_secs(34)), "{limited:?}");
+        assert!(matches!(&limited, CallError::RateLimited(RateLimit { retry_after: Some(d), headers }) if *d == Duration::from_secs(34)
+            && headers.contains(&("retry-after".to_string(), "34.000".to_string()))), "{limited:?}");
+        let daily = gemini.replace("Please retry in 34.5s.", "Please retry in 61234s.").replace("RetryInfo", "QuotaFailure\",\"violations\":[{\"quotaId\":\"GenerateRequestsPerDayPerProjectPerModel-FreeTier\"}]},{\"@type\":\"RetryInfo");
+        assert!(matches!(CallError::from_status(429, &vec![], &daily), CallError::Fatal { .. }), "{daily}");
         assert!(provider_message(gemini).starts_with("You exceeded your current quota"), "{}", provider_message(gemini));
         // OpenAI's used-up quota stays fatal, with or without its code.
         let openai = r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","code":"insufficient_quota"}}"#;
@@ -299,6 +322,8 @@ mod tests {
         let refused = r#"{"error":{"message":"Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.","type":"invalid_request_error","param":"max_tokens","code":"unsupported_parameter"}}"#;
         let fatal = CallError::from_status(400, &vec![], refused);
         assert!(matches!(&fatal, CallError::Fatal { message, .. } if message.contains("model.max_tokens_field")), "{fatal}");
+        let streaming = r#"{"error":{"message":"Unsupported value: 'stream' does not support true with this model.","type":"invalid_request_error","param":"stream","code":"unsupported_value"}}"#;
+        assert!(matches!(CallError::from_status(400, &vec![], streaming), CallError::Rejected { .. }));
         assert_eq!(retry_delay_in_body("Please retry in 250ms"), Some(Duration::from_millis(250)));
         assert_eq!(retry_delay_in_body("retry in a while"), None);
     }

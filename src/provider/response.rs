@@ -33,11 +33,21 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// The answer may end mid-entry: cut off by `max_tokens`, or refused by the server's JSON
+    /// check. Its complete entries count.
+    pub fn may_end_mid_entry(&self) -> bool {
+        self.truncated() || self.finish_reason.as_deref() == Some(JSON_REFUSED)
+    }
+
     /// The answer was cut off by `max_tokens`.
     pub fn truncated(&self) -> bool {
         self.finish_reason.as_deref() == Some("length")
     }
 }
+
+/// The finish reason of an answer the server refused as JSON it could not parse
+/// (`failed_generation`): it may end mid-entry, as one cut at `max_tokens` does.
+pub const JSON_REFUSED: &str = "json_validate_failed";
 
 /// Groq refuses an answer its JSON mode cannot parse (a 400, `json_validate_failed`) and sends
 /// the answer along in `error.failed_generation`: that answer as an unstreamed body (without a
@@ -54,7 +64,7 @@ pub fn failed_generation(status: u16, body: &str) -> Option<String> {
     let generated = error.get("failed_generation")?.as_str()?;
     let answer = serde_json::json!({
         "object": "chat.completion",
-        "choices": [{ "index": 0, "message": { "role": "assistant", "content": generated }, "finish_reason": "stop" }],
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": generated }, "finish_reason": JSON_REFUSED }],
     });
     Some(answer.to_string())
 }
@@ -172,6 +182,10 @@ mod tests {
         let groq = r#"{"error":{"message":"Failed to generate JSON. Please adjust your prompt. See 'failed_generation' for more details.","type":"invalid_request_error","code":"json_validate_failed","failed_generation":"{\"1\": \"een\", \"2\": \"tw"}}"#;
         let answer = parse_completion(&failed_generation(400, groq).unwrap()).unwrap();
         assert_eq!((answer.content.as_str(), answer.usage), ("{\"1\": \"een\", \"2\": \"tw", None));
+        assert!(answer.may_end_mid_entry() && !answer.truncated());
+        let ids = ["1".to_string(), "2".to_string()];
+        let kept = crate::pipeline::answers::validate(&answer.content, &ids, &crate::pipeline::answers::OutputShape::Text, answer.may_end_mid_entry()).unwrap();
+        assert_eq!(kept.outputs.len(), 1, "the complete entry is kept");
         assert_eq!(failed_generation(422, groq), None);
         assert_eq!(failed_generation(400, r#"{"error":{"message":"json_validate_failed","code":"other"}}"#), None);
         let deepseek = r#"{"choices":[{"message":{"content":"{}"}}],"usage":{"prompt_tokens":120,"completion_tokens":30,

@@ -44,8 +44,9 @@ pub struct RunContext {
     /// The server's gauges of requests running and waiting, as first read before the run,
     /// when it shows them: the dispatcher reads them on through the run.
     pub gauges: Option<GaugeReading>,
-    /// What answers reporting far fewer prompt tokens than counted have shown so far.
-    pub cut_prompts: std::sync::Mutex<crate::runner::sync::cut_prompts::CutPrompts>,
+    /// What answers reporting far fewer prompt tokens than counted have shown so far, per
+    /// model (a fallback model has its own context).
+    pub cut_prompts: std::sync::Mutex<std::collections::HashMap<String, crate::runner::sync::cut_prompts::CutPrompts>>,
 }
 
 /// A request packed from claimed items.

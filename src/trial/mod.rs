@@ -504,7 +504,7 @@ impl ModelTrial<'_> {
         let validated = if completion.no_choices {
             Err(crate::pipeline::answers::Malformed("the answer has no `choices` (its usage is billed)".into()))
         } else {
-            validate(&completion.content, ids, self.shape, completion.truncated())
+            validate(&completion.content, ids, self.shape, completion.may_end_mid_entry())
         };
         let validated = match validated {
             Err(malformed) => {

@@ -160,13 +160,14 @@ fn parse_count(value: &str) -> Option<u64> {
     })
 }
 
-/// A reset is a duration ("6m0s", "1.5"), an RFC 3339 time or Unix seconds; absolute times
-/// need the response's `date` header to become a duration.
+/// A reset is a duration ("6m0s", "1.5"), an RFC 3339 time, or Unix seconds (milliseconds
+/// past 10¹²); absolute times need the response's `date` header to become a duration.
 fn parse_reset(value: &str, response_date: Option<f64>) -> Option<Duration> {
     if let Ok(number) = value.parse::<f64>()
         && number > 1_000_000_000.0
     {
-        return seconds_to_duration(number - response_date?);
+        let seconds = if number > 1e12 { number / 1000.0 } else { number };
+        return seconds_to_duration(seconds - response_date?);
     }
     parse_go_duration(value).or_else(|| seconds_to_duration(parse_rfc3339(value)? - response_date?))
 }
@@ -192,6 +193,17 @@ mod tests {
         assert_eq!(info.tokens.limit, Some(2_000_000));
         assert_eq!(info.tokens.reset, Some(Duration::from_secs(360)));
         assert_eq!(info.retry_after, None);
+    }
+
+    #[test]
+    fn a_reset_in_unix_milliseconds_is_read_as_such() {
+        let info = parse_rate_limit_headers([
+            ("date", "Wed, 01 May 2024 12:00:00 GMT"),
+            ("x-ratelimit-reset-requests", "1714564830000"),
+            ("x-ratelimit-reset-tokens", "1714564815"),
+        ]);
+        assert_eq!(info.requests.reset, Some(Duration::from_secs(30)));
+        assert_eq!(info.tokens.reset, Some(Duration::from_secs(15)));
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct Finished<'a> {
 #[derive(Debug, Default)]
 pub struct Breaker {
     successes: u64,
+    /// When the latest call succeeded, and the latest one refused as unavailable (503), on
+    /// the caller's clock.
+    last_success: Option<Duration>,
+    last_unavailable: Option<Duration>,
     unreachable_in_a_row: u32,
     refused_in_a_row: u32,
     distrusted_in_a_row: u32,
@@ -43,10 +47,18 @@ impl Breaker {
         Breaker { outage_window, ..Breaker::default() }
     }
 
-    /// Calls have failed as unreachable (or unavailable) often enough in a row, with no other
-    /// answer between them, to be an outage: their items wait without using attempts.
-    pub fn in_outage(&self) -> bool {
-        self.unreachable_in_a_row >= BREAKER_THRESHOLD
+    /// Whether a request refused as unavailable (503) at `now` was refused on its own: a call
+    /// succeeded since the previous such refusal (or, for the first, at all) — the server takes
+    /// other requests — where a server that takes none (a model loading, an outage) answered
+    /// nothing between them.
+    pub fn unavailable_alone(&mut self, now: Duration) -> bool {
+        let alone = match (self.last_success, self.last_unavailable) {
+            (Some(success), Some(refused)) => success > refused,
+            (success, None) => success.is_some(),
+            (None, Some(_)) => false,
+        };
+        self.last_unavailable = Some(now);
+        alone
     }
 
     /// A line for the log about an outage that began or ended, once.
@@ -73,6 +85,7 @@ impl Breaker {
         match call.verdict {
             Verdict::Succeeded => {
                 self.successes += 1;
+                self.last_success = Some(now);
                 self.unreachable_in_a_row = 0;
                 self.refused_in_a_row = 0;
             }
@@ -200,6 +213,22 @@ mod tests {
         assert_eq!(breaker.observe(Duration::ZERO, &Finished { verdict: &ok, usage_flag: None, billed_answer: false }, || "e".to_string()), None);
         let stop = breaker.observe(Duration::ZERO, &flagged, || "e".to_string()).expect("trips");
         assert!(stop.contains("3 answers in a row"), "{stop}");
+    }
+
+    #[test]
+    fn a_503_is_a_requests_own_only_when_others_were_answered_since_the_last_one() {
+        let mut breaker = Breaker::new(Duration::from_secs(300));
+        let at = |s: u64| Duration::from_secs(s);
+        // A model loading: nothing answered yet, nor between the 503s.
+        assert!(!breaker.unavailable_alone(at(1)));
+        assert!(!breaker.unavailable_alone(at(6)));
+        // Answers come; a request refused again after them is refused on its own, as is the
+        // next after more answers.
+        breaker.observe(at(8), &finished(&Verdict::Succeeded), || "e".to_string());
+        assert!(breaker.unavailable_alone(at(9)));
+        assert!(!breaker.unavailable_alone(at(10)));
+        breaker.observe(at(12), &finished(&Verdict::Succeeded), || "e".to_string());
+        assert!(breaker.unavailable_alone(at(13)));
     }
 
     #[test]

@@ -142,12 +142,18 @@ pub const MAX_RESENDS: u32 = 3;
 /// left — the end of the items without the instructions before them (such an answer may even
 /// hold an entry for every item, made up) — or may have. The call is malformed: its items go
 /// out again, in halves after a second such answer. A cut is told once at warn level.
-fn cut_prompt(ctx: &RunContext, counted: u64, usage: Option<&crate::pricing::Usage>) -> Option<String> {
+fn cut_prompt(ctx: &RunContext, model: &str, counted: u64, usage: Option<&crate::pricing::Usage>) -> Option<String> {
     static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let usage = usage?;
     // A server that counts its cached tokens apart from the prompt's has still read them.
     let reported = usage.prompt_tokens.max(usage.prompt_tokens.saturating_add(usage.cached_tokens).min(counted));
-    let judged = ctx.cut_prompts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).judge(counted, reported);
+    let judged = ctx
+        .cut_prompts
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(model.to_owned())
+        .or_default()
+        .judge(counted, reported);
     match judged {
         Prompt::Whole => None,
         Prompt::Short => Some(format!(
@@ -204,10 +210,11 @@ pub struct Concluded {
     pub resend: Option<(Duration, Request)>,
     /// For a call whose answer was asked for as a stream: what came of it.
     pub stream: Option<StreamNote>,
-    /// A 503's items wait with their attempts untouched while the provider is in an outage
-    /// (every call failing so); a 503 among answers is this request's own failure, and its
-    /// items take these changes instead, each using an attempt — so a request that always
-    /// gets a 503 while others succeed ends failed instead of going out without end.
+    /// A 503's items wait with their attempts untouched while the provider answers no request
+    /// (a model loading, an outage); a 503 when others were answered since the previous one is
+    /// this request's own failure (`Breaker::unavailable_alone`), and its items take these
+    /// changes instead, each using an attempt — so a request that always gets a 503 while
+    /// others succeed ends failed instead of going out without end.
     pub lone_unavailable: Option<Vec<ItemUpdate>>,
 }
 
@@ -418,10 +425,10 @@ pub fn conclude(
             let ids: Vec<String> = request.claimed.iter().map(|c| c.item.id.clone()).collect();
             let validated = if completion.no_choices {
                 Err(Malformed("the answer has no `choices` (its usage is billed)".into()))
-            } else if let Some(cut) = (!from_cache).then(|| cut_prompt(ctx, request.prompt_tokens, completion.usage.as_ref())).flatten() {
+            } else if let Some(cut) = (!from_cache).then(|| cut_prompt(ctx, &request.model, request.prompt_tokens, completion.usage.as_ref())).flatten() {
                 Err(Malformed(cut))
             } else {
-                validate(&completion.content, &ids, &ctx.shape, completion.truncated())
+                validate(&completion.content, &ids, &ctx.shape, completion.may_end_mid_entry())
             };
             match validated {
                 Err(malformed) => {
@@ -603,11 +610,13 @@ pub fn too_long_wait(headers: &[(String, String)], rate_limited: bool, cap: Dura
     if wait <= cap {
         return None;
     }
-    // The header that asks for it: the one that, parsed alone, asks for this wait.
+    // The header that asks for it: the one that, parsed alone (with the answer's date, which
+    // absolute resets are read against), asks for this wait.
+    let date = headers.iter().find(|(name, _)| name.eq_ignore_ascii_case("date")).map(|(_, value)| value.as_str());
     let named = headers
         .iter()
         .find(|(name, value)| {
-            let alone = parse_rate_limit_headers([(name.as_str(), value.as_str())]);
+            let alone = parse_rate_limit_headers([(name.as_str(), value.as_str())].into_iter().chain(date.map(|d| ("date", d))));
             let windows = [alone.requests, alone.tokens, alone.input_tokens, alone.output_tokens];
             alone.retry_after == Some(wait) || windows.iter().any(|w| w.reset == Some(wait))
         })

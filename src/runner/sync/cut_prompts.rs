@@ -13,6 +13,9 @@ const SHORT_SHARE: f64 = 0.5;
 /// count here is `o200k_base`'s unless the job names another, and open models' tokenizers
 /// count more tokens than it, not fewer.
 const LEAST_COUNTED: u64 = 512;
+/// A server's count below this is no context a prompt was cut to (a prompt whose every token
+/// came from the server's cache, counted apart): nothing is judged from it.
+const LEAST_REPORTED: u64 = 256;
 /// Two short answers whose counts here differ by at least this share of the larger...
 const COUNTED_APART: f64 = 0.03;
 /// ...and whose servers' counts lie within this share of each other were cut at the same
@@ -50,7 +53,8 @@ impl CutPrompts {
     /// Judges an answer to a prompt of `counted` tokens here that the server reported
     /// `reported` prompt tokens for (0: it reported none).
     pub fn judge(&mut self, counted: u64, reported: u64) -> Prompt {
-        if reported == 0 || counted < LEAST_COUNTED {
+        // A count of a few tokens is a prompt served from the server's cache, not a context.
+        if reported < LEAST_REPORTED || counted < LEAST_COUNTED {
             return Prompt::Whole;
         }
         if let Some(ceiling) = self.ceiling
@@ -120,5 +124,9 @@ mod tests {
         assert_eq!(fresh.judge(400, 100), Prompt::Whole);
         assert_eq!(fresh.judge(6_000, 0), Prompt::Whole);
         assert_eq!(fresh.short.len(), 0);
+        // Prompts served from the cache, counted at a token or two: no ceiling learned.
+        assert_eq!(fresh.judge(2_000, 1), Prompt::Whole);
+        assert_eq!(fresh.judge(3_000, 1), Prompt::Whole);
+        assert_eq!(fresh.ceiling, None);
     }
 }

@@ -449,7 +449,7 @@ impl Dispatcher {
             self.fatal.get_or_insert(why);
         }
         if let Some(charged) = concluded.lone_unavailable.take()
-            && !self.breaker.in_outage()
+            && self.breaker.unavailable_alone(self.now())
         {
             concluded.write.items = charged;
         }
