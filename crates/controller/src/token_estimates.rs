@@ -120,7 +120,9 @@ impl TokenEstimates {
             self.margin_sigmas =
                 (self.margin_sigmas - MARGIN_RELAXATION_PER_REQUEST).max(BASE_MARGIN_SIGMAS);
         }
-        if returned_items == 0 {
+        // No tokens for items that came back: the provider did not count them (no `usage`, an
+        // answer sent along with a refusal), which says nothing of how long answers are.
+        if returned_items == 0 || completion_tokens == 0 {
             return;
         }
         let items = f64::from(returned_items);
@@ -259,6 +261,16 @@ mod tests {
         assert!((1550..2200).contains(&learned), "{learned}");
         estimates.record_output(20, learned, true, true);
         assert!(estimates.max_tokens(20, 20) > learned);
+    }
+
+    #[test]
+    fn answers_the_provider_did_not_count_leave_the_estimate_as_it_was() {
+        let mut estimates = TokenEstimates::new(200, None);
+        let configured = estimates.max_tokens(20, 20);
+        for _ in 0..10 {
+            estimates.record_output(20, 0, false, true);
+        }
+        assert_eq!(estimates.max_tokens(20, 20), configured);
     }
 
     #[test]

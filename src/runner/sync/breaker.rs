@@ -27,10 +27,9 @@ pub struct Finished<'a> {
 #[derive(Debug, Default)]
 pub struct Breaker {
     successes: u64,
-    /// When the latest call succeeded, and the latest one refused as unavailable (503), on
-    /// the caller's clock.
-    last_success: Option<Duration>,
-    last_unavailable: Option<Duration>,
+    /// When the provider last answered a request sent to it now (not from the cache), on the
+    /// caller's clock.
+    last_answer: Option<Duration>,
     unreachable_in_a_row: u32,
     refused_in_a_row: u32,
     distrusted_in_a_row: u32,
@@ -47,18 +46,14 @@ impl Breaker {
         Breaker { outage_window, ..Breaker::default() }
     }
 
-    /// Whether a request refused as unavailable (503) at `now` was refused on its own: a call
-    /// succeeded since the previous such refusal (or, for the first, at all) — the server takes
-    /// other requests — where a server that takes none (a model loading, an outage) answered
-    /// nothing between them.
-    pub fn unavailable_alone(&mut self, now: Duration) -> bool {
-        let alone = match (self.last_success, self.last_unavailable) {
-            (Some(success), Some(refused)) => success > refused,
-            (success, None) => success.is_some(),
-            (None, Some(_)) => false,
-        };
-        self.last_unavailable = Some(now);
-        alone
+    /// The provider answered a request sent to it now (not one from the cache or a replay).
+    pub fn answered(&mut self, now: Duration) {
+        self.last_answer = Some(now);
+    }
+
+    /// Whether the provider answered a request after `at`.
+    pub fn answered_since(&self, at: Duration) -> bool {
+        self.last_answer.is_some_and(|answer| answer > at)
     }
 
     /// A line for the log about an outage that began or ended, once.
@@ -85,7 +80,6 @@ impl Breaker {
         match call.verdict {
             Verdict::Succeeded => {
                 self.successes += 1;
-                self.last_success = Some(now);
                 self.unreachable_in_a_row = 0;
                 self.refused_in_a_row = 0;
             }
@@ -213,22 +207,6 @@ mod tests {
         assert_eq!(breaker.observe(Duration::ZERO, &Finished { verdict: &ok, usage_flag: None, billed_answer: false }, || "e".to_string()), None);
         let stop = breaker.observe(Duration::ZERO, &flagged, || "e".to_string()).expect("trips");
         assert!(stop.contains("3 answers in a row"), "{stop}");
-    }
-
-    #[test]
-    fn a_503_is_a_requests_own_only_when_others_were_answered_since_the_last_one() {
-        let mut breaker = Breaker::new(Duration::from_secs(300));
-        let at = |s: u64| Duration::from_secs(s);
-        // A model loading: nothing answered yet, nor between the 503s.
-        assert!(!breaker.unavailable_alone(at(1)));
-        assert!(!breaker.unavailable_alone(at(6)));
-        // Answers come; a request refused again after them is refused on its own, as is the
-        // next after more answers.
-        breaker.observe(at(8), &finished(&Verdict::Succeeded), || "e".to_string());
-        assert!(breaker.unavailable_alone(at(9)));
-        assert!(!breaker.unavailable_alone(at(10)));
-        breaker.observe(at(12), &finished(&Verdict::Succeeded), || "e".to_string());
-        assert!(breaker.unavailable_alone(at(13)));
     }
 
     #[test]

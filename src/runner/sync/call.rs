@@ -211,10 +211,10 @@ pub struct Concluded {
     /// For a call whose answer was asked for as a stream: what came of it.
     pub stream: Option<StreamNote>,
     /// A 503's items wait with their attempts untouched while the provider answers no request
-    /// (a model loading, an outage); a 503 when others were answered since the previous one is
-    /// this request's own failure (`Breaker::unavailable_alone`), and its items take these
-    /// changes instead, each using an attempt — so a request that always gets a 503 while
-    /// others succeed ends failed instead of going out without end.
+    /// (a model loading, an outage); an item refused so again when the provider answered
+    /// others since its last refusal was refused on its own and takes its change from these
+    /// instead, using an attempt — so a request that always gets a 503 while others succeed
+    /// ends failed instead of going out without end.
     pub lone_unavailable: Option<Vec<ItemUpdate>>,
 }
 

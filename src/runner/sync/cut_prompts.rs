@@ -63,6 +63,23 @@ impl CutPrompts {
             // A prompt the server counts at its whole context leaves no room for an answer.
             return Prompt::Cut { ceiling };
         }
+        // A count standing at a short answer's count for a prompt of another size is the
+        // ceiling, whether this prompt looks short or not (one between one and two contexts
+        // long does not).
+        if !self.partial {
+            for &(other_counted, other_reported) in &self.short {
+                let counted_apart = counted.abs_diff(other_counted) as f64;
+                let reported_apart = reported.abs_diff(other_reported) as f64;
+                if counted_apart >= COUNTED_APART * counted.max(other_counted) as f64
+                    && reported_apart <= SAME_CEILING * reported.max(other_reported) as f64
+                {
+                    let ceiling = reported.max(other_reported);
+                    self.ceiling = Some(ceiling);
+                    self.short.clear();
+                    return Prompt::Cut { ceiling };
+                }
+            }
+        }
         if reported as f64 >= SHORT_SHARE * counted as f64 || self.partial {
             return Prompt::Whole;
         }
@@ -70,14 +87,6 @@ impl CutPrompts {
             let counted_apart = counted.abs_diff(other_counted) as f64;
             let reported_apart = reported.abs_diff(other_reported) as f64;
             let grew_with = (counted > other_counted) == (reported > other_reported);
-            if counted_apart >= COUNTED_APART * counted.max(other_counted) as f64
-                && reported_apart <= SAME_CEILING * reported.max(other_reported) as f64
-            {
-                let ceiling = reported.max(other_reported);
-                self.ceiling = Some(ceiling);
-                self.short.clear();
-                return Prompt::Cut { ceiling };
-            }
             if counted_apart > 0.0 && grew_with && reported_apart >= FOLLOWING * counted_apart {
                 self.partial = true;
                 self.short.clear();
@@ -102,6 +111,10 @@ mod tests {
         assert_eq!(cut.judge(6_000, 2_048), Prompt::Short);
         // The same request again: nothing more is known.
         assert_eq!(cut.judge(6_000, 2_048), Prompt::Short);
+        // A prompt counted here at once to twice the context reports the same count: cut.
+        let mut between = CutPrompts::default();
+        assert_eq!(between.judge(6_000, 2_048), Prompt::Short);
+        assert_eq!(between.judge(3_000, 2_048), Prompt::Cut { ceiling: 2_048 });
         assert_eq!(cut.judge(5_200, 2_048), Prompt::Cut { ceiling: 2_048 });
         // From then on, any prompt counted at the ceiling was cut, however long it is here...
         assert_eq!(cut.judge(2_100, 2_048), Prompt::Cut { ceiling: 2_048 });

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::breaker::{Breaker, Finished};
 use super::budget::BudgetWait;
-use super::call::{Answer, Call, Concluded, Request, SentAs, execute};
+use super::call::{Answer, Call, Concluded, Request, SentAs, Verdict, execute};
 use super::resends::Resends;
 use super::shared_rate::SharedRate;
 use super::streams::Streams;
@@ -53,6 +53,8 @@ pub struct Dispatcher {
     shared_rate: SharedRate,
     /// Stops the run when no call will ever succeed or the provider's bills cannot be trusted.
     breaker: Breaker,
+    /// When each item was last refused as unavailable (503).
+    unavailable_at: HashMap<String, Duration>,
     last_snapshot: Instant,
     /// The wait at the budget cap.
     budget: BudgetWait,
@@ -129,6 +131,7 @@ impl Dispatcher {
             cuts: HashMap::new(),
             shared_rate,
             breaker,
+            unavailable_at: HashMap::new(),
             last_snapshot: Instant::now(),
             budget: BudgetWait::default(),
             resends: Resends::default(),
@@ -448,10 +451,20 @@ impl Dispatcher {
         if let Some(why) = self.breaker.observe(self.now(), &finished, || crate::provider::shown_url(self.ctx.client.endpoint())) {
             self.fatal.get_or_insert(why);
         }
-        if let Some(charged) = concluded.lone_unavailable.take()
-            && self.breaker.unavailable_alone(self.now())
-        {
-            concluded.write.items = charged;
+        let now = self.now();
+        if concluded.ticket.is_some() && matches!(concluded.verdict, Verdict::Succeeded) {
+            self.breaker.answered(now);
+        }
+        if let Some(charged) = concluded.lone_unavailable.take() {
+            // An item refused as unavailable (503) again, when the provider answered other
+            // requests since its last refusal, was refused on its own: it uses an attempt. A
+            // server that takes no request (a model loading, an outage) costs none.
+            for (update, charged) in concluded.write.items.iter_mut().zip(charged) {
+                let previous = self.unavailable_at.insert(update.lease.item_id.clone(), now);
+                if previous.is_some_and(|at| self.breaker.answered_since(at)) {
+                    *update = charged;
+                }
+            }
         }
         if let Some(notice) = self.breaker.take_notice() {
             tracing::warn!("{notice}");
