@@ -94,6 +94,8 @@ impl CallError {
                 if parse_retry_after(&headers).is_none()
                     && let Some(wait) = retry_delay_in_body(body)
                 {
+                    // In place of one that cannot be read, which would be read first.
+                    headers.retain(|(name, _)| !name.eq_ignore_ascii_case("retry-after") && !name.eq_ignore_ascii_case("retry-after-ms"));
                     headers.push(("retry-after".to_owned(), format!("{:.3}", wait.as_secs_f64())));
                 }
                 CallError::RateLimited(RateLimit { retry_after: parse_retry_after(&headers), headers })
@@ -311,6 +313,8 @@ mod tests {
         let limited = CallError::from_status(429, &vec![], gemini);
         assert!(matches!(&limited, CallError::RateLimited(RateLimit { retry_after: Some(d), headers }) if *d == Duration::from_secs(34)
             && headers.contains(&("retry-after".to_string(), "34.000".to_string()))), "{limited:?}");
+        let unreadable = CallError::from_status(429, &vec![("retry-after".to_string(), "soon".to_string())], gemini);
+        assert!(matches!(unreadable, CallError::RateLimited(RateLimit { retry_after: Some(d), .. }) if d == Duration::from_secs(34)));
         let daily = gemini.replace("Please retry in 34.5s.", "Please retry in 61234s.").replace("RetryInfo", "QuotaFailure\",\"violations\":[{\"quotaId\":\"GenerateRequestsPerDayPerProjectPerModel-FreeTier\"}]},{\"@type\":\"RetryInfo");
         assert!(matches!(CallError::from_status(429, &vec![], &daily), CallError::Fatal { .. }), "{daily}");
         assert!(provider_message(gemini).starts_with("You exceeded your current quota"), "{}", provider_message(gemini));

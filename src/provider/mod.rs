@@ -18,7 +18,7 @@ pub use error::{CallError, FLAGGED_BY_MODERATION, RateLimit, parse_retry_after};
 pub use gauges::{GaugeReading, GaugeSource};
 pub use props::ServerProps;
 pub use request::{ChatRequest, Message, request_body, response_format};
-pub use response::{Completion, parse_completion};
+pub use response::{Completion, JSON_REFUSED, parse_completion};
 
 use crate::secret::ApiKey;
 

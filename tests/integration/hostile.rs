@@ -335,26 +335,26 @@ async fn a_server_unavailable_for_a_while_costs_the_items_no_attempts() {
 }
 
 /// A request the server answers 503 every time while it answers the others: that is the
-/// request's own failure, not an outage — its items use their attempts and end failed, and the
-/// run ends instead of sending it without end.
+/// request's own failure, not an outage — its items use their attempts while other work goes
+/// on and end failed; left alone at the end (the rest done while it waited), it is ridden out
+/// as an outage for `outage_window_s` and the run stops naming it. Either way the run ends
+/// instead of sending it without end.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_request_that_always_gets_a_503_among_answers_ends_failed() {
+async fn a_request_that_always_gets_a_503_among_answers_ends() {
     let case = Case {
-        limits: "items_per_request = { start = 3, min = 1, max = 3 }\nconcurrency = { start = 1, min = 1, max = 1 }\nmax_attempts = 2\nmax_failed_share = 0.5",
+        limits: "items_per_request = { start = 3, min = 1, max = 3 }\nconcurrency = { start = 1, min = 1, max = 1 }\nmax_attempts = 2\nmax_failed_share = 0.5\noutage_window_s = 5",
         ..many()
     };
     let ran = run_case(case, |seen: &Seen| {
         if seen.items.iter().any(|(id, _, _)| id == "2") { Hr::json(503, &json!({"error": {"message": "no healthy upstream"}})) } else { good(seen) }
     })
     .await;
-    ran.verdict(0, "finished").await;
+    let exit = ran.output.status.code();
+    assert!(matches!(exit, Some(0 | 1)), "{exit:?}: {}", ran.stderr());
+    ran.verdict(exit.unwrap(), if exit == Some(0) { "finished" } else { "no request taken by the provider" }).await;
     let done = ran.done().await;
     assert!((27..30).contains(&done), "{done} done");
-    let pool = ran.fx.pool().await;
-    let (failed,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM backfill_items WHERE state = 'failed'").fetch_one(&pool).await.unwrap();
-    pool.close().await;
-    assert_eq!(failed as usize, 30 - done);
-    assert!(ran.provider.seen().len() < 20, "{} requests", ran.provider.seen().len());
+    assert!(ran.provider.seen().len() < 40, "{} requests", ran.provider.seen().len());
 }
 
 /// Errors sent inside a 200 — a whole body naming a 503, a stream whose first event is an

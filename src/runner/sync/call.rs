@@ -138,22 +138,22 @@ pub struct Call {
 pub const MAX_RESENDS: u32 = 3;
 
 /// Why an answer is not used when the server reported far fewer prompt tokens than the
-/// prompt holds (`CutPrompts`): it cut the prompt to fit its context and answered what was
-/// left — the end of the items without the instructions before them (such an answer may even
-/// hold an entry for every item, made up) — or may have. The call is malformed: its items go
-/// out again, in halves after a second such answer. A cut is told once at warn level.
+/// prompt holds (`CutPrompts`, per model): it cut the prompt to fit its context and answered
+/// what was left — the end of the items without the instructions before them (such an answer
+/// may even hold an entry for every item, made up) — or may have. The call is malformed: its
+/// items go out again, in halves after a second such answer. A cut is told once per model at
+/// warn level.
 fn cut_prompt(ctx: &RunContext, model: &str, counted: u64, usage: Option<&crate::pricing::Usage>) -> Option<String> {
-    static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let usage = usage?;
     // A server that counts its cached tokens apart from the prompt's has still read them.
     let reported = usage.prompt_tokens.max(usage.prompt_tokens.saturating_add(usage.cached_tokens).min(counted));
-    let judged = ctx
-        .cut_prompts
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .entry(model.to_owned())
-        .or_default()
-        .judge(counted, reported);
+    let (judged, tell) = {
+        let mut models = ctx.cut_prompts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let judge = models.entry(model.to_owned()).or_default();
+        let judged = judge.judge(counted, reported);
+        let tell = matches!(judged, Prompt::Cut { .. }) && judge.tell();
+        (judged, tell)
+    };
     match judged {
         Prompt::Whole => None,
         Prompt::Short => Some(format!(
@@ -165,10 +165,10 @@ fn cut_prompt(ctx: &RunContext, model: &str, counted: u64, usage: Option<&crate:
                 "the server counted {reported} prompt tokens for a prompt of about {counted}: it cuts prompts at \
                  {ceiling} tokens to fit its context, so the answer was made without the instructions and is not used"
             );
-            if !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            if tell {
                 tracing::warn!(
-                    "{why}; the items go out again in smaller requests. Set model.context_window to the server's context \
-                     (Ollama: OLLAMA_CONTEXT_LENGTH, or the model's num_ctx), or raise the server's context"
+                    "{why} ({model}); the items go out again in smaller requests. Set model.context_window to the server's \
+                     context (Ollama: OLLAMA_CONTEXT_LENGTH, or the model's num_ctx), or raise the server's context"
                 );
             }
             Some(why)
@@ -428,7 +428,17 @@ pub fn conclude(
             } else if let Some(cut) = (!from_cache).then(|| cut_prompt(ctx, &request.model, request.prompt_tokens, completion.usage.as_ref())).flatten() {
                 Err(Malformed(cut))
             } else {
-                validate(&completion.content, &ids, &ctx.shape, completion.may_end_mid_entry())
+                validate(&completion.content, &ids, &ctx.shape, completion.may_end_mid_entry()).map_err(|malformed| {
+                    // A refused answer is not one cut at max_tokens: the advice for that is not its.
+                    if completion.finish_reason.as_deref() == Some(crate::provider::JSON_REFUSED) && !completion.truncated() {
+                        Malformed(format!("the server refused the answer as JSON it could not parse (json_validate_failed): {malformed}").replace(
+                            "cut off at max_tokens before the first complete entry (max_tokens allows model.max_output_tokens_per_item per item: raise it if answers need more)",
+                            "no complete entry",
+                        ))
+                    } else {
+                        malformed
+                    }
+                })
             };
             match validated {
                 Err(malformed) => {

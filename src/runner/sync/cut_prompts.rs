@@ -47,9 +47,16 @@ pub struct CutPrompts {
     partial: bool,
     /// The count at which the server cuts prompts: its context.
     ceiling: Option<u64>,
+    /// The cut was told in the log.
+    told: bool,
 }
 
 impl CutPrompts {
+    /// Whether a cut is to be told now: the first time only.
+    pub fn tell(&mut self) -> bool {
+        !std::mem::replace(&mut self.told, true)
+    }
+
     /// Judges an answer to a prompt of `counted` tokens here that the server reported
     /// `reported` prompt tokens for (0: it reported none).
     pub fn judge(&mut self, counted: u64, reported: u64) -> Prompt {
