@@ -27,7 +27,7 @@ pub struct Finished<'a> {
 #[derive(Debug, Default)]
 pub struct Breaker {
     successes: u64,
-    /// When the provider last answered a request sent to it now (not from the cache), on the
+    /// When the latest request the provider answered (not from the cache) was sent, on the
     /// caller's clock.
     last_answer: Option<Duration>,
     unreachable_in_a_row: u32,
@@ -46,14 +46,15 @@ impl Breaker {
         Breaker { outage_window, ..Breaker::default() }
     }
 
-    /// The provider answered a request sent to it now (not one from the cache or a replay).
-    pub fn answered(&mut self, now: Duration) {
-        self.last_answer = Some(now);
+    /// The provider answered a request sent to it at `sent` (not one from the cache or a
+    /// replay); answers come out of order, so the latest send is kept.
+    pub fn answered(&mut self, sent: Duration) {
+        self.last_answer = self.last_answer.max(Some(sent));
     }
 
-    /// Whether the provider answered a request after `at`.
+    /// Whether the provider answered a request sent after `at`: it takes new requests.
     pub fn answered_since(&self, at: Duration) -> bool {
-        self.last_answer.is_some_and(|answer| answer > at)
+        self.last_answer.is_some_and(|sent| sent > at)
     }
 
     /// A line for the log about an outage that began or ended, once.
@@ -207,6 +208,17 @@ mod tests {
         assert_eq!(breaker.observe(Duration::ZERO, &Finished { verdict: &ok, usage_flag: None, billed_answer: false }, || "e".to_string()), None);
         let stop = breaker.observe(Duration::ZERO, &flagged, || "e".to_string()).expect("trips");
         assert!(stop.contains("3 answers in a row"), "{stop}");
+    }
+
+    #[test]
+    fn the_latest_send_the_provider_answered_is_kept_though_answers_come_out_of_order() {
+        let mut breaker = Breaker::new(Duration::ZERO);
+        let at = |s: u64| Duration::from_secs(s);
+        assert!(!breaker.answered_since(at(0)));
+        breaker.answered(at(10));
+        // An older request answered later: the server has taken none newer.
+        breaker.answered(at(5));
+        assert!(breaker.answered_since(at(7)) && !breaker.answered_since(at(10)));
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub struct Dispatcher {
     shared_rate: SharedRate,
     /// Stops the run when no call will ever succeed or the provider's bills cannot be trusted.
     breaker: Breaker,
-    /// When each item was last refused as unavailable (503).
+    /// When each item was last refused as unavailable (503), while it is between 503s.
     unavailable_at: HashMap<String, Duration>,
     last_snapshot: Instant,
     /// The wait at the budget cap.
@@ -430,6 +430,7 @@ impl Dispatcher {
             Err(e) => anyhow::bail!("a call task failed: {e}"),
         };
         let mut concluded = concluded;
+        let latency = concluded.observation.latency;
         self.take_first_chunks();
         if self.streams.observe(concluded.stream.as_ref(), &concluded.observation.rate_limits) {
             self.controller.streaming_stopped();
@@ -453,17 +454,25 @@ impl Dispatcher {
         }
         let now = self.now();
         if concluded.ticket.is_some() && matches!(concluded.verdict, Verdict::Succeeded) {
-            self.breaker.answered(now);
+            // The server took that request when it was sent.
+            self.breaker.answered(now.saturating_sub(latency));
         }
         if let Some(charged) = concluded.lone_unavailable.take() {
-            // An item refused as unavailable (503) again, when the provider answered other
-            // requests since its last refusal, was refused on its own: it uses an attempt. A
-            // server that takes no request (a model loading, an outage) costs none.
+            // An item refused as unavailable (503) again, when the provider answered a request
+            // sent after its last refusal, was refused on its own: it uses an attempt. A server
+            // that takes no new request (a model loading, an outage, an overload finishing what
+            // it took before) costs none.
             for (update, charged) in concluded.write.items.iter_mut().zip(charged) {
                 let previous = self.unavailable_at.insert(update.lease.item_id.clone(), now);
                 if previous.is_some_and(|at| self.breaker.answered_since(at)) {
                     *update = charged;
                 }
+            }
+        } else if !self.unavailable_at.is_empty() {
+            // Items that went out and came back otherwise start afresh: the map holds only
+            // items between 503s.
+            for update in &concluded.write.items {
+                self.unavailable_at.remove(&update.lease.item_id);
             }
         }
         if let Some(notice) = self.breaker.take_notice() {
