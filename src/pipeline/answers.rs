@@ -46,6 +46,9 @@ pub struct Validated {
 #[error("malformed answer: {0}")]
 pub struct Malformed(pub String);
 
+/// Why a truncated answer with no complete entry is malformed, and what to change.
+pub const CUT_BEFORE_FIRST_ENTRY: &str = "cut off at max_tokens before the first complete entry (max_tokens allows model.max_output_tokens_per_item per item: raise it if answers need more)";
+
 /// Validates `content` against the batch `ids`. With `truncated` (finish_reason = "length"),
 /// complete leading entries of a cut-off object are kept.
 pub fn validate(
@@ -117,9 +120,7 @@ fn extract_object(content: &str, truncated: bool, ids: &[String], shape: &Output
         Ok(value) => return Ok(found(value, json, Vec::new())),
         Err(e) if e.is_eof() && truncated => match parse_complete_prefix(json) {
             Some(value) => return Ok(found(value, json, Vec::new())),
-            None => Malformed(format!(
-                "cut off at max_tokens before the first complete entry (max_tokens allows model.max_output_tokens_per_item per item: raise it if answers need more): {e}"
-            )),
+            None => Malformed(format!("{CUT_BEFORE_FIRST_ENTRY}: {e}")),
         },
         Err(e) => Malformed(format!("{e} ({})", excerpt(content))),
     };

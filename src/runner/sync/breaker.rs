@@ -66,7 +66,7 @@ impl Breaker {
     /// (`endpoint` names the provider in it).
     pub fn observe(&mut self, now: Duration, call: &Finished, endpoint: impl FnOnce() -> String) -> Option<String> {
         let mut fatal = None;
-        if !matches!(call.verdict, Verdict::Unreachable(_)) {
+        if !matches!(call.verdict, Verdict::Unreachable(_) | Verdict::Unavailable(_)) {
             // Any answer, even a refusal, ends an outage.
             if let Some(since) = self.outage_since.take()
                 && self.unreachable_in_a_row >= BREAKER_THRESHOLD
@@ -84,12 +84,12 @@ impl Breaker {
                 self.unreachable_in_a_row = 0;
                 self.refused_in_a_row = 0;
             }
-            Verdict::Unreachable(why) => {
+            Verdict::Unreachable(why) | Verdict::Unavailable(why) => {
                 self.unreachable_in_a_row += 1;
                 let since = *self.outage_since.get_or_insert(now);
                 let lasted = now.saturating_sub(since);
                 // A 503 is an answer: the server is there but takes no requests.
-                let unavailable = why.contains("(HTTP 503)");
+                let unavailable = matches!(call.verdict, Verdict::Unavailable(_));
                 if self.unreachable_in_a_row >= BREAKER_THRESHOLD && lasted >= self.outage_window {
                     fatal = Some(format!(
                         "{} {} ({why}) for {:.0} s (limits.outage_window_s = {:.0}); {}, then run again with --resume",

@@ -149,7 +149,11 @@ fn cut_prompt(ctx: &RunContext, model: &str, counted: u64, usage: Option<&crate:
     let reported = usage.prompt_tokens.max(usage.prompt_tokens.saturating_add(usage.cached_tokens).min(counted));
     let (judged, tell) = {
         let mut models = ctx.cut_prompts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let judge = models.entry(model.to_owned()).or_default();
+        // Every answer passes here: the model's name is copied once, not per answer.
+        if !models.contains_key(model) {
+            models.insert(model.to_owned(), Default::default());
+        }
+        let judge = models.get_mut(model).expect("inserted above");
         let judged = judge.judge(counted, reported);
         let tell = matches!(judged, Prompt::Cut { .. }) && judge.tell();
         (judged, tell)
@@ -183,6 +187,8 @@ pub enum Verdict {
     Succeeded,
     /// The provider could not be reached at all (for the circuit breaker).
     Unreachable(String),
+    /// The provider answered that it takes no request now (503): an outage as `Unreachable` is.
+    Unavailable(String),
     /// The request itself was refused (4xx) — repeated, it means a bad job setting.
     Refused(String),
     /// Nothing more can succeed: stop the run with this message.
@@ -430,9 +436,9 @@ pub fn conclude(
             } else {
                 validate(&completion.content, &ids, &ctx.shape, completion.may_end_mid_entry()).map_err(|malformed| {
                     // A refused answer is not one cut at max_tokens: the advice for that is not its.
-                    if completion.finish_reason.as_deref() == Some(crate::provider::JSON_REFUSED) && !completion.truncated() {
+                    if completion.finish_reason.as_deref() == Some(crate::provider::JSON_REFUSED) {
                         Malformed(format!("the server refused the answer as JSON it could not parse (json_validate_failed): {malformed}").replace(
-                            "cut off at max_tokens before the first complete entry (max_tokens allows model.max_output_tokens_per_item per item: raise it if answers need more)",
+                            crate::pipeline::answers::CUT_BEFORE_FIRST_ENTRY,
                             "no complete entry",
                         ))
                     } else {
@@ -519,21 +525,21 @@ pub fn conclude(
                     settle.lost = true;
                     (Setback::Timeout(error.to_string()), Outcome::TimedOut)
                 }
-                CallError::Transient { status: Some(503), headers, .. } => {
-                    // The server cannot take requests now (a model loading, its queue full, a
-                    // proxy with no healthy server behind it): not the items' fault. They wait
-                    // (its Retry-After, if it said one) and go out again with their attempts
-                    // untouched; the controller slows down, and the outage breaker decides how
-                    // long that may last.
-                    result.observation.rate_limits = parse_rate_limit_headers(headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
-                    result.verdict = Verdict::Unreachable(error.to_string());
-                    result.lone_unavailable = Some(setback_all(&Setback::Transient(error.to_string())));
-                    let wait = crate::provider::parse_retry_after(headers).unwrap_or(OUTAGE_RETRY);
-                    (Setback::Unavailable { message: error.to_string(), wait }, Outcome::ServerError { status: 503 })
-                }
                 CallError::Transient { status: Some(status), headers, .. } => {
                     result.observation.rate_limits = parse_rate_limit_headers(headers.iter().map(|(a, b)| (a.as_str(), b.as_str())));
-                    (Setback::Transient(error.to_string()), Outcome::ServerError { status: *status })
+                    if *status == 503 {
+                        // The server cannot take requests now (a model loading, its queue full,
+                        // a proxy with no healthy server behind it): not the items' fault. They
+                        // wait (its Retry-After, if it said one) and go out again with their
+                        // attempts untouched; the controller slows down, and the outage breaker
+                        // decides how long that may last.
+                        result.verdict = Verdict::Unavailable(error.to_string());
+                        result.lone_unavailable = Some(setback_all(&Setback::Transient(error.to_string())));
+                        let wait = crate::provider::parse_retry_after(headers).unwrap_or(OUTAGE_RETRY);
+                        (Setback::Unavailable { message: error.to_string(), wait }, Outcome::ServerError { status: 503 })
+                    } else {
+                        (Setback::Transient(error.to_string()), Outcome::ServerError { status: *status })
+                    }
                 }
                 CallError::Transient { status: None, message, .. } => {
                     if message.starts_with("cannot connect") {
